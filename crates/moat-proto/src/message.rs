@@ -1,0 +1,158 @@
+//! Typed messages carried in frames.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the agent protocol. Host and agent refuse to talk across versions.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Channel 0 carries the handshake; every other channel is one operation (an exec, a transfer).
+pub const CONTROL_CHANNEL: u32 = 0;
+
+/// Bytes a sender may have in flight on one stream before the receiver grants more credit.
+pub const INITIAL_WINDOW: u32 = 256 * 1024;
+
+/// Largest data chunk a sender puts in one frame.
+pub const MAX_CHUNK: usize = 64 * 1024;
+
+/// First message on a fresh connection, sent by the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostHello {
+    pub version: u32,
+    /// Echoed in the agent's reply so the host can tell it from stale bytes of an earlier connection.
+    pub nonce: u64,
+    /// Host wall clock (nanoseconds since the Unix epoch); the agent sets the guest clock from it.
+    pub time_unix_ns: u128,
+    /// Fresh host entropy the agent mixes into the guest kernel's pool.
+    #[serde(default)]
+    pub entropy: Vec<u8>,
+}
+
+/// The agent's answer to [`HostHello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentHello {
+    pub version: u32,
+    pub nonce: u64,
+    pub agent_version: String,
+    /// `uname -r` of the guest kernel.
+    pub kernel: String,
+}
+
+/// How a process should be started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    /// Added to (and overriding) the agent's base environment.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// User name or numeric uid[:gid]; root when absent.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The agent kills the process group after this long and reports `timed_out`.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// When false the process gets /dev/null as stdin and the host sends no stdin data.
+    #[serde(default)]
+    pub stdin: bool,
+}
+
+/// An operation the host asks of the agent; it opens the channel it is sent on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Exec(ExecRequest),
+    /// Flush filesystems and power the guest off.
+    Shutdown,
+    Ping,
+}
+
+/// The agent's positive answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Started {
+    Exec { pid: u32 },
+    Shutdown,
+    Pong,
+}
+
+/// Why the agent refused or failed an operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    NotFound,
+    PermissionDenied,
+    SpawnFailed,
+    Unsupported,
+    Internal,
+}
+
+/// An error reported by the agent on a channel; it closes the channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code when the process exited normally.
+    pub code: Option<i32>,
+    /// Signal number when the process was killed by a signal.
+    pub signal: Option<i32>,
+    /// True when the agent killed the process because its timeout passed.
+    #[serde(default)]
+    pub timed_out: bool,
+}
+
+impl ExitStatus {
+    /// The exit code a shell would report: the code, or 128 + the signal.
+    pub fn shell_code(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(code), _) => code,
+            (None, Some(sig)) => 128 + sig,
+            (None, None) => 255,
+        }
+    }
+}
+
+/// One of a process's standard streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Stream {
+    Stdin = 0,
+    Stdout = 1,
+    Stderr = 2,
+}
+
+impl Stream {
+    pub fn from_u8(v: u8) -> Option<Stream> {
+        match v {
+            0 => Some(Stream::Stdin),
+            1 => Some(Stream::Stdout),
+            2 => Some(Stream::Stderr),
+            _ => None,
+        }
+    }
+}
+
+/// Everything that travels on the agent link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello(HostHello),
+    HelloAck(AgentHello),
+    Request(Request),
+    Started(Started),
+    Error(AgentError),
+    Exit(ExitStatus),
+    Data { stream: Stream, data: Vec<u8> },
+    Eof { stream: Stream },
+    /// The receiver consumed `bytes` of `stream`; the sender may send that much more.
+    Credit { stream: Stream, bytes: u32 },
+    /// Send this signal to the process group of the channel's process.
+    Signal(i32),
+    /// The sender is done with the channel and has dropped its state.
+    Close,
+}
