@@ -1,1 +1,20 @@
-fn main() {}
+use clap::Parser;
+use moat::cli::Cli;
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts on any Linux host");
+    let code = match runtime.block_on(moat::main(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("moat: error: {e:#}");
+            125
+        }
+    };
+    // Exit without waiting for the blocking stdin reader, which may never return.
+    std::process::exit(code);
+}

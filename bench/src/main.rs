@@ -1,0 +1,105 @@
+//! moat benchmarks. Every number is printed next to a baseline measured in the same run, because
+//! these machines are noisy: ratios travel between runs, absolute times do not.
+//!
+//! - `moat run -- true`: wall time of the whole CLI (boot, exec, teardown), median of N runs,
+//!   next to the boot part alone (QEMU start → agent handshake).
+//! - exec round trip of `true` in one running VM, median of M, next to the guest's own
+//!   fork+exec+wait of `/bin/true` measured inside the guest.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use moat_proto::ExecRequest;
+use moat_sandbox::{Runtime, RuntimeConfig, Sandbox, SandboxSpec};
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.windows(2).find(|w| w[0] == name).and_then(|w| w[1].parse().ok()).unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let runs = arg("--runs", 5);
+    let execs = arg("--execs", 100);
+    let moat = std::env::current_exe()?.with_file_name("moat");
+    if !moat.exists() {
+        bail!("{} is missing; build it with `cargo build --release -p moat` (bench/run does)", moat.display());
+    }
+    let rt = Runtime::prepare(RuntimeConfig::from_env()?).await?;
+    println!("host: QEMU {}, kernel {}, accelerator {} ({})", rt.qemu_version, rt.kernel.release, rt.accel.accel, rt.accel.reason);
+    let home = rt.config.home.clone();
+
+    // Warm the image and initramfs caches so the first sample is not a build.
+    run_true(&moat, &home)?;
+    let mut walls = Vec::new();
+    let mut boots = Vec::new();
+    for _ in 0..runs {
+        walls.push(run_true(&moat, &home)?);
+        let sb = Sandbox::boot(&rt, &SandboxSpec::default()).await?;
+        boots.push(sb.boot_time);
+        sb.destroy().await?;
+    }
+    let (wall, boot) = (median(walls), median(boots));
+    println!("\n`moat run -- true` (median of {runs})");
+    println!("  wall time, whole CLI           {:>10}", ms(wall));
+    println!("  boot alone (QEMU → agent up)   {:>10}", ms(boot));
+    println!("  boot / wall                    {:>10.2}", boot.as_secs_f64() / wall.as_secs_f64());
+
+    let sb = Sandbox::boot(&rt, &SandboxSpec::default()).await?;
+    let mut rtts = Vec::with_capacity(execs);
+    for _ in 0..execs {
+        let t = Instant::now();
+        let (_, _, status) = sb.exec(ExecRequest { argv: vec!["true".into()], ..Default::default() }).await?.collect().await?;
+        rtts.push(t.elapsed());
+        if status.code != Some(0) {
+            bail!("`true` exited with {status:?}");
+        }
+    }
+    let guest = guest_fork_exec(&sb, execs).await?;
+    sb.destroy().await?;
+    let rtt = median(rtts);
+    println!("\nexec round trip of `true` in one VM (median of {execs})");
+    println!("  host → agent → process → host  {:>10}", ms(rtt));
+    println!("  guest fork+exec+wait (baseline){:>10}", ms(guest));
+    println!("  ratio                          {:>10.2}x", rtt.as_secs_f64() / guest.as_secs_f64());
+    Ok(())
+}
+
+fn run_true(moat: &PathBuf, home: &std::path::Path) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let status = Command::new(moat)
+        .args(["run", "--", "true"])
+        .env("MOAT_HOME", home)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .context("running moat")?;
+    let d = t.elapsed();
+    if !status.success() {
+        bail!("`moat run -- true` failed: {status}");
+    }
+    Ok(d)
+}
+
+/// Mean time of one fork+exec+wait of /bin/true inside the guest, timed by the guest's clock.
+async fn guest_fork_exec(sb: &Sandbox, n: usize) -> anyhow::Result<Duration> {
+    let script = format!(
+        "s=$(date +%s%N); i=0; while [ $i -lt {n} ]; do /bin/true; i=$((i+1)); done; e=$(date +%s%N); echo $((e-s))"
+    );
+    let req = ExecRequest { argv: vec!["sh".into(), "-c".into(), script], ..Default::default() };
+    let (out, err, _) = sb.exec(req).await?.collect().await?;
+    let text = String::from_utf8_lossy(&out);
+    let ns: u64 = text.trim().parse().with_context(|| format!("guest timing output {text:?} {}", String::from_utf8_lossy(&err)))?;
+    Ok(Duration::from_nanos(ns / n as u64))
+}

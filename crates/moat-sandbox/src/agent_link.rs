@@ -1,0 +1,464 @@
+//! Host end of the agent link: handshake, channel multiplexing and flow control.
+//!
+//! One reader task owns the socket's read half and sorts frames into per-channel state; one writer
+//! task owns the write half. Everything the guest sends is untrusted: data beyond the credit we
+//! granted, or frames that make no sense for a channel, close that channel; a malformed frame ends
+//! the link. Buffered guest data is bounded by the credit window per stream, whatever the guest does.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use moat_proto::{
+    read_frame, read_until_sync, write_frame, AgentError, AgentHello, ExecRequest, ExitStatus, Frame, FrameError,
+    HostHello, Message, Request, Started, Stream, CONTROL_CHANNEL, INITIAL_WINDOW, MAX_CHUNK, PROTOCOL_VERSION,
+};
+use rand::RngCore;
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, Notify};
+
+/// How much of the stream before the agent's sync marker we are willing to skip.
+const SYNC_SEARCH_LIMIT: usize = 4 * 1024 * 1024;
+
+/// Frames queued for the writer task; data frames are bounded by credit, so this stays small.
+const WRITE_QUEUE: usize = 256;
+
+/// Errors of the agent link.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot connect to the agent socket {path}: {source}")]
+    Connect { path: String, source: std::io::Error },
+    #[error("the agent speaks protocol version {agent}, this host speaks {host}; rebuild the initramfs with the matching moat-agent (remove the cached initramfs)")]
+    VersionMismatch { agent: u32, host: u32 },
+    #[error("the agent link broke: {0}")]
+    Frame(#[from] FrameError),
+    #[error("the agent link is closed (the VM stopped or the agent died)")]
+    Closed,
+    #[error("the agent answered the handshake with an unexpected frame: {0}")]
+    BadHandshake(String),
+    #[error("the agent refused the request: {}", .0.message)]
+    Agent(AgentError),
+    #[error("the agent broke the protocol on channel {channel}: {reason}")]
+    Protocol { channel: u32, reason: String },
+}
+
+/// What a channel has received so far. Guarded by a mutex; the reader fills it, the handle drains it.
+#[derive(Default)]
+struct ChannelState {
+    started: Option<Result<Started, AgentError>>,
+    stdout: VecDeque<u8>,
+    stderr: VecDeque<u8>,
+    /// Bytes the guest may still send per stream (stdout, stderr) before we grant more.
+    granted: [u32; 2],
+    eof: [bool; 2],
+    exit: Option<ExitStatus>,
+    /// Bytes of stdin we may still send.
+    stdin_credit: u32,
+    /// Set when the channel can receive nothing more: closed by the agent, a violation, or link loss.
+    failed: Option<String>,
+    closed: bool,
+}
+
+struct Channel {
+    state: Mutex<ChannelState>,
+    notify: Notify,
+}
+
+impl Channel {
+    fn new() -> Arc<Channel> {
+        Arc::new(Channel {
+            state: Mutex::new(ChannelState {
+                granted: [INITIAL_WINDOW, INITIAL_WINDOW],
+                stdin_credit: INITIAL_WINDOW,
+                ..Default::default()
+            }),
+            notify: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ChannelState> {
+        self.state.lock().expect("channel state lock is never poisoned: no panics while held")
+    }
+}
+
+struct Shared {
+    channels: Mutex<HashMap<u32, Arc<Channel>>>,
+    /// Set once the reader stops; every channel learns of it.
+    dead: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn channel(&self, id: u32) -> Option<Arc<Channel>> {
+        self.channels.lock().expect("no panics while held").get(&id).cloned()
+    }
+
+    fn remove(&self, id: u32) {
+        self.channels.lock().expect("no panics while held").remove(&id);
+    }
+
+    fn kill_all(&self, reason: String) {
+        *self.dead.lock().expect("no panics while held") = Some(reason.clone());
+        let channels: Vec<_> = self.channels.lock().expect("no panics while held").drain().map(|(_, c)| c).collect();
+        for c in channels {
+            c.lock().failed.get_or_insert_with(|| reason.clone());
+            c.notify.notify_waiters();
+        }
+    }
+}
+
+/// A connected, handshaken agent link.
+pub struct AgentLink {
+    shared: Arc<Shared>,
+    out: mpsc::Sender<Frame>,
+    next_channel: AtomicU32,
+    hello: AgentHello,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl AgentLink {
+    /// Connect to the agent's unix socket and complete the handshake. Waits as long as the agent
+    /// takes to come up; the caller bounds it with a timeout.
+    pub async fn connect(path: &Path) -> Result<AgentLink, LinkError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| LinkError::Connect { path: path.display().to_string(), source })?;
+        let (r, w) = stream.into_split();
+        let mut reader = BufReader::with_capacity(256 * 1024, r);
+        let mut writer = BufWriter::with_capacity(256 * 1024, w);
+
+        let nonce = rand::random::<u64>();
+        let mut entropy = vec![0u8; 64];
+        rand::thread_rng().fill_bytes(&mut entropy);
+        let time_unix_ns = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_nanos();
+        let hello = HostHello { version: PROTOCOL_VERSION, nonce, time_unix_ns, entropy };
+        write_frame(&mut writer, &Frame::new(CONTROL_CHANNEL, Message::Hello(hello))).await?;
+        writer.flush().await.map_err(FrameError::Io)?;
+
+        let hello = loop {
+            read_until_sync(&mut reader, SYNC_SEARCH_LIMIT).await?;
+            let frame = read_frame(&mut reader).await?;
+            match frame.message {
+                Message::HelloAck(ack) if ack.nonce == nonce => break ack,
+                // An answer to an earlier connection's hello: keep looking.
+                Message::HelloAck(_) => continue,
+                other => return Err(LinkError::BadHandshake(format!("{other:?}"))),
+            }
+        };
+        if hello.version != PROTOCOL_VERSION {
+            return Err(LinkError::VersionMismatch { agent: hello.version, host: PROTOCOL_VERSION });
+        }
+
+        let shared = Arc::new(Shared { channels: Mutex::new(HashMap::new()), dead: Mutex::new(None) });
+        let (out, rx) = mpsc::channel(WRITE_QUEUE);
+        let reader_task = tokio::spawn(read_loop(reader, shared.clone(), out.clone()));
+        let writer_task = tokio::spawn(write_loop(writer, rx, shared.clone()));
+        Ok(AgentLink { shared, out, next_channel: AtomicU32::new(1), hello, tasks: vec![reader_task, writer_task] })
+    }
+
+    /// What the agent said about itself in the handshake.
+    pub fn agent(&self) -> &AgentHello {
+        &self.hello
+    }
+
+    /// Why the link died, if it did.
+    pub fn dead_reason(&self) -> Option<String> {
+        self.shared.dead.lock().expect("no panics while held").clone()
+    }
+
+    async fn open(&self, request: Request) -> Result<(u32, Arc<Channel>), LinkError> {
+        let id = self.next_channel.fetch_add(1, Ordering::Relaxed);
+        let channel = Channel::new();
+        if self.dead_reason().is_some() {
+            return Err(LinkError::Closed);
+        }
+        self.shared.channels.lock().expect("no panics while held").insert(id, channel.clone());
+        self.send(Frame::new(id, Message::Request(request))).await?;
+        loop {
+            let notified = channel.notify.notified();
+            {
+                let mut st = channel.lock();
+                match st.started.take() {
+                    Some(Ok(_)) => break,
+                    Some(Err(e)) => {
+                        drop(st);
+                        self.shared.remove(id);
+                        return Err(LinkError::Agent(e));
+                    }
+                    None => {}
+                }
+                if let Some(reason) = st.failed.clone() {
+                    drop(st);
+                    self.shared.remove(id);
+                    return Err(LinkError::Protocol { channel: id, reason });
+                }
+            }
+            notified.await;
+        }
+        Ok((id, channel))
+    }
+
+    async fn send(&self, frame: Frame) -> Result<(), LinkError> {
+        self.out.send(frame).await.map_err(|_| LinkError::Closed)
+    }
+
+    /// Start a process in the guest.
+    pub async fn exec(self: &Arc<Self>, request: ExecRequest) -> Result<Exec, LinkError> {
+        let (id, channel) = self.open(Request::Exec(request)).await?;
+        Ok(Exec { link: self.clone(), id, channel, done: false })
+    }
+
+    /// Round trip to the agent.
+    pub async fn ping(&self) -> Result<(), LinkError> {
+        let (id, _) = self.open(Request::Ping).await?;
+        self.shared.remove(id);
+        Ok(())
+    }
+
+    /// Ask the agent to power the guest off. The VM exits shortly after.
+    pub async fn shutdown(&self) -> Result<(), LinkError> {
+        let (id, _) = self.open(Request::Shutdown).await?;
+        self.shared.remove(id);
+        Ok(())
+    }
+
+    /// Disconnect now, even while [`Exec`] handles still hold the link; they see it as closed.
+    pub fn close(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.shared.kill_all("the host closed the link".into());
+    }
+}
+
+impl Drop for AgentLink {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn write_loop(mut w: BufWriter<OwnedWriteHalf>, mut rx: mpsc::Receiver<Frame>, shared: Arc<Shared>) {
+    while let Some(frame) = rx.recv().await {
+        let mut result = write_frame(&mut w, &frame).await;
+        // Coalesce whatever else is queued into the same flush.
+        while result.is_ok() {
+            match rx.try_recv() {
+                Ok(f) => result = write_frame(&mut w, &f).await,
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = result {
+            shared.kill_all(format!("writing to the agent failed: {e}"));
+            return;
+        }
+        if let Err(e) = w.flush().await {
+            shared.kill_all(format!("writing to the agent failed: {e}"));
+            return;
+        }
+    }
+}
+
+async fn read_loop(mut r: BufReader<OwnedReadHalf>, shared: Arc<Shared>, out: mpsc::Sender<Frame>) {
+    let reason = loop {
+        let frame = match read_frame(&mut r).await {
+            Ok(f) => f,
+            Err(FrameError::Closed) => break "the agent closed the link".to_string(),
+            Err(e) => break format!("malformed data from the agent: {e}"),
+        };
+        if frame.channel == CONTROL_CHANNEL {
+            // Late handshake answers and the like; nothing else is defined on channel 0.
+            continue;
+        }
+        let Some(channel) = shared.channel(frame.channel) else {
+            continue; // A late frame of a channel we already closed.
+        };
+        if let Err(reason) = deliver(&channel, frame.message) {
+            tracing::warn!(channel = frame.channel, %reason, "agent protocol violation; closing channel");
+            channel.lock().failed.get_or_insert(reason);
+            shared.remove(frame.channel);
+            let _ = out.try_send(Frame::new(frame.channel, Message::Close));
+        }
+        channel.notify.notify_waiters();
+    };
+    tracing::debug!(%reason, "agent link reader stopped");
+    shared.kill_all(reason);
+}
+
+/// Apply one message from the guest to a channel's state, refusing what the protocol does not allow.
+fn deliver(channel: &Channel, message: Message) -> Result<(), String> {
+    let mut st = channel.lock();
+    match message {
+        Message::Started(s) if st.started.is_none() => st.started = Some(Ok(s)),
+        Message::Error(e) => {
+            if st.started.is_none() {
+                st.started = Some(Err(e));
+            } else {
+                st.failed = Some(format!("agent error: {}", e.message));
+            }
+        }
+        Message::Data { stream, data } => {
+            let i = match stream {
+                Stream::Stdout => 0,
+                Stream::Stderr => 1,
+                Stream::Stdin => return Err("data for stdin came from the guest".into()),
+            };
+            if st.eof[i] {
+                return Err(format!("{stream:?} data after its end"));
+            }
+            let len = u32::try_from(data.len()).map_err(|_| "oversized data frame".to_string())?;
+            if len > st.granted[i] {
+                return Err(format!("{stream:?} overran its flow-control window ({len} > {})", st.granted[i]));
+            }
+            st.granted[i] -= len;
+            let buf = if i == 0 { &mut st.stdout } else { &mut st.stderr };
+            buf.extend(data);
+        }
+        Message::Eof { stream: Stream::Stdout } => st.eof[0] = true,
+        Message::Eof { stream: Stream::Stderr } => st.eof[1] = true,
+        Message::Credit { stream: Stream::Stdin, bytes } => {
+            st.stdin_credit = st.stdin_credit.checked_add(bytes).ok_or("stdin credit overflow")?;
+        }
+        Message::Exit(status) if st.exit.is_none() => st.exit = Some(status),
+        Message::Close => st.closed = true,
+        other => return Err(format!("unexpected message {other:?}")),
+    }
+    Ok(())
+}
+
+/// Output or the end of a process running in the guest.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ExecEvent {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exit(ExitStatus),
+}
+
+/// A process running in the guest.
+pub struct Exec {
+    link: Arc<AgentLink>,
+    id: u32,
+    channel: Arc<Channel>,
+    done: bool,
+}
+
+impl Exec {
+    /// The next piece of output, or the exit status once all output has been read. Returns the
+    /// data it hands out to the guest as credit, so the guest never gets further ahead than one window.
+    pub async fn next_event(&mut self) -> Result<ExecEvent, LinkError> {
+        loop {
+            let notified = self.channel.notify.notified();
+            let (event, credit) = {
+                let mut st = self.channel.lock();
+                if !st.stdout.is_empty() {
+                    let data: Vec<u8> = st.stdout.drain(..).collect();
+                    st.granted[0] += data.len() as u32;
+                    let n = data.len() as u32;
+                    (Some(ExecEvent::Stdout(data)), Some((Stream::Stdout, n)))
+                } else if !st.stderr.is_empty() {
+                    let data: Vec<u8> = st.stderr.drain(..).collect();
+                    st.granted[1] += data.len() as u32;
+                    let n = data.len() as u32;
+                    (Some(ExecEvent::Stderr(data)), Some((Stream::Stderr, n)))
+                } else if let Some(status) = st.exit {
+                    self.done = true;
+                    (Some(ExecEvent::Exit(status)), None)
+                } else if let Some(reason) = st.failed.clone() {
+                    self.done = true;
+                    return Err(LinkError::Protocol { channel: self.id, reason });
+                } else {
+                    (None, None)
+                }
+            };
+            if let Some((stream, bytes)) = credit {
+                // Credit is best effort: if the link is gone the next wait reports it.
+                let _ = self.link.send(Frame::new(self.id, Message::Credit { stream, bytes })).await;
+            }
+            if let Some(event) = event {
+                if self.done {
+                    self.link.shared.remove(self.id);
+                }
+                return Ok(event);
+            }
+            notified.await;
+        }
+    }
+
+    /// A handle for feeding stdin and sending signals while another task reads the output.
+    pub fn control(&self) -> ExecControl {
+        ExecControl { link: self.link.clone(), id: self.id, channel: self.channel.clone() }
+    }
+
+    /// Read everything to the end: (stdout, stderr, status). Only for outputs known to be small.
+    pub async fn collect(mut self) -> Result<(Vec<u8>, Vec<u8>, ExitStatus), LinkError> {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        loop {
+            match self.next_event().await? {
+                ExecEvent::Stdout(d) => out.extend(d),
+                ExecEvent::Stderr(d) => err.extend(d),
+                ExecEvent::Exit(s) => return Ok((out, err, s)),
+            }
+        }
+    }
+}
+
+impl Drop for Exec {
+    fn drop(&mut self) {
+        if !self.done {
+            // Abandoned while running: the agent kills the process group on Close.
+            self.link.shared.remove(self.id);
+            let _ = self.link.out.try_send(Frame::new(self.id, Message::Close));
+        }
+    }
+}
+
+/// Input side of an [`Exec`]: stdin and signals. Cheap to clone.
+#[derive(Clone)]
+pub struct ExecControl {
+    link: Arc<AgentLink>,
+    id: u32,
+    channel: Arc<Channel>,
+}
+
+impl ExecControl {
+    /// Send bytes to the process's stdin, waiting for credit as needed.
+    pub async fn write_stdin(&self, mut data: &[u8]) -> Result<(), LinkError> {
+        while !data.is_empty() {
+            let notified = self.channel.notify.notified();
+            let n = {
+                let mut st = self.channel.lock();
+                if let Some(reason) = st.failed.clone() {
+                    return Err(LinkError::Protocol { channel: self.id, reason });
+                }
+                if st.exit.is_some() || st.closed {
+                    return Err(LinkError::Closed);
+                }
+                let n = (st.stdin_credit as usize).min(MAX_CHUNK).min(data.len());
+                st.stdin_credit -= n as u32;
+                n
+            };
+            if n == 0 {
+                notified.await;
+                continue;
+            }
+            self.link.send(Frame::new(self.id, Message::Data { stream: Stream::Stdin, data: data[..n].to_vec() })).await?;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Close the process's stdin.
+    pub async fn close_stdin(&self) -> Result<(), LinkError> {
+        self.link.send(Frame::new(self.id, Message::Eof { stream: Stream::Stdin })).await
+    }
+
+    /// Send a signal to the process group.
+    pub async fn signal(&self, signal: i32) -> Result<(), LinkError> {
+        self.link.send(Frame::new(self.id, Message::Signal(signal))).await
+    }
+
+}

@@ -1,0 +1,229 @@
+//! `moat doctor`: check the host, print each check with the fix for what fails.
+//!
+//! Exit code: 0 all good, 1 something is broken, 2 degraded (works, but e.g. only under TCG).
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use moat_vmm::{Accel, AccelChoice};
+use serde::Serialize;
+
+use crate::cli::DoctorArgs;
+use crate::cmd::runtime_config;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Degraded,
+    Fail,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn ok(name: &'static str, detail: impl Into<String>) -> Check {
+        Check { name, status: Status::Ok, detail: detail.into(), fix: None }
+    }
+    fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+        Check { name, status: Status::Fail, detail: detail.into(), fix: Some(fix.into()) }
+    }
+}
+
+/// Free space below which sandboxes and images will soon fail to write.
+const MIN_FREE_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+
+pub async fn doctor(args: DoctorArgs) -> anyhow::Result<i32> {
+    let checks = run_checks(&args).await?;
+    let worst = checks.iter().map(|c| c.status).max().unwrap_or(Status::Ok);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        for c in &checks {
+            let tag = match c.status {
+                Status::Ok => "ok  ",
+                Status::Degraded => "WARN",
+                Status::Fail => "FAIL",
+            };
+            println!("{tag}  {:<12} {}", c.name, c.detail);
+            if let Some(fix) = &c.fix {
+                println!("      {:<12} fix: {fix}", "");
+            }
+        }
+    }
+    Ok(match worst {
+        Status::Ok => 0,
+        Status::Fail => 1,
+        Status::Degraded => 2,
+    })
+}
+
+async fn run_checks(args: &DoctorArgs) -> anyhow::Result<Vec<Check>> {
+    let config = runtime_config(&args.host)?;
+    let mut checks = Vec::new();
+
+    let qemu = match moat_vmm::find_qemu(config.qemu.as_deref()) {
+        Ok(q) => {
+            match moat_vmm::qemu_version(&q) {
+                Ok(v) => checks.push(Check::ok("qemu", format!("QEMU {v} at {}", q.display()))),
+                Err(e) => checks.push(Check::fail("qemu", e.to_string(), "reinstall it: apt-get install qemu-system-x86")),
+            }
+            Some(q)
+        }
+        Err(e) => {
+            checks.push(Check::fail("qemu", e.to_string(), "moat setup (or: apt-get install qemu-system-x86)"));
+            None
+        }
+    };
+    checks.push(tool_check("qemu-img", "qemu-utils"));
+    checks.push(tool_check("mkfs.ext4", "e2fsprogs"));
+
+    let kernel = match moat_image::find_kernel(config.kernel.as_deref()) {
+        Ok(k) => {
+            checks.push(Check::ok("kernel", format!("{} ({})", k.path.display(), k.release)));
+            Some(k)
+        }
+        Err(e) => {
+            checks.push(Check::fail(
+                "kernel",
+                e.to_string(),
+                "moat setup (or: apt-get install linux-image-cloud-amd64), or point MOAT_KERNEL at a kernel",
+            ));
+            None
+        }
+    };
+    let modules = kernel.as_ref().and_then(|k| match moat_image::resolve_modules(k, moat_image::AGENT_MODULES) {
+        Ok(m) => {
+            checks.push(Check::ok("modules", format!("{} modules from {}", m.len(), k.modules_dir.display())));
+            Some(m)
+        }
+        Err(e) => {
+            checks.push(Check::fail(
+                "modules",
+                e.to_string(),
+                format!("install the module tree of kernel {} (the linux-image package that owns it)", k.release),
+            ));
+            None
+        }
+    });
+    let agent = match moat_image::find_agent(config.agent.as_deref()) {
+        Ok(a) => {
+            checks.push(Check::ok("agent", a.display().to_string()));
+            Some(a)
+        }
+        Err(e) => {
+            checks.push(Check::fail("agent", e.to_string(), "build it with scripts/build-agent, or set MOAT_AGENT"));
+            None
+        }
+    };
+
+    checks.push(home_check(&config.home));
+    checks.push(disk_check(&config.home));
+
+    match (qemu, kernel, modules, agent) {
+        (Some(qemu), Some(kernel), Some(modules), Some(agent)) => {
+            let accel = async {
+                std::fs::create_dir_all(config.cache_dir())?;
+                let initrd = moat_image::build_initramfs(&config.cache_dir(), &kernel, &agent, &modules)?;
+                let d = moat_vmm::choose_accel(
+                    config.accel,
+                    &qemu,
+                    &kernel.path,
+                    &initrd,
+                    &config.cache_dir().join("accel.json"),
+                    config.probe_timeout,
+                )
+                .await?;
+                anyhow::Ok(d)
+            }
+            .await;
+            checks.push(match accel {
+                Ok(d) if d.accel == Accel::Kvm => Check::ok("accel", format!("kvm ({})", d.reason)),
+                Ok(d) if config.accel == AccelChoice::Tcg => Check::ok("accel", format!("tcg, as configured ({})", d.reason)),
+                Ok(d) => Check {
+                    name: "accel",
+                    status: Status::Degraded,
+                    detail: format!("tcg: {}", d.reason),
+                    fix: Some("sandboxes work but boot slower; for KVM run on a host (or a VM with nested virtualization) where /dev/kvm works".into()),
+                },
+                Err(e) => Check::fail("accel", format!("{e:#}"), "fix the kvm problem, or use --accel tcg / MOAT_ACCEL=tcg"),
+            });
+        }
+        _ => checks.push(Check::fail("accel", "not probed: qemu, kernel, modules and agent are needed first", "fix the checks above")),
+    }
+    Ok(checks)
+}
+
+fn tool_check(tool: &'static str, package: &str) -> Check {
+    match which(tool) {
+        Some(p) => Check::ok(tool, p.display().to_string()),
+        None => Check::fail(tool, format!("{tool} is not on PATH"), format!("moat setup (or: apt-get install {package})")),
+    }
+}
+
+/// The first executable called `name` on PATH.
+pub fn which(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| {
+        std::fs::metadata(p).map(|m| m.is_file() && m.mode() & 0o111 != 0).unwrap_or(false)
+    })
+}
+
+fn home_check(home: &Path) -> Check {
+    const NAME: &str = "state dir";
+    if let Err(e) = std::fs::create_dir_all(home) {
+        return Check::fail(NAME, format!("cannot create {}: {e}", home.display()), "set MOAT_HOME to a directory you own");
+    }
+    let meta = match std::fs::metadata(home) {
+        Ok(m) => m,
+        Err(e) => return Check::fail(NAME, format!("cannot read {}: {e}", home.display()), "set MOAT_HOME to a directory you own"),
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if meta.uid() != uid {
+        return Check::fail(
+            NAME,
+            format!("{} belongs to uid {}, not to you (uid {uid})", home.display(), meta.uid()),
+            format!("chown -R {uid} {} or set MOAT_HOME", home.display()),
+        );
+    }
+    if meta.mode() & 0o002 != 0 {
+        return Check::fail(
+            NAME,
+            format!("{} is writable by everyone", home.display()),
+            format!("chmod o-w {}", home.display()),
+        );
+    }
+    let probe = home.join(".doctor-write-test");
+    match std::fs::write(&probe, b"ok").and_then(|_| std::fs::remove_file(&probe)) {
+        Ok(()) => Check::ok(NAME, format!("{} (mode {:o})", home.display(), meta.mode() & 0o7777)),
+        Err(e) => Check::fail(NAME, format!("cannot write in {}: {e}", home.display()), "fix its permissions or set MOAT_HOME"),
+    }
+}
+
+fn disk_check(home: &Path) -> Check {
+    const NAME: &str = "disk space";
+    match rustix::fs::statvfs(home) {
+        Ok(s) => {
+            let free = s.f_bavail.saturating_mul(s.f_frsize);
+            let gib = free as f64 / (1u64 << 30) as f64;
+            if free < MIN_FREE_BYTES {
+                Check::fail(
+                    NAME,
+                    format!("only {gib:.1} GiB free under {}", home.display()),
+                    "free space (moat prune / moat image gc once available) or move MOAT_HOME to a larger disk",
+                )
+            } else {
+                Check::ok(NAME, format!("{gib:.1} GiB free under {}", home.display()))
+            }
+        }
+        Err(e) => Check::fail(NAME, format!("cannot stat {}: {e}", home.display()), "set MOAT_HOME to an existing directory"),
+    }
+}

@@ -1,0 +1,101 @@
+//! `moat setup`: install what the host is missing, then prepare everything a first run needs.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+use crate::cli::SetupArgs;
+use crate::cmd::doctor::which;
+use crate::cmd::prepare_runtime;
+
+/// A Debian package moat needs and how to tell it is present.
+struct Prerequisite {
+    package: &'static str,
+    present: fn() -> bool,
+}
+
+fn has_cloud_kernel() -> bool {
+    std::fs::read_dir("/boot")
+        .map(|d| {
+            d.flatten().any(|e| {
+                let n = e.file_name();
+                let n = n.to_string_lossy();
+                n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64")
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// In install order. qemu-utils comes after qemu-system-x86 on purpose: installing QEMU can
+/// replace a newer qemu-utils from backports, so it is checked again afterwards.
+const PREREQUISITES: &[Prerequisite] = &[
+    Prerequisite { package: "qemu-system-x86", present: || which("qemu-system-x86_64").is_some() },
+    Prerequisite { package: "linux-image-cloud-amd64", present: has_cloud_kernel },
+    Prerequisite { package: "busybox-static", present: || Path::new("/bin/busybox").exists() },
+    Prerequisite { package: "e2fsprogs", present: || which("mkfs.ext4").is_some() || Path::new("/sbin/mkfs.ext4").exists() },
+    Prerequisite { package: "qemu-utils", present: || which("qemu-img").is_some() },
+];
+
+pub async fn setup(args: SetupArgs) -> anyhow::Result<i32> {
+    let missing: Vec<&str> = PREREQUISITES.iter().filter(|p| !(p.present)()).map(|p| p.package).collect();
+    if missing.is_empty() {
+        eprintln!("moat: host packages: all present");
+    } else if args.dry_run {
+        println!("would install: {}", missing.join(" "));
+        return Ok(0);
+    } else {
+        install(&missing)?;
+    }
+    if args.dry_run {
+        return Ok(0);
+    }
+    eprintln!("moat: preparing kernel, initramfs and accelerator");
+    let rt = prepare_runtime(&args.host).await?;
+    eprintln!("moat: building the default image (minimal)");
+    let image = rt.images.resolve("minimal")?;
+    eprintln!(
+        "moat: ready: QEMU {}, kernel {}, accelerator {}, image {} ({})",
+        rt.qemu_version, rt.kernel.release, rt.accel.accel, image.name, image.digest
+    );
+    Ok(0)
+}
+
+fn install(missing: &[&str]) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "missing host packages: {}\nhint: run `sudo moat setup`, or install them yourself: sudo apt-get install -y --no-install-recommends {}",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    if which("apt-get").is_none() {
+        bail!("missing host packages: {}\nhint: this host has no apt-get; install the equivalents with your package manager", missing.join(" "));
+    }
+    eprintln!("moat: installing {}", missing.join(" "));
+    apt(&["update", "-qq"])?;
+    for p in PREREQUISITES {
+        // Checked again each time: installing one package can remove or bring another.
+        if !(p.present)() {
+            apt(&["install", "-y", "-qq", "--no-install-recommends", p.package])?;
+        }
+    }
+    let still: Vec<&str> = PREREQUISITES.iter().filter(|p| !(p.present)()).map(|p| p.package).collect();
+    if !still.is_empty() {
+        bail!("still missing after apt-get install: {}\nhint: run `apt-get install {}` and read apt's message", still.join(" "), still.join(" "));
+    }
+    Ok(())
+}
+
+fn apt(args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get")?;
+    if !status.success() {
+        bail!("`apt-get {}` failed ({status})\nhint: fix apt's reported problem and run `moat setup` again", args.join(" "));
+    }
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! Shared fixture for the end-to-end tests: a moat home under target/, real QEMU, real kernel.
+#![allow(dead_code)] // Each test file uses a different part of the fixture.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use moat_sandbox::{Runtime, RuntimeConfig, Sandbox, SandboxSpec};
+
+/// The state directory all end-to-end tests share, so the initramfs and image are built once.
+pub fn home() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e-home");
+    std::fs::create_dir_all(&dir).expect("target dir is writable");
+    dir
+}
+
+/// Fail (never skip) with the install command when the host lacks what the tests need.
+pub fn require_host() {
+    let mut missing = Vec::new();
+    for (tool, package) in [("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils"), ("mkfs.ext4", "e2fsprogs")] {
+        if Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| !o.status.success()).unwrap_or(true)
+        {
+            missing.push(package);
+        }
+    }
+    if !Path::new("/bin/busybox").exists() {
+        missing.push("busybox-static");
+    }
+    let has_kernel = std::fs::read_dir("/boot")
+        .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-")))
+        .unwrap_or(false);
+    if !has_kernel {
+        missing.push("linux-image-cloud-amd64");
+    }
+    assert!(
+        missing.is_empty(),
+        "the end-to-end tests need host packages that are missing: {0}\n\
+         install them with: sudo moat setup   (or: sudo apt-get install -y --no-install-recommends {0})",
+        missing.join(" ")
+    );
+}
+
+/// The `moat` binary under test, with MOAT_HOME pointing at the shared test home.
+pub fn moat() -> Command {
+    require_host();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_moat"));
+    cmd.env("MOAT_HOME", home()).env_remove("MOAT_KERNEL").env_remove("MOAT_ACCEL");
+    cmd
+}
+
+/// Run `moat` to completion with no stdin.
+pub fn moat_output(args: &[&str]) -> Output {
+    moat().args(args).stdin(Stdio::null()).output().expect("moat binary runs")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A runtime on the shared home, for tests that drive sandboxes through the library.
+pub async fn runtime() -> Runtime {
+    require_host();
+    let mut config = RuntimeConfig::from_env().expect("MOAT_* variables are valid");
+    config.home = home();
+    config.kernel = None;
+    Runtime::prepare(config).await.expect("the runtime prepares on a host with the packages installed")
+}
+
+pub async fn boot(rt: &Runtime) -> Sandbox {
+    Sandbox::boot(rt, &SandboxSpec { memory_mib: 256, ..SandboxSpec::default() }).await.expect("sandbox boots")
+}
+
+/// QEMU processes whose command line mentions `needle` (e.g. a sandbox run dir).
+pub fn qemu_processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = text(&cmdline);
+        if cmdline.contains("qemu-system") && cmdline.contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Wait for a condition, polling; panics with `what` if it does not hold in time.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
