@@ -99,29 +99,26 @@ impl Sandbox {
         };
         let started = Instant::now();
         let mut vm = Vm::spawn(&cfg, spec.die_with_parent).await?;
-        let link = tokio::select! {
-            r = tokio::time::timeout(spec.boot_timeout, AgentLink::connect(&vm.agent_socket())) => match r {
-                Ok(Ok(link)) => link,
-                Ok(Err(e)) => {
-                    let console = vm.console_tail(20);
-                    vm.kill().await;
-                    return Err(SandboxError::Boot { reason: e.to_string(), console });
-                }
-                Err(_) => {
-                    let console = vm.console_tail(20);
-                    vm.kill().await;
-                    return Err(SandboxError::BootTimeout { timeout: spec.boot_timeout, console });
-                }
-            },
-            status = vm.wait(spec.boot_timeout + Duration::from_secs(1)) => {
+        let socket = vm.agent_socket();
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(spec.boot_timeout, AgentLink::connect(&socket)) => Ok(r),
+            status = vm.wait(spec.boot_timeout + Duration::from_secs(1)) => Err(status),
+        };
+        let link = match outcome {
+            Ok(Ok(Ok(link))) => link,
+            failed => {
                 let console = vm.console_tail(20);
                 vm.kill().await;
-                let reason = match status {
-                    Ok(Some(s)) => format!("QEMU exited ({s}) before the agent answered"),
-                    Ok(None) => "the guest did not answer in time".into(),
-                    Err(e) => e.to_string(),
-                };
-                return Err(SandboxError::Boot { reason, console });
+                return Err(match failed {
+                    Ok(Ok(Err(e))) => SandboxError::Boot { reason: e.to_string(), console },
+                    Ok(Err(_)) => SandboxError::BootTimeout { timeout: spec.boot_timeout, console },
+                    Err(Ok(Some(status))) => {
+                        SandboxError::Boot { reason: format!("QEMU exited ({status}) before the agent answered"), console }
+                    }
+                    Err(Ok(None)) => SandboxError::BootTimeout { timeout: spec.boot_timeout, console },
+                    Err(Err(e)) => SandboxError::Boot { reason: e.to_string(), console },
+                    Ok(Ok(Ok(_))) => unreachable!("handled above"),
+                });
             }
         };
         let boot_time = started.elapsed();
