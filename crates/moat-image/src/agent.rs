@@ -2,57 +2,59 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::elf::check_static;
 use crate::ImageError;
 
 /// Where `scripts/build-agent` puts the agent, relative to the cargo target directory.
 const DEV_BUILD: &str = "x86_64-unknown-linux-gnu/agent/moat-agent";
 
-/// `explicit` (MOAT_AGENT), else `moat-agent` next to the running binary, else the build tree
-/// (for `cargo run` and tests). The file must be a static ELF: it runs as PID 1 in an initramfs
-/// that has no dynamic loader.
+/// The guest agent binary: `explicit` (MOAT_AGENT), else `moat-agent` next to the running binary
+/// (an installed moat), else the output of `scripts/build-agent` in the build tree (`cargo run`,
+/// tests). It must be a static x86-64 ELF: it runs as PID 1 in an initramfs without a loader.
 pub fn find_agent(explicit: Option<&Path>) -> Result<PathBuf, ImageError> {
-    let candidates: Vec<PathBuf> = match explicit {
-        Some(p) => vec![p.to_path_buf()],
-        None => {
-            let exe = std::env::current_exe().map_err(|e| ImageError::Io { what: "locating the moat binary".into(), source: e })?;
-            let dir = exe.parent().unwrap_or(Path::new("/")).to_path_buf();
-            // target/<profile>/moat or target/<profile>/deps/<test binary>
-            let mut c = vec![dir.join("moat-agent")];
-            for up in dir.ancestors().skip(1).take(2) {
-                c.push(up.join(DEV_BUILD));
-            }
-            c
+    if let Some(path) = explicit {
+        return check_agent(path).map(|()| path.to_path_buf());
+    }
+    let exe = std::env::current_exe().map_err(ImageError::io("locating the running moat binary"))?;
+    let candidates = candidates_for(&exe);
+    // `cargo build` of the workspace also leaves a dynamically linked host build of the agent in
+    // target/<profile>/; skip it in favour of the static one rather than failing on it.
+    let mut refused = None;
+    for path in candidates.iter().filter(|p| p.is_file()) {
+        match check_agent(path) {
+            Ok(()) => return Ok(path.clone()),
+            Err(e) => refused = refused.or(Some(e)),
         }
-    };
-    let found = candidates.iter().find(|p| p.is_file()).ok_or_else(|| ImageError::AgentMissing {
+    }
+    Err(refused.unwrap_or_else(|| ImageError::AgentNotFound {
         looked: candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-    })?;
-    check_static(found)?;
-    Ok(found.clone())
+    }))
 }
 
-/// Refuse anything that is not an x86-64 ELF without a program interpreter.
-fn check_static(path: &Path) -> Result<(), ImageError> {
-    let bad = |why: &str| ImageError::AgentNotStatic { path: path.display().to_string(), why: why.into() };
-    let data = std::fs::read(path).map_err(|e| ImageError::Io { what: format!("reading {}", path.display()), source: e })?;
-    if data.len() < 64 || &data[..4] != b"\x7fELF" || data[4] != 2 || data[5] != 1 {
-        return Err(bad("it is not a 64-bit little-endian ELF file"));
+/// For `target/<profile>/moat` and `target/<profile>/deps/<test binary>`: the directory of the
+/// binary, the profile directory, then the agent build under the target directory.
+fn candidates_for(exe: &Path) -> Vec<PathBuf> {
+    let dir = exe.parent().unwrap_or(Path::new("/"));
+    let profile = if dir.file_name().is_some_and(|n| n == "deps") { dir.parent().unwrap_or(dir) } else { dir };
+    let mut out = vec![dir.join("moat-agent")];
+    if profile != dir {
+        out.push(profile.join("moat-agent"));
     }
-    let u16_at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]) as usize;
-    let u64_at = |o: usize| data.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize);
-    if u16_at(18) != 62 {
-        return Err(bad("it is not built for x86-64"));
+    if let Some(target) = profile.parent() {
+        out.push(target.join(DEV_BUILD));
     }
-    let phoff = u64_at(32).ok_or_else(|| bad("truncated header"))?;
-    let (phentsize, phnum) = (u16_at(54), u16_at(56));
-    for i in 0..phnum {
-        let off = phoff.checked_add(i.checked_mul(phentsize).ok_or_else(|| bad("bad program headers"))?).ok_or_else(|| bad("bad program headers"))?;
-        let ty = data.get(off..off + 4).ok_or_else(|| bad("truncated program headers"))?;
-        if u32::from_le_bytes(ty.try_into().expect("4 bytes")) == 3 {
-            return Err(bad("it is dynamically linked (has a program interpreter)"));
+    out
+}
+
+fn check_agent(path: &Path) -> Result<(), ImageError> {
+    match check_static(path) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(why)) => Err(ImageError::AgentNotStatic { path: path.to_path_buf(), why }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(ImageError::AgentNotFound { looked: path.display().to_string() })
         }
+        Err(e) => Err(ImageError::AgentNotStatic { path: path.to_path_buf(), why: format!("it cannot be read: {e}") }),
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -60,19 +62,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dynamic_binaries_and_non_elf_files_are_refused() {
-        let err = find_agent(Some(Path::new("/bin/sh"))).unwrap_err();
-        assert!(err.to_string().contains("dynamically linked"), "{err}");
+    fn dynamic_binaries_scripts_and_missing_files_are_refused_with_the_fix() {
+        let err = find_agent(Some(Path::new("/bin/sh"))).unwrap_err().to_string();
+        assert!(err.contains("dynamically linked") && err.contains("scripts/build-agent"), "{err}");
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("agent");
         std::fs::write(&f, b"#!/bin/sh\n").unwrap();
-        assert!(find_agent(Some(&f)).unwrap_err().to_string().contains("not a 64-bit"));
-        let err = find_agent(Some(&dir.path().join("missing"))).unwrap_err();
-        assert!(err.to_string().contains("scripts/build-agent"), "{err}");
+        assert!(find_agent(Some(&f)).unwrap_err().to_string().contains("not an ELF"));
+        let err = find_agent(Some(&dir.path().join("missing"))).unwrap_err().to_string();
+        assert!(err.contains("missing") && err.contains("scripts/build-agent"), "{err}");
+        assert_eq!(find_agent(Some(Path::new("/bin/busybox"))).unwrap(), Path::new("/bin/busybox"));
     }
 
     #[test]
-    fn busybox_static_passes_the_static_check() {
-        check_static(Path::new("/bin/busybox")).expect("busybox-static is static (apt-get install busybox-static)");
+    fn the_build_tree_is_searched_from_binaries_and_test_binaries() {
+        let from_bin = candidates_for(Path::new("/w/target/debug/moat"));
+        assert_eq!(from_bin, [PathBuf::from("/w/target/debug/moat-agent"), PathBuf::from("/w/target").join(DEV_BUILD)]);
+        let from_test = candidates_for(Path::new("/w/target/release/deps/run-0123abcd"));
+        assert_eq!(
+            from_test,
+            [
+                PathBuf::from("/w/target/release/deps/moat-agent"),
+                PathBuf::from("/w/target/release/moat-agent"),
+                PathBuf::from("/w/target").join(DEV_BUILD)
+            ]
+        );
     }
 }

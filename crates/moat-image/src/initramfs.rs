@@ -1,194 +1,272 @@
 //! The initramfs: the agent as `/init` plus exactly the kernel modules it loads.
+//!
+//! Layout (see docs/agent-protocol.md):
+//! ```text
+//! /init                                    the agent (0755)
+//! /dev/console                             char 5:1, so the kernel can open it before devtmpfs
+//! /dev /proc /sys /tmp /newroot /moat      mount points and moat's own files
+//! /lib/modules/<release>/kernel/….ko       the modules, uncompressed
+//! /moat/modules                            their paths, one per line, in load order
+//! ```
+//! The archive is plain newc without compression: the kernel takes it as is and unpacking it is
+//! faster than decompressing under TCG.
 
-use std::io::Write;
+use std::collections::BTreeSet;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use cpio::newc::{trailer, Builder};
 use sha2::{Digest, Sha256};
 
 use crate::kernel::Kernel;
+use crate::modules::unpacked_module;
 use crate::ImageError;
 
-/// Bumped whenever the layout below changes, so cached archives are rebuilt.
-const FORMAT_VERSION: &str = "moat-initramfs-1";
+/// Part of the cache key: bump it whenever the layout above changes, so archives are rebuilt.
+const FORMAT_VERSION: &str = "moat-initramfs-2";
 
-/// A minimal writer for the kernel's "newc" cpio format. Hand-written because it is a few dozen
-/// lines and the crates for it either only read or do not write device nodes.
-struct Newc<W: Write> {
-    out: W,
-    ino: u32,
-    written: u64,
-}
+const S_IFDIR: u32 = 0o040000;
+const S_IFREG: u32 = 0o100000;
+const S_IFCHR: u32 = 0o020000;
 
-impl<W: Write> Newc<W> {
-    fn new(out: W) -> Self {
-        Newc { out, ino: 1, written: 0 }
+/// Build the initramfs for `kernel` with `agent` as `/init` and `modules` (from
+/// [`resolve_modules`](crate::resolve_modules), in load order), or return the cached one.
+///
+/// The archive is cached in `cache_dir` as `initramfs-<sha256>.cpio`, keyed by the agent, the
+/// kernel release and the modules' names and contents. It is written to a temporary file and
+/// renamed into place, so a crash never leaves a half-written archive under the cached name.
+pub fn build_initramfs(
+    cache_dir: &Path,
+    kernel: &Kernel,
+    agent: &Path,
+    modules: &[PathBuf],
+) -> Result<PathBuf, ImageError> {
+    let agent_bytes = std::fs::read(agent).map_err(ImageError::io(format!("reading the agent {}", agent.display())))?;
+    let mut files = Vec::with_capacity(modules.len());
+    for module in modules {
+        files.push(unpacked_module(kernel, module)?);
     }
-
-    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) -> std::io::Result<()> {
-        let header = format!(
-            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-            self.ino,
-            mode,
-            0,
-            0,
-            if mode & 0o040000 != 0 { 2 } else { 1 },
-            0,
-            data.len(),
-            0,
-            0,
-            rdev.0,
-            rdev.1,
-            name.len() + 1,
-            0
-        );
-        self.ino += 1;
-        self.raw(header.as_bytes())?;
-        self.raw(name.as_bytes())?;
-        self.raw(&[0])?;
-        self.pad()?;
-        self.raw(data)?;
-        self.pad()
-    }
-
-    fn raw(&mut self, b: &[u8]) -> std::io::Result<()> {
-        self.written += b.len() as u64;
-        self.out.write_all(b)
-    }
-
-    fn pad(&mut self) -> std::io::Result<()> {
-        let n = (4 - (self.written % 4) as usize) % 4;
-        self.raw(&[0u8; 3][..n])
-    }
-
-    fn dir(&mut self, name: &str) -> std::io::Result<()> {
-        self.entry(name, 0o040755, (0, 0), &[])
-    }
-
-    fn file(&mut self, name: &str, mode: u32, data: &[u8]) -> std::io::Result<()> {
-        self.entry(name, 0o100000 | mode, (0, 0), data)
-    }
-
-    fn finish(mut self) -> std::io::Result<W> {
-        self.entry("TRAILER!!!", 0, (0, 0), &[])?;
-        self.out.flush()?;
-        Ok(self.out)
-    }
-}
-
-/// Build (or reuse from `cache_dir`) the initramfs for `kernel` with `agent` as `/init` and the
-/// given module files, loaded in the order given (listed in `/moat/modules`).
-pub fn build_initramfs(cache_dir: &Path, kernel: &Kernel, agent: &Path, modules: &[PathBuf]) -> Result<PathBuf, ImageError> {
-    let read = |p: &Path| std::fs::read(p).map_err(|e| ImageError::Io { what: format!("reading {}", p.display()), source: e });
-    let agent_bytes = read(agent)?;
-    let mut files = Vec::new();
-    for m in modules {
-        let rel = m.strip_prefix(&kernel.modules_dir).map_err(|_| ImageError::ModulesMissing {
-            release: kernel.release.clone(),
-            reason: format!("{} is outside {}", m.display(), kernel.modules_dir.display()),
-        })?;
-        let name = rel.to_string_lossy().into_owned();
-        if name.ends_with(".ko.xz") || name.ends_with(".ko.zst") || name.ends_with(".ko.gz") {
-            return Err(ImageError::ModulesMissing {
-                release: kernel.release.clone(),
-                reason: format!("{name} is compressed; moat loads uncompressed .ko files only (use a kernel package with uncompressed modules)"),
-            });
-        }
-        files.push((format!("lib/modules/{}/{name}", kernel.release), read(m)?));
-    }
-    let mut h = Sha256::new();
-    h.update(FORMAT_VERSION);
-    h.update(kernel.release.as_bytes());
-    h.update(&agent_bytes);
-    for (name, data) in &files {
-        h.update(name.as_bytes());
-        h.update(data);
-    }
-    let key = hex::encode(&h.finalize()[..16]);
+    let key = cache_key(&kernel.release, &agent_bytes, &files);
     let path = cache_dir.join(format!("initramfs-{key}.cpio"));
     if path.is_file() {
+        tracing::debug!(path = %path.display(), "initramfs cache hit");
         return Ok(path);
     }
-    std::fs::create_dir_all(cache_dir).map_err(|e| ImageError::Io { what: format!("creating {}", cache_dir.display()), source: e })?;
-    let tmp = tempfile::NamedTempFile::new_in(cache_dir).map_err(|e| ImageError::Io { what: "creating a temp file".into(), source: e })?;
-    let io = |e| ImageError::Io { what: format!("writing {}", path.display()), source: e };
-    let mut w = Newc::new(std::io::BufWriter::new(tmp));
-    for d in ["dev", "proc", "sys", "tmp", "newroot", "moat", "lib", "lib/modules"] {
-        w.dir(d).map_err(io)?;
-    }
-    w.entry("dev/console", 0o020600, (5, 1), &[]).map_err(io)?;
-    w.file("init", 0o755, &agent_bytes).map_err(io)?;
-    let mut dirs: Vec<String> = Vec::new();
-    for (name, data) in &files {
-        let mut acc = String::new();
-        for part in name.split('/').collect::<Vec<_>>().split_last().map(|(_, d)| d.to_vec()).unwrap_or_default() {
-            acc = if acc.is_empty() { part.to_string() } else { format!("{acc}/{part}") };
-            if !dirs.contains(&acc) && acc != "lib" && acc != "lib/modules" {
-                w.dir(&acc).map_err(io)?;
-                dirs.push(acc.clone());
-            }
-        }
-        w.file(name, 0o644, data).map_err(io)?;
-    }
-    let list: String = files.iter().map(|(n, _)| format!("/{n}\n")).collect();
-    w.file("moat/modules", 0o644, list.as_bytes()).map_err(io)?;
-    let tmp = w.finish().map_err(io)?.into_inner().map_err(|e| io(e.into_error()))?;
-    tmp.persist(&path).map_err(|e| io(e.error))?;
+    std::fs::create_dir_all(cache_dir).map_err(ImageError::io(format!("creating {}", cache_dir.display())))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".initramfs-")
+        .suffix(".tmp")
+        .tempfile_in(cache_dir)
+        .map_err(ImageError::io(format!("creating a temporary file in {}", cache_dir.display())))?;
+    let write_err = ImageError::io(format!("writing {}", tmp.path().display()));
+    let out = write_archive(BufWriter::new(tmp.as_file()), &agent_bytes, &files)
+        .and_then(|mut w| w.flush())
+        .and_then(|()| tmp.as_file().sync_all());
+    out.map_err(write_err)?;
+    tmp.persist(&path).map_err(|e| ImageError::Io {
+        what: format!("renaming the initramfs to {}", path.display()),
+        source: e.error,
+    })?;
+    tracing::info!(path = %path.display(), modules = files.len(), "built initramfs");
     Ok(path)
+}
+
+/// Length-prefixed fields, so no two different inputs hash alike.
+fn cache_key(release: &str, agent: &[u8], files: &[(String, Vec<u8>)]) -> String {
+    let mut h = Sha256::new();
+    let mut field = |b: &[u8]| {
+        h.update((b.len() as u64).to_le_bytes());
+        h.update(b);
+    };
+    field(FORMAT_VERSION.as_bytes());
+    field(release.as_bytes());
+    field(agent);
+    for (name, data) in files {
+        field(name.as_bytes());
+        field(data);
+    }
+    hex::encode(h.finalize())
+}
+
+fn write_archive<W: Write>(out: W, agent: &[u8], modules: &[(String, Vec<u8>)]) -> std::io::Result<W> {
+    let mut archive = Archive { out, ino: 0 };
+    for dir in ["dev", "proc", "sys", "newroot", "moat"] {
+        archive.entry(dir, S_IFDIR | 0o755, None, &[])?;
+    }
+    archive.entry("tmp", S_IFDIR | 0o1777, None, &[])?;
+    archive.entry("dev/console", S_IFCHR | 0o600, Some((5, 1)), &[])?;
+    archive.entry("init", S_IFREG | 0o755, None, agent)?;
+    // Every parent directory of a module once, parents before children (BTreeSet order does that).
+    let dirs: BTreeSet<&str> =
+        modules.iter().flat_map(|(name, _)| name.match_indices('/').map(move |(i, _)| &name[..i])).collect();
+    for dir in dirs {
+        archive.entry(dir, S_IFDIR | 0o755, None, &[])?;
+    }
+    let mut list = String::new();
+    for (name, data) in modules {
+        archive.entry(name, S_IFREG | 0o644, None, data)?;
+        list.push('/');
+        list.push_str(name);
+        list.push('\n');
+    }
+    archive.entry("moat/modules", S_IFREG | 0o644, None, list.as_bytes())?;
+    trailer(archive.out)
+}
+
+/// Entries owned by root with mtime 0, so the same inputs give the same bytes.
+struct Archive<W> {
+    out: W,
+    ino: u32,
+}
+
+impl<W: Write> Archive<W> {
+    fn entry(&mut self, name: &str, mode: u32, rdev: Option<(u32, u32)>, data: &[u8]) -> std::io::Result<()> {
+        let size = u32::try_from(data.len()).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{name} is larger than newc's 4 GiB limit"))
+        })?;
+        self.ino += 1;
+        let (major, minor) = rdev.unwrap_or((0, 0));
+        let nlink = if mode & S_IFDIR == S_IFDIR { 2 } else { 1 };
+        let mut w = Builder::new(name)
+            .ino(self.ino)
+            .mode(mode)
+            .nlink(nlink)
+            .rdev_major(major)
+            .rdev_minor(minor)
+            .write(&mut self.out, size);
+        w.write_all(data)?;
+        w.finish()?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Parse a newc archive back into (name, mode, data).
-    fn parse(mut b: &[u8]) -> Vec<(String, u32, Vec<u8>)> {
+    struct Entry {
+        name: String,
+        mode: u32,
+        rdev: (u32, u32),
+        data: Vec<u8>,
+    }
+
+    /// An independent newc reader: header fields are 8 hex digits after the 6-byte magic; name and
+    /// data are each padded to 4 bytes.
+    fn parse(archive: &[u8]) -> Vec<Entry> {
         let mut out = Vec::new();
-        let mut off = 0usize;
+        let mut at = 0usize;
         loop {
-            assert_eq!(&b[..6], b"070701", "magic at offset {off}");
-            let field = |i: usize| u32::from_str_radix(std::str::from_utf8(&b[6 + i * 8..14 + i * 8]).unwrap(), 16).unwrap() as usize;
-            let (mode, size, namesize) = (field(1) as u32, field(6), field(11));
-            let name = String::from_utf8(b[110..110 + namesize - 1].to_vec()).unwrap();
-            let data_start = (110 + namesize + 3) & !3;
-            let data = b[data_start..data_start + size].to_vec();
-            let next = (data_start + size + 3) & !3;
-            off += next;
-            b = &b[next..];
+            let h = &archive[at..at + 110];
+            assert_eq!(&h[..6], b"070701", "newc magic at offset {at}");
+            let field =
+                |i: usize| u32::from_str_radix(std::str::from_utf8(&h[6 + i * 8..14 + i * 8]).unwrap(), 16).unwrap();
+            let (mode, size, rdev, namesize) = (field(1), field(6) as usize, (field(9), field(10)), field(11) as usize);
+            let name = std::str::from_utf8(&archive[at + 110..at + 110 + namesize - 1]).unwrap().to_string();
+            assert_eq!(archive[at + 110 + namesize - 1], 0, "name is NUL-terminated");
+            let data_at = (at + 110 + namesize + 3) & !3;
+            let data = archive[data_at..data_at + size].to_vec();
+            at = (data_at + size + 3) & !3;
             if name == "TRAILER!!!" {
+                assert_eq!(at, archive.len(), "nothing after the trailer");
                 return out;
             }
-            out.push((name, mode, data));
+            out.push(Entry { name, mode, rdev, data });
         }
     }
 
-    #[test]
-    fn archive_holds_init_modules_and_list_and_is_cached() {
+    fn fixture() -> (tempfile::TempDir, Kernel, PathBuf, Vec<PathBuf>) {
         let dir = tempfile::tempdir().unwrap();
-        let mods = dir.path().join("mods");
-        std::fs::create_dir_all(mods.join("kernel/drivers")).unwrap();
-        std::fs::write(mods.join("kernel/drivers/a.ko"), b"AAA").unwrap();
-        std::fs::write(mods.join("kernel/drivers/b.ko"), b"BBBBB").unwrap();
-        let agent = dir.path().join("agent");
+        let mods = dir.path().join("lib/modules/6.1-test");
+        std::fs::create_dir_all(mods.join("kernel/drivers/virtio")).unwrap();
+        std::fs::create_dir_all(mods.join("kernel/drivers/block")).unwrap();
+        std::fs::write(mods.join("kernel/drivers/virtio/virtio.ko"), b"\x7fELF-virtio").unwrap();
+        std::fs::write(mods.join("kernel/drivers/block/virtio_blk.ko"), b"\x7fELF-blk!").unwrap();
+        let agent = dir.path().join("moat-agent");
         std::fs::write(&agent, b"\x7fELF-agent").unwrap();
-        let k = Kernel { path: "/k".into(), release: "6.1-test".into(), modules_dir: mods.clone() };
-        let list = vec![mods.join("kernel/drivers/b.ko"), mods.join("kernel/drivers/a.ko")];
-        let cache = dir.path().join("cache");
-        let p = build_initramfs(&cache, &k, &agent, &list).unwrap();
-        let entries = parse(&std::fs::read(&p).unwrap());
-        let get = |n: &str| entries.iter().find(|e| e.0 == n).unwrap_or_else(|| panic!("{n} in archive"));
-        assert_eq!(get("init").2, b"\x7fELF-agent");
-        assert_eq!(get("init").1, 0o100755);
-        assert_eq!(get("dev/console").1, 0o020600);
-        assert_eq!(get("lib/modules/6.1-test/kernel/drivers/a.ko").2, b"AAA");
+        let kernel = Kernel { path: "/k".into(), release: "6.1-test".into(), modules_dir: mods.clone() };
+        let list = vec![mods.join("kernel/drivers/virtio/virtio.ko"), mods.join("kernel/drivers/block/virtio_blk.ko")];
+        (dir, kernel, agent, list)
+    }
+
+    #[test]
+    fn the_archive_holds_init_console_modules_and_their_load_order() {
+        let (dir, kernel, agent, list) = fixture();
+        let path = build_initramfs(&dir.path().join("cache"), &kernel, &agent, &list).unwrap();
+        let entries = parse(&std::fs::read(&path).unwrap());
+        let get = |n: &str| entries.iter().find(|e| e.name == n).unwrap_or_else(|| panic!("{n} in the archive"));
+
+        assert_eq!((get("init").mode, &get("init").data[..]), (0o100755, &b"\x7fELF-agent"[..]));
+        assert_eq!((get("dev/console").mode, get("dev/console").rdev), (0o020600, (5, 1)));
+        for d in ["dev", "proc", "sys", "tmp", "newroot", "moat"] {
+            assert_eq!(get(d).mode & 0o170000, 0o040000, "{d} is a directory");
+        }
+        assert_eq!(get("tmp").mode, 0o041777);
+        assert_eq!(get("lib/modules/6.1-test/kernel/drivers/block/virtio_blk.ko").data, b"\x7fELF-blk!");
         assert_eq!(
-            String::from_utf8(get("moat/modules").2.clone()).unwrap(),
-            "/lib/modules/6.1-test/kernel/drivers/b.ko\n/lib/modules/6.1-test/kernel/drivers/a.ko\n"
+            String::from_utf8(get("moat/modules").data.clone()).unwrap(),
+            "/lib/modules/6.1-test/kernel/drivers/virtio/virtio.ko\n/lib/modules/6.1-test/kernel/drivers/block/virtio_blk.ko\n"
         );
-        // Same inputs: same file, not rebuilt; a changed agent: a new file.
-        let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
-        assert_eq!(build_initramfs(&cache, &k, &agent, &list).unwrap(), p);
-        assert_eq!(std::fs::metadata(&p).unwrap().modified().unwrap(), mtime);
+        // Every entry's parent directory comes before it, so the kernel can create it.
+        for (i, e) in entries.iter().enumerate() {
+            if let Some((parent, _)) = e.name.rsplit_once('/') {
+                let p = entries.iter().position(|d| d.name == parent).unwrap_or_else(|| panic!("parent of {}", e.name));
+                assert!(p < i, "{parent} before {}", e.name);
+            }
+        }
+        let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+        let unique: BTreeSet<&str> = names.iter().copied().collect();
+        assert_eq!(unique.len(), names.len(), "no duplicate entries: {names:?}");
+    }
+
+    #[test]
+    fn the_same_inputs_hit_the_cache_and_changed_inputs_do_not() {
+        let (dir, kernel, agent, list) = fixture();
+        let cache = dir.path().join("cache");
+        let first = build_initramfs(&cache, &kernel, &agent, &list).unwrap();
+        // Mark the cached file: a rebuild would replace it.
+        std::fs::write(&first, b"cached").unwrap();
+        assert_eq!(build_initramfs(&cache, &kernel, &agent, &list).unwrap(), first);
+        assert_eq!(std::fs::read(&first).unwrap(), b"cached", "the cached archive was not rebuilt");
+
+        let reordered = build_initramfs(&cache, &kernel, &agent, &[list[1].clone(), list[0].clone()]).unwrap();
+        assert_ne!(reordered, first, "the load order is part of the key");
+        std::fs::write(&list[0], b"\x7fELF-virtio-v2").unwrap();
+        assert_ne!(
+            build_initramfs(&cache, &kernel, &agent, &list).unwrap(),
+            first,
+            "module contents are part of the key"
+        );
         std::fs::write(&agent, b"\x7fELF-agent-2").unwrap();
-        assert_ne!(build_initramfs(&cache, &k, &agent, &list).unwrap(), p);
+        let rebuilt = build_initramfs(&cache, &kernel, &agent, &list).unwrap();
+        assert_eq!(
+            parse(&std::fs::read(&rebuilt).unwrap()).iter().find(|e| e.name == "init").unwrap().data,
+            b"\x7fELF-agent-2"
+        );
+
+        let leftovers: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().ends_with(".cpio"))
+            .collect();
+        assert!(leftovers.is_empty(), "no temporary files left: {leftovers:?}");
+    }
+
+    #[test]
+    fn the_real_agent_modules_pack_uncompressed_into_the_archive() {
+        let kernel = crate::find_kernel(None).expect("a kernel is installed");
+        let modules = crate::resolve_modules(&kernel, crate::AGENT_MODULES).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = build_initramfs(dir.path(), &kernel, Path::new("/bin/busybox"), &modules).unwrap();
+        let entries = parse(&std::fs::read(&path).unwrap());
+        let list = String::from_utf8(entries.iter().find(|e| e.name == "moat/modules").unwrap().data.clone()).unwrap();
+        assert_eq!(list.lines().count(), modules.len());
+        for line in list.lines() {
+            let e = entries
+                .iter()
+                .find(|e| format!("/{}", e.name) == line)
+                .unwrap_or_else(|| panic!("{line} is in the archive"));
+            assert!(e.data.starts_with(b"\x7fELF"), "{line} is an uncompressed module");
+        }
     }
 }

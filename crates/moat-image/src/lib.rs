@@ -1,31 +1,80 @@
 //! moat's images: the guest kernel and its modules, the initramfs moat builds, and the store of
 //! read-only base disks with thin per-sandbox overlays.
+//!
+//! - [`find_kernel`] and [`resolve_modules`] pick the distribution kernel and the module files the
+//!   agent needs (through `modules.dep`).
+//! - [`find_agent`] locates the static `moat-agent` binary; [`build_initramfs`] packs it as `/init`
+//!   with those modules into a cached newc archive.
+//! - [`ImageStore`] holds content-addressed base disks (qcow2) and hands out thin overlays; the
+//!   built-in `minimal` image (busybox) is built on first use without any network.
 
 mod agent;
+mod disk;
+mod elf;
 mod initramfs;
 mod kernel;
+mod minimal;
+mod modules;
 mod store;
+
+use std::path::PathBuf;
 
 pub use agent::find_agent;
 pub use initramfs::build_initramfs;
-pub use kernel::{find_kernel, resolve_modules, Kernel, AGENT_MODULES};
-pub use store::{Image, ImageConfig, ImageStore};
+pub use kernel::{find_kernel, find_kernel_in, Kernel};
+pub use modules::{resolve_modules, AGENT_MODULES};
+pub use store::{Image, ImageConfig, ImageStore, MINIMAL};
 
-/// Errors of the image layer; each message ends with what to do.
+/// Errors of the image layer. Each message says what failed and ends with what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("no usable guest kernel: {0}\nhint: install one with `apt-get install linux-image-cloud-amd64` or point MOAT_KERNEL at a kernel")]
-    KernelMissing(String),
-    #[error("kernel modules of {release} are unusable: {reason}\nhint: install the linux-image package of that kernel")]
-    ModulesMissing { release: String, reason: String },
-    #[error("no moat-agent found (looked in {looked})\nhint: build it with scripts/build-agent, or set MOAT_AGENT")]
-    AgentMissing { looked: String },
-    #[error("{path} cannot be the guest agent: {why}\nhint: build it with scripts/build-agent (a static binary)")]
-    AgentNotStatic { path: String, why: String },
-    #[error("image {0:?} not found; the built-in image is `minimal` (pulling and building images is not available yet)")]
-    NotFound(String),
-    #[error("`{command}` failed: {output}")]
-    Tool { command: String, output: String },
-    #[error("{what} failed: {source}")]
+    #[error("no kernel found under {} (looked for vmlinuz-*-cloud-amd64, then any vmlinuz-*)\nhint: install one with `apt-get install linux-image-cloud-amd64` or set MOAT_KERNEL", boot.display())]
+    KernelNotFound { boot: PathBuf },
+
+    #[error("cannot read the kernel {}: {source}\nhint: check the path given in MOAT_KERNEL / --kernel; a root-only kernel (mode 0600) can be made readable with `sudo chmod 0644 {}`", path.display(), path.display())]
+    KernelUnreadable { path: PathBuf, source: std::io::Error },
+
+    #[error("cannot read the module list of kernel {release} ({}): {source}\nhint: install the modules of that kernel (`apt-get install linux-image-{release}`) or regenerate the list with `depmod {release}`", path.display())]
+    ModulesUnreadable { release: String, path: PathBuf, source: std::io::Error },
+
+    #[error("kernel {release} has no module {name} (it is neither in modules.dep nor built in)\nhint: use a kernel that provides it, such as Debian's linux-image-cloud-amd64 (set MOAT_KERNEL)")]
+    UnknownModule { release: String, name: String },
+
+    #[error("the modules of kernel {release} are unusable: {reason}\nhint: reinstall the kernel's package or run `depmod {release}`")]
+    ModulesInvalid { release: String, reason: String },
+
+    #[error("cannot unpack the kernel module {}: {reason}\nhint: moat reads uncompressed, .ko.xz and .ko.zst modules; reinstall the kernel package or use linux-image-cloud-amd64", path.display())]
+    ModuleUnpack { path: PathBuf, reason: String },
+
+    #[error("no moat-agent found (looked in {looked})\nhint: build it with scripts/build-agent, or set MOAT_AGENT to the binary")]
+    AgentNotFound { looked: String },
+
+    #[error("{} cannot run as the guest's PID 1: {why}\nhint: build it with scripts/build-agent (it must be a static x86-64 binary), or set MOAT_AGENT", path.display())]
+    AgentNotStatic { path: PathBuf, why: String },
+
+    #[error("{} is not a usable static busybox: {why}\nhint: install it with `apt-get install busybox-static`", path.display())]
+    BusyboxUnusable { path: PathBuf, why: String },
+
+    #[error("image {name:?} is not in the image store; the built-in image is `minimal`\nhint: use `--image minimal`; other images will come from `moat image pull` and `moat image build` (not available yet)")]
+    NotFound { name: String },
+
+    #[error("the image store at {} is damaged: {reason}\nhint: remove {} and run the command again; the built-in images are rebuilt on use", path.display(), path.display())]
+    StoreCorrupt { path: PathBuf, reason: String },
+
+    #[error("`{tool}` could not be started: {source}\nhint: install it with `apt-get install {package}`")]
+    ToolMissing { tool: String, package: String, source: std::io::Error },
+
+    #[error("`{command}` failed ({status}): {stderr}")]
+    CommandFailed { command: String, status: String, stderr: String },
+
+    #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
+}
+
+impl ImageError {
+    /// An I/O error with a sentence saying what was being done (`"writing /x"`).
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {
+        let what = what.into();
+        move |source| ImageError::Io { what, source }
+    }
 }

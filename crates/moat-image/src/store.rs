@@ -1,28 +1,33 @@
-//! The image store: content-addressed read-only bases (qcow2) and their metadata.
+//! The image store: content-addressed read-only base disks (qcow2), their metadata, and a small
+//! name → digest index.
 //!
 //! ```text
-//! <root>/<digest-hex>/base.qcow2    the base disk, never written after it is registered
-//! <root>/<digest-hex>/image.json    the Image record
-//! <root>/index.json                 name → digest
+//! <root>/sha256/<hex>/base.qcow2    the base disk; never written once it is committed
+//! <root>/sha256/<hex>/image.json    the Image record
+//! <root>/index.json                 {"names": {"minimal": "sha256:<hex>", …}}
+//! <root>/.lock                      serializes commits and index updates between processes
+//! <root>/tmp-*/                     images being assembled (or left by an interrupted build)
 //! ```
-//! An image is built in a temporary directory inside the store and renamed into place, so an
-//! interrupted build leaves nothing registered (only a `tmp-*` directory that gc removes).
+//! Every way of making an image (the built-in `minimal`, later OCI pulls and debootstrap builds)
+//! assembles it in a staging directory inside the store and commits it with one rename, so an
+//! interrupted build never leaves anything registered.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::symlink;
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::ImageError;
+use crate::{disk, ImageError};
 
-/// Bumped whenever the minimal image's recipe changes.
-const MINIMAL_RECIPE: &str = "moat-minimal-1";
-/// Virtual size of the minimal image's file system; only used blocks take space.
-const MINIMAL_SIZE: u64 = 1 << 30;
-const BUSYBOX: &str = "/bin/busybox";
+/// The built-in image: busybox on ext4, built locally on first use.
+pub const MINIMAL: &str = "minimal";
+
+const BASE_FILE: &str = "base.qcow2";
+const META_FILE: &str = "image.json";
+const INDEX_FILE: &str = "index.json";
+const STAGING_PREFIX: &str = "tmp-";
 
 /// How processes start in an image, as in an OCI image config.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,209 +39,358 @@ pub struct ImageConfig {
     pub cmd: Vec<String>,
 }
 
-/// A registered image.
+/// A committed image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Image {
     pub name: String,
-    /// `sha256:<hex>` identifying the base's content (for built images: its recipe and inputs).
+    /// `sha256:<hex>`: for pulled images the content digest, for built ones the digest of the
+    /// recipe and its inputs.
     pub digest: String,
+    /// The read-only base disk (qcow2).
     pub base: PathBuf,
     pub config: ImageConfig,
-    /// Virtual size of the base disk.
+    /// Virtual size of the base disk in bytes.
     pub size_bytes: u64,
 }
 
+/// The image store under a root directory (`$MOAT_HOME/images`).
+#[derive(Debug)]
 pub struct ImageStore {
     root: PathBuf,
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {
-    let what = what.into();
-    move |source| ImageError::Io { what, source }
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Index {
+    /// Defaulted so an index from before this layout (a bare name map) reads as empty.
+    #[serde(default)]
+    names: BTreeMap<String, String>,
 }
 
-fn run(cmd: &mut Command, hint: &str) -> Result<(), ImageError> {
-    let out = cmd.output().map_err(|e| ImageError::Tool { command: format!("{cmd:?}"), output: format!("{e}; {hint}") })?;
-    if !out.status.success() {
-        return Err(ImageError::Tool {
-            command: format!("{cmd:?}"),
-            output: format!("{} {}", String::from_utf8_lossy(&out.stderr).trim(), String::from_utf8_lossy(&out.stdout).trim()),
-        });
+/// A directory inside the store where a new image is assembled. Dropped without
+/// [`ImageStore::commit`], it is removed.
+pub(crate) struct Staging {
+    dir: tempfile::TempDir,
+}
+
+impl Staging {
+    pub(crate) fn path(&self) -> &Path {
+        self.dir.path()
     }
-    Ok(())
+
+    /// Where the assembled base disk must be before commit.
+    pub(crate) fn base(&self) -> PathBuf {
+        self.dir.path().join(BASE_FILE)
+    }
+}
+
+/// `sha256:<64 hex>` → `<64 hex>`; anything else (a damaged index) is refused before it becomes a path.
+fn digest_hex(digest: &str) -> Option<&str> {
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64 && hex.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))).then_some(hex)
 }
 
 impl ImageStore {
+    /// Open (creating if needed) the store at `root`.
     pub fn open(root: &Path) -> Result<ImageStore, ImageError> {
-        std::fs::create_dir_all(root).map_err(io(format!("creating {}", root.display())))?;
+        std::fs::create_dir_all(root.join("sha256"))
+            .map_err(ImageError::io(format!("creating the image store {}", root.display())))?;
         Ok(ImageStore { root: root.to_path_buf() })
     }
 
-    fn index(&self) -> BTreeMap<String, String> {
-        std::fs::read(self.root.join("index.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
-    fn load(&self, digest: &str) -> Option<Image> {
-        let hex = digest.strip_prefix("sha256:")?;
-        let b = std::fs::read(self.root.join(hex).join("image.json")).ok()?;
-        serde_json::from_slice::<Image>(&b).ok().filter(|i| i.base.is_file())
-    }
-
-    /// The image called `name`; the built-in `minimal` image is built on first use.
+    /// The image called `name`. The built-in `minimal` image is built on first use (a few
+    /// seconds, no network) and rebuilt when its recipe or the host's busybox changes.
     pub fn resolve(&self, name: &str) -> Result<Image, ImageError> {
-        if name == "minimal" {
-            return self.minimal();
+        if name == MINIMAL {
+            return crate::minimal::resolve(self);
         }
-        self.index()
-            .get(name)
-            .and_then(|d| self.load(d))
-            .ok_or_else(|| ImageError::NotFound(name.to_string()))
-    }
-
-    fn register(&self, image: &Image) -> Result<(), ImageError> {
-        let mut index = self.index();
-        index.insert(image.name.clone(), image.digest.clone());
-        let tmp = tempfile::NamedTempFile::new_in(&self.root).map_err(io("creating a temp file"))?;
-        std::fs::write(tmp.path(), serde_json::to_vec_pretty(&index).expect("index serializes")).map_err(io("writing index.json"))?;
-        tmp.persist(self.root.join("index.json")).map_err(|e| ImageError::Io { what: "writing index.json".into(), source: e.error })?;
-        Ok(())
-    }
-
-    fn minimal(&self) -> Result<Image, ImageError> {
-        let busybox = std::fs::read(BUSYBOX).map_err(|e| ImageError::Tool {
-            command: format!("reading {BUSYBOX}"),
-            output: format!("{e}; install it with `apt-get install busybox-static`"),
-        })?;
-        let mut h = Sha256::new();
-        h.update(MINIMAL_RECIPE);
-        h.update(&busybox);
-        let hex = hex::encode(h.finalize());
-        let digest = format!("sha256:{hex}");
-        if let Some(image) = self.load(&digest) {
-            return Ok(image);
-        }
-        let work = tempfile::Builder::new().prefix("tmp-").tempdir_in(&self.root).map_err(io("creating a build directory"))?;
-        let tree = work.path().join("tree");
-        build_minimal_tree(&tree)?;
-        let raw = work.path().join("root.ext4");
-        let f = std::fs::File::create(&raw).map_err(io("creating the ext4 file"))?;
-        f.set_len(MINIMAL_SIZE).map_err(io("sizing the ext4 file"))?;
-        drop(f);
-        run(
-            Command::new("mkfs.ext4").args(["-q", "-F", "-L", "moat-root", "-E", "root_owner=0:0", "-d"]).arg(&tree).arg(&raw),
-            "install it with `apt-get install e2fsprogs`",
-        )?;
-        let final_dir = self.root.join(&hex);
-        let base = final_dir.join("base.qcow2");
-        run(
-            Command::new("qemu-img").args(["convert", "-q", "-O", "qcow2"]).arg(&raw).arg(work.path().join("base.qcow2")),
-            "install it with `apt-get install qemu-utils`",
-        )?;
-        std::fs::remove_file(&raw).map_err(io("removing the raw ext4 file"))?;
-        std::fs::remove_dir_all(&tree).map_err(io("removing the build tree"))?;
-        let image = Image {
-            name: "minimal".into(),
-            digest: digest.clone(),
-            base,
-            config: ImageConfig {
-                env: vec![("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into())],
-                working_dir: Some("/".into()),
-                user: None,
-                entrypoint: vec![],
-                cmd: vec!["/bin/sh".into()],
-            },
-            size_bytes: MINIMAL_SIZE,
-        };
-        std::fs::write(work.path().join("image.json"), serde_json::to_vec_pretty(&image).expect("image serializes"))
-            .map_err(io("writing image.json"))?;
-        let work = work.keep();
-        if let Err(e) = std::fs::rename(&work, &final_dir) {
-            let _ = std::fs::remove_dir_all(&work);
-            // Another process built the same image at the same time; use theirs.
-            return self.load(&digest).ok_or(ImageError::Io { what: format!("registering {}", final_dir.display()), source: e });
-        }
-        self.register(&image)?;
+        let index = self.read_index()?;
+        let digest = index.names.get(name).ok_or_else(|| ImageError::NotFound { name: name.to_string() })?;
+        let mut image = self.load(digest)?.ok_or_else(|| ImageError::NotFound { name: name.to_string() })?;
+        image.name = name.to_string();
         Ok(image)
     }
 
-    /// Create a thin qcow2 overlay on the image's base; `size` grows the virtual disk.
-    pub fn create_overlay(&self, image: &Image, overlay: &Path, size: Option<u64>) -> Result<(), ImageError> {
-        let base = std::fs::canonicalize(&image.base).map_err(io(format!("resolving {}", image.base.display())))?;
-        let mut cmd = Command::new("qemu-img");
-        cmd.args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]).arg(&base).arg(overlay);
-        if let Some(s) = size.filter(|&s| s > image.size_bytes) {
-            cmd.arg(s.to_string());
+    /// All named images, by name.
+    pub fn list(&self) -> Result<Vec<Image>, ImageError> {
+        let mut images = Vec::new();
+        for (name, digest) in self.read_index()?.names {
+            if let Some(mut image) = self.load(&digest)? {
+                image.name = name;
+                images.push(image);
+            }
         }
-        run(&mut cmd, "install it with `apt-get install qemu-utils`")
+        Ok(images)
+    }
+
+    /// Create a thin qcow2 overlay at `overlay` backed by the image's base. Its virtual size is
+    /// the larger of the base's and `size`. Nothing is copied.
+    ///
+    /// A larger disk only grows the block device; the file system on it keeps its size until the
+    /// guest resizes it.
+    pub fn create_overlay(&self, image: &Image, overlay: &Path, size: Option<u64>) -> Result<(), ImageError> {
+        let base = std::fs::canonicalize(&image.base).map_err(ImageError::io(format!(
+            "finding the base disk {} of image {} (run `moat image ls`; the store may have been cleaned)",
+            image.base.display(),
+            image.name
+        )))?;
+        disk::create_overlay(&base, overlay, size.filter(|&s| s > image.size_bytes))
+    }
+
+    /// Remove staging directories older than `older_than`: builds that were interrupted (younger
+    /// ones may belong to a build still running). Returns how many were removed.
+    pub fn clean_interrupted_builds(&self, older_than: Duration) -> Result<usize, ImageError> {
+        let cutoff = SystemTime::now().checked_sub(older_than).unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut removed = 0;
+        let entries =
+            std::fs::read_dir(&self.root).map_err(ImageError::io(format!("listing {}", self.root.display())))?;
+        for entry in entries.flatten() {
+            let stale = entry.file_name().to_string_lossy().starts_with(STAGING_PREFIX)
+                && entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < cutoff);
+            if stale {
+                std::fs::remove_dir_all(entry.path())
+                    .map_err(ImageError::io(format!("removing {}", entry.path().display())))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// A fresh staging directory inside the store (same file system, so commit is a rename).
+    pub(crate) fn stage(&self) -> Result<Staging, ImageError> {
+        let dir = tempfile::Builder::new()
+            .prefix(STAGING_PREFIX)
+            .tempdir_in(&self.root)
+            .map_err(ImageError::io(format!("creating a staging directory in {}", self.root.display())))?;
+        Ok(Staging { dir })
+    }
+
+    /// The committed image with this digest, if there is one.
+    pub(crate) fn load(&self, digest: &str) -> Result<Option<Image>, ImageError> {
+        let Some(hex) = digest_hex(digest) else {
+            return Err(self.corrupt(format!("{digest:?} is not a sha256 digest")));
+        };
+        let dir = self.root.join("sha256").join(hex);
+        let meta = dir.join(META_FILE);
+        let bytes = match std::fs::read(&meta) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(ImageError::io(format!("reading {}", meta.display()))(e)),
+        };
+        let mut image: Image =
+            serde_json::from_slice(&bytes).map_err(|e| self.corrupt(format!("{}: {e}", meta.display())))?;
+        // The record's own path may predate a move of the store; the layout is authoritative.
+        image.base = dir.join(BASE_FILE);
+        if image.digest != digest || !image.base.is_file() {
+            return Err(self.corrupt(format!("{} does not hold a complete image {digest}", dir.display())));
+        }
+        Ok(Some(image))
+    }
+
+    /// Register the image assembled in `staging` (its [`Staging::base`] must exist) under `name`.
+    /// If another process committed the same digest first, theirs is kept and returned.
+    pub(crate) fn commit(
+        &self,
+        staging: Staging,
+        name: &str,
+        digest: &str,
+        config: ImageConfig,
+    ) -> Result<Image, ImageError> {
+        let hex = digest_hex(digest).ok_or_else(|| self.corrupt(format!("{digest:?} is not a sha256 digest")))?;
+        let info = disk::info(&staging.base())?;
+        // Overlays name the base by path; a base must stand alone so the chain is one link deep.
+        if info.format != "qcow2" || info.backing_file.is_some() {
+            return Err(self.corrupt(format!(
+                "the new base disk of {name} is {} with backing file {:?}, not a standalone qcow2",
+                info.format, info.backing_file
+            )));
+        }
+        let size_bytes = info.virtual_size;
+        let final_dir = self.root.join("sha256").join(hex);
+        let image = Image {
+            name: name.to_string(),
+            digest: digest.to_string(),
+            base: final_dir.join(BASE_FILE),
+            config,
+            size_bytes,
+        };
+        let meta = serde_json::to_vec_pretty(&image).expect("an Image serializes");
+        write_synced(&staging.path().join(META_FILE), &meta)?;
+
+        let _lock = self.lock()?;
+        let image = match self.load(digest)? {
+            Some(existing) => existing,
+            None => {
+                let path = staging.dir.keep();
+                if let Err(e) = std::fs::rename(&path, &final_dir) {
+                    let _ = std::fs::remove_dir_all(&path);
+                    return Err(ImageError::io(format!("committing {} to {}", path.display(), final_dir.display()))(e));
+                }
+                image
+            }
+        };
+        let mut index = self.read_index()?;
+        index.names.insert(name.to_string(), digest.to_string());
+        self.write_index(&index)?;
+        Ok(Image { name: name.to_string(), ..image })
+    }
+
+    /// Point `name` at `digest` in the index unless it already does.
+    pub(crate) fn ensure_named(&self, name: &str, digest: &str) -> Result<(), ImageError> {
+        if self.read_index()?.names.get(name).map(String::as_str) == Some(digest) {
+            return Ok(());
+        }
+        let _lock = self.lock()?;
+        let mut index = self.read_index()?;
+        index.names.insert(name.to_string(), digest.to_string());
+        self.write_index(&index)
+    }
+
+    fn read_index(&self) -> Result<Index, ImageError> {
+        let path = self.root.join(INDEX_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| self.corrupt(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Index::default()),
+            Err(e) => Err(ImageError::io(format!("reading {}", path.display()))(e)),
+        }
+    }
+
+    /// Replace the index atomically; the caller holds the lock.
+    fn write_index(&self, index: &Index) -> Result<(), ImageError> {
+        let path = self.root.join(INDEX_FILE);
+        let tmp = tempfile::Builder::new()
+            .prefix(".index-")
+            .tempfile_in(&self.root)
+            .map_err(ImageError::io(format!("creating a temporary file in {}", self.root.display())))?;
+        write_synced(tmp.path(), &serde_json::to_vec_pretty(index).expect("the index serializes"))?;
+        tmp.persist(&path).map_err(|e| ImageError::io(format!("replacing {}", path.display()))(e.error))?;
+        Ok(())
+    }
+
+    /// An exclusive lock on the store, released when the returned file is dropped.
+    fn lock(&self) -> Result<File, ImageError> {
+        let path = self.root.join(".lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(ImageError::io(format!("opening {}", path.display())))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| ImageError::io(format!("locking {}", path.display()))(e.into()))?;
+        Ok(file)
+    }
+
+    fn corrupt(&self, reason: String) -> ImageError {
+        ImageError::StoreCorrupt { path: self.root.clone(), reason }
     }
 }
 
-/// The root tree of the minimal image: busybox and its applets, and the few files a shell expects.
-fn build_minimal_tree(tree: &Path) -> Result<(), ImageError> {
-    for d in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "run", "var/tmp", "tmp", "root", "home"] {
-        std::fs::create_dir_all(tree.join(d)).map_err(io(format!("creating {d}")))?;
-    }
-    use std::os::unix::fs::PermissionsExt;
-    for (d, mode) in [("tmp", 0o1777), ("var/tmp", 0o1777), ("root", 0o700)] {
-        std::fs::set_permissions(tree.join(d), std::fs::Permissions::from_mode(mode)).map_err(io(format!("chmod {d}")))?;
-    }
-    std::fs::copy(BUSYBOX, tree.join("bin/busybox")).map_err(io("copying busybox"))?;
-    let out = Command::new(BUSYBOX).arg("--list-full").output().map_err(io("running busybox --list-full"))?;
-    for applet in String::from_utf8_lossy(&out.stdout).lines() {
-        let applet = applet.trim().trim_start_matches('/');
-        if applet.is_empty() || applet.contains("..") || applet == "bin/busybox" || applet.ends_with("/init") || applet == "linuxrc" {
-            continue;
-        }
-        let link = tree.join(applet);
-        if link.symlink_metadata().is_ok() {
-            continue;
-        }
-        if let Some(parent) = link.parent() {
-            std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
-        }
-        symlink("/bin/busybox", &link).map_err(io(format!("linking {applet}")))?;
-    }
-    let files = [
-        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"),
-        ("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
-        ("etc/hostname", "moat\n"),
-        ("etc/hosts", "127.0.0.1 localhost\n::1 localhost\n"),
-        ("etc/os-release", "NAME=\"moat minimal\"\nID=moat-minimal\nPRETTY_NAME=\"moat minimal (busybox)\"\n"),
-        ("etc/profile", "export PS1='\\h:\\w\\$ '\n"),
-    ];
-    for (path, content) in files {
-        std::fs::write(tree.join(path), content).map_err(io(format!("writing {path}")))?;
-    }
-    Ok(())
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
+    use std::io::Write;
+    let mut f = File::create(path).map_err(ImageError::io(format!("creating {}", path.display())))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(ImageError::io(format!("writing {}", path.display())))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn minimal_image_builds_once_and_overlays_point_at_it() {
+    /// A store holding one small committed image called `name`.
+    fn store_with(name: &str) -> (tempfile::TempDir, ImageStore, Image) {
         let dir = tempfile::tempdir().unwrap();
         let store = ImageStore::open(dir.path()).unwrap();
-        let image = store.resolve("minimal").expect("builds (needs busybox-static, e2fsprogs, qemu-utils)");
-        assert!(image.base.is_file());
-        assert_eq!(store.resolve("minimal").unwrap(), image, "second resolve reuses the build");
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("tmp-")).collect();
-        assert!(leftovers.is_empty(), "no build directories left");
+        let staging = store.stage().unwrap();
+        std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(staging.base())
+            .arg("64M")
+            .status()
+            .unwrap();
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let config = ImageConfig { cmd: vec!["/bin/sh".into()], ..ImageConfig::default() };
+        let image = store.commit(staging, name, &digest, config).unwrap();
+        (dir, store, image)
+    }
 
-        let overlay = dir.path().join("o.qcow2");
-        store.create_overlay(&image, &overlay, Some(4 << 30)).unwrap();
-        let info = Command::new("qemu-img").args(["info", "--output=json"]).arg(&overlay).output().unwrap();
-        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-        assert_eq!(info["virtual-size"], 4u64 << 30);
-        assert_eq!(info["backing-filename"], std::fs::canonicalize(&image.base).unwrap().to_string_lossy().as_ref());
-        assert!(std::fs::metadata(&overlay).unwrap().len() < 1 << 20, "the overlay is thin");
+    #[test]
+    fn committed_images_resolve_by_name_and_list() {
+        let (dir, store, image) = store_with("tiny:1");
+        assert_eq!(image.size_bytes, 64 << 20);
+        assert_eq!(image.base, dir.path().join("sha256").join("ab".repeat(32)).join("base.qcow2"));
+        assert_eq!(store.resolve("tiny:1").unwrap(), image);
+        assert_eq!(store.list().unwrap(), vec![image.clone()]);
+        // Reopening the store (a new process) sees the same.
+        assert_eq!(ImageStore::open(dir.path()).unwrap().resolve("tiny:1").unwrap(), image);
+        let staged: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("tmp-"))
+            .collect();
+        assert!(staged.is_empty(), "the staging directory became the image");
     }
 
     #[test]
     fn unknown_images_say_where_images_come_from() {
         let dir = tempfile::tempdir().unwrap();
-        let err = ImageStore::open(dir.path()).unwrap().resolve("debian:bookworm").unwrap_err();
-        assert!(err.to_string().contains("debian:bookworm") && err.to_string().contains("minimal"), "{err}");
+        let err = ImageStore::open(dir.path()).unwrap().resolve("debian:bookworm").unwrap_err().to_string();
+        assert!(err.contains("debian:bookworm") && err.contains("minimal") && err.contains("moat image pull"), "{err}");
+    }
+
+    #[test]
+    fn a_damaged_index_is_reported_not_ignored() {
+        let (dir, store, _) = store_with("tiny:1");
+        std::fs::write(dir.path().join("index.json"), br#"{"names":{"x":"sha256:../../etc"}}"#).unwrap();
+        let err = store.resolve("x").unwrap_err().to_string();
+        assert!(err.contains("not a sha256 digest") && err.contains("damaged"), "{err}");
+        std::fs::write(dir.path().join("index.json"), br#"{"minimal":"sha256:00"}"#).unwrap();
+        assert!(store.list().unwrap().is_empty(), "an index of the earlier layout reads as empty");
+        std::fs::write(dir.path().join("index.json"), b"{not json").unwrap();
+        assert!(store.resolve("tiny:1").unwrap_err().to_string().contains("index.json"));
+    }
+
+    #[test]
+    fn interrupted_builds_leave_nothing_registered_and_are_cleaned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let staging = store.stage().unwrap();
+        std::fs::write(staging.base(), b"half").unwrap();
+        // A crash: the staging directory stays on disk, uncommitted.
+        let left = staging.dir.keep();
+        assert!(store.list().unwrap().is_empty());
+        assert_eq!(
+            store.clean_interrupted_builds(Duration::from_secs(3600)).unwrap(),
+            0,
+            "young ones may still be building"
+        );
+        assert_eq!(store.clean_interrupted_builds(Duration::ZERO).unwrap(), 1);
+        assert!(!left.exists());
+    }
+
+    #[test]
+    fn overlays_are_thin_and_never_smaller_than_the_base() {
+        let (dir, store, image) = store_with("tiny:1");
+        let info = |p: &Path| disk::info(p).unwrap();
+
+        let same = dir.path().join("same.qcow2");
+        store.create_overlay(&image, &same, None).unwrap();
+        assert_eq!(info(&same).virtual_size, image.size_bytes);
+        assert_eq!(
+            info(&same).backing_file.as_deref(),
+            Some(std::fs::canonicalize(&image.base).unwrap().to_str().unwrap())
+        );
+        assert_eq!(info(&same).format, "qcow2");
+
+        let small = dir.path().join("small.qcow2");
+        store.create_overlay(&image, &small, Some(1 << 20)).unwrap();
+        assert_eq!(info(&small).virtual_size, image.size_bytes, "a smaller size keeps the base's");
+
+        let big = dir.path().join("big.qcow2");
+        store.create_overlay(&image, &big, Some(4 << 30)).unwrap();
+        assert_eq!(info(&big).virtual_size, 4 << 30);
+        assert!(std::fs::metadata(&big).unwrap().len() < 1 << 20, "the overlay is thin");
     }
 }

@@ -1,0 +1,163 @@
+//! Disk files, through the distribution's tools: ext4 from a directory tree (`mkfs.ext4 -d`),
+//! qcow2 conversion, overlays and size queries (`qemu-img`).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use crate::ImageError;
+
+/// Run `cmd`; a tool that cannot be started names the package that provides it, a failure
+/// carries the tool's own stderr.
+fn run(cmd: &mut Command, package: &str) -> Result<Output, ImageError> {
+    let tool = cmd.get_program().to_string_lossy().into_owned();
+    let out = cmd.output().map_err(|source| ImageError::ToolMissing { tool, package: package.into(), source })?;
+    if !out.status.success() {
+        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if stderr.is_empty() {
+            stderr = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        }
+        return Err(ImageError::CommandFailed { command: render(cmd), status: out.status.to_string(), stderr });
+    }
+    Ok(out)
+}
+
+fn render(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
+}
+
+/// Make `raw` a sparse file of `size` bytes holding an ext4 file system with the contents of
+/// `tree`. Everything in it is owned by root, whoever builds it.
+pub(crate) fn make_ext4(tree: &Path, raw: &Path, size: u64, label: &str) -> Result<(), ImageError> {
+    let file = std::fs::File::create(raw).map_err(ImageError::io(format!("creating {}", raw.display())))?;
+    file.set_len(size).map_err(ImageError::io(format!("sizing {}", raw.display())))?;
+    drop(file);
+    // Keep the journal: sandboxes are killed without warning, and fsck-free recovery matters
+    // more than the few MiB it takes.
+    run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-t", "ext4", "-L", label, "-E", "root_owner=0:0", "-d"])
+            .arg(tree)
+            .arg(raw),
+        "e2fsprogs",
+    )?;
+    chown_all_to_root(tree, raw)
+}
+
+/// `mkfs.ext4 -d` copies the builder's uid/gid; a non-root builder would leave files owned by some
+/// host user. Set every inode to 0:0 in one `debugfs` session.
+fn chown_all_to_root(tree: &Path, raw: &Path) -> Result<(), ImageError> {
+    let mut script = String::new();
+    let mut stack = vec![tree.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = std::fs::read_dir(&dir).map_err(ImageError::io(format!("listing {}", dir.display())))?;
+        for entry in entries {
+            let entry = entry.map_err(ImageError::io(format!("listing {}", dir.display())))?;
+            let path = entry.path();
+            let rel = path.strip_prefix(tree).expect("walked paths are under the tree");
+            let Some(rel) = rel.to_str().filter(|r| !r.contains(['"', '\n', ' '])) else {
+                return Err(ImageError::Io {
+                    what: format!("adding {} to the image", path.display()),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "file names in built images must be plain",
+                    ),
+                });
+            };
+            script.push_str(&format!("sif /{rel} uid 0\nsif /{rel} gid 0\n"));
+            let ty = entry.file_type().map_err(ImageError::io(format!("inspecting {}", path.display())))?;
+            if ty.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    let script_path = raw.with_extension("debugfs");
+    std::fs::write(&script_path, script).map_err(ImageError::io(format!("writing {}", script_path.display())))?;
+    let out = run(Command::new("debugfs").arg("-w").arg("-f").arg(&script_path).arg(raw), "e2fsprogs");
+    let _ = std::fs::remove_file(&script_path);
+    // debugfs reports failed requests on stderr but still exits 0.
+    let out = out?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if let Some(line) = stderr.lines().find(|l| !l.starts_with("debugfs ") && !l.trim().is_empty()) {
+        return Err(ImageError::CommandFailed {
+            command: format!("debugfs -w -f {} {}", script_path.display(), raw.display()),
+            status: out.status.to_string(),
+            stderr: line.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Convert a raw disk to a compact qcow2 (zero blocks are left out).
+pub(crate) fn convert_to_qcow2(raw: &Path, qcow2: &Path) -> Result<(), ImageError> {
+    run(
+        Command::new("qemu-img").args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(raw).arg(qcow2),
+        "qemu-utils",
+    )?;
+    Ok(())
+}
+
+/// A qcow2 overlay on `base` (an absolute path, recorded in the overlay). `size` grows the
+/// virtual disk beyond the base's; `None` keeps the base's size.
+pub(crate) fn create_overlay(base: &Path, overlay: &Path, size: Option<u64>) -> Result<(), ImageError> {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]).arg(base).arg(overlay);
+    if let Some(size) = size {
+        cmd.arg(size.to_string());
+    }
+    run(&mut cmd, "qemu-utils")?;
+    Ok(())
+}
+
+/// Facts `qemu-img info` reports about a disk file.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct DiskInfo {
+    #[serde(rename = "virtual-size")]
+    pub virtual_size: u64,
+    pub format: String,
+    #[serde(rename = "backing-filename")]
+    pub backing_file: Option<String>,
+}
+
+pub(crate) fn info(path: &Path) -> Result<DiskInfo, ImageError> {
+    let out = run(Command::new("qemu-img").args(["info", "--output=json", "-U"]).arg(path), "qemu-utils")?;
+    serde_json::from_slice(&out.stdout).map_err(|e| ImageError::CommandFailed {
+        command: format!("qemu-img info --output=json -U {}", path.display()),
+        status: out.status.to_string(),
+        stderr: format!("unexpected output: {e}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ext4_images_are_root_owned_whoever_owned_the_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        std::fs::create_dir_all(tree.join("usr/bin")).unwrap();
+        std::fs::write(tree.join("usr/bin/tool"), b"x").unwrap();
+        std::os::unix::fs::symlink("tool", tree.join("usr/bin/alias")).unwrap();
+        // As root, hand the tree to another user, as a non-root builder's tree would be.
+        for p in ["usr", "usr/bin", "usr/bin/tool", "usr/bin/alias"] {
+            let _ = std::os::unix::fs::lchown(tree.join(p), Some(1000), Some(1000));
+        }
+        let raw = dir.path().join("fs.raw");
+        make_ext4(&tree, &raw, 16 << 20, "t").unwrap();
+        for p in ["/", "/usr", "/usr/bin", "/usr/bin/tool", "/usr/bin/alias"] {
+            let out = Command::new("debugfs").args(["-R", &format!("stat {p}")]).arg(&raw).output().unwrap();
+            let stat = String::from_utf8_lossy(&out.stdout);
+            assert!(stat.contains("User:     0   Group:     0"), "{p}: {stat}");
+        }
+        assert!(!raw.with_extension("debugfs").exists(), "the debugfs script is removed");
+    }
+
+    #[test]
+    fn failures_carry_the_tools_stderr_and_missing_tools_name_their_package() {
+        let err = info(Path::new("/nonexistent/disk.qcow2")).unwrap_err().to_string();
+        assert!(err.contains("qemu-img info") && err.contains("/nonexistent/disk.qcow2"), "{err}");
+        assert!(err.contains("No such file"), "stderr is included: {err}");
+        let err = run(&mut Command::new("moat-no-such-tool"), "moat-no-such-package").unwrap_err().to_string();
+        assert!(err.contains("apt-get install moat-no-such-package"), "{err}");
+    }
+}
