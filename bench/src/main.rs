@@ -37,7 +37,10 @@ async fn main() -> anyhow::Result<()> {
         bail!("{} is missing; build it with `cargo build --release -p moat` (bench/run does)", moat.display());
     }
     let rt = Runtime::prepare(RuntimeConfig::from_env()?).await?;
-    println!("host: QEMU {}, kernel {}, accelerator {} ({})", rt.qemu_version, rt.kernel.release, rt.accel.accel, rt.accel.reason);
+    println!(
+        "host: QEMU {}, kernel {}, accelerator {} ({})",
+        rt.qemu_version, rt.kernel.release, rt.accel.accel, rt.accel.reason
+    );
     let home = rt.config.home.clone();
 
     // Warm the image and initramfs caches so the first sample is not a build.
@@ -60,7 +63,8 @@ async fn main() -> anyhow::Result<()> {
     let mut rtts = Vec::with_capacity(execs);
     for _ in 0..execs {
         let t = Instant::now();
-        let (_, _, status) = sb.exec(ExecRequest { argv: vec!["true".into()], ..Default::default() }).await?.collect().await?;
+        let (_, _, status) =
+            sb.exec(ExecRequest { argv: vec!["true".into()], ..Default::default() }).await?.collect().await?;
         rtts.push(t.elapsed());
         if status.code != Some(0) {
             bail!("`true` exited with {status:?}");
@@ -100,6 +104,9 @@ async fn guest_fork_exec(sb: &Sandbox, n: usize) -> anyhow::Result<Duration> {
     let req = ExecRequest { argv: vec!["sh".into(), "-c".into(), script], ..Default::default() };
     let (out, err, _) = sb.exec(req).await?.collect().await?;
     let text = String::from_utf8_lossy(&out);
-    let ns: u64 = text.trim().parse().with_context(|| format!("guest timing output {text:?} {}", String::from_utf8_lossy(&err)))?;
+    let ns: u64 = text
+        .trim()
+        .parse()
+        .with_context(|| format!("guest timing output {text:?} {}", String::from_utf8_lossy(&err)))?;
     Ok(Duration::from_nanos(ns / n as u64))
 }

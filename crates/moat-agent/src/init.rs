@@ -1,37 +1,78 @@
-//! PID 1 duties before serving: file systems, kernel modules, the root switch, hostname, loopback.
+//! PID 1 duties before serving: console, file systems, kernel modules, the root switch, hostname
+//! and loopback.
 
 use std::ffi::CString;
-use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::cmdline::Cmdline;
+use crate::modules::{self, ModuleError};
+use crate::power;
+
+/// Where the initramfs lists the modules to load, in order.
+pub const MODULE_LIST: &str = "/moat/modules";
+
+/// How long to wait for the root disk's device node after the modules are loaded.
+const ROOT_WAIT: Duration = Duration::from_secs(10);
+
+/// What the accelerator probe looks for on the console (moat-vmm's `PROBE_MARKER`).
+pub const PROBE_MARKER: &str = "moat: probe ok";
 
 /// A failed init step; the agent reports it on the console and powers off.
 #[derive(Debug, thiserror::Error)]
-#[error("{step}: {reason}")]
-pub struct InitError {
-    pub step: String,
-    pub reason: String,
+pub enum InitError {
+    #[error("mounting {fstype} on {target} failed: {source}")]
+    Mount { fstype: String, target: String, source: std::io::Error },
+    #[error("the root disk {device} did not appear within {}s; loaded modules: {modules}{}", ROOT_WAIT.as_secs(), failed_modules(.failed))]
+    NoRootDevice { device: String, modules: String, failed: Vec<String> },
+    #[error("switching into the root disk failed at {step}: {source}")]
+    SwitchRoot { step: &'static str, source: std::io::Error },
+    #[error("the kernel command line or a path holds a NUL byte: {0:?}")]
+    Nul(String),
 }
 
-fn err(step: impl Into<String>, reason: impl ToString) -> InitError {
-    InitError { step: step.into(), reason: reason.to_string() }
+fn failed_modules(failed: &[String]) -> String {
+    if failed.is_empty() {
+        String::new()
+    } else {
+        format!("; failed modules: {}", failed.join("; "))
+    }
 }
 
-fn cstr(s: &str) -> CString {
-    CString::new(s).expect("paths and options used by init contain no NUL")
+/// What boot found out, for the serving part.
+#[derive(Debug)]
+pub struct Booted {
+    pub cmdline: Cmdline,
+    /// Modules that failed to load, to name when the port never appears.
+    pub module_errors: Vec<ModuleError>,
+}
+
+fn cstr(s: &str) -> Result<CString, InitError> {
+    CString::new(s).map_err(|_| InitError::Nul(s.into()))
+}
+
+/// True when `path` is the root of a mount (its device differs from its parent's).
+fn is_mount_point(path: &str) -> bool {
+    let (Ok(me), Ok(parent)) = (std::fs::metadata(path), std::fs::metadata(Path::new(path).join(".."))) else {
+        return false;
+    };
+    me.dev() != parent.dev() || me.ino() == parent.ino()
 }
 
 fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> Result<(), InitError> {
-    let _ = std::fs::create_dir_all(target);
-    let (s, t, f, d) = (cstr(source), cstr(target), cstr(fstype), cstr(data));
+    let failed = |source| InitError::Mount { fstype: fstype.into(), target: target.into(), source };
+    if is_mount_point(target) {
+        return Ok(()); // Already mounted (by the kernel or an earlier attempt).
+    }
+    std::fs::create_dir_all(target).map_err(failed)?;
+    let (s, t, f, d) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
     let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EBUSY) {
-            return Err(err(format!("mounting {fstype} on {target}"), e));
+            return Err(failed(e));
         }
     }
     Ok(())
@@ -43,128 +84,222 @@ fn mount_api_filesystems(root: &str) -> Result<(), InitError> {
     mount("proc", &format!("{root}/proc"), "proc", nosuid_nodev | libc::MS_NOEXEC, "")?;
     mount("sysfs", &format!("{root}/sys"), "sysfs", nosuid_nodev | libc::MS_NOEXEC, "")?;
     mount("devtmpfs", &format!("{root}/dev"), "devtmpfs", libc::MS_NOSUID, "mode=0755")?;
-    mount("devpts", &format!("{root}/dev/pts"), "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "mode=0620,ptmxmode=0666")?;
+    mount(
+        "devpts",
+        &format!("{root}/dev/pts"),
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "gid=5,mode=0620,ptmxmode=0666",
+    )?;
     mount("tmpfs", &format!("{root}/dev/shm"), "tmpfs", nosuid_nodev, "mode=1777")?;
     mount("tmpfs", &format!("{root}/tmp"), "tmpfs", nosuid_nodev, "mode=1777")?;
     mount("tmpfs", &format!("{root}/run"), "tmpfs", nosuid_nodev, "mode=0755")?;
+    dev_links(&format!("{root}/dev"));
     Ok(())
 }
 
-/// Load the modules listed in /moat/modules, with `MOD.param=` options from the command line.
-fn load_modules(cmdline: &Cmdline) -> Result<(), InitError> {
-    let list = std::fs::read_to_string("/moat/modules").unwrap_or_default();
-    for path in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let name = Path::new(path)
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.split(".ko").next())
-            .unwrap_or(path)
-            .replace('-', "_");
-        let file = std::fs::File::open(path).map_err(|e| err(format!("opening module {path}"), e))?;
-        let params = cstr(&cmdline.module_params(&name));
-        // SAFETY: finit_module with an open fd and a valid NUL-terminated parameter string.
-        let rc = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EEXIST) {
-                return Err(err(format!("loading module {name}"), e));
+/// The /dev symlinks udev would make: ptmx (when devtmpfs has no node), fd and the std streams.
+fn dev_links(dev: &str) {
+    let links = [
+        ("pts/ptmx", "ptmx"),
+        ("/proc/self/fd", "fd"),
+        ("/proc/self/fd/0", "stdin"),
+        ("/proc/self/fd/1", "stdout"),
+        ("/proc/self/fd/2", "stderr"),
+    ];
+    for (target, name) in links {
+        let path = Path::new(dev).join(name);
+        if std::fs::symlink_metadata(&path).is_err() {
+            let _ = std::os::unix::fs::symlink(target, &path);
+        }
+    }
+}
+
+/// Make fds 0, 1 and 2 the console. Without a /dev/console in the initramfs the kernel starts
+/// init with them closed, and the first files opened would take their numbers.
+fn attach_console() {
+    // SAFETY: fcntl(F_GETFD) only queries whether the descriptors are open.
+    let all_open = (0..3).all(|fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0);
+    if all_open {
+        return;
+    }
+    let console = c"/dev/console";
+    // SAFETY: open with a valid path; the fd is dup'ed onto 0..2 below and closed if it is above.
+    let fd = unsafe { libc::open(console.as_ptr(), libc::O_RDWR | libc::O_NOCTTY) };
+    if fd < 0 {
+        return;
+    }
+    for target in 0..3 {
+        // SAFETY: fcntl/dup2 on descriptors we own; an open one is left alone.
+        unsafe {
+            if target != fd && libc::fcntl(target, libc::F_GETFD) < 0 {
+                libc::dup2(fd, target);
             }
         }
     }
-    Ok(())
+    if fd > 2 {
+        // SAFETY: fd is ours and no longer needed.
+        unsafe { libc::close(fd) };
+    }
 }
 
-fn wait_for(path: &str, timeout: Duration) -> Result<(), InitError> {
+fn wait_for_node(path: &str, timeout: Duration) -> bool {
     let start = Instant::now();
     while !Path::new(path).exists() {
         if start.elapsed() > timeout {
-            return Err(err(format!("waiting for {path}"), format!("it did not appear within {}s", timeout.as_secs())));
+            return false;
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(10));
     }
-    Ok(())
+    true
 }
 
-/// Mount the root disk and make it `/`.
-fn switch_root(device: &str) -> Result<(), InitError> {
-    wait_for(device, Duration::from_secs(10))?;
+/// Mount the root disk and make it `/` (switch_root without deleting the initramfs).
+fn switch_root(device: &str, module_errors: &[ModuleError]) -> Result<(), InitError> {
+    if !wait_for_node(device, ROOT_WAIT) {
+        let modules = std::fs::read_to_string("/proc/modules")
+            .map(|m| m.lines().filter_map(|l| l.split(' ').next()).collect::<Vec<_>>().join(","))
+            .unwrap_or_default();
+        return Err(InitError::NoRootDevice {
+            device: device.into(),
+            modules,
+            failed: module_errors.iter().map(ToString::to_string).collect(),
+        });
+    }
     mount(device, "/newroot", "ext4", 0, "")?;
     mount_api_filesystems("/newroot")?;
-    std::env::set_current_dir("/newroot").map_err(|e| err("entering /newroot", e))?;
-    mount(".", "/", "", libc::MS_MOVE, "")?;
-    let dot = cstr(".");
-    // SAFETY: chroot with a valid NUL-terminated path.
-    if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
-        return Err(err("chroot into the root disk", std::io::Error::last_os_error()));
+    let step = |step: &'static str| move |source| InitError::SwitchRoot { step, source };
+    std::env::set_current_dir("/newroot").map_err(step("chdir /newroot"))?;
+    let (dot, slash) = (c".", c"/");
+    // SAFETY: mount(MS_MOVE) and chroot with valid NUL-terminated paths.
+    unsafe {
+        if libc::mount(dot.as_ptr(), slash.as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()) != 0 {
+            return Err(step("moving the root mount")(std::io::Error::last_os_error()));
+        }
+        if libc::chroot(dot.as_ptr()) != 0 {
+            return Err(step("chroot")(std::io::Error::last_os_error()));
+        }
     }
-    std::env::set_current_dir("/").map_err(|e| err("entering /", e))?;
+    std::env::set_current_dir("/").map_err(step("chdir /"))?;
     Ok(())
 }
 
 fn set_hostname(name: &str) {
     if let Err(e) = rustix::system::sethostname(name.as_bytes()) {
-        eprintln!("moat-agent: setting the hostname failed: {e}");
+        eprintln!("moat-agent: setting the hostname to {name:?} failed: {e}");
     }
 }
 
-/// Bring up `lo`; the kernel gives it 127.0.0.1 itself.
-fn loopback_up() {
-    // SAFETY: a plain socket call; the fd is closed below.
-    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if sock < 0 {
-        return;
+/// Bring up `lo`. The kernel adds 127.0.0.1/8 itself when loopback goes up; set it only if not.
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: a plain socket call; the fd is owned by `sock` from here on.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: ifreq is plain old data; zeroed is a valid value.
+    // SAFETY: raw is a fresh descriptor nobody else owns.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (i, b) in b"lo".iter().enumerate() {
         req.ifr_name[i] = *b as libc::c_char;
     }
-    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we own; the union member used
-    // for flags is ifru_flags.
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we own; flags live in ifru_flags.
     unsafe {
-        if libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) == 0 {
-            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            libc::ioctl(sock, libc::SIOCSIFFLAGS, &mut req);
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) != 0 {
+            return Err(std::io::Error::last_os_error());
         }
-        libc::close(sock);
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        if libc::ioctl(fd, libc::SIOCSIFFLAGS, &mut req) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
     }
+    // SAFETY: SIOCGIFADDR fills ifru_addr of the ifreq we own.
+    if unsafe { libc::ioctl(fd, libc::SIOCGIFADDR, &mut req) } == 0 {
+        return Ok(());
+    }
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be() },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in fits in the sockaddr slot of ifreq (both 16 bytes); SIOCSIFADDR reads it.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            (&addr as *const libc::sockaddr_in).cast::<u8>(),
+            (&mut req.ifr_ifru.ifru_addr as *mut libc::sockaddr).cast::<u8>(),
+            std::mem::size_of::<libc::sockaddr_in>(),
+        );
+        if libc::ioctl(fd, libc::SIOCSIFADDR, &mut req) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
-/// Flush file systems and end the VM (QEMU runs with -no-reboot, so a reboot ends it).
-pub fn power_off() -> ! {
-    // SAFETY: kill(-1) signals every process but PID 1 itself; sync and reboot take no pointers.
-    unsafe {
-        libc::kill(-1, libc::SIGKILL);
-        libc::sync();
-    }
-    let root = cstr("/");
-    // SAFETY: remount read-only so ext4 is clean; failure is harmless after sync.
-    unsafe {
-        libc::mount(std::ptr::null(), root.as_ptr(), std::ptr::null(), libc::MS_REMOUNT | libc::MS_RDONLY, std::ptr::null());
-        libc::reboot(libc::RB_AUTOBOOT);
-    }
-    // reboot only returns on failure; PID 1 must not exit, so wait for QEMU to be killed.
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
-    }
-}
-
-/// Everything PID 1 does before it serves the link. Returns the command line.
-pub fn boot() -> Result<Cmdline, InitError> {
+/// Everything PID 1 does before it serves the link. The accelerator probe never returns from here.
+pub fn boot() -> Result<Booted, InitError> {
+    // /dev first, so the console can be attached before anything else opens a file.
+    let _ = mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755");
+    attach_console();
     mount_api_filesystems("")?;
     let cmdline = Cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     if cmdline.get("moat.probe") == Some("1") {
-        eprintln!("{}", PROBE_MARKER);
-        power_off();
+        probe_ok();
     }
-    load_modules(&cmdline)?;
+    let list = std::fs::read_to_string(MODULE_LIST).unwrap_or_default();
+    let module_errors = modules::load_all(&list, &cmdline);
+    for e in &module_errors {
+        eprintln!("moat-agent: {e}");
+    }
     if let Some(root) = cmdline.get("moat.root") {
-        switch_root(root)?;
+        switch_root(root, &module_errors)?;
     }
     set_hostname(cmdline.get("moat.hostname").unwrap_or("moat"));
-    loopback_up();
-    Ok(cmdline)
+    if let Err(e) = loopback_up() {
+        eprintln!("moat-agent: bringing up the loopback interface failed: {e}");
+    }
+    Ok(Booted { cmdline, module_errors })
 }
 
-/// What the accelerator probe looks for on the console (moat-vmm's `PROBE_MARKER`).
-const PROBE_MARKER: &str = "moat: probe ok";
+/// The accelerator probe: say so on the console and end the VM at once.
+fn probe_ok() -> ! {
+    use std::io::Write;
+    let line = format!("{PROBE_MARKER}\n");
+    let written =
+        std::fs::OpenOptions::new().write(true).open("/dev/console").and_then(|mut c| c.write_all(line.as_bytes()));
+    if written.is_err() {
+        eprint!("{line}");
+    }
+    power::reboot()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_are_recognised() {
+        assert!(is_mount_point("/"));
+        assert!(is_mount_point("/proc"));
+        let dir = std::env::temp_dir().join(format!("moat-agent-mp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(!is_mount_point(dir.to_str().unwrap()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn init_errors_read_as_sentences() {
+        let e = InitError::NoRootDevice {
+            device: "/dev/vda".into(),
+            modules: "virtio_mmio".into(),
+            failed: vec!["x failed".into()],
+        };
+        assert_eq!(
+            e.to_string(),
+            "the root disk /dev/vda did not appear within 10s; loaded modules: virtio_mmio; failed modules: x failed"
+        );
+    }
+}

@@ -1,51 +1,72 @@
 //! moat-agent: PID 1 inside every moat sandbox.
 //!
-//! It prepares the guest (`init`), reaps every zombie (`reaper`) and serves the agent link
-//! (`link`, `exec`) on a virtio-serial port (`port`), surviving host disconnects.
+//! It prepares the guest ([`init`], [`modules`]), reaps every zombie ([`reaper`]) and serves the
+//! agent link ([`link`], [`exec`]) on a virtio-serial port ([`port`]), surviving host
+//! disconnects. [`link::Agent::serve`] works on any byte stream, so the protocol is tested on the
+//! host over a socket pair; only [`run_pid1`] touches the machine.
 
+pub mod clock;
 pub mod cmdline;
+pub mod entropy;
 pub mod exec;
 pub mod init;
 pub mod link;
+pub mod modules;
 pub mod port;
+pub mod power;
 pub mod reaper;
 pub mod users;
 
 use std::time::Duration;
 
-/// Run as PID 1: boot the guest, then serve hosts forever. Never returns.
+pub use link::{Agent, LinkEnd, Mode};
+pub use reaper::{Reaper, Scope};
+
+/// How long to wait for the agent port after the modules are loaded.
+const PORT_WAIT: Duration = Duration::from_secs(30);
+
+/// Default name of the agent's virtio-serial port.
+pub const DEFAULT_PORT: &str = "moat.agent";
+
+/// Run as PID 1: boot the guest, then serve hosts forever. Never returns; fatal errors are
+/// reported on the console and end the VM.
 pub fn run_pid1() -> ! {
-    let cmdline = match init::boot() {
-        Ok(c) => c,
-        Err(e) => fatal(&e.to_string()),
-    };
-    let port_name = cmdline.get("moat.port").unwrap_or("moat.agent").to_string();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => fatal(&format!("starting the runtime: {e}")),
-    };
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("moat-agent: fatal: the agent panicked: {info}");
+        power::reboot();
+    }));
+    let booted = init::boot().unwrap_or_else(|e| power::fatal(&e));
+    let port_name = booted.cmdline.get("moat.port").unwrap_or(DEFAULT_PORT).to_string();
+    let path = port::find(&port_name, PORT_WAIT).unwrap_or_else(|e| {
+        for m in &booted.module_errors {
+            eprintln!("moat-agent: earlier: {m}");
+        }
+        power::fatal(&e)
+    });
+    let port = port::Port::open(&path).unwrap_or_else(|e| power::fatal(&e));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| power::fatal(&format_args!("starting the async runtime failed: {e}")));
     runtime.block_on(async move {
-        let path = match port::find(&port_name, Duration::from_secs(30)) {
-            Ok(p) => p,
-            Err(e) => fatal(&e),
-        };
-        let port = match port::Port::open(&path) {
-            Ok(p) => p,
-            Err(e) => fatal(&format!("opening {}: {e}", path.display())),
-        };
-        reaper::Reaper::get();
+        let reaper = Reaper::start(Scope::All)
+            .unwrap_or_else(|e| power::fatal(&format_args!("installing the SIGCHLD handler failed: {e}")));
+        let agent = Agent::new(reaper, Mode::Pid1);
+        eprintln!("moat-agent: serving {} on {}", port_name, path.display());
         loop {
             port.wait_for_host().await;
-            let end = link::serve(port.clone(), port.clone(), link::Mode::Pid1).await;
-            match end {
-                moat_proto::FrameError::Closed => {}
-                other => eprintln!("moat-agent: link reset: {other}"),
+            let conn = match port.connection() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("moat-agent: registering the port failed: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            match agent.serve(conn).await {
+                LinkEnd::HostGone => {}
+                end => eprintln!("moat-agent: link reset: {end}"),
             }
         }
     })
-}
-
-fn fatal(message: &str) -> ! {
-    eprintln!("moat-agent: fatal: {message}; powering off");
-    init::power_off()
 }

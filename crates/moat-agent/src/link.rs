@@ -1,169 +1,307 @@
 //! Serving one host connection on the agent link: handshake, then requests on channels.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use moat_proto::{
-    read_frame, AgentHello, Frame, FrameError, HostHello, Message, Request, Started, Stream, CONTROL_CHANNEL,
+    AgentHello, Decoder, Frame, FrameError, HostHello, Message, Request, Started, Stream, CONTROL_CHANNEL,
     PROTOCOL_VERSION, SYNC_MARKER,
 };
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::exec::{self, Ctl};
+use crate::reaper::Reaper;
+
+/// Frames queued for the writer before senders wait; memory stays bounded by credit anyway.
+const OUT_QUEUE: usize = 256;
+
+/// How long a shutdown waits for its answer to reach the host before the machine goes away.
+const SHUTDOWN_FLUSH: Duration = Duration::from_millis(500);
 
 /// What the writer task puts on the wire.
 #[derive(Debug)]
-pub enum Out {
+enum Out {
     Raw(&'static [u8]),
     Frame(Frame),
+    /// Signalled once everything queued before it has been written.
+    Flush(oneshot::Sender<()>),
 }
 
-/// What the agent may do to the machine it runs on. Tests on the host use `Host`, which leaves
-/// the clock alone and never powers anything off.
+/// The sending side of one host session, shared by every channel's task.
+///
+/// A host may reconnect without the guest ever seeing the port hang up (virtio-serial coalesces a
+/// quick close and reopen), so a new hello on a live connection starts a new session. Channel
+/// numbers restart with every session, so frames still queued by the old session's channels must
+/// never reach the new host: each outbox carries its session number and the writer drops frames
+/// of any session but the current one.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<(u64, Out)>,
+    session: u64,
+}
+
+impl Outbox {
+    /// Queue `message` on `channel`; false once the connection is gone.
+    pub async fn send(&self, channel: u32, message: Message) -> bool {
+        self.tx.send((self.session, Out::Frame(Frame::new(channel, message)))).await.is_ok()
+    }
+
+    async fn raw(&self, bytes: &'static [u8]) -> bool {
+        self.tx.send((self.session, Out::Raw(bytes))).await.is_ok()
+    }
+
+    /// Wait until everything queued so far is written, up to `limit`.
+    async fn flush(&self, limit: Duration) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send((self.session, Out::Flush(tx))).await.is_ok() {
+            let _ = tokio::time::timeout(limit, rx).await;
+        }
+    }
+}
+
+/// What the agent may do to the machine it runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
+    /// PID 1 in a guest: the hello sets the clock and reseeds the RNG; shutdown powers off.
     Pid1,
+    /// Tests on a host: the clock and RNG are left alone and shutdown only ends `serve`.
     Host,
 }
 
-type Channels = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Ctl>>>>;
-
-/// Serve one connection until the host goes away or breaks the protocol. Every process started
-/// over this connection is killed when it ends.
-pub async fn serve<R, W>(reader: R, writer: W, mode: Mode) -> FrameError
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let mut reader = BufReader::with_capacity(256 * 1024, reader);
-    let (out, mut rx) = mpsc::channel::<Out>(256);
-    let writer_task = tokio::spawn(async move {
-        let mut w = BufWriter::with_capacity(256 * 1024, writer);
-        while let Some(item) = rx.recv().await {
-            let mut item = Some(item);
-            while let Some(i) = item.take() {
-                let r = match i {
-                    Out::Raw(b) => w.write_all(b).await,
-                    Out::Frame(f) => w.write_all(&f.encode()).await,
-                };
-                if r.is_err() {
-                    return;
-                }
-                item = rx.try_recv().ok();
-            }
-            if w.flush().await.is_err() {
-                return;
-            }
-        }
-    });
-    let channels: Channels = Arc::new(Mutex::new(HashMap::new()));
-    let end = loop {
-        let frame = match read_frame(&mut reader).await {
-            Ok(f) => f,
-            Err(e) => break e,
-        };
-        if let Err(e) = dispatch(frame, &out, &channels, mode).await {
-            break e;
-        }
-    };
-    // The host is gone: end everything it started.
-    let all: Vec<_> = channels.lock().expect("never poisoned").drain().map(|(_, tx)| tx).collect();
-    for tx in all {
-        let _ = tx.send(Ctl::Close);
-    }
-    drop(out);
-    writer_task.abort();
-    end
+/// Why [`Agent::serve`] returned.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkEnd {
+    #[error("the host went away")]
+    HostGone,
+    #[error("the host broke the protocol: {0}")]
+    Broken(#[from] FrameError),
+    #[error("reading from the host failed: {0}")]
+    Io(std::io::Error),
+    /// Only in [`Mode::Host`]; as PID 1 a shutdown never returns.
+    #[error("the host asked for a shutdown")]
+    Shutdown,
 }
 
-async fn dispatch(frame: Frame, out: &mpsc::Sender<Out>, channels: &Channels, mode: Mode) -> Result<(), FrameError> {
-    let send = |f: Frame| async move { out.send(Out::Frame(f)).await.map_err(|_| FrameError::Closed) };
-    let id = frame.channel;
-    if id == CONTROL_CHANNEL {
-        if let Message::Hello(hello) = frame.message {
-            greet(&hello, mode);
-            out.send(Out::Raw(SYNC_MARKER)).await.map_err(|_| FrameError::Closed)?;
-            let ack = AgentHello {
-                version: PROTOCOL_VERSION,
-                nonce: hello.nonce,
-                agent_version: env!("CARGO_PKG_VERSION").into(),
-                kernel: kernel_release(),
-            };
-            send(Frame::new(CONTROL_CHANNEL, Message::HelloAck(ack))).await?;
-        }
-        return Ok(());
+/// The serving half of the agent: everything one connection needs, independent of PID 1.
+#[derive(Clone)]
+pub struct Agent {
+    reaper: Arc<Reaper>,
+    mode: Mode,
+}
+
+/// A live channel of this connection.
+struct Live {
+    ctl: mpsc::UnboundedSender<Ctl>,
+}
+
+impl Agent {
+    pub fn new(reaper: Arc<Reaper>, mode: Mode) -> Agent {
+        Agent { reaper, mode }
     }
-    match frame.message {
-        Message::Request(request) => {
-            if channels.lock().expect("never poisoned").contains_key(&id) {
-                return Ok(()); // A host bug; the live channel is left alone.
+
+    /// Serve one connection until the host goes away, breaks the protocol or (in host mode) asks
+    /// for a shutdown. Every process started over this connection and still running is killed.
+    pub async fn serve<IO>(&self, io: IO) -> LinkEnd
+    where
+        IO: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (mut reader, writer) = tokio::io::split(io);
+        let (tx, rx) = mpsc::channel(OUT_QUEUE);
+        let session = Arc::new(AtomicU64::new(0));
+        let mut out = Outbox { tx, session: 0 };
+        let writer_task = tokio::spawn(write_loop(writer, rx, session.clone()));
+        let (finished_tx, mut finished) = mpsc::unbounded_channel::<(u64, u32)>();
+        let mut channels: HashMap<u32, Live> = HashMap::new();
+        let mut decoder = Decoder::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let end = 'serve: loop {
+            loop {
+                match decoder.next_frame() {
+                    Ok(Some(frame)) => {
+                        if matches!(frame.message, Message::Hello(_)) && frame.channel == CONTROL_CHANNEL {
+                            // A (re)connecting host: end the previous session's channels first.
+                            close_all(&mut channels);
+                            out.session += 1;
+                            session.store(out.session, Ordering::SeqCst);
+                        }
+                        if let Some(end) = self.dispatch(frame, &out, &mut channels, &finished_tx).await {
+                            break 'serve end;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => break 'serve LinkEnd::Broken(e),
+                }
             }
-            match request {
-                Request::Exec(req) => {
-                    let (tx, rx) = mpsc::unbounded_channel();
-                    channels.lock().expect("never poisoned").insert(id, tx);
-                    let (out, channels) = (out.clone(), channels.clone());
-                    tokio::spawn(async move {
-                        exec::run(id, req, out, rx).await;
-                        channels.lock().expect("never poisoned").remove(&id);
-                    });
-                }
-                Request::Ping => {
-                    send(Frame::new(id, Message::Started(Started::Pong))).await?;
-                    send(Frame::new(id, Message::Close)).await?;
-                }
-                Request::Shutdown => {
-                    send(Frame::new(id, Message::Started(Started::Shutdown))).await?;
-                    if mode == Mode::Pid1 {
-                        // Let the answer reach the host before the machine goes away.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        crate::init::power_off();
+            tokio::select! {
+                r = reader.read(&mut buf) => match r {
+                    Ok(0) => break LinkEnd::HostGone,
+                    Ok(n) => decoder.push(&buf[..n]),
+                    Err(e) => break LinkEnd::Io(e),
+                },
+                Some((session, id)) = finished.recv() => {
+                    if session == out.session {
+                        channels.remove(&id);
                     }
                 }
             }
+        };
+        // The connection is over: end what it started and drop what it queued.
+        close_all(&mut channels);
+        writer_task.abort();
+        end
+    }
+
+    /// Act on one frame from the host; `Some` ends the connection.
+    async fn dispatch(
+        &self,
+        frame: Frame,
+        out: &Outbox,
+        channels: &mut HashMap<u32, Live>,
+        finished: &mpsc::UnboundedSender<(u64, u32)>,
+    ) -> Option<LinkEnd> {
+        let id = frame.channel;
+        if id == CONTROL_CHANNEL {
+            return match frame.message {
+                Message::Hello(hello) => (!self.greet(&hello, out).await).then_some(LinkEnd::HostGone),
+                other => {
+                    eprintln!("moat-agent: ignoring {} on the control channel", describe(&other));
+                    None
+                }
+            };
         }
-        Message::Data { stream: Stream::Stdin, data } => forward(channels, id, Ctl::Stdin(data)),
-        Message::Eof { stream: Stream::Stdin } => forward(channels, id, Ctl::StdinEof),
-        Message::Credit { stream, bytes } => forward(channels, id, Ctl::Credit(stream, bytes)),
-        Message::Signal(sig) => forward(channels, id, Ctl::Signal(sig)),
-        Message::Close => {
-            if let Some(tx) = channels.lock().expect("never poisoned").remove(&id) {
-                let _ = tx.send(Ctl::Close);
+        match frame.message {
+            Message::Request(request) => {
+                if channels.contains_key(&id) {
+                    eprintln!("moat-agent: ignoring a second request on live channel {id}");
+                    return None;
+                }
+                match request {
+                    Request::Exec(req) => {
+                        let (ctl, rx) = mpsc::unbounded_channel();
+                        channels.insert(id, Live { ctl });
+                        let (reaper, out, finished) = (self.reaper.clone(), out.clone(), finished.clone());
+                        tokio::spawn(async move {
+                            let session = out.session;
+                            exec::run(id, req, reaper, out, rx).await;
+                            let _ = finished.send((session, id));
+                        });
+                    }
+                    Request::Ping => {
+                        if !(out.send(id, Message::Started(Started::Pong)).await && out.send(id, Message::Close).await)
+                        {
+                            return Some(LinkEnd::HostGone);
+                        }
+                    }
+                    Request::Shutdown => {
+                        out.send(id, Message::Started(Started::Shutdown)).await;
+                        out.send(id, Message::Close).await;
+                        out.flush(SHUTDOWN_FLUSH).await;
+                        match self.mode {
+                            Mode::Pid1 => crate::power::power_off(),
+                            Mode::Host => return Some(LinkEnd::Shutdown),
+                        }
+                    }
+                }
+            }
+            Message::Data { stream: Stream::Stdin, data } => forward(channels, id, Ctl::Stdin(data)),
+            Message::Eof { stream: Stream::Stdin } => forward(channels, id, Ctl::StdinEof),
+            Message::Credit { stream, bytes } => forward(channels, id, Ctl::Credit(stream, bytes)),
+            Message::Signal(sig) => forward(channels, id, Ctl::Signal(sig)),
+            Message::Close => {
+                if let Some(live) = channels.remove(&id) {
+                    let _ = live.ctl.send(Ctl::Close);
+                }
+            }
+            other => eprintln!("moat-agent: ignoring {} from the host on channel {id}", describe(&other)),
+        }
+        None
+    }
+
+    /// Apply what the host's hello carries and answer it; false when the connection is gone.
+    async fn greet(&self, hello: &HostHello, out: &Outbox) -> bool {
+        if self.mode == Mode::Pid1 {
+            if let Err(e) = crate::clock::set_wall_clock(hello.time_unix_ns) {
+                eprintln!("moat-agent: setting the clock from the host failed: {e}");
+            }
+            if let Err(e) = crate::entropy::reseed(&hello.entropy) {
+                eprintln!("moat-agent: reseeding the RNG from the host failed: {e}");
             }
         }
-        other => {
-            eprintln!("moat-agent: ignoring unexpected {other:?} on channel {id}");
+        let ack = AgentHello {
+            version: PROTOCOL_VERSION,
+            nonce: hello.nonce,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            kernel: kernel_release(),
+        };
+        out.raw(SYNC_MARKER).await && out.send(CONTROL_CHANNEL, Message::HelloAck(ack)).await
+    }
+}
+
+/// End every channel (their processes are killed) of the session that is over.
+fn close_all(channels: &mut HashMap<u32, Live>) {
+    for (_, live) in channels.drain() {
+        let _ = live.ctl.send(Ctl::Close);
+    }
+}
+
+fn forward(channels: &HashMap<u32, Live>, id: u32, ctl: Ctl) {
+    // Frames for unknown channels are late frames of a closed channel.
+    if let Some(live) = channels.get(&id) {
+        let _ = live.ctl.send(ctl);
+    }
+}
+
+/// A short name of a message for log lines (data payloads are not printed).
+fn describe(m: &Message) -> &'static str {
+    match m {
+        Message::Hello(_) => "Hello",
+        Message::HelloAck(_) => "HelloAck",
+        Message::Request(_) => "Request",
+        Message::Started(_) => "Started",
+        Message::Error(_) => "Error",
+        Message::Exit(_) => "Exit",
+        Message::Data { .. } => "Data",
+        Message::Eof { .. } => "Eof",
+        Message::Credit { .. } => "Credit",
+        Message::Signal(_) => "Signal",
+        Message::Close => "Close",
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(writer: W, mut rx: mpsc::Receiver<(u64, Out)>, current: Arc<AtomicU64>) {
+    let mut w = BufWriter::with_capacity(256 * 1024, writer);
+    while let Some(first) = rx.recv().await {
+        let mut flushed = Vec::new();
+        let mut next = Some(first);
+        // Coalesce whatever else is queued into one flush.
+        while let Some((session, item)) = next.take() {
+            let r = match item {
+                Out::Flush(done) => {
+                    flushed.push(done);
+                    Ok(())
+                }
+                _ if session != current.load(Ordering::SeqCst) => Ok(()),
+                Out::Raw(b) => w.write_all(b).await,
+                Out::Frame(f) => w.write_all(&f.encode()).await,
+            };
+            if r.is_err() {
+                return;
+            }
+            next = rx.try_recv().ok();
+        }
+        if w.flush().await.is_err() {
+            return;
+        }
+        for done in flushed {
+            let _ = done.send(());
         }
     }
-    Ok(())
 }
 
-fn forward(channels: &Channels, id: u32, ctl: Ctl) {
-    if let Some(tx) = channels.lock().expect("never poisoned").get(&id) {
-        let _ = tx.send(ctl);
-    }
-}
-
-/// Apply what the host's hello carries: its wall clock and fresh entropy.
-fn greet(hello: &HostHello, mode: Mode) {
-    if mode != Mode::Pid1 {
-        return;
-    }
-    let secs = (hello.time_unix_ns / 1_000_000_000) as libc::time_t;
-    let nanos = (hello.time_unix_ns % 1_000_000_000) as libc::c_long;
-    let ts = libc::timespec { tv_sec: secs, tv_nsec: nanos };
-    // SAFETY: clock_settime with a valid timespec pointer.
-    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
-        eprintln!("moat-agent: setting the clock failed: {}", std::io::Error::last_os_error());
-    }
-    if !hello.entropy.is_empty() {
-        // Mixed into the pool (without crediting it); bounded by the frame size limit.
-        let _ = std::fs::write("/dev/urandom", &hello.entropy);
-    }
-}
-
-fn kernel_release() -> String {
+/// `uname -r`.
+pub fn kernel_release() -> String {
     rustix::system::uname().release().to_string_lossy().into_owned()
 }

@@ -18,7 +18,12 @@ mod tests {
 
     fn samples() -> Vec<Message> {
         vec![
-            Message::Hello(HostHello { version: 1, nonce: 7, time_unix_ns: 1_700_000_000_000_000_000, entropy: vec![1, 2, 3] }),
+            Message::Hello(HostHello {
+                version: 1,
+                nonce: 7,
+                time_unix_ns: 1_700_000_000_000_000_000,
+                entropy: vec![1, 2, 3],
+            }),
             Message::HelloAck(AgentHello { version: 1, nonce: 7, agent_version: "0.1.0".into(), kernel: "6.1".into() }),
             Message::Request(Request::Exec(ExecRequest {
                 argv: vec!["sh".into(), "-c".into(), "echo ü".into()],
@@ -54,7 +59,8 @@ mod tests {
 
     #[test]
     fn frames_split_at_every_byte_boundary_decode() {
-        let wire: Vec<u8> = samples().into_iter().enumerate().flat_map(|(i, m)| Frame::new(i as u32, m).encode()).collect();
+        let wire: Vec<u8> =
+            samples().into_iter().enumerate().flat_map(|(i, m)| Frame::new(i as u32, m).encode()).collect();
         let mut d = Decoder::new();
         let mut got = Vec::new();
         for b in &wire {

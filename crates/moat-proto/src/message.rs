@@ -147,10 +147,18 @@ pub enum Message {
     Started(Started),
     Error(AgentError),
     Exit(ExitStatus),
-    Data { stream: Stream, data: Vec<u8> },
-    Eof { stream: Stream },
+    Data {
+        stream: Stream,
+        data: Vec<u8>,
+    },
+    Eof {
+        stream: Stream,
+    },
     /// The receiver consumed `bytes` of `stream`; the sender may send that much more.
-    Credit { stream: Stream, bytes: u32 },
+    Credit {
+        stream: Stream,
+        bytes: u32,
+    },
     /// Send this signal to the process group of the channel's process.
     Signal(i32),
     /// The sender is done with the channel and has dropped its state.

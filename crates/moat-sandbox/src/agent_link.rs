@@ -445,7 +445,9 @@ impl ExecControl {
                 notified.await;
                 continue;
             }
-            self.link.send(Frame::new(self.id, Message::Data { stream: Stream::Stdin, data: data[..n].to_vec() })).await?;
+            self.link
+                .send(Frame::new(self.id, Message::Data { stream: Stream::Stdin, data: data[..n].to_vec() }))
+                .await?;
             data = &data[n..];
         }
         Ok(())
@@ -460,5 +462,4 @@ impl ExecControl {
     pub async fn signal(&self, signal: i32) -> Result<(), LinkError> {
         self.link.send(Frame::new(self.id, Message::Signal(signal))).await
     }
-
 }

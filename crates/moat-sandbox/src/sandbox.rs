@@ -112,9 +112,10 @@ impl Sandbox {
                 return Err(match failed {
                     Ok(Ok(Err(e))) => SandboxError::Boot { reason: e.to_string(), console },
                     Ok(Err(_)) => SandboxError::BootTimeout { timeout: spec.boot_timeout, console },
-                    Err(Ok(Some(status))) => {
-                        SandboxError::Boot { reason: format!("QEMU exited ({status}) before the agent answered"), console }
-                    }
+                    Err(Ok(Some(status))) => SandboxError::Boot {
+                        reason: format!("QEMU exited ({status}) before the agent answered"),
+                        console,
+                    },
                     Err(Ok(None)) => SandboxError::BootTimeout { timeout: spec.boot_timeout, console },
                     Err(Err(e)) => SandboxError::Boot { reason: e.to_string(), console },
                     Ok(Ok(Ok(_))) => unreachable!("handled above"),
@@ -135,9 +136,13 @@ impl Sandbox {
     /// the old link are killed by the agent when it notices the disconnect.
     pub async fn reconnect(&mut self, timeout: Duration) -> Result<(), SandboxError> {
         self.link.close();
-        let link = tokio::time::timeout(timeout, AgentLink::connect(&self.vm.agent_socket()))
-            .await
-            .map_err(|_| SandboxError::Boot { reason: "the agent did not answer after a reconnect".into(), console: self.vm.console_tail(20) })??;
+        let link =
+            tokio::time::timeout(timeout, AgentLink::connect(&self.vm.agent_socket())).await.map_err(|_| {
+                SandboxError::Boot {
+                    reason: "the agent did not answer after a reconnect".into(),
+                    console: self.vm.console_tail(20),
+                }
+            })??;
         self.link = Arc::new(link);
         Ok(())
     }

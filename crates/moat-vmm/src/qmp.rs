@@ -1,7 +1,12 @@
-//! A small typed QMP client.
+//! A small QMP client.
 //!
-//! Hand-written on purpose: the QMP crates on crates.io generate the whole QAPI schema of one QEMU
-//! version at build time, while moat needs a handful of commands and must bound what it reads.
+//! Hand-written on purpose: the `qapi` crate generates the whole QAPI schema of one QEMU version
+//! at build time (a large codegen dependency pinned to a schema we do not control), while moat
+//! needs a handful of commands (`qmp_capabilities`, `query-status`, `stop`, `cont`, `quit`,
+//! migration) and must bound everything it reads.
+//!
+//! Replies are matched to commands by an `id` moat attaches, so a command whose future was
+//! dropped (a timeout) cannot leave its late reply to be mistaken for the next command's.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -12,17 +17,18 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
 /// Longest QMP line accepted; QEMU's replies to our commands are far smaller.
-const MAX_LINE: usize = 1024 * 1024;
-/// Events kept for `wait_event`; older ones are dropped.
-const MAX_EVENTS: usize = 64;
+pub const MAX_LINE: usize = 1024 * 1024;
+/// Events kept for [`Qmp::wait_event`]; the oldest are dropped first.
+pub const MAX_EVENTS: usize = 64;
 
+/// Errors of a QMP session.
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
     #[error("QMP I/O failed: {0}")]
     Io(#[from] std::io::Error),
-    #[error("QMP connection closed")]
+    #[error("QEMU closed the QMP connection (it has probably exited)")]
     Closed,
-    #[error("QMP sent a line longer than {MAX_LINE} bytes")]
+    #[error("QMP sent a line longer than {MAX_LINE} bytes; the QMP socket is corrupted")]
     LineTooLong,
     #[error("QMP sent invalid JSON: {0}")]
     Json(#[from] serde_json::Error),
@@ -32,11 +38,37 @@ pub enum QmpError {
     Command { command: String, class: String, desc: String },
 }
 
+/// An asynchronous QMP event such as `SHUTDOWN`, `STOP` or `RESUME`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QmpEvent {
+    pub event: String,
+    pub data: Value,
+    /// `seconds.microseconds` as QEMU stamped it.
+    pub timestamp: Option<f64>,
+}
+
+impl QmpEvent {
+    fn from_value(v: &Value) -> Option<QmpEvent> {
+        let event = v.get("event")?.as_str()?.to_string();
+        let data = v.get("data").cloned().unwrap_or(Value::Null);
+        let timestamp = v.get("timestamp").and_then(|t| {
+            let s = t.get("seconds")?.as_f64()?;
+            let us = t.get("microseconds")?.as_f64()?;
+            Some(s + us / 1e6)
+        });
+        Some(QmpEvent { event, data, timestamp })
+    }
+}
+
 /// A QMP session in command mode.
 pub struct Qmp {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
-    events: VecDeque<Value>,
+    /// The part of a line read so far; kept here so a dropped read loses nothing.
+    partial: Vec<u8>,
+    events: VecDeque<QmpEvent>,
+    next_id: u64,
+    greeting: Value,
 }
 
 impl Qmp {
@@ -45,19 +77,34 @@ impl Qmp {
         Qmp::handshake(UnixStream::connect(path).await?).await
     }
 
+    /// Read the greeting on an open stream and negotiate `qmp_capabilities`.
     pub async fn handshake(stream: UnixStream) -> Result<Qmp, QmpError> {
         let (r, w) = stream.into_split();
-        let mut qmp = Qmp { reader: BufReader::new(r), writer: w, events: VecDeque::new() };
+        let mut qmp = Qmp {
+            reader: BufReader::new(r),
+            writer: w,
+            partial: Vec::new(),
+            events: VecDeque::new(),
+            next_id: 1,
+            greeting: Value::Null,
+        };
         let greeting = qmp.read_message().await?;
-        if greeting.get("QMP").is_none() {
-            return Err(QmpError::Unexpected(greeting.to_string()));
+        match greeting.get("QMP") {
+            Some(g) => qmp.greeting = g.clone(),
+            None => return Err(QmpError::Unexpected(truncated(&greeting))),
         }
         qmp.execute("qmp_capabilities", None).await?;
         Ok(qmp)
     }
 
+    /// QEMU's version as the greeting reported it, e.g. `7.2.22`.
+    pub fn qemu_version(&self) -> Option<String> {
+        let q = self.greeting.get("version")?.get("qemu")?;
+        Some(format!("{}.{}.{}", q.get("major")?, q.get("minor")?, q.get("micro")?))
+    }
+
+    /// One JSON message. Cancel-safe: bytes already consumed stay in `self.partial`.
     async fn read_message(&mut self) -> Result<Value, QmpError> {
-        let mut line = Vec::new();
         loop {
             let buf = self.reader.fill_buf().await?;
             if buf.is_empty() {
@@ -67,21 +114,39 @@ impl Qmp {
                 Some(i) => (&buf[..=i], true),
                 None => (buf, false),
             };
-            if line.len() + chunk.len() > MAX_LINE {
+            if self.partial.len() + chunk.len() > MAX_LINE {
+                // The rest of the line is unknown; the session cannot resynchronise reliably.
+                self.partial.clear();
                 return Err(QmpError::LineTooLong);
             }
-            line.extend_from_slice(chunk);
+            self.partial.extend_from_slice(chunk);
             let n = chunk.len();
             self.reader.consume(n);
             if done {
+                let line = std::mem::take(&mut self.partial);
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
                 return Ok(serde_json::from_slice(&line)?);
             }
         }
     }
 
+    fn buffer_event(&mut self, v: &Value) {
+        if let Some(ev) = QmpEvent::from_value(v) {
+            tracing::debug!(event = %ev.event, "QMP event");
+            if self.events.len() == MAX_EVENTS {
+                self.events.pop_front();
+            }
+            self.events.push_back(ev);
+        }
+    }
+
     /// Run a command and return its `return` value.
     pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
-        let mut msg = json!({ "execute": command });
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut msg = json!({ "execute": command, "id": id });
         if let Some(args) = arguments {
             msg["arguments"] = args;
         }
@@ -91,10 +156,11 @@ impl Qmp {
         loop {
             let reply = self.read_message().await?;
             if reply.get("event").is_some() {
-                if self.events.len() == MAX_EVENTS {
-                    self.events.pop_front();
-                }
-                self.events.push_back(reply);
+                self.buffer_event(&reply);
+                continue;
+            }
+            // A reply to an earlier command whose caller gave up waiting.
+            if reply.get("id").is_some_and(|r| r != &json!(id)) {
                 continue;
             }
             if let Some(ret) = reply.get("return") {
@@ -104,22 +170,44 @@ impl Qmp {
                 let s = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
                 return Err(QmpError::Command { command: command.into(), class: s("class"), desc: s("desc") });
             }
-            return Err(QmpError::Unexpected(reply.to_string()));
+            return Err(QmpError::Unexpected(truncated(&reply)));
         }
     }
 
-    /// Wait for an event by name (events seen during commands count).
-    pub async fn wait_event(&mut self, name: &str) -> Result<Value, QmpError> {
-        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+    /// Wait for an event by name. Events that arrived earlier (also during commands) count; other
+    /// events read meanwhile stay buffered. Wrap in `tokio::time::timeout` to bound the wait.
+    pub async fn wait_event(&mut self, name: &str) -> Result<QmpEvent, QmpError> {
+        if let Some(i) = self.events.iter().position(|e| e.event == name) {
             return Ok(self.events.remove(i).expect("index from position"));
         }
         loop {
             let msg = self.read_message().await?;
-            if msg["event"] == name {
-                return Ok(msg);
+            match QmpEvent::from_value(&msg) {
+                Some(ev) if ev.event == name => return Ok(ev),
+                Some(_) => self.buffer_event(&msg),
+                None => tracing::debug!(msg = %truncated(&msg), "QMP reply without a waiting command"),
             }
         }
     }
+
+    /// Take all buffered events, oldest first.
+    pub fn take_events(&mut self) -> Vec<QmpEvent> {
+        self.events.drain(..).collect()
+    }
+}
+
+/// A message for an error text, cut so a huge message does not flood logs.
+fn truncated(v: &Value) -> String {
+    let mut s = v.to_string();
+    if s.len() > 512 {
+        let mut end = 512;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
 }
 
 #[cfg(test)]
@@ -127,16 +215,24 @@ mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
 
+    const GREETING: &[u8] =
+        b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 22, \"minor\": 2, \"major\": 7}, \"package\": \"\"}, \"capabilities\": []}}\n";
+
+    /// A fake QEMU: sends the greeting, then for each expected command reads one line and writes
+    /// the scripted reply (`{id}` is replaced by the command's id). Returns what it received.
     async fn fake(script: Vec<&'static str>) -> (Qmp, tokio::task::JoinHandle<String>) {
-        let (a, mut b) = UnixStream::pair().unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
         let server = tokio::spawn(async move {
-            b.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n").await.unwrap();
+            let mut b = BufReader::new(b);
+            b.get_mut().write_all(GREETING).await.unwrap();
             let mut received = String::new();
-            for reply in script {
-                let mut buf = [0u8; 4096];
-                let n = b.read(&mut buf).await.unwrap();
-                received.push_str(&String::from_utf8_lossy(&buf[..n]));
-                b.write_all(reply.as_bytes()).await.unwrap();
+            for reply in std::iter::once("{\"return\": {}, \"id\": {id}}\n").chain(script) {
+                let mut line = String::new();
+                b.read_line(&mut line).await.unwrap();
+                let cmd: Value = serde_json::from_str(&line).unwrap();
+                received.push_str(&line);
+                let reply = reply.replace("{id}", &cmd["id"].to_string());
+                b.get_mut().write_all(reply.as_bytes()).await.unwrap();
             }
             received
         });
@@ -145,29 +241,107 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn commands_errors_and_events() {
+    async fn greeting_capabilities_and_a_command() {
+        let (mut qmp, server) =
+            fake(vec!["{\"return\": {\"status\": \"running\", \"running\": true}, \"id\": {id}}\n"]).await;
+        assert_eq!(qmp.qemu_version().as_deref(), Some("7.2.22"));
+        let status = qmp.execute("query-status", None).await.unwrap();
+        assert_eq!(status["status"], "running");
+        let sent = server.await.unwrap();
+        let first: Value = serde_json::from_str(sent.lines().next().unwrap()).unwrap();
+        assert_eq!(first["execute"], "qmp_capabilities");
+        assert!(sent.contains("\"execute\":\"query-status\""));
+    }
+
+    #[tokio::test]
+    async fn errors_carry_class_and_description() {
+        let (mut qmp, server) =
+            fake(vec!["{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"The command bogus has not been found\"}, \"id\": {id}}\n"])
+                .await;
+        let err = qmp.execute("bogus", Some(json!({"x": 1}))).await.unwrap_err();
+        assert!(matches!(&err, QmpError::Command { class, .. } if class == "CommandNotFound"), "{err}");
+        assert!(err.to_string().contains("`bogus`") && err.to_string().contains("has not been found"), "{err}");
+        assert!(server.await.unwrap().contains("\"arguments\":{\"x\":1}"));
+    }
+
+    #[tokio::test]
+    async fn events_are_buffered_while_commands_run() {
         let (mut qmp, server) = fake(vec![
-            "{\"return\": {}}\n",
-            "{\"event\": \"STOP\"}\n{\"return\": {\"status\": \"paused\"}}\n",
-            "{\"error\": {\"class\": \"GenericError\", \"desc\": \"nope\"}}\n",
+            "{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 10, \"microseconds\": 500000}}\n\
+             {\"event\": \"RESUME\"}\n\
+             {\"return\": {}, \"id\": {id}}\n\
+             {\"event\": \"SHUTDOWN\", \"data\": {\"guest\": true, \"reason\": \"guest-reset\"}}\n",
         ])
         .await;
-        let status = qmp.execute("query-status", None).await.unwrap();
-        assert_eq!(status["status"], "paused");
-        let err = qmp.execute("bogus", Some(json!({"x": 1}))).await.unwrap_err();
-        assert!(err.to_string().contains("GenericError: nope"), "{err}");
-        assert_eq!(qmp.wait_event("STOP").await.unwrap()["event"], "STOP");
-        let sent = server.await.unwrap();
-        assert!(sent.contains("qmp_capabilities") && sent.contains("\"arguments\":{\"x\":1}"));
+        qmp.execute("stop", None).await.unwrap();
+        // SHUTDOWN is read from the socket past the buffered RESUME, which stays buffered.
+        let shutdown = qmp.wait_event("SHUTDOWN").await.unwrap();
+        assert_eq!(shutdown.data["reason"], "guest-reset");
+        let stop = qmp.wait_event("STOP").await.unwrap();
+        assert_eq!(stop.timestamp, Some(10.5));
+        let rest: Vec<String> = qmp.take_events().into_iter().map(|e| e.event).collect();
+        assert_eq!(rest, ["RESUME"]);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_event_buffer_is_bounded() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let server = tokio::spawn(async move {
+            let mut b = BufReader::new(b);
+            b.get_mut().write_all(GREETING).await.unwrap();
+            let mut line = String::new();
+            b.read_line(&mut line).await.unwrap();
+            let mut out = String::new();
+            for i in 0..MAX_EVENTS + 10 {
+                out.push_str(&format!("{{\"event\": \"E{i}\"}}\n"));
+            }
+            out.push_str("{\"return\": {}, \"id\": 1}\n");
+            b.get_mut().write_all(out.as_bytes()).await.unwrap();
+            b
+        });
+        let mut qmp = Qmp::handshake(a).await.unwrap();
+        let events = qmp.take_events();
+        assert_eq!(events.len(), MAX_EVENTS);
+        assert_eq!(events[0].event, "E10", "the oldest events are dropped first");
+        drop(server.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_late_reply_of_an_abandoned_command_is_skipped() {
+        let (mut qmp, server) =
+            fake(vec!["{\"return\": {\"stale\": true}, \"id\": 999}\n{\"return\": {\"fresh\": true}, \"id\": {id}}\n"])
+                .await;
+        let r = qmp.execute("query-status", None).await.unwrap();
+        assert_eq!(r["fresh"], true);
+        server.await.unwrap();
     }
 
     #[tokio::test]
     async fn over_long_lines_are_refused() {
         let (a, mut b) = UnixStream::pair().unwrap();
-        tokio::spawn(async move {
+        let writer = tokio::spawn(async move {
             let junk = vec![b'x'; MAX_LINE + 10];
             let _ = b.write_all(&junk).await;
+            b
         });
         assert!(matches!(Qmp::handshake(a).await, Err(QmpError::LineTooLong)));
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_closed_socket_is_reported() {
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(b);
+        assert!(matches!(Qmp::handshake(a).await, Err(QmpError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_is_not_qmp_is_refused() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(b"{\"hello\": 1}\n").await.unwrap();
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(1), b.read_to_end(&mut sink)).await;
+        assert!(matches!(Qmp::handshake(a).await, Err(QmpError::Unexpected(_))));
     }
 }

@@ -11,18 +11,22 @@ use crate::command::{command_line, VmConfig};
 use crate::qmp::Qmp;
 use crate::VmmError;
 
-/// How long QEMU may take to open its QMP socket.
+/// How long QEMU may take to open its QMP socket and greet.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `stop` waits for QEMU after `quit` before killing it.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Unix socket paths must fit `sun_path` (108 bytes including the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
-/// A running QEMU.
+/// A running QEMU. Dropping it SIGKILLs QEMU without waiting; use [`Vm::stop`] to end it cleanly.
 pub struct Vm {
     child: Child,
     pid: u32,
     run_dir: PathBuf,
+    qmp_socket: PathBuf,
     agent_socket: PathBuf,
     console_log: PathBuf,
+    pid_file: PathBuf,
     qemu_log: PathBuf,
     qmp: Option<Qmp>,
     exited: Option<ExitStatus>,
@@ -31,20 +35,31 @@ pub struct Vm {
 impl Vm {
     /// Start QEMU and connect to its QMP socket. When QEMU exits during start-up (a bad kernel
     /// path, bad arguments) the error carries what QEMU printed, and nothing is left running.
+    ///
+    /// `die_with_parent` sets `PR_SET_PDEATHSIG(SIGKILL)` for one-shot runs. The kernel ties it
+    /// to the *thread* that forked, so call this from a long-lived runtime thread (any tokio
+    /// worker), never from `spawn_blocking`.
     pub async fn spawn(cfg: &VmConfig, die_with_parent: bool) -> Result<Vm, VmmError> {
         for sock in [cfg.qmp_socket(), cfg.agent_socket()] {
             if sock.as_os_str().len() > MAX_SOCKET_PATH {
                 return Err(VmmError::PathTooLong(sock.display().to_string()));
             }
-            let _ = std::fs::remove_file(&sock);
         }
-        let qemu_log = cfg.run_dir.join("qemu.log");
+        std::fs::create_dir_all(&cfg.run_dir).map_err(|e| VmmError::Io {
+            what: format!("cannot create run directory {}", cfg.run_dir.display()),
+            source: e,
+        })?;
+        for stale in [cfg.qmp_socket(), cfg.agent_socket(), cfg.pid_file()] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let qemu_log = cfg.qemu_log();
         let log = std::fs::File::create(&qemu_log)
-            .map_err(|e| VmmError::Io { what: format!("creating {}", qemu_log.display()), source: e })?;
+            .map_err(|e| VmmError::Io { what: format!("cannot create {}", qemu_log.display()), source: e })?;
         let mut cmd = Command::new(&cfg.qemu);
         cmd.args(command_line(cfg)).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).kill_on_drop(true);
+        let parent = std::process::id() as libc::pid_t;
         // SAFETY: the closure runs in the forked child before exec and only calls async-signal-safe
-        // functions (setsid, prctl), touching no memory shared with the parent.
+        // functions (setsid, prctl, getppid), touching no memory shared with the parent.
         unsafe {
             cmd.pre_exec(move || {
                 // Own session: a Ctrl-C at the user's terminal goes to moat, which decides what the
@@ -52,62 +67,111 @@ impl Vm {
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if die_with_parent && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
-                    return Err(std::io::Error::last_os_error());
+                if die_with_parent {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The parent may have died between fork and prctl; then nobody would kill us.
+                    if libc::getppid() != parent {
+                        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                    }
                 }
                 Ok(())
             });
         }
         let child = cmd.spawn().map_err(VmmError::Spawn)?;
         let pid = child.id().expect("a just-spawned child has a pid");
-        tracing::debug!(pid, name = %cfg.name, "QEMU started");
+        tracing::debug!(pid, name = %cfg.name, accel = %cfg.accel, "QEMU started");
         let mut vm = Vm {
             child,
             pid,
             run_dir: cfg.run_dir.clone(),
+            qmp_socket: cfg.qmp_socket(),
             agent_socket: cfg.agent_socket(),
             console_log: cfg.console_log(),
+            pid_file: cfg.pid_file(),
             qemu_log,
             qmp: None,
             exited: None,
         };
-        let start = Instant::now();
-        loop {
-            if let Some(status) = vm.child.try_wait().map_err(|e| VmmError::Io { what: "waiting for QEMU".into(), source: e })? {
-                vm.exited = Some(status);
-                return Err(VmmError::QemuExited { status: status.to_string(), stderr: vm.qemu_stderr() });
+        match vm.connect_qmp().await {
+            Ok(qmp) => {
+                vm.qmp = Some(qmp);
+                Ok(vm)
             }
-            if let Ok(stream) = tokio::net::UnixStream::connect(cfg.qmp_socket()).await {
-                vm.qmp = Some(Qmp::handshake(stream).await?);
-                return Ok(vm);
-            }
-            if start.elapsed() > QMP_TIMEOUT {
+            Err(e) => {
                 vm.kill().await;
+                vm.remove_files();
+                Err(e)
+            }
+        }
+    }
+
+    /// Wait for QEMU's QMP socket and greet it, noticing an early exit of QEMU.
+    async fn connect_qmp(&mut self) -> Result<Qmp, VmmError> {
+        let deadline = Instant::now() + QMP_TIMEOUT;
+        loop {
+            if let Some(err) = self.exited_early(Duration::ZERO).await? {
+                return Err(err);
+            }
+            if let Ok(stream) = tokio::net::UnixStream::connect(&self.qmp_socket).await {
+                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+                return match tokio::time::timeout(left, Qmp::handshake(stream)).await {
+                    Ok(Ok(qmp)) => Ok(qmp),
+                    // QEMU opens the QMP socket before it loads the kernel, so a bad kernel path
+                    // shows up as QEMU hanging up on us: report its exit, not a QMP error.
+                    Ok(Err(e)) => Err(self.exited_early(Duration::from_secs(2)).await?.unwrap_or(VmmError::Qmp(e))),
+                    Err(_) => Err(VmmError::QmpTimeout(QMP_TIMEOUT.as_secs())),
+                };
+            }
+            if Instant::now() > deadline {
                 return Err(VmmError::QmpTimeout(QMP_TIMEOUT.as_secs()));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
+    /// `QemuExited` if QEMU exits within `within`.
+    async fn exited_early(&mut self, within: Duration) -> Result<Option<VmmError>, VmmError> {
+        let status = if within.is_zero() {
+            let s =
+                self.child.try_wait().map_err(|e| VmmError::Io { what: "cannot wait for QEMU".into(), source: e })?;
+            if let Some(s) = s {
+                self.exited = Some(s);
+            }
+            s
+        } else {
+            self.wait(within).await?
+        };
+        Ok(status.map(|status| VmmError::QemuExited { status: status.to_string(), stderr: self.qemu_stderr() }))
+    }
+
+    /// QEMU's process id.
     pub fn pid(&self) -> u32 {
         self.pid
     }
 
+    /// The unix socket of the agent's virtio-serial port.
     pub fn agent_socket(&self) -> PathBuf {
         self.agent_socket.clone()
     }
 
+    /// The guest's serial console, as QEMU writes it.
     pub fn console_log(&self) -> PathBuf {
         self.console_log.clone()
     }
 
+    /// The directory with the VM's sockets, logs and pidfile.
     pub fn run_dir(&self) -> &Path {
         &self.run_dir
     }
 
-    /// The QMP session.
-    pub fn qmp(&mut self) -> Option<&mut Qmp> {
-        self.qmp.as_mut()
+    /// The QMP session; `NotRunning` once QEMU has exited or was stopped.
+    pub fn qmp(&mut self) -> Result<&mut Qmp, VmmError> {
+        if self.exited.is_some() {
+            return Err(VmmError::NotRunning);
+        }
+        self.qmp.as_mut().ok_or(VmmError::NotRunning)
     }
 
     /// The last lines of the guest console, for error messages.
@@ -115,8 +179,23 @@ impl Vm {
         tail(&self.console_log, max_lines)
     }
 
-    fn qemu_stderr(&self) -> String {
-        tail(&self.qemu_log, 20).trim().to_string()
+    /// What QEMU printed on stderr (its last lines).
+    pub fn qemu_stderr(&self) -> String {
+        let text = tail(&self.qemu_log, 20);
+        let text = text.trim();
+        if text.is_empty() {
+            "QEMU printed nothing".to_string()
+        } else {
+            text.to_string()
+        }
+    }
+
+    /// Whether QEMU has exited (without waiting).
+    pub fn try_exited(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().ok().flatten();
+        }
+        self.exited
     }
 
     /// Wait for QEMU to exit, at most `timeout`; `None` if it is still running.
@@ -127,25 +206,30 @@ impl Vm {
         match tokio::time::timeout(timeout, self.child.wait()).await {
             Ok(Ok(status)) => {
                 self.exited = Some(status);
+                tracing::debug!(pid = self.pid, %status, "QEMU exited");
                 Ok(Some(status))
             }
-            Ok(Err(e)) => Err(VmmError::Io { what: "waiting for QEMU".into(), source: e }),
+            Ok(Err(e)) => Err(VmmError::Io { what: "cannot wait for QEMU".into(), source: e }),
             Err(_) => Ok(None),
         }
     }
 
-    /// Stop QEMU: give the guest `grace` to power off by itself, then ask QEMU to quit, then kill
-    /// it. Always reaps the process. Idempotent.
+    /// Stop QEMU: give the guest `grace` to power off by itself (the caller has usually asked the
+    /// agent to), then ask QEMU to `quit`, then SIGKILL it. Always reaps the process and removes
+    /// the sockets and the pidfile. Idempotent.
     pub async fn stop(&mut self, grace: Duration) -> Result<(), VmmError> {
         if self.wait(grace).await?.is_none() {
             if let Some(qmp) = self.qmp.as_mut() {
+                tracing::debug!(pid = self.pid, "guest did not power off; sending QMP quit");
                 let _ = tokio::time::timeout(Duration::from_secs(1), qmp.execute("quit", None)).await;
             }
-            if self.wait(Duration::from_secs(3)).await?.is_none() {
+            if self.wait(QUIT_TIMEOUT).await?.is_none() {
+                tracing::warn!(pid = self.pid, "QEMU ignored quit; killing it");
                 self.kill().await;
             }
         }
         self.qmp = None;
+        self.remove_files();
         Ok(())
     }
 
@@ -158,6 +242,22 @@ impl Vm {
             }
         }
         self.qmp = None;
+    }
+
+    fn remove_files(&self) {
+        for f in [&self.qmp_socket, &self.agent_socket, &self.pid_file] {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // Never block in drop: signal and let tokio's orphan reaper collect the process.
+        if self.exited.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            tracing::debug!(pid = self.pid, "Vm dropped while QEMU runs; killing it");
+            let _ = self.child.start_kill();
+        }
     }
 }
 
@@ -174,40 +274,127 @@ fn tail(path: &Path, max_lines: usize) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::Accel;
 
-    fn config(dir: &Path, kernel: PathBuf) -> VmConfig {
+    /// The distribution's cloud kernel the real-VM tests boot.
+    pub(crate) fn host_kernel() -> PathBuf {
+        let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
+            .expect("/boot is readable")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64"))
+            })
+            .collect();
+        kernels.sort();
+        kernels.pop().expect("a /boot/vmlinuz-*-cloud-amd64 kernel (apt-get install linux-image-cloud-amd64)")
+    }
+
+    /// Processes whose command line carries `needle` (QEMU's `-name ...process=moat-<name>`).
+    pub(crate) fn processes_with(needle: &str) -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .expect("/proc is mounted")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+            })
+            .collect()
+    }
+
+    fn config(dir: &Path, name: &str, kernel: PathBuf, initrd: PathBuf) -> VmConfig {
         VmConfig {
             qemu: crate::find_qemu(None).expect("qemu-system-x86_64 installed (apt-get install qemu-system-x86)"),
             accel: Accel::Tcg,
             vcpus: 1,
-            memory_mib: 128,
-            initrd: kernel.clone(),
+            memory_mib: 256,
+            initrd,
             kernel,
             cmdline: String::new(),
             root_disk: None,
             run_dir: dir.to_path_buf(),
             seccomp: true,
-            name: "vmtest".into(),
+            name: format!("{name}-{}", std::process::id()),
         }
     }
 
     #[tokio::test]
-    async fn a_missing_kernel_is_reported_with_qemus_message() {
+    async fn a_missing_kernel_is_reported_with_qemus_message_and_leaves_nothing_running() {
         let dir = tempfile::tempdir().unwrap();
-        let err = Vm::spawn(&config(dir.path(), "/nonexistent/vmlinuz".into()), true).await.err().expect("fails");
+        let cfg = config(dir.path(), "badkernel", "/nonexistent/vmlinuz".into(), "/nonexistent/initrd".into());
+        let started = Instant::now();
+        let err = Vm::spawn(&cfg, true).await.err().expect("QEMU cannot start without a kernel");
         let msg = err.to_string();
-        assert!(msg.contains("QEMU exited") && msg.contains("/nonexistent/vmlinuz"), "{msg}");
+        assert!(matches!(err, VmmError::QemuExited { .. }), "{msg}");
+        assert!(msg.starts_with("QEMU exited before the VM started") && msg.contains("/nonexistent/vmlinuz"), "{msg}");
+        assert!(started.elapsed() < Duration::from_secs(5), "reported fast: {:?}", started.elapsed());
+        assert_eq!(processes_with(&format!("process=moat-{}", cfg.name)), Vec::<u32>::new(), "no QEMU left behind");
+        assert!(!cfg.qmp_socket().exists() && !cfg.pid_file().exists());
     }
 
     #[tokio::test]
-    async fn long_socket_paths_are_refused() {
+    async fn long_socket_paths_are_refused_with_a_hint() {
         let dir = tempfile::tempdir().unwrap();
         let deep = dir.path().join("x".repeat(120));
-        let err = Vm::spawn(&config(&deep, "/k".into()), true).await.err().expect("fails");
+        let err = Vm::spawn(&config(&deep, "long", "/k".into(), "/i".into()), true).await.err().expect("fails");
         assert!(matches!(err, VmmError::PathTooLong(_)), "{err}");
+        assert!(err.to_string().contains("MOAT_HOME"), "{err}");
+    }
+
+    /// Without an initrd the kernel cannot mount a root and panics; `panic=-1` reboots at once and
+    /// `-no-reboot` turns that into QEMU exiting — the whole life of a VM in a few seconds.
+    #[tokio::test]
+    async fn a_kernel_without_initrd_boots_panics_and_qemu_exits() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.cpio");
+        std::fs::write(&empty, b"").unwrap();
+        let cfg = config(dir.path(), "panic", host_kernel(), empty);
+        let started = Instant::now();
+        let mut vm = Vm::spawn(&cfg, true).await.expect("QEMU starts");
+        assert!(cfg.pid_file().exists());
+        let status = vm.qmp().unwrap().execute("query-status", None).await.expect("query-status");
+        assert!(["running", "prelaunch"].contains(&status["status"].as_str().unwrap_or("")), "{status}");
+        let exit = vm.wait(Duration::from_secs(30)).await.unwrap();
+        let console = vm.console_tail(30);
+        let elapsed = started.elapsed();
+        vm.stop(Duration::ZERO).await.unwrap();
+        assert!(exit.is_some(), "QEMU exited within 30 s; console:\n{console}");
+        assert!(console.contains("Kernel panic"), "the console has the kernel's output:\n{console}");
+        assert!(matches!(vm.qmp(), Err(VmmError::NotRunning)));
+        assert!(!cfg.qmp_socket().exists() && !cfg.agent_socket().exists() && !cfg.pid_file().exists());
+        vm.stop(Duration::ZERO).await.expect("stop is idempotent");
+        eprintln!("boot to panic under TCG: {elapsed:?}");
+    }
+
+    #[tokio::test]
+    async fn stop_quits_a_running_vm_and_drop_kills() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.cpio");
+        std::fs::write(&empty, b"").unwrap();
+        // A guest that never powers off by itself: panic=-1 is overridden to "wait forever".
+        let mut cfg = config(dir.path(), "stop", host_kernel(), empty);
+        cfg.cmdline = "panic=0".into();
+        let mut vm = Vm::spawn(&cfg, true).await.expect("QEMU starts");
+        let started = Instant::now();
+        vm.stop(Duration::from_millis(100)).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(3), "QMP quit ends QEMU promptly");
+        assert!(vm.try_exited().is_some());
+
+        let dir2 = tempfile::tempdir().unwrap();
+        let mut cfg2 = cfg.clone();
+        cfg2.run_dir = dir2.path().to_path_buf();
+        cfg2.name = format!("drop-{}", std::process::id());
+        let vm = Vm::spawn(&cfg2, true).await.expect("QEMU starts");
+        let pid = vm.pid();
+        drop(vm);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z")) {
+            assert!(Instant::now() < deadline, "QEMU {pid} still runs after the Vm was dropped");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[test]

@@ -22,5 +22,8 @@ fn cli_reference_matches_help_output() {
         std::fs::write(&path, &doc).expect("docs/cli.md writable");
     }
     let current = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(current == doc, "docs/cli.md is stale; regenerate with: UPDATE_DOCS=1 cargo test -p moat --test cli_reference");
+    assert!(
+        current == doc,
+        "docs/cli.md is stale; regenerate with: UPDATE_DOCS=1 cargo test -p moat --test cli_reference"
+    );
 }

@@ -61,7 +61,8 @@ async fn timeout_and_signals_end_the_whole_process_group() {
 async fn stdin_streams_through_a_process() {
     let rt = common::runtime().await;
     let sb = common::boot(&rt).await;
-    let mut exec = sb.exec(ExecRequest { argv: vec!["wc".into(), "-c".into()], stdin: true, ..Default::default() }).await.unwrap();
+    let mut exec =
+        sb.exec(ExecRequest { argv: vec!["wc".into(), "-c".into()], stdin: true, ..Default::default() }).await.unwrap();
     let control = exec.control();
     let feeder = tokio::spawn(async move {
         let chunk = vec![b'x'; 100_000];
@@ -90,14 +91,32 @@ async fn stdin_streams_through_a_process() {
 async fn errors_name_what_is_wrong() {
     let rt = common::runtime().await;
     let sb = common::boot(&rt).await;
-    let err = sb.exec(ExecRequest { argv: vec!["/no/such/binary".into()], ..Default::default() }).await.err().expect("refused");
+    let err = sb
+        .exec(ExecRequest { argv: vec!["/no/such/binary".into()], ..Default::default() })
+        .await
+        .err()
+        .expect("refused");
     assert!(err.to_string().contains("/no/such/binary"), "{err}");
-    let err = sb.exec(ExecRequest { argv: vec!["true".into()], cwd: Some("/missing-dir".into()), ..Default::default() }).await.err().expect("refused");
+    let err = sb
+        .exec(ExecRequest { argv: vec!["true".into()], cwd: Some("/missing-dir".into()), ..Default::default() })
+        .await
+        .err()
+        .expect("refused");
     assert!(err.to_string().contains("/missing-dir"), "{err}");
-    let err = sb.exec(ExecRequest { argv: vec!["true".into()], user: Some("nobody-here".into()), ..Default::default() }).await.err().expect("refused");
+    let err = sb
+        .exec(ExecRequest { argv: vec!["true".into()], user: Some("nobody-here".into()), ..Default::default() })
+        .await
+        .err()
+        .expect("refused");
     assert!(err.to_string().contains("nobody-here"), "{err}");
     // The link is still good after refusals.
-    let (out, _, _) = sb.exec(ExecRequest { argv: vec!["id".into(), "-u".into()], user: Some("nobody".into()), ..Default::default() }).await.unwrap().collect().await.unwrap();
+    let (out, _, _) = sb
+        .exec(ExecRequest { argv: vec!["id".into(), "-u".into()], user: Some("nobody".into()), ..Default::default() })
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&out).trim(), "65534");
     sb.destroy().await.expect("destroy");
 }
@@ -111,7 +130,10 @@ async fn agent_survives_a_host_reconnect() {
     let mut exec = sb.exec(sh("echo up; exec sleep 300")).await.unwrap();
     assert_eq!(exec.next_event().await.unwrap(), ExecEvent::Stdout(b"up\n".to_vec()));
     sb.reconnect(Duration::from_secs(30)).await.expect("reconnects");
-    assert!(matches!(exec.next_event().await, Err(LinkError::Protocol { .. } | LinkError::Closed)), "old exec sees the link gone");
+    assert!(
+        matches!(exec.next_event().await, Err(LinkError::Protocol { .. } | LinkError::Closed)),
+        "old exec sees the link gone"
+    );
     drop(exec);
     for _ in 0..2 {
         let (out, _, status) = sb.exec(sh("echo again")).await.unwrap().collect().await.unwrap();

@@ -121,13 +121,19 @@ fn ctrl_c_kills_the_command_and_cleans_up() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(130), "128 + SIGINT");
-    wait_for("the VM to be gone", Duration::from_secs(10), || qemu_processes_mentioning("moat.hostname=t-ctrlc").is_empty());
+    wait_for("the VM to be gone", Duration::from_secs(10), || {
+        qemu_processes_mentioning("moat.hostname=t-ctrlc").is_empty()
+    });
 }
 
 #[test]
 fn a_missing_kernel_fails_fast_with_a_clear_error() {
     let start = Instant::now();
-    let out = moat().args(["run", "--kernel", "/nonexistent/vmlinuz", "--", "true"]).stdin(Stdio::null()).output().expect("runs");
+    let out = moat()
+        .args(["run", "--kernel", "/nonexistent/vmlinuz", "--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("runs");
     assert_eq!(out.status.code(), Some(125));
     let err = text(&out.stderr);
     assert!(err.contains("/nonexistent/vmlinuz"), "the error names the kernel path: {err}");
@@ -153,7 +159,10 @@ fn a_guest_that_never_boots_fails_within_the_boot_timeout() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(125));
     let err = text(&out.stderr);
-    assert!(err.contains("did not come up within 8s") || err.contains("failed to boot"), "the error says the guest did not boot: {err}");
+    assert!(
+        err.contains("did not come up within 8s") || err.contains("failed to boot"),
+        "the error says the guest did not boot: {err}"
+    );
     assert!(start.elapsed() < Duration::from_secs(30), "gave up in {:?}", start.elapsed());
     assert!(qemu_processes_mentioning("moat.hostname=t-noboot").is_empty(), "no QEMU left behind");
 }

@@ -73,7 +73,9 @@ async fn run_checks(args: &DoctorArgs) -> anyhow::Result<Vec<Check>> {
         Ok(q) => {
             match moat_vmm::qemu_version(&q) {
                 Ok(v) => checks.push(Check::ok("qemu", format!("QEMU {v} at {}", q.display()))),
-                Err(e) => checks.push(Check::fail("qemu", e.to_string(), "reinstall it: apt-get install qemu-system-x86")),
+                Err(e) => {
+                    checks.push(Check::fail("qemu", e.to_string(), "reinstall it: apt-get install qemu-system-x86"))
+                }
             }
             Some(q)
         }
@@ -156,7 +158,11 @@ async fn run_checks(args: &DoctorArgs) -> anyhow::Result<Vec<Check>> {
                 Err(e) => Check::fail("accel", format!("{e:#}"), "fix the kvm problem, or use --accel tcg / MOAT_ACCEL=tcg"),
             });
         }
-        _ => checks.push(Check::fail("accel", "not probed: qemu, kernel, modules and agent are needed first", "fix the checks above")),
+        _ => checks.push(Check::fail(
+            "accel",
+            "not probed: qemu, kernel, modules and agent are needed first",
+            "fix the checks above",
+        )),
     }
     Ok(checks)
 }
@@ -164,26 +170,38 @@ async fn run_checks(args: &DoctorArgs) -> anyhow::Result<Vec<Check>> {
 fn tool_check(tool: &'static str, package: &str) -> Check {
     match which(tool) {
         Some(p) => Check::ok(tool, p.display().to_string()),
-        None => Check::fail(tool, format!("{tool} is not on PATH"), format!("moat setup (or: apt-get install {package})")),
+        None => {
+            Check::fail(tool, format!("{tool} is not on PATH"), format!("moat setup (or: apt-get install {package})"))
+        }
     }
 }
 
 /// The first executable called `name` on PATH.
 pub fn which(name: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| {
-        std::fs::metadata(p).map(|m| m.is_file() && m.mode() & 0o111 != 0).unwrap_or(false)
-    })
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| std::fs::metadata(p).map(|m| m.is_file() && m.mode() & 0o111 != 0).unwrap_or(false))
 }
 
 fn home_check(home: &Path) -> Check {
     const NAME: &str = "state dir";
     if let Err(e) = std::fs::create_dir_all(home) {
-        return Check::fail(NAME, format!("cannot create {}: {e}", home.display()), "set MOAT_HOME to a directory you own");
+        return Check::fail(
+            NAME,
+            format!("cannot create {}: {e}", home.display()),
+            "set MOAT_HOME to a directory you own",
+        );
     }
     let meta = match std::fs::metadata(home) {
         Ok(m) => m,
-        Err(e) => return Check::fail(NAME, format!("cannot read {}: {e}", home.display()), "set MOAT_HOME to a directory you own"),
+        Err(e) => {
+            return Check::fail(
+                NAME,
+                format!("cannot read {}: {e}", home.display()),
+                "set MOAT_HOME to a directory you own",
+            )
+        }
     };
     // SAFETY: geteuid has no preconditions and cannot fail.
     let uid = unsafe { libc::geteuid() };
@@ -204,7 +222,11 @@ fn home_check(home: &Path) -> Check {
     let probe = home.join(".doctor-write-test");
     match std::fs::write(&probe, b"ok").and_then(|_| std::fs::remove_file(&probe)) {
         Ok(()) => Check::ok(NAME, format!("{} (mode {:o})", home.display(), meta.mode() & 0o7777)),
-        Err(e) => Check::fail(NAME, format!("cannot write in {}: {e}", home.display()), "fix its permissions or set MOAT_HOME"),
+        Err(e) => Check::fail(
+            NAME,
+            format!("cannot write in {}: {e}", home.display()),
+            "fix its permissions or set MOAT_HOME",
+        ),
     }
 }
 
@@ -224,6 +246,8 @@ fn disk_check(home: &Path) -> Check {
                 Check::ok(NAME, format!("{gib:.1} GiB free under {}", home.display()))
             }
         }
-        Err(e) => Check::fail(NAME, format!("cannot stat {}: {e}", home.display()), "set MOAT_HOME to an existing directory"),
+        Err(e) => {
+            Check::fail(NAME, format!("cannot stat {}: {e}", home.display()), "set MOAT_HOME to an existing directory")
+        }
     }
 }

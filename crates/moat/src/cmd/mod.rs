@@ -25,7 +25,9 @@ pub fn runtime_config(host: &HostArgs) -> anyhow::Result<RuntimeConfig> {
 pub async fn prepare_runtime(host: &HostArgs) -> anyhow::Result<Runtime> {
     let rt = Runtime::prepare(runtime_config(host)?).await?;
     if rt.accel.accel == moat_vmm::Accel::Tcg && host.accel == moat_vmm::AccelChoice::Auto {
-        eprintln!("moat: using TCG software emulation ({})", rt.accel.reason);
+        // One line: the full probe output is in `moat doctor`.
+        let why = rt.accel.reason.lines().next().unwrap_or_default().trim_end_matches("; using TCG (slow)");
+        eprintln!("moat: using TCG software emulation, slower than KVM ({why}; details: moat doctor)");
     }
     Ok(rt)
 }

@@ -33,7 +33,10 @@ const PREREQUISITES: &[Prerequisite] = &[
     Prerequisite { package: "qemu-system-x86", present: || which("qemu-system-x86_64").is_some() },
     Prerequisite { package: "linux-image-cloud-amd64", present: has_cloud_kernel },
     Prerequisite { package: "busybox-static", present: || Path::new("/bin/busybox").exists() },
-    Prerequisite { package: "e2fsprogs", present: || which("mkfs.ext4").is_some() || Path::new("/sbin/mkfs.ext4").exists() },
+    Prerequisite {
+        package: "e2fsprogs",
+        present: || which("mkfs.ext4").is_some() || Path::new("/sbin/mkfs.ext4").exists(),
+    },
     Prerequisite { package: "qemu-utils", present: || which("qemu-img").is_some() },
 ];
 
@@ -83,7 +86,11 @@ fn install(missing: &[&str]) -> anyhow::Result<()> {
     }
     let still: Vec<&str> = PREREQUISITES.iter().filter(|p| !(p.present)()).map(|p| p.package).collect();
     if !still.is_empty() {
-        bail!("still missing after apt-get install: {}\nhint: run `apt-get install {}` and read apt's message", still.join(" "), still.join(" "));
+        bail!(
+            "still missing after apt-get install: {}\nhint: run `apt-get install {}` and read apt's message",
+            still.join(" "),
+            still.join(" ")
+        );
     }
     Ok(())
 }
@@ -95,7 +102,10 @@ fn apt(args: &[&str]) -> anyhow::Result<()> {
         .status()
         .context("running apt-get")?;
     if !status.success() {
-        bail!("`apt-get {}` failed ({status})\nhint: fix apt's reported problem and run `moat setup` again", args.join(" "));
+        bail!(
+            "`apt-get {}` failed ({status})\nhint: fix apt's reported problem and run `moat setup` again",
+            args.join(" ")
+        );
     }
     Ok(())
 }

@@ -17,8 +17,15 @@ pub fn home() -> PathBuf {
 /// Fail (never skip) with the install command when the host lacks what the tests need.
 pub fn require_host() {
     let mut missing = Vec::new();
-    for (tool, package) in [("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils"), ("mkfs.ext4", "e2fsprogs")] {
-        if Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| !o.status.success()).unwrap_or(true)
+    for (tool, package) in
+        [("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils"), ("mkfs.ext4", "e2fsprogs")]
+    {
+        if Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
         {
             missing.push(package);
         }

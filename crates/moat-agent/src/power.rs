@@ -1,0 +1,58 @@
+//! Ending the VM. QEMU runs with `-no-reboot`, so a reboot ends it; PID 1 itself must never exit
+//! (that panics the kernel).
+
+use std::time::{Duration, Instant};
+
+/// How long to wait for killed processes to die before flushing the disk anyway.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// Kill every process, flush and remount the root read-only, and reboot. Never returns.
+pub fn power_off() -> ! {
+    // SAFETY: kill(-1) signals every process except PID 1 itself.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+    let start = Instant::now();
+    while start.elapsed() < KILL_GRACE {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid out-pointer; WNOHANG never blocks.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid < 0 {
+            break; // ECHILD: nothing left.
+        }
+        if pid == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    // SAFETY: sync takes no arguments.
+    unsafe { libc::sync() };
+    let root = c"/";
+    // SAFETY: remount / read-only so ext4 is clean; pointers are valid or NULL as mount(2)
+    // allows for a remount. Failure is harmless after sync.
+    unsafe {
+        libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REMOUNT | libc::MS_RDONLY,
+            std::ptr::null(),
+        );
+    }
+    reboot()
+}
+
+/// Reboot at once (the accelerator probe and fatal errors). Never returns.
+pub fn reboot() -> ! {
+    // SAFETY: reboot takes a plain command number.
+    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+    // Only reached when reboot failed (not PID 1 / no CAP_SYS_BOOT): wait to be killed.
+    eprintln!("moat-agent: reboot failed: {}; waiting to be stopped", std::io::Error::last_os_error());
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Report a fatal error on the console and end the VM. Never returns.
+pub fn fatal(message: &dyn std::fmt::Display) -> ! {
+    eprintln!("moat-agent: fatal: {message}");
+    eprintln!("moat-agent: powering off");
+    power_off()
+}
