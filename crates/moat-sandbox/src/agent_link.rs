@@ -169,7 +169,7 @@ impl AgentLink {
         self.shared.dead.lock().expect("no panics while held").clone()
     }
 
-    async fn open(&self, request: Request) -> Result<(u32, Arc<Channel>), LinkError> {
+    async fn open(&self, request: Request) -> Result<(u32, Arc<Channel>, Started), LinkError> {
         let id = self.next_channel.fetch_add(1, Ordering::Relaxed);
         let channel = Channel::new();
         if self.dead_reason().is_some() {
@@ -177,12 +177,12 @@ impl AgentLink {
         }
         self.shared.channels.lock().expect("no panics while held").insert(id, channel.clone());
         self.send(Frame::new(id, Message::Request(request))).await?;
-        loop {
+        let started = loop {
             let notified = channel.notify.notified();
             {
                 let mut st = channel.lock();
                 match st.started.take() {
-                    Some(Ok(_)) => break,
+                    Some(Ok(started)) => break started,
                     Some(Err(e)) => {
                         drop(st);
                         self.shared.remove(id);
@@ -197,8 +197,8 @@ impl AgentLink {
                 }
             }
             notified.await;
-        }
-        Ok((id, channel))
+        };
+        Ok((id, channel, started))
     }
 
     async fn send(&self, frame: Frame) -> Result<(), LinkError> {
@@ -207,20 +207,24 @@ impl AgentLink {
 
     /// Start a process in the guest.
     pub async fn exec(self: &Arc<Self>, request: ExecRequest) -> Result<Exec, LinkError> {
-        let (id, channel) = self.open(Request::Exec(request)).await?;
-        Ok(Exec { link: self.clone(), id, channel, done: false })
+        let (id, channel, started) = self.open(Request::Exec(request)).await?;
+        let pid = match started {
+            Started::Exec { pid } => pid,
+            _ => 0,
+        };
+        Ok(Exec { link: self.clone(), id, channel, pid, done: false })
     }
 
     /// Round trip to the agent.
     pub async fn ping(&self) -> Result<(), LinkError> {
-        let (id, _) = self.open(Request::Ping).await?;
+        let (id, _, _) = self.open(Request::Ping).await?;
         self.shared.remove(id);
         Ok(())
     }
 
     /// Ask the agent to power the guest off. The VM exits shortly after.
     pub async fn shutdown(&self) -> Result<(), LinkError> {
-        let (id, _) = self.open(Request::Shutdown).await?;
+        let (id, _, _) = self.open(Request::Shutdown).await?;
         self.shared.remove(id);
         Ok(())
     }
@@ -343,10 +347,16 @@ pub struct Exec {
     link: Arc<AgentLink>,
     id: u32,
     channel: Arc<Channel>,
+    pid: u32,
     done: bool,
 }
 
 impl Exec {
+    /// The process's pid inside the guest.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// The next piece of output, or the exit status once all output has been read. Returns the
     /// data it hands out to the guest as credit, so the guest never gets further ahead than one window.
     pub async fn next_event(&mut self) -> Result<ExecEvent, LinkError> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 pub use agent_link::{AgentLink, Exec, ExecControl, ExecEvent, LinkError};
 pub use runtime::{Runtime, RuntimeConfig};
-pub use sandbox::{new_id, Sandbox, SandboxSpec};
+pub use sandbox::{new_id, validate, Sandbox, SandboxSpec, OVERLAY_FILE};
 
 /// Why a sandbox could not be prepared, booted or used.
 #[derive(Debug, thiserror::Error)]

@@ -1,12 +1,12 @@
 //! One sandbox: a disk overlay, a QEMU process and the agent link into it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moat_image::Image;
 use moat_proto::ExecRequest;
-use moat_vmm::{Accel, Vm, VmConfig};
+use moat_vmm::{Accel, ExitWatcher, Vm, VmConfig};
 
 use crate::agent_link::{AgentLink, Exec};
 use crate::runtime::{create_private_dir, Runtime};
@@ -41,16 +41,20 @@ impl Default for SandboxSpec {
     }
 }
 
-/// A booted sandbox with a live agent link.
+/// The sandbox's disk overlay inside its run directory.
+pub const OVERLAY_FILE: &str = "root.qcow2";
+
+/// A booted sandbox with a live agent link. Shared by reference: every method takes `&self`.
 pub struct Sandbox {
     pub id: String,
     pub dir: PathBuf,
     pub image: Image,
     pub accel: Accel,
-    /// Time from QEMU start until the agent answered the handshake.
+    /// Time from QEMU start until the agent answered the handshake (zero when adopted).
     pub boot_time: Duration,
-    vm: Vm,
-    link: Arc<AgentLink>,
+    pid: u32,
+    vm: tokio::sync::Mutex<Vm>,
+    link: std::sync::RwLock<Arc<AgentLink>>,
 }
 
 /// A fresh random sandbox id: 12 hex digits, short enough for socket paths.
@@ -58,45 +62,55 @@ pub fn new_id() -> String {
     format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
 }
 
+fn vm_config(rt: &Runtime, spec: &SandboxSpec, id: &str, dir: &Path) -> VmConfig {
+    let hostname = spec.hostname.clone().unwrap_or_else(|| format!("moat-{id}"));
+    VmConfig {
+        qemu: rt.qemu.clone(),
+        accel: rt.accel.accel,
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+        kernel: rt.kernel.path.clone(),
+        initrd: rt.initrd.clone(),
+        cmdline: format!("moat.root=/dev/vda moat.port=moat.agent moat.hostname={hostname}"),
+        root_disk: Some(dir.join(OVERLAY_FILE)),
+        run_dir: dir.to_path_buf(),
+        seccomp: true,
+        name: id.to_string(),
+    }
+}
+
 impl Sandbox {
-    /// Create the overlay, start QEMU and wait for the agent. On any failure everything created so
-    /// far is removed again and no QEMU is left running.
+    /// A one-shot sandbox: a new id and run directory, a fresh overlay, QEMU, the agent. On any
+    /// failure everything created so far is removed again and no QEMU is left running.
     pub async fn boot(rt: &Runtime, spec: &SandboxSpec) -> Result<Sandbox, SandboxError> {
-        validate(spec)?;
-        let image = rt.images.resolve(&spec.image)?;
         let id = new_id();
         let dir = rt.config.run_dir().join(&id);
-        create_private_dir(&dir)?;
-        let result = Self::boot_in(rt, spec, image, id, dir.clone()).await;
+        let result = Self::start(rt, spec, &id, &dir, true).await;
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
         }
         result
     }
 
-    async fn boot_in(
+    /// Boot sandbox `id` in `dir`: with `fresh`, a new overlay on the image replaces any old one;
+    /// otherwise the existing overlay (a stopped sandbox's disk) is booted. On failure no QEMU is
+    /// left running; the directory stays for the caller to keep or remove.
+    pub async fn start(
         rt: &Runtime,
         spec: &SandboxSpec,
-        image: Image,
-        id: String,
-        dir: PathBuf,
+        id: &str,
+        dir: &Path,
+        fresh: bool,
     ) -> Result<Sandbox, SandboxError> {
-        let overlay = dir.join("root.qcow2");
-        rt.images.create_overlay(&image, &overlay, spec.disk_bytes)?;
-        let hostname = spec.hostname.clone().unwrap_or_else(|| format!("moat-{id}"));
-        let cfg = VmConfig {
-            qemu: rt.qemu.clone(),
-            accel: rt.accel.accel,
-            vcpus: spec.vcpus,
-            memory_mib: spec.memory_mib,
-            kernel: rt.kernel.path.clone(),
-            initrd: rt.initrd.clone(),
-            cmdline: format!("moat.root=/dev/vda moat.port=moat.agent moat.hostname={hostname}"),
-            root_disk: Some(overlay),
-            run_dir: dir.clone(),
-            seccomp: true,
-            name: id.clone(),
-        };
+        validate(spec)?;
+        let image = rt.images.resolve(&spec.image)?;
+        create_private_dir(dir)?;
+        let cfg = vm_config(rt, spec, id, dir);
+        let overlay = dir.join(OVERLAY_FILE);
+        if fresh || !overlay.exists() {
+            let _ = std::fs::remove_file(&overlay);
+            rt.images.create_overlay(&image, &overlay, spec.disk_bytes)?;
+        }
         let started = Instant::now();
         let mut vm = Vm::spawn(&cfg, spec.die_with_parent).await?;
         let socket = vm.agent_socket();
@@ -124,26 +138,98 @@ impl Sandbox {
         };
         let boot_time = started.elapsed();
         tracing::info!(sandbox = %id, ?boot_time, agent = %link.agent().agent_version, "sandbox running");
-        Ok(Sandbox { id, dir, image, accel: rt.accel.accel, boot_time, vm, link: Arc::new(link) })
+        Ok(Sandbox {
+            id: id.to_string(),
+            dir: dir.to_path_buf(),
+            image,
+            accel: rt.accel.accel,
+            boot_time,
+            pid: vm.pid(),
+            vm: tokio::sync::Mutex::new(vm),
+            link: std::sync::RwLock::new(Arc::new(link)),
+        })
+    }
+
+    /// Take over a sandbox whose QEMU (pid `pid`) an earlier daemon started: verify the process
+    /// is that sandbox's QEMU, then connect to its agent again.
+    pub async fn adopt(
+        rt: &Runtime,
+        spec: &SandboxSpec,
+        id: &str,
+        dir: &Path,
+        pid: u32,
+    ) -> Result<Sandbox, SandboxError> {
+        let image = rt.images.resolve(&spec.image)?;
+        let cfg = vm_config(rt, spec, id, dir);
+        let vm = Vm::adopt(&cfg, pid).await?;
+        let link = match tokio::time::timeout(spec.boot_timeout, AgentLink::connect(&vm.agent_socket())).await {
+            Ok(Ok(link)) => link,
+            Ok(Err(e)) => {
+                vm.detach();
+                return Err(e.into());
+            }
+            Err(_) => {
+                let console = vm.console_tail(20);
+                vm.detach();
+                return Err(SandboxError::Boot { reason: "the agent did not answer after adoption".into(), console });
+            }
+        };
+        Ok(Sandbox {
+            id: id.to_string(),
+            dir: dir.to_path_buf(),
+            image,
+            accel: rt.accel.accel,
+            boot_time: Duration::ZERO,
+            pid,
+            vm: tokio::sync::Mutex::new(vm),
+            link: std::sync::RwLock::new(Arc::new(link)),
+        })
+    }
+
+    /// QEMU's pid on the host.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Resolves when QEMU exits, for whatever reason.
+    pub async fn exit_watcher(&self) -> Result<ExitWatcher, SandboxError> {
+        Ok(self.vm.lock().await.exit_watcher()?)
+    }
+
+    /// How QEMU ended, in words (after it did).
+    pub async fn exit_description(&self) -> String {
+        match self.vm.lock().await.wait(Duration::from_millis(500)).await {
+            Ok(Some(exit)) => exit.to_string(),
+            Ok(None) => "still running".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// The last lines of the guest console.
+    pub async fn console_tail(&self, lines: usize) -> String {
+        self.vm.lock().await.console_tail(lines)
     }
 
     /// The agent link, for operations beyond exec.
-    pub fn link(&self) -> &Arc<AgentLink> {
-        &self.link
+    pub fn link(&self) -> Arc<AgentLink> {
+        self.link.read().expect("no panics while held").clone()
     }
 
     /// Drop the agent link and connect again, as a restarted daemon would. Processes started over
-    /// the old link are killed by the agent when it notices the disconnect.
-    pub async fn reconnect(&mut self, timeout: Duration) -> Result<(), SandboxError> {
-        self.link.close();
-        let link =
-            tokio::time::timeout(timeout, AgentLink::connect(&self.vm.agent_socket())).await.map_err(|_| {
-                SandboxError::Boot {
+    /// the old link are killed by the agent when it notices the new session.
+    pub async fn reconnect(&self, timeout: Duration) -> Result<(), SandboxError> {
+        self.link().close();
+        let socket = self.dir.join("agent.sock");
+        let link = match tokio::time::timeout(timeout, AgentLink::connect(&socket)).await {
+            Ok(link) => link?,
+            Err(_) => {
+                return Err(SandboxError::Boot {
                     reason: "the agent did not answer after a reconnect".into(),
-                    console: self.vm.console_tail(20),
-                }
-            })??;
-        self.link = Arc::new(link);
+                    console: self.console_tail(20).await,
+                })
+            }
+        };
+        *self.link.write().expect("no panics while held") = Arc::new(link);
         Ok(())
     }
 
@@ -162,21 +248,43 @@ impl Sandbox {
         if request.user.is_none() {
             request.user = self.image.config.user.clone();
         }
-        Ok(self.link.exec(request).await?)
+        Ok(self.link().exec(request).await?)
     }
 
-    /// Power the guest off (asking the agent first, then QEMU, then SIGKILL) and remove its files.
-    pub async fn destroy(mut self) -> Result<(), SandboxError> {
-        let asked = tokio::time::timeout(Duration::from_secs(2), self.link.shutdown()).await;
+    /// Power the guest off (asking the agent first, then QEMU, then SIGKILL). The run directory
+    /// and the disk stay; sockets and the pidfile go.
+    pub async fn shutdown(&self) {
+        let link = self.link();
+        let asked = tokio::time::timeout(Duration::from_secs(2), link.shutdown()).await;
         let grace = if matches!(asked, Ok(Ok(()))) { Duration::from_secs(5) } else { Duration::ZERO };
-        let stopped = self.vm.stop(grace).await;
-        let removed = std::fs::remove_dir_all(&self.dir);
-        stopped?;
-        removed.map_err(|e| SandboxError::Io { what: format!("removing {}", self.dir.display()), source: e })
+        link.close();
+        if let Err(e) = self.vm.lock().await.stop(grace).await {
+            tracing::warn!(sandbox = %self.id, error = %e, "stopping QEMU failed");
+        }
+    }
+
+    /// After QEMU died on its own: reap it and remove its sockets.
+    pub async fn release(&self) {
+        self.link().close();
+        let _ = self.vm.lock().await.stop(Duration::ZERO).await;
+    }
+
+    /// Shut down and remove the run directory with the disk.
+    pub async fn destroy(self) -> Result<(), SandboxError> {
+        self.shutdown().await;
+        std::fs::remove_dir_all(&self.dir)
+            .map_err(|e| SandboxError::Io { what: format!("removing {}", self.dir.display()), source: e })
+    }
+
+    /// Let go of the VM without stopping it (a daemon exiting; the next one adopts it).
+    pub fn detach(self) {
+        self.link().close();
+        self.vm.into_inner().detach();
     }
 }
 
-fn validate(spec: &SandboxSpec) -> Result<(), SandboxError> {
+/// Check a spec's sizes and hostname.
+pub fn validate(spec: &SandboxSpec) -> Result<(), SandboxError> {
     if spec.vcpus == 0 || spec.vcpus > 64 {
         return Err(SandboxError::InvalidSpec(format!("{} vCPUs is out of range; use 1 to 64", spec.vcpus)));
     }

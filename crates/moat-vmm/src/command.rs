@@ -119,7 +119,7 @@ pub fn command_line_for(cfg: &VmConfig, host: HostFacts) -> Vec<OsString> {
     let mut push = |parts: &[&str]| a.extend(parts.iter().map(OsString::from));
     let p = |path: &PathBuf| path.to_string_lossy().into_owned();
 
-    push(&["-name", &format!("guest=moat-{0},process=moat-{0}", cfg.name)]);
+    push(&["-name", &name_option(cfg)]);
     let mut kernel_args = BASE_CMDLINE.to_string();
     // Chosen by measurement (docs in the crate README): `-cpu max` under TCG boots the kernel to
     // its panic in ~2.6-3.3 s vs ~2.5-2.8 s for the default qemu64 model, and gives the guest
@@ -171,6 +171,12 @@ pub fn command_line_for(cfg: &VmConfig, host: HostFacts) -> Vec<OsString> {
         push(&["-sandbox", SECCOMP_POLICY]);
     }
     a
+}
+
+/// QEMU's `-name` value: `guest=` labels QMP and logs, `process=` is what `ps` shows; adoption
+/// and gc recognise a sandbox's QEMU by it.
+pub(crate) fn name_option(cfg: &VmConfig) -> String {
+    format!("guest=moat-{0},process=moat-{0}", cfg.name)
 }
 
 /// A value inside a QEMU `key=value,...` option string: commas are escaped by doubling them.

@@ -3,6 +3,8 @@
 
 mod accel;
 mod command;
+mod exit;
+mod identity;
 mod qmp;
 mod vm;
 
@@ -12,6 +14,8 @@ pub use accel::{
     choose_accel, Accel, AccelChoice, AccelChoiceError, AccelDecision, DEFAULT_PROBE_TIMEOUT, PROBE_MARKER,
 };
 pub use command::{command_line, command_line_for, HostFacts, VmConfig, BASE_CMDLINE, SECCOMP_POLICY};
+pub use exit::{Exit, ExitWatcher};
+pub use identity::{find_qemus_under, is_our_qemu};
 pub use qmp::{Qmp, QmpError, QmpEvent};
 pub use vm::Vm;
 
@@ -36,6 +40,10 @@ pub enum VmmError {
     NotRunning,
     #[error("QMP: {0}")]
     Qmp(#[from] QmpError),
+    #[error("process {pid} is not this sandbox's QEMU: {reason}; it was left alone\nhint: the VM has probably exited and its pid was reused; treat the sandbox as stopped")]
+    NotOurProcess { pid: u32, reason: String },
+    #[error("QEMU {pid} is running but did not answer on its QMP socket {}: {reason}; it was left running\nhint: another process may hold the QMP connection; stop it, or kill QEMU {pid} to end the sandbox", socket.display())]
+    AdoptQmp { pid: u32, socket: PathBuf, reason: String },
     #[error("KVM is not usable on this host: {reason}\nhint: {hint}")]
     KvmUnusable { reason: String, hint: String },
     #[error("{what}: {source}")]

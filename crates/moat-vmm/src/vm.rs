@@ -1,13 +1,17 @@
-//! A supervised QEMU process.
+//! A supervised QEMU process: one this daemon spawned, or one it adopted from an earlier daemon.
 
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use tokio::io::unix::AsyncFd;
 use tokio::process::{Child, Command};
 
 use crate::command::{command_line, VmConfig};
+use crate::exit::{has_exited, open_pidfd, wait_readable, watch, Exit, ExitWatcher};
+use crate::identity::is_our_qemu;
 use crate::qmp::Qmp;
 use crate::VmmError;
 
@@ -18,9 +22,22 @@ const QUIT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Unix socket paths must fit `sun_path` (108 bytes including the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
-/// A running QEMU. Dropping it SIGKILLs QEMU without waiting; use [`Vm::stop`] to end it cleanly.
+/// How this process is related to QEMU.
+enum Process {
+    /// Started by [`Vm::spawn`]: our child, reaped through `Child`, killed when dropped.
+    Spawned(Child),
+    /// Taken over by [`Vm::adopt`], or a spawned VM after [`Vm::detach`]: never killed on drop,
+    /// its exit is seen through the pidfd only.
+    Adopted,
+}
+
+/// A running QEMU. Dropping a spawned `Vm` SIGKILLs QEMU without waiting (use [`Vm::stop`] to
+/// end it cleanly, [`Vm::detach`] to leave it running); dropping an adopted one leaves QEMU
+/// running.
 pub struct Vm {
-    child: Child,
+    process: Process,
+    /// Refers to exactly this QEMU even after its pid is reused; readable once it has exited.
+    pidfd: AsyncFd<OwnedFd>,
     pid: u32,
     run_dir: PathBuf,
     qmp_socket: PathBuf,
@@ -29,7 +46,7 @@ pub struct Vm {
     pid_file: PathBuf,
     qemu_log: PathBuf,
     qmp: Option<Qmp>,
-    exited: Option<ExitStatus>,
+    exited: Option<Exit>,
 }
 
 impl Vm {
@@ -38,7 +55,8 @@ impl Vm {
     ///
     /// `die_with_parent` sets `PR_SET_PDEATHSIG(SIGKILL)` for one-shot runs. The kernel ties it
     /// to the *thread* that forked, so call this from a long-lived runtime thread (any tokio
-    /// worker), never from `spawn_blocking`.
+    /// worker), never from `spawn_blocking`. A VM meant to outlive the daemon ([`Vm::detach`])
+    /// must be spawned without it.
     pub async fn spawn(cfg: &VmConfig, die_with_parent: bool) -> Result<Vm, VmmError> {
         for sock in [cfg.qmp_socket(), cfg.agent_socket()] {
             if sock.as_os_str().len() > MAX_SOCKET_PATH {
@@ -56,7 +74,8 @@ impl Vm {
         let log = std::fs::File::create(&qemu_log)
             .map_err(|e| VmmError::Io { what: format!("cannot create {}", qemu_log.display()), source: e })?;
         let mut cmd = Command::new(&cfg.qemu);
-        cmd.args(command_line(cfg)).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).kill_on_drop(true);
+        // No `kill_on_drop`: `Vm`'s own drop kills, so that `detach` can leave QEMU running.
+        cmd.args(command_line(cfg)).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         let parent = std::process::id() as libc::pid_t;
         // SAFETY: the closure runs in the forked child before exec and only calls async-signal-safe
         // functions (setsid, prctl, getppid), touching no memory shared with the parent.
@@ -79,21 +98,19 @@ impl Vm {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(VmmError::Spawn)?;
+        let mut child = cmd.spawn().map_err(VmmError::Spawn)?;
         let pid = child.id().expect("a just-spawned child has a pid");
-        tracing::debug!(pid, name = %cfg.name, accel = %cfg.accel, "QEMU started");
-        let mut vm = Vm {
-            child,
-            pid,
-            run_dir: cfg.run_dir.clone(),
-            qmp_socket: cfg.qmp_socket(),
-            agent_socket: cfg.agent_socket(),
-            console_log: cfg.console_log(),
-            pid_file: cfg.pid_file(),
-            qemu_log,
-            qmp: None,
-            exited: None,
+        // The child is not reaped before we wait for it, so its pid cannot have been reused yet.
+        let pidfd = match open_pidfd(pid).and_then(|fd| watch(fd).map_err(std::io::Error::from)) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(VmmError::Io { what: format!("cannot open a pidfd for QEMU {pid}"), source: e });
+            }
         };
+        tracing::debug!(pid, name = %cfg.name, accel = %cfg.accel, "QEMU started");
+        let mut vm = Vm::new(Process::Spawned(child), pidfd, pid, cfg);
         match vm.connect_qmp().await {
             Ok(qmp) => {
                 vm.qmp = Some(qmp);
@@ -105,6 +122,86 @@ impl Vm {
                 Err(e)
             }
         }
+    }
+
+    /// Take over the QEMU an earlier daemon started for `cfg`, known by its `pid`. The process
+    /// must be that very QEMU ([`is_our_qemu`]); anything else is refused with
+    /// [`VmmError::NotOurProcess`] and never signalled. The adopted `Vm` works like a spawned one,
+    /// except that QEMU's exit status is [`Exit::Unknown`] and dropping it leaves QEMU running.
+    pub async fn adopt(cfg: &VmConfig, pid: u32) -> Result<Vm, VmmError> {
+        let not_ours = |reason: String| VmmError::NotOurProcess { pid, reason };
+        is_our_qemu(pid, cfg).map_err(not_ours)?;
+        let pidfd = open_pidfd(pid).map_err(|e| match e.raw_os_error() {
+            Some(libc::ESRCH) => not_ours(format!("process {pid} has exited")),
+            _ => VmmError::Io { what: format!("cannot open a pidfd for process {pid}"), source: e },
+        })?;
+        // The pid may have been reused between the check and `pidfd_open`: check again, now that
+        // the pidfd pins the process. If it is still running after the second read, the
+        // command line read belonged to it.
+        is_our_qemu(pid, cfg).map_err(not_ours)?;
+        let exited =
+            |e: std::io::Error| VmmError::Io { what: format!("cannot poll the pidfd of process {pid}"), source: e };
+        if has_exited(&pidfd).map_err(exited)? {
+            return Err(not_ours(format!("process {pid} has exited")));
+        }
+        let pidfd = watch(pidfd)
+            .map_err(|e| VmmError::Io { what: format!("cannot watch the pidfd of process {pid}"), source: e.into() })?;
+        let qmp_socket = cfg.qmp_socket();
+        let qmp = match tokio::time::timeout(QMP_TIMEOUT, Qmp::connect(&qmp_socket)).await {
+            Ok(Ok(qmp)) => qmp,
+            Ok(Err(e)) => return Err(VmmError::AdoptQmp { pid, socket: qmp_socket, reason: e.to_string() }),
+            Err(_) => {
+                return Err(VmmError::AdoptQmp {
+                    pid,
+                    socket: qmp_socket,
+                    reason: format!("no greeting within {}s", QMP_TIMEOUT.as_secs()),
+                })
+            }
+        };
+        tracing::info!(pid, name = %cfg.name, "adopted a running QEMU");
+        let mut vm = Vm::new(Process::Adopted, pidfd, pid, cfg);
+        vm.qmp = Some(qmp);
+        Ok(vm)
+    }
+
+    fn new(process: Process, pidfd: AsyncFd<OwnedFd>, pid: u32, cfg: &VmConfig) -> Vm {
+        Vm {
+            process,
+            pidfd,
+            pid,
+            run_dir: cfg.run_dir.clone(),
+            qmp_socket: cfg.qmp_socket(),
+            agent_socket: cfg.agent_socket(),
+            console_log: cfg.console_log(),
+            pid_file: cfg.pid_file(),
+            qemu_log: cfg.qemu_log(),
+            qmp: None,
+            exited: None,
+        }
+    }
+
+    /// Let go of QEMU without stopping it: it keeps running after this `Vm`, and this daemon,
+    /// are gone, for a later [`Vm::adopt`]. While this process lives it still reaps a spawned
+    /// QEMU when it exits, so no zombie is left.
+    pub fn detach(mut self) {
+        tracing::debug!(pid = self.pid, "detaching from QEMU; it keeps running");
+        // Dropping a `Child` without `kill_on_drop` hands it to tokio's orphan reaper.
+        self.process = Process::Adopted;
+    }
+
+    /// Something that resolves when QEMU exits, independent of this `Vm` (it holds its own
+    /// pidfd), for a task that watches the VM while another drives it.
+    pub fn exit_watcher(&self) -> Result<ExitWatcher, VmmError> {
+        let fd = self.pidfd.get_ref().try_clone().map_err(|e| VmmError::Io {
+            what: format!("cannot duplicate the pidfd of QEMU {}", self.pid),
+            source: e,
+        })?;
+        Ok(ExitWatcher::new(fd))
+    }
+
+    /// Whether this `Vm` came from [`Vm::adopt`] (or was detached), rather than being our child.
+    pub fn is_adopted(&self) -> bool {
+        matches!(self.process, Process::Adopted)
     }
 
     /// Wait for QEMU's QMP socket and greet it, noticing an early exit of QEMU.
@@ -133,17 +230,25 @@ impl Vm {
 
     /// `QemuExited` if QEMU exits within `within`.
     async fn exited_early(&mut self, within: Duration) -> Result<Option<VmmError>, VmmError> {
-        let status = if within.is_zero() {
-            let s =
-                self.child.try_wait().map_err(|e| VmmError::Io { what: "cannot wait for QEMU".into(), source: e })?;
-            if let Some(s) = s {
-                self.exited = Some(s);
-            }
-            s
-        } else {
-            self.wait(within).await?
-        };
-        Ok(status.map(|status| VmmError::QemuExited { status: status.to_string(), stderr: self.qemu_stderr() }))
+        let exit = if within.is_zero() { self.poll_exit()? } else { self.wait(within).await? };
+        Ok(exit.map(|exit| VmmError::QemuExited { status: exit.to_string(), stderr: self.qemu_stderr() }))
+    }
+
+    /// Record QEMU's exit if it has happened, without waiting.
+    fn poll_exit(&mut self) -> Result<Option<Exit>, VmmError> {
+        if self.exited.is_none() {
+            let exit = match &mut self.process {
+                Process::Spawned(child) => child
+                    .try_wait()
+                    .map_err(|e| VmmError::Io { what: "cannot wait for QEMU".into(), source: e })?
+                    .map(Exit::Status),
+                Process::Adopted => has_exited(self.pidfd.get_ref())
+                    .map_err(|e| VmmError::Io { what: "cannot poll QEMU's pidfd".into(), source: e })?
+                    .then_some(Exit::Unknown),
+            };
+            self.exited = exit;
+        }
+        Ok(self.exited)
     }
 
     /// QEMU's process id.
@@ -191,32 +296,35 @@ impl Vm {
     }
 
     /// Whether QEMU has exited (without waiting).
-    pub fn try_exited(&mut self) -> Option<ExitStatus> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().ok().flatten();
-        }
-        self.exited
+    pub fn try_exited(&mut self) -> Option<Exit> {
+        self.poll_exit().ok().flatten()
     }
 
     /// Wait for QEMU to exit, at most `timeout`; `None` if it is still running.
-    pub async fn wait(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, VmmError> {
-        if let Some(s) = self.exited {
-            return Ok(Some(s));
+    pub async fn wait(&mut self, timeout: Duration) -> Result<Option<Exit>, VmmError> {
+        if let Some(exit) = self.exited {
+            return Ok(Some(exit));
         }
-        match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(Ok(status)) => {
-                self.exited = Some(status);
-                tracing::debug!(pid = self.pid, %status, "QEMU exited");
-                Ok(Some(status))
-            }
-            Ok(Err(e)) => Err(VmmError::Io { what: "cannot wait for QEMU".into(), source: e }),
-            Err(_) => Ok(None),
-        }
+        let exit = match &mut self.process {
+            Process::Spawned(child) => match tokio::time::timeout(timeout, child.wait()).await {
+                Ok(Ok(status)) => Exit::Status(status),
+                Ok(Err(e)) => return Err(VmmError::Io { what: "cannot wait for QEMU".into(), source: e }),
+                Err(_) => return Ok(None),
+            },
+            Process::Adopted => match tokio::time::timeout(timeout, wait_readable(&self.pidfd)).await {
+                Ok(Ok(())) => Exit::Unknown,
+                Ok(Err(e)) => return Err(VmmError::Io { what: "cannot wait on QEMU's pidfd".into(), source: e }),
+                Err(_) => return Ok(None),
+            },
+        };
+        self.exited = Some(exit);
+        tracing::debug!(pid = self.pid, %exit, "QEMU exited");
+        Ok(Some(exit))
     }
 
     /// Stop QEMU: give the guest `grace` to power off by itself (the caller has usually asked the
-    /// agent to), then ask QEMU to `quit`, then SIGKILL it. Always reaps the process and removes
-    /// the sockets and the pidfile. Idempotent.
+    /// agent to), then ask QEMU to `quit`, then SIGKILL it. Always waits for the process to end
+    /// (reaping it when it is our child) and removes the sockets and the pidfile. Idempotent.
     pub async fn stop(&mut self, grace: Duration) -> Result<(), VmmError> {
         if self.wait(grace).await?.is_none() {
             if let Some(qmp) = self.qmp.as_mut() {
@@ -233,12 +341,24 @@ impl Vm {
         Ok(())
     }
 
-    /// SIGKILL QEMU and reap it.
+    /// SIGKILL QEMU and wait until it has exited (reaping it when it is our child).
     pub async fn kill(&mut self) {
         if self.exited.is_none() {
-            let _ = self.child.start_kill();
-            if let Ok(status) = self.child.wait().await {
-                self.exited = Some(status);
+            match &mut self.process {
+                Process::Spawned(child) => {
+                    let _ = child.start_kill();
+                    if let Ok(status) = child.wait().await {
+                        self.exited = Some(Exit::Status(status));
+                    }
+                }
+                Process::Adopted => {
+                    // Through the pidfd: even if QEMU is gone and its pid reused, nothing else
+                    // can receive this signal.
+                    let _ = rustix::process::pidfd_send_signal(self.pidfd.get_ref(), rustix::process::Signal::Kill);
+                    if wait_readable(&self.pidfd).await.is_ok() {
+                        self.exited = Some(Exit::Unknown);
+                    }
+                }
             }
         }
         self.qmp = None;
@@ -253,10 +373,13 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        // Never block in drop: signal and let tokio's orphan reaper collect the process.
-        if self.exited.is_none() && matches!(self.child.try_wait(), Ok(None)) {
-            tracing::debug!(pid = self.pid, "Vm dropped while QEMU runs; killing it");
-            let _ = self.child.start_kill();
+        // Never block in drop: signal and let tokio's orphan reaper collect the process. An
+        // adopted QEMU belongs to the sandbox, not to this handle: leave it running.
+        if let Process::Spawned(child) = &mut self.process {
+            if self.exited.is_none() && matches!(child.try_wait(), Ok(None)) {
+                tracing::debug!(pid = self.pid, "Vm dropped while QEMU runs; killing it");
+                let _ = child.start_kill();
+            }
         }
     }
 }
@@ -395,6 +518,71 @@ pub(crate) mod tests {
             assert!(Instant::now() < deadline, "QEMU {pid} still runs after the Vm was dropped");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn adopt_refuses_a_process_that_is_not_our_qemu_and_leaves_it_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "notqemu", "/k".into(), "/i".into());
+        let mut sleeper = std::process::Command::new("sleep").arg("30").spawn().expect("sleep runs");
+        let pid = sleeper.id();
+        // Until `execve` has set up the new image, /proc shows an empty command line.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"sleep")) {
+            assert!(Instant::now() < deadline, "sleep {pid} never showed its command line");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let err = Vm::adopt(&cfg, pid).await.err().expect("a sleep is not QEMU");
+        assert!(matches!(err, VmmError::NotOurProcess { pid: p, .. } if p == pid), "{err}");
+        assert!(err.to_string().contains("not qemu-system"), "{err}");
+        let alive = sleeper.try_wait().unwrap().is_none();
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        assert!(alive, "adopt must never signal a process it refused");
+        let err = Vm::adopt(&cfg, u32::MAX - 1).await.err().expect("no such process");
+        assert!(matches!(err, VmmError::NotOurProcess { .. }), "{err}");
+    }
+
+    /// What a daemon restart does: the old daemon detaches from a running VM, a new handle adopts
+    /// it by pid, drives it over QMP, and ends it; a watcher started before sees the exit.
+    #[tokio::test]
+    async fn a_detached_vm_keeps_running_and_is_adopted_by_a_new_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.cpio");
+        std::fs::write(&empty, b"").unwrap();
+        let mut cfg = config(dir.path(), "adopt", host_kernel(), empty);
+        cfg.cmdline = "panic=0".into();
+        // die_with_parent: should the test fail half-way, QEMU still dies with the test thread.
+        let vm = Vm::spawn(&cfg, true).await.expect("QEMU starts");
+        let pid = vm.pid();
+        let mut exited = tokio::spawn(vm.exit_watcher().expect("watcher").wait());
+        vm.detach();
+
+        let mut other = cfg.clone();
+        other.name = format!("other-{}", std::process::id());
+        let err = Vm::adopt(&other, pid).await.err().expect("another sandbox's config does not adopt it");
+        assert!(matches!(err, VmmError::NotOurProcess { .. }) && err.to_string().contains("-name"), "{err}");
+
+        let mut adopted = Vm::adopt(&cfg, pid).await.expect("the detached QEMU is adopted");
+        assert!(adopted.is_adopted() && adopted.pid() == pid);
+        let status = adopted.qmp().unwrap().execute("query-status", None).await.expect("QMP answers");
+        assert!(status.get("status").is_some(), "{status}");
+        assert_eq!(adopted.wait(Duration::from_millis(100)).await.unwrap(), None);
+        assert_eq!(adopted.try_exited(), None);
+        drop(adopted);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut exited).await.is_err(),
+            "dropping an adopted Vm must leave QEMU running"
+        );
+
+        let mut again = Vm::adopt(&cfg, pid).await.expect("adopted again once the first handle let go of QMP");
+        again.kill().await;
+        assert_eq!(again.try_exited(), Some(Exit::Unknown));
+        tokio::time::timeout(Duration::from_secs(5), exited).await.expect("the watcher sees the exit").unwrap();
+        again.stop(Duration::ZERO).await.expect("stop after kill cleans up");
+        assert!(!cfg.qmp_socket().exists() && !cfg.pid_file().exists());
+        let err = Vm::adopt(&cfg, pid).await.err().expect("an exited QEMU cannot be adopted");
+        assert!(matches!(err, VmmError::NotOurProcess { .. }), "{err}");
     }
 
     #[test]

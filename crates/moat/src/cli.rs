@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use moat_vmm::AccelChoice;
 
 /// Run untrusted code in lightweight virtual machines.
@@ -13,41 +13,66 @@ pub struct Cli {
     /// Log verbosity for moat's own diagnostics (error, warn, info, debug, trace).
     #[arg(long, global = true, env = "MOAT_LOG", default_value = "warn")]
     pub log: String,
+    #[command(flatten)]
+    pub host: HostArgs,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a command in a fresh sandbox and remove the sandbox afterwards.
+    /// Run a command in a fresh sandbox and remove the sandbox afterwards (or, with -d, create a
+    /// sandbox that keeps running).
     Run(RunArgs),
+    /// Run a command in a running sandbox.
+    Exec(ExecArgs),
+    /// List sandboxes.
+    Ps(PsArgs),
+    /// Show everything about a sandbox.
+    Inspect(InspectArgs),
+    /// Stop sandboxes (their disks are kept).
+    Stop(RefsArgs),
+    /// Start stopped sandboxes again.
+    Start(RefsArgs),
+    /// Remove sandboxes.
+    Rm(RmArgs),
+    /// Manage a sandbox's lease.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+    /// Show a sandbox's guest console (kernel and agent messages) or QEMU's log.
+    Logs(LogsArgs),
+    /// Show what happened: sandbox phase changes, leases, gc.
+    Events(EventsArgs),
+    /// Remove every stopped, failed or expired sandbox.
+    Prune,
+    /// Reclaim what crashes leaked: QEMU processes, sockets and directories no sandbox owns.
+    Gc,
+    /// Run the daemon (the CLI starts one on its own when none is running).
+    Serve(ServeArgs),
     /// Check that this host can run sandboxes, and say how to fix what is missing.
     Doctor(DoctorArgs),
     /// Install missing host packages (with apt) and prepare the kernel, initramfs and default image.
     Setup(SetupArgs),
 }
 
-/// Settings shared by every command that boots VMs.
+/// Where state lives and how VMs boot. The accelerator and kernel are the daemon's: they apply
+/// when this command starts the daemon.
 #[derive(Debug, Args, Clone)]
 pub struct HostArgs {
     /// Accelerator: auto (KVM if a probe guest really boots under it, else TCG), kvm or tcg.
-    #[arg(long, env = "MOAT_ACCEL", default_value = "auto")]
+    #[arg(long, global = true, env = "MOAT_ACCEL", default_value = "auto")]
     pub accel: AccelChoice,
     /// State directory [default: /var/lib/moat as root, else ~/.local/share/moat].
-    #[arg(long, env = "MOAT_HOME")]
+    #[arg(long, global = true, env = "MOAT_HOME")]
     pub home: Option<PathBuf>,
     /// Guest kernel [default: the newest /boot/vmlinuz-*-cloud-amd64].
-    #[arg(long, env = "MOAT_KERNEL")]
+    #[arg(long, global = true, env = "MOAT_KERNEL")]
     pub kernel: Option<PathBuf>,
 }
 
+/// How a process runs in a sandbox.
 #[derive(Debug, Args)]
-pub struct RunArgs {
-    #[command(flatten)]
-    pub host: HostArgs,
-    /// Image to boot.
-    #[arg(long, default_value = "minimal")]
-    pub image: String,
+pub struct ProcessArgs {
     /// Set an environment variable in the command's environment (repeatable).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
@@ -63,27 +88,162 @@ pub struct RunArgs {
     /// Kill the command after this long (e.g. 30s, 5m).
     #[arg(long, value_parser = parse_duration)]
     pub timeout: Option<Duration>,
+}
+
+/// What a new sandbox looks like.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Image to boot.
+    #[arg(long, default_value = "minimal")]
+    pub image: String,
+    /// Name of the sandbox [default: sb-<id>].
+    #[arg(long)]
+    pub name: Option<String>,
     /// Number of virtual CPUs.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = moat_api::DEFAULT_VCPUS)]
     pub cpus: u32,
     /// Guest memory in MiB.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = moat_api::DEFAULT_MEMORY_MIB)]
     pub memory: u32,
+    /// Root disk size in MiB.
+    #[arg(long, default_value_t = moat_api::DEFAULT_DISK_MIB)]
+    pub disk: u64,
     /// Hostname of the sandbox [default: moat-<id>].
     #[arg(long)]
     pub hostname: Option<String>,
+    /// Lease: stop (and by default remove) the sandbox after this long (e.g. 30m, 2h).
+    #[arg(long, value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
+    /// What happens when the lease runs out.
+    #[arg(long, value_enum, default_value = "remove")]
+    pub on_expire: OnExpireArg,
     /// Give up if the guest has not come up after this long.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "90s", value_parser = parse_duration)]
     pub boot_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OnExpireArg {
+    Stop,
+    Remove,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub create: CreateArgs,
+    #[command(flatten)]
+    pub process: ProcessArgs,
+    /// Create the sandbox and leave it running; print its name.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// The command and its arguments.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub process: ProcessArgs,
+    /// Sandbox name, id or unique id prefix.
+    pub sandbox: String,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
 }
 
 #[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Sandbox name, id or unique id prefix.
+    pub sandbox: String,
+    /// Print JSON (with the lifecycle).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RefsArgs {
+    /// Sandbox names, ids or unique id prefixes.
+    #[arg(required = true)]
+    pub sandboxes: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// Stop running sandboxes first instead of refusing.
+    #[arg(short, long)]
+    pub force: bool,
+    /// Sandbox names, ids or unique id prefixes.
+    #[arg(required = true)]
+    pub sandboxes: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// Extend a running sandbox's lease: it now ends TTL from now.
+    Renew {
+        /// Sandbox name, id or unique id prefix.
+        sandbox: String,
+        /// New lease, from now (e.g. 30m, 1h).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Sandbox name, id or unique id prefix.
+    pub sandbox: String,
+    /// Keep printing what is appended while the sandbox runs.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Which log: the guest console, or QEMU's own messages.
+    #[arg(long, value_enum, default_value = "console")]
+    pub source: LogSourceArg,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogSourceArg {
+    Console,
+    Qemu,
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Keep printing new events.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Print JSON lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Also serve the API on this TCP address (bearer token from $MOAT_HOME/token).
+    #[arg(long, value_name = "ADDR")]
+    pub tcp: Option<std::net::SocketAddr>,
+    /// Most sandboxes that may be live at once.
+    #[arg(long, env = "MOAT_MAX_SANDBOXES", default_value_t = 32)]
+    pub max_sandboxes: usize,
+    /// Exit after this long without sandboxes or requests.
+    #[arg(long, value_parser = parse_duration)]
+    pub idle_exit: Option<Duration>,
+    /// Move a damaged or missing state database aside and start with an empty one.
+    #[arg(long)]
+    pub reset_state: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct DoctorArgs {
-    #[command(flatten)]
-    pub host: HostArgs,
     /// Print the checks as JSON.
     #[arg(long)]
     pub json: bool,
@@ -91,8 +251,6 @@ pub struct DoctorArgs {
 
 #[derive(Debug, Args)]
 pub struct SetupArgs {
-    #[command(flatten)]
-    pub host: HostArgs,
     /// Only print what would be installed.
     #[arg(long)]
     pub dry_run: bool,
@@ -112,24 +270,7 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), v.to_string()))
 }
 
-/// Parse `90`, `90s`, `500ms`, `5m`, `2h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration; use e.g. 30s, 500ms, 5m, 2h"))?;
-    let d = match unit {
-        "" | "s" => Duration::from_secs(n),
-        "ms" => Duration::from_millis(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("unknown unit {unit:?} in {s:?}; use ms, s, m or h")),
-    };
-    if d.is_zero() {
-        return Err("a duration must be more than zero".into());
-    }
-    Ok(d)
-}
+pub use moat_api::parse_duration;
 
 #[cfg(test)]
 mod tests {
@@ -139,16 +280,6 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("").is_err());
     }
 
     #[test]
@@ -165,7 +296,17 @@ mod tests {
         let cli = Cli::try_parse_from(["moat", "run", "-e", "K=V", "-w", "/tmp", "--", "env", "-0"]).unwrap();
         let Command::Run(run) = cli.command else { panic!("expected run") };
         assert_eq!(run.command, ["env", "-0"]);
-        assert_eq!(run.workdir.as_deref(), Some("/tmp"));
-        assert!(Cli::try_parse_from(["moat", "run"]).is_err());
+        assert_eq!(run.process.workdir.as_deref(), Some("/tmp"));
+    }
+
+    #[test]
+    fn exec_and_lease_parse() {
+        let cli = Cli::try_parse_from(["moat", "exec", "box", "--", "ls"]).unwrap();
+        let Command::Exec(e) = cli.command else { panic!("expected exec") };
+        assert_eq!((e.sandbox.as_str(), e.command.as_slice()), ("box", &["ls".to_string()][..]));
+        let cli = Cli::try_parse_from(["moat", "lease", "renew", "box", "--ttl", "1h"]).unwrap();
+        let Command::Lease(LeaseCommand::Renew { ttl, .. }) = cli.command else { panic!("expected lease") };
+        assert_eq!(ttl, Duration::from_secs(3600));
+        assert!(Cli::try_parse_from(["moat", "lease", "renew", "box", "--ttl", "soon"]).is_err());
     }
 }

@@ -7,9 +7,22 @@ use cli::{Cli, Command};
 
 /// Run the parsed command line; returns the process exit code.
 pub async fn main(cli: Cli) -> anyhow::Result<i32> {
+    let host = &cli.host;
     match cli.command {
-        Command::Run(args) => cmd::run::run(args).await,
-        Command::Doctor(args) => cmd::doctor::doctor(args).await,
-        Command::Setup(args) => cmd::setup::setup(args).await,
+        Command::Run(args) => cmd::run::run(args, host).await,
+        Command::Exec(args) => cmd::run::exec(args, host).await,
+        Command::Ps(args) => cmd::sandbox::ps(args, host).await,
+        Command::Inspect(args) => cmd::sandbox::inspect(args, host).await,
+        Command::Stop(args) => cmd::sandbox::stop(args, host).await,
+        Command::Start(args) => cmd::sandbox::start(args, host).await,
+        Command::Rm(args) => cmd::sandbox::rm(args, host).await,
+        Command::Lease(args) => cmd::sandbox::lease(args, host).await,
+        Command::Logs(args) => cmd::sandbox::logs(args, host).await,
+        Command::Events(args) => cmd::sandbox::events(args, host).await,
+        Command::Prune => cmd::sandbox::prune(host).await,
+        Command::Gc => cmd::sandbox::gc(host).await,
+        Command::Serve(args) => cmd::daemon::serve(args, host).await,
+        Command::Doctor(args) => cmd::doctor::doctor(args, host).await,
+        Command::Setup(args) => cmd::setup::setup(args, host).await,
     }
 }

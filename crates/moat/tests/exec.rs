@@ -126,7 +126,7 @@ async fn errors_name_what_is_wrong() {
 #[tokio::test]
 async fn agent_survives_a_host_reconnect() {
     let rt = common::runtime().await;
-    let mut sb = common::boot(&rt).await;
+    let sb = common::boot(&rt).await;
     let mut exec = sb.exec(sh("echo up; exec sleep 300")).await.unwrap();
     assert_eq!(exec.next_event().await.unwrap(), ExecEvent::Stdout(b"up\n".to_vec()));
     sb.reconnect(Duration::from_secs(30)).await.expect("reconnects");

@@ -8,7 +8,7 @@ use std::path::Path;
 use moat_vmm::{Accel, AccelChoice};
 use serde::Serialize;
 
-use crate::cli::DoctorArgs;
+use crate::cli::{DoctorArgs, HostArgs};
 use crate::cmd::runtime_config;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -40,8 +40,8 @@ impl Check {
 /// Free space below which sandboxes and images will soon fail to write.
 const MIN_FREE_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 
-pub async fn doctor(args: DoctorArgs) -> anyhow::Result<i32> {
-    let checks = run_checks(&args).await?;
+pub async fn doctor(args: DoctorArgs, host: &HostArgs) -> anyhow::Result<i32> {
+    let checks = run_checks(host).await?;
     let worst = checks.iter().map(|c| c.status).max().unwrap_or(Status::Ok);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&checks)?);
@@ -65,8 +65,8 @@ pub async fn doctor(args: DoctorArgs) -> anyhow::Result<i32> {
     })
 }
 
-async fn run_checks(args: &DoctorArgs) -> anyhow::Result<Vec<Check>> {
-    let config = runtime_config(&args.host)?;
+async fn run_checks(host: &HostArgs) -> anyhow::Result<Vec<Check>> {
+    let config = runtime_config(host)?;
     let mut checks = Vec::new();
 
     let qemu = match moat_vmm::find_qemu(config.qemu.as_deref()) {
@@ -164,7 +164,27 @@ async fn run_checks(args: &DoctorArgs) -> anyhow::Result<Vec<Check>> {
             "fix the checks above",
         )),
     }
+    checks.push(state_check(&config.home));
     Ok(checks)
+}
+
+/// The daemon's state database: present and sound, or what to do to recover.
+fn state_check(home: &Path) -> Check {
+    const NAME: &str = "state db";
+    let db = moat_daemon::Db::db_path(home);
+    if !db.exists() && !home.join("state.id").exists() {
+        return Check::ok(NAME, "none yet (the first daemon creates it)");
+    }
+    match moat_daemon::Db::open(home).and_then(|d| d.list()) {
+        Ok(list) => Check::ok(NAME, format!("{} ({} sandboxes)", db.display(), list.len())),
+        Err(e) => Check::fail(
+            NAME,
+            e.to_string().lines().next().unwrap_or_default().to_string(),
+            "restore the database from a backup; or run `moat serve --reset-state`, which moves it aside \
+             (kept as state.db.broken-*) and starts empty: sandboxes of the lost state are forgotten, and gc \
+             kills their VMs and removes their disks",
+        ),
+    }
 }
 
 fn tool_check(tool: &'static str, package: &str) -> Check {

@@ -1,7 +1,9 @@
-//! One module per command.
+//! One module per command (or family of commands).
 
+pub mod daemon;
 pub mod doctor;
 pub mod run;
+pub mod sandbox;
 pub mod setup;
 
 use moat_sandbox::{Runtime, RuntimeConfig};
@@ -21,13 +23,20 @@ pub fn runtime_config(host: &HostArgs) -> anyhow::Result<RuntimeConfig> {
     Ok(config)
 }
 
-/// Prepare the runtime and say so when it runs degraded (TCG instead of KVM).
+/// One line saying that VMs run degraded (TCG instead of KVM), or nothing.
+pub fn tcg_notice(accel: &str, reason: &str) -> Option<String> {
+    (accel == "tcg" && reason.starts_with("kvm unusable")).then(|| {
+        // One line: the full probe output is in `moat doctor`.
+        let why = reason.lines().next().unwrap_or_default().trim_end_matches("; using TCG (slow)");
+        format!("moat: using TCG software emulation, slower than KVM ({why}; details: moat doctor)")
+    })
+}
+
+/// Prepare the runtime in this process (setup, doctor) and say so when it runs degraded.
 pub async fn prepare_runtime(host: &HostArgs) -> anyhow::Result<Runtime> {
     let rt = Runtime::prepare(runtime_config(host)?).await?;
-    if rt.accel.accel == moat_vmm::Accel::Tcg && host.accel == moat_vmm::AccelChoice::Auto {
-        // One line: the full probe output is in `moat doctor`.
-        let why = rt.accel.reason.lines().next().unwrap_or_default().trim_end_matches("; using TCG (slow)");
-        eprintln!("moat: using TCG software emulation, slower than KVM ({why}; details: moat doctor)");
+    if let Some(notice) = tcg_notice(&rt.accel.accel.to_string(), &rt.accel.reason) {
+        eprintln!("{notice}");
     }
     Ok(rt)
 }

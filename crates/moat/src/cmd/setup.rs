@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
-use crate::cli::SetupArgs;
+use crate::cli::{HostArgs, SetupArgs};
 use crate::cmd::doctor::which;
 use crate::cmd::prepare_runtime;
 
@@ -40,7 +40,7 @@ const PREREQUISITES: &[Prerequisite] = &[
     Prerequisite { package: "qemu-utils", present: || which("qemu-img").is_some() },
 ];
 
-pub async fn setup(args: SetupArgs) -> anyhow::Result<i32> {
+pub async fn setup(args: SetupArgs, host: &HostArgs) -> anyhow::Result<i32> {
     let missing: Vec<&str> = PREREQUISITES.iter().filter(|p| !(p.present)()).map(|p| p.package).collect();
     if missing.is_empty() {
         eprintln!("moat: host packages: all present");
@@ -54,7 +54,7 @@ pub async fn setup(args: SetupArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     eprintln!("moat: preparing kernel, initramfs and accelerator");
-    let rt = prepare_runtime(&args.host).await?;
+    let rt = prepare_runtime(host).await?;
     eprintln!("moat: building the default image (minimal)");
     let image = rt.images.resolve("minimal")?;
     eprintln!(

@@ -47,12 +47,34 @@ pub fn require_host() {
     );
 }
 
-/// The `moat` binary under test, with MOAT_HOME pointing at the shared test home.
+/// The `moat` binary under test, with MOAT_HOME pointing at the shared test home. The daemon it
+/// starts exits on its own once the tests leave it idle.
 pub fn moat() -> Command {
+    moat_in(&home())
+}
+
+/// The `moat` binary with its own home (and so its own daemon).
+pub fn moat_in(home: &Path) -> Command {
     require_host();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_moat"));
-    cmd.env("MOAT_HOME", home()).env_remove("MOAT_KERNEL").env_remove("MOAT_ACCEL");
+    cmd.env("MOAT_HOME", home).env("MOAT_IDLE_EXIT", "20s").env_remove("MOAT_KERNEL").env_remove("MOAT_ACCEL");
     cmd
+}
+
+/// The pid of the daemon serving `home`, if one runs.
+pub fn daemon_pid(home: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(home.join("daemon.lock")).ok()?.trim().parse().ok()?;
+    // SAFETY: signal 0 only checks that the process exists.
+    (pid > 0 && unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+}
+
+/// Stop the daemon of `home` (SIGTERM) and wait until it is gone.
+pub fn stop_daemon(home: &Path) {
+    if let Some(pid) = daemon_pid(home) {
+        // SAFETY: kill with a pid read from the daemon's lock file and a valid signal.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        wait_for("the daemon to exit", Duration::from_secs(20), || daemon_pid(home).is_none());
+    }
 }
 
 /// Run `moat` to completion with no stdin.

@@ -1,0 +1,374 @@
+//! The moat daemon's REST API (v1): the JSON bodies of requests, responses, errors and streams.
+//! The daemon serves them, `moat-client` speaks them; docs/openapi.json describes them.
+
+use serde::{Deserialize, Serialize};
+
+/// Path prefix of every versioned endpoint.
+pub const PREFIX: &str = "/v1";
+
+/// Largest request body the daemon accepts.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Defaults of a new sandbox.
+pub const DEFAULT_VCPUS: u32 = 1;
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+pub const DEFAULT_DISK_MIB: u64 = 4096;
+
+/// The phases of a sandbox's life. `creating → booting → running → stopping → stopped`, and from
+/// any live phase to `failed`; a lease running out ends in `expired` (or removal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Creating,
+    Booting,
+    Running,
+    Stopping,
+    Stopped,
+    Failed,
+    Expired,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 7] = [
+        Phase::Creating,
+        Phase::Booting,
+        Phase::Running,
+        Phase::Stopping,
+        Phase::Stopped,
+        Phase::Failed,
+        Phase::Expired,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Creating => "creating",
+            Phase::Booting => "booting",
+            Phase::Running => "running",
+            Phase::Stopping => "stopping",
+            Phase::Stopped => "stopped",
+            Phase::Failed => "failed",
+            Phase::Expired => "expired",
+        }
+    }
+
+    /// Whether a QEMU process may exist in this phase.
+    pub fn is_live(self) -> bool {
+        matches!(self, Phase::Creating | Phase::Booting | Phase::Running | Phase::Stopping)
+    }
+
+    /// Whether the sandbox is at rest: `prune` removes these (stopped, failed, expired).
+    pub fn is_at_rest(self) -> bool {
+        !self.is_live()
+    }
+}
+
+impl std::str::FromStr for Phase {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Phase, String> {
+        Phase::ALL.into_iter().find(|p| p.as_str() == s).ok_or_else(|| format!("unknown phase {s:?}"))
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What happens when a sandbox's lease runs out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnExpire {
+    /// Stop the VM and keep its disk (phase `expired`); `moat start` brings it back.
+    Stop,
+    /// Stop the VM and remove the sandbox.
+    #[default]
+    Remove,
+}
+
+/// `POST /v1/sandboxes`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// Unique name; letters, digits, `-`, `_` and `.`, starting with a letter or digit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mib: Option<u64>,
+    /// Lease length; without it the sandbox lives until removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_expire: Option<OnExpire>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Give up when the guest has not come up after this long [default: 90].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_timeout_secs: Option<u64>,
+}
+
+/// Everything known about one sandbox (`GET /v1/sandboxes/{ref}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxInfo {
+    pub id: String,
+    pub name: String,
+    pub phase: Phase,
+    pub image: String,
+    pub image_digest: String,
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disk_mib: u64,
+    pub hostname: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds; absent without a lease.
+    pub expires_at: Option<i64>,
+    pub on_expire: OnExpire,
+    /// QEMU's pid while the VM runs.
+    pub pid: Option<u32>,
+    /// Why the sandbox last failed, if it did.
+    pub last_error: Option<String>,
+    /// Bumped on every phase change.
+    pub version: i64,
+}
+
+/// `POST /v1/sandboxes/{ref}/lease`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewLease {
+    /// The new lease, counted from now.
+    pub ttl_secs: u64,
+}
+
+/// One entry of a sandbox's lifecycle (`GET /v1/sandboxes/{ref}/lifecycle`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LifecycleEntry {
+    pub version: i64,
+    pub phase: Phase,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    pub error: Option<String>,
+}
+
+/// Something that happened (`GET /v1/events`, NDJSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: i64,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    pub sandbox: Option<String>,
+    /// e.g. `phase`, `lease.renewed`, `gc`.
+    pub kind: String,
+    pub message: String,
+}
+
+/// `POST /v1/prune` and `POST /v1/gc`: what was removed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Reclaimed {
+    /// Sandboxes removed (ids).
+    pub sandboxes: Vec<String>,
+    /// QEMU processes killed that no sandbox owned.
+    pub processes: Vec<u32>,
+    /// Files and directories removed that no sandbox owned.
+    pub paths: Vec<String>,
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Health {
+    pub version: String,
+    pub pid: u32,
+    pub accel: String,
+    pub accel_reason: String,
+    pub qemu_version: String,
+    /// The guest kernel's release and file.
+    pub kernel: String,
+    pub kernel_path: String,
+    pub sandboxes: usize,
+    pub max_sandboxes: usize,
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Stable, machine-readable: see [`ErrorCode`].
+    pub code: ErrorCode,
+    pub message: String,
+    /// What to do about it.
+    pub hint: String,
+}
+
+/// Stable error codes; each has one HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    NotFound,
+    AmbiguousRef,
+    NameTaken,
+    InvalidRequest,
+    BodyTooLarge,
+    InvalidPhase,
+    LeaseExpired,
+    LimitReached,
+    BootFailed,
+    ExecFailed,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::NotFound => 404,
+            ErrorCode::AmbiguousRef | ErrorCode::InvalidRequest => 400,
+            ErrorCode::NameTaken | ErrorCode::InvalidPhase | ErrorCode::LeaseExpired => 409,
+            ErrorCode::BodyTooLarge => 413,
+            ErrorCode::LimitReached => 429,
+            ErrorCode::BootFailed | ErrorCode::ExecFailed | ErrorCode::Internal => 500,
+        }
+    }
+}
+
+/// The first message a client sends on an exec WebSocket (`GET /v1/sandboxes/{ref}/exec`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecStart {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Whether the client will send stdin; without it the process reads /dev/null.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Remove the sandbox when this exec ends or the client goes away (one-shot `moat run`).
+    #[serde(default)]
+    pub remove_sandbox_after: bool,
+}
+
+/// Text messages from the client on an exec WebSocket. Binary messages are stdin bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecClientMessage {
+    /// Send a signal to the process group.
+    Signal { signal: i32 },
+    /// No more stdin.
+    StdinEof,
+}
+
+/// Text messages from the daemon on an exec WebSocket. Binary messages are output: the first byte
+/// is the stream (1 stdout, 2 stderr), the rest its bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecServerMessage {
+    Started { pid: u32 },
+    Exit { code: Option<i32>, signal: Option<i32>, timed_out: bool },
+    Error { error: ApiError },
+}
+
+/// Stream tags of binary exec output messages.
+pub const STDOUT_TAG: u8 = 1;
+pub const STDERR_TAG: u8 = 2;
+
+/// Which log `GET /v1/sandboxes/{ref}/logs` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogSource {
+    /// The guest's serial console (kernel and agent messages).
+    #[default]
+    Console,
+    /// QEMU's own messages.
+    Qemu,
+}
+
+/// Sandbox names: 1-63 of letters, digits, `-`, `_`, `.`, starting with a letter or digit, and not
+/// looking like an id prefix only (ids are 12 hex digits, so a name of hex digits alone is refused).
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok_chars = name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if name.is_empty() || name.len() > 63 || !ok_chars || !name.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err(format!(
+            "sandbox name {name:?} is not valid; use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        ));
+    }
+    if name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "sandbox name {name:?} could be mistaken for an id; use a name with at least one letter beyond a-f"
+        ));
+    }
+    Ok(())
+}
+
+/// Parse `90`, `90s`, `500ms`, `5m`, `2h`, `1d` into a duration.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    use std::time::Duration;
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration; use e.g. 30s, 500ms, 5m, 2h"))?;
+    let d = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "d" => Duration::from_secs(n.saturating_mul(86400)),
+        _ => return Err(format!("unknown unit {unit:?} in {s:?}; use ms, s, m, h or d")),
+    };
+    if d.is_zero() {
+        return Err("a duration must be more than zero".into());
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("box").is_ok());
+        assert!(validate_name("web-1.test_a").is_ok());
+        for bad in ["", "-x", ".x", "a b", "ab/c", "deadbeef", &"x".repeat(64)] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("1d").unwrap(), Duration::from_secs(86400));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn phases_round_trip_and_classify() {
+        for p in Phase::ALL {
+            assert_eq!(p.as_str().parse::<Phase>().unwrap(), p);
+            assert_eq!(serde_json::to_string(&p).unwrap(), format!("\"{p}\""));
+            assert_ne!(p.is_live(), p.is_at_rest());
+        }
+    }
+
+    #[test]
+    fn exec_messages_are_tagged() {
+        let m = ExecClientMessage::Signal { signal: 2 };
+        assert_eq!(serde_json::to_string(&m).unwrap(), r#"{"type":"signal","signal":2}"#);
+        let e: ExecServerMessage = serde_json::from_str(r#"{"type":"started","pid":7}"#).unwrap();
+        assert_eq!(e, ExecServerMessage::Started { pid: 7 });
+    }
+}

@@ -1,0 +1,388 @@
+//! Typed client of the moat daemon's REST API over its unix socket. The CLI, the MCP server and
+//! the tests all use it, so there is one way to talk to sandboxes.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, Stream, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use moat_api::{
+    ApiError, CreateSandbox, ErrorCode, Event, ExecClientMessage, ExecServerMessage, ExecStart, Health, LifecycleEntry,
+    LogSource, Reclaimed, RenewLease, SandboxInfo, STDERR_TAG, STDOUT_TAG,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::UnixStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+/// A failed API call.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the moat daemon at {path}: {source}\nhint: start it with `moat serve` (the CLI starts one on its own)")]
+    Connect { path: String, source: std::io::Error },
+    /// The daemon answered with an error.
+    #[error("{}\nhint: {}", .0.message, .0.hint)]
+    Api(ApiError),
+    #[error("talking to the moat daemon failed: {0}\nhint: the daemon may have stopped; see $MOAT_HOME/daemon.log")]
+    Transport(String),
+}
+
+impl ClientError {
+    /// The API error code, when the daemon gave one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api(e) => Some(e.code),
+            _ => None,
+        }
+    }
+}
+
+fn transport(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Transport(e.to_string())
+}
+
+/// Escape a path segment (sandbox references are validated by the daemon; this only keeps `/`
+/// and friends from changing the route).
+fn segment(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A client of one daemon.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: &Path) -> Client {
+        Client { socket: socket.to_path_buf() }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    async fn connect(&self) -> Result<UnixStream, ClientError> {
+        UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Connect { path: self.socket.display().to_string(), source })
+    }
+
+    /// One request; returns the status and the response body stream.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, hyper::body::Incoming), ClientError> {
+        let stream = self.connect().await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(transport)?;
+        tokio::spawn(conn);
+        let mut req = Request::builder().method(method).uri(path).header("host", "moat");
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(transport)?;
+        let resp = sender.send_request(req).await.map_err(transport)?;
+        Ok((resp.status(), resp.into_body()))
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
+        let body = body.map(|b| serde_json::to_vec(b).expect("request types always serialize"));
+        let (status, incoming) = self.send(method, path, body).await?;
+        let bytes = incoming.collect().await.map_err(transport)?.to_bytes();
+        if !status.is_success() {
+            return Err(match serde_json::from_slice::<ApiError>(&bytes) {
+                Ok(e) => ClientError::Api(e),
+                Err(_) => ClientError::Transport(format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes))),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| transport(format!("unexpected response: {e}")))
+    }
+
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.call(Method::GET, "/v1/health", None::<&()>).await
+    }
+
+    pub async fn create(&self, req: &CreateSandbox) -> Result<SandboxInfo, ClientError> {
+        self.call(Method::POST, "/v1/sandboxes", Some(req)).await
+    }
+
+    pub async fn list(&self) -> Result<Vec<SandboxInfo>, ClientError> {
+        self.call(Method::GET, "/v1/sandboxes", None::<&()>).await
+    }
+
+    pub async fn inspect(&self, reference: &str) -> Result<SandboxInfo, ClientError> {
+        self.call(Method::GET, &format!("/v1/sandboxes/{}", segment(reference)), None::<&()>).await
+    }
+
+    pub async fn lifecycle(&self, reference: &str) -> Result<Vec<LifecycleEntry>, ClientError> {
+        self.call(Method::GET, &format!("/v1/sandboxes/{}/lifecycle", segment(reference)), None::<&()>).await
+    }
+
+    pub async fn stop(&self, reference: &str) -> Result<SandboxInfo, ClientError> {
+        self.call(Method::POST, &format!("/v1/sandboxes/{}/stop", segment(reference)), None::<&()>).await
+    }
+
+    pub async fn start(&self, reference: &str) -> Result<SandboxInfo, ClientError> {
+        self.call(Method::POST, &format!("/v1/sandboxes/{}/start", segment(reference)), None::<&()>).await
+    }
+
+    pub async fn remove(&self, reference: &str, force: bool) -> Result<SandboxInfo, ClientError> {
+        self.call(Method::DELETE, &format!("/v1/sandboxes/{}?force={force}", segment(reference)), None::<&()>).await
+    }
+
+    pub async fn renew(&self, reference: &str, ttl_secs: u64) -> Result<SandboxInfo, ClientError> {
+        let body = RenewLease { ttl_secs };
+        self.call(Method::POST, &format!("/v1/sandboxes/{}/lease", segment(reference)), Some(&body)).await
+    }
+
+    pub async fn prune(&self) -> Result<Reclaimed, ClientError> {
+        self.call(Method::POST, "/v1/prune", None::<&()>).await
+    }
+
+    pub async fn gc(&self) -> Result<Reclaimed, ClientError> {
+        self.call(Method::POST, "/v1/gc", None::<&()>).await
+    }
+
+    /// Raw request for tests of bad input: returns the status and body text.
+    pub async fn raw(&self, method: &str, path: &str, body: Vec<u8>) -> Result<(u16, String), ClientError> {
+        let method = Method::from_bytes(method.as_bytes()).map_err(transport)?;
+        let (status, incoming) = self.send(method, path, Some(body)).await?;
+        let bytes = incoming.collect().await.map_err(transport)?.to_bytes();
+        Ok((status.as_u16(), String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
+    /// A log as a stream of chunks; with `follow` it ends when the sandbox stops.
+    pub async fn logs(
+        &self,
+        reference: &str,
+        source: LogSource,
+        follow: bool,
+    ) -> Result<impl Stream<Item = Result<Bytes, ClientError>>, ClientError> {
+        let source = match source {
+            LogSource::Console => "console",
+            LogSource::Qemu => "qemu",
+        };
+        let path = format!("/v1/sandboxes/{}/logs?source={source}&follow={follow}", segment(reference));
+        self.stream(&path).await
+    }
+
+    /// Events (NDJSON lines) after `since`; with `follow` the stream stays open.
+    pub async fn events(
+        &self,
+        since: i64,
+        follow: bool,
+    ) -> Result<impl Stream<Item = Result<Event, ClientError>>, ClientError> {
+        let chunks = self.stream(&format!("/v1/events?since={since}&follow={follow}")).await?;
+        let mut buf = Vec::new();
+        Ok(chunks.flat_map(move |chunk| {
+            let mut out = Vec::new();
+            match chunk {
+                Ok(c) => {
+                    buf.extend_from_slice(&c);
+                    while let Some(i) = buf.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = buf.drain(..=i).collect();
+                        out.push(serde_json::from_slice::<Event>(&line).map_err(transport));
+                    }
+                }
+                Err(e) => out.push(Err(e)),
+            }
+            futures_util::stream::iter(out)
+        }))
+    }
+
+    async fn stream(&self, path: &str) -> Result<impl Stream<Item = Result<Bytes, ClientError>>, ClientError> {
+        let (status, incoming) = self.send(Method::GET, path, None).await?;
+        if !status.is_success() {
+            let bytes = incoming.collect().await.map_err(transport)?.to_bytes();
+            return Err(match serde_json::from_slice::<ApiError>(&bytes) {
+                Ok(e) => ClientError::Api(e),
+                Err(_) => ClientError::Transport(format!("HTTP {status}")),
+            });
+        }
+        Ok(http_body_util::BodyStream::new(incoming).filter_map(|frame| async move {
+            match frame {
+                Ok(f) => f.into_data().ok().filter(|d| !d.is_empty()).map(Ok),
+                Err(e) => Some(Err(transport(e))),
+            }
+        }))
+    }
+
+    /// Start a process in a running sandbox. Errors before the start (unknown sandbox, stopped
+    /// sandbox, missing program) come back here.
+    pub async fn exec(&self, reference: &str, start: &ExecStart) -> Result<ExecSession, ClientError> {
+        // A plain GET first turns "no such sandbox" into an API error instead of a failed upgrade.
+        let info = self.inspect(reference).await?;
+        let stream = self.connect().await?;
+        let url = format!("ws://moat/v1/sandboxes/{}/exec", segment(&info.id));
+        let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.map_err(|e| match e {
+            tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                let body = resp.body().clone().unwrap_or_default();
+                match serde_json::from_slice::<ApiError>(&body) {
+                    Ok(e) => ClientError::Api(e),
+                    Err(_) => transport(format!("HTTP {}", resp.status())),
+                }
+            }
+            e => transport(e),
+        })?;
+        let text = serde_json::to_string(start).expect("ExecStart always serializes");
+        ws.send(WsMessage::Text(text.into())).await.map_err(transport)?;
+        let mut session = ExecSession { ws, pid: 0 };
+        match session.next().await? {
+            ExecOutput::Started(pid) => {
+                session.pid = pid;
+                Ok(session)
+            }
+            ExecOutput::Failed(e) => Err(ClientError::Api(e)),
+            other => Err(transport(format!("expected the start of the process, got {other:?}"))),
+        }
+    }
+}
+
+/// What an exec session delivers.
+#[derive(Debug, PartialEq)]
+pub enum ExecOutput {
+    Started(u32),
+    Stdout(Bytes),
+    Stderr(Bytes),
+    Exit { code: Option<i32>, signal: Option<i32>, timed_out: bool },
+    Failed(ApiError),
+}
+
+impl ExecOutput {
+    /// The exit code a shell would report: the code, or 128 + signal.
+    pub fn shell_code(code: Option<i32>, signal: Option<i32>) -> i32 {
+        code.unwrap_or_else(|| 128 + signal.unwrap_or(0))
+    }
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<UnixStream>;
+
+/// A running process: read its output with [`ExecSession::next`]; send stdin and signals through
+/// an [`ExecInput`] from [`ExecSession::split`].
+pub struct ExecSession {
+    ws: Ws,
+    pid: u32,
+}
+
+/// The input half of an exec session.
+pub struct ExecInput {
+    sink: futures_util::stream::SplitSink<Ws, WsMessage>,
+}
+
+/// The output half of an exec session.
+pub struct ExecOutputs {
+    stream: futures_util::stream::SplitStream<Ws>,
+}
+
+fn decode(
+    msg: Option<Result<WsMessage, tokio_tungstenite::tungstenite::Error>>,
+) -> Option<Result<ExecOutput, ClientError>> {
+    let msg = match msg {
+        None => return Some(Err(transport("the daemon closed the exec session without an exit status"))),
+        Some(Err(e)) => return Some(Err(transport(e))),
+        Some(Ok(m)) => m,
+    };
+    match msg {
+        WsMessage::Binary(b) if !b.is_empty() => {
+            let data = b.slice(1..);
+            match b[0] {
+                STDOUT_TAG => Some(Ok(ExecOutput::Stdout(data))),
+                STDERR_TAG => Some(Ok(ExecOutput::Stderr(data))),
+                _ => None,
+            }
+        }
+        WsMessage::Text(t) => match serde_json::from_str::<ExecServerMessage>(&t) {
+            Ok(ExecServerMessage::Started { pid }) => Some(Ok(ExecOutput::Started(pid))),
+            Ok(ExecServerMessage::Exit { code, signal, timed_out }) => {
+                Some(Ok(ExecOutput::Exit { code, signal, timed_out }))
+            }
+            Ok(ExecServerMessage::Error { error }) => Some(Ok(ExecOutput::Failed(error))),
+            Err(e) => Some(Err(transport(format!("bad message from the daemon: {e}")))),
+        },
+        WsMessage::Close(_) => Some(Err(transport("the daemon closed the exec session without an exit status"))),
+        _ => None,
+    }
+}
+
+impl ExecSession {
+    /// The process's pid in the guest.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The next piece of output, the exit, or a failure.
+    pub async fn next(&mut self) -> Result<ExecOutput, ClientError> {
+        loop {
+            if let Some(r) = decode(self.ws.next().await) {
+                return r;
+            }
+        }
+    }
+
+    /// Separate input and output, to feed stdin while reading output.
+    pub fn split(self) -> (ExecInput, ExecOutputs) {
+        let (sink, stream) = self.ws.split();
+        (ExecInput { sink }, ExecOutputs { stream })
+    }
+
+    /// Read to the end: (stdout, stderr, exit code as a shell reports it).
+    pub async fn collect(mut self) -> Result<(Vec<u8>, Vec<u8>, i32), ClientError> {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        loop {
+            match self.next().await? {
+                ExecOutput::Stdout(d) => out.extend_from_slice(&d),
+                ExecOutput::Stderr(d) => err.extend_from_slice(&d),
+                ExecOutput::Exit { code, signal, .. } => return Ok((out, err, ExecOutput::shell_code(code, signal))),
+                ExecOutput::Failed(e) => return Err(ClientError::Api(e)),
+                ExecOutput::Started(_) => {}
+            }
+        }
+    }
+}
+
+impl ExecOutputs {
+    pub async fn next(&mut self) -> Result<ExecOutput, ClientError> {
+        loop {
+            if let Some(r) = decode(self.stream.next().await) {
+                return r;
+            }
+        }
+    }
+}
+
+impl ExecInput {
+    pub async fn stdin(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        self.sink.send(WsMessage::Binary(Bytes::copy_from_slice(data))).await.map_err(transport)
+    }
+
+    pub async fn close_stdin(&mut self) -> Result<(), ClientError> {
+        self.control(&ExecClientMessage::StdinEof).await
+    }
+
+    pub async fn signal(&mut self, signal: i32) -> Result<(), ClientError> {
+        self.control(&ExecClientMessage::Signal { signal }).await
+    }
+
+    async fn control(&mut self, m: &ExecClientMessage) -> Result<(), ClientError> {
+        let text = serde_json::to_string(m).expect("control messages always serialize");
+        self.sink.send(WsMessage::Text(text.into())).await.map_err(transport)
+    }
+}

@@ -1,0 +1,441 @@
+//! The REST API: JSON over HTTP/1.1, on the unix socket (and optionally TCP with a bearer token).
+//! Exec is a WebSocket; logs and events stream as chunked bodies.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::{SinkExt, StreamExt};
+use moat_api::{
+    ApiError, CreateSandbox, ErrorCode, ExecClientMessage, ExecServerMessage, ExecStart, Health, LogSource, RenewLease,
+    MAX_BODY, STDERR_TAG, STDOUT_TAG,
+};
+use moat_proto::ExecRequest;
+use moat_sandbox::ExecEvent;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::service::{Service, ServiceError};
+
+/// The checked-in OpenAPI document, served as is.
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+
+/// How long a client may take to send the exec start message.
+const EXEC_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl IntoResponse for ServiceError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = ApiError { code: self.code, message: self.message, hint: self.hint };
+        (status, Json(body)).into_response()
+    }
+}
+
+/// A JSON body, bounded by [`MAX_BODY`], whose errors are API errors.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ServiceError;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY).await.map_err(|_| {
+            ServiceError::new(
+                ErrorCode::BodyTooLarge,
+                format!("the request body is larger than {MAX_BODY} bytes"),
+                "send a smaller body",
+            )
+        })?;
+        let bytes = if bytes.is_empty() { Bytes::from_static(b"{}") } else { bytes };
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            ServiceError::new(
+                ErrorCode::InvalidRequest,
+                format!("the request body is not valid JSON for this endpoint: {e}"),
+                "see docs/openapi.json for the request schema",
+            )
+        })
+    }
+}
+
+type Svc = State<Arc<Service>>;
+type ApiResult<T> = Result<T, ServiceError>;
+
+/// All routes, on top of the service.
+pub fn router(svc: Arc<Service>) -> Router {
+    Router::new()
+        .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
+        .route("/v1/health", get(health))
+        .route("/v1/sandboxes", get(list).post(create))
+        .route("/v1/sandboxes/{reference}", get(inspect).delete(remove))
+        .route("/v1/sandboxes/{reference}/stop", post(stop))
+        .route("/v1/sandboxes/{reference}/start", post(start))
+        .route("/v1/sandboxes/{reference}/lease", post(renew))
+        .route("/v1/sandboxes/{reference}/lifecycle", get(lifecycle))
+        .route("/v1/sandboxes/{reference}/exec", get(exec))
+        .route("/v1/sandboxes/{reference}/logs", get(logs))
+        .route("/v1/events", get(events))
+        .route("/v1/prune", post(prune))
+        .route("/v1/gc", post(gc))
+        .fallback(|| async {
+            ServiceError::new(ErrorCode::NotFound, "no such endpoint", "see /openapi.json for the endpoints")
+        })
+        .with_state(svc)
+}
+
+/// For the TCP listener: every request needs `Authorization: Bearer <token>`.
+pub async fn require_token(token: Arc<String>, req: Request, next: Next) -> Response {
+    let given =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    // Compare in constant time: the token is a secret and the caller may be remote.
+    let ok = given.is_some_and(|g| {
+        g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
+    });
+    if !ok {
+        let e = ApiError {
+            code: ErrorCode::InvalidRequest,
+            message: "missing or wrong bearer token".into(),
+            hint: "send `Authorization: Bearer <token>` with the token from $MOAT_HOME/token".into(),
+        };
+        return (StatusCode::UNAUTHORIZED, Json(e)).into_response();
+    }
+    next.run(req).await
+}
+
+async fn health(State(svc): Svc) -> Json<Health> {
+    Json(Health {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        accel: svc.rt.accel.accel.to_string(),
+        accel_reason: svc.rt.accel.reason.clone(),
+        qemu_version: svc.rt.qemu_version.clone(),
+        kernel: svc.rt.kernel.release.clone(),
+        kernel_path: svc.rt.kernel.path.display().to_string(),
+        sandboxes: svc.live_count(),
+        max_sandboxes: svc.limits.max_sandboxes,
+    })
+}
+
+async fn list(State(svc): Svc) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.list()?))
+}
+
+async fn create(State(svc): Svc, JsonBody(req): JsonBody<CreateSandbox>) -> ApiResult<impl IntoResponse> {
+    Ok((StatusCode::CREATED, Json(svc.create(req).await?)))
+}
+
+async fn inspect(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.resolve(&reference)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// A query string the endpoint does not take is a clear error, not a plain-text rejection.
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ServiceError> {
+    q.map(|q| q.0).map_err(|e| {
+        ServiceError::new(
+            ErrorCode::InvalidRequest,
+            format!("bad query string: {e}"),
+            "see /openapi.json for the parameters",
+        )
+    })
+}
+
+async fn remove(
+    State(svc): Svc,
+    Path(reference): Path<String>,
+    q: Result<Query<RemoveQuery>, QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let force = query(q)?.force;
+    Ok(Json(svc.remove(&reference, force).await?))
+}
+
+async fn stop(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.stop(&reference).await?))
+}
+
+async fn start(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.start(&reference).await?))
+}
+
+async fn renew(
+    State(svc): Svc,
+    Path(reference): Path<String>,
+    JsonBody(req): JsonBody<RenewLease>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.renew(&reference, req.ttl_secs).await?))
+}
+
+async fn lifecycle(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<impl IntoResponse> {
+    let info = svc.resolve(&reference)?;
+    Ok(Json(svc.db(|db| db.lifecycle(&info.id))?))
+}
+
+async fn prune(State(svc): Svc) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.prune().await?))
+}
+
+async fn gc(State(svc): Svc) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.gc().await?))
+}
+
+async fn exec(State(svc): Svc, Path(reference): Path<String>, ws: WebSocketUpgrade) -> ApiResult<Response> {
+    // Resolve before upgrading, so an unknown or stopped sandbox is a plain HTTP error.
+    let (info, _) = svc.running(&reference)?;
+    Ok(ws.max_message_size(1 << 20).on_upgrade(move |socket| exec_session(svc, info.id, socket)))
+}
+
+async fn send_json(ws: &mut futures_util::stream::SplitSink<WebSocket, WsMessage>, m: &ExecServerMessage) -> bool {
+    let text = serde_json::to_string(m).expect("exec messages always serialize");
+    ws.send(WsMessage::Text(text.into())).await.is_ok()
+}
+
+/// One exec over a WebSocket: the first text message is an [`ExecStart`]; then output flows to the
+/// client (binary, tagged) as fast as it reads it, which is what grants the guest more credit.
+async fn exec_session(svc: Arc<Service>, id: String, socket: WebSocket) {
+    let (mut tx, mut rx) = socket.split();
+    let start: Result<ExecStart, ServiceError> = match tokio::time::timeout(EXEC_START_TIMEOUT, rx.next()).await {
+        Ok(Some(Ok(WsMessage::Text(t)))) => serde_json::from_str(&t).map_err(|e| {
+            ServiceError::new(
+                ErrorCode::InvalidRequest,
+                format!("the exec start message is not valid: {e}"),
+                "send an ExecStart JSON object first",
+            )
+        }),
+        _ => Err(ServiceError::new(
+            ErrorCode::InvalidRequest,
+            "no exec start message arrived",
+            "send an ExecStart JSON object first",
+        )),
+    };
+    let remove_after = start.as_ref().is_ok_and(|s| s.remove_sandbox_after);
+    let outcome = match start {
+        Ok(start) => run_exec(&svc, &id, start, &mut tx, rx).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = outcome {
+        let _ = send_json(
+            &mut tx,
+            &ExecServerMessage::Error { error: ApiError { code: e.code, message: e.message, hint: e.hint } },
+        )
+        .await;
+    }
+    let _ = tx.close().await;
+    if remove_after {
+        if let Err(e) =
+            svc.remove(&id, true)
+                .await
+                .map(drop)
+                .or_else(|e| if e.code == ErrorCode::NotFound { Ok(()) } else { Err(e) })
+        {
+            tracing::warn!(sandbox = %id, error = %e, "removing a one-shot sandbox failed");
+        }
+    }
+}
+
+async fn run_exec(
+    svc: &Arc<Service>,
+    id: &str,
+    start: ExecStart,
+    tx: &mut futures_util::stream::SplitSink<WebSocket, WsMessage>,
+    rx: futures_util::stream::SplitStream<WebSocket>,
+) -> Result<(), ServiceError> {
+    let (_, sandbox) = svc.running(id)?;
+    if start.remove_sandbox_after {
+        // This session owns the sandbox's life now; it must not expire under the command.
+        svc.clear_lease(id)?;
+    }
+    let request = ExecRequest {
+        argv: start.argv,
+        env: start.env,
+        cwd: start.cwd,
+        user: start.user,
+        timeout_ms: start.timeout_ms,
+        stdin: start.stdin,
+    };
+    let mut exec = sandbox.exec(request).await.map_err(|e| {
+        ServiceError::new(ErrorCode::ExecFailed, e.to_string(), "check the command, its working directory and user")
+    })?;
+    if !send_json(tx, &ExecServerMessage::Started { pid: exec.pid() }).await {
+        return Ok(()); // The client left; dropping the exec kills the process.
+    }
+    let control = exec.control();
+    // Client → guest in its own task, so waiting for stdin credit never stalls the output.
+    let (gone_tx, mut gone) = tokio::sync::oneshot::channel::<()>();
+    let mut rx_task = tokio::spawn(pump_client(rx, control, gone_tx));
+    let result = loop {
+        tokio::select! {
+            event = exec.next_event() => match event {
+                Ok(ExecEvent::Stdout(d)) => if !send_data(tx, STDOUT_TAG, d).await { break Ok(()) },
+                Ok(ExecEvent::Stderr(d)) => if !send_data(tx, STDERR_TAG, d).await { break Ok(()) },
+                Ok(ExecEvent::Exit(s)) => {
+                    send_json(tx, &ExecServerMessage::Exit { code: s.code, signal: s.signal, timed_out: s.timed_out }).await;
+                    break Ok(());
+                }
+                Err(e) => break Err(ServiceError::new(ErrorCode::ExecFailed, e.to_string(), "the sandbox may have stopped; see `moat inspect`")),
+            },
+            _ = &mut gone => break Ok(()), // Client gone: dropping `exec` kills the process group.
+        }
+    };
+    rx_task.abort();
+    let _ = (&mut rx_task).await;
+    result
+}
+
+async fn send_data(tx: &mut futures_util::stream::SplitSink<WebSocket, WsMessage>, tag: u8, data: Vec<u8>) -> bool {
+    let mut frame = Vec::with_capacity(data.len() + 1);
+    frame.push(tag);
+    frame.extend(data);
+    tx.send(WsMessage::Binary(frame.into())).await.is_ok()
+}
+
+/// Forward stdin and signals from the client; tell the session when the client is gone.
+async fn pump_client(
+    mut rx: futures_util::stream::SplitStream<WebSocket>,
+    control: moat_sandbox::ExecControl,
+    gone: tokio::sync::oneshot::Sender<()>,
+) {
+    while let Some(Ok(msg)) = rx.next().await {
+        let ok = match msg {
+            WsMessage::Binary(data) => control.write_stdin(&data).await.is_ok(),
+            WsMessage::Text(t) => match serde_json::from_str::<ExecClientMessage>(&t) {
+                Ok(ExecClientMessage::Signal { signal }) if (1..=64).contains(&signal) => {
+                    control.signal(signal).await.is_ok()
+                }
+                Ok(ExecClientMessage::StdinEof) => control.close_stdin().await.is_ok(),
+                _ => true, // Unknown control messages are ignored, not fatal.
+            },
+            WsMessage::Close(_) => break,
+            _ => true,
+        };
+        if !ok {
+            // The process is gone or stdin is closed; keep reading for signals and the close.
+            continue;
+        }
+    }
+    let _ = gone.send(());
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    #[serde(default)]
+    source: LogSource,
+    #[serde(default)]
+    follow: bool,
+}
+
+async fn logs(
+    State(svc): Svc,
+    Path(reference): Path<String>,
+    q: Result<Query<LogsQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let q = query(q)?;
+    let info = svc.resolve(&reference)?;
+    let file = svc.rt.config.run_dir().join(&info.id).join(match q.source {
+        LogSource::Console => "console.log",
+        LogSource::Qemu => "qemu.log",
+    });
+    let svc2 = svc.clone();
+    let id = info.id.clone();
+    let stream = async_stream_file(file, q.follow, move || {
+        svc2.db(|db| db.get(&id)).ok().flatten().is_some_and(|s| s.phase.is_live())
+    });
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Body::from_stream(stream))
+        .expect("static headers are valid"))
+}
+
+/// The file's bytes from the start; with `follow`, keep sending what is appended while `alive()`.
+fn async_stream_file(
+    path: std::path::PathBuf,
+    follow: bool,
+    alive: impl Fn() -> bool + Send + 'static,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
+    use tokio::io::AsyncReadExt;
+    futures_util::stream::unfold((None::<tokio::fs::File>, false), move |(file, done)| {
+        let path = path.clone();
+        let alive_now = if done { false } else { alive() };
+        async move {
+            if done {
+                return None;
+            }
+            let mut file = match file {
+                Some(f) => f,
+                None => match tokio::fs::File::open(&path).await {
+                    Ok(f) => f,
+                    Err(_) => return None,
+                },
+            };
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match file.read(&mut buf).await {
+                    Ok(0) if follow && alive_now => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        // Yield an empty chunk so the caller re-checks `alive`.
+                        return Some((Ok(Bytes::new()), (Some(file), false)));
+                    }
+                    Ok(0) => return None,
+                    Ok(n) => return Some((Ok(Bytes::copy_from_slice(&buf[..n])), (Some(file), false))),
+                    Err(e) => return Some((Err(e), (None, true))),
+                }
+            }
+        }
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    #[serde(default)]
+    since: i64,
+    #[serde(default)]
+    follow: bool,
+}
+
+/// Events as NDJSON, from `since` on; with `follow` the stream stays open for new ones.
+async fn events(State(svc): Svc, q: Result<Query<EventsQuery>, QueryRejection>) -> ApiResult<Response> {
+    let q = query(q)?;
+    let stream = futures_util::stream::unfold((q.since, false), move |(seq, done)| {
+        let svc = svc.clone();
+        async move {
+            if done {
+                return None;
+            }
+            loop {
+                let notified = svc.events.notified();
+                let batch = svc.db(|db| db.events_after(seq, 256)).unwrap_or_default();
+                if let Some(last) = batch.last() {
+                    let next = last.seq;
+                    let mut body = String::new();
+                    for e in &batch {
+                        body.push_str(&serde_json::to_string(e).expect("events always serialize"));
+                        body.push('\n');
+                    }
+                    return Some((Ok::<_, std::io::Error>(Bytes::from(body)), (next, false)));
+                }
+                if !q.follow {
+                    return None;
+                }
+                // Wake on a new event, or now and then in case one was recorded by another path.
+                let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+            }
+        }
+    });
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .expect("static headers are valid"))
+}

@@ -1,0 +1,212 @@
+//! The moat daemon (`moat serve`): owns the sandboxes of one `$MOAT_HOME`, keeps their state in
+//! SQLite ([`state`]) under an explicit state machine ([`phase`]), runs every lifecycle operation
+//! ([`service`]) and serves the REST API ([`api`]) on a unix socket, optionally on TCP too.
+//!
+//! Sandboxes outlive the daemon: QEMU runs in its own session and is never tied to the daemon's
+//! life, so a restarted (even SIGKILLed) daemon adopts them.
+
+pub mod api;
+pub mod phase;
+pub mod service;
+pub mod state;
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use moat_sandbox::{Runtime, RuntimeConfig};
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+pub use service::{Limits, Service, ServiceError};
+pub use state::{Db, StateError};
+
+/// Where the daemon of a home listens.
+pub fn socket_path(home: &Path) -> PathBuf {
+    home.join("moat.sock")
+}
+
+/// How the daemon runs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub runtime: RuntimeConfig,
+    pub limits: Limits,
+    /// Also listen on TCP (bearer token from `$MOAT_HOME/token`).
+    pub tcp: Option<SocketAddr>,
+    /// Exit after this long with no sandboxes and no requests (daemons the CLI starts itself).
+    pub idle_exit: Option<Duration>,
+    /// Move a damaged or missing state database aside and start with an empty one.
+    pub reset_state: bool,
+}
+
+/// Errors that keep the daemon from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Runtime(#[from] moat_sandbox::SandboxError),
+    #[error("another moat daemon already serves {home}\nhint: use it (the CLI finds it on its own), or stop it first")]
+    AlreadyRunning { home: String },
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("{0}")]
+    Service(#[from] ServiceError),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
+    let what = what.into();
+    move |source| ServeError::Io { what, source }
+}
+
+/// Hold the home's daemon lock for the life of the process: one daemon per home.
+fn lock_home(home: &Path) -> Result<OwnedFd, ServeError> {
+    use rustix::fs::{FlockOperation, Mode, OFlags};
+    let path = home.join("daemon.lock");
+    let fd = rustix::fs::open(&path, OFlags::CREATE | OFlags::RDWR | OFlags::CLOEXEC, Mode::from_raw_mode(0o600))
+        .map_err(|e| ServeError::Io { what: format!("opening {}", path.display()), source: e.into() })?;
+    rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive)
+        .map_err(|_| ServeError::AlreadyRunning { home: home.display().to_string() })?;
+    // The pid, for `moat` to tell a daemon that is still starting from one that died.
+    let pid = std::process::id().to_string();
+    let _ = rustix::fs::ftruncate(&fd, 0);
+    let _ = rustix::io::pwrite(&fd, pid.as_bytes(), 0);
+    Ok(fd)
+}
+
+/// The bearer token for TCP clients: `$MOAT_HOME/token`, created (0600) on first use.
+pub fn token(home: &Path) -> Result<String, std::io::Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = home.join("token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        if !t.trim().is_empty() {
+            return Ok(t.trim().to_string());
+        }
+    }
+    let t = format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+    f.write_all(t.as_bytes())?;
+    Ok(t)
+}
+
+/// Run the daemon until SIGTERM/SIGINT (or idle exit). Running sandboxes are left running.
+pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
+    let home = cfg.runtime.home.clone();
+    std::fs::create_dir_all(&home).map_err(io(format!("creating {}", home.display())))?;
+    let _lock = lock_home(&home)?;
+    if cfg.reset_state {
+        if let Some(aside) = Db::reset(&home)? {
+            eprintln!("moat: the old state database was moved to {}", aside.display());
+        }
+    }
+    // The state first: a damaged database must stop us before anything is touched.
+    let db = Db::open(&home)?;
+    let rt = Runtime::prepare(cfg.runtime.clone()).await?;
+    let svc = Service::new(rt, db, cfg.limits.clone());
+    svc.adopt_all().await?;
+    let reclaimed = svc.gc().await?;
+    if reclaimed != Default::default() {
+        tracing::info!(?reclaimed, "startup reconcile reclaimed leaked resources");
+    }
+
+    let last_activity = Arc::new(AtomicI64::new(state::now_ms()));
+    let activity = {
+        let last = last_activity.clone();
+        axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let last = last.clone();
+            async move {
+                last.store(state::now_ms(), Ordering::Relaxed);
+                let r = next.run(req).await;
+                last.store(state::now_ms(), Ordering::Relaxed);
+                r
+            }
+        })
+    };
+    let app = api::router(svc.clone()).layer(activity);
+
+    let sock = socket_path(&home);
+    if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+        return Err(ServeError::AlreadyRunning { home: home.display().to_string() });
+    }
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).map_err(io(format!("listening on {}", sock.display())))?;
+    set_socket_access(&sock)?;
+    tracing::info!(socket = %sock.display(), accel = %svc.rt.accel.accel, "moat daemon listening");
+    let unix = tokio::spawn(axum::serve(listener, app.clone()).into_future());
+
+    let tcp = match cfg.tcp {
+        Some(addr) => {
+            let token = Arc::new(token(&home).map_err(io("creating the API token"))?);
+            let tcp_app =
+                app.layer(axum::middleware::from_fn(move |req, next| api::require_token(token.clone(), req, next)));
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(io(format!("listening on {addr}")))?;
+            tracing::info!(%addr, "moat daemon listening on TCP (bearer token in $MOAT_HOME/token)");
+            Some(tokio::spawn(axum::serve(listener, tcp_app).into_future()))
+        }
+        None => None,
+    };
+
+    let reaper = {
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                svc.reap_expired().await;
+            }
+        })
+    };
+
+    let mut term = signal(SignalKind::terminate()).map_err(io("installing the SIGTERM handler"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io("installing the SIGINT handler"))?;
+    let idle = async {
+        let Some(limit) = cfg.idle_exit else { return std::future::pending().await };
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let quiet = state::now_ms() - last_activity.load(Ordering::Relaxed);
+            let busy = svc.list().map(|l| l.iter().any(|s| s.phase.is_live())).unwrap_or(true);
+            if !busy && quiet >= limit.as_millis() as i64 {
+                tracing::info!("no sandboxes and no requests for {limit:?}; exiting");
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: exiting, sandboxes keep running"),
+        _ = int.recv() => tracing::info!("SIGINT: exiting, sandboxes keep running"),
+        _ = idle => {}
+        r = unix => tracing::error!(?r, "the unix socket server stopped"),
+    }
+    reaper.abort();
+    if let Some(t) = tcp {
+        t.abort();
+    }
+    svc.detach_all();
+    let _ = std::fs::remove_file(&sock);
+    Ok(())
+}
+
+/// Socket mode 0660, owned by the `moat` group when one exists, so its members can use the daemon.
+fn set_socket_access(sock: &Path) -> Result<(), ServeError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o660))
+        .map_err(io(format!("chmod {}", sock.display())))?;
+    if let Some(gid) = group_id("moat") {
+        std::os::unix::fs::chown(sock, None, Some(gid)).map_err(io(format!("chgrp moat {}", sock.display())))?;
+    }
+    Ok(())
+}
+
+/// The gid of a group in /etc/group.
+fn group_id(name: &str) -> Option<u32> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
+}

@@ -1,0 +1,620 @@
+//! The sandbox service: every lifecycle operation, recorded in the state database before it is
+//! acted on, plus leases, QEMU exit watching, adoption after a restart and garbage collection.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use moat_api::{CreateSandbox, ErrorCode, OnExpire, Phase, Reclaimed, SandboxInfo};
+use moat_sandbox::{Runtime, Sandbox, SandboxSpec};
+use tokio::sync::Notify;
+
+use crate::state::{now_secs, Db, StateError};
+
+/// A failed service call: a stable code, a message and what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ServiceError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub hint: String,
+}
+
+impl ServiceError {
+    pub fn new(code: ErrorCode, message: impl Into<String>, hint: impl Into<String>) -> ServiceError {
+        ServiceError { code, message: message.into(), hint: hint.into() }
+    }
+
+    fn invalid(message: impl Into<String>) -> ServiceError {
+        ServiceError::new(ErrorCode::InvalidRequest, message, "fix the request and send it again")
+    }
+
+    fn phase(s: &SandboxInfo, wanted: &str, hint: &str) -> ServiceError {
+        ServiceError::new(
+            ErrorCode::InvalidPhase,
+            format!("sandbox {} is {}; it must be {wanted}", s.name, s.phase),
+            hint,
+        )
+    }
+}
+
+impl From<StateError> for ServiceError {
+    fn from(e: StateError) -> ServiceError {
+        match e {
+            StateError::NameTaken(name) => ServiceError::new(
+                ErrorCode::NameTaken,
+                format!("a sandbox named {name:?} already exists"),
+                "choose another name, or remove the old sandbox with `moat rm`",
+            ),
+            StateError::NotFound(r) => not_found(&r),
+            e => ServiceError::new(
+                ErrorCode::Internal,
+                e.to_string(),
+                "see the daemon log; `moat doctor` checks the state",
+            ),
+        }
+    }
+}
+
+impl From<moat_sandbox::SandboxError> for ServiceError {
+    fn from(e: moat_sandbox::SandboxError) -> ServiceError {
+        ServiceError::new(
+            ErrorCode::BootFailed,
+            e.to_string(),
+            "see `moat logs` for the guest console; `moat doctor` checks the host",
+        )
+    }
+}
+
+fn not_found(reference: &str) -> ServiceError {
+    ServiceError::new(
+        ErrorCode::NotFound,
+        format!("no sandbox {reference:?}"),
+        "list sandboxes with `moat ps`; names, ids and unique id prefixes work",
+    )
+}
+
+/// Daemon settings that are not the host runtime's.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Sandboxes that may be live (creating, booting, running, stopping) at once.
+    pub max_sandboxes: usize,
+    pub boot_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { max_sandboxes: 32, boot_timeout: Duration::from_secs(90) }
+    }
+}
+
+/// The service shared by every API request and background task.
+pub struct Service {
+    pub rt: Runtime,
+    pub limits: Limits,
+    db: Mutex<Db>,
+    /// Booted sandboxes with a QEMU and an agent link, by id.
+    live: Mutex<HashMap<String, Arc<Sandbox>>>,
+    /// One lifecycle operation at a time per sandbox.
+    ops: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Woken whenever an event is recorded (for followers of `/v1/events`).
+    pub events: Notify,
+}
+
+impl Service {
+    pub fn new(rt: Runtime, db: Db, limits: Limits) -> Arc<Service> {
+        Arc::new(Service {
+            rt,
+            limits,
+            db: Mutex::new(db),
+            live: Mutex::new(HashMap::new()),
+            ops: Mutex::new(HashMap::new()),
+            events: Notify::new(),
+        })
+    }
+
+    /// Run a closure on the database. SQLite calls are short; a std mutex is enough.
+    pub fn db<T>(&self, f: impl FnOnce(&mut Db) -> Result<T, StateError>) -> Result<T, ServiceError> {
+        let mut db = self.db.lock().expect("the db lock is never poisoned: no panics while held");
+        let r = f(&mut db);
+        drop(db);
+        self.events.notify_waiters();
+        Ok(r?)
+    }
+
+    fn live(&self, id: &str) -> Option<Arc<Sandbox>> {
+        self.live.lock().expect("no panics while held").get(id).cloned()
+    }
+
+    fn op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.ops.lock().expect("no panics while held").entry(id.to_string()).or_default().clone()
+    }
+
+    fn run_dir(&self, id: &str) -> PathBuf {
+        self.rt.config.run_dir().join(id)
+    }
+
+    /// Resolve a name, id or unique id prefix.
+    pub fn resolve(&self, reference: &str) -> Result<SandboxInfo, ServiceError> {
+        if reference.is_empty() || reference.len() > 128 {
+            return Err(ServiceError::invalid("a sandbox reference must be 1-128 characters"));
+        }
+        let mut found = self.db(|db| db.candidates(reference))?;
+        match found.len() {
+            0 => Err(not_found(reference)),
+            1 => Ok(found.remove(0)),
+            n => Err(ServiceError::new(
+                ErrorCode::AmbiguousRef,
+                format!("{reference:?} matches {n} sandboxes"),
+                "use more characters of the id, or the name",
+            )),
+        }
+    }
+
+    pub fn list(&self) -> Result<Vec<SandboxInfo>, ServiceError> {
+        self.db(|db| db.list())
+    }
+
+    /// Create a sandbox and boot it; returns once it is running (or has failed).
+    pub async fn create(self: &Arc<Self>, req: CreateSandbox) -> Result<SandboxInfo, ServiceError> {
+        let vcpus = req.vcpus.unwrap_or(moat_api::DEFAULT_VCPUS);
+        let memory_mib = req.memory_mib.unwrap_or(moat_api::DEFAULT_MEMORY_MIB);
+        let disk_mib = req.disk_mib.unwrap_or(moat_api::DEFAULT_DISK_MIB);
+        if !(1..=64).contains(&vcpus) {
+            return Err(ServiceError::invalid(format!("{vcpus} vCPUs is out of range; use 1 to 64")));
+        }
+        if !(64..=256 * 1024).contains(&memory_mib) {
+            return Err(ServiceError::invalid(format!(
+                "{memory_mib} MiB of memory is out of range; use 64 MiB to 256 GiB"
+            )));
+        }
+        if !(64..=16 * 1024 * 1024).contains(&disk_mib) {
+            return Err(ServiceError::invalid(format!("a {disk_mib} MiB disk is out of range; use 64 MiB to 16 TiB")));
+        }
+        if let Some(ttl) = req.ttl_secs {
+            if ttl == 0 || ttl > 10 * 365 * 86400 {
+                return Err(ServiceError::invalid(format!("a TTL of {ttl} s is out of range; use 1 s to 10 years")));
+            }
+        }
+        let boot_timeout = match req.boot_timeout_secs {
+            None => self.limits.boot_timeout,
+            Some(t @ 1..=3600) => Duration::from_secs(t),
+            Some(t) => {
+                return Err(ServiceError::invalid(format!("a boot timeout of {t} s is out of range; use 1 s to 1 h")))
+            }
+        };
+        if let Some(name) = &req.name {
+            moat_api::validate_name(name).map_err(ServiceError::invalid)?;
+        }
+        let id = moat_sandbox::new_id();
+        let name = req.name.clone().unwrap_or_else(|| format!("sb-{}", &id[..8]));
+        let hostname = req.hostname.clone().unwrap_or_else(|| format!("moat-{}", &id[..8]));
+        let spec = SandboxSpec {
+            image: req.image.clone().unwrap_or_else(|| moat_image::MINIMAL.to_string()),
+            vcpus,
+            memory_mib,
+            disk_bytes: Some(disk_mib * 1024 * 1024),
+            hostname: Some(hostname.clone()),
+            boot_timeout,
+            die_with_parent: false,
+        };
+        moat_sandbox::validate(&spec).map_err(|e| ServiceError::invalid(e.to_string()))?;
+        let image = self.rt.images.resolve(&spec.image).map_err(|e| {
+            ServiceError::new(
+                ErrorCode::NotFound,
+                e.to_string(),
+                "list images with `moat image ls`; `minimal` is built in",
+            )
+        })?;
+        let info = SandboxInfo {
+            id: id.clone(),
+            name,
+            phase: Phase::Creating,
+            image: spec.image.clone(),
+            image_digest: image.digest.clone(),
+            accel: self.rt.accel.accel.to_string(),
+            vcpus,
+            memory_mib,
+            disk_mib,
+            hostname,
+            created_at: now_secs(),
+            expires_at: req.ttl_secs.map(|t| now_secs().saturating_add(t as i64)),
+            on_expire: req.on_expire.unwrap_or_default(),
+            pid: None,
+            last_error: None,
+            version: 1,
+        };
+        // The cap check and the insert happen under one lock, so parallel creates cannot overshoot.
+        self.db(|db| {
+            let live = db.list()?.iter().filter(|s| s.phase.is_live()).count();
+            if live >= self.limits.max_sandboxes {
+                return Ok(Err(live));
+            }
+            db.insert(&info).map(Ok)
+        })?
+        .map_err(|live| {
+            ServiceError::new(
+                ErrorCode::LimitReached,
+                format!("{live} sandboxes are live, the limit is {}", self.limits.max_sandboxes),
+                "stop or remove sandboxes (`moat ps`, `moat rm`), or raise `moat serve --max-sandboxes`",
+            )
+        })?;
+        let lock = self.op_lock(&id);
+        let _guard = lock.lock().await;
+        self.boot(&info, &spec, true).await
+    }
+
+    /// Boot a recorded sandbox (phase creating, stopped, expired or failed) and watch its QEMU.
+    async fn boot(
+        self: &Arc<Self>,
+        info: &SandboxInfo,
+        spec: &SandboxSpec,
+        fresh: bool,
+    ) -> Result<SandboxInfo, ServiceError> {
+        let id = info.id.clone();
+        self.db(|db| db.set_phase(&id, Phase::Booting, None))?;
+        let dir = self.run_dir(&id);
+        let booted = Sandbox::start(&self.rt, spec, &id, &dir, fresh).await;
+        match booted {
+            Ok(sandbox) => {
+                let sandbox = Arc::new(sandbox);
+                self.db(|db| db.set_pid(&id, Some(sandbox.pid())))?;
+                let info = self.db(|db| db.set_phase(&id, Phase::Running, None))?;
+                self.live.lock().expect("no panics while held").insert(id.clone(), sandbox.clone());
+                self.watch(sandbox);
+                Ok(info)
+            }
+            Err(e) => {
+                let err = ServiceError::from(e);
+                self.db(|db| db.set_phase(&id, Phase::Failed, Some(&err.message)))?;
+                Err(err)
+            }
+        }
+    }
+
+    /// When QEMU exits while the sandbox is still live (nobody stopped it), mark it failed.
+    fn watch(self: &Arc<Self>, sandbox: Arc<Sandbox>) {
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            match sandbox.exit_watcher().await {
+                Ok(watcher) => watcher.wait().await,
+                Err(e) => {
+                    tracing::warn!(sandbox = %sandbox.id, error = %e, "cannot watch QEMU's exit");
+                    return;
+                }
+            }
+            let Some(this) = this.upgrade() else { return };
+            let lock = this.op_lock(&sandbox.id);
+            let _guard = lock.lock().await;
+            let still_ours = this
+                .live
+                .lock()
+                .expect("no panics while held")
+                .get(&sandbox.id)
+                .is_some_and(|s| Arc::ptr_eq(s, &sandbox));
+            if !still_ours {
+                return; // Stopped or removed on purpose.
+            }
+            this.live.lock().expect("no panics while held").remove(&sandbox.id);
+            let reason = format!(
+                "QEMU exited unexpectedly ({}); last console lines:\n{}",
+                sandbox.exit_description().await,
+                sandbox.console_tail(10).await
+            );
+            tracing::warn!(sandbox = %sandbox.id, %reason, "sandbox failed");
+            sandbox.release().await;
+            let id = sandbox.id.clone();
+            let _ = this.db(|db| {
+                db.set_pid(&id, None)?;
+                db.set_phase(&id, Phase::Failed, Some(&reason))
+            });
+        });
+    }
+
+    /// A running sandbox's live handle, or why there is none.
+    pub fn running(&self, reference: &str) -> Result<(SandboxInfo, Arc<Sandbox>), ServiceError> {
+        let info = self.resolve(reference)?;
+        if info.phase != Phase::Running {
+            return Err(ServiceError::phase(&info, "running", "start it with `moat start`"));
+        }
+        let sandbox = self.live(&info.id).ok_or_else(|| {
+            ServiceError::new(
+                ErrorCode::InvalidPhase,
+                format!("sandbox {} has no running VM", info.name),
+                "restart it with `moat stop` and `moat start`",
+            )
+        })?;
+        Ok((info, sandbox))
+    }
+
+    /// Stop a running sandbox, keeping its disk. `to` is `Stopped`, or `Expired` for the reaper.
+    pub async fn stop(&self, reference: &str) -> Result<SandboxInfo, ServiceError> {
+        let info = self.resolve(reference)?;
+        let lock = self.op_lock(&info.id);
+        let _guard = lock.lock().await;
+        self.stop_locked(&info.id, Phase::Stopped).await
+    }
+
+    async fn stop_locked(&self, id: &str, to: Phase) -> Result<SandboxInfo, ServiceError> {
+        let info = self.db(|db| db.get(id))?.ok_or_else(|| not_found(id))?;
+        if !matches!(info.phase, Phase::Running | Phase::Booting) {
+            return Err(ServiceError::phase(&info, "running", "nothing to stop"));
+        }
+        self.db(|db| db.set_phase(id, Phase::Stopping, None))?;
+        let sandbox = self.live.lock().expect("no panics while held").remove(id);
+        if let Some(sandbox) = sandbox {
+            sandbox.shutdown().await;
+        }
+        Ok(self.db(|db| {
+            db.set_pid(id, None)?;
+            db.set_phase(id, to, None)
+        })?)
+    }
+
+    /// Boot a stopped, expired or failed sandbox again from its disk.
+    pub async fn start(self: &Arc<Self>, reference: &str) -> Result<SandboxInfo, ServiceError> {
+        let info = self.resolve(reference)?;
+        let lock = self.op_lock(&info.id);
+        let _guard = lock.lock().await;
+        let info = self.db(|db| db.get(&info.id))?.ok_or_else(|| not_found(reference))?;
+        if !info.phase.is_at_rest() {
+            return Err(ServiceError::phase(
+                &info,
+                "stopped, expired or failed",
+                "it is already up; see `moat inspect`",
+            ));
+        }
+        let live = self.db(|db| db.list())?.iter().filter(|s| s.phase.is_live()).count();
+        if live >= self.limits.max_sandboxes {
+            return Err(ServiceError::new(
+                ErrorCode::LimitReached,
+                format!("{live} sandboxes are live, the limit is {}", self.limits.max_sandboxes),
+                "stop or remove other sandboxes first",
+            ));
+        }
+        if info.expires_at.is_some_and(|t| t <= now_secs()) {
+            self.db(|db| db.set_expiry(&info.id, None))?;
+        }
+        let spec = self.spec_of(&info);
+        let fresh = !self.run_dir(&info.id).join(moat_sandbox::OVERLAY_FILE).exists();
+        self.boot(&info, &spec, fresh).await
+    }
+
+    fn spec_of(&self, info: &SandboxInfo) -> SandboxSpec {
+        SandboxSpec {
+            image: info.image.clone(),
+            vcpus: info.vcpus,
+            memory_mib: info.memory_mib,
+            disk_bytes: Some(info.disk_mib * 1024 * 1024),
+            hostname: Some(info.hostname.clone()),
+            boot_timeout: self.limits.boot_timeout,
+            die_with_parent: false,
+        }
+    }
+
+    /// Remove a sandbox: its VM (only with `force` while it runs), its files and its record.
+    pub async fn remove(&self, reference: &str, force: bool) -> Result<SandboxInfo, ServiceError> {
+        let info = self.resolve(reference)?;
+        let lock = self.op_lock(&info.id);
+        let _guard = lock.lock().await;
+        let info = self.db(|db| db.get(&info.id))?.ok_or_else(|| not_found(reference))?;
+        if info.phase.is_live() {
+            if !force {
+                return Err(ServiceError::phase(&info, "stopped", "stop it first (`moat stop`), or use `moat rm -f`"));
+            }
+            if matches!(info.phase, Phase::Running | Phase::Booting) {
+                self.stop_locked(&info.id, Phase::Stopped).await?;
+            } else {
+                // Creating or stopping without an operation in flight: left by a crash. Kill what may be left.
+                self.live.lock().expect("no panics while held").remove(&info.id);
+                self.db(|db| db.set_phase(&info.id, Phase::Failed, Some("removed with --force")))?;
+            }
+        }
+        self.remove_files(&info.id)?;
+        self.db(|db| db.delete(&info.id))?;
+        self.ops.lock().expect("no panics while held").remove(&info.id);
+        Ok(info)
+    }
+
+    fn remove_files(&self, id: &str) -> Result<(), ServiceError> {
+        let dir = self.run_dir(id);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ServiceError::new(
+                ErrorCode::Internal,
+                format!("removing {} failed: {e}", dir.display()),
+                "remove the directory by hand, then run `moat gc`",
+            )),
+        }
+    }
+
+    /// Renew a running sandbox's lease: it now ends `ttl` from now.
+    pub async fn renew(&self, reference: &str, ttl_secs: u64) -> Result<SandboxInfo, ServiceError> {
+        if ttl_secs == 0 || ttl_secs > 10 * 365 * 86400 {
+            return Err(ServiceError::invalid(format!("a TTL of {ttl_secs} s is out of range; use 1 s to 10 years")));
+        }
+        let info = self.resolve(reference)?;
+        let lock = self.op_lock(&info.id);
+        let _guard = lock.lock().await;
+        let info = self.db(|db| db.get(&info.id))?.ok_or_else(|| not_found(reference))?;
+        if info.phase == Phase::Expired || info.expires_at.is_some_and(|t| t <= now_secs()) {
+            return Err(ServiceError::new(
+                ErrorCode::LeaseExpired,
+                format!("the lease of sandbox {} has expired", info.name),
+                "start it again with `moat start`, which gives it a new lease",
+            ));
+        }
+        if info.phase != Phase::Running {
+            return Err(ServiceError::phase(&info, "running", "start it with `moat start` first"));
+        }
+        let until = now_secs().saturating_add(ttl_secs as i64);
+        self.db(|db| {
+            db.set_expiry(&info.id, Some(until))?;
+            db.get(&info.id)
+        })?
+        .ok_or_else(|| not_found(reference))
+    }
+
+    /// Drop the lease of a sandbox whose lifetime an exec session now owns.
+    pub fn clear_lease(&self, id: &str) -> Result<(), ServiceError> {
+        self.db(|db| db.set_expiry(id, None))
+    }
+
+    /// Stop or remove every running sandbox whose lease has run out.
+    pub async fn reap_expired(&self) {
+        let now = now_secs();
+        let Ok(all) = self.list() else { return };
+        for s in all.into_iter().filter(|s| s.phase == Phase::Running && s.expires_at.is_some_and(|t| t <= now)) {
+            tracing::info!(sandbox = %s.id, name = %s.name, "lease expired");
+            let lock = self.op_lock(&s.id);
+            let guard = lock.lock().await;
+            let result = self.stop_locked(&s.id, Phase::Expired).await;
+            drop(guard);
+            if let Err(e) = result {
+                tracing::warn!(sandbox = %s.id, error = %e, "stopping an expired sandbox failed");
+                continue;
+            }
+            if s.on_expire == OnExpire::Remove {
+                if let Err(e) = self.remove(&s.id, false).await {
+                    tracing::warn!(sandbox = %s.id, error = %e, "removing an expired sandbox failed");
+                }
+            }
+        }
+    }
+
+    /// Remove every stopped, failed or expired sandbox.
+    pub async fn prune(&self) -> Result<Reclaimed, ServiceError> {
+        let mut out = Reclaimed::default();
+        for s in self.list()?.into_iter().filter(|s| s.phase.is_at_rest()) {
+            if self.remove(&s.id, false).await.is_ok() {
+                out.sandboxes.push(s.id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Take over what an earlier daemon left: running sandboxes whose QEMU is verifiably ours are
+    /// adopted (the agent link reconnects); the rest are marked failed with the reason.
+    pub async fn adopt_all(self: &Arc<Self>) -> Result<(), ServiceError> {
+        for info in self.list()?.into_iter().filter(|s| s.phase.is_live()) {
+            let id = info.id.clone();
+            let dir = self.run_dir(&id);
+            let outcome = match (info.phase, info.pid) {
+                (Phase::Running, Some(pid)) => Sandbox::adopt(&self.rt, &self.spec_of(&info), &id, &dir, pid)
+                    .await
+                    .map_err(|e| format!("could not adopt QEMU (pid {pid}) after a daemon restart: {e}")),
+                (Phase::Running, None) => Err("the daemon restarted and no QEMU pid was recorded".to_string()),
+                (phase, _) => Err(format!("the daemon restarted while the sandbox was {phase}")),
+            };
+            match outcome {
+                Ok(sandbox) => {
+                    tracing::info!(sandbox = %id, pid = sandbox.pid(), "adopted a running sandbox");
+                    let sandbox = Arc::new(sandbox);
+                    self.live.lock().expect("no panics while held").insert(id.clone(), sandbox.clone());
+                    self.db(|db| {
+                        db.event(Some(&id), "adopted", &format!("{} adopted (QEMU pid {})", info.name, sandbox.pid()))
+                    })?;
+                    self.watch(sandbox);
+                }
+                Err(reason) => {
+                    tracing::warn!(sandbox = %id, %reason, "sandbox could not be adopted");
+                    self.db(|db| {
+                        db.set_pid(&id, None)?;
+                        db.set_phase(&id, Phase::Failed, Some(&reason))
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reclaim what crashes leaked: QEMU processes and run directories that no sandbox owns, and
+    /// sockets left in the directories of sandboxes that are not running. Never touches a process
+    /// it cannot verify as a moat QEMU under this home.
+    pub async fn gc(&self) -> Result<Reclaimed, ServiceError> {
+        let mut out = Reclaimed::default();
+        let run_root = self.rt.config.run_dir();
+        let known: HashMap<String, SandboxInfo> = self.list()?.into_iter().map(|s| (s.id.clone(), s)).collect();
+        let live: HashSet<String> = self.live.lock().expect("no panics while held").keys().cloned().collect();
+        let busy: HashSet<String> = known
+            .values()
+            .filter(|s| matches!(s.phase, Phase::Creating | Phase::Booting | Phase::Stopping))
+            .map(|s| s.id.clone())
+            .collect();
+        for (pid, dir) in moat_vmm::find_qemus_under(&run_root) {
+            let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if live.contains(&id) || busy.contains(&id) {
+                continue;
+            }
+            tracing::info!(pid, dir = %dir.display(), "gc: killing a QEMU no sandbox owns");
+            if kill_verified(pid, &dir, &run_root) {
+                out.processes.push(pid);
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(&run_root) {
+            for entry in entries.flatten() {
+                let id = entry.file_name().to_string_lossy().into_owned();
+                let path = entry.path();
+                if !known.contains_key(&id) {
+                    if std::fs::remove_dir_all(&path).is_ok() {
+                        out.paths.push(path.display().to_string());
+                    }
+                } else if !live.contains(&id) && !busy.contains(&id) {
+                    out.paths.extend(remove_stale_sockets(&path));
+                }
+            }
+        }
+        match self.rt.images.clean_interrupted_builds(Duration::from_secs(3600)) {
+            Ok(n) if n > 0 => out.paths.push(format!("{n} interrupted image builds")),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "gc: cleaning interrupted image builds failed"),
+        }
+        if out != Reclaimed::default() {
+            let message = format!("gc reclaimed {} processes and {} paths", out.processes.len(), out.paths.len());
+            self.db(|db| db.event(None, "gc", &message))?;
+        }
+        Ok(out)
+    }
+
+    /// Leave every running VM running (the next daemon adopts them) and drop the handles.
+    pub fn detach_all(&self) {
+        let all: Vec<Arc<Sandbox>> = self.live.lock().expect("no panics while held").drain().map(|(_, s)| s).collect();
+        for s in all {
+            match Arc::try_unwrap(s) {
+                Ok(s) => s.detach(),
+                // Still used by a request in flight; forget it so no drop kills the VM.
+                Err(s) => std::mem::forget(s),
+            }
+        }
+    }
+
+    /// How many sandboxes are live now.
+    pub fn live_count(&self) -> usize {
+        self.live.lock().expect("no panics while held").len()
+    }
+}
+
+fn remove_stale_sockets(dir: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    for name in ["qmp.sock", "agent.sock", "qemu.pid"] {
+        let p = dir.join(name);
+        if p.exists() && std::fs::remove_file(&p).is_ok() {
+            removed.push(p.display().to_string());
+        }
+    }
+    removed
+}
+
+/// SIGKILL a leaked QEMU, but only after pinning it with a pidfd and checking again that the
+/// pinned process is a moat QEMU of `dir` (the pid may have been reused since the scan).
+fn kill_verified(pid: u32, dir: &Path, run_root: &Path) -> bool {
+    use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
+    let Some(p) = Pid::from_raw(pid as i32) else { return false };
+    let Ok(fd) = pidfd_open(p, PidfdFlags::empty()) else { return false };
+    if !moat_vmm::find_qemus_under(run_root).iter().any(|(q, d)| *q == pid && d == dir) {
+        return false;
+    }
+    pidfd_send_signal(&fd, Signal::Kill).is_ok()
+}

@@ -1,0 +1,491 @@
+//! The daemon's state: SQLite in WAL mode under `$MOAT_HOME`, with versioned migrations.
+//!
+//! Tables: `sandboxes` (one row per sandbox that exists), `lifecycle` (append-only: every phase a
+//! sandbox entered, with the version, time and error) and `events` (append-only, what `GET
+//! /v1/events` streams). Every phase change goes through [`Db::set_phase`], which checks it with
+//! [`crate::phase::check`] and writes the row, the lifecycle entry and the event in one transaction
+//! *before* the caller acts on it.
+//!
+//! A deleted or damaged database is never silently replaced by an empty one: a marker file next to
+//! it (`state.id`) remembers that a database existed, and [`Db::open`] refuses to start without it.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use moat_api::{Event, LifecycleEntry, OnExpire, Phase, SandboxInfo};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::phase;
+
+/// Migrations in order; `PRAGMA user_version` is how many have been applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE sandboxes (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    phase TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    image TEXT NOT NULL,
+    image_digest TEXT NOT NULL,
+    accel TEXT NOT NULL,
+    vcpus INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    disk_mib INTEGER NOT NULL,
+    hostname TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER,
+    on_expire TEXT NOT NULL,
+    pid INTEGER,
+    last_error TEXT
+);
+CREATE TABLE lifecycle (
+    sandbox_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    error TEXT,
+    PRIMARY KEY (sandbox_id, version)
+);
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    sandbox_id TEXT,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+"#];
+
+/// Errors of the state store. Each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("the state database {} is missing, but {} says this home had one: sandboxes would be forgotten and leak\nhint: restore the file from a backup, or start afresh with `moat serve --reset-state` (running VMs of the lost state are then killed by gc); `moat doctor` explains", db.display(), marker.display())]
+    Missing { db: PathBuf, marker: PathBuf },
+    #[error("the state database {} is damaged: {reason}\nhint: restore it from a backup, or move it aside and start afresh with `moat serve --reset-state`; `moat doctor` explains", db.display())]
+    Corrupt { db: PathBuf, reason: String },
+    #[error("the state database {} was written by a newer moat (schema {found}, this moat knows {known})\nhint: run the newer moat, or start afresh with `moat serve --reset-state`", db.display())]
+    TooNew { db: PathBuf, found: i64, known: i64 },
+    #[error("a sandbox named {0:?} already exists")]
+    NameTaken(String),
+    #[error("no sandbox {0:?}")]
+    NotFound(String),
+    #[error("sandbox {id} cannot go from {from} to {to}")]
+    Transition { id: String, from: Phase, to: Phase },
+    #[error("state database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+}
+
+/// The open state database.
+pub struct Db {
+    conn: Connection,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> i64 {
+    now_ms() / 1000
+}
+
+impl Db {
+    pub fn db_path(home: &Path) -> PathBuf {
+        home.join("state.db")
+    }
+
+    fn marker_path(home: &Path) -> PathBuf {
+        home.join("state.id")
+    }
+
+    /// Open (or, on a home that never had one, create) the database and apply migrations.
+    pub fn open(home: &Path) -> Result<Db, StateError> {
+        let db = Self::db_path(home);
+        let marker = Self::marker_path(home);
+        if !db.exists() && marker.exists() {
+            return Err(StateError::Missing { db, marker });
+        }
+        let corrupt = |reason: String| StateError::Corrupt { db: db.clone(), reason };
+        let conn = Connection::open(&db).map_err(|e| corrupt(e.to_string()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let check: String =
+            conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(|e| corrupt(e.to_string()))?;
+        if check != "ok" {
+            return Err(corrupt(check));
+        }
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| corrupt(e.to_string()))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let mut this = Db { conn };
+        this.migrate(&db)?;
+        let id = this.state_id()?;
+        match std::fs::read_to_string(&marker) {
+            Ok(m) if m.trim() == id => {}
+            Ok(m) => {
+                return Err(corrupt(format!(
+                    "it is not the database this home had (state id {}, the marker says {})",
+                    id,
+                    m.trim()
+                )))
+            }
+            Err(_) => write_atomically(&marker, id.as_bytes())?,
+        }
+        Ok(this)
+    }
+
+    /// Move a damaged or unwanted database aside (never delete it) so the next open starts afresh.
+    /// Returns where it went.
+    pub fn reset(home: &Path) -> Result<Option<PathBuf>, StateError> {
+        let db = Self::db_path(home);
+        let _ = std::fs::remove_file(Self::marker_path(home));
+        if !db.exists() {
+            return Ok(None);
+        }
+        let aside = home.join(format!("state.db.broken-{}", now_secs()));
+        for suffix in ["", "-wal", "-shm"] {
+            let from = PathBuf::from(format!("{}{suffix}", db.display()));
+            if from.exists() {
+                let to = PathBuf::from(format!("{}{suffix}", aside.display()));
+                std::fs::rename(&from, &to)
+                    .map_err(|e| StateError::Io { what: format!("moving {} aside", from.display()), source: e })?;
+            }
+        }
+        Ok(Some(aside))
+    }
+
+    fn migrate(&mut self, db: &Path) -> Result<(), StateError> {
+        let applied: i64 = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let known = MIGRATIONS.len() as i64;
+        if applied > known {
+            return Err(StateError::TooNew { db: db.to_path_buf(), found: applied, known });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(sql)?;
+            if i == 0 {
+                let id = format!("{:016x}", rand::random::<u64>());
+                tx.execute("INSERT INTO meta (key, value) VALUES ('state_id', ?1)", [id])?;
+            }
+            tx.pragma_update(None, "user_version", i as i64 + 1)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    fn state_id(&self) -> Result<String, StateError> {
+        Ok(self.conn.query_row("SELECT value FROM meta WHERE key = 'state_id'", [], |r| r.get(0))?)
+    }
+
+    /// Record a new sandbox in phase `creating`.
+    pub fn insert(&mut self, s: &SandboxInfo) -> Result<(), StateError> {
+        let tx = self.conn.transaction()?;
+        let taken: bool =
+            tx.query_row("SELECT EXISTS(SELECT 1 FROM sandboxes WHERE name = ?1)", [&s.name], |r| r.get(0))?;
+        if taken {
+            return Err(StateError::NameTaken(s.name.clone()));
+        }
+        tx.execute(
+            "INSERT INTO sandboxes (id, name, phase, version, image, image_digest, accel, vcpus, memory_mib,
+                disk_mib, hostname, created_at, expires_at, on_expire, pid, last_error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            params![
+                s.id,
+                s.name,
+                s.phase.as_str(),
+                s.version,
+                s.image,
+                s.image_digest,
+                s.accel,
+                s.vcpus,
+                s.memory_mib,
+                s.disk_mib as i64,
+                s.hostname,
+                s.created_at,
+                s.expires_at,
+                on_expire_str(s.on_expire),
+                s.pid,
+                s.last_error,
+            ],
+        )?;
+        append_lifecycle(&tx, &s.id, s.version, s.phase, None)?;
+        append_event(&tx, Some(&s.id), "phase", &format!("{} created ({})", s.name, s.phase))?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Move a sandbox to `to` (checked), recording the lifecycle entry and an event. Returns the
+    /// updated sandbox. `error` becomes `last_error` when given.
+    pub fn set_phase(&mut self, id: &str, to: Phase, error: Option<&str>) -> Result<SandboxInfo, StateError> {
+        let tx = self.conn.transaction()?;
+        let current = get(&tx, id)?.ok_or_else(|| StateError::NotFound(id.to_string()))?;
+        if !phase::allowed(current.phase, to) {
+            return Err(StateError::Transition { id: id.to_string(), from: current.phase, to });
+        }
+        let version = current.version + 1;
+        tx.execute(
+            "UPDATE sandboxes SET phase = ?2, version = ?3, last_error = COALESCE(?4, last_error) WHERE id = ?1",
+            params![id, to.as_str(), version, error],
+        )?;
+        append_lifecycle(&tx, id, version, to, error)?;
+        let message = match error {
+            Some(e) => format!("{} {} -> {}: {e}", current.name, current.phase, to),
+            None => format!("{} {} -> {}", current.name, current.phase, to),
+        };
+        append_event(&tx, Some(id), "phase", &message)?;
+        let updated = get(&tx, id)?.ok_or_else(|| StateError::NotFound(id.to_string()))?;
+        tx.commit()?;
+        Ok(updated)
+    }
+
+    pub fn set_pid(&mut self, id: &str, pid: Option<u32>) -> Result<(), StateError> {
+        self.conn.execute("UPDATE sandboxes SET pid = ?2 WHERE id = ?1", params![id, pid])?;
+        Ok(())
+    }
+
+    pub fn set_expiry(&mut self, id: &str, expires_at: Option<i64>) -> Result<(), StateError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("UPDATE sandboxes SET expires_at = ?2 WHERE id = ?1", params![id, expires_at])?;
+        let message = match expires_at {
+            Some(t) => format!("lease renewed until {t}"),
+            None => "lease cleared".to_string(),
+        };
+        append_event(&tx, Some(id), "lease", &message)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forget a sandbox. Its lifecycle stays, ending with the removal event.
+    pub fn delete(&mut self, id: &str) -> Result<(), StateError> {
+        let tx = self.conn.transaction()?;
+        let name: Option<String> =
+            tx.query_row("SELECT name FROM sandboxes WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+        tx.execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
+        append_event(&tx, Some(id), "removed", &format!("{} removed", name.unwrap_or_else(|| id.to_string())))?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<SandboxInfo>, StateError> {
+        get(&self.conn, id)
+    }
+
+    /// All sandboxes, oldest first.
+    pub fn list(&self) -> Result<Vec<SandboxInfo>, StateError> {
+        let mut stmt = self.conn.prepare(&format!("SELECT {COLUMNS} FROM sandboxes ORDER BY created_at, id"))?;
+        let rows = stmt.query_map([], row_to_info)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// The sandboxes a reference could mean: an exact id or name wins, else every id starting
+    /// with it.
+    pub fn candidates(&self, reference: &str) -> Result<Vec<SandboxInfo>, StateError> {
+        let exact: Option<SandboxInfo> = self
+            .conn
+            .query_row(&format!("SELECT {COLUMNS} FROM sandboxes WHERE id = ?1 OR name = ?1"), [reference], row_to_info)
+            .optional()?;
+        if let Some(s) = exact {
+            return Ok(vec![s]);
+        }
+        let mut stmt =
+            self.conn.prepare(&format!("SELECT {COLUMNS} FROM sandboxes WHERE substr(id, 1, length(?1)) = ?1"))?;
+        let rows = stmt.query_map([reference], row_to_info)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    pub fn lifecycle(&self, id: &str) -> Result<Vec<LifecycleEntry>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT version, phase, at_ms, error FROM lifecycle WHERE sandbox_id = ?1 ORDER BY version")?;
+        let rows = stmt.query_map([id], |r| {
+            let phase: String = r.get(1)?;
+            Ok(LifecycleEntry {
+                version: r.get(0)?,
+                phase: parse_phase(1, &phase)?,
+                at_ms: r.get(2)?,
+                error: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Record an event that is not a phase change.
+    pub fn event(&mut self, sandbox: Option<&str>, kind: &str, message: &str) -> Result<(), StateError> {
+        append_event(&self.conn, sandbox, kind, message)
+    }
+
+    /// Events after `seq`, oldest first, at most `limit`.
+    pub fn events_after(&self, seq: i64, limit: usize) -> Result<Vec<Event>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, at_ms, sandbox_id, kind, message FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let rows = stmt.query_map(params![seq, limit as i64], |r| {
+            Ok(Event { seq: r.get(0)?, at_ms: r.get(1)?, sandbox: r.get(2)?, kind: r.get(3)?, message: r.get(4)? })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+const COLUMNS: &str = "id, name, phase, version, image, image_digest, accel, vcpus, memory_mib, disk_mib, hostname, \
+                       created_at, expires_at, on_expire, pid, last_error";
+
+fn get(conn: &Connection, id: &str) -> Result<Option<SandboxInfo>, StateError> {
+    Ok(conn.query_row(&format!("SELECT {COLUMNS} FROM sandboxes WHERE id = ?1"), [id], row_to_info).optional()?)
+}
+
+fn parse_phase(col: usize, s: &str) -> rusqlite::Result<Phase> {
+    s.parse().map_err(|e: String| {
+        rusqlite::Error::FromSqlConversionFailure(
+            col,
+            rusqlite::types::Type::Text,
+            Box::<dyn std::error::Error + Send + Sync>::from(e),
+        )
+    })
+}
+
+fn on_expire_str(o: OnExpire) -> &'static str {
+    match o {
+        OnExpire::Stop => "stop",
+        OnExpire::Remove => "remove",
+    }
+}
+
+fn row_to_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxInfo> {
+    let phase: String = r.get(2)?;
+    let on_expire: String = r.get(13)?;
+    let disk: i64 = r.get(9)?;
+    Ok(SandboxInfo {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        phase: parse_phase(2, &phase)?,
+        version: r.get(3)?,
+        image: r.get(4)?,
+        image_digest: r.get(5)?,
+        accel: r.get(6)?,
+        vcpus: r.get(7)?,
+        memory_mib: r.get(8)?,
+        disk_mib: disk.max(0) as u64,
+        hostname: r.get(10)?,
+        created_at: r.get(11)?,
+        expires_at: r.get(12)?,
+        on_expire: if on_expire == "stop" { OnExpire::Stop } else { OnExpire::Remove },
+        pid: r.get(14)?,
+        last_error: r.get(15)?,
+    })
+}
+
+fn append_lifecycle(
+    conn: &Connection,
+    id: &str,
+    version: i64,
+    phase: Phase,
+    error: Option<&str>,
+) -> Result<(), StateError> {
+    conn.execute(
+        "INSERT INTO lifecycle (sandbox_id, version, phase, at_ms, error) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id, version, phase.as_str(), now_ms(), error],
+    )?;
+    Ok(())
+}
+
+fn append_event(conn: &Connection, sandbox: Option<&str>, kind: &str, message: &str) -> Result<(), StateError> {
+    conn.execute(
+        "INSERT INTO events (at_ms, sandbox_id, kind, message) VALUES (?1, ?2, ?3, ?4)",
+        params![now_ms(), sandbox, kind, message],
+    )?;
+    Ok(())
+}
+
+fn write_atomically(path: &Path, data: &[u8]) -> Result<(), StateError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| StateError::Io { what: format!("writing {}", path.display()), source: e })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(id: &str, name: &str) -> SandboxInfo {
+        SandboxInfo {
+            id: id.into(),
+            name: name.into(),
+            phase: Phase::Creating,
+            image: "minimal".into(),
+            image_digest: "sha256:00".into(),
+            accel: "tcg".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            disk_mib: 4096,
+            hostname: "h".into(),
+            created_at: 1,
+            expires_at: None,
+            on_expire: OnExpire::Remove,
+            pid: None,
+            last_error: None,
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn lifecycle_is_recorded_and_transitions_are_checked() {
+        let home = tempfile::tempdir().unwrap();
+        let mut db = Db::open(home.path()).unwrap();
+        db.insert(&sample("aaaa00000001", "box")).unwrap();
+        assert!(matches!(db.insert(&sample("aaaa00000002", "box")), Err(StateError::NameTaken(_))));
+        db.set_phase("aaaa00000001", Phase::Booting, None).unwrap();
+        let s = db.set_phase("aaaa00000001", Phase::Running, None).unwrap();
+        assert_eq!((s.phase, s.version), (Phase::Running, 3));
+        assert!(matches!(db.set_phase("aaaa00000001", Phase::Creating, None), Err(StateError::Transition { .. })));
+        let s = db.set_phase("aaaa00000001", Phase::Failed, Some("QEMU died")).unwrap();
+        assert_eq!(s.last_error.as_deref(), Some("QEMU died"));
+        let phases: Vec<Phase> = db.lifecycle("aaaa00000001").unwrap().into_iter().map(|e| e.phase).collect();
+        assert_eq!(phases, [Phase::Creating, Phase::Booting, Phase::Running, Phase::Failed]);
+        assert!(db.events_after(0, 100).unwrap().len() >= 4);
+    }
+
+    #[test]
+    fn references_resolve_by_id_name_and_unique_prefix() {
+        let home = tempfile::tempdir().unwrap();
+        let mut db = Db::open(home.path()).unwrap();
+        db.insert(&sample("abc000000001", "one")).unwrap();
+        db.insert(&sample("abd000000002", "two")).unwrap();
+        assert_eq!(db.candidates("one").unwrap().len(), 1);
+        assert_eq!(db.candidates("abc").unwrap()[0].name, "one");
+        assert_eq!(db.candidates("ab").unwrap().len(), 2);
+        assert!(db.candidates("zz").unwrap().is_empty());
+    }
+
+    #[test]
+    fn state_survives_reopening() {
+        let home = tempfile::tempdir().unwrap();
+        Db::open(home.path()).unwrap().insert(&sample("abc000000001", "one")).unwrap();
+        let db = Db::open(home.path()).unwrap();
+        assert_eq!(db.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_deleted_database_is_refused_not_replaced() {
+        let home = tempfile::tempdir().unwrap();
+        Db::open(home.path()).unwrap();
+        std::fs::remove_file(Db::db_path(home.path())).unwrap();
+        let e = Db::open(home.path()).err().expect("refused");
+        assert!(matches!(e, StateError::Missing { .. }), "{e}");
+        assert!(e.to_string().contains("--reset-state"), "{e}");
+        Db::reset(home.path()).unwrap();
+        Db::open(home.path()).expect("a reset starts afresh");
+    }
+
+    #[test]
+    fn a_damaged_database_is_refused_and_kept_for_recovery() {
+        let home = tempfile::tempdir().unwrap();
+        drop(Db::open(home.path()).unwrap());
+        std::fs::write(Db::db_path(home.path()), b"this is not an sqlite database, it is garbage........").unwrap();
+        let e = Db::open(home.path()).err().expect("refused");
+        assert!(matches!(e, StateError::Corrupt { .. }), "{e}");
+        let aside = Db::reset(home.path()).unwrap().expect("moved aside");
+        assert!(aside.exists());
+        Db::open(home.path()).expect("a reset starts afresh");
+    }
+}

@@ -1,0 +1,134 @@
+//! `moat serve`, and finding (or starting) the daemon for every other command.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use moat_client::{Client, ClientError};
+
+use crate::cli::{HostArgs, ServeArgs};
+use crate::cmd::{runtime_config, tcg_notice};
+
+/// How long an auto-started daemon waits without sandboxes or requests before it exits
+/// (`MOAT_IDLE_EXIT` overrides it).
+const AUTO_IDLE_EXIT: &str = "10m";
+/// How long the first start may take: the initramfs and minimal image are built, KVM is probed.
+const START_TIMEOUT: Duration = Duration::from_secs(180);
+
+pub async fn serve(args: ServeArgs, host: &HostArgs) -> anyhow::Result<i32> {
+    let cfg = moat_daemon::ServeConfig {
+        runtime: runtime_config(host)?,
+        limits: moat_daemon::Limits { max_sandboxes: args.max_sandboxes, ..Default::default() },
+        tcp: args.tcp,
+        idle_exit: args.idle_exit,
+        reset_state: args.reset_state,
+    };
+    moat_daemon::serve(cfg).await?;
+    Ok(0)
+}
+
+/// A client of this home's daemon; starts the daemon in the background when none answers.
+pub async fn connect(host: &HostArgs) -> anyhow::Result<Client> {
+    let home = runtime_config(host)?.home;
+    let client = Client::new(&moat_daemon::socket_path(&home));
+    match client.health().await {
+        Ok(h) => {
+            check_settings(host, &h)?;
+            return Ok(client);
+        }
+        Err(ClientError::Connect { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut daemon = start_daemon(host, &home)?;
+    let started = Instant::now();
+    let log = home.join("daemon.log");
+    loop {
+        match client.health().await {
+            Ok(h) => {
+                eprintln!("moat: started the daemon (pid {}, log {})", h.pid, log.display());
+                if let Some(notice) = tcg_notice(&h.accel, &h.accel_reason) {
+                    eprintln!("{notice}");
+                }
+                return Ok(client);
+            }
+            Err(ClientError::Connect { .. }) if started.elapsed() < START_TIMEOUT => {
+                if let Ok(Some(status)) = daemon.try_wait() {
+                    // Another CLI may have won the race to start it: then its daemon answers soon.
+                    if !daemon_alive(&home) {
+                        bail!("the daemon could not start ({status}):\n{}", log_tail(&log));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).context(format!("the daemon did not come up; see {}", log.display())),
+        }
+    }
+}
+
+/// Refuse to silently ignore a kernel or accelerator the running daemon does not use.
+fn check_settings(host: &HostArgs, h: &moat_api::Health) -> anyhow::Result<()> {
+    if let Some(k) = &host.kernel {
+        let wanted = std::fs::canonicalize(k).unwrap_or_else(|_| k.clone());
+        let used = std::fs::canonicalize(&h.kernel_path).unwrap_or_else(|_| h.kernel_path.clone().into());
+        if wanted != used {
+            bail!(
+                "the running daemon (pid {}) boots {}, not {}\nhint: the kernel is the daemon's setting: stop the daemon (`kill {}`) and run again, or use another MOAT_HOME",
+                h.pid, h.kernel_path, k.display(), h.pid
+            );
+        }
+    }
+    let want_kvm = host.accel == moat_vmm::AccelChoice::Kvm;
+    let want_tcg = host.accel == moat_vmm::AccelChoice::Tcg;
+    if (want_kvm && h.accel != "kvm") || (want_tcg && h.accel != "tcg") {
+        bail!(
+            "the running daemon (pid {}) uses {}, not {}\nhint: the accelerator is the daemon's setting: stop the daemon (`kill {}`) and run again, or use another MOAT_HOME",
+            h.pid, h.accel, host.accel, h.pid
+        );
+    }
+    Ok(())
+}
+
+/// Spawn `moat serve` detached from this terminal, logging to `$MOAT_HOME/daemon.log`.
+fn start_daemon(host: &HostArgs, home: &Path) -> anyhow::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
+    let log_path = home.join("daemon.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("finding the moat binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    let idle = std::env::var("MOAT_IDLE_EXIT").unwrap_or_else(|_| AUTO_IDLE_EXIT.into());
+    cmd.arg("serve").arg("--idle-exit").arg(idle).arg("--home").arg(home);
+    cmd.arg("--accel").arg(host.accel.to_string());
+    if let Some(k) = &host.kernel {
+        cmd.arg("--kernel").arg(k);
+    }
+    cmd.env("MOAT_LOG", std::env::var("MOAT_LOG").unwrap_or_else(|_| "info".into()));
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    // Its own session: the daemon must outlive this terminal and never get its Ctrl-C.
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd.spawn().context("starting `moat serve`")
+}
+
+/// Whether a daemon holds this home's lock (it writes its pid into the lock file).
+fn daemon_alive(home: &Path) -> bool {
+    let pid = std::fs::read_to_string(home.join("daemon.lock")).ok().and_then(|s| s.trim().parse::<i32>().ok());
+    // SAFETY: signal 0 only checks that the process exists.
+    pid.is_some_and(|p| p > 0 && unsafe { libc::kill(p, 0) } == 0)
+}
+
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}

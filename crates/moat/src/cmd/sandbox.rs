@@ -1,0 +1,211 @@
+//! Managing sandboxes through the daemon: ps, inspect, stop, start, rm, lease, logs, events,
+//! prune, gc.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use moat_api::{LogSource, Reclaimed, SandboxInfo};
+use tokio::io::AsyncWriteExt;
+
+use crate::cli::{EventsArgs, HostArgs, InspectArgs, LeaseCommand, LogSourceArg, LogsArgs, PsArgs, RefsArgs, RmArgs};
+use crate::cmd::daemon::connect;
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// `42s`, `5m`, `3h`, `2d`: how far `t` is from now, for tables.
+fn ago_or_in(t: i64) -> String {
+    let d = (t - now()).unsigned_abs();
+    let s = match d {
+        0..=119 => format!("{d}s"),
+        120..=7199 => format!("{}m", d / 60),
+        7200..=172_799 => format!("{}h", d / 3600),
+        _ => format!("{}d", d / 86400),
+    };
+    if t < now() {
+        format!("{s} ago")
+    } else {
+        format!("in {s}")
+    }
+}
+
+pub async fn ps(args: PsArgs, host: &HostArgs) -> anyhow::Result<i32> {
+    let list = connect(host).await?.list().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<12}  {:<20}  {:<9}  {:<10}  {:>4}  {:>7}  {:<10}  EXPIRES",
+        "ID", "NAME", "PHASE", "IMAGE", "CPUS", "MEMORY", "CREATED"
+    );
+    for s in list {
+        println!(
+            "{:<12}  {:<20}  {:<9}  {:<10}  {:>4}  {:>6}M  {:<10}  {}",
+            s.id,
+            s.name,
+            s.phase,
+            s.image,
+            s.vcpus,
+            s.memory_mib,
+            ago_or_in(s.created_at),
+            s.expires_at.map(ago_or_in).unwrap_or_else(|| "-".into())
+        );
+    }
+    Ok(0)
+}
+
+pub async fn inspect(args: InspectArgs, host: &HostArgs) -> anyhow::Result<i32> {
+    let client = connect(host).await?;
+    let s = client.inspect(&args.sandbox).await?;
+    let lifecycle = client.lifecycle(&s.id).await?;
+    if args.json {
+        let mut v = serde_json::to_value(&s)?;
+        v["lifecycle"] = serde_json::to_value(&lifecycle)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    print_info(&s);
+    println!("lifecycle:");
+    for e in lifecycle {
+        let err = e.error.map(|e| format!("  ({})", e.lines().next().unwrap_or_default())).unwrap_or_default();
+        println!("  v{:<3} {:<9} {}{err}", e.version, e.phase, ago_or_in(e.at_ms / 1000));
+    }
+    Ok(0)
+}
+
+fn print_info(s: &SandboxInfo) {
+    println!("id:          {}", s.id);
+    println!("name:        {}", s.name);
+    println!("phase:       {}", s.phase);
+    println!("image:       {} ({})", s.image, s.image_digest);
+    println!("accel:       {}", s.accel);
+    println!("vcpus:       {}", s.vcpus);
+    println!("memory:      {} MiB", s.memory_mib);
+    println!("disk:        {} MiB", s.disk_mib);
+    println!("hostname:    {}", s.hostname);
+    println!("created:     {}", ago_or_in(s.created_at));
+    match s.expires_at {
+        Some(t) => println!("expires:     {} (then {:?})", ago_or_in(t), s.on_expire),
+        None => println!("expires:     never"),
+    }
+    if let Some(pid) = s.pid {
+        println!("qemu pid:    {pid}");
+    }
+    if let Some(e) = &s.last_error {
+        println!("last error:  {e}");
+    }
+}
+
+pub async fn stop(args: RefsArgs, host: &HostArgs) -> anyhow::Result<i32> {
+    let client = connect(host).await?;
+    each(&args.sandboxes, |r| {
+        let client = client.clone();
+        async move { client.stop(&r).await.map(|s| s.name) }
+    })
+    .await
+}
+
+pub async fn start(args: RefsArgs, host: &HostArgs) -> anyhow::Result<i32> {
+    let client = connect(host).await?;
+    each(&args.sandboxes, |r| {
+        let client = client.clone();
+        async move { client.start(&r).await.map(|s| s.name) }
+    })
+    .await
+}
+
+pub async fn rm(args: RmArgs, host: &HostArgs) -> anyhow::Result<i32> {
+    let client = connect(host).await?;
+    let force = args.force;
+    each(&args.sandboxes, |r| {
+        let client = client.clone();
+        async move { client.remove(&r, force).await.map(|s| s.name) }
+    })
+    .await
+}
+
+/// Apply an operation to each reference; print the names that worked and the errors of the rest.
+async fn each<F, Fut>(refs: &[String], op: F) -> anyhow::Result<i32>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<String, moat_client::ClientError>>,
+{
+    let mut failed = 0;
+    for r in refs {
+        match op(r.clone()).await {
+            Ok(name) => println!("{name}"),
+            Err(e) => {
+                eprintln!("moat: error: {r}: {e}");
+                failed += 1;
+            }
+        }
+    }
+    Ok(if failed == 0 { 0 } else { 1 })
+}
+
+pub async fn lease(cmd: LeaseCommand, host: &HostArgs) -> anyhow::Result<i32> {
+    let client = connect(host).await?;
+    match cmd {
+        LeaseCommand::Renew { sandbox, ttl } => {
+            let s = client.renew(&sandbox, ttl.as_secs().max(1)).await?;
+            println!("{} expires {}", s.name, s.expires_at.map(ago_or_in).unwrap_or_else(|| "never".into()));
+        }
+    }
+    Ok(0)
+}
+
+pub async fn logs(args: LogsArgs, host: &HostArgs) -> anyhow::Result<i32> {
+    let client = connect(host).await?;
+    let source = match args.source {
+        LogSourceArg::Console => LogSource::Console,
+        LogSourceArg::Qemu => LogSource::Qemu,
+    };
+    let mut stream = Box::pin(client.logs(&args.sandbox, source, args.follow).await?);
+    let mut out = tokio::io::stdout();
+    while let Some(chunk) = stream.next().await {
+        out.write_all(&chunk?).await?;
+        out.flush().await?;
+    }
+    Ok(0)
+}
+
+pub async fn events(args: EventsArgs, host: &HostArgs) -> anyhow::Result<i32> {
+    let client = connect(host).await?;
+    let mut stream = Box::pin(client.events(0, args.follow).await?);
+    while let Some(e) = stream.next().await {
+        let e = e?;
+        if args.json {
+            println!("{}", serde_json::to_string(&e)?);
+        } else {
+            println!("{:>6}  {:<10}  {:<12}  {}", e.seq, ago_or_in(e.at_ms / 1000), e.kind, e.message);
+        }
+    }
+    Ok(0)
+}
+
+fn print_reclaimed(r: &Reclaimed) {
+    for s in &r.sandboxes {
+        println!("removed sandbox {s}");
+    }
+    for p in &r.processes {
+        println!("killed QEMU pid {p}");
+    }
+    for p in &r.paths {
+        println!("removed {p}");
+    }
+    if r == &Reclaimed::default() {
+        println!("nothing to reclaim");
+    }
+}
+
+pub async fn prune(host: &HostArgs) -> anyhow::Result<i32> {
+    print_reclaimed(&connect(host).await?.prune().await?);
+    Ok(0)
+}
+
+pub async fn gc(host: &HostArgs) -> anyhow::Result<i32> {
+    print_reclaimed(&connect(host).await?.gc().await?);
+    Ok(0)
+}
