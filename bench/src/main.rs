@@ -5,6 +5,8 @@
 //!   next to the boot part alone (QEMU start → agent handshake).
 //! - exec round trip of `true` in one running VM, median of M, next to the guest's own
 //!   fork+exec+wait of `/bin/true` measured inside the guest.
+//! - the daemon: create → running next to the boot alone, and list / inspect latency (p50, p99
+//!   of 1000) next to a bare health round trip on the same socket.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -77,6 +79,63 @@ async fn main() -> anyhow::Result<()> {
     println!("  host → agent → process → host  {:>10}", ms(rtt));
     println!("  guest fork+exec+wait (baseline){:>10}", ms(guest));
     println!("  ratio                          {:>10.2}x", rtt.as_secs_f64() / guest.as_secs_f64());
+
+    daemon_api(&home, runs, arg("--requests", 1000), boot).await
+}
+
+fn percentile(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// The daemon `moat run` started above: create → running next to the library's boot alone, and
+/// list/inspect latency next to a bare health round trip (same socket, no state read).
+async fn daemon_api(home: &std::path::Path, runs: usize, requests: usize, boot: Duration) -> anyhow::Result<()> {
+    let client = moat_client::Client::new(&home.join("moat.sock"));
+    let create = moat_api::CreateSandbox { memory_mib: Some(512), ..Default::default() };
+    let mut creates = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let info = client.create(&create).await?;
+        creates.push(t.elapsed());
+        client.remove(&info.id, true).await?;
+    }
+    let create_time = median(creates);
+    println!("\ndaemon: create → running (median of {runs})");
+    println!("  POST /v1/sandboxes             {:>10}", ms(create_time));
+    println!("  boot alone (baseline)          {:>10}", ms(boot));
+    println!("  ratio                          {:>10.2}x", create_time.as_secs_f64() / boot.as_secs_f64());
+
+    let info = client.create(&create).await?;
+    let mut health = Vec::with_capacity(requests);
+    let mut list = Vec::with_capacity(requests);
+    let mut inspect = Vec::with_capacity(requests);
+    // Interleaved, so load and noise hit all three alike.
+    for _ in 0..requests {
+        let t = Instant::now();
+        client.health().await?;
+        health.push(t.elapsed());
+        let t = Instant::now();
+        client.list().await?;
+        list.push(t.elapsed());
+        let t = Instant::now();
+        client.inspect(&info.name).await?;
+        inspect.push(t.elapsed());
+    }
+    client.remove(&info.id, true).await?;
+    let (h50, h99) = (percentile(&mut health, 0.5), percentile(&mut health, 0.99));
+    println!("\ndaemon API latency ({requests} requests each, p50 / p99)");
+    println!("  GET /v1/health (baseline)      {:>10} / {}", ms(h50), ms(h99));
+    for (name, v) in [("GET /v1/sandboxes", &mut list), ("GET /v1/sandboxes/{ref}", &mut inspect)] {
+        let (p50, p99) = (percentile(v, 0.5), percentile(v, 0.99));
+        println!(
+            "  {name:<30} {:>10} / {}   ({:.2}x / {:.2}x health)",
+            ms(p50),
+            ms(p99),
+            p50.as_secs_f64() / h50.as_secs_f64(),
+            p99.as_secs_f64() / h99.as_secs_f64()
+        );
+    }
     Ok(())
 }
 

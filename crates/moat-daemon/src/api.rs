@@ -380,17 +380,15 @@ fn async_stream_file(
                 },
             };
             let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match file.read(&mut buf).await {
-                    Ok(0) if follow && alive_now => {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        // Yield an empty chunk so the caller re-checks `alive`.
-                        return Some((Ok(Bytes::new()), (Some(file), false)));
-                    }
-                    Ok(0) => return None,
-                    Ok(n) => return Some((Ok(Bytes::copy_from_slice(&buf[..n])), (Some(file), false))),
-                    Err(e) => return Some((Err(e), (None, true))),
+            match file.read(&mut buf).await {
+                Ok(0) if follow && alive_now => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    // Yield an empty chunk so the caller re-checks `alive`.
+                    Some((Ok(Bytes::new()), (Some(file), false)))
                 }
+                Ok(0) => None,
+                Ok(n) => Some((Ok(Bytes::copy_from_slice(&buf[..n])), (Some(file), false))),
+                Err(e) => Some((Err(e), (None, true))),
             }
         }
     })
@@ -438,4 +436,62 @@ async fn events(State(svc): Svc, q: Result<Query<EventsQuery>, QueryRejection>) 
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(stream))
         .expect("static headers are valid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn doc() -> serde_json::Value {
+        serde_json::from_str(OPENAPI).expect("docs/openapi.json is valid JSON")
+    }
+
+    /// Every route the router serves is documented, and nothing else is.
+    #[test]
+    fn openapi_documents_exactly_the_routes() {
+        let source = include_str!("api.rs");
+        let routed: BTreeSet<String> = source
+            .split(".route(\"")
+            .skip(1)
+            .map(|s| s.split('"').next().expect("a quoted path").to_string())
+            .filter(|p| p.starts_with('/') && !p.contains(' '))
+            .collect();
+        let documented: BTreeSet<String> = doc()["paths"].as_object().expect("paths").keys().cloned().collect();
+        assert_eq!(routed, documented);
+    }
+
+    fn keys(v: &serde_json::Value) -> BTreeSet<String> {
+        v.as_object().expect("an object").keys().cloned().collect()
+    }
+
+    /// Request schemas list exactly the fields the daemon accepts.
+    #[test]
+    fn openapi_request_schemas_match_the_types() {
+        let d = doc();
+        let create = moat_api::CreateSandbox {
+            name: Some("n".into()),
+            image: Some("i".into()),
+            vcpus: Some(1),
+            memory_mib: Some(1),
+            disk_mib: Some(1),
+            ttl_secs: Some(1),
+            on_expire: Some(moat_api::OnExpire::Stop),
+            hostname: Some("h".into()),
+            boot_timeout_secs: Some(1),
+        };
+        assert_eq!(
+            keys(&serde_json::to_value(create).unwrap()),
+            keys(&d["components"]["schemas"]["CreateSandbox"]["properties"])
+        );
+        let start = ExecStart { argv: vec!["x".into()], ..Default::default() };
+        assert_eq!(
+            keys(&serde_json::to_value(start).unwrap()),
+            keys(&d["components"]["schemas"]["ExecStart"]["properties"])
+        );
+        assert_eq!(
+            keys(&serde_json::to_value(RenewLease { ttl_secs: 1 }).unwrap()),
+            keys(&d["components"]["schemas"]["RenewLease"]["properties"])
+        );
+    }
 }

@@ -346,10 +346,10 @@ impl Service {
         if let Some(sandbox) = sandbox {
             sandbox.shutdown().await;
         }
-        Ok(self.db(|db| {
+        self.db(|db| {
             db.set_pid(id, None)?;
             db.set_phase(id, to, None)
-        })?)
+        })
     }
 
     /// Boot a stopped, expired or failed sandbox again from its disk.
