@@ -155,17 +155,20 @@ fn run_true(moat: &PathBuf, home: &std::path::Path) -> anyhow::Result<Duration> 
     Ok(d)
 }
 
-/// Mean time of one fork+exec+wait of /bin/true inside the guest, timed by the guest's clock.
+/// Mean time of one fork+exec+wait of /bin/true inside the guest, timed by the guest's clock
+/// (/proc/uptime: busybox `date` has no sub-second format, so the loop runs long enough for
+/// centiseconds to be precise).
 async fn guest_fork_exec(sb: &Sandbox, n: usize) -> anyhow::Result<Duration> {
+    let n = n.max(1000);
     let script = format!(
-        "s=$(date +%s%N); i=0; while [ $i -lt {n} ]; do /bin/true; i=$((i+1)); done; e=$(date +%s%N); echo $((e-s))"
+        "read s _ < /proc/uptime; i=0; while [ $i -lt {n} ]; do /bin/true; i=$((i+1)); done; read e _ < /proc/uptime; echo $s $e"
     );
     let req = ExecRequest { argv: vec!["sh".into(), "-c".into(), script], ..Default::default() };
     let (out, err, _) = sb.exec(req).await?.collect().await?;
     let text = String::from_utf8_lossy(&out);
-    let ns: u64 = text
-        .trim()
-        .parse()
-        .with_context(|| format!("guest timing output {text:?} {}", String::from_utf8_lossy(&err)))?;
-    Ok(Duration::from_nanos(ns / n as u64))
+    let times: Vec<f64> = text.split_whitespace().filter_map(|t| t.parse().ok()).collect();
+    let [start, end] = times[..] else {
+        bail!("guest timing output {text:?} {}", String::from_utf8_lossy(&err));
+    };
+    Ok(Duration::from_secs_f64((end - start).max(0.0) / n as f64))
 }

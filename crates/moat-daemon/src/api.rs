@@ -495,3 +495,30 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    async fn status(auth: Option<&str>) -> StatusCode {
+        let token = Arc::new("s3cret-token".to_string());
+        let app = Router::new()
+            .route("/v1/health", get(|| async { "ok" }))
+            .layer(axum::middleware::from_fn(move |req, next| require_token(token.clone(), req, next)));
+        let mut req = axum::http::Request::builder().uri("/v1/health");
+        if let Some(a) = auth {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        app.oneshot(req.body(Body::empty()).unwrap()).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn tcp_requests_need_the_bearer_token() {
+        assert_eq!(status(Some("Bearer s3cret-token")).await, StatusCode::OK);
+        assert_eq!(status(None).await, StatusCode::UNAUTHORIZED);
+        assert_eq!(status(Some("Bearer s3cret-tokeN")).await, StatusCode::UNAUTHORIZED);
+        assert_eq!(status(Some("Bearer s3cret")).await, StatusCode::UNAUTHORIZED);
+        assert_eq!(status(Some("Basic s3cret-token")).await, StatusCode::UNAUTHORIZED);
+    }
+}

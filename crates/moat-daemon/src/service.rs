@@ -1,7 +1,7 @@
 //! The sandbox service: every lifecycle operation, recorded in the state database before it is
 //! acted on, plus leases, QEMU exit watching, adoption after a restart and garbage collection.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -225,6 +225,9 @@ impl Service {
             last_error: None,
             version: 1,
         };
+        // Held from before the record exists, so no other operation sees it half made.
+        let lock = self.op_lock(&id);
+        let _guard = lock.lock().await;
         // The cap check and the insert happen under one lock, so parallel creates cannot overshoot.
         self.db(|db| {
             let live = db.list()?.iter().filter(|s| s.phase.is_live()).count();
@@ -240,8 +243,6 @@ impl Service {
                 "stop or remove sandboxes (`moat ps`, `moat rm`), or raise `moat serve --max-sandboxes`",
             )
         })?;
-        let lock = self.op_lock(&id);
-        let _guard = lock.lock().await;
         self.boot(&info, &spec, true).await
     }
 
@@ -406,9 +407,15 @@ impl Service {
             if matches!(info.phase, Phase::Running | Phase::Booting) {
                 self.stop_locked(&info.id, Phase::Stopped).await?;
             } else {
-                // Creating or stopping without an operation in flight: left by a crash. Kill what may be left.
+                // Creating or stopping with no operation in flight (we hold the lock): a crash left
+                // it. Kill whatever QEMU is left in its directory.
                 self.live.lock().expect("no panics while held").remove(&info.id);
                 self.db(|db| db.set_phase(&info.id, Phase::Failed, Some("removed with --force")))?;
+                let run_root = self.rt.config.run_dir();
+                let dir = self.run_dir(&info.id);
+                for (pid, _) in moat_vmm::find_qemus_under(&run_root).into_iter().filter(|(_, d)| *d == dir) {
+                    kill_verified(pid, &dir, &run_root);
+                }
             }
         }
         self.remove_files(&info.id)?;
@@ -443,7 +450,7 @@ impl Service {
             return Err(ServiceError::new(
                 ErrorCode::LeaseExpired,
                 format!("the lease of sandbox {} has expired", info.name),
-                "start it again with `moat start`, which gives it a new lease",
+                "`moat start` brings it back without a lease; then `moat lease renew` sets a new one",
             ));
         }
         if info.phase != Phase::Running {
@@ -536,19 +543,16 @@ impl Service {
     pub async fn gc(&self) -> Result<Reclaimed, ServiceError> {
         let mut out = Reclaimed::default();
         let run_root = self.rt.config.run_dir();
-        let known: HashMap<String, SandboxInfo> = self.list()?.into_iter().map(|s| (s.id.clone(), s)).collect();
-        let live: HashSet<String> = self.live.lock().expect("no panics while held").keys().cloned().collect();
-        let busy: HashSet<String> = known
-            .values()
-            .filter(|s| matches!(s.phase, Phase::Creating | Phase::Booting | Phase::Stopping))
-            .map(|s| s.id.clone())
-            .collect();
+        // Ownership is read fresh from the database for each finding: records are written before
+        // their directory and their QEMU exist, so a sandbox being created right now is never
+        // mistaken for a leftover.
+        let owner = |id: &str| self.db(|db| db.get(id)).ok().flatten();
         for (pid, dir) in moat_vmm::find_qemus_under(&run_root) {
             let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            if live.contains(&id) || busy.contains(&id) {
+            if owner(&id).is_some_and(|s| s.phase.is_live()) {
                 continue;
             }
-            tracing::info!(pid, dir = %dir.display(), "gc: killing a QEMU no sandbox owns");
+            tracing::info!(pid, dir = %dir.display(), "gc: killing a QEMU no live sandbox owns");
             if kill_verified(pid, &dir, &run_root) {
                 out.processes.push(pid);
             }
@@ -557,12 +561,14 @@ impl Service {
             for entry in entries.flatten() {
                 let id = entry.file_name().to_string_lossy().into_owned();
                 let path = entry.path();
-                if !known.contains_key(&id) {
-                    if std::fs::remove_dir_all(&path).is_ok() {
-                        out.paths.push(path.display().to_string());
+                match owner(&id) {
+                    None => {
+                        if std::fs::remove_dir_all(&path).is_ok() {
+                            out.paths.push(path.display().to_string());
+                        }
                     }
-                } else if !live.contains(&id) && !busy.contains(&id) {
-                    out.paths.extend(remove_stale_sockets(&path));
+                    Some(s) if s.phase.is_at_rest() => out.paths.extend(remove_stale_sockets(&path)),
+                    Some(_) => {}
                 }
             }
         }

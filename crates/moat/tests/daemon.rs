@@ -154,6 +154,15 @@ impl Home {
 
 impl Drop for Home {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The home goes away with the test: show what the daemon said while it is still there.
+            let log = self.log("daemon.log");
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- daemon.log (last lines) ---");
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
         for child in &mut self.daemons {
             if !matches!(child.try_wait(), Ok(None)) {
                 continue;
@@ -165,6 +174,17 @@ impl Drop for Home {
             }
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // A daemon the CLI started on its own (if ours had died) names this home on its command line.
+        if let Some(pid) = common::daemon_pid(self.path()) {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| text(&c)).unwrap_or_default();
+            if cmdline.contains("serve") && cmdline.contains(&*self.path().to_string_lossy()) {
+                signal(pid as u32, libc::SIGTERM);
+                let start = Instant::now();
+                while common::daemon_pid(self.path()).is_some() && start.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
         }
         // A stopped daemon leaves its VMs running on purpose; these are ours to end.
         let start = Instant::now();
