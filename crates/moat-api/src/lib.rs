@@ -181,6 +181,41 @@ pub struct Reclaimed {
     pub paths: Vec<String>,
 }
 
+/// An image in the store (`GET /v1/images`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub name: String,
+    /// `sha256:…`: the config digest of imported images, the recipe digest of built ones.
+    pub digest: String,
+    /// Virtual size of the base disk.
+    pub size_bytes: u64,
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<String>,
+    pub user: Option<String>,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+}
+
+/// `POST /v1/images/build`: an image from Debian packages, made with debootstrap.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildImage {
+    pub name: String,
+    /// `debian:bookworm` (or `debian:12`, `bookworm`).
+    pub from: String,
+    #[serde(default)]
+    pub packages: Vec<String>,
+}
+
+/// One line of the NDJSON stream of a long image operation (build, import).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ImageProgress {
+    Progress { message: String },
+    Done { image: ImageInfo },
+    Error { error: ApiError },
+}
+
 /// `GET /v1/health`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Health {
@@ -240,6 +275,8 @@ impl ErrorCode {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecStart {
+    /// The command; empty means the image's Entrypoint and Cmd.
+    #[serde(default)]
     pub argv: Vec<String>,
     #[serde(default)]
     pub env: Vec<(String, String)>,

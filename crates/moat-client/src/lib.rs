@@ -9,8 +9,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use moat_api::{
-    ApiError, CreateSandbox, ErrorCode, Event, ExecClientMessage, ExecServerMessage, ExecStart, Health, LifecycleEntry,
-    LogSource, Reclaimed, RenewLease, SandboxInfo, STDERR_TAG, STDOUT_TAG,
+    ApiError, BuildImage, CreateSandbox, ErrorCode, Event, ExecClientMessage, ExecServerMessage, ExecStart, Health,
+    ImageInfo, ImageProgress, LifecycleEntry, LogSource, Reclaimed, RenewLease, SandboxInfo, STDERR_TAG, STDOUT_TAG,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -55,6 +55,46 @@ fn segment(s: &str) -> String {
         }
     }
     out
+}
+
+/// Image names may hold `/` (registry paths); each part is escaped on its own.
+fn image_path(name: &str) -> String {
+    name.split('/').map(segment).collect::<Vec<_>>().join("/")
+}
+
+/// Read an NDJSON [`ImageProgress`] stream to its end.
+async fn follow_progress(
+    status: StatusCode,
+    incoming: hyper::body::Incoming,
+    mut progress: impl FnMut(&str),
+) -> Result<ImageInfo, ClientError> {
+    let mut body = http_body_util::BodyStream::new(incoming);
+    if !status.is_success() {
+        let mut bytes = Vec::new();
+        while let Some(Ok(f)) = body.next().await {
+            if let Ok(d) = f.into_data() {
+                bytes.extend_from_slice(&d);
+            }
+        }
+        return Err(match serde_json::from_slice::<ApiError>(&bytes) {
+            Ok(e) => ClientError::Api(e),
+            Err(_) => transport(format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes))),
+        });
+    }
+    let mut buf = Vec::new();
+    while let Some(frame) = body.next().await {
+        let Ok(data) = frame.map_err(transport)?.into_data() else { continue };
+        buf.extend_from_slice(&data);
+        while let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            match serde_json::from_slice::<ImageProgress>(&line).map_err(transport)? {
+                ImageProgress::Progress { message } => progress(&message),
+                ImageProgress::Done { image } => return Ok(image),
+                ImageProgress::Error { error } => return Err(ClientError::Api(error)),
+            }
+        }
+    }
+    Err(transport("the daemon ended the operation without a result"))
 }
 
 /// A client of one daemon.
@@ -159,6 +199,53 @@ impl Client {
 
     pub async fn gc(&self) -> Result<Reclaimed, ClientError> {
         self.call(Method::POST, "/v1/gc", None::<&()>).await
+    }
+
+    pub async fn images(&self) -> Result<Vec<ImageInfo>, ClientError> {
+        self.call(Method::GET, "/v1/images", None::<&()>).await
+    }
+
+    pub async fn image(&self, name: &str) -> Result<ImageInfo, ClientError> {
+        self.call(Method::GET, &format!("/v1/images/{}", image_path(name)), None::<&()>).await
+    }
+
+    pub async fn remove_image(&self, name: &str) -> Result<ImageInfo, ClientError> {
+        self.call(Method::DELETE, &format!("/v1/images/{}", image_path(name)), None::<&()>).await
+    }
+
+    /// Build an image from Debian packages; `progress` sees each step. Returns the image.
+    pub async fn build_image(&self, req: &BuildImage, progress: impl FnMut(&str)) -> Result<ImageInfo, ClientError> {
+        let body = serde_json::to_vec(req).expect("BuildImage serializes");
+        let (status, incoming) = self.send(Method::POST, "/v1/images/build", Some(body)).await?;
+        follow_progress(status, incoming, progress).await
+    }
+
+    /// Import a `docker save` or OCI archive read from `archive`, streamed to the daemon.
+    pub async fn import_image(
+        &self,
+        archive: impl tokio::io::AsyncRead + Send + Sync + 'static,
+        name: Option<&str>,
+        progress: impl FnMut(&str),
+    ) -> Result<ImageInfo, ClientError> {
+        let stream = self.connect().await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(transport)?;
+        tokio::spawn(conn);
+        let path = match name {
+            Some(n) => format!("/v1/images/import?name={}", segment(n)),
+            None => "/v1/images/import".to_string(),
+        };
+        let frames = tokio_util::io::ReaderStream::new(archive).map(|r| r.map(hyper::body::Frame::data));
+        let body = http_body_util::StreamBody::new(frames);
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header("host", "moat")
+            .header("content-type", "application/x-tar")
+            .body(body)
+            .map_err(transport)?;
+        let resp = sender.send_request(req).await.map_err(transport)?;
+        follow_progress(resp.status(), resp.into_body(), progress).await
     }
 
     /// Raw request for tests of bad input: returns the status and body text.

@@ -81,6 +81,10 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/v1/sandboxes/{reference}/exec", get(exec))
         .route("/v1/sandboxes/{reference}/logs", get(logs))
         .route("/v1/events", get(events))
+        .route("/v1/images", get(crate::images::list))
+        .route("/v1/images/build", post(crate::images::build))
+        .route("/v1/images/import", post(crate::images::import).layer(axum::extract::DefaultBodyLimit::disable()))
+        .route("/v1/images/{*name}", get(crate::images::inspect).delete(crate::images::remove))
         .route("/v1/prune", post(prune))
         .route("/v1/gc", post(gc))
         .fallback(|| async {
@@ -142,7 +146,7 @@ struct RemoveQuery {
 }
 
 /// A query string the endpoint does not take is a clear error, not a plain-text rejection.
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ServiceError> {
+pub(crate) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ServiceError> {
     q.map(|q| q.0).map_err(|e| {
         ServiceError::new(
             ErrorCode::InvalidRequest,
@@ -256,8 +260,22 @@ async fn run_exec(
         // This session owns the sandbox's life now; it must not expire under the command.
         svc.clear_lease(id)?;
     }
+    let argv = if start.argv.is_empty() {
+        // No command: the image's Entrypoint and Cmd, as `docker run IMAGE` does.
+        let config = &sandbox.image.config;
+        config.entrypoint.iter().chain(&config.cmd).cloned().collect()
+    } else {
+        start.argv
+    };
+    if argv.is_empty() {
+        return Err(ServiceError::new(
+            ErrorCode::InvalidRequest,
+            "no command given, and the image has no Entrypoint or Cmd",
+            "give the command after `--`",
+        ));
+    }
     let request = ExecRequest {
-        argv: start.argv,
+        argv,
         env: start.env,
         cwd: start.cwd,
         user: start.user,
@@ -456,6 +474,7 @@ mod tests {
             .skip(1)
             .map(|s| s.split('"').next().expect("a quoted path").to_string())
             .filter(|p| p.starts_with('/') && !p.contains(' '))
+            .map(|p| p.replace("{*", "{"))
             .collect();
         let documented: BTreeSet<String> = doc()["paths"].as_object().expect("paths").keys().cloned().collect();
         assert_eq!(routed, documented);

@@ -26,8 +26,8 @@ fn render(cmd: &Command) -> String {
 }
 
 /// Make `raw` a sparse file of `size` bytes holding an ext4 file system with the contents of
-/// `tree`. Everything in it is owned by root, whoever builds it.
-pub(crate) fn make_ext4(tree: &Path, raw: &Path, size: u64, label: &str) -> Result<(), ImageError> {
+/// `tree`, owned as `owners` says.
+pub(crate) fn make_ext4(tree: &Path, raw: &Path, size: u64, label: &str, owners: Owners) -> Result<(), ImageError> {
     let file = std::fs::File::create(raw).map_err(ImageError::io(format!("creating {}", raw.display())))?;
     file.set_len(size).map_err(ImageError::io(format!("sizing {}", raw.display())))?;
     drop(file);
@@ -40,7 +40,55 @@ pub(crate) fn make_ext4(tree: &Path, raw: &Path, size: u64, label: &str) -> Resu
             .arg(raw),
         "e2fsprogs",
     )?;
-    chown_all_to_root(tree, raw)
+    match owners {
+        Owners::FromTree => Ok(()),
+        Owners::AllRoot => chown_all_to_root(tree, raw),
+    }
+}
+
+/// Who owns the files in a new ext4 file system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Owners {
+    /// As in the tree (`mkfs.ext4 -d` copies them): right when root built the tree with the
+    /// owners the image wants, as layers and debootstrap do.
+    FromTree,
+    /// Everything root's: a non-root builder's tree has its own uid everywhere.
+    AllRoot,
+}
+
+/// Pack a root tree into `qcow2` (via a raw ext4 next to it, removed afterwards), sized for the
+/// tree plus room to work: 30% and 256 MiB more, at least 512 MiB. Returns the virtual size.
+pub(crate) fn pack_tree(tree: &Path, qcow2: &Path, label: &str) -> Result<u64, ImageError> {
+    let used = tree_size(tree)?;
+    let size = (used + used * 3 / 10 + (256 << 20)).max(512 << 20).next_multiple_of(1 << 20);
+    let raw = qcow2.with_extension("ext4");
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let owners = if unsafe { libc::geteuid() } == 0 { Owners::FromTree } else { Owners::AllRoot };
+    make_ext4(tree, &raw, size, label, owners)?;
+    convert_to_qcow2(&raw, qcow2)?;
+    std::fs::remove_file(&raw).map_err(ImageError::io(format!("removing {}", raw.display())))?;
+    Ok(size)
+}
+
+/// Bytes the files of a tree take (apparent sizes plus a block per inode), without following links.
+fn tree_size(tree: &Path) -> Result<u64, ImageError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0u64;
+    let mut stack = vec![tree.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(ImageError::io(format!("listing {}", dir.display())))? {
+            let entry = entry.map_err(ImageError::io(format!("listing {}", dir.display())))?;
+            let meta = entry
+                .path()
+                .symlink_metadata()
+                .map_err(ImageError::io(format!("reading {}", entry.path().display())))?;
+            total += meta.size().next_multiple_of(4096) + 4096;
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// `mkfs.ext4 -d` copies the builder's uid/gid; a non-root builder would leave files owned by some
@@ -143,7 +191,7 @@ mod tests {
             let _ = std::os::unix::fs::lchown(tree.join(p), Some(1000), Some(1000));
         }
         let raw = dir.path().join("fs.raw");
-        make_ext4(&tree, &raw, 16 << 20, "t").unwrap();
+        make_ext4(&tree, &raw, 16 << 20, "t", Owners::AllRoot).unwrap();
         for p in ["/", "/usr", "/usr/bin", "/usr/bin/tool", "/usr/bin/alias"] {
             let out = Command::new("debugfs").args(["-R", &format!("stat {p}")]).arg(&raw).output().unwrap();
             let stat = String::from_utf8_lossy(&out.stdout);

@@ -9,10 +9,13 @@
 //!   built-in `minimal` image (busybox) is built on first use without any network.
 
 mod agent;
+mod build;
 mod disk;
 mod elf;
+mod import;
 mod initramfs;
 mod kernel;
+mod layer;
 mod minimal;
 mod modules;
 mod store;
@@ -20,8 +23,11 @@ mod store;
 use std::path::PathBuf;
 
 pub use agent::find_agent;
+pub use build::{build_debian, DebianRecipe, DEFAULT_DEBIAN_MIRROR};
+pub use import::import_archive;
 pub use initramfs::build_initramfs;
 pub use kernel::{find_kernel, find_kernel_in, Kernel};
+pub use layer::{apply_layer, LayerStats};
 pub use modules::{resolve_modules, AGENT_MODULES};
 pub use store::{Image, ImageConfig, ImageStore, MINIMAL};
 
@@ -55,7 +61,7 @@ pub enum ImageError {
     #[error("{} is not a usable static busybox: {why}\nhint: install it with `apt-get install busybox-static`", path.display())]
     BusyboxUnusable { path: PathBuf, why: String },
 
-    #[error("image {name:?} is not in the image store; the built-in image is `minimal`\nhint: use `--image minimal`; other images will come from `moat image pull` and `moat image build` (not available yet)")]
+    #[error("image {name:?} is not in the image store\nhint: list images with `moat image ls`; make one with `moat image build NAME --from debian:bookworm --packages ...` or `moat image import FILE`; `minimal` is built in")]
     NotFound { name: String },
 
     #[error("the image store at {} is damaged: {reason}\nhint: remove {} and run the command again; the built-in images are rebuilt on use", path.display(), path.display())]
@@ -67,8 +73,58 @@ pub enum ImageError {
     #[error("`{command}` failed ({status}): {stderr}")]
     CommandFailed { command: String, status: String, stderr: String },
 
+    #[error("the image archive is not usable: {reason}\nhint: import a `docker save` tarball or an OCI image-layout archive (`skopeo copy ... oci-archive:x.tar`)")]
+    BadArchive { reason: String },
+
+    #[error("{what} does not have the digest {expected}: it is damaged or was tampered with\nhint: fetch the image again; nothing was registered")]
+    DigestMismatch { what: String, expected: String },
+
+    #[error("image name {name:?} is not valid: {why}")]
+    BadImageName { name: String, why: String },
+
+    #[error("the Debian recipe is invalid: {reason}\nhint: write the base as `debian:<suite>` (`debian:bookworm`, `debian:12`) and packages by their Debian names (lowercase letters, digits, `+`, `-`, `.`)")]
+    InvalidRecipe { reason: String },
+
+    #[error("building a Debian image needs root (debootstrap creates device nodes, sets file owners and chroots), and this process runs as uid {uid}\nhint: run the build as root, e.g. with `sudo`")]
+    BuildNeedsRoot { uid: u32 },
+
+    #[error("the Debian archive keyring {} is missing, so downloaded packages cannot be verified\nhint: install it with `apt-get install debian-archive-keyring`", path.display())]
+    KeyringMissing { path: PathBuf },
+
+    #[error("debootstrap of Debian {suite} failed ({status}); its last lines:\n{log}\nhint: check that the suite and every package exist (https://packages.debian.org/{suite}/) and that the mirror is reachable; nothing was registered")]
+    DebootstrapFailed { suite: String, status: String, log: String },
+
+    #[error("an image layer is not a readable tar stream: {reason}\nhint: layers must be tar archives, plain or compressed with gzip or zstd; fetch the image again, and if it still fails the image is damaged")]
+    LayerUnreadable { reason: String },
+
+    #[error("layer entry {entry:?} is refused: {reason}\nhint: the image is malformed or hostile; rebuild it, or use an image from a source you trust")]
+    LayerEntryRefused { entry: String, reason: String },
+
+    #[error("cannot apply layer entry {entry:?}: {what}: {source}\nhint: check the free space and permissions of the image store")]
+    LayerEntryIo { entry: String, what: String, source: std::io::Error },
+
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
+}
+
+/// Image names as users write them: `python`, `debian:bookworm`, `ghcr.io/org/app:1.2`. Lowercase
+/// letters, digits and `._-:/@`, starting with a letter or digit, at most 255 bytes.
+pub fn validate_image_name(name: &str) -> Result<(), ImageError> {
+    let why = if name.is_empty() || name.len() > 255 {
+        Some("use 1 to 255 characters")
+    } else if !name.as_bytes()[0].is_ascii_alphanumeric() {
+        Some("start with a letter or digit")
+    } else if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-:/@".contains(&b)) {
+        Some("use lowercase letters, digits and . _ - : / @")
+    } else if name.split('/').any(|part| part == ".." || part == ".") {
+        Some("no `.` or `..` path parts")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(ImageError::BadImageName { name: name.to_string(), why: why.to_string() }),
+        None => Ok(()),
+    }
 }
 
 impl ImageError {

@@ -108,7 +108,7 @@ pub(crate) fn resolve(store: &ImageStore) -> Result<Image, ImageError> {
     let tree = staging.path().join("tree");
     let raw = staging.path().join("root.ext4");
     build_tree(&tree, &busybox)?;
-    disk::make_ext4(&tree, &raw, FS_SIZE, LABEL)?;
+    disk::make_ext4(&tree, &raw, FS_SIZE, LABEL, disk::Owners::AllRoot)?;
     disk::convert_to_qcow2(&raw, &staging.base())?;
     std::fs::remove_file(&raw).map_err(ImageError::io(format!("removing {}", raw.display())))?;
     std::fs::remove_dir_all(&tree).map_err(ImageError::io(format!("removing {}", tree.display())))?;

@@ -238,6 +238,28 @@ impl ImageStore {
         Ok(Image { name: name.to_string(), ..image })
     }
 
+    /// Forget the name `name`; the image's files go too when no other name points at them. The
+    /// caller checks that no sandbox's overlay is backed by it.
+    pub fn remove(&self, name: &str) -> Result<(), ImageError> {
+        if name == MINIMAL {
+            return Err(ImageError::BadImageName {
+                name: name.into(),
+                why: "the built-in image cannot be removed".into(),
+            });
+        }
+        let _lock = self.lock()?;
+        let mut index = self.read_index()?;
+        let digest = index.names.remove(name).ok_or_else(|| ImageError::NotFound { name: name.to_string() })?;
+        self.write_index(&index)?;
+        if !index.names.values().any(|d| *d == digest) {
+            if let Some(hex) = digest_hex(&digest) {
+                let dir = self.root.join("sha256").join(hex);
+                std::fs::remove_dir_all(&dir).map_err(ImageError::io(format!("removing {}", dir.display())))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Point `name` at `digest` in the index unless it already does.
     pub(crate) fn ensure_named(&self, name: &str, digest: &str) -> Result<(), ImageError> {
         if self.read_index()?.names.get(name).map(String::as_str) == Some(digest) {

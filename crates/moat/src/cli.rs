@@ -47,6 +47,9 @@ pub enum Command {
     Prune,
     /// Reclaim what crashes leaked: QEMU processes, sockets and directories no sandbox owns.
     Gc,
+    /// Manage images: list, import, build, inspect, remove.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Run the daemon (the CLI starts one on its own when none is running).
     Serve(ServeArgs),
     /// Check that this host can run sandboxes, and say how to fix what is missing.
@@ -195,6 +198,42 @@ pub enum LeaseCommand {
         /// New lease, from now (e.g. 30m, 1h).
         #[arg(long, value_parser = parse_duration)]
         ttl: Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// List images.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import a `docker save` tarball or an OCI image-layout archive (`-` reads standard input).
+    Import {
+        /// The archive, or `-` for standard input.
+        file: PathBuf,
+        /// Name of the image [default: the archive's first tag].
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Build an image from Debian packages with debootstrap (no registry needed).
+    Build {
+        /// Name of the new image.
+        name: String,
+        /// Base: debian:bookworm (or debian:12, bookworm).
+        #[arg(long, default_value = "debian:bookworm")]
+        from: String,
+        /// Packages to install, comma-separated (e.g. python3,git).
+        #[arg(long, value_delimiter = ',')]
+        packages: Vec<String>,
+    },
+    /// Show an image's digest, size and config.
+    Inspect { name: String },
+    /// Remove images (refused while a sandbox uses one).
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
     },
 }
 

@@ -21,6 +21,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Events(args) => cmd::sandbox::events(args, host).await,
         Command::Prune => cmd::sandbox::prune(host).await,
         Command::Gc => cmd::sandbox::gc(host).await,
+        Command::Image(cmd) => cmd::image::image(cmd, host).await,
         Command::Serve(args) => cmd::daemon::serve(args, host).await,
         Command::Doctor(args) => cmd::doctor::doctor(args, host).await,
         Command::Setup(args) => cmd::setup::setup(args, host).await,

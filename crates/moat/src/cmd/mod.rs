@@ -2,6 +2,7 @@
 
 pub mod daemon;
 pub mod doctor;
+pub mod image;
 pub mod run;
 pub mod sandbox;
 pub mod setup;

@@ -41,9 +41,6 @@ pub async fn run(args: RunArgs, host: &HostArgs) -> anyhow::Result<i32> {
     if args.detach && !args.command.is_empty() {
         bail!("`moat run -d` creates a sandbox and takes no command\nhint: run `moat run -d --name box`, then `moat exec box -- CMD`");
     }
-    if !args.detach && args.command.is_empty() {
-        bail!("no command given\nhint: `moat run -- CMD [ARGS]`, or `moat run -d` for a sandbox that keeps running");
-    }
     let client = connect(host).await?;
     let mut req = create_request(&args.create);
     if args.detach {

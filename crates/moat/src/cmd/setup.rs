@@ -38,6 +38,11 @@ const PREREQUISITES: &[Prerequisite] = &[
         present: || which("mkfs.ext4").is_some() || Path::new("/sbin/mkfs.ext4").exists(),
     },
     Prerequisite { package: "qemu-utils", present: || which("qemu-img").is_some() },
+    // `moat image build` makes images from Debian packages with it.
+    Prerequisite {
+        package: "debootstrap",
+        present: || which("debootstrap").is_some() || Path::new("/usr/sbin/debootstrap").exists(),
+    },
 ];
 
 pub async fn setup(args: SetupArgs, host: &HostArgs) -> anyhow::Result<i32> {

@@ -1,0 +1,155 @@
+//! Image operations of the daemon: list, import (archive uploads), build (debootstrap), remove.
+//! Long operations run on a blocking thread and report progress as NDJSON lines.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::Response;
+use axum::Json;
+use futures_util::StreamExt;
+use moat_api::{ApiError, BuildImage, ErrorCode, ImageInfo, ImageProgress};
+use moat_image::{Image, ImageError};
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+
+use crate::api::{query, JsonBody};
+use crate::service::{Service, ServiceError};
+
+type Svc = State<Arc<Service>>;
+
+fn info(i: &Image) -> ImageInfo {
+    ImageInfo {
+        name: i.name.clone(),
+        digest: i.digest.clone(),
+        size_bytes: i.size_bytes,
+        env: i.config.env.clone(),
+        working_dir: i.config.working_dir.clone(),
+        user: i.config.user.clone(),
+        entrypoint: i.config.entrypoint.clone(),
+        cmd: i.config.cmd.clone(),
+    }
+}
+
+fn image_error(e: ImageError) -> ServiceError {
+    let code = match e {
+        ImageError::NotFound { .. } => ErrorCode::NotFound,
+        ImageError::BadArchive { .. } | ImageError::DigestMismatch { .. } | ImageError::BadImageName { .. } => {
+            ErrorCode::InvalidRequest
+        }
+        _ => ErrorCode::Internal,
+    };
+    let text = e.to_string();
+    let (message, hint) = match text.split_once("\nhint: ") {
+        Some((m, h)) => (m.to_string(), h.to_string()),
+        None => (text, "see the daemon log".to_string()),
+    };
+    ServiceError::new(code, message, hint)
+}
+
+pub async fn list(State(svc): Svc) -> Result<Json<Vec<ImageInfo>>, ServiceError> {
+    let images = svc.rt.images.list().map_err(image_error)?;
+    Ok(Json(images.iter().map(info).collect()))
+}
+
+pub async fn inspect(State(svc): Svc, Path(name): Path<String>) -> Result<Json<ImageInfo>, ServiceError> {
+    Ok(Json(info(&svc.rt.images.resolve(&name).map_err(image_error)?)))
+}
+
+/// Remove an image's name; its base goes too when no other name and no sandbox uses it.
+pub async fn remove(State(svc): Svc, Path(name): Path<String>) -> Result<Json<ImageInfo>, ServiceError> {
+    let image = svc.rt.images.resolve(&name).map_err(image_error)?;
+    let users: Vec<String> =
+        svc.list()?.into_iter().filter(|s| s.image_digest == image.digest).map(|s| s.name).collect();
+    if !users.is_empty() {
+        return Err(ServiceError::new(
+            ErrorCode::InvalidPhase,
+            format!("image {name} is used by sandboxes {}", users.join(", ")),
+            "remove those sandboxes first (`moat rm -f`)",
+        ));
+    }
+    svc.rt.images.remove(&name).map_err(image_error)?;
+    Ok(Json(info(&image)))
+}
+
+/// Run a long image operation on a blocking thread and stream its progress, then its result.
+fn progress_stream<F>(op: F) -> Response
+where
+    F: FnOnce(&mut dyn FnMut(&str)) -> Result<Image, ServiceError> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<ImageProgress>();
+    tokio::task::spawn_blocking(move || {
+        let progress_tx = tx.clone();
+        let mut progress = move |m: &str| {
+            let _ = progress_tx.send(ImageProgress::Progress { message: m.to_string() });
+        };
+        let last = match op(&mut progress) {
+            Ok(image) => ImageProgress::Done { image: info(&image) },
+            Err(e) => ImageProgress::Error { error: ApiError { code: e.code, message: e.message, hint: e.hint } },
+        };
+        let _ = tx.send(last);
+    });
+    let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(|m| {
+        let mut line = serde_json::to_vec(&m).expect("progress serializes");
+        line.push(b'\n');
+        Ok::<_, std::io::Error>(Bytes::from(line))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .expect("static headers are valid")
+}
+
+pub async fn build(State(svc): Svc, JsonBody(req): JsonBody<BuildImage>) -> Result<Response, ServiceError> {
+    moat_image::validate_image_name(&req.name).map_err(image_error)?;
+    let recipe = moat_image::DebianRecipe::from_ref(&req.from, &req.packages).map_err(image_error)?;
+    Ok(progress_stream(move |progress| {
+        moat_image::build_debian(&svc.rt.images, &req.name, &recipe, progress).map_err(image_error)
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportQuery {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// The body is the archive; it is spooled to a file in the store first (the archive's manifest
+/// may come last), then imported.
+pub async fn import(
+    State(svc): Svc,
+    q: Result<Query<ImportQuery>, QueryRejection>,
+    body: Body,
+) -> Result<Response, ServiceError> {
+    let q = query(q)?;
+    if let Some(name) = &q.name {
+        moat_image::validate_image_name(name).map_err(image_error)?;
+    }
+    let spool = tempfile::Builder::new().prefix("tmp-upload-").tempfile_in(svc.rt.images.root()).map_err(|e| {
+        ServiceError::new(ErrorCode::Internal, format!("cannot spool the upload: {e}"), "check free disk space")
+    })?;
+    let mut file = tokio::fs::File::from_std(spool.reopen().map_err(|e| {
+        ServiceError::new(ErrorCode::Internal, format!("cannot spool the upload: {e}"), "check free disk space")
+    })?);
+    let mut data = body.into_data_stream();
+    while let Some(chunk) = data.next().await {
+        let chunk = chunk.map_err(|e| {
+            ServiceError::new(ErrorCode::InvalidRequest, format!("the upload broke off: {e}"), "send it again")
+        })?;
+        file.write_all(&chunk).await.map_err(|e| {
+            ServiceError::new(ErrorCode::Internal, format!("cannot spool the upload: {e}"), "check free disk space")
+        })?;
+    }
+    file.flush().await.ok();
+    drop(file);
+    Ok(progress_stream(move |progress| {
+        let archive = std::fs::File::open(spool.path()).map_err(|e| {
+            ServiceError::new(ErrorCode::Internal, format!("cannot read the upload: {e}"), "send it again")
+        })?;
+        moat_image::import_archive(&svc.rt.images, std::io::BufReader::new(archive), q.name.as_deref(), progress)
+            .map_err(image_error)
+    }))
+}

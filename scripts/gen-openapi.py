@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Write docs/openapi.json, the REST API's document.
+
+The daemon's unit tests check it against the code: every route the router serves is in it (and
+nothing else), and the request schemas list exactly the fields of the request types.
+Run: scripts/gen-openapi.py > docs/openapi.json
+"""
+import json
+ref=lambda n: {"$ref": f"#/components/schemas/{n}"}
+def jresp(desc, schema): return {"description": desc, "content": {"application/json": {"schema": schema}}}
+err={"default": jresp("An error: a stable code, a message and a hint", ref("ApiError"))}
+P={"name":"reference","in":"path","required":True,"description":"Sandbox name, id or unique id prefix","schema":{"type":"string"}}
+paths={
+ "/openapi.json":{"get":{"summary":"This document","operationId":"openapi","responses":{"200":{"description":"OpenAPI 3.1 document"}}}},
+ "/v1/health":{"get":{"summary":"Daemon version, accelerator, QEMU and kernel","operationId":"health","responses":{"200":jresp("Health",ref("Health")),**err}}},
+ "/v1/sandboxes":{
+   "get":{"summary":"List sandboxes","operationId":"listSandboxes","responses":{"200":jresp("All sandboxes, oldest first",{"type":"array","items":ref("SandboxInfo")}),**err}},
+   "post":{"summary":"Create a sandbox and boot it; answers once it runs","operationId":"createSandbox","requestBody":{"required":False,"content":{"application/json":{"schema":ref("CreateSandbox")}}},"responses":{"201":jresp("The running sandbox",ref("SandboxInfo")),**err}}},
+ "/v1/sandboxes/{reference}":{
+   "parameters":[P],
+   "get":{"summary":"Inspect a sandbox","operationId":"inspectSandbox","responses":{"200":jresp("The sandbox",ref("SandboxInfo")),**err}},
+   "delete":{"summary":"Remove a sandbox (a running one only with force)","operationId":"removeSandbox","parameters":[{"name":"force","in":"query","schema":{"type":"boolean","default":False}}],"responses":{"200":jresp("The removed sandbox as it was",ref("SandboxInfo")),**err}}},
+ "/v1/sandboxes/{reference}/stop":{"parameters":[P],"post":{"summary":"Stop a running sandbox, keeping its disk","operationId":"stopSandbox","responses":{"200":jresp("The stopped sandbox",ref("SandboxInfo")),**err}}},
+ "/v1/sandboxes/{reference}/start":{"parameters":[P],"post":{"summary":"Boot a stopped, expired or failed sandbox from its disk","operationId":"startSandbox","responses":{"200":jresp("The running sandbox",ref("SandboxInfo")),**err}}},
+ "/v1/sandboxes/{reference}/lease":{"parameters":[P],"post":{"summary":"Renew a running sandbox's lease","operationId":"renewLease","requestBody":{"required":True,"content":{"application/json":{"schema":ref("RenewLease")}}},"responses":{"200":jresp("The sandbox with its new expiry",ref("SandboxInfo")),**err}}},
+ "/v1/sandboxes/{reference}/lifecycle":{"parameters":[P],"get":{"summary":"Every phase the sandbox went through","operationId":"sandboxLifecycle","responses":{"200":jresp("Lifecycle, oldest first",{"type":"array","items":ref("LifecycleEntry")}),**err}}},
+ "/v1/sandboxes/{reference}/exec":{"parameters":[P],"get":{"summary":"Run a process (WebSocket)","description":"Upgrade to a WebSocket. The client's first message is a text ExecStart; then binary messages are stdin bytes and text messages are ExecClientMessage. The daemon sends text ExecServerMessage (started, exit, error) and binary output whose first byte is the stream (1 stdout, 2 stderr). Output is sent only as fast as the client reads it; that is the flow control back to the guest.","operationId":"exec","responses":{"101":{"description":"Switching to the WebSocket protocol"},**err}}},
+ "/v1/sandboxes/{reference}/logs":{"parameters":[P],"get":{"summary":"The guest console or QEMU's log (chunked text)","operationId":"sandboxLogs","parameters":[{"name":"source","in":"query","schema":{"type":"string","enum":["console","qemu"],"default":"console"}},{"name":"follow","in":"query","schema":{"type":"boolean","default":False}}],"responses":{"200":{"description":"The log; with follow, the stream stays open while the sandbox is live","content":{"text/plain":{"schema":{"type":"string"}}}},**err}}},
+ "/v1/events":{"get":{"summary":"Events as NDJSON","operationId":"events","parameters":[{"name":"since","in":"query","schema":{"type":"integer","default":0}},{"name":"follow","in":"query","schema":{"type":"boolean","default":False}}],"responses":{"200":{"description":"One Event per line","content":{"application/x-ndjson":{"schema":ref("Event")}}},**err}}},
+ "/v1/images":{"get":{"summary":"List images","operationId":"listImages","responses":{"200":jresp("All named images",{"type":"array","items":ref("ImageInfo")}),**err}}},
+ "/v1/images/build":{"post":{"summary":"Build an image from Debian packages (debootstrap); streams progress","operationId":"buildImage","requestBody":{"required":True,"content":{"application/json":{"schema":ref("BuildImage")}}},"responses":{"200":{"description":"NDJSON ImageProgress lines, the last one done or error","content":{"application/x-ndjson":{"schema":ref("ImageProgress")}}},**err}}},
+ "/v1/images/import":{"post":{"summary":"Import a docker-save tarball or OCI image-layout archive (the request body); streams progress","operationId":"importImage","parameters":[{"name":"name","in":"query","description":"Name for the image [default: the archive's first tag]","schema":{"type":"string"}}],"requestBody":{"required":True,"content":{"application/x-tar":{"schema":{"type":"string","format":"binary"}}}},"responses":{"200":{"description":"NDJSON ImageProgress lines, the last one done or error","content":{"application/x-ndjson":{"schema":ref("ImageProgress")}}},**err}}},
+ "/v1/images/{name}":{"parameters":[{"name":"name","in":"path","required":True,"description":"Image name, may contain '/'","schema":{"type":"string"}}],
+   "get":{"summary":"Inspect an image","operationId":"inspectImage","responses":{"200":jresp("The image",ref("ImageInfo")),**err}},
+   "delete":{"summary":"Remove an image name (and its disk when nothing else uses it)","operationId":"removeImage","responses":{"200":jresp("The removed image",ref("ImageInfo")),**err}}},
+ "/v1/prune":{"post":{"summary":"Remove every stopped, failed or expired sandbox","operationId":"prune","responses":{"200":jresp("What was removed",ref("Reclaimed")),**err}}},
+ "/v1/gc":{"post":{"summary":"Reclaim leaked QEMU processes, sockets and directories","operationId":"gc","responses":{"200":jresp("What was reclaimed",ref("Reclaimed")),**err}}},
+}
+phase={"type":"string","enum":["creating","booting","running","stopping","stopped","failed","expired"]}
+on_exp={"type":"string","enum":["stop","remove"]}
+opt=lambda t: {"type":[t,"null"]}
+schemas={
+ "Phase":phase,"OnExpire":on_exp,
+ "CreateSandbox":{"type":"object","additionalProperties":False,"properties":{
+   "name":{"type":"string","description":"1-63 of letters, digits, '-', '_', '.'; not all hex digits"},
+   "image":{"type":"string","default":"minimal"},"vcpus":{"type":"integer","minimum":1,"maximum":64,"default":1},
+   "memory_mib":{"type":"integer","minimum":64,"maximum":262144,"default":512},"disk_mib":{"type":"integer","minimum":64,"default":4096},
+   "ttl_secs":{"type":"integer","minimum":1,"description":"Lease; without it the sandbox lives until removed"},
+   "on_expire":ref("OnExpire"),"hostname":{"type":"string"},"boot_timeout_secs":{"type":"integer","minimum":1,"maximum":3600,"default":90}}},
+ "SandboxInfo":{"type":"object","required":["id","name","phase","image","image_digest","accel","vcpus","memory_mib","disk_mib","hostname","created_at","on_expire","version"],"properties":{
+   "id":{"type":"string"},"name":{"type":"string"},"phase":ref("Phase"),"image":{"type":"string"},"image_digest":{"type":"string"},
+   "accel":{"type":"string","enum":["kvm","tcg"]},"vcpus":{"type":"integer"},"memory_mib":{"type":"integer"},"disk_mib":{"type":"integer"},
+   "hostname":{"type":"string"},"created_at":{"type":"integer","description":"Unix seconds"},"expires_at":{"type":["integer","null"],"description":"Unix seconds"},
+   "on_expire":ref("OnExpire"),"pid":{"type":["integer","null"],"description":"QEMU's pid while the VM runs"},"last_error":opt("string"),"version":{"type":"integer"}}},
+ "RenewLease":{"type":"object","additionalProperties":False,"required":["ttl_secs"],"properties":{"ttl_secs":{"type":"integer","minimum":1}}},
+ "LifecycleEntry":{"type":"object","required":["version","phase","at_ms"],"properties":{"version":{"type":"integer"},"phase":ref("Phase"),"at_ms":{"type":"integer"},"error":opt("string")}},
+ "Event":{"type":"object","required":["seq","at_ms","kind","message"],"properties":{"seq":{"type":"integer"},"at_ms":{"type":"integer"},"sandbox":opt("string"),"kind":{"type":"string"},"message":{"type":"string"}}},
+ "Reclaimed":{"type":"object","required":["sandboxes","processes","paths"],"properties":{"sandboxes":{"type":"array","items":{"type":"string"}},"processes":{"type":"array","items":{"type":"integer"}},"paths":{"type":"array","items":{"type":"string"}}}},
+ "Health":{"type":"object","required":["version","pid","accel","accel_reason","qemu_version","kernel","kernel_path","sandboxes","max_sandboxes"],"properties":{"version":{"type":"string"},"pid":{"type":"integer"},"accel":{"type":"string"},"accel_reason":{"type":"string"},"qemu_version":{"type":"string"},"kernel":{"type":"string"},"kernel_path":{"type":"string"},"sandboxes":{"type":"integer"},"max_sandboxes":{"type":"integer"}}},
+ "ImageInfo":{"type":"object","required":["name","digest","size_bytes","env","entrypoint","cmd"],"properties":{"name":{"type":"string"},"digest":{"type":"string"},"size_bytes":{"type":"integer"},
+   "env":{"type":"array","items":{"type":"array","items":{"type":"string"},"minItems":2,"maxItems":2}},"working_dir":opt("string"),"user":opt("string"),"entrypoint":{"type":"array","items":{"type":"string"}},"cmd":{"type":"array","items":{"type":"string"}}}},
+ "BuildImage":{"type":"object","additionalProperties":False,"required":["name","from"],"properties":{"name":{"type":"string"},"from":{"type":"string","description":"debian:bookworm, debian:12 or bookworm"},"packages":{"type":"array","items":{"type":"string"}}}},
+ "ImageProgress":{"oneOf":[{"type":"object","required":["type","message"],"properties":{"type":{"const":"progress"},"message":{"type":"string"}}},
+   {"type":"object","required":["type","image"],"properties":{"type":{"const":"done"},"image":ref("ImageInfo")}},
+   {"type":"object","required":["type","error"],"properties":{"type":{"const":"error"},"error":ref("ApiError")}}]},
+ "ErrorCode":{"type":"string","enum":["not_found","ambiguous_ref","name_taken","invalid_request","body_too_large","invalid_phase","lease_expired","limit_reached","boot_failed","exec_failed","internal"],
+   "description":"not_found 404, ambiguous_ref 400, invalid_request 400, name_taken 409, invalid_phase 409, lease_expired 409, body_too_large 413, limit_reached 429, boot_failed/exec_failed/internal 500"},
+ "ApiError":{"type":"object","required":["code","message","hint"],"properties":{"code":ref("ErrorCode"),"message":{"type":"string"},"hint":{"type":"string"}}},
+ "ExecStart":{"type":"object","additionalProperties":False,"properties":{"argv":{"type":"array","items":{"type":"string"},"description":"Empty: the image's Entrypoint and Cmd"},
+   "env":{"type":"array","items":{"type":"array","items":{"type":"string"},"minItems":2,"maxItems":2}},"cwd":opt("string"),"user":opt("string"),"timeout_ms":{"type":["integer","null"]},
+   "stdin":{"type":"boolean","default":False},"remove_sandbox_after":{"type":"boolean","default":False}}},
+ "ExecClientMessage":{"oneOf":[{"type":"object","required":["type","signal"],"properties":{"type":{"const":"signal"},"signal":{"type":"integer","minimum":1,"maximum":64}}},{"type":"object","required":["type"],"properties":{"type":{"const":"stdin_eof"}}}]},
+ "ExecServerMessage":{"oneOf":[{"type":"object","required":["type","pid"],"properties":{"type":{"const":"started"},"pid":{"type":"integer"}}},
+   {"type":"object","required":["type","timed_out"],"properties":{"type":{"const":"exit"},"code":{"type":["integer","null"]},"signal":{"type":["integer","null"]},"timed_out":{"type":"boolean"}}},
+   {"type":"object","required":["type","error"],"properties":{"type":{"const":"error"},"error":ref("ApiError")}}]},
+}
+doc={"openapi":"3.1.0","info":{"title":"moat daemon API","version":"1","description":"REST + JSON over the daemon's unix socket ($MOAT_HOME/moat.sock), or TCP with `Authorization: Bearer <token>` ($MOAT_HOME/token) when `moat serve --tcp` is used. Errors carry HTTP status + stable code + message + hint."},"paths":paths,"components":{"schemas":schemas}}
+print(json.dumps(doc,indent=2))
