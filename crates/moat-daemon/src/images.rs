@@ -75,12 +75,14 @@ pub async fn remove(State(svc): Svc, Path(name): Path<String>) -> Result<Json<Im
 }
 
 /// Run a long image operation on a blocking thread and stream its progress, then its result.
-fn progress_stream<F>(op: F) -> Response
+fn progress_stream<F>(svc: &Service, op: F) -> Response
 where
     F: FnOnce(&mut dyn FnMut(&str)) -> Result<Image, ServiceError> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<ImageProgress>();
+    let busy = svc.hold();
     tokio::task::spawn_blocking(move || {
+        let _busy = busy;
         let progress_tx = tx.clone();
         let mut progress = move |m: &str| {
             let _ = progress_tx.send(ImageProgress::Progress { message: m.to_string() });
@@ -105,7 +107,7 @@ where
 pub async fn build(State(svc): Svc, JsonBody(req): JsonBody<BuildImage>) -> Result<Response, ServiceError> {
     moat_image::validate_image_name(&req.name).map_err(image_error)?;
     let recipe = moat_image::DebianRecipe::from_ref(&req.from, &req.packages).map_err(image_error)?;
-    Ok(progress_stream(move |progress| {
+    Ok(progress_stream(&svc.clone(), move |progress| {
         moat_image::build_debian(&svc.rt.images, &req.name, &recipe, progress).map_err(image_error)
     }))
 }
@@ -124,6 +126,7 @@ pub async fn import(
     q: Result<Query<ImportQuery>, QueryRejection>,
     body: Body,
 ) -> Result<Response, ServiceError> {
+    let _busy = svc.hold(); // The upload itself may take longer than the idle timeout.
     let q = query(q)?;
     if let Some(name) = &q.name {
         moat_image::validate_image_name(name).map_err(image_error)?;
@@ -145,7 +148,7 @@ pub async fn import(
     }
     file.flush().await.ok();
     drop(file);
-    Ok(progress_stream(move |progress| {
+    Ok(progress_stream(&svc.clone(), move |progress| {
         let archive = std::fs::File::open(spool.path()).map_err(|e| {
             ServiceError::new(ErrorCode::Internal, format!("cannot read the upload: {e}"), "send it again")
         })?;

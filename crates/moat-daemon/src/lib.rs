@@ -169,7 +169,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let quiet = state::now_ms() - last_activity.load(Ordering::Relaxed);
-            let busy = svc.list().map(|l| l.iter().any(|s| s.phase.is_live())).unwrap_or(true);
+            let busy = svc.is_busy() || svc.list().map(|l| l.iter().any(|s| s.phase.is_live())).unwrap_or(true);
             if !busy && quiet >= limit.as_millis() as i64 {
                 tracing::info!("no sandboxes and no requests for {limit:?}; exiting");
                 return;

@@ -100,6 +100,17 @@ pub struct Service {
     ops: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Woken whenever an event is recorded (for followers of `/v1/events`).
     pub events: Notify,
+    /// Long operations in flight that outlive their request (image builds and imports).
+    busy: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Marks the daemon busy (not idle) while it lives.
+pub struct BusyGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Service {
@@ -111,6 +122,7 @@ impl Service {
             live: Mutex::new(HashMap::new()),
             ops: Mutex::new(HashMap::new()),
             events: Notify::new(),
+            busy: Arc::default(),
         })
     }
 
@@ -594,6 +606,17 @@ impl Service {
                 Err(s) => std::mem::forget(s),
             }
         }
+    }
+
+    /// Keep the daemon from exiting as idle until the guard is dropped.
+    pub fn hold(&self) -> BusyGuard {
+        self.busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        BusyGuard(self.busy.clone())
+    }
+
+    /// Whether long operations are in flight.
+    pub fn is_busy(&self) -> bool {
+        self.busy.load(std::sync::atomic::Ordering::SeqCst) > 0
     }
 
     /// How many sandboxes are live now.
