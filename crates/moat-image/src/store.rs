@@ -359,7 +359,13 @@ mod tests {
     fn unknown_images_say_where_images_come_from() {
         let dir = tempfile::tempdir().unwrap();
         let err = ImageStore::open(dir.path()).unwrap().resolve("debian:bookworm").unwrap_err().to_string();
-        assert!(err.contains("debian:bookworm") && err.contains("minimal") && err.contains("moat image pull"), "{err}");
+        assert!(
+            err.contains("debian:bookworm")
+                && err.contains("minimal")
+                && err.contains("moat image build")
+                && err.contains("moat image import"),
+            "{err}"
+        );
     }
 
     #[test]
