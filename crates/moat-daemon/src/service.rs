@@ -129,9 +129,13 @@ impl Service {
     /// Run a closure on the database. SQLite calls are short; a std mutex is enough.
     pub fn db<T>(&self, f: impl FnOnce(&mut Db) -> Result<T, StateError>) -> Result<T, ServiceError> {
         let mut db = self.db.lock().expect("the db lock is never poisoned: no panics while held");
+        let last_event = db.last_event_seq();
         let r = f(&mut db);
+        let new_events = db.last_event_seq() != last_event;
         drop(db);
-        self.events.notify_waiters();
+        if new_events {
+            self.events.notify_waiters();
+        }
         Ok(r?)
     }
 
@@ -173,21 +177,12 @@ impl Service {
         let vcpus = req.vcpus.unwrap_or(moat_api::DEFAULT_VCPUS);
         let memory_mib = req.memory_mib.unwrap_or(moat_api::DEFAULT_MEMORY_MIB);
         let disk_mib = req.disk_mib.unwrap_or(moat_api::DEFAULT_DISK_MIB);
-        if !(1..=64).contains(&vcpus) {
-            return Err(ServiceError::invalid(format!("{vcpus} vCPUs is out of range; use 1 to 64")));
-        }
-        if !(64..=256 * 1024).contains(&memory_mib) {
-            return Err(ServiceError::invalid(format!(
-                "{memory_mib} MiB of memory is out of range; use 64 MiB to 256 GiB"
-            )));
-        }
+        // vCPUs, memory and the hostname are checked with the rest of the spec below.
         if !(64..=16 * 1024 * 1024).contains(&disk_mib) {
             return Err(ServiceError::invalid(format!("a {disk_mib} MiB disk is out of range; use 64 MiB to 16 TiB")));
         }
         if let Some(ttl) = req.ttl_secs {
-            if ttl == 0 || ttl > 10 * 365 * 86400 {
-                return Err(ServiceError::invalid(format!("a TTL of {ttl} s is out of range; use 1 s to 10 years")));
-            }
+            check_ttl(ttl)?;
         }
         let boot_timeout = match req.boot_timeout_secs {
             None => self.limits.boot_timeout,
@@ -242,19 +237,11 @@ impl Service {
         let _guard = lock.lock().await;
         // The cap check and the insert happen under one lock, so parallel creates cannot overshoot.
         self.db(|db| {
-            let live = db.list()?.iter().filter(|s| s.phase.is_live()).count();
-            if live >= self.limits.max_sandboxes {
-                return Ok(Err(live));
-            }
-            db.insert(&info).map(Ok)
-        })?
-        .map_err(|live| {
-            ServiceError::new(
-                ErrorCode::LimitReached,
-                format!("{live} sandboxes are live, the limit is {}", self.limits.max_sandboxes),
-                "stop or remove sandboxes (`moat ps`, `moat rm`), or raise `moat serve --max-sandboxes`",
-            )
-        })?;
+            Ok(match self.over_capacity(db)? {
+                Some(full) => Err(full),
+                None => db.insert(&info).map(Ok)?,
+            })
+        })??;
         self.boot(&info, &spec, true).await
     }
 
@@ -378,13 +365,8 @@ impl Service {
                 "it is already up; see `moat inspect`",
             ));
         }
-        let live = self.db(|db| db.list())?.iter().filter(|s| s.phase.is_live()).count();
-        if live >= self.limits.max_sandboxes {
-            return Err(ServiceError::new(
-                ErrorCode::LimitReached,
-                format!("{live} sandboxes are live, the limit is {}", self.limits.max_sandboxes),
-                "stop or remove other sandboxes first",
-            ));
+        if let Some(full) = self.db(|db| self.over_capacity(db))? {
+            return Err(full);
         }
         if info.expires_at.is_some_and(|t| t <= now_secs()) {
             self.db(|db| db.set_expiry(&info.id, None))?;
@@ -392,6 +374,18 @@ impl Service {
         let spec = self.spec_of(&info);
         let fresh = !self.run_dir(&info.id).join(moat_sandbox::OVERLAY_FILE).exists();
         self.boot(&info, &spec, fresh).await
+    }
+
+    /// The error to answer when no further sandbox may go live, if so.
+    fn over_capacity(&self, db: &Db) -> Result<Option<ServiceError>, StateError> {
+        let live = db.list()?.iter().filter(|s| s.phase.is_live()).count();
+        Ok((live >= self.limits.max_sandboxes).then(|| {
+            ServiceError::new(
+                ErrorCode::LimitReached,
+                format!("{live} sandboxes are live, the limit is {}", self.limits.max_sandboxes),
+                "stop or remove sandboxes (`moat ps`, `moat rm`), or raise `moat serve --max-sandboxes`",
+            )
+        }))
     }
 
     fn spec_of(&self, info: &SandboxInfo) -> SandboxSpec {
@@ -451,9 +445,7 @@ impl Service {
 
     /// Renew a running sandbox's lease: it now ends `ttl` from now.
     pub async fn renew(&self, reference: &str, ttl_secs: u64) -> Result<SandboxInfo, ServiceError> {
-        if ttl_secs == 0 || ttl_secs > 10 * 365 * 86400 {
-            return Err(ServiceError::invalid(format!("a TTL of {ttl_secs} s is out of range; use 1 s to 10 years")));
-        }
+        check_ttl(ttl_secs)?;
         let info = self.resolve(reference)?;
         let lock = self.op_lock(&info.id);
         let _guard = lock.lock().await;
@@ -623,6 +615,14 @@ impl Service {
     pub fn live_count(&self) -> usize {
         self.live.lock().expect("no panics while held").len()
     }
+}
+
+/// Leases run from 1 s to 10 years.
+fn check_ttl(ttl_secs: u64) -> Result<(), ServiceError> {
+    if ttl_secs == 0 || ttl_secs > 10 * 365 * 86400 {
+        return Err(ServiceError::invalid(format!("a TTL of {ttl_secs} s is out of range; use 1 s to 10 years")));
+    }
+    Ok(())
 }
 
 fn remove_stale_sockets(dir: &Path) -> Vec<String> {

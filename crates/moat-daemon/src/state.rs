@@ -314,6 +314,12 @@ impl Db {
         append_event(&self.conn, sandbox, kind, message)
     }
 
+    /// Changes exactly when a write recorded an event: every write that records one inserts the
+    /// event last, and event numbers only grow. Reads never change it.
+    pub fn last_event_seq(&self) -> i64 {
+        self.conn.last_insert_rowid()
+    }
+
     /// Events after `seq`, oldest first, at most `limit`.
     pub fn events_after(&self, seq: i64, limit: usize) -> Result<Vec<Event>, StateError> {
         let mut stmt = self
