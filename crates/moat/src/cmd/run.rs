@@ -53,7 +53,7 @@ pub async fn run(args: RunArgs, host: &HostArgs) -> anyhow::Result<i32> {
     }
     let info = client.create(&req).await?;
     let start = exec_start(&args.process, args.command, true);
-    let result = run_process(&client, &info.id, start, forward_stdin(&args.process)).await;
+    let result = run_process(&client, &info.id, start).await;
     // The daemon removes the sandbox when the session ends; asking too waits until it is gone
     // (and covers a failure before the session began).
     match client.remove(&info.id, true).await {
@@ -67,8 +67,7 @@ pub async fn run(args: RunArgs, host: &HostArgs) -> anyhow::Result<i32> {
 
 pub async fn exec(args: ExecArgs, host: &HostArgs) -> anyhow::Result<i32> {
     let client = connect(host).await?;
-    let stdin = forward_stdin(&args.process);
-    run_process(&client, &args.sandbox, exec_start(&args.process, args.command, false), stdin).await
+    run_process(&client, &args.sandbox, exec_start(&args.process, args.command, false)).await
 }
 
 fn forward_stdin(p: &ProcessArgs) -> bool {
@@ -87,7 +86,8 @@ fn exec_start(p: &ProcessArgs, argv: Vec<String>, remove_sandbox_after: bool) ->
     }
 }
 
-async fn run_process(client: &Client, sandbox: &str, start: ExecStart, stdin: bool) -> anyhow::Result<i32> {
+async fn run_process(client: &Client, sandbox: &str, start: ExecStart) -> anyhow::Result<i32> {
+    let stdin = start.stdin;
     let session = client.exec(sandbox, &start).await?;
     let (input, mut output) = session.split();
     let input = std::sync::Arc::new(tokio::sync::Mutex::new(input));
