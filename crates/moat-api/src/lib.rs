@@ -13,6 +13,11 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub const DEFAULT_VCPUS: u32 = 1;
 pub const DEFAULT_MEMORY_MIB: u32 = 512;
 pub const DEFAULT_DISK_MIB: u64 = 4096;
+/// The image sandboxes get when none is named: Debian with Python, built from
+/// [`DEFAULT_IMAGE_FROM`] and [`DEFAULT_IMAGE_PACKAGES`] by the first client that needs it.
+pub const DEFAULT_IMAGE: &str = "default";
+pub const DEFAULT_IMAGE_FROM: &str = "debian:bookworm";
+pub const DEFAULT_IMAGE_PACKAGES: &[&str] = &["python3", "python3-pip", "python3-venv", "ca-certificates", "curl"];
 
 /// The phases of a sandbox's life. `creating → booting → running → stopping → stopped`, and from
 /// any live phase to `failed`; a lease running out ends in `expired` (or removal).
@@ -194,6 +199,29 @@ pub struct ImageInfo {
     pub user: Option<String>,
     pub entrypoint: Vec<String>,
     pub cmd: Vec<String>,
+    /// Where it came from: `pull REF@DIGEST`, `import`, `build debian:SUITE +PACKAGES`, `built-in`.
+    pub source: String,
+    /// When it was made, in seconds since the Unix epoch.
+    pub created_at: i64,
+}
+
+/// `POST /v1/images/pull`: an image from a registry speaking the OCI distribution API.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullImage {
+    /// `[REGISTRY/]REPOSITORY[:TAG][@DIGEST]`, as for `docker pull`.
+    pub reference: String,
+    /// The name to give it in the store; the reference as written without one.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Allow plain http to a registry that is not on loopback (loopback may always use http).
+    #[serde(default)]
+    pub insecure: bool,
+    /// Credentials for the registry; anonymous without.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
 }
 
 /// `POST /v1/images/build`: an image from Debian packages, made with debootstrap.
@@ -207,11 +235,13 @@ pub struct BuildImage {
     pub packages: Vec<String>,
 }
 
-/// One line of the NDJSON stream of a long image operation (build, import).
+/// One line of the NDJSON stream of a long image operation (pull, build, import).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ImageProgress {
     Progress { message: String },
+    /// Bytes of one layer downloaded so far (pulls); `done == total` once it is verified.
+    Layer { digest: String, done: u64, total: u64 },
     Done { image: ImageInfo },
     Error { error: ApiError },
 }
@@ -255,6 +285,8 @@ pub enum ErrorCode {
     LimitReached,
     BootFailed,
     ExecFailed,
+    /// A registry refused or failed a pull (the message says how).
+    RegistryFailed,
     Internal,
 }
 
@@ -267,6 +299,7 @@ impl ErrorCode {
             ErrorCode::BodyTooLarge => 413,
             ErrorCode::LimitReached => 429,
             ErrorCode::BootFailed | ErrorCode::ExecFailed | ErrorCode::Internal => 500,
+            ErrorCode::RegistryFailed => 502,
         }
     }
 }

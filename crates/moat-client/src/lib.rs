@@ -10,7 +10,8 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use moat_api::{
     ApiError, BuildImage, CreateSandbox, ErrorCode, Event, ExecClientMessage, ExecServerMessage, ExecStart, Health,
-    ImageInfo, ImageProgress, LifecycleEntry, LogSource, Reclaimed, RenewLease, SandboxInfo, STDERR_TAG, STDOUT_TAG,
+    ImageInfo, ImageProgress, LifecycleEntry, LogSource, PullImage, Reclaimed, RenewLease, SandboxInfo, STDERR_TAG,
+    STDOUT_TAG,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -66,7 +67,7 @@ fn image_path(name: &str) -> String {
 async fn follow_progress(
     status: StatusCode,
     incoming: hyper::body::Incoming,
-    mut progress: impl FnMut(&str),
+    mut progress: impl FnMut(ImageProgress),
 ) -> Result<ImageInfo, ClientError> {
     let mut body = http_body_util::BodyStream::new(incoming);
     if !status.is_success() {
@@ -88,9 +89,9 @@ async fn follow_progress(
         while let Some(i) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=i).collect();
             match serde_json::from_slice::<ImageProgress>(&line).map_err(transport)? {
-                ImageProgress::Progress { message } => progress(&message),
                 ImageProgress::Done { image } => return Ok(image),
                 ImageProgress::Error { error } => return Err(ClientError::Api(error)),
+                step => progress(step),
             }
         }
     }
@@ -213,8 +214,23 @@ impl Client {
         self.call(Method::DELETE, &format!("/v1/images/{}", image_path(name)), None::<&()>).await
     }
 
+    /// Pull an image from a registry; `progress` sees each step and layer. Returns the image.
+    pub async fn pull_image(
+        &self,
+        req: &PullImage,
+        progress: impl FnMut(ImageProgress),
+    ) -> Result<ImageInfo, ClientError> {
+        let body = serde_json::to_vec(req).expect("PullImage serializes");
+        let (status, incoming) = self.send(Method::POST, "/v1/images/pull", Some(body)).await?;
+        follow_progress(status, incoming, progress).await
+    }
+
     /// Build an image from Debian packages; `progress` sees each step. Returns the image.
-    pub async fn build_image(&self, req: &BuildImage, progress: impl FnMut(&str)) -> Result<ImageInfo, ClientError> {
+    pub async fn build_image(
+        &self,
+        req: &BuildImage,
+        progress: impl FnMut(ImageProgress),
+    ) -> Result<ImageInfo, ClientError> {
         let body = serde_json::to_vec(req).expect("BuildImage serializes");
         let (status, incoming) = self.send(Method::POST, "/v1/images/build", Some(body)).await?;
         follow_progress(status, incoming, progress).await
@@ -225,7 +241,7 @@ impl Client {
         &self,
         archive: impl tokio::io::AsyncRead + Send + Sync + 'static,
         name: Option<&str>,
-        progress: impl FnMut(&str),
+        progress: impl FnMut(ImageProgress),
     ) -> Result<ImageInfo, ClientError> {
         let stream = self.connect().await?;
         let (mut sender, conn) =

@@ -1,5 +1,6 @@
-//! Image operations of the daemon: list, import (archive uploads), build (debootstrap), remove.
-//! Long operations run on a blocking thread and report progress as NDJSON lines.
+//! Image operations of the daemon: list, pull (registries), import (archive uploads), build
+//! (debootstrap), remove. Long operations run in the background and report progress as NDJSON
+//! lines.
 
 use std::sync::Arc;
 
@@ -10,8 +11,8 @@ use axum::http::header;
 use axum::response::Response;
 use axum::Json;
 use futures_util::StreamExt;
-use moat_api::{ApiError, BuildImage, ErrorCode, ImageInfo, ImageProgress};
-use moat_image::{Image, ImageError};
+use moat_api::{ApiError, BuildImage, ErrorCode, ImageInfo, ImageProgress, PullImage};
+use moat_image::{Image, ImageError, PullOptions, PullProgress};
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
@@ -30,15 +31,22 @@ fn info(i: &Image) -> ImageInfo {
         user: i.config.user.clone(),
         entrypoint: i.config.entrypoint.clone(),
         cmd: i.config.cmd.clone(),
+        source: i.source.clone(),
+        created_at: i.created as i64,
     }
 }
 
-fn image_error(e: ImageError) -> ServiceError {
+pub(crate) fn image_error(e: ImageError) -> ServiceError {
     let code = match e {
         ImageError::NotFound { .. } => ErrorCode::NotFound,
-        ImageError::BadArchive { .. } | ImageError::DigestMismatch { .. } | ImageError::BadImageName { .. } => {
-            ErrorCode::InvalidRequest
-        }
+        ImageError::BadArchive { .. }
+        | ImageError::DigestMismatch { .. }
+        | ImageError::BadImageName { .. }
+        | ImageError::BadReference { .. }
+        | ImageError::BadManifest { .. }
+        | ImageError::WrongPlatform { .. }
+        | ImageError::InvalidRecipe { .. } => ErrorCode::InvalidRequest,
+        ImageError::Registry { .. } => ErrorCode::RegistryFailed,
         _ => ErrorCode::Internal,
     };
     let text = e.to_string();
@@ -87,12 +95,20 @@ where
         let mut progress = move |m: &str| {
             let _ = progress_tx.send(ImageProgress::Progress { message: m.to_string() });
         };
-        let last = match op(&mut progress) {
-            Ok(image) => ImageProgress::Done { image: info(&image) },
-            Err(e) => ImageProgress::Error { error: ApiError { code: e.code, message: e.message, hint: e.hint } },
-        };
-        let _ = tx.send(last);
+        let _ = tx.send(outcome(op(&mut progress)));
     });
+    ndjson(rx)
+}
+
+fn outcome(result: Result<Image, ServiceError>) -> ImageProgress {
+    match result {
+        Ok(image) => ImageProgress::Done { image: info(&image) },
+        Err(e) => ImageProgress::Error { error: ApiError { code: e.code, message: e.message, hint: e.hint } },
+    }
+}
+
+/// The progress lines as a chunked NDJSON body. The operation goes on if the client goes away.
+fn ndjson(rx: tokio::sync::mpsc::UnboundedReceiver<ImageProgress>) -> Response {
     let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(|m| {
         let mut line = serde_json::to_vec(&m).expect("progress serializes");
         line.push(b'\n');
@@ -102,6 +118,41 @@ where
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(stream))
         .expect("static headers are valid")
+}
+
+pub async fn pull(State(svc): Svc, JsonBody(req): JsonBody<PullImage>) -> Result<Response, ServiceError> {
+    moat_image::registry_of(&req.reference).map_err(image_error)?;
+    moat_image::validate_image_name(req.name.as_deref().unwrap_or(&req.reference)).map_err(image_error)?;
+    let credentials = match (req.username, req.password) {
+        (Some(u), Some(p)) => Some((u, p)),
+        (None, None) => None,
+        _ => {
+            return Err(ServiceError::new(
+                ErrorCode::InvalidRequest,
+                "a username needs a password and a password a username",
+                "give both, or neither for anonymous access",
+            ))
+        }
+    };
+    let options = PullOptions { insecure: req.insecure, credentials };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<ImageProgress>();
+    let busy = svc.hold();
+    tokio::spawn(async move {
+        let _busy = busy;
+        let progress_tx = tx.clone();
+        let progress = move |p: PullProgress| {
+            let _ = progress_tx.send(match p {
+                PullProgress::Message(message) => ImageProgress::Progress { message },
+                PullProgress::Layer { digest, done, total } => ImageProgress::Layer { digest, done, total },
+            });
+        };
+        let result = moat_image::pull(&svc.rt.images, &req.reference, req.name.as_deref(), &options, &progress).await;
+        if let Err(e) = &result {
+            tracing::warn!(reference = %req.reference, error = %e, "pull failed");
+        }
+        let _ = tx.send(outcome(result.map_err(image_error)));
+    });
+    Ok(ndjson(rx))
 }
 
 pub async fn build(State(svc): Svc, JsonBody(req): JsonBody<BuildImage>) -> Result<Response, ServiceError> {

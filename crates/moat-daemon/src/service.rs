@@ -198,7 +198,7 @@ impl Service {
         let name = req.name.clone().unwrap_or_else(|| format!("sb-{}", &id[..8]));
         let hostname = req.hostname.clone().unwrap_or_else(|| format!("moat-{}", &id[..8]));
         let spec = SandboxSpec {
-            image: req.image.clone().unwrap_or_else(|| moat_image::MINIMAL.to_string()),
+            image: req.image.clone().unwrap_or_else(|| moat_api::DEFAULT_IMAGE.to_string()),
             vcpus,
             memory_mib,
             disk_bytes: Some(disk_mib * 1024 * 1024),
@@ -207,12 +207,19 @@ impl Service {
             die_with_parent: false,
         };
         moat_sandbox::validate(&spec).map_err(|e| ServiceError::invalid(e.to_string()))?;
-        let image = self.rt.images.resolve(&spec.image).map_err(|e| {
-            ServiceError::new(
+        let image = self.rt.images.resolve(&spec.image).map_err(|e| match e {
+            moat_image::ImageError::NotFound { .. } if spec.image == moat_api::DEFAULT_IMAGE => ServiceError::new(
                 ErrorCode::NotFound,
-                e.to_string(),
-                "list images with `moat image ls`; `minimal` is built in",
-            )
+                "the default image has not been built yet",
+                format!(
+                    "`moat run` builds it on first use; or build it with `moat image build {} --from {} --packages {}` \
+                     (POST /v1/images/build), or name another image (`minimal` is built in)",
+                    moat_api::DEFAULT_IMAGE,
+                    moat_api::DEFAULT_IMAGE_FROM,
+                    moat_api::DEFAULT_IMAGE_PACKAGES.join(",")
+                ),
+            ),
+            e => crate::images::image_error(e),
         })?;
         let info = SandboxInfo {
             id: id.clone(),

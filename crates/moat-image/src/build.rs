@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
-use crate::store::{Image, ImageConfig, ImageStore, MINIMAL};
+use crate::store::{Image, ImageConfig, ImageStore, Provenance, MINIMAL};
 use crate::{disk, ImageError};
 
 /// The mirror used unless a recipe names another.
@@ -88,6 +88,18 @@ impl DebianRecipe {
             return Err(invalid(format!("{m:?} is not a mirror URL (http://, https:// or file:///, without spaces)")));
         }
         Ok(())
+    }
+
+    /// `build debian:bookworm +python3,git`, as `moat image ls` shows an image's source.
+    pub fn describe(&self) -> String {
+        let mut s = format!("build debian:{}", self.suite);
+        if !self.packages.is_empty() {
+            s += &format!(" +{}", self.sorted_packages().join(","));
+        }
+        if self.mirror != DEFAULT_DEBIAN_MIRROR {
+            s += &format!(" from {}", self.mirror);
+        }
+        s
     }
 
     /// The packages as debootstrap gets them: sorted, each once.
@@ -175,7 +187,7 @@ pub fn build_debian(
     progress("packing the tree into ext4 and qcow2");
     disk::pack_tree(&tree, &staging.base(), LABEL)?;
     std::fs::remove_dir_all(&tree).map_err(ImageError::io(format!("removing {}", tree.display())))?;
-    let image = store.commit(staging, name, &digest, config())?;
+    let image = store.commit(staging, name, &digest, config(), Provenance { source: recipe.describe(), layers: Vec::new() })?;
     progress(&format!("built {name} ({})", image.digest));
     tracing::info!(name, digest = %image.digest, suite = %recipe.suite, elapsed_ms = started.elapsed().as_millis() as u64, "built a Debian image");
     Ok(image)

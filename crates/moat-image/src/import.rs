@@ -13,7 +13,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::store::ImageStore;
+use crate::store::{ImageStore, Provenance};
 use crate::{disk, Image, ImageConfig, ImageError};
 
 /// Largest manifest, index or config JSON read into memory.
@@ -65,7 +65,7 @@ pub fn import_archive(
     progress("making the base disk");
     disk::pack_tree(&tree, &staging.base(), "moat-root")?;
     std::fs::remove_dir_all(&tree).map_err(ImageError::io(format!("removing {}", tree.display())))?;
-    store.commit(staging, &name, &digest, config)
+    store.commit(staging, &name, &digest, config, Provenance { source: "import".into(), layers: Vec::new() })
 }
 
 /// What a manifest says: the config file, the layer files in order, the first tag.
@@ -217,7 +217,7 @@ struct ConfigFile {
 }
 
 /// The parts of an image config moat honours: Env, WorkingDir, User, Entrypoint, Cmd.
-fn parse_config(bytes: &[u8]) -> Result<ImageConfig, ImageError> {
+pub(crate) fn parse_config(bytes: &[u8]) -> Result<ImageConfig, ImageError> {
     let file: ConfigFile = serde_json::from_slice(bytes).map_err(|e| bad(format!("the image config: {e}")))?;
     let c = file.config.unwrap_or_default();
     let env = c

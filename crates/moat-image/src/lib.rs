@@ -18,6 +18,7 @@ mod kernel;
 mod layer;
 mod minimal;
 mod modules;
+mod pull;
 mod store;
 
 use std::path::PathBuf;
@@ -29,6 +30,7 @@ pub use initramfs::build_initramfs;
 pub use kernel::{find_kernel, find_kernel_in, Kernel};
 pub use layer::{apply_layer, LayerStats};
 pub use modules::{resolve_modules, AGENT_MODULES};
+pub use pull::{pull, registry_of, PullOptions, PullProgress};
 pub use store::{Image, ImageConfig, ImageStore, MINIMAL};
 
 /// Errors of the image layer. Each message says what failed and ends with what to do.
@@ -78,6 +80,18 @@ pub enum ImageError {
 
     #[error("{what} does not have the digest {expected}: it is damaged or was tampered with\nhint: fetch the image again; nothing was registered")]
     DigestMismatch { what: String, expected: String },
+
+    #[error("{reference:?} is not an image reference: {reason}\nhint: write it as [REGISTRY/]REPOSITORY[:TAG][@DIGEST] in lowercase, e.g. `debian:bookworm-slim` or `ghcr.io/org/app:1.2`")]
+    BadReference { reference: String, reason: String },
+
+    #[error("pulling {reference}: {reason}\nhint: {hint}")]
+    Registry { reference: String, reason: String, hint: String },
+
+    #[error("the manifest of {reference} is refused: {reason}\nhint: the image is malformed or not a container image; check the reference, nothing was registered")]
+    BadManifest { reference: String, reason: String },
+
+    #[error("{reference} is a {platform} image; moat runs linux/amd64\nhint: pull a tag built for linux/amd64 (multi-platform tags resolve to it by themselves)")]
+    WrongPlatform { reference: String, platform: String },
 
     #[error("image name {name:?} is not valid: {why}")]
     BadImageName { name: String, why: String },

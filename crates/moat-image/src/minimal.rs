@@ -7,7 +7,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use crate::store::{Image, ImageConfig, ImageStore, MINIMAL};
+use crate::store::{Image, ImageConfig, ImageStore, Provenance, MINIMAL};
 use crate::{disk, elf, ImageError};
 
 /// Bump when the build below changes in a way the tables do not show (they are hashed too).
@@ -112,7 +112,7 @@ pub(crate) fn resolve(store: &ImageStore) -> Result<Image, ImageError> {
     disk::convert_to_qcow2(&raw, &staging.base())?;
     std::fs::remove_file(&raw).map_err(ImageError::io(format!("removing {}", raw.display())))?;
     std::fs::remove_dir_all(&tree).map_err(ImageError::io(format!("removing {}", tree.display())))?;
-    let image = store.commit(staging, MINIMAL, &digest, config())?;
+    let image = store.commit(staging, MINIMAL, &digest, config(), Provenance { source: "built-in".into(), layers: Vec::new() })?;
     tracing::info!(digest = %image.digest, elapsed_ms = started.elapsed().as_millis() as u64, "built the minimal image");
     Ok(image)
 }

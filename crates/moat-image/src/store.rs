@@ -4,6 +4,8 @@
 //! ```text
 //! <root>/sha256/<hex>/base.qcow2    the base disk; never written once it is committed
 //! <root>/sha256/<hex>/image.json    the Image record
+//! <root>/blobs/sha256/<hex>         layer blobs of pulled images, verified, shared between images
+//! <root>/blobs/partial/<hex>        downloads not yet complete (a new pull resumes them)
 //! <root>/index.json                 {"names": {"minimal": "sha256:<hex>", …}}
 //! <root>/.lock                      serializes commits and index updates between processes
 //! <root>/tmp-*/                     images being assembled (or left by an interrupted build)
@@ -51,6 +53,23 @@ pub struct Image {
     pub config: ImageConfig,
     /// Virtual size of the base disk in bytes.
     pub size_bytes: u64,
+    /// Where it came from: `pull REF`, `import`, `build debian:SUITE +PACKAGES`, `built-in`.
+    #[serde(default)]
+    pub source: String,
+    /// When it was committed, in seconds since the Unix epoch.
+    #[serde(default)]
+    pub created: u64,
+    /// The digests of the layer blobs it was unpacked from (pulled images), in order. They stay in
+    /// the blob cache while an image needs them.
+    #[serde(default)]
+    pub layers: Vec<String>,
+}
+
+/// What the maker of an image records about it besides its contents.
+#[derive(Debug, Clone, Default)]
+pub struct Provenance {
+    pub source: String,
+    pub layers: Vec<String>,
 }
 
 /// The image store under a root directory (`$MOAT_HOME/images`).
@@ -84,7 +103,7 @@ impl Staging {
 }
 
 /// `sha256:<64 hex>` → `<64 hex>`; anything else (a damaged index) is refused before it becomes a path.
-fn digest_hex(digest: &str) -> Option<&str> {
+pub(crate) fn digest_hex(digest: &str) -> Option<&str> {
     let hex = digest.strip_prefix("sha256:")?;
     (hex.len() == 64 && hex.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))).then_some(hex)
 }
@@ -159,6 +178,23 @@ impl ImageStore {
         Ok(removed)
     }
 
+    /// Where the verified layer blob `digest` is cached (`<root>/blobs/sha256/<hex>`).
+    pub(crate) fn blob_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
+        self.blob_dir("sha256", digest)
+    }
+
+    /// Where a download of `digest` in progress (or interrupted) is kept until it is verified.
+    pub(crate) fn partial_blob_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
+        self.blob_dir("partial", digest)
+    }
+
+    fn blob_dir(&self, kind: &str, digest: &str) -> Result<PathBuf, ImageError> {
+        let hex = digest_hex(digest).ok_or_else(|| self.corrupt(format!("{digest:?} is not a sha256 digest")))?;
+        let dir = self.root.join("blobs").join(kind);
+        std::fs::create_dir_all(&dir).map_err(ImageError::io(format!("creating {}", dir.display())))?;
+        Ok(dir.join(hex))
+    }
+
     /// A fresh staging directory inside the store (same file system, so commit is a rename).
     pub(crate) fn stage(&self) -> Result<Staging, ImageError> {
         let dir = tempfile::Builder::new()
@@ -198,6 +234,7 @@ impl ImageStore {
         name: &str,
         digest: &str,
         config: ImageConfig,
+        provenance: Provenance,
     ) -> Result<Image, ImageError> {
         let hex = digest_hex(digest).ok_or_else(|| self.corrupt(format!("{digest:?} is not a sha256 digest")))?;
         let info = disk::info(&staging.base())?;
@@ -216,6 +253,9 @@ impl ImageStore {
             base: final_dir.join(BASE_FILE),
             config,
             size_bytes,
+            source: provenance.source,
+            created: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            layers: provenance.layers,
         };
         let meta = serde_json::to_vec_pretty(&image).expect("an Image serializes");
         write_synced(&staging.path().join(META_FILE), &meta)?;
@@ -334,7 +374,7 @@ mod tests {
             .unwrap();
         let digest = format!("sha256:{}", "ab".repeat(32));
         let config = ImageConfig { cmd: vec!["/bin/sh".into()], ..ImageConfig::default() };
-        let image = store.commit(staging, name, &digest, config).unwrap();
+        let image = store.commit(staging, name, &digest, config, Provenance::default()).unwrap();
         (dir, store, image)
     }
 

@@ -96,8 +96,9 @@ pub struct ProcessArgs {
 /// What a new sandbox looks like.
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    /// Image to boot.
-    #[arg(long, default_value = "minimal")]
+    /// Image to boot: a name from `moat image ls`, or a registry reference (pulled on first use).
+    /// The default image (Debian with Python) is built on first use; `minimal` is busybox only.
+    #[arg(long, env = "MOAT_IMAGE", default_value = moat_api::DEFAULT_IMAGE)]
     pub image: String,
     /// Name of the sandbox [default: sb-<id>].
     #[arg(long)]
@@ -208,6 +209,26 @@ pub enum ImageCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Pull an image from a registry (Docker Hub, GHCR, a private registry).
+    ///
+    /// Credentials come from the Docker config (`docker login`, credential helpers) unless given
+    /// here. Plain http is used only for registries on localhost, or with --insecure.
+    Pull {
+        /// [REGISTRY/]REPOSITORY[:TAG][@DIGEST], e.g. debian:bookworm-slim or ghcr.io/org/app:1.2.
+        reference: String,
+        /// Name of the image in the store [default: the reference as written].
+        #[arg(long)]
+        name: Option<String>,
+        /// Allow plain http to a registry that is not on localhost.
+        #[arg(long)]
+        insecure: bool,
+        /// Registry user; the password is read from standard input (see --password-stdin).
+        #[arg(long, requires = "password_stdin")]
+        username: Option<String>,
+        /// Read the registry password (or token) from standard input.
+        #[arg(long, requires = "username")]
+        password_stdin: bool,
     },
     /// Import a `docker save` tarball or an OCI image-layout archive (`-` reads standard input).
     Import {

@@ -234,6 +234,7 @@ impl Deadline {
 fn spec(name: &str) -> CreateSandbox {
     CreateSandbox {
         name: Some(name.into()),
+        image: Some("minimal".into()),
         memory_mib: Some(256),
         boot_timeout_secs: Some(BOOT_TIMEOUT_SECS),
         ..Default::default()

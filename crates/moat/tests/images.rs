@@ -3,134 +3,13 @@
 //! registered.
 
 mod common;
+mod oci;
 
 use std::path::Path;
 use std::process::{Output, Stdio};
 
 use common::{moat_in, stop_daemon, text};
-use sha2::{Digest, Sha256};
-
-/// A tar stream built in memory.
-struct Tar(tar::Builder<Vec<u8>>);
-
-impl Tar {
-    fn new() -> Tar {
-        Tar(tar::Builder::new(Vec::new()))
-    }
-
-    fn file(mut self, path: &str, data: &[u8], mode: u32) -> Tar {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(mode);
-        h.set_mtime(1_700_000_000);
-        h.set_entry_type(tar::EntryType::Regular);
-        self.0.append_data(&mut h, path, data).expect("in-memory tar");
-        self
-    }
-
-    /// A file at a path the tar crate itself would refuse to write (`..`): set in the header raw.
-    fn hostile_file(mut self, path: &str, data: &[u8]) -> Tar {
-        let mut h = tar::Header::new_gnu();
-        h.as_gnu_mut().expect("a GNU header").name[..path.len()].copy_from_slice(path.as_bytes());
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_cksum();
-        self.0.append(&h, data).expect("in-memory tar");
-        self
-    }
-
-    fn dir(mut self, path: &str) -> Tar {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(0);
-        h.set_mode(0o755);
-        h.set_entry_type(tar::EntryType::Directory);
-        self.0.append_data(&mut h, path, &[][..]).expect("in-memory tar");
-        self
-    }
-
-    fn symlink(mut self, path: &str, target: &str) -> Tar {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(0);
-        h.set_mode(0o777);
-        h.set_entry_type(tar::EntryType::Symlink);
-        self.0.append_link(&mut h, path, target).expect("in-memory tar");
-        self
-    }
-
-    fn bytes(self) -> Vec<u8> {
-        self.0.into_inner().expect("in-memory tar")
-    }
-}
-
-fn sha(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
-
-/// The base layer: the host's static busybox with a shell and the tools the tests use.
-fn base_layer() -> Vec<u8> {
-    let busybox = std::fs::read("/bin/busybox").expect("busybox-static is installed (apt-get install busybox-static)");
-    let mut t = Tar::new().dir("bin").dir("etc").dir("tmp").dir("proc").dir("sys").dir("dev").dir("root");
-    t = t.file("bin/busybox", &busybox, 0o755);
-    for applet in ["sh", "cat", "ls", "echo", "id", "env", "pwd", "test"] {
-        t = t.symlink(&format!("bin/{applet}"), "busybox");
-    }
-    t.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644).file("etc/group", b"root:x:0:\n", 0o644).bytes()
-}
-
-/// The second layer: deletes a file of the base, adds the greeting.
-fn app_layer() -> Vec<u8> {
-    Tar::new()
-        .file("etc/.wh.group", b"", 0o644)
-        .dir("srv")
-        .file("srv/hello.txt", b"hello from a layer\n", 0o644)
-        .bytes()
-}
-
-const CONFIG: &str = r#"{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/bin","GREETING=hi"],"WorkingDir":"/srv","Cmd":["cat","hello.txt"]},"rootfs":{"type":"layers","diff_ids":[]}}"#;
-
-/// `docker save` layout: manifest.json, <id>.json, <dir>/layer.tar.
-fn docker_save(layers: &[Vec<u8>], tag: &str) -> Vec<u8> {
-    let mut t = Tar::new();
-    let config_name = format!("{}.json", sha(CONFIG.as_bytes()));
-    t = t.file(&config_name, CONFIG.as_bytes(), 0o644);
-    let mut names = Vec::new();
-    for l in layers {
-        let name = format!("{}/layer.tar", sha(l));
-        t = t.file(&name, l, 0o644);
-        names.push(name);
-    }
-    let manifest = serde_json::json!([{ "Config": config_name, "RepoTags": [tag], "Layers": names }]);
-    t.file("manifest.json", manifest.to_string().as_bytes(), 0o644).bytes()
-}
-
-/// OCI image layout: oci-layout, index.json, blobs/sha256/*; layers gzip-compressed.
-fn oci_layout(layers: &[Vec<u8>], tag: &str) -> Vec<u8> {
-    use std::io::Write;
-    let mut t = Tar::new().file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#, 0o644);
-    let mut descs = Vec::new();
-    for l in layers {
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(l).expect("gzip in memory");
-        let blob = gz.finish().expect("gzip in memory");
-        descs.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": format!("sha256:{}", sha(&blob)), "size": blob.len()}));
-        t = t.file(&format!("blobs/sha256/{}", sha(&blob)), &blob, 0o644);
-    }
-    t = t.file(&format!("blobs/sha256/{}", sha(CONFIG.as_bytes())), CONFIG.as_bytes(), 0o644);
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{}", sha(CONFIG.as_bytes())), "size": CONFIG.len()},
-        "layers": descs,
-    })
-    .to_string();
-    t = t.file(&format!("blobs/sha256/{}", sha(manifest.as_bytes())), manifest.as_bytes(), 0o644);
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": format!("sha256:{}", sha(manifest.as_bytes())), "size": manifest.len(), "annotations": {"org.opencontainers.image.ref.name": tag}}],
-    });
-    t.file("index.json", index.to_string().as_bytes(), 0o644).bytes()
-}
+use oci::{app_layer, base_layer, docker_save, oci_layout, Tar};
 
 /// Run `moat` in `home` with `input` on stdin.
 fn moat_with_stdin(home: &Path, args: &[&str], input: &[u8]) -> Output {

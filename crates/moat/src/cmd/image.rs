@@ -1,13 +1,129 @@
-//! `moat image`: list, import, build, inspect and remove images, through the daemon.
+//! `moat image`: pull, import, build, list, inspect and remove images, through the daemon; and
+//! making sure the image a new sandbox needs is there (pulled or built on first use).
 
-use moat_api::BuildImage;
+use std::collections::HashMap;
+use std::io::{IsTerminal, Read};
+
+use anyhow::Context;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use moat_api::{BuildImage, ErrorCode, ImageInfo, ImageProgress, PullImage};
+use moat_client::Client;
 
 use crate::cli::{HostArgs, ImageCommand};
 use crate::cmd::daemon::connect;
 
-/// Progress lines on stderr, so stdout stays the result.
-fn progress(line: &str) {
-    eprintln!("moat: {line}");
+/// Shows the progress of a long image operation on stderr (stdout stays the result): a bar per
+/// layer on a terminal, plain lines otherwise.
+pub struct ProgressView {
+    bars: Option<(MultiProgress, HashMap<String, ProgressBar>)>,
+    /// Layers already reported done, when there are no bars.
+    done: Vec<String>,
+}
+
+impl ProgressView {
+    pub fn new() -> ProgressView {
+        let bars = std::io::stderr().is_terminal().then(|| (MultiProgress::new(), HashMap::new()));
+        ProgressView { bars, done: Vec::new() }
+    }
+
+    pub fn show(&mut self, p: ImageProgress) {
+        match p {
+            ImageProgress::Progress { message } => match &self.bars {
+                Some((multi, _)) => {
+                    let _ = multi.println(format!("moat: {message}"));
+                }
+                None => eprintln!("moat: {message}"),
+            },
+            ImageProgress::Layer { digest, done, total } => {
+                let short = digest.trim_start_matches("sha256:").chars().take(12).collect::<String>();
+                match &mut self.bars {
+                    Some((multi, bars)) => {
+                        let bar = bars.entry(digest).or_insert_with(|| {
+                            let style = ProgressStyle::with_template(
+                                "{prefix} [{bar:30}] {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12}",
+                            )
+                            .expect("the template is valid")
+                            .progress_chars("=> ");
+                            multi.add(ProgressBar::new(total).with_style(style).with_prefix(short))
+                        });
+                        bar.set_position(done);
+                        if done >= total {
+                            bar.finish();
+                        }
+                    }
+                    None if done >= total && !self.done.contains(&digest) => {
+                        eprintln!("moat: layer {short}: {:.1} MiB, verified", total as f64 / (1 << 20) as f64);
+                        self.done.push(digest);
+                    }
+                    None => {}
+                }
+            }
+            ImageProgress::Done { .. } | ImageProgress::Error { .. } => {}
+        }
+    }
+}
+
+/// Registry credentials for `reference` from the Docker config (`docker login`, credential
+/// helpers), if it has any.
+fn docker_credentials(reference: &str) -> anyhow::Result<Option<(String, String)>> {
+    use docker_credential::{CredentialRetrievalError as E, DockerCredential};
+    let registry = moat_image::registry_of(reference)?;
+    match docker_credential::get_credential(&registry) {
+        Ok(DockerCredential::UsernamePassword(user, password)) => Ok(Some((user, password))),
+        Ok(DockerCredential::IdentityToken(_)) => anyhow::bail!(
+            "the Docker config holds an identity token for {registry}, which moat cannot use yet\n\
+             hint: pass `--username USER --password-stdin` with a password or access token"
+        ),
+        Err(E::ConfigNotFound | E::ConfigReadError | E::NoCredentialConfigured) => Ok(None),
+        Err(e) => Err(anyhow::anyhow!(
+            "reading the credentials for {registry} from the Docker config failed: {e}\n\
+             hint: check ~/.docker/config.json (or $DOCKER_CONFIG) and its credential helper"
+        )),
+    }
+}
+
+/// Pull `reference`, showing progress.
+async fn pull(client: &Client, mut req: PullImage) -> anyhow::Result<ImageInfo> {
+    if req.username.is_none() {
+        if let Some((user, password)) = docker_credentials(&req.reference)? {
+            req.username = Some(user);
+            req.password = Some(password);
+        }
+    }
+    let mut view = ProgressView::new();
+    Ok(client.pull_image(&req, |p| view.show(p)).await?)
+}
+
+/// The image `name` for a new sandbox, made first if it is missing: the default image is built
+/// from its recipe, any other name is pulled as a registry reference.
+pub async fn ensure_image(client: &Client, name: &str) -> anyhow::Result<()> {
+    match client.image(name).await {
+        Ok(_) => return Ok(()),
+        Err(e) if e.code() == Some(ErrorCode::NotFound) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut view = ProgressView::new();
+    if name == moat_api::DEFAULT_IMAGE {
+        eprintln!(
+            "moat: building the default image ({} with {}) once; this takes a minute or two",
+            moat_api::DEFAULT_IMAGE_FROM,
+            moat_api::DEFAULT_IMAGE_PACKAGES.join(", ")
+        );
+        let req = BuildImage {
+            name: name.to_string(),
+            from: moat_api::DEFAULT_IMAGE_FROM.to_string(),
+            packages: moat_api::DEFAULT_IMAGE_PACKAGES.iter().map(|p| p.to_string()).collect(),
+        };
+        client.build_image(&req, |p| view.show(p)).await.context(
+            "building the default image failed; `--image minimal` runs without it (busybox, no Python)",
+        )?;
+    } else {
+        eprintln!("moat: image {name} is not in the store; pulling it");
+        pull(client, PullImage { reference: name.to_string(), ..PullImage::default() })
+            .await
+            .with_context(|| format!("image {name} is neither in the store (`moat image ls`) nor pullable"))?;
+    }
+    Ok(())
 }
 
 pub async fn image(cmd: ImageCommand, host: &HostArgs) -> anyhow::Result<i32> {
@@ -18,16 +134,34 @@ pub async fn image(cmd: ImageCommand, host: &HostArgs) -> anyhow::Result<i32> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&images)?);
             } else {
-                println!("{:<32}  {:<19}  {:>9}", "NAME", "DIGEST", "SIZE");
+                println!("{:<32}  {:<19}  {:>9}  {:<10}  SOURCE", "NAME", "DIGEST", "SIZE", "CREATED");
                 for i in images {
                     let short = i.digest.trim_start_matches("sha256:").chars().take(12).collect::<String>();
-                    println!("{:<32}  sha256:{short}  {:>7}MiB", i.name, i.size_bytes >> 20);
+                    println!(
+                        "{:<32}  sha256:{short}  {:>7}MiB  {:<10}  {}",
+                        i.name,
+                        i.size_bytes >> 20,
+                        crate::cmd::sandbox::ago_or_in(i.created_at),
+                        i.source
+                    );
                 }
             }
         }
+        ImageCommand::Pull { reference, name, insecure, username, password_stdin } => {
+            let mut req = PullImage { reference, name, insecure, ..PullImage::default() };
+            if password_stdin {
+                let mut password = String::new();
+                std::io::stdin().read_to_string(&mut password).context("reading the password from standard input")?;
+                req.username = username;
+                req.password = Some(password.trim_end_matches(['\n', '\r']).to_string());
+            }
+            let image = pull(&client, req).await?;
+            println!("{} {}", image.name, image.digest);
+        }
         ImageCommand::Import { file, name } => {
+            let mut view = ProgressView::new();
             let image = if file.as_os_str() == "-" {
-                client.import_image(tokio::io::stdin(), name.as_deref(), progress).await?
+                client.import_image(tokio::io::stdin(), name.as_deref(), |p| view.show(p)).await?
             } else {
                 let f = tokio::fs::File::open(&file).await.map_err(|e| {
                     anyhow::anyhow!(
@@ -35,12 +169,13 @@ pub async fn image(cmd: ImageCommand, host: &HostArgs) -> anyhow::Result<i32> {
                         file.display()
                     )
                 })?;
-                client.import_image(f, name.as_deref(), progress).await?
+                client.import_image(f, name.as_deref(), |p| view.show(p)).await?
             };
             println!("{} {}", image.name, image.digest);
         }
         ImageCommand::Build { name, from, packages } => {
-            let image = client.build_image(&BuildImage { name, from, packages }, progress).await?;
+            let mut view = ProgressView::new();
+            let image = client.build_image(&BuildImage { name, from, packages }, |p| view.show(p)).await?;
             println!("{} {}", image.name, image.digest);
         }
         ImageCommand::Inspect { name } => println!("{}", serde_json::to_string_pretty(&client.image(&name).await?)?),

@@ -42,6 +42,7 @@ pub async fn run(args: RunArgs, host: &HostArgs) -> anyhow::Result<i32> {
         bail!("`moat run -d` creates a sandbox and takes no command\nhint: run `moat run -d --name box`, then `moat exec box -- CMD`");
     }
     let client = connect(host).await?;
+    crate::cmd::image::ensure_image(&client, &args.create.image).await?;
     let mut req = create_request(&args.create);
     if args.detach {
         let info = client.create(&req).await?;

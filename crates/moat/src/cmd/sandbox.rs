@@ -15,7 +15,7 @@ fn now() -> i64 {
 }
 
 /// `42s`, `5m`, `3h`, `2d`: how far `t` is from now, for tables.
-fn ago_or_in(t: i64) -> String {
+pub(crate) fn ago_or_in(t: i64) -> String {
     let d = (t - now()).unsigned_abs();
     let s = match d {
         0..=119 => format!("{d}s"),
@@ -23,7 +23,7 @@ fn ago_or_in(t: i64) -> String {
         7200..=172_799 => format!("{}h", d / 3600),
         _ => format!("{}d", d / 86400),
     };
-    if t < now() {
+    if t <= now() {
         format!("{s} ago")
     } else {
         format!("in {s}")
