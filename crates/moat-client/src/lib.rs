@@ -214,6 +214,10 @@ impl Client {
         self.call(Method::DELETE, &format!("/v1/images/{}", image_path(name)), None::<&()>).await
     }
 
+    pub async fn image_gc(&self) -> Result<Reclaimed, ClientError> {
+        self.call(Method::POST, "/v1/images/gc", None::<&()>).await
+    }
+
     /// Pull an image from a registry; `progress` sees each step and layer. Returns the image.
     pub async fn pull_image(
         &self,

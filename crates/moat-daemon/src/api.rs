@@ -84,6 +84,7 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/v1/images", get(crate::images::list))
         .route("/v1/images/build", post(crate::images::build))
         .route("/v1/images/pull", post(crate::images::pull))
+        .route("/v1/images/gc", post(crate::images::gc))
         .route("/v1/images/import", post(crate::images::import).layer(axum::extract::DefaultBodyLimit::disable()))
         .route("/v1/images/{*name}", get(crate::images::inspect).delete(crate::images::remove))
         .route("/v1/prune", post(prune))

@@ -11,7 +11,7 @@ use axum::http::header;
 use axum::response::Response;
 use axum::Json;
 use futures_util::StreamExt;
-use moat_api::{ApiError, BuildImage, ErrorCode, ImageInfo, ImageProgress, PullImage};
+use moat_api::{ApiError, BuildImage, ErrorCode, ImageInfo, ImageProgress, PullImage, Reclaimed};
 use moat_image::{Image, ImageError, PullOptions, PullProgress};
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
@@ -155,6 +155,13 @@ pub async fn pull(State(svc): Svc, JsonBody(req): JsonBody<PullImage>) -> Result
     Ok(ndjson(rx))
 }
 
+/// Remove cached layers, interrupted downloads and builds, and image files no name or sandbox
+/// needs.
+pub async fn gc(State(svc): Svc) -> Result<Json<Reclaimed>, ServiceError> {
+    let paths = tokio::task::block_in_place(|| svc.image_gc())?;
+    Ok(Json(Reclaimed { paths, ..Reclaimed::default() }))
+}
+
 pub async fn build(State(svc): Svc, JsonBody(req): JsonBody<BuildImage>) -> Result<Response, ServiceError> {
     moat_image::validate_image_name(&req.name).map_err(image_error)?;
     let recipe = moat_image::DebianRecipe::from_ref(&req.from, &req.packages).map_err(image_error)?;
@@ -178,6 +185,7 @@ pub async fn import(
     body: Body,
 ) -> Result<Response, ServiceError> {
     let _busy = svc.hold(); // The upload itself may take longer than the idle timeout.
+    let _spooling = svc.rt.images.begin_operation().map_err(image_error)?;
     let q = query(q)?;
     if let Some(name) = &q.name {
         moat_image::validate_image_name(name).map_err(image_error)?;

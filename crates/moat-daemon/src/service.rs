@@ -583,16 +583,22 @@ impl Service {
                 }
             }
         }
-        match self.rt.images.clean_interrupted_builds(Duration::from_secs(3600)) {
-            Ok(n) if n > 0 => out.paths.push(format!("{n} interrupted image builds")),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "gc: cleaning interrupted image builds failed"),
+        match self.image_gc() {
+            Ok(paths) => out.paths.extend(paths),
+            Err(e) => tracing::warn!(error = %e.message, "gc: cleaning the image store failed"),
         }
         if out != Reclaimed::default() {
             let message = format!("gc reclaimed {} processes and {} paths", out.processes.len(), out.paths.len());
             self.db(|db| db.event(None, "gc", &message))?;
         }
         Ok(out)
+    }
+
+    /// Remove what no image or sandbox of the image store needs (see [`moat_image::ImageStore::gc`]).
+    pub fn image_gc(&self) -> Result<Vec<String>, ServiceError> {
+        let in_use: Vec<String> = self.list()?.into_iter().map(|s| s.image_digest).collect();
+        let removed = self.rt.images.gc(&in_use, Duration::from_secs(3600)).map_err(crate::images::image_error)?;
+        Ok(removed.iter().map(|p| p.display().to_string()).collect())
     }
 
     /// Leave every running VM running (the next daemon adopts them) and drop the handles.

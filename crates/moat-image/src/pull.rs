@@ -118,6 +118,8 @@ pub async fn pull(
         return Ok(Image { name: name.to_string(), ..image });
     }
 
+    // Staged before downloading: the staging marks the operation, so `gc` spares the new blobs.
+    let staging = store.stage()?;
     let layers = manifest.layers.clone();
     // Collected first: a lazy `map` closure in the stream makes the future not provably `Send`.
     let fetches: Vec<_> = layers.iter().map(|layer| fetch_layer(store, &client, &image_ref, layer, progress)).collect();
@@ -130,7 +132,6 @@ pub async fn pull(
             Fetch::Image(e) => e,
         })?;
 
-    let staging = store.stage()?;
     let tree = staging.path().join("tree");
     let blobs: Vec<PathBuf> = layers.iter().map(|l| store.blob_path(&l.digest)).collect::<Result<_, _>>()?;
     let total = blobs.len();

@@ -8,6 +8,7 @@
 //! <root>/blobs/partial/<hex>        downloads not yet complete (a new pull resumes them)
 //! <root>/index.json                 {"names": {"minimal": "sha256:<hex>", …}}
 //! <root>/.lock                      serializes commits and index updates between processes
+//! <root>/.operations                held shared by image operations in flight (see `gc`)
 //! <root>/tmp-*/                     images being assembled (or left by an interrupted build)
 //! ```
 //! Every way of making an image (the built-in `minimal`, later OCI pulls and debootstrap builds)
@@ -30,6 +31,10 @@ const BASE_FILE: &str = "base.qcow2";
 const META_FILE: &str = "image.json";
 const INDEX_FILE: &str = "index.json";
 const STAGING_PREFIX: &str = "tmp-";
+/// Serializes commits and index updates.
+const INDEX_LOCK: &str = ".lock";
+/// Held shared by every image operation in flight, so `gc` can tell whether any runs.
+const OPERATIONS_LOCK: &str = ".operations";
 
 /// How processes start in an image, as in an OCI image config.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,10 +91,15 @@ struct Index {
 }
 
 /// A directory inside the store where a new image is assembled. Dropped without
-/// [`ImageStore::commit`], it is removed.
+/// [`ImageStore::commit`], it is removed. While it exists, [`ImageStore::gc`] leaves young
+/// unreferenced files alone (they may be this operation's downloads).
 pub(crate) struct Staging {
     dir: tempfile::TempDir,
+    _operation: Operation,
 }
+
+/// An image operation in flight (see [`ImageStore::begin_operation`]).
+pub struct Operation(#[allow(dead_code)] File);
 
 impl Staging {
     pub(crate) fn path(&self) -> &Path {
@@ -159,25 +169,6 @@ impl ImageStore {
         disk::create_overlay(&base, overlay, size.filter(|&s| s > image.size_bytes))
     }
 
-    /// Remove staging directories older than `older_than`: builds that were interrupted (younger
-    /// ones may belong to a build still running). Returns how many were removed.
-    pub fn clean_interrupted_builds(&self, older_than: Duration) -> Result<usize, ImageError> {
-        let cutoff = SystemTime::now().checked_sub(older_than).unwrap_or(SystemTime::UNIX_EPOCH);
-        let mut removed = 0;
-        let entries =
-            std::fs::read_dir(&self.root).map_err(ImageError::io(format!("listing {}", self.root.display())))?;
-        for entry in entries.flatten() {
-            let stale = entry.file_name().to_string_lossy().starts_with(STAGING_PREFIX)
-                && entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < cutoff);
-            if stale {
-                std::fs::remove_dir_all(entry.path())
-                    .map_err(ImageError::io(format!("removing {}", entry.path().display())))?;
-                removed += 1;
-            }
-        }
-        Ok(removed)
-    }
-
     /// Where the verified layer blob `digest` is cached (`<root>/blobs/sha256/<hex>`).
     pub(crate) fn blob_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
         self.blob_dir("sha256", digest)
@@ -197,11 +188,63 @@ impl ImageStore {
 
     /// A fresh staging directory inside the store (same file system, so commit is a rename).
     pub(crate) fn stage(&self) -> Result<Staging, ImageError> {
+        let operation = self.begin_operation()?;
         let dir = tempfile::Builder::new()
             .prefix(STAGING_PREFIX)
             .tempdir_in(&self.root)
             .map_err(ImageError::io(format!("creating a staging directory in {}", self.root.display())))?;
-        Ok(Staging { dir })
+        Ok(Staging { dir, _operation: operation })
+    }
+
+    /// Mark an image operation in flight until the guard is dropped, so [`ImageStore::gc`] spares
+    /// young files (uploads being spooled, downloads, staging directories).
+    pub fn begin_operation(&self) -> Result<Operation, ImageError> {
+        Ok(Operation(self.flock(OPERATIONS_LOCK, rustix::fs::FlockOperation::LockShared)?))
+    }
+
+    /// Remove what no image needs: image directories no name points at and no sandbox uses
+    /// (`in_use`: the digests of sandboxes' images), cached layer blobs no kept image lists,
+    /// interrupted downloads and staging directories. While an image operation runs, only what is
+    /// older than `older_than` goes (newer files may be that operation's). Returns what was removed.
+    pub fn gc(&self, in_use: &[String], older_than: Duration) -> Result<Vec<PathBuf>, ImageError> {
+        let idle = self.try_flock(OPERATIONS_LOCK)?;
+        let cutoff = match idle {
+            Some(_) => SystemTime::now() + Duration::from_secs(60),
+            None => SystemTime::now().checked_sub(older_than).unwrap_or(SystemTime::UNIX_EPOCH),
+        };
+        let old = |p: &Path| std::fs::symlink_metadata(p).and_then(|m| m.modified()).is_ok_and(|t| t < cutoff);
+        let _lock = self.lock()?;
+        let mut keep: Vec<String> = self.read_index()?.names.into_values().chain(in_use.iter().cloned()).collect();
+        keep.sort();
+        keep.dedup();
+        let mut layers = Vec::new();
+        for digest in &keep {
+            if let Ok(Some(image)) = self.load(digest) {
+                layers.extend(image.layers.into_iter().filter_map(|l| digest_hex(&l).map(str::to_string)));
+            }
+        }
+        let kept_hex: Vec<&str> = keep.iter().filter_map(|d| digest_hex(d)).collect();
+        let mut removed = Vec::new();
+        let mut sweep = |dir: PathBuf, wanted: &dyn Fn(&str) -> bool| -> Result<(), ImageError> {
+            let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let path = entry.path();
+                if wanted(&name) || !old(&path) {
+                    continue;
+                }
+                let result =
+                    if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+                result.map_err(ImageError::io(format!("removing {}", path.display())))?;
+                removed.push(path);
+            }
+            Ok(())
+        };
+        sweep(self.root.join("sha256"), &|hex| kept_hex.contains(&hex))?;
+        sweep(self.root.join("blobs").join("sha256"), &|hex| layers.iter().any(|l| l == hex))?;
+        sweep(self.root.join("blobs").join("partial"), &|_| false)?;
+        sweep(self.root.clone(), &|name| !name.starts_with(STAGING_PREFIX))?;
+        Ok(removed)
     }
 
     /// The committed image with this digest, if there is one.
@@ -332,18 +375,36 @@ impl ImageStore {
         Ok(())
     }
 
-    /// An exclusive lock on the store, released when the returned file is dropped.
+    /// An exclusive lock on the store's index, released when the returned file is dropped.
     fn lock(&self) -> Result<File, ImageError> {
-        let path = self.root.join(".lock");
+        self.flock(INDEX_LOCK, rustix::fs::FlockOperation::LockExclusive)
+    }
+
+    fn flock(&self, name: &str, how: rustix::fs::FlockOperation) -> Result<File, ImageError> {
+        let (file, path) = self.lock_file(name)?;
+        rustix::fs::flock(&file, how).map_err(|e| ImageError::io(format!("locking {}", path.display()))(e.into()))?;
+        Ok(file)
+    }
+
+    /// The exclusive lock `name` if nobody holds it now.
+    fn try_flock(&self, name: &str) -> Result<Option<File>, ImageError> {
+        let (file, path) = self.lock_file(name)?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(file)),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(ImageError::io(format!("locking {}", path.display()))(e.into())),
+        }
+    }
+
+    fn lock_file(&self, name: &str) -> Result<(File, PathBuf), ImageError> {
+        let path = self.root.join(name);
         let file = File::options()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&path)
             .map_err(ImageError::io(format!("opening {}", path.display())))?;
-        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
-            .map_err(|e| ImageError::io(format!("locking {}", path.display()))(e.into()))?;
-        Ok(file)
+        Ok((file, path))
     }
 
     fn corrupt(&self, reason: String) -> ImageError {
@@ -421,21 +482,36 @@ mod tests {
     }
 
     #[test]
-    fn interrupted_builds_leave_nothing_registered_and_are_cleaned() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ImageStore::open(dir.path()).unwrap();
+    fn gc_keeps_what_images_and_sandboxes_use_and_spares_running_operations() {
+        let (dir, store, image) = store_with("tiny:1");
+        let blob = |hex: &str| {
+            let p = store.blob_path(&format!("sha256:{hex}")).unwrap();
+            std::fs::write(&p, b"layer").unwrap();
+            p
+        };
+        let orphan_blob = blob(&"cd".repeat(32));
+        let partial = store.partial_blob_path(&format!("sha256:{}", "ef".repeat(32))).unwrap();
+        std::fs::write(&partial, b"half").unwrap();
+        // An image a crash left unnamed, and one only a sandbox still uses.
+        let unnamed = dir.path().join("sha256").join("01".repeat(32));
+        let used = dir.path().join("sha256").join("02".repeat(32));
+        std::fs::create_dir_all(&unnamed).unwrap();
+        std::fs::create_dir_all(&used).unwrap();
+        // A build in flight: its staging directory and everything young survive.
         let staging = store.stage().unwrap();
-        std::fs::write(staging.base(), b"half").unwrap();
-        // A crash: the staging directory stays on disk, uncommitted.
+        let in_use = vec![format!("sha256:{}", "02".repeat(32))];
+        assert!(store.gc(&in_use, Duration::from_secs(3600)).unwrap().is_empty());
+        assert!(staging.path().exists() && partial.exists() && orphan_blob.exists());
+        // Crashed: the staging directory stays behind, and nothing runs any more.
         let left = staging.dir.keep();
-        assert!(store.list().unwrap().is_empty());
-        assert_eq!(
-            store.clean_interrupted_builds(Duration::from_secs(3600)).unwrap(),
-            0,
-            "young ones may still be building"
-        );
-        assert_eq!(store.clean_interrupted_builds(Duration::ZERO).unwrap(), 1);
-        assert!(!left.exists());
+        drop(staging._operation);
+        let mut removed = store.gc(&in_use, Duration::from_secs(3600)).unwrap();
+        removed.sort();
+        let mut expected = vec![orphan_blob, partial, unnamed, left];
+        expected.sort();
+        assert_eq!(removed, expected);
+        assert!(used.exists(), "a sandbox's image stays");
+        assert_eq!(store.resolve("tiny:1").unwrap(), image, "named images stay");
     }
 
     #[test]

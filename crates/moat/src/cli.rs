@@ -251,6 +251,9 @@ pub enum ImageCommand {
     },
     /// Show an image's digest, size and config.
     Inspect { name: String },
+    /// Remove cached layers, interrupted pulls and builds, and image files that no image name
+    /// and no sandbox needs.
+    Gc,
     /// Remove images (refused while a sandbox uses one).
     Rm {
         #[arg(required = true)]

@@ -125,27 +125,49 @@ fn malicious_or_damaged_archives_are_refused_and_nothing_is_registered() {
 /// `moat image build` from Debian packages (debootstrap from deb.debian.org), then a sandbox of
 /// it runs python3; the build streamed progress and tidied the tree for a VM.
 #[test]
-fn an_image_built_from_debian_packages_runs_python() {
+fn the_default_image_is_built_on_first_use_and_runs_python() {
     let home = Home(tempfile::tempdir().expect("tempdir"));
     let h = home.0.path();
     assert!(
         std::path::Path::new("/usr/sbin/debootstrap").exists(),
         "the build test needs debootstrap: apt-get install -y debootstrap (or `moat setup`)"
     );
-    let out = moat_in(h)
-        .args(["image", "build", "py", "--from", "debian:bookworm", "--packages", "python3"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("moat runs");
+    let run = |script: &str| {
+        moat_in(h)
+            .env_remove("MOAT_IMAGE")
+            .args(["run", "--memory", "512", "--", "bash", "-c", script])
+            .stdin(Stdio::null())
+            .output()
+            .expect("moat runs")
+    };
+    let script = "python3 -c 'print(6*7)'; python3 -m pip --version | cut -c1-4; ls /var/lib/apt/lists | grep -c _Packages; \
+                  stat -c %G /etc/shadow; grep -c nameserver /etc/resolv.conf";
+    let out = run(script);
     let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "build: {stderr}");
-    assert!(stderr.contains("moat: I: Retrieving") && stderr.contains("packing"), "progress is shown: {stderr}");
-    let script = "python3 -c 'print(6*7)'; ls /var/lib/apt/lists | grep -c _Packages; stat -c %G /etc/shadow; \
-                  grep -c nameserver /etc/resolv.conf";
+    assert_eq!(text(&out.stdout), "42\npip \n0\nshadow\n0\n", "stderr: {stderr}");
+    assert!(
+        stderr.contains("building the default image") && stderr.contains("moat: I: Retrieving") && stderr.contains("packing"),
+        "the first run shows the build's progress: {stderr}"
+    );
+
+    let out = run("python3 -c 'print(7*6)'");
+    assert_eq!(text(&out.stdout), "42\n", "stderr: {}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains("building"), "later runs start at once: {}", text(&out.stderr));
+
+    // The same recipe built by hand (packages in another order) is the same image, not a rebuild.
+    let mut packages = moat_api::DEFAULT_IMAGE_PACKAGES.to_vec();
+    packages.reverse();
     let out = moat_in(h)
-        .args(["run", "--memory", "512", "--image", "py", "--", "bash", "-c", script])
+        .args(["image", "build", "py", "--from", "debian:12", "--packages", &packages.join(",")])
         .stdin(Stdio::null())
         .output()
         .expect("moat runs");
-    assert_eq!(text(&out.stdout), "42\n0\nshadow\n0\n", "stderr: {}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "build: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("reusing it"), "{}", text(&out.stderr));
+    let list = moat_ok(h, &["image", "ls", "--json"]);
+    let list: Vec<moat_api::ImageInfo> = serde_json::from_str(&list).expect("image ls --json");
+    let digest = |n: &str| list.iter().find(|i| i.name == n).map(|i| i.digest.clone());
+    assert!(digest("py").is_some() && digest("py") == digest("default"), "{list:?}");
+    let source = &list.iter().find(|i| i.name == "py").expect("listed").source;
+    assert!(source.starts_with("build debian:bookworm +ca-certificates,curl,python3"), "{source}");
 }

@@ -178,6 +178,13 @@ pub async fn image(cmd: ImageCommand, host: &HostArgs) -> anyhow::Result<i32> {
             let image = client.build_image(&BuildImage { name, from, packages }, |p| view.show(p)).await?;
             println!("{} {}", image.name, image.digest);
         }
+        ImageCommand::Gc => {
+            let reclaimed = client.image_gc().await?;
+            for p in &reclaimed.paths {
+                println!("{p}");
+            }
+            eprintln!("moat: removed {} files and directories", reclaimed.paths.len());
+        }
         ImageCommand::Inspect { name } => println!("{}", serde_json::to_string_pretty(&client.image(&name).await?)?),
         ImageCommand::Rm { names } => {
             let mut failed = 0;

@@ -57,7 +57,12 @@ pub fn moat() -> Command {
 pub fn moat_in(home: &Path) -> Command {
     require_host();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_moat"));
-    cmd.env("MOAT_HOME", home).env("MOAT_IDLE_EXIT", "20s").env_remove("MOAT_KERNEL").env_remove("MOAT_ACCEL");
+    // The busybox image unless a test asks for another: the default image needs a Debian build.
+    cmd.env("MOAT_HOME", home)
+        .env("MOAT_IDLE_EXIT", "20s")
+        .env("MOAT_IMAGE", "minimal")
+        .env_remove("MOAT_KERNEL")
+        .env_remove("MOAT_ACCEL");
     cmd
 }
 
