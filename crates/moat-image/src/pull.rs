@@ -255,16 +255,19 @@ async fn fetch_layer(
     report(done);
     let mut reported = done;
     let SizedStream { mut stream, .. } = stream;
+    // Whatever arrived is kept on disk before any error is returned, so the next pull resumes.
+    let mut broke_off = None;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| Fetch::Registry(e.into()))?;
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                broke_off = Some(e);
+                break;
+            }
+        };
         done += chunk.len() as u64;
         if done > total {
-            drop(file);
-            let _ = std::fs::remove_file(&partial);
-            return Err(Fetch::Image(ImageError::DigestMismatch {
-                what: format!("layer {} (the registry sent more than its {total} bytes)", layer.digest),
-                expected: layer.digest.clone(),
-            }));
+            return Err(discard(&partial, layer, &format!(" (the registry sent more than its {total} bytes)")));
         }
         hasher.update(&chunk);
         file.write_all(&chunk).await.map_err(ImageError::io(format!("writing {}", partial.display())))?;
@@ -275,17 +278,28 @@ async fn fetch_layer(
     }
     file.sync_all().await.map_err(ImageError::io(format!("writing {}", partial.display())))?;
     drop(file);
-    if format!("sha256:{}", hex::encode(hasher.finalize())) != layer.digest {
-        let _ = std::fs::remove_file(&partial);
-        return Err(Fetch::Image(ImageError::DigestMismatch {
-            what: format!("layer {}", layer.digest),
-            expected: layer.digest.clone(),
-        }));
+    // A short body is a broken transfer (oci-client reports it as a digest error of the whole
+    // blob); only a complete body that hashes wrong is a damaged blob.
+    if done < total {
+        let e = broke_off.unwrap_or_else(|| std::io::Error::other(format!("the registry sent {done} of {total} bytes")));
+        return Err(Fetch::Registry(e.into()));
+    }
+    if broke_off.is_some() || format!("sha256:{}", hex::encode(hasher.finalize())) != layer.digest {
+        return Err(discard(&partial, layer, ""));
     }
     std::fs::rename(&partial, &blob)
         .map_err(ImageError::io(format!("moving {} to {}", partial.display(), blob.display())))?;
     report(total);
     Ok(())
+}
+
+/// Throw away a download that cannot be the blob it should be; resuming it would only repeat that.
+fn discard(partial: &Path, layer: &OciDescriptor, detail: &str) -> Fetch {
+    let _ = std::fs::remove_file(partial);
+    Fetch::Image(ImageError::DigestMismatch {
+        what: format!("layer {}{detail}", layer.digest),
+        expected: layer.digest.clone(),
+    })
 }
 
 fn hash_file(path: &Path, hasher: &mut Sha256) -> Result<(), ImageError> {
