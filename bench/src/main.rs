@@ -7,6 +7,8 @@
 //!   fork+exec+wait of `/bin/true` measured inside the guest.
 //! - the daemon: create → running next to the boot alone, and list / inspect latency (p50, p99
 //!   of 1000) next to a bare health round trip on the same socket.
+//! - images: pull + unpack throughput from a registry on loopback next to a plain download of the
+//!   same blob, and the first run of the pulled image next to the built-in one.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -15,6 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use moat_proto::ExecRequest;
 use moat_sandbox::{Runtime, RuntimeConfig, Sandbox, SandboxSpec};
+
+mod images;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -80,7 +84,8 @@ async fn main() -> anyhow::Result<()> {
     println!("  guest fork+exec+wait (baseline){:>10}", ms(guest));
     println!("  ratio                          {:>10.2}x", rtt.as_secs_f64() / guest.as_secs_f64());
 
-    daemon_api(&home, runs, arg("--requests", 1000), boot).await
+    daemon_api(&home, runs, arg("--requests", 1000), boot).await?;
+    images::bench(&moat, &home, runs, arg("--layer-mib", 256)).await
 }
 
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
@@ -92,7 +97,8 @@ fn percentile(v: &mut [Duration], p: f64) -> Duration {
 /// list/inspect latency next to a bare health round trip (same socket, no state read).
 async fn daemon_api(home: &std::path::Path, runs: usize, requests: usize, boot: Duration) -> anyhow::Result<()> {
     let client = moat_client::Client::new(&home.join("moat.sock"));
-    let create = moat_api::CreateSandbox { memory_mib: Some(512), ..Default::default() };
+    let create =
+        moat_api::CreateSandbox { image: Some("minimal".into()), memory_mib: Some(512), ..Default::default() };
     let mut creates = Vec::new();
     for _ in 0..runs {
         let t = Instant::now();
@@ -142,7 +148,7 @@ async fn daemon_api(home: &std::path::Path, runs: usize, requests: usize, boot: 
 fn run_true(moat: &PathBuf, home: &std::path::Path) -> anyhow::Result<Duration> {
     let t = Instant::now();
     let status = Command::new(moat)
-        .args(["run", "--", "true"])
+        .args(["run", "--image", "minimal", "--", "true"])
         .env("MOAT_HOME", home)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -16,7 +16,7 @@ use oci_client::manifest::{OciDescriptor, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use crate::store::{ImageStore, Provenance};
 use crate::{disk, Image, ImageError};
@@ -231,7 +231,28 @@ async fn fetch_layer(
         return Ok(());
     }
     let partial = store.partial_blob_path(&layer.digest)?;
-    let have = std::fs::metadata(&partial).map_or(0, |m| m.len());
+    // Two pulls sharing a layer take turns on its partial file; the second then finds the blob.
+    let opened = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&partial)
+        .map_err(ImageError::io(format!("opening {}", partial.display())))?;
+    let locked = tokio::task::spawn_blocking(move || {
+        rustix::fs::flock(&opened, rustix::fs::FlockOperation::LockExclusive).map(|()| opened)
+    })
+    .await
+    .expect("flock does not panic")
+    .map_err(|e| ImageError::io(format!("locking {}", partial.display()))(e.into()))?;
+    if blob.is_file() {
+        if locked.metadata().is_ok_and(|m| m.len() == 0) {
+            let _ = std::fs::remove_file(&partial);
+        }
+        report(total);
+        return Ok(());
+    }
+    let have = locked.metadata().map_or(0, |m| m.len());
     let mut hasher = Sha256::new();
     let (stream, mut done) = if have > 0 && have < total {
         match client.pull_blob_stream_partial(image, layer, have, None).await.map_err(Fetch::Registry)? {
@@ -244,14 +265,9 @@ async fn fetch_layer(
     } else {
         (client.pull_blob_stream(image, layer).await.map_err(Fetch::Registry)?, 0)
     };
-    let mut file = tokio::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .append(done > 0)
-        .truncate(done == 0)
-        .open(&partial)
-        .await
-        .map_err(ImageError::io(format!("opening {}", partial.display())))?;
+    locked.set_len(done).map_err(ImageError::io(format!("truncating {}", partial.display())))?;
+    let mut file = tokio::fs::File::from_std(locked);
+    file.seek(std::io::SeekFrom::End(0)).await.map_err(ImageError::io(format!("seeking {}", partial.display())))?;
     report(done);
     let mut reported = done;
     let SizedStream { mut stream, .. } = stream;
@@ -277,7 +293,6 @@ async fn fetch_layer(
         }
     }
     file.sync_all().await.map_err(ImageError::io(format!("writing {}", partial.display())))?;
-    drop(file);
     // A short body is a broken transfer (oci-client reports it as a digest error of the whole
     // blob); only a complete body that hashes wrong is a damaged blob.
     if done < total {
@@ -287,8 +302,10 @@ async fn fetch_layer(
     if broke_off.is_some() || format!("sha256:{}", hex::encode(hasher.finalize())) != layer.digest {
         return Err(discard(&partial, layer, ""));
     }
+    // Renamed while still locked (`file` holds the lock), so a waiting pull finds the blob.
     std::fs::rename(&partial, &blob)
         .map_err(ImageError::io(format!("moving {} to {}", partial.display(), blob.display())))?;
+    drop(file);
     report(total);
     Ok(())
 }

@@ -193,4 +193,21 @@ fn damaged_and_interrupted_pulls_register_nothing_and_resume() {
     let removed = moat_ok(h, &["image", "gc"]);
     assert!(removed.contains(&hex(&big_image.layers[1])), "{removed}");
     assert!(files_in(&h.join("images/blobs/sha256")).is_empty());
+
+    // Two pulls of the same image at once download each layer once and both succeed.
+    let before = proxy.bytes_to_client();
+    let pulls: Vec<_> = (0..2)
+        .map(|_| {
+            let mut cmd = moat_in(h);
+            cmd.args(["image", "pull", &big_ref]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            cmd.spawn().expect("moat starts")
+        })
+        .collect();
+    for child in pulls {
+        let out = child.wait_with_output().expect("moat finishes");
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    }
+    let sent = proxy.bytes_to_client() - before;
+    assert!(sent < big_size + big_size / 2, "{sent} bytes for a {big_size}-byte layer pulled twice at once");
+    assert!(files_in(&h.join("images/blobs/partial")).is_empty());
 }
