@@ -2,7 +2,7 @@
 //! unpack throughput next to a plain HTTP download of the same blob, and the first run of a
 //! freshly pulled image next to a run of the built-in `minimal` image.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -130,7 +130,7 @@ fn moat(moat: &Path, home: &Path, args: &[&str]) -> anyhow::Result<Duration> {
     Ok(t.elapsed())
 }
 
-pub async fn bench(moat_bin: &PathBuf, home: &Path, runs: usize, mib: usize) -> anyhow::Result<()> {
+pub async fn bench(moat_bin: &Path, home: &Path, runs: usize, mib: usize) -> anyhow::Result<()> {
     let registry = Registry::start()?;
     let (size, digest) = push(&registry.addr, "bench/big", mib).await?;
     let reference = format!("{}/bench/big:1", registry.addr);

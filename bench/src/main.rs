@@ -97,8 +97,7 @@ fn percentile(v: &mut [Duration], p: f64) -> Duration {
 /// list/inspect latency next to a bare health round trip (same socket, no state read).
 async fn daemon_api(home: &std::path::Path, runs: usize, requests: usize, boot: Duration) -> anyhow::Result<()> {
     let client = moat_client::Client::new(&home.join("moat.sock"));
-    let create =
-        moat_api::CreateSandbox { image: Some("minimal".into()), memory_mib: Some(512), ..Default::default() };
+    let create = moat_api::CreateSandbox { image: Some("minimal".into()), memory_mib: Some(512), ..Default::default() };
     let mut creates = Vec::new();
     for _ in 0..runs {
         let t = Instant::now();

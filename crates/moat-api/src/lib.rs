@@ -239,11 +239,21 @@ pub struct BuildImage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ImageProgress {
-    Progress { message: String },
+    Progress {
+        message: String,
+    },
     /// Bytes of one layer downloaded so far (pulls); `done == total` once it is verified.
-    Layer { digest: String, done: u64, total: u64 },
-    Done { image: ImageInfo },
-    Error { error: ApiError },
+    Layer {
+        digest: String,
+        done: u64,
+        total: u64,
+    },
+    Done {
+        image: ImageInfo,
+    },
+    Error {
+        error: ApiError,
+    },
 }
 
 /// `GET /v1/health`.

@@ -187,7 +187,8 @@ pub fn build_debian(
     progress("packing the tree into ext4 and qcow2");
     disk::pack_tree(&tree, &staging.base(), LABEL)?;
     std::fs::remove_dir_all(&tree).map_err(ImageError::io(format!("removing {}", tree.display())))?;
-    let image = store.commit(staging, name, &digest, config(), Provenance { source: recipe.describe(), layers: Vec::new() })?;
+    let image =
+        store.commit(staging, name, &digest, config(), Provenance { source: recipe.describe(), layers: Vec::new() })?;
     progress(&format!("built {name} ({})", image.digest));
     tracing::info!(name, digest = %image.digest, suite = %recipe.suite, elapsed_ms = started.elapsed().as_millis() as u64, "built a Debian image");
     Ok(image)

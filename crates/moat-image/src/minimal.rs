@@ -112,7 +112,13 @@ pub(crate) fn resolve(store: &ImageStore) -> Result<Image, ImageError> {
     disk::convert_to_qcow2(&raw, &staging.base())?;
     std::fs::remove_file(&raw).map_err(ImageError::io(format!("removing {}", raw.display())))?;
     std::fs::remove_dir_all(&tree).map_err(ImageError::io(format!("removing {}", tree.display())))?;
-    let image = store.commit(staging, MINIMAL, &digest, config(), Provenance { source: "built-in".into(), layers: Vec::new() })?;
+    let image = store.commit(
+        staging,
+        MINIMAL,
+        &digest,
+        config(),
+        Provenance { source: "built-in".into(), layers: Vec::new() },
+    )?;
     tracing::info!(digest = %image.digest, elapsed_ms = started.elapsed().as_millis() as u64, "built the minimal image");
     Ok(image)
 }

@@ -51,7 +51,11 @@ pub struct PullOptions {
 pub enum PullProgress {
     Message(String),
     /// Bytes of one layer blob downloaded so far (`done == total` once it is verified).
-    Layer { digest: String, done: u64, total: u64 },
+    Layer {
+        digest: String,
+        done: u64,
+        total: u64,
+    },
 }
 
 /// The registry host of a reference as users write it (`alpine` → `docker.io`), for looking up
@@ -108,7 +112,11 @@ pub async fn pull(
     let (manifest, manifest_digest, _list) =
         client.pull_image_manifest_and_list_digest(&image_ref, &auth).await.map_err(err)?;
     check_manifest(reference, &manifest)?;
-    let config_bytes = fetch_config(&client, &image_ref, &manifest.config).await.map_err(err)?;
+    let fetch_err = |e: Fetch| match e {
+        Fetch::Registry(e) => err(e),
+        Fetch::Image(e) => e,
+    };
+    let config_bytes = fetch_config(&client, &image_ref, &manifest.config).await.map_err(fetch_err)?;
     let config_digest = format!("sha256:{}", hex::encode(Sha256::digest(&config_bytes)));
     let config = crate::import::parse_config(&config_bytes)?;
     check_platform(reference, &config_bytes)?;
@@ -127,10 +135,7 @@ pub async fn pull(
         .buffer_unordered(PARALLEL_LAYERS)
         .try_collect::<Vec<()>>()
         .await
-        .map_err(|e| match e {
-            Fetch::Registry(e) => err(e),
-            Fetch::Image(e) => e,
-        })?;
+        .map_err(fetch_err)?;
 
     let tree = staging.path().join("tree");
     let blobs: Vec<PathBuf> = layers.iter().map(|l| store.blob_path(&l.digest)).collect::<Result<_, _>>()?;
@@ -167,7 +172,10 @@ fn check_manifest(reference: &str, m: &OciImageManifest) -> Result<(), ImageErro
     }
     for l in &m.layers {
         if !LAYER_TYPES.contains(&l.media_type.as_str()) {
-            return Err(bad(format!("layer {} has the media type {:?}, which is not a filesystem layer", l.digest, l.media_type)));
+            return Err(bad(format!(
+                "layer {} has the media type {:?}, which is not a filesystem layer",
+                l.digest, l.media_type
+            )));
         }
         if l.size < 0 {
             return Err(bad(format!("layer {} has a negative size", l.digest)));
@@ -186,8 +194,10 @@ fn check_platform(reference: &str, config: &[u8]) -> Result<(), ImageError> {
         #[serde(default)]
         os: String,
     }
-    let p: Platform = serde_json::from_slice(config)
-        .map_err(|e| ImageError::BadManifest { reference: reference.to_string(), reason: format!("its config: {e}") })?;
+    let p: Platform = serde_json::from_slice(config).map_err(|e| ImageError::BadManifest {
+        reference: reference.to_string(),
+        reason: format!("its config: {e}"),
+    })?;
     let ok = |v: &str, want: &str| v.is_empty() || v == want;
     if !ok(&p.os, "linux") || !ok(&p.architecture, "amd64") {
         return Err(ImageError::WrongPlatform {
@@ -198,9 +208,22 @@ fn check_platform(reference: &str, config: &[u8]) -> Result<(), ImageError> {
     Ok(())
 }
 
-async fn fetch_config(client: &Client, image: &Reference, desc: &OciDescriptor) -> Result<Vec<u8>, OciDistributionError> {
-    let mut bytes = Vec::with_capacity(desc.size.clamp(0, MAX_CONFIG) as usize);
-    client.pull_blob(image, desc, &mut bytes).await?;
+/// The config blob, read into memory no further than its declared (and bounded) size: a hostile
+/// registry cannot make the daemon buffer more.
+async fn fetch_config(client: &Client, image: &Reference, desc: &OciDescriptor) -> Result<Vec<u8>, Fetch> {
+    let limit = desc.size.clamp(0, MAX_CONFIG) as usize;
+    let mut stream = client.pull_blob_stream(image, desc).await.map_err(Fetch::Registry)?;
+    let mut bytes = Vec::with_capacity(limit);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| Fetch::Registry(e.into()))?;
+        if bytes.len() + chunk.len() > limit {
+            return Err(Fetch::Image(ImageError::DigestMismatch {
+                what: format!("the image config (the registry sent more than its {limit} bytes)"),
+                expected: desc.digest.clone(),
+            }));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
     Ok(bytes)
 }
 
@@ -296,15 +319,19 @@ async fn fetch_layer(
     // A short body is a broken transfer (oci-client reports it as a digest error of the whole
     // blob); only a complete body that hashes wrong is a damaged blob.
     if done < total {
-        let e = broke_off.unwrap_or_else(|| std::io::Error::other(format!("the registry sent {done} of {total} bytes")));
+        let e =
+            broke_off.unwrap_or_else(|| std::io::Error::other(format!("the registry sent {done} of {total} bytes")));
         return Err(Fetch::Registry(e.into()));
     }
     if broke_off.is_some() || format!("sha256:{}", hex::encode(hasher.finalize())) != layer.digest {
         return Err(discard(&partial, layer, ""));
     }
     // Renamed while still locked (`file` holds the lock), so a waiting pull finds the blob.
-    std::fs::rename(&partial, &blob)
-        .map_err(ImageError::io(format!("moving {} to {}", partial.display(), blob.display())))?;
+    std::fs::rename(&partial, &blob).map_err(ImageError::io(format!(
+        "moving {} to {}",
+        partial.display(),
+        blob.display()
+    )))?;
     drop(file);
     report(total);
     Ok(())

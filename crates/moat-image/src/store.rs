@@ -233,8 +233,7 @@ impl ImageStore {
                 if wanted(&name) || !old(&path) {
                     continue;
                 }
-                let result =
-                    if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+                let result = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
                 result.map_err(ImageError::io(format!("removing {}", path.display())))?;
                 removed.push(path);
             }

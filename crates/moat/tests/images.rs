@@ -140,13 +140,16 @@ fn the_default_image_is_built_on_first_use_and_runs_python() {
             .output()
             .expect("moat runs")
     };
-    let script = "python3 -c 'print(6*7)'; python3 -m pip --version | cut -c1-4; ls /var/lib/apt/lists | grep -c _Packages; \
+    let script =
+        "python3 -c 'print(6*7)'; python3 -m pip --version | cut -c1-4; ls /var/lib/apt/lists | grep -c _Packages; \
                   stat -c %G /etc/shadow; grep -c nameserver /etc/resolv.conf";
     let out = run(script);
     let stderr = text(&out.stderr);
     assert_eq!(text(&out.stdout), "42\npip \n0\nshadow\n0\n", "stderr: {stderr}");
     assert!(
-        stderr.contains("building the default image") && stderr.contains("moat: I: Retrieving") && stderr.contains("packing"),
+        stderr.contains("building the default image")
+            && stderr.contains("moat: I: Retrieving")
+            && stderr.contains("packing"),
         "the first run shows the build's progress: {stderr}"
     );
 

@@ -113,7 +113,15 @@ fn images_pull_with_docker_credentials_resolve_indexes_and_boot() {
     assert!(text(&out.stdout).starts_with(&format!("app {}", app.config)), "{}", text(&out.stdout));
     let out = moat_in(h)
         .env("DOCKER_CONFIG", &docker)
-        .args(["run", "--image", &app_ref, "--", "sh", "-c", "test -e /etc/group && echo present || echo gone; cat hello.txt; echo $GREETING"])
+        .args([
+            "run",
+            "--image",
+            &app_ref,
+            "--",
+            "sh",
+            "-c",
+            "test -e /etc/group && echo present || echo gone; cat hello.txt; echo $GREETING",
+        ])
         .output()
         .unwrap();
     assert_eq!(text(&out.stdout), "gone\nhello from a layer\nhi\n", "{}", text(&out.stderr));

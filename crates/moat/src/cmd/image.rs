@@ -14,19 +14,19 @@ use crate::cmd::daemon::connect;
 
 /// Shows the progress of a long image operation on stderr (stdout stays the result): a bar per
 /// layer on a terminal, plain lines otherwise.
-pub struct ProgressView {
+struct ProgressView {
     bars: Option<(MultiProgress, HashMap<String, ProgressBar>)>,
     /// Layers already reported done, when there are no bars.
     done: Vec<String>,
 }
 
 impl ProgressView {
-    pub fn new() -> ProgressView {
+    fn new() -> ProgressView {
         let bars = std::io::stderr().is_terminal().then(|| (MultiProgress::new(), HashMap::new()));
         ProgressView { bars, done: Vec::new() }
     }
 
-    pub fn show(&mut self, p: ImageProgress) {
+    fn show(&mut self, p: ImageProgress) {
         match p {
             ImageProgress::Progress { message } => match &self.bars {
                 Some((multi, _)) => {
@@ -114,9 +114,10 @@ pub async fn ensure_image(client: &Client, name: &str) -> anyhow::Result<()> {
             from: moat_api::DEFAULT_IMAGE_FROM.to_string(),
             packages: moat_api::DEFAULT_IMAGE_PACKAGES.iter().map(|p| p.to_string()).collect(),
         };
-        client.build_image(&req, |p| view.show(p)).await.context(
-            "building the default image failed; `--image minimal` runs without it (busybox, no Python)",
-        )?;
+        client
+            .build_image(&req, |p| view.show(p))
+            .await
+            .context("building the default image failed; `--image minimal` runs without it (busybox, no Python)")?;
     } else {
         eprintln!("moat: image {name} is not in the store; pulling it");
         pull(client, PullImage { reference: name.to_string(), ..PullImage::default() })
