@@ -1,16 +1,17 @@
 //! One exec channel: spawn the process, stream its output under the host's credit, feed stdin,
 //! deliver signals, enforce the timeout, report the exit.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use moat_proto::{AgentError, ErrorCode, ExecRequest, ExitStatus, Message, Started, Stream, INITIAL_WINDOW, MAX_CHUNK};
-use tokio::io::AsyncWriteExt;
-use tokio::net::unix::pipe;
+use moat_proto::{
+    AgentError, ErrorCode, ExecRequest, ExitStatus, Message, Started, Stream, TtySize, INITIAL_WINDOW, MAX_CHUNK,
+};
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::link::Outbox;
@@ -31,6 +32,7 @@ pub enum Ctl {
     StdinEof,
     Credit(Stream, u32),
     Signal(i32),
+    Resize(TtySize),
     /// The host abandoned the channel, or the link went away: kill and forget.
     Close,
 }
@@ -101,8 +103,38 @@ pub fn environment(identity: &Identity, requested: &[(String, String)]) -> Vec<(
     env
 }
 
-/// Check the request and build the command; errors are what the host shows the user.
-fn prepare(req: &ExecRequest, etc: &Path) -> Result<Command, AgentError> {
+/// A pseudo-terminal for an exec: the process gets the replica as its controlling terminal, the
+/// agent reads and writes the controller.
+struct Pty {
+    controller: OwnedFd,
+    replica: OwnedFd,
+}
+
+impl Pty {
+    fn open(size: TtySize) -> std::io::Result<Pty> {
+        use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+        let controller = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+        grantpt(&controller)?;
+        unlockpt(&controller)?;
+        let name = ptsname(&controller, Vec::new())?;
+        let replica = rustix::fs::open(
+            name.as_c_str(),
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        resize(&controller, size)?;
+        Ok(Pty { controller, replica })
+    }
+}
+
+fn resize(controller: &impl AsFd, size: TtySize) -> std::io::Result<()> {
+    let ws = rustix::termios::Winsize { ws_row: size.rows, ws_col: size.cols, ws_xpixel: 0, ws_ypixel: 0 };
+    Ok(rustix::termios::tcsetwinsize(controller, ws)?)
+}
+
+/// Check the request and build the command; errors are what the host shows the user. With a
+/// `tty` replica, it becomes the process's stdio and controlling terminal.
+fn prepare(req: &ExecRequest, etc: &Path, tty: Option<&OwnedFd>) -> Result<Command, AgentError> {
     let bad = |m: &str| refuse(ErrorCode::BadRequest, m.into());
     let program = req.argv.first().ok_or_else(|| bad("The request names no program to run (argv is empty)."))?;
     if program.is_empty() {
@@ -140,7 +172,22 @@ fn prepare(req: &ExecRequest, etc: &Path) -> Result<Command, AgentError> {
     }
     let mut cmd = Command::new(resolved);
     cmd.arg0(program).args(&req.argv[1..]).env_clear().envs(env).current_dir(&cwd);
-    cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
+    match tty {
+        Some(replica) => {
+            let stdio = || replica.try_clone().map(Stdio::from);
+            let internal = |e: std::io::Error| refuse(ErrorCode::Internal, format!("Cannot set up the terminal: {e}."));
+            cmd.stdin(stdio().map_err(internal)?).stdout(stdio().map_err(internal)?).stderr(stdio().map_err(internal)?);
+            if !req.env.iter().any(|(k, _)| k == "TERM") {
+                cmd.env("TERM", "xterm-256color");
+            }
+        }
+        None => {
+            cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+        }
+    }
+    let controlling_tty = tty.is_some();
     let switch_user = !identity.is_plain_root();
     let (uid, gid, groups) = (identity.uid, identity.gid, identity.groups);
     // SAFETY: the closure runs in the child between fork and exec and only makes async-signal-safe
@@ -148,6 +195,10 @@ fn prepare(req: &ExecRequest, etc: &Path) -> Result<Command, AgentError> {
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // stdin is the terminal's replica by now; make it the session's controlling tty.
+            if controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             if switch_user
@@ -178,7 +229,15 @@ fn exit_status(ended: Ended, timed_out: bool) -> ExitStatus {
 
 /// Run one exec channel to its end: answer the request, stream, report the exit, close.
 pub async fn run(id: u32, req: ExecRequest, reaper: Arc<Reaper>, out: Outbox, mut ctl: mpsc::UnboundedReceiver<Ctl>) {
-    let spawned = prepare(&req, Path::new("/etc")).and_then(|mut cmd| {
+    let pty = match req.tty.map(Pty::open).transpose() {
+        Ok(pty) => pty,
+        Err(e) => {
+            out.send(id, Message::Error(refuse(ErrorCode::Internal, format!("Cannot open a terminal: {e}.")))).await;
+            out.send(id, Message::Close).await;
+            return;
+        }
+    };
+    let spawned = prepare(&req, Path::new("/etc"), pty.as_ref().map(|p| &p.replica)).and_then(|mut cmd| {
         reaper.spawn(&mut cmd).map_err(|e| {
             let program = &req.argv[0];
             let code = match e.kind() {
@@ -203,30 +262,42 @@ pub async fn run(id: u32, req: ExecRequest, reaper: Arc<Reaper>, out: Outbox, mu
     let (exit_tx, exit_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
     let credits = [Credit::new(), Credit::new()];
+    // Output and input ends: the pipes, or the terminal's controller for all three.
+    let (outputs, stdin_fd, controller) = match pty {
+        Some(Pty { controller, replica }) => {
+            drop(replica); // The process holds it now; EIO on the controller then means it is gone.
+            match async_fd(controller) {
+                Ok(c) => (vec![(Stream::Stdout, c.clone())], Some(c.clone()), Some(c)),
+                Err(_) => (Vec::new(), None, None),
+            }
+        }
+        None => {
+            let pipes = [
+                (Stream::Stdout, child.stdout.take().map(OwnedFd::from)),
+                (Stream::Stderr, child.stderr.take().map(OwnedFd::from)),
+            ];
+            let outputs = pipes.into_iter().filter_map(|(stream, fd)| Some((stream, async_fd(fd?).ok()?))).collect();
+            (outputs, child.stdin.take().and_then(|s| async_fd(OwnedFd::from(s)).ok()), None)
+        }
+    };
     let mut pumps = Vec::new();
-    let outputs = [
-        (Stream::Stdout, child.stdout.take().map(OwnedFd::from)),
-        (Stream::Stderr, child.stderr.take().map(OwnedFd::from)),
-    ];
-    for (i, (stream, fd)) in outputs.into_iter().enumerate() {
-        let fd = fd.expect("stdout and stderr are always piped");
-        let task = pump(id, stream, fd, credits[i].clone(), out.clone(), exit_rx.clone(), done_tx.clone());
-        pumps.push(tokio::spawn(task));
+    let pump_count = outputs.len();
+    for (stream, fd) in outputs {
+        let credit = credits[if stream == Stream::Stdout { 0 } else { 1 }].clone();
+        pumps.push(tokio::spawn(pump(id, stream, fd, credit, out.clone(), exit_rx.clone(), done_tx.clone())));
     }
     drop(done_tx);
     let (stdin_tx, stdin_rx) = mpsc::unbounded_channel::<Option<Vec<u8>>>();
     let stdin_in_flight = Arc::new(Mutex::new(0u32));
-    let stdin_task = child
-        .stdin
-        .take()
-        .map(|s| tokio::spawn(feed_stdin(id, OwnedFd::from(s), stdin_rx, out.clone(), stdin_in_flight.clone())));
+    let stdin_task =
+        stdin_fd.map(|fd| tokio::spawn(feed_stdin(id, fd, stdin_rx, out.clone(), stdin_in_flight.clone())));
 
     let deadline = req.timeout_ms.map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
     let mut timed_out = false;
     let mut ended: Option<Ended> = None;
     let mut pumps_done = 0;
     let mut abandoned = false;
-    while ended.is_none() || pumps_done < 2 {
+    while ended.is_none() || pumps_done < pump_count {
         tokio::select! {
             msg = ctl.recv() => match msg {
                 Some(Ctl::Stdin(data)) => {
@@ -250,6 +321,11 @@ pub async fn run(id: u32, req: ExecRequest, reaper: Arc<Reaper>, out: Outbox, mu
                 Some(Ctl::Credit(Stream::Stdout, n)) => credits[0].give(n),
                 Some(Ctl::Credit(Stream::Stderr, n)) => credits[1].give(n),
                 Some(Ctl::Credit(Stream::Stdin, _)) => {}
+                Some(Ctl::Resize(size)) => {
+                    if let Some(c) = &controller {
+                        let _ = resize(c.get_ref(), size);
+                    }
+                }
                 Some(Ctl::Signal(sig)) => {
                     // Once the leader is reaped its pid (and group id) may be reused.
                     if (1..=64).contains(&sig) && ended.is_none() {
@@ -287,65 +363,87 @@ pub async fn run(id: u32, req: ExecRequest, reaper: Arc<Reaper>, out: Outbox, mu
     out.send(id, Message::Close).await;
 }
 
-/// Forward one output pipe under credit, then send its Eof.
+/// A non-blocking file descriptor registered with the runtime: a pipe end or a terminal
+/// controller, shared by the tasks that read and write it.
+type Fd = Arc<AsyncFd<OwnedFd>>;
+
+fn async_fd(fd: OwnedFd) -> std::io::Result<Fd> {
+    rustix::io::ioctl_fionbio(&fd, true)?;
+    // SAFETY: an OwnedFd is a valid open descriptor, and the AsyncFd owns it from here on, so it
+    // stays open and the same file until the AsyncFd is dropped.
+    let registered = unsafe { AsyncFd::register(fd) }.map_err(std::io::Error::from)?;
+    Ok(Arc::new(registered))
+}
+
+/// Forward one output (pipe or terminal) under credit, then send its Eof.
 async fn pump(
     id: u32,
     stream: Stream,
-    fd: OwnedFd,
+    fd: Fd,
     credit: Arc<Credit>,
     out: Outbox,
     mut exited: watch::Receiver<bool>,
     done: mpsc::UnboundedSender<()>,
 ) {
-    if let Ok(pipe) = pipe::Receiver::from_owned_fd(fd) {
-        let mut buf = vec![0u8; MAX_CHUNK];
-        loop {
-            let ready = loop {
-                if *exited.borrow() {
-                    // The process is gone: a silent pipe is held open by a background child.
-                    break matches!(tokio::time::timeout(DRAIN_GRACE, pipe.readable()).await, Ok(Ok(())));
-                }
-                tokio::select! {
-                    r = pipe.readable() => break r.is_ok(),
-                    r = exited.changed() => if r.is_err() { break false },
-                }
-            };
-            if !ready {
-                break;
+    let mut buf = vec![0u8; MAX_CHUNK];
+    loop {
+        let mut guard = loop {
+            if *exited.borrow() {
+                // The process is gone: a silent pipe is held open by a background child.
+                break tokio::time::timeout(DRAIN_GRACE, fd.readable()).await.ok().and_then(Result::ok);
             }
-            let n = credit.take(MAX_CHUNK as u32).await;
-            match pipe.try_read(&mut buf[..n as usize]) {
-                Ok(0) => break,
-                Ok(r) => {
-                    credit.give(n - r as u32);
-                    if !out.send(id, Message::Data { stream, data: buf[..r].to_vec() }).await {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => credit.give(n),
-                Err(_) => break,
+            tokio::select! {
+                r = fd.readable() => break r.ok(),
+                r = exited.changed() => if r.is_err() { break None },
             }
+        };
+        let Some(ready) = guard.as_mut() else { break };
+        let n = credit.take(MAX_CHUNK as u32).await;
+        match ready.try_io(|f| Ok(rustix::io::read(f.get_ref(), &mut buf[..n as usize])?)) {
+            Ok(Ok(0)) => break,
+            Ok(Ok(r)) => {
+                credit.give(n - r as u32);
+                if !out.send(id, Message::Data { stream, data: buf[..r].to_vec() }).await {
+                    break;
+                }
+            }
+            // Not ready after all: readiness was cleared; wait again.
+            Err(_would_block) => credit.give(n),
+            // EIO is how a terminal controller reports that every replica is closed.
+            Ok(Err(_)) => break,
         }
     }
     out.send(id, Message::Eof { stream }).await;
     let _ = done.send(());
 }
 
+/// Write all of `data` to a non-blocking descriptor.
+async fn write_all(fd: &Fd, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        let mut guard = fd.writable().await?;
+        match guard.try_io(|f| Ok(rustix::io::write(f.get_ref(), data)?)) {
+            Ok(Ok(n)) => data = &data[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => {}
+        }
+    }
+    Ok(())
+}
+
 /// Write stdin chunks to the process; each written chunk goes back to the host as credit.
 async fn feed_stdin(
     id: u32,
-    fd: OwnedFd,
+    fd: Fd,
     mut rx: mpsc::UnboundedReceiver<Option<Vec<u8>>>,
     out: Outbox,
     in_flight: Arc<Mutex<u32>>,
 ) {
-    let Ok(mut pipe) = pipe::Sender::from_owned_fd(fd) else { return };
     let mut open = true;
     while let Some(Some(data)) = rx.recv().await {
         let n = data.len() as u32;
         // Once the process closed its stdin the bytes are dropped, but still credited so a host
         // writing to a process that stopped reading is never stuck.
-        if open && pipe.write_all(&data).await.is_err() {
+        if open && write_all(&fd, &data).await.is_err() {
             open = false;
         }
         {
@@ -356,7 +454,8 @@ async fn feed_stdin(
             out.send(id, Message::Credit { stream: Stream::Stdin, bytes: n }).await;
         }
     }
-    // Dropping the pipe closes the process's stdin.
+    // Dropping the last reference closes the process's stdin (for a terminal, the pump's
+    // reference keeps the controller open until the output ends).
 }
 
 #[cfg(test)]
@@ -373,7 +472,7 @@ mod tests {
 
     #[test]
     fn bad_requests_are_refused_with_sentences() {
-        let err = |r: ExecRequest| prepare(&r, Path::new("/etc")).expect_err("refused");
+        let err = |r: ExecRequest| prepare(&r, Path::new("/etc"), None).expect_err("refused");
         let e = err(ExecRequest::default());
         assert_eq!(e.code, ErrorCode::BadRequest);
         assert!(e.message.contains("no program"), "{}", e.message);

@@ -210,6 +210,7 @@ impl Agent {
             Message::Eof { stream: Stream::Stdin } => forward(channels, id, Ctl::StdinEof),
             Message::Credit { stream, bytes } => forward(channels, id, Ctl::Credit(stream, bytes)),
             Message::Signal(sig) => forward(channels, id, Ctl::Signal(sig)),
+            Message::Resize(size) => forward(channels, id, Ctl::Resize(size)),
             Message::Close => {
                 if let Some(live) = channels.remove(&id) {
                     let _ = live.ctl.send(Ctl::Close);
@@ -267,6 +268,7 @@ fn describe(m: &Message) -> &'static str {
         Message::Eof { .. } => "Eof",
         Message::Credit { .. } => "Credit",
         Message::Signal(_) => "Signal",
+        Message::Resize(_) => "Resize",
         Message::Close => "Close",
     }
 }

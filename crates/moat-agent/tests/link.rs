@@ -5,7 +5,7 @@ use std::time::Duration;
 use moat_agent::{Agent, LinkEnd, Mode, Reaper, Scope};
 use moat_proto::{
     read_frame, read_until_sync, write_frame, AgentError, ErrorCode, ExecRequest, ExitStatus, Frame, HostHello,
-    Message, Request, Started, Stream, CONTROL_CHANNEL, INITIAL_WINDOW, MAX_CHUNK, PROTOCOL_VERSION,
+    Message, Request, Started, Stream, TtySize, CONTROL_CHANNEL, INITIAL_WINDOW, MAX_CHUNK, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
@@ -424,4 +424,42 @@ async fn shutdown_is_acknowledged() {
     assert_eq!(host.next().await, Frame::new(3, Message::Started(Started::Shutdown)));
     let end = tokio::time::timeout(WAIT, &mut host.served).await.unwrap().unwrap();
     assert!(matches!(end, LinkEnd::Shutdown), "{end:?}");
+}
+
+#[tokio::test]
+async fn a_tty_exec_gets_a_controlling_terminal_that_resizes_and_turns_ctrl_c_into_sigint() {
+    let mut host = Host::connect().await;
+    let mut req = sh("stty size; test -t 0 && test -t 1 && test -t 2 && echo all-tty; read line; stty size; sleep 30");
+    req.tty = Some(TtySize { rows: 30, cols: 100 });
+    host.exec(1, req).await;
+    let mut seen = Vec::new();
+    // Wait for the first answer, then resize and let `read` return.
+    while !String::from_utf8_lossy(&seen).contains("all-tty") {
+        let f = host.next().await;
+        if let Message::Data { data, .. } = f.message {
+            host.send(1, Message::Credit { stream: Stream::Stdout, bytes: data.len() as u32 }).await;
+            seen.extend(data);
+        }
+    }
+    host.send(1, Message::Resize(TtySize { rows: 40, cols: 120 })).await;
+    host.send(1, Message::Data { stream: Stream::Stdin, data: b"go\r".to_vec() }).await;
+    // Once `sleep` runs, Ctrl-C typed at the terminal interrupts it (the line discipline sends
+    // SIGINT to the foreground group).
+    while !String::from_utf8_lossy(&seen).contains("40 120") {
+        let f = host.next().await;
+        if let Message::Data { data, .. } = f.message {
+            host.send(1, Message::Credit { stream: Stream::Stdout, bytes: data.len() as u32 }).await;
+            seen.extend(data);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    host.send(1, Message::Data { stream: Stream::Stdin, data: vec![0x03] }).await;
+    let run = host.run_to_end(1).await;
+    seen.extend(run.stdout);
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("30 100\r\n"), "{text:?}");
+    assert!(text.contains("go\r\n"), "the terminal echoes input: {text:?}");
+    let status = run.status.expect("an exit status");
+    assert_eq!(status.signal, Some(libc::SIGINT), "{status:?} {text:?}");
+    assert!(run.stderr.is_empty(), "a terminal has one output stream");
 }

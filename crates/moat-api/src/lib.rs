@@ -332,6 +332,10 @@ pub struct ExecStart {
     /// Whether the client will send stdin; without it the process reads /dev/null.
     #[serde(default)]
     pub stdin: bool,
+    /// Run on a terminal of this size (`exec -t`): one output stream (stdout), the terminal's line
+    /// discipline turns Ctrl-C into SIGINT, and `resize` messages follow the client's window.
+    #[serde(default)]
+    pub tty: Option<TtySize>,
     /// Remove the sandbox when this exec ends or the client goes away (one-shot `moat run`).
     #[serde(default)]
     pub remove_sandbox_after: bool,
@@ -345,6 +349,16 @@ pub enum ExecClientMessage {
     Signal { signal: i32 },
     /// No more stdin.
     StdinEof,
+    /// The client's terminal changed size (only for an exec started with `tty`).
+    Resize { rows: u16, cols: u16 },
+}
+
+/// A terminal's size in character cells; both at least 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 /// Text messages from the daemon on an exec WebSocket. Binary messages are output: the first byte

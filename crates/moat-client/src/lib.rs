@@ -488,6 +488,11 @@ impl ExecInput {
         self.control(&ExecClientMessage::Signal { signal }).await
     }
 
+    /// The terminal of an exec started with `tty` changed size.
+    pub async fn resize(&mut self, rows: u16, cols: u16) -> Result<(), ClientError> {
+        self.control(&ExecClientMessage::Resize { rows, cols }).await
+    }
+
     async fn control(&mut self, m: &ExecClientMessage) -> Result<(), ClientError> {
         let text = serde_json::to_string(m).expect("control messages always serialize");
         self.sink.send(WsMessage::Text(text.into())).await.map_err(transport)

@@ -276,6 +276,13 @@ async fn run_exec(
             "give the command after `--`",
         ));
     }
+    if start.tty.is_some_and(|t| t.rows == 0 || t.cols == 0) {
+        return Err(ServiceError::new(
+            ErrorCode::InvalidRequest,
+            "a terminal needs at least one row and one column",
+            "send the client terminal's size, e.g. {\"rows\": 24, \"cols\": 80}",
+        ));
+    }
     let request = ExecRequest {
         argv,
         env: start.env,
@@ -283,6 +290,7 @@ async fn run_exec(
         user: start.user,
         timeout_ms: start.timeout_ms,
         stdin: start.stdin,
+        tty: start.tty.map(|t| moat_proto::TtySize { rows: t.rows, cols: t.cols }),
     };
     let mut exec = sandbox.exec(request).await.map_err(|e| {
         ServiceError::new(ErrorCode::ExecFailed, e.to_string(), "check the command, its working directory and user")
@@ -334,6 +342,9 @@ async fn pump_client(
                     control.signal(signal).await.is_ok()
                 }
                 Ok(ExecClientMessage::StdinEof) => control.close_stdin().await.is_ok(),
+                Ok(ExecClientMessage::Resize { rows, cols }) if rows > 0 && cols > 0 => {
+                    control.resize(moat_proto::TtySize { rows, cols }).await.is_ok()
+                }
                 _ => true, // Unknown control messages are ignored, not fatal.
             },
             WsMessage::Close(_) => break,

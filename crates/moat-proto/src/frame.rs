@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::message::{Message, Stream};
+use crate::message::{Message, Stream, TtySize};
 
 /// Largest payload a frame may carry. Data chunks are far smaller; this bounds control messages.
 pub const MAX_PAYLOAD: usize = 1024 * 1024;
@@ -58,6 +58,7 @@ mod kind {
     pub const CREDIT: u8 = 9;
     pub const SIGNAL: u8 = 10;
     pub const CLOSE: u8 = 11;
+    pub const RESIZE: u8 = 12;
 }
 
 fn json<T: Serialize>(value: &T) -> Vec<u8> {
@@ -101,6 +102,7 @@ impl Frame {
             }
             Message::Signal(sig) => (kind::SIGNAL, sig.to_le_bytes().to_vec()),
             Message::Close => (kind::CLOSE, Vec::new()),
+            Message::Resize(size) => (kind::RESIZE, [size.rows.to_le_bytes(), size.cols.to_le_bytes()].concat()),
         };
         assert!(payload.len() <= MAX_PAYLOAD, "senders chunk payloads below MAX_PAYLOAD");
         let len = (4 + 1 + payload.len()) as u32;
@@ -144,6 +146,15 @@ impl Frame {
                 Message::Signal(i32::from_le_bytes(b))
             }
             kind::CLOSE => Message::Close,
+            kind::RESIZE => {
+                let b: [u8; 4] = p
+                    .try_into()
+                    .map_err(|_| FrameError::Malformed { kind: "resize", reason: "expected 4 bytes".into() })?;
+                Message::Resize(TtySize {
+                    rows: u16::from_le_bytes([b[0], b[1]]),
+                    cols: u16::from_le_bytes([b[2], b[3]]),
+                })
+            }
             other => return Err(FrameError::UnknownKind(other)),
         };
         Ok(Frame { channel, message })

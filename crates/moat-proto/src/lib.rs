@@ -32,6 +32,7 @@ mod tests {
                 user: Some("1000:1000".into()),
                 timeout_ms: Some(5000),
                 stdin: true,
+                tty: Some(TtySize { rows: 24, cols: 80 }),
             })),
             Message::Request(Request::Shutdown),
             Message::Started(Started::Exec { pid: 42 }),
@@ -43,6 +44,7 @@ mod tests {
             Message::Credit { stream: Stream::Stdout, bytes: u32::MAX },
             Message::Signal(-15),
             Message::Close,
+            Message::Resize(TtySize { rows: 50, cols: 132 }),
         ]
     }
 

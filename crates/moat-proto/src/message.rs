@@ -55,6 +55,17 @@ pub struct ExecRequest {
     /// When false the process gets /dev/null as stdin and the host sends no stdin data.
     #[serde(default)]
     pub stdin: bool,
+    /// Run on a pseudo-terminal of this size: the process gets it as its controlling terminal
+    /// (stdin, stdout and stderr), its output comes as one stdout stream, and `Resize` changes it.
+    #[serde(default)]
+    pub tty: Option<TtySize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 /// An operation the host asks of the agent; it opens the channel it is sent on.
@@ -163,4 +174,6 @@ pub enum Message {
     Signal(i32),
     /// The sender is done with the channel and has dropped its state.
     Close,
+    /// The host's terminal changed size; applies to an exec started with a tty.
+    Resize(TtySize),
 }

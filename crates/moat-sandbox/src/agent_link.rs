@@ -472,4 +472,9 @@ impl ExecControl {
     pub async fn signal(&self, signal: i32) -> Result<(), LinkError> {
         self.link.send(Frame::new(self.id, Message::Signal(signal))).await
     }
+
+    /// Tell a process started with a terminal that the terminal changed size.
+    pub async fn resize(&self, size: moat_proto::TtySize) -> Result<(), LinkError> {
+        self.link.send(Frame::new(self.id, Message::Resize(size))).await
+    }
 }

@@ -26,6 +26,8 @@ pub enum Command {
     Run(RunArgs),
     /// Run a command in a running sandbox.
     Exec(ExecArgs),
+    /// An interactive login shell in a sandbox (the user's shell from the image's /etc/passwd).
+    Shell(ShellArgs),
     /// List sandboxes.
     Ps(PsArgs),
     /// Show everything about a sandbox.
@@ -88,6 +90,10 @@ pub struct ProcessArgs {
     /// Forward standard input even when it is a terminal (it is always forwarded when it is not).
     #[arg(short = 'i', long)]
     pub interactive: bool,
+    /// Run the command on a terminal: your terminal goes raw, keys (Ctrl-C, Ctrl-Z, Ctrl-D) reach
+    /// the sandbox's terminal, and window size changes follow. Needs a terminal; use with -i.
+    #[arg(short = 't', long)]
+    pub tty: bool,
     /// Kill the command after this long (e.g. 30s, 5m).
     #[arg(long, value_parser = parse_duration)]
     pub timeout: Option<Duration>,
@@ -155,6 +161,18 @@ pub struct ExecArgs {
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ShellArgs {
+    /// Sandbox name, id or unique id prefix.
+    pub sandbox: String,
+    /// User to log in as: a name, a uid or uid:gid.
+    #[arg(short = 'u', long)]
+    pub user: Option<String>,
+    /// Set an environment variable (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
 }
 
 #[derive(Debug, Args)]

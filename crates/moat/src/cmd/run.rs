@@ -4,12 +4,12 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use moat_api::{CreateSandbox, ExecStart, OnExpire};
+use moat_api::{CreateSandbox, ExecStart, OnExpire, TtySize};
 use moat_client::{Client, ExecInput, ExecOutput};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::cli::{CreateArgs, ExecArgs, HostArgs, OnExpireArg, ProcessArgs, RunArgs};
+use crate::cli::{CreateArgs, ExecArgs, HostArgs, OnExpireArg, ProcessArgs, RunArgs, ShellArgs};
 use crate::cmd::daemon::connect;
 
 /// After the first Ctrl-C the command gets this long to exit on SIGINT before it is killed.
@@ -53,7 +53,7 @@ pub async fn run(args: RunArgs, host: &HostArgs) -> anyhow::Result<i32> {
         req.ttl_secs = Some(ONE_SHOT_LEASE_SECS);
     }
     let info = client.create(&req).await?;
-    let start = exec_start(&args.process, args.command, true);
+    let start = exec_start(&args.process, args.command, true)?;
     let result = run_process(&client, &info.id, start).await;
     // The daemon removes the sandbox when the session ends; asking too waits until it is gone
     // (and covers a failure before the session began).
@@ -68,32 +68,86 @@ pub async fn run(args: RunArgs, host: &HostArgs) -> anyhow::Result<i32> {
 
 pub async fn exec(args: ExecArgs, host: &HostArgs) -> anyhow::Result<i32> {
     let client = connect(host).await?;
-    run_process(&client, &args.sandbox, exec_start(&args.process, args.command, false)).await
+    run_process(&client, &args.sandbox, exec_start(&args.process, args.command, false)?).await
+}
+
+/// The login shell of the user in the image (from its /etc/passwd), falling back to /bin/sh.
+const LOGIN_SHELL: &str = r#"s=$(grep "^$(id -un):" /etc/passwd 2>/dev/null | cut -d: -f7); exec "${s:-/bin/sh}" -l"#;
+
+pub async fn shell(args: ShellArgs, host: &HostArgs) -> anyhow::Result<i32> {
+    let client = connect(host).await?;
+    let process =
+        ProcessArgs { env: args.env, workdir: None, user: args.user, interactive: true, tty: true, timeout: None };
+    let argv = vec!["/bin/sh".to_string(), "-c".to_string(), LOGIN_SHELL.to_string()];
+    run_process(&client, &args.sandbox, exec_start(&process, argv, false)?).await
 }
 
 fn forward_stdin(p: &ProcessArgs) -> bool {
     p.interactive || !std::io::stdin().is_terminal()
 }
 
-fn exec_start(p: &ProcessArgs, argv: Vec<String>, remove_sandbox_after: bool) -> ExecStart {
-    ExecStart {
+fn exec_start(p: &ProcessArgs, argv: Vec<String>, remove_sandbox_after: bool) -> anyhow::Result<ExecStart> {
+    let tty = if p.tty {
+        if !std::io::stdin().is_terminal() {
+            bail!("-t needs standard input to be a terminal\nhint: drop -t to pipe input, or run moat from a terminal");
+        }
+        let ws = rustix::termios::tcgetwinsize(std::io::stdin()).context("reading the terminal's size")?;
+        Some(TtySize { rows: ws.ws_row.max(1), cols: ws.ws_col.max(1) })
+    } else {
+        None
+    };
+    let mut env = p.env.clone();
+    if let (true, Ok(term)) = (p.tty, std::env::var("TERM")) {
+        if !env.iter().any(|(k, _)| k == "TERM") {
+            env.push(("TERM".into(), term));
+        }
+    }
+    Ok(ExecStart {
         argv,
-        env: p.env.clone(),
+        env,
         cwd: p.workdir.clone(),
         user: p.user.clone(),
         timeout_ms: p.timeout.map(|d| d.as_millis().min(u64::MAX as u128) as u64),
-        stdin: forward_stdin(p),
+        stdin: forward_stdin(p) || p.tty,
+        tty,
         remove_sandbox_after,
+    })
+}
+
+/// The local terminal in raw mode (keys go to the sandbox's terminal as typed) until dropped.
+struct RawTerminal(rustix::termios::Termios);
+
+impl RawTerminal {
+    fn enter() -> anyhow::Result<RawTerminal> {
+        let stdin = std::io::stdin();
+        let saved = rustix::termios::tcgetattr(&stdin).context("reading the terminal's settings")?;
+        let mut raw = saved.clone();
+        raw.make_raw();
+        rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Drain, &raw)
+            .context("switching the terminal to raw mode")?;
+        Ok(RawTerminal(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = rustix::termios::tcsetattr(std::io::stdin(), rustix::termios::OptionalActions::Drain, &self.0);
     }
 }
 
 async fn run_process(client: &Client, sandbox: &str, start: ExecStart) -> anyhow::Result<i32> {
     let stdin = start.stdin;
+    let tty = start.tty.is_some();
     let session = client.exec(sandbox, &start).await?;
     let (input, mut output) = session.split();
     let input = std::sync::Arc::new(tokio::sync::Mutex::new(input));
+    // Raw only once the exec started, so errors before it print on a sane terminal.
+    let _raw = if tty { Some(RawTerminal::enter()?) } else { None };
     if stdin {
         tokio::spawn(pump_stdin(input.clone()));
+    }
+    if tty {
+        tokio::spawn(follow_window_size(input.clone()));
     }
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -135,6 +189,18 @@ async fn run_process(client: &Client, sandbox: &str, start: ExecStart) -> anyhow
             _ = tokio::time::sleep_until(deadline), if kill_at.is_some() => {
                 input.lock().await.signal(libc::SIGKILL).await?;
                 kill_at = None;
+            }
+        }
+    }
+}
+
+/// Send the terminal's size whenever it changes (SIGWINCH).
+async fn follow_window_size(input: std::sync::Arc<tokio::sync::Mutex<ExecInput>>) {
+    let Ok(mut winch) = signal(SignalKind::window_change()) else { return };
+    while winch.recv().await.is_some() {
+        if let Ok(ws) = rustix::termios::tcgetwinsize(std::io::stdin()) {
+            if input.lock().await.resize(ws.ws_row.max(1), ws.ws_col.max(1)).await.is_err() {
+                return;
             }
         }
     }
