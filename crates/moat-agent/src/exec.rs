@@ -38,18 +38,18 @@ pub enum Ctl {
 }
 
 /// Bytes the host allows us to send on one output stream.
-struct Credit {
+pub(crate) struct Credit {
     avail: Mutex<u32>,
     notify: Notify,
 }
 
 impl Credit {
-    fn new() -> Arc<Credit> {
+    pub(crate) fn new() -> Arc<Credit> {
         Arc::new(Credit { avail: Mutex::new(INITIAL_WINDOW), notify: Notify::new() })
     }
 
     /// Wait for credit and take up to `max` bytes of it.
-    async fn take(&self, max: u32) -> u32 {
+    pub(crate) async fn take(&self, max: u32) -> u32 {
         loop {
             let notified = self.notify.notified();
             {
@@ -64,7 +64,7 @@ impl Credit {
         }
     }
 
-    fn give(&self, n: u32) {
+    pub(crate) fn give(&self, n: u32) {
         let mut a = self.avail.lock().expect("the credit lock is never held across a panic");
         *a = a.saturating_add(n);
         self.notify.notify_waiters();

@@ -9,6 +9,7 @@ pub mod clock;
 pub mod cmdline;
 pub mod entropy;
 pub mod exec;
+pub mod files;
 pub mod init;
 pub mod link;
 pub mod modules;
@@ -16,6 +17,7 @@ pub mod port;
 pub mod power;
 pub mod reaper;
 pub mod users;
+pub mod watch;
 
 use std::time::Duration;
 

@@ -189,6 +189,26 @@ impl Agent {
                             let _ = finished.send((session, id));
                         });
                     }
+                    file_op @ (Request::ReadTar { .. }
+                    | Request::WriteTar { .. }
+                    | Request::ReadFile { .. }
+                    | Request::WriteFile { .. }
+                    | Request::Stat { .. }
+                    | Request::List { .. }
+                    | Request::Mkdir { .. }
+                    | Request::Remove { .. }
+                    | Request::Rename { .. }
+                    | Request::Chmod { .. }
+                    | Request::Watch { .. }) => {
+                        let (ctl, rx) = mpsc::unbounded_channel();
+                        channels.insert(id, Live { ctl });
+                        let (out, finished) = (out.clone(), finished.clone());
+                        tokio::spawn(async move {
+                            let session = out.session;
+                            crate::files::run(id, file_op, out, rx).await;
+                            let _ = finished.send((session, id));
+                        });
+                    }
                     Request::Ping => {
                         if !(out.send(id, Message::Started(Started::Pong)).await && out.send(id, Message::Close).await)
                         {

@@ -256,6 +256,54 @@ pub enum ImageProgress {
     },
 }
 
+pub use moat_proto::{FileInfo, FileKind, FsEvent};
+
+/// `POST /v1/sandboxes/{ref}/files/mkdir`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MakeDir {
+    pub path: String,
+    /// Create missing parents too, and succeed if it exists (`mkdir -p`).
+    #[serde(default)]
+    pub parents: bool,
+    /// Permission bits [default: 0o755].
+    #[serde(default)]
+    pub mode: Option<u32>,
+}
+
+/// `POST /v1/sandboxes/{ref}/files/remove`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemovePath {
+    pub path: String,
+    /// Remove a directory with everything in it.
+    #[serde(default)]
+    pub recursive: bool,
+}
+
+/// `POST /v1/sandboxes/{ref}/files/rename`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenamePath {
+    pub from: String,
+    pub to: String,
+}
+
+/// `POST /v1/sandboxes/{ref}/files/chmod`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeMode {
+    pub path: String,
+    /// Permission bits, e.g. 0o644 (420).
+    pub mode: u32,
+}
+
+/// `GET /v1/sandboxes/{ref}/files/list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Listing {
+    pub entries: Vec<FileInfo>,
+}
+
 /// `GET /v1/health`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Health {
@@ -297,6 +345,8 @@ pub enum ErrorCode {
     ExecFailed,
     /// A registry refused or failed a pull (the message says how).
     RegistryFailed,
+    /// The sandbox refused access to a path.
+    PermissionDenied,
     Internal,
 }
 
@@ -304,6 +354,7 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
             ErrorCode::NotFound => 404,
+            ErrorCode::PermissionDenied => 403,
             ErrorCode::AmbiguousRef | ErrorCode::InvalidRequest => 400,
             ErrorCode::NameTaken | ErrorCode::InvalidPhase | ErrorCode::LeaseExpired => 409,
             ErrorCode::BodyTooLarge => 413,

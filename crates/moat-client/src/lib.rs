@@ -40,13 +40,13 @@ impl ClientError {
     }
 }
 
-fn transport(e: impl std::fmt::Display) -> ClientError {
+pub(crate) fn transport(e: impl std::fmt::Display) -> ClientError {
     ClientError::Transport(e.to_string())
 }
 
 /// Escape a path segment (sandbox references are validated by the daemon; this only keeps `/`
 /// and friends from changing the route).
-fn segment(s: &str) -> String {
+pub(crate) fn segment(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
@@ -97,6 +97,9 @@ async fn follow_progress(
     }
     Err(transport("the daemon ended the operation without a result"))
 }
+
+mod files;
+pub use files::Download;
 
 /// A client of one daemon.
 #[derive(Debug, Clone)]
@@ -247,25 +250,36 @@ impl Client {
         name: Option<&str>,
         progress: impl FnMut(ImageProgress),
     ) -> Result<ImageInfo, ClientError> {
-        let stream = self.connect().await?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(transport)?;
-        tokio::spawn(conn);
         let path = match name {
             Some(n) => format!("/v1/images/import?name={}", segment(n)),
             None => "/v1/images/import".to_string(),
         };
-        let frames = tokio_util::io::ReaderStream::new(archive).map(|r| r.map(hyper::body::Frame::data));
-        let body = http_body_util::StreamBody::new(frames);
+        let (status, incoming) = self.upload(Method::POST, &path, "application/x-tar", archive).await?;
+        follow_progress(status, incoming, progress).await
+    }
+
+    /// One request whose body streams from `body`.
+    async fn upload(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: impl tokio::io::AsyncRead + Send + Sync + 'static,
+    ) -> Result<(StatusCode, hyper::body::Incoming), ClientError> {
+        let stream = self.connect().await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(transport)?;
+        tokio::spawn(conn);
+        let frames = tokio_util::io::ReaderStream::new(body).map(|r| r.map(hyper::body::Frame::data));
         let req = Request::builder()
-            .method(Method::POST)
+            .method(method)
             .uri(path)
             .header("host", "moat")
-            .header("content-type", "application/x-tar")
-            .body(body)
+            .header("content-type", content_type)
+            .body(http_body_util::StreamBody::new(frames))
             .map_err(transport)?;
         let resp = sender.send_request(req).await.map_err(transport)?;
-        follow_progress(resp.status(), resp.into_body(), progress).await
+        Ok((resp.status(), resp.into_body()))
     }
 
     /// Raw request for tests of bad input: returns the status and body text.

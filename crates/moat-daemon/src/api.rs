@@ -80,6 +80,25 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/v1/sandboxes/{reference}/lifecycle", get(lifecycle))
         .route("/v1/sandboxes/{reference}/exec", get(exec))
         .route("/v1/sandboxes/{reference}/logs", get(logs))
+        .route("/v1/sandboxes/{reference}/files/stat", get(crate::files::stat))
+        .route("/v1/sandboxes/{reference}/files/list", get(crate::files::list))
+        .route("/v1/sandboxes/{reference}/files/mkdir", post(crate::files::mkdir))
+        .route("/v1/sandboxes/{reference}/files/remove", post(crate::files::remove))
+        .route("/v1/sandboxes/{reference}/files/rename", post(crate::files::rename))
+        .route("/v1/sandboxes/{reference}/files/chmod", post(crate::files::chmod))
+        .route("/v1/sandboxes/{reference}/files/watch", get(crate::files::watch))
+        .route(
+            "/v1/sandboxes/{reference}/files/content",
+            get(crate::files::read_content)
+                .put(crate::files::write_content)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/v1/sandboxes/{reference}/archive",
+            get(crate::files::read_archive)
+                .put(crate::files::write_archive)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/v1/events", get(events))
         .route("/v1/images", get(crate::images::list))
         .route("/v1/images/build", post(crate::images::build))

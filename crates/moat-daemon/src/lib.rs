@@ -6,6 +6,7 @@
 //! life, so a restarted (even SIGKILLed) daemon adopts them.
 
 pub mod api;
+pub mod files;
 pub mod images;
 pub mod phase;
 pub mod service;

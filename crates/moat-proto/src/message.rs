@@ -69,6 +69,10 @@ pub struct TtySize {
 }
 
 /// An operation the host asks of the agent; it opens the channel it is sent on.
+///
+/// Paths are absolute guest paths. Streaming operations answer `Started::Stream`, then move bytes
+/// like an exec (stdout out, stdin in, under credit) and end with `Exit` (code 0, or 1 with the
+/// reason on stderr) and `Close`; the others answer `Started::Fs` and `Close`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
@@ -76,15 +80,119 @@ pub enum Request {
     /// Flush filesystems and power the guest off.
     Shutdown,
     Ping,
+    /// A tar stream of `path` (a file or a directory tree; symlinks stored as links, never
+    /// followed) whose top-level entry is called `name` (default: the path's last component).
+    ReadTar {
+        path: String,
+        name: Option<String>,
+    },
+    /// Unpack the tar stream sent as stdin into the existing directory `path`.
+    WriteTar {
+        path: String,
+    },
+    /// The bytes of the regular file `path`.
+    ReadFile {
+        path: String,
+    },
+    /// Stdin becomes the file `path`: written beside it and renamed into place when `atomic`.
+    WriteFile {
+        path: String,
+        mode: Option<u32>,
+        atomic: bool,
+    },
+    Stat {
+        path: String,
+    },
+    /// Entries of a directory (with `recursive`, of the whole tree, symlinks not followed).
+    List {
+        path: String,
+        recursive: bool,
+    },
+    Mkdir {
+        path: String,
+        parents: bool,
+        mode: Option<u32>,
+    },
+    /// A file, symlink or empty directory; with `recursive`, a whole tree.
+    Remove {
+        path: String,
+        recursive: bool,
+    },
+    Rename {
+        from: String,
+        to: String,
+    },
+    Chmod {
+        path: String,
+        mode: u32,
+    },
+    /// File system events under `path` as JSON lines on stdout, until the host closes.
+    Watch {
+        path: String,
+        recursive: bool,
+    },
 }
 
 /// The agent's positive answer to a [`Request`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Started {
-    Exec { pid: u32 },
+    Exec {
+        pid: u32,
+    },
     Shutdown,
     Pong,
+    /// A streaming file operation began.
+    Stream,
+    /// A file operation's result.
+    Fs(FsReply),
+}
+
+/// The result of a file operation that is not a stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum FsReply {
+    Stat { info: FileInfo },
+    List { entries: Vec<FileInfo> },
+    Done,
+}
+
+/// What kind of file a path is (not following symlinks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// One file's metadata, as `lstat` sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    pub path: String,
+    pub kind: FileKind,
+    pub size: u64,
+    /// Permission bits (and setuid/setgid/sticky), without the file type.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Seconds since the Unix epoch.
+    pub mtime: i64,
+    /// Where a symlink points.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// A change seen by `Watch`, one JSON line each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsEvent {
+    /// `create`, `modify`, `delete`, `move_from`, `move_to`, `attrib`, or `overflow` (events were
+    /// lost).
+    pub event: String,
+    pub path: String,
+    #[serde(default)]
+    pub dir: bool,
 }
 
 /// Why the agent refused or failed an operation.

@@ -13,7 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use moat_proto::{
     read_frame, read_until_sync, write_frame, AgentError, AgentHello, ExecRequest, ExitStatus, Frame, FrameError,
-    HostHello, Message, Request, Started, Stream, CONTROL_CHANNEL, INITIAL_WINDOW, MAX_CHUNK, PROTOCOL_VERSION,
+    FsReply, HostHello, Message, Request, Started, Stream, CONTROL_CHANNEL, INITIAL_WINDOW, MAX_CHUNK,
+    PROTOCOL_VERSION,
 };
 use rand::RngCore;
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
@@ -213,6 +214,28 @@ impl AgentLink {
             _ => 0,
         };
         Ok(Exec { link: self.clone(), id, channel, pid, done: false })
+    }
+
+    /// A file operation that answers at once (stat, list, mkdir, remove, rename, chmod).
+    pub async fn file_op(&self, request: Request) -> Result<FsReply, LinkError> {
+        let (id, _, started) = self.open(request).await?;
+        self.shared.remove(id);
+        match started {
+            Started::Fs(reply) => Ok(reply),
+            other => Err(LinkError::Protocol { channel: id, reason: format!("expected a file result, got {other:?}") }),
+        }
+    }
+
+    /// A streaming file operation (archives in and out, file contents, watch): bytes move as
+    /// stdout and stdin of the returned handle, which ends with exit code 0, or 1 and the reason
+    /// on stderr.
+    pub async fn file_stream(self: &Arc<Self>, request: Request) -> Result<Exec, LinkError> {
+        let (id, channel, started) = self.open(request).await?;
+        if started != Started::Stream {
+            self.shared.remove(id);
+            return Err(LinkError::Protocol { channel: id, reason: format!("expected a stream, got {started:?}") });
+        }
+        Ok(Exec { link: self.clone(), id, channel, pid: 0, done: false })
     }
 
     /// Round trip to the agent.

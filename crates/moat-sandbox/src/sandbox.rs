@@ -251,6 +251,16 @@ impl Sandbox {
         Ok(self.link().exec(request).await?)
     }
 
+    /// A file operation that answers at once; see [`moat_proto::Request`].
+    pub async fn file_op(&self, request: moat_proto::Request) -> Result<moat_proto::FsReply, SandboxError> {
+        Ok(self.link().file_op(request).await?)
+    }
+
+    /// A streaming file operation; see [`AgentLink::file_stream`].
+    pub async fn file_stream(&self, request: moat_proto::Request) -> Result<Exec, SandboxError> {
+        Ok(self.link().file_stream(request).await?)
+    }
+
     /// Power the guest off (asking the agent first, then QEMU, then SIGKILL). The run directory
     /// and the disk stay; sockets and the pidfile go.
     pub async fn shutdown(&self) {

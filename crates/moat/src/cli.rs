@@ -28,6 +28,12 @@ pub enum Command {
     Exec(ExecArgs),
     /// An interactive login shell in a sandbox (the user's shell from the image's /etc/passwd).
     Shell(ShellArgs),
+    /// Copy files and directories between the host and a sandbox (`docker cp` rules).
+    ///
+    /// One side is BOX:PATH (PATH absolute in the sandbox). Into an existing directory SRC goes
+    /// under its own name; `SRC/.` copies what is inside SRC. Modes, mtimes and symlinks are kept;
+    /// symlinks are never followed.
+    Cp(CpArgs),
     /// List sandboxes.
     Ps(PsArgs),
     /// Show everything about a sandbox.
@@ -161,6 +167,14 @@ pub struct ExecArgs {
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// What to copy: a host path, or BOX:PATH.
+    pub src: String,
+    /// Where to: BOX:PATH, or a host path.
+    pub dest: String,
 }
 
 #[derive(Debug, Args)]

@@ -12,6 +12,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Run(args) => cmd::run::run(args, host).await,
         Command::Exec(args) => cmd::run::exec(args, host).await,
         Command::Shell(args) => cmd::run::shell(args, host).await,
+        Command::Cp(args) => cmd::cp::cp(args, host).await,
         Command::Ps(args) => cmd::sandbox::ps(args, host).await,
         Command::Inspect(args) => cmd::sandbox::inspect(args, host).await,
         Command::Stop(args) => cmd::sandbox::stop(args, host).await,

@@ -1,5 +1,6 @@
 //! One module per command (or family of commands).
 
+pub mod cp;
 pub mod daemon;
 pub mod doctor;
 pub mod image;
