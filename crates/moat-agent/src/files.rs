@@ -154,9 +154,12 @@ pub async fn run(id: u32, request: Request, out: Outbox, ctl: mpsc::UnboundedRec
 /// Work on a blocking thread: writing a stream to the host, or reading one from it. An `Err` is
 /// the sentence the host shows.
 enum Job {
-    Out(Box<dyn FnOnce(&mut dyn Write) -> Result<(), String> + Send>),
-    In(Box<dyn FnOnce(&mut dyn Read) -> Result<(), String> + Send>),
+    Out(Producer),
+    In(Consumer),
 }
+
+type Producer = Box<dyn FnOnce(&mut dyn Write) -> Result<(), String> + Send>;
+type Consumer = Box<dyn FnOnce(&mut dyn Read) -> Result<(), String> + Send>;
 
 /// Answer `Started::Stream` once the request checked out.
 async fn start<T>(id: u32, out: &Outbox, checked: Result<T, AgentError>) -> Result<T, AgentError> {
@@ -379,12 +382,7 @@ async fn finish(id: u32, out: &Outbox, result: Result<(), String>) {
 }
 
 /// Send what `work` writes as stdout, never more than the host's credit ahead.
-async fn stream_out(
-    id: u32,
-    out: &Outbox,
-    mut ctl: mpsc::UnboundedReceiver<Ctl>,
-    work: Box<dyn FnOnce(&mut dyn Write) -> Result<(), String> + Send>,
-) {
+async fn stream_out(id: u32, out: &Outbox, mut ctl: mpsc::UnboundedReceiver<Ctl>, work: Producer) {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
     let worker = tokio::task::spawn_blocking(move || work(&mut ChunkWriter(tx)));
     let credit = Credit::new();
@@ -423,12 +421,7 @@ async fn stream_out(
 }
 
 /// Feed the host's stdin to `work`, crediting it back as `work` takes it.
-async fn stream_in(
-    id: u32,
-    out: &Outbox,
-    mut ctl: mpsc::UnboundedReceiver<Ctl>,
-    work: Box<dyn FnOnce(&mut dyn Read) -> Result<(), String> + Send>,
-) {
+async fn stream_in(id: u32, out: &Outbox, mut ctl: mpsc::UnboundedReceiver<Ctl>, work: Consumer) {
     let (tx, rx) = mpsc::channel::<Vec<u8>>(QUEUE);
     let mut worker = tokio::task::spawn_blocking(move || work(&mut ChunkReader { rx, pending: Vec::new(), at: 0 }));
     let mut tx = Some(tx);

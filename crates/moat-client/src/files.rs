@@ -140,7 +140,7 @@ impl Client {
         reference: &str,
         path: &str,
         recursive: bool,
-    ) -> Result<impl Stream<Item = Result<FsEvent, ClientError>>, ClientError> {
+    ) -> Result<futures_util::stream::BoxStream<'static, Result<FsEvent, ClientError>>, ClientError> {
         let url = format!("{}&recursive={recursive}", files(reference, "watch", path));
         let body = self.download(&url).await?.into_stream();
         let lines = futures_util::stream::unfold((Box::pin(body), Vec::new()), |(mut body, mut buf)| async move {
@@ -156,6 +156,6 @@ impl Client {
                 }
             }
         });
-        Ok(lines)
+        Ok(lines.boxed())
     }
 }

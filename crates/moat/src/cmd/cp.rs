@@ -36,6 +36,7 @@ fn side(arg: &str) -> Side {
 }
 
 /// Where an archive is unpacked and the name its top entry gets; `None` for `SRC/.`.
+#[derive(Debug)]
 struct Placement {
     dir: String,
     name: Option<String>,
