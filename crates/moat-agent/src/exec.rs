@@ -214,13 +214,13 @@ fn prepare(req: &ExecRequest, etc: &Path, tty: Option<&OwnedFd>) -> Result<Comma
     Ok(cmd)
 }
 
-fn kill_group(pid: i32, sig: i32) {
+pub(crate) fn kill_group(pid: i32, sig: i32) {
     // SAFETY: kill with a negative pid signals a process group; an error (already gone) is fine.
     unsafe { libc::kill(-pid, sig) };
 }
 
 /// Decode what the reaper reported into the protocol's exit status.
-fn exit_status(ended: Ended, timed_out: bool) -> ExitStatus {
+pub(crate) fn exit_status(ended: Ended, timed_out: bool) -> ExitStatus {
     match ended {
         Ended::Exited(code) => ExitStatus { code: Some(code), signal: None, timed_out },
         Ended::Signaled(sig) => ExitStatus { code: None, signal: Some(sig), timed_out },
@@ -228,7 +228,19 @@ fn exit_status(ended: Ended, timed_out: bool) -> ExitStatus {
 }
 
 /// Run one exec channel to its end: answer the request, stream, report the exit, close.
-pub async fn run(id: u32, req: ExecRequest, reaper: Arc<Reaper>, out: Outbox, mut ctl: mpsc::UnboundedReceiver<Ctl>) {
+pub async fn run(
+    id: u32,
+    mut req: ExecRequest,
+    reaper: Arc<Reaper>,
+    jobs: Arc<crate::jobs::Jobs>,
+    out: Outbox,
+    mut ctl: mpsc::UnboundedReceiver<Ctl>,
+) {
+    if req.detach {
+        // A background process reads nothing and has no terminal; its output goes to the job.
+        req.stdin = false;
+        req.tty = None;
+    }
     let pty = match req.tty.map(Pty::open).transpose() {
         Ok(pty) => pty,
         Err(e) => {
@@ -258,6 +270,18 @@ pub async fn run(id: u32, req: ExecRequest, reaper: Arc<Reaper>, out: Outbox, mu
     };
     let pid = i32::try_from(child.id()).expect("pids fit in pid_t");
     out.send(id, Message::Started(Started::Exec { pid: child.id() })).await;
+    if req.detach {
+        let outputs = [
+            (Stream::Stdout, child.stdout.take().map(OwnedFd::from)),
+            (Stream::Stderr, child.stderr.take().map(OwnedFd::from)),
+        ]
+        .into_iter()
+        .filter_map(|(s, fd)| Some((s, fd?)))
+        .collect();
+        jobs.adopt(child.id(), req.argv, outputs, exited);
+        out.send(id, Message::Close).await;
+        return;
+    }
 
     let (exit_tx, exit_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
@@ -365,9 +389,9 @@ pub async fn run(id: u32, req: ExecRequest, reaper: Arc<Reaper>, out: Outbox, mu
 
 /// A non-blocking file descriptor registered with the runtime: a pipe end or a terminal
 /// controller, shared by the tasks that read and write it.
-type Fd = Arc<AsyncFd<OwnedFd>>;
+pub(crate) type Fd = Arc<AsyncFd<OwnedFd>>;
 
-fn async_fd(fd: OwnedFd) -> std::io::Result<Fd> {
+pub(crate) fn async_fd(fd: OwnedFd) -> std::io::Result<Fd> {
     rustix::io::ioctl_fionbio(&fd, true)?;
     // SAFETY: an OwnedFd is a valid open descriptor, and the AsyncFd owns it from here on, so it
     // stays open and the same file until the AsyncFd is dropped.

@@ -11,6 +11,7 @@ pub mod entropy;
 pub mod exec;
 pub mod files;
 pub mod init;
+pub mod jobs;
 pub mod link;
 pub mod modules;
 pub mod port;

@@ -90,6 +90,8 @@ pub enum LinkEnd {
 pub struct Agent {
     reaper: Arc<Reaper>,
     mode: Mode,
+    /// Background processes outlive connections, so they live here, not in `serve`.
+    jobs: Arc<crate::jobs::Jobs>,
 }
 
 /// A live channel of this connection.
@@ -99,7 +101,7 @@ struct Live {
 
 impl Agent {
     pub fn new(reaper: Arc<Reaper>, mode: Mode) -> Agent {
-        Agent { reaper, mode }
+        Agent { reaper, mode, jobs: Arc::default() }
     }
 
     /// Serve one connection until the host goes away, breaks the protocol or (in host mode) asks
@@ -182,12 +184,40 @@ impl Agent {
                     Request::Exec(req) => {
                         let (ctl, rx) = mpsc::unbounded_channel();
                         channels.insert(id, Live { ctl });
-                        let (reaper, out, finished) = (self.reaper.clone(), out.clone(), finished.clone());
+                        let (reaper, jobs, out, finished) =
+                            (self.reaper.clone(), self.jobs.clone(), out.clone(), finished.clone());
                         tokio::spawn(async move {
                             let session = out.session;
-                            exec::run(id, req, reaper, out, rx).await;
+                            exec::run(id, req, reaper, jobs, out, rx).await;
                             let _ = finished.send((session, id));
                         });
+                    }
+                    Request::Attach { pid, replay } => {
+                        let (ctl, rx) = mpsc::unbounded_channel();
+                        channels.insert(id, Live { ctl });
+                        let (jobs, out, finished) = (self.jobs.clone(), out.clone(), finished.clone());
+                        tokio::spawn(async move {
+                            let session = out.session;
+                            jobs.attach(id, pid, replay, out, rx).await;
+                            let _ = finished.send((session, id));
+                        });
+                    }
+                    Request::Jobs => {
+                        let jobs = self.jobs.list();
+                        if !(out.send(id, Message::Started(Started::Jobs { jobs })).await
+                            && out.send(id, Message::Close).await)
+                        {
+                            return Some(LinkEnd::HostGone);
+                        }
+                    }
+                    Request::Kill { pid, signal } => {
+                        let answer = match self.jobs.kill(pid, signal) {
+                            Ok(()) => Message::Started(Started::Done),
+                            Err(e) => Message::Error(e),
+                        };
+                        if !(out.send(id, answer).await && out.send(id, Message::Close).await) {
+                            return Some(LinkEnd::HostGone);
+                        }
                     }
                     file_op @ (Request::ReadTar { .. }
                     | Request::WriteTar { .. }

@@ -463,3 +463,49 @@ async fn a_tty_exec_gets_a_controlling_terminal_that_resizes_and_turns_ctrl_c_in
     assert_eq!(status.signal, Some(libc::SIGINT), "{status:?} {text:?}");
     assert!(run.stderr.is_empty(), "a terminal has one output stream");
 }
+
+#[tokio::test]
+async fn background_processes_outlive_their_channel_and_replay_their_output() {
+    let mut host = Host::connect().await;
+    let mut req = sh("echo first; echo oops >&2; trap '' TERM; while true; do sleep 0.1; done");
+    req.detach = true;
+    let pid = host.exec(1, req).await;
+    assert_eq!(host.next().await, Frame::new(1, Message::Close), "a detached exec closes its channel at once");
+    assert!(alive(pid));
+
+    host.send(2, Message::Request(Request::Jobs)).await;
+    let Message::Started(Started::Jobs { jobs }) = host.next().await.message else { panic!("a job list") };
+    assert_eq!(jobs.iter().map(|j| (j.pid, j.exit)).collect::<Vec<_>>(), [(pid, None)]);
+    assert_eq!(host.next().await, Frame::new(2, Message::Close));
+
+    // It ignores SIGTERM; SIGKILL ends it, and an attach replays its output, then its end.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    host.send(3, Message::Request(Request::Kill { pid, signal: libc::SIGTERM })).await;
+    assert_eq!(host.next().await.message, Message::Started(Started::Done));
+    assert_eq!(host.next().await, Frame::new(3, Message::Close));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(alive(pid), "SIGTERM is ignored");
+    host.send(4, Message::Request(Request::Attach { pid, replay: true })).await;
+    assert_eq!(host.next().await.message, Message::Started(Started::Stream));
+    host.send(5, Message::Request(Request::Kill { pid, signal: libc::SIGKILL })).await;
+    let mut attached = Run::default();
+    let mut other = Vec::new();
+    loop {
+        let f = host.next().await;
+        match (f.channel, f.message) {
+            (4, Message::Data { stream: Stream::Stdout, data }) => attached.stdout.extend(data),
+            (4, Message::Data { stream: Stream::Stderr, data }) => attached.stderr.extend(data),
+            (4, Message::Exit(s)) => attached.status = Some(s),
+            (4, Message::Close) => break,
+            (_, m) => other.push(m),
+        }
+    }
+    assert_eq!((attached.stdout.as_slice(), attached.stderr.as_slice()), (&b"first\n"[..], &b"oops\n"[..]));
+    assert_eq!(attached.status.and_then(|s| s.signal), Some(libc::SIGKILL));
+    wait_until_gone(pid).await;
+    let e = {
+        host.send(6, Message::Request(Request::Kill { pid, signal: libc::SIGKILL })).await;
+        host.next().await.message
+    };
+    assert!(matches!(e, Message::Error(AgentError { code: ErrorCode::BadRequest, .. })), "{e:?}");
+}

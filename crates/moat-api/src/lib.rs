@@ -256,7 +256,39 @@ pub enum ImageProgress {
     },
 }
 
-pub use moat_proto::{FileInfo, FileKind, FsEvent};
+pub use moat_proto::{FileInfo, FileKind, FsEvent, JobInfo};
+
+/// `POST /v1/sandboxes/{ref}/processes`: a background process (`exec -d`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartProcess {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// The answer to [`StartProcess`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessStarted {
+    pub pid: u32,
+}
+
+/// `POST /v1/sandboxes/{ref}/processes/{pid}/kill`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KillProcess {
+    /// Signal number [default: 15, SIGTERM]; it goes to the whole process group.
+    #[serde(default = "default_signal")]
+    pub signal: i32,
+}
+
+fn default_signal() -> i32 {
+    15
+}
 
 /// `POST /v1/sandboxes/{ref}/files/mkdir`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

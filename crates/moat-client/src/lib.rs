@@ -10,8 +10,8 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use moat_api::{
     ApiError, BuildImage, CreateSandbox, ErrorCode, Event, ExecClientMessage, ExecServerMessage, ExecStart, Health,
-    ImageInfo, ImageProgress, LifecycleEntry, LogSource, PullImage, Reclaimed, RenewLease, SandboxInfo, STDERR_TAG,
-    STDOUT_TAG,
+    ImageInfo, ImageProgress, JobInfo, KillProcess, LifecycleEntry, LogSource, ProcessStarted, PullImage, Reclaimed,
+    RenewLease, SandboxInfo, StartProcess, STDERR_TAG, STDOUT_TAG,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -351,18 +351,7 @@ impl Client {
     pub async fn exec(&self, reference: &str, start: &ExecStart) -> Result<ExecSession, ClientError> {
         // A plain GET first turns "no such sandbox" into an API error instead of a failed upgrade.
         let info = self.inspect(reference).await?;
-        let stream = self.connect().await?;
-        let url = format!("ws://moat/v1/sandboxes/{}/exec", segment(&info.id));
-        let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.map_err(|e| match e {
-            tokio_tungstenite::tungstenite::Error::Http(resp) => {
-                let body = resp.body().clone().unwrap_or_default();
-                match serde_json::from_slice::<ApiError>(&body) {
-                    Ok(e) => ClientError::Api(e),
-                    Err(_) => transport(format!("HTTP {}", resp.status())),
-                }
-            }
-            e => transport(e),
-        })?;
+        let mut ws = self.websocket(&format!("/v1/sandboxes/{}/exec", segment(&info.id))).await?;
         let text = serde_json::to_string(start).expect("ExecStart always serializes");
         ws.send(WsMessage::Text(text.into())).await.map_err(transport)?;
         let mut session = ExecSession { ws, pid: 0 };
@@ -374,6 +363,47 @@ impl Client {
             ExecOutput::Failed(e) => Err(ClientError::Api(e)),
             other => Err(transport(format!("expected the start of the process, got {other:?}"))),
         }
+    }
+
+    /// Start a background process; it outlives this call (see [`Client::attach`]).
+    pub async fn start_process(&self, reference: &str, req: &StartProcess) -> Result<ProcessStarted, ClientError> {
+        self.call(Method::POST, &format!("/v1/sandboxes/{}/processes", segment(reference)), Some(req)).await
+    }
+
+    /// The sandbox's background processes, running and ended.
+    pub async fn processes(&self, reference: &str) -> Result<Vec<JobInfo>, ClientError> {
+        self.call(Method::GET, &format!("/v1/sandboxes/{}/processes", segment(reference)), None::<&()>).await
+    }
+
+    /// Signal a background process's group.
+    pub async fn kill_process(&self, reference: &str, pid: u32, signal: i32) -> Result<(), ClientError> {
+        let url = format!("/v1/sandboxes/{}/processes/{pid}/kill", segment(reference));
+        let _: serde_json::Value = self.call(Method::POST, &url, Some(&KillProcess { signal })).await?;
+        Ok(())
+    }
+
+    /// A background process's output (what it printed so far when `replay`, then live) and its
+    /// exit, as an exec session; dropping it leaves the process running.
+    pub async fn attach(&self, reference: &str, pid: u32, replay: bool) -> Result<ExecSession, ClientError> {
+        let info = self.inspect(reference).await?;
+        let url = format!("/v1/sandboxes/{}/processes/{pid}/attach?replay={replay}", segment(&info.id));
+        Ok(ExecSession { ws: self.websocket(&url).await?, pid })
+    }
+
+    async fn websocket(&self, path: &str) -> Result<tokio_tungstenite::WebSocketStream<UnixStream>, ClientError> {
+        let stream = self.connect().await?;
+        let (ws, _) =
+            tokio_tungstenite::client_async(format!("ws://moat{path}"), stream).await.map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                    let body = resp.body().clone().unwrap_or_default();
+                    match serde_json::from_slice::<ApiError>(&body) {
+                        Ok(e) => ClientError::Api(e),
+                        Err(_) => transport(format!("HTTP {}", resp.status())),
+                    }
+                }
+                e => transport(e),
+            })?;
+        Ok(ws)
     }
 }
 

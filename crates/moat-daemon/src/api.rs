@@ -80,6 +80,9 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/v1/sandboxes/{reference}/lifecycle", get(lifecycle))
         .route("/v1/sandboxes/{reference}/exec", get(exec))
         .route("/v1/sandboxes/{reference}/logs", get(logs))
+        .route("/v1/sandboxes/{reference}/processes", get(crate::processes::list).post(crate::processes::start))
+        .route("/v1/sandboxes/{reference}/processes/{pid}/attach", get(crate::processes::attach))
+        .route("/v1/sandboxes/{reference}/processes/{pid}/kill", post(crate::processes::kill))
         .route("/v1/sandboxes/{reference}/files/stat", get(crate::files::stat))
         .route("/v1/sandboxes/{reference}/files/list", get(crate::files::list))
         .route("/v1/sandboxes/{reference}/files/mkdir", post(crate::files::mkdir))
@@ -221,7 +224,10 @@ async fn exec(State(svc): Svc, Path(reference): Path<String>, ws: WebSocketUpgra
     Ok(ws.max_message_size(1 << 20).on_upgrade(move |socket| exec_session(svc, info.id, socket)))
 }
 
-async fn send_json(ws: &mut futures_util::stream::SplitSink<WebSocket, WsMessage>, m: &ExecServerMessage) -> bool {
+pub(crate) async fn send_json(
+    ws: &mut futures_util::stream::SplitSink<WebSocket, WsMessage>,
+    m: &ExecServerMessage,
+) -> bool {
     let text = serde_json::to_string(m).expect("exec messages always serialize");
     ws.send(WsMessage::Text(text.into())).await.is_ok()
 }
@@ -310,13 +316,23 @@ async fn run_exec(
         timeout_ms: start.timeout_ms,
         stdin: start.stdin,
         tty: start.tty.map(|t| moat_proto::TtySize { rows: t.rows, cols: t.cols }),
+        detach: false,
     };
-    let mut exec = sandbox.exec(request).await.map_err(|e| {
+    let exec = sandbox.exec(request).await.map_err(|e| {
         ServiceError::new(ErrorCode::ExecFailed, e.to_string(), "check the command, its working directory and user")
     })?;
     if !send_json(tx, &ExecServerMessage::Started { pid: exec.pid() }).await {
         return Ok(()); // The client left; dropping the exec kills the process.
     }
+    forward_exec(exec, tx, rx).await
+}
+
+/// Relay a started exec (or an attach) over the WebSocket until it exits or the client leaves.
+pub(crate) async fn forward_exec(
+    mut exec: moat_sandbox::Exec,
+    tx: &mut futures_util::stream::SplitSink<WebSocket, WsMessage>,
+    rx: futures_util::stream::SplitStream<WebSocket>,
+) -> Result<(), ServiceError> {
     let control = exec.control();
     // Client → guest in its own task, so waiting for stdin credit never stalls the output.
     let (gone_tx, mut gone) = tokio::sync::oneshot::channel::<()>();

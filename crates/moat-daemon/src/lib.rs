@@ -9,6 +9,7 @@ pub mod api;
 pub mod files;
 pub mod images;
 pub mod phase;
+pub mod processes;
 pub mod service;
 pub mod state;
 

@@ -33,6 +33,7 @@ mod tests {
                 timeout_ms: Some(5000),
                 stdin: true,
                 tty: Some(TtySize { rows: 24, cols: 80 }),
+                detach: false,
             })),
             Message::Request(Request::Shutdown),
             Message::Started(Started::Exec { pid: 42 }),

@@ -55,6 +55,10 @@ pub struct ExecRequest {
     /// When false the process gets /dev/null as stdin and the host sends no stdin data.
     #[serde(default)]
     pub stdin: bool,
+    /// Run in the background: the agent keeps the process (and its recent output) beyond this
+    /// channel and this connection; `Started` is followed by `Close`. See `Jobs`, `Attach`, `Kill`.
+    #[serde(default)]
+    pub detach: bool,
     /// Run on a pseudo-terminal of this size: the process gets it as its controlling terminal
     /// (stdin, stdout and stderr), its output comes as one stdout stream, and `Resize` changes it.
     #[serde(default)]
@@ -131,6 +135,33 @@ pub enum Request {
         path: String,
         recursive: bool,
     },
+    /// The background processes (detached execs), running and ended.
+    Jobs,
+    /// The output of background process `pid` (first what it printed so far, when `replay`),
+    /// then, live, until it ends; then its `Exit`. Closing the channel leaves the process running.
+    Attach {
+        pid: u32,
+        replay: bool,
+    },
+    /// Send `signal` to the process group of background process `pid`.
+    Kill {
+        pid: u32,
+        signal: i32,
+    },
+}
+
+/// A background process the agent keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub pid: u32,
+    pub argv: Vec<String>,
+    /// Seconds since the Unix epoch (guest clock).
+    pub started_at: i64,
+    /// How it ended; `None` while it runs.
+    pub exit: Option<ExitStatus>,
+    /// Bytes of output it wrote, and how many of the oldest are no longer kept.
+    pub output_bytes: u64,
+    pub dropped_bytes: u64,
 }
 
 /// The agent's positive answer to a [`Request`].
@@ -146,6 +177,11 @@ pub enum Started {
     Stream,
     /// A file operation's result.
     Fs(FsReply),
+    Jobs {
+        jobs: Vec<JobInfo>,
+    },
+    /// The request was carried out.
+    Done,
 }
 
 /// The result of a file operation that is not a stream.

@@ -216,13 +216,18 @@ impl AgentLink {
         Ok(Exec { link: self.clone(), id, channel, pid, done: false })
     }
 
-    /// A file operation that answers at once (stat, list, mkdir, remove, rename, chmod).
-    pub async fn file_op(&self, request: Request) -> Result<FsReply, LinkError> {
+    /// A request the agent answers at once: its `Started`.
+    pub async fn request(&self, request: Request) -> Result<Started, LinkError> {
         let (id, _, started) = self.open(request).await?;
         self.shared.remove(id);
-        match started {
+        Ok(started)
+    }
+
+    /// A file operation that answers at once (stat, list, mkdir, remove, rename, chmod).
+    pub async fn file_op(&self, request: Request) -> Result<FsReply, LinkError> {
+        match self.request(request).await? {
             Started::Fs(reply) => Ok(reply),
-            other => Err(LinkError::Protocol { channel: id, reason: format!("expected a file result, got {other:?}") }),
+            other => Err(LinkError::Protocol { channel: 0, reason: format!("expected a file result, got {other:?}") }),
         }
     }
 

@@ -251,6 +251,11 @@ impl Sandbox {
         Ok(self.link().exec(request).await?)
     }
 
+    /// A request the agent answers at once (jobs, kill): its `Started`.
+    pub async fn request(&self, request: moat_proto::Request) -> Result<moat_proto::Started, SandboxError> {
+        Ok(self.link().request(request).await?)
+    }
+
     /// A file operation that answers at once; see [`moat_proto::Request`].
     pub async fn file_op(&self, request: moat_proto::Request) -> Result<moat_proto::FsReply, SandboxError> {
         Ok(self.link().file_op(request).await?)

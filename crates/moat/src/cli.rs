@@ -34,8 +34,37 @@ pub enum Command {
     /// under its own name; `SRC/.` copies what is inside SRC. Modes, mtimes and symlinks are kept;
     /// symlinks are never followed.
     Cp(CpArgs),
-    /// List sandboxes.
+    /// List sandboxes, or with a sandbox, its background processes.
     Ps(PsArgs),
+    /// The background processes of a sandbox (same as `moat ps BOX`).
+    Top {
+        sandbox: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a background process's output (what it printed so far, then live) until it ends;
+    /// exits with its code. Ctrl-C detaches and leaves it running.
+    Attach {
+        #[command(flatten)]
+        process: ProcessRef,
+        /// Only output from now on.
+        #[arg(long)]
+        no_replay: bool,
+    },
+    /// Send a signal to a background process's whole process group.
+    Kill {
+        #[command(flatten)]
+        process: ProcessRef,
+        /// Signal name or number (TERM, KILL, INT, HUP, 9, …).
+        #[arg(short = 's', long, default_value = "TERM")]
+        signal: String,
+    },
+    /// Wait until a background process ends; exits with its code.
+    Wait {
+        #[command(flatten)]
+        process: ProcessRef,
+    },
     /// Show everything about a sandbox.
     Inspect(InspectArgs),
     /// Stop sandboxes (their disks are kept).
@@ -162,6 +191,9 @@ pub struct RunArgs {
 pub struct ExecArgs {
     #[command(flatten)]
     pub process: ProcessArgs,
+    /// Run in the background and print its pid; see `moat ps BOX`, `attach`, `kill`, `wait`.
+    #[arg(short = 'd', long, conflicts_with_all = ["tty", "interactive", "timeout"])]
+    pub detach: bool,
     /// Sandbox name, id or unique id prefix.
     pub sandbox: String,
     /// The command and its arguments.
@@ -191,9 +223,19 @@ pub struct ShellArgs {
 
 #[derive(Debug, Args)]
 pub struct PsArgs {
+    /// List the background processes of this sandbox instead of the sandboxes.
+    pub sandbox: Option<String>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ProcessRef {
+    /// Sandbox name, id or unique id prefix.
+    pub sandbox: String,
+    /// The process id `moat exec -d` printed.
+    pub pid: u32,
 }
 
 #[derive(Debug, Args)]

@@ -4,6 +4,7 @@ pub mod cp;
 pub mod daemon;
 pub mod doctor;
 pub mod image;
+pub mod process;
 pub mod run;
 pub mod sandbox;
 pub mod setup;

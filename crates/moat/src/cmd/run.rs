@@ -68,6 +68,17 @@ pub async fn run(args: RunArgs, host: &HostArgs) -> anyhow::Result<i32> {
 
 pub async fn exec(args: ExecArgs, host: &HostArgs) -> anyhow::Result<i32> {
     let client = connect(host).await?;
+    if args.detach {
+        let p = &args.process;
+        let req = moat_api::StartProcess {
+            argv: args.command,
+            env: p.env.clone(),
+            cwd: p.workdir.clone(),
+            user: p.user.clone(),
+        };
+        println!("{}", client.start_process(&args.sandbox, &req).await?.pid);
+        return Ok(0);
+    }
     run_process(&client, &args.sandbox, exec_start(&args.process, args.command, false)?).await
 }
 
