@@ -415,6 +415,10 @@ pub struct ExecStart {
     /// Whether the client will send stdin; without it the process reads /dev/null.
     #[serde(default)]
     pub stdin: bool,
+    /// Stop sending output after this many bytes (stdout and stderr together); the process runs
+    /// on, and a `[moat: output truncated after N bytes]` line on stderr marks the cut.
+    #[serde(default)]
+    pub max_output_bytes: Option<u64>,
     /// Run on a terminal of this size (`exec -t`): one output stream (stdout), the terminal's line
     /// discipline turns Ctrl-C into SIGINT, and `resize` messages follow the client's window.
     #[serde(default)]

@@ -301,6 +301,7 @@ async fn run_exec(
             "give the command after `--`",
         ));
     }
+    let max_output = start.max_output_bytes;
     if start.tty.is_some_and(|t| t.rows == 0 || t.cols == 0) {
         return Err(ServiceError::new(
             ErrorCode::InvalidRequest,
@@ -324,7 +325,7 @@ async fn run_exec(
     if !send_json(tx, &ExecServerMessage::Started { pid: exec.pid() }).await {
         return Ok(()); // The client left; dropping the exec kills the process.
     }
-    forward_exec(exec, tx, rx).await
+    forward_exec(exec, tx, rx, max_output).await
 }
 
 /// Relay a started exec (or an attach) over the WebSocket until it exits or the client leaves.
@@ -332,16 +333,31 @@ pub(crate) async fn forward_exec(
     mut exec: moat_sandbox::Exec,
     tx: &mut futures_util::stream::SplitSink<WebSocket, WsMessage>,
     rx: futures_util::stream::SplitStream<WebSocket>,
+    max_output: Option<u64>,
 ) -> Result<(), ServiceError> {
     let control = exec.control();
     // Client → guest in its own task, so waiting for stdin credit never stalls the output.
     let (gone_tx, mut gone) = tokio::sync::oneshot::channel::<()>();
     let mut rx_task = tokio::spawn(pump_client(rx, control, gone_tx));
+    // Output past the limit is read (the process runs on) but not sent; one marker says so.
+    let mut budget = max_output.unwrap_or(u64::MAX);
+    let mut limited = |tag: u8, mut d: Vec<u8>| {
+        if budget == 0 {
+            return None;
+        }
+        let mut marker = None;
+        if d.len() as u64 > budget {
+            d.truncate(budget as usize);
+            marker = Some(format!("\n[moat: output truncated after {} bytes]\n", max_output.unwrap_or(0)));
+        }
+        budget -= d.len() as u64;
+        Some((tag, d, marker))
+    };
     let result = loop {
         tokio::select! {
             event = exec.next_event() => match event {
-                Ok(ExecEvent::Stdout(d)) => if !send_data(tx, STDOUT_TAG, d).await { break Ok(()) },
-                Ok(ExecEvent::Stderr(d)) => if !send_data(tx, STDERR_TAG, d).await { break Ok(()) },
+                Ok(ExecEvent::Stdout(d)) => if !send_limited(tx, limited(STDOUT_TAG, d)).await { break Ok(()) },
+                Ok(ExecEvent::Stderr(d)) => if !send_limited(tx, limited(STDERR_TAG, d)).await { break Ok(()) },
                 Ok(ExecEvent::Exit(s)) => {
                     send_json(tx, &ExecServerMessage::Exit { code: s.code, signal: s.signal, timed_out: s.timed_out }).await;
                     break Ok(());
@@ -354,6 +370,15 @@ pub(crate) async fn forward_exec(
     rx_task.abort();
     let _ = (&mut rx_task).await;
     result
+}
+
+async fn send_limited(
+    tx: &mut futures_util::stream::SplitSink<WebSocket, WsMessage>,
+    chunk: Option<(u8, Vec<u8>, Option<String>)>,
+) -> bool {
+    let Some((tag, data, marker)) = chunk else { return true };
+    send_data(tx, tag, data).await
+        && (marker.is_none() || send_data(tx, STDERR_TAG, marker.unwrap_or_default().into_bytes()).await)
 }
 
 async fn send_data(tx: &mut futures_util::stream::SplitSink<WebSocket, WsMessage>, tag: u8, data: Vec<u8>) -> bool {

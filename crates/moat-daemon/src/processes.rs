@@ -91,7 +91,7 @@ pub async fn attach(
     let exec = sandbox.file_stream(Request::Attach { pid, replay }).await.map_err(agent_error)?;
     Ok(ws.max_message_size(1 << 20).on_upgrade(move |socket: WebSocket| async move {
         let (mut tx, rx) = socket.split();
-        if let Err(e) = forward_exec(exec, &mut tx, rx).await {
+        if let Err(e) = forward_exec(exec, &mut tx, rx, None).await {
             let error = ApiError { code: e.code, message: e.message, hint: e.hint };
             let _ = send_json(&mut tx, &ExecServerMessage::Error { error }).await;
         }

@@ -132,6 +132,23 @@ pub struct ProcessArgs {
     /// Kill the command after this long (e.g. 30s, 5m).
     #[arg(long, value_parser = parse_duration)]
     pub timeout: Option<Duration>,
+    /// Show at most this many bytes of output (e.g. 64K, 10M); the rest is dropped and marked.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_output: Option<u64>,
+}
+
+/// `4096`, `64K`, `10M`, `1G` (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, unit) = s.trim().split_at(s.trim().find(|c: char| !c.is_ascii_digit()).unwrap_or(s.trim().len()));
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size; write e.g. 4096, 64K or 10M"))?;
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        _ => return Err(format!("{s:?} has an unknown unit; use K, M or G")),
+    };
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// What a new sandbox looks like.
@@ -192,7 +209,7 @@ pub struct ExecArgs {
     #[command(flatten)]
     pub process: ProcessArgs,
     /// Run in the background and print its pid; see `moat ps BOX`, `attach`, `kill`, `wait`.
-    #[arg(short = 'd', long, conflicts_with_all = ["tty", "interactive", "timeout"])]
+    #[arg(short = 'd', long, conflicts_with_all = ["tty", "interactive", "timeout", "max_output"])]
     pub detach: bool,
     /// Sandbox name, id or unique id prefix.
     pub sandbox: String,

@@ -1,6 +1,6 @@
 //! Background processes through the CLI, daemon and agent: `exec -d`, `ps BOX`, `wait`,
 //! `attach` with the output printed while nobody watched, `kill` of a process that ignores
-//! SIGTERM, and processes that outlive a daemon restart.
+//! SIGTERM, processes that outlive a daemon restart, and exec output limits.
 
 mod common;
 
@@ -71,6 +71,15 @@ fn background_processes_are_listed_attached_killed_and_outlive_the_daemon() {
     assert_eq!(out.status.code(), Some(128 + 9), "{}", text(&out.stderr));
     assert!(text(&out.stdout).starts_with("start\ntick 1\ntick 2\n"), "replayed: {}", text(&out.stdout));
     assert_eq!(jobs(h).iter().find(|j| j.pid == pid).and_then(|j| j.exit).and_then(|s| s.signal), Some(9));
+
+    // Output limits: the process runs to its end, the output stops at the limit with a marker.
+    let out = moat_in(h)
+        .args(["exec", "--max-output", "1K", "jobs", "--", "sh", "-c", "yes | head -c 100000; exit 4"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!((out.status.code(), out.stdout.len()), (Some(4), 1024), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("[moat: output truncated after 1024 bytes]"), "{}", text(&out.stderr));
 
     let out = moat_in(h).args(["kill", "jobs", "999999"]).output().unwrap();
     assert_ne!(out.status.code(), Some(0));

@@ -87,8 +87,15 @@ const LOGIN_SHELL: &str = r#"s=$(grep "^$(id -un):" /etc/passwd 2>/dev/null | cu
 
 pub async fn shell(args: ShellArgs, host: &HostArgs) -> anyhow::Result<i32> {
     let client = connect(host).await?;
-    let process =
-        ProcessArgs { env: args.env, workdir: None, user: args.user, interactive: true, tty: true, timeout: None };
+    let process = ProcessArgs {
+        env: args.env,
+        workdir: None,
+        user: args.user,
+        interactive: true,
+        tty: true,
+        timeout: None,
+        max_output: None,
+    };
     let argv = vec!["/bin/sh".to_string(), "-c".to_string(), LOGIN_SHELL.to_string()];
     run_process(&client, &args.sandbox, exec_start(&process, argv, false)?).await
 }
@@ -120,6 +127,7 @@ fn exec_start(p: &ProcessArgs, argv: Vec<String>, remove_sandbox_after: bool) ->
         user: p.user.clone(),
         timeout_ms: p.timeout.map(|d| d.as_millis().min(u64::MAX as u128) as u64),
         stdin: forward_stdin(p) || p.tty,
+        max_output_bytes: p.max_output,
         tty,
         remove_sandbox_after,
     })
