@@ -7,6 +7,7 @@
 //!   fork+exec+wait of `/bin/true` measured inside the guest.
 //! - the daemon: create → running next to the boot alone, and list / inspect latency (p50, p99
 //!   of 1000) next to a bare health round trip on the same socket.
+//! - `moat cp` in and out next to the guest's own `dd`, and the exec round trip during a copy.
 //! - images: pull + unpack throughput from a registry on loopback next to a plain download of the
 //!   same blob, and the first run of the pulled image next to the built-in one.
 
@@ -18,6 +19,7 @@ use anyhow::{bail, Context};
 use moat_proto::ExecRequest;
 use moat_sandbox::{Runtime, RuntimeConfig, Sandbox, SandboxSpec};
 
+mod files;
 mod images;
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -48,9 +50,17 @@ async fn main() -> anyhow::Result<()> {
         rt.qemu_version, rt.kernel.release, rt.accel.accel, rt.accel.reason
     );
     let home = rt.config.home.clone();
-
+    // `--only files` or `--only images` runs that part alone.
+    let only: Option<String> =
+        std::env::args().collect::<Vec<_>>().windows(2).find(|w| w[0] == "--only").map(|w| w[1].clone());
     // Warm the image and initramfs caches so the first sample is not a build.
     run_true(&moat, &home)?;
+    match only.as_deref() {
+        Some("files") => return files::bench(&moat, &home, arg("--copy-mib", 256)).await,
+        Some("images") => return images::bench(&moat, &home, runs, arg("--layer-mib", 256)).await,
+        Some(other) => bail!("--only takes `files` or `images`, not {other:?}"),
+        None => {}
+    }
     let mut walls = Vec::new();
     let mut boots = Vec::new();
     for _ in 0..runs {
@@ -85,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
     println!("  ratio                          {:>10.2}x", rtt.as_secs_f64() / guest.as_secs_f64());
 
     daemon_api(&home, runs, arg("--requests", 1000), boot).await?;
+    files::bench(&moat, &home, arg("--copy-mib", 256)).await?;
     images::bench(&moat, &home, runs, arg("--layer-mib", 256)).await
 }
 
