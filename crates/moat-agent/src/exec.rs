@@ -410,18 +410,7 @@ async fn pump(
     done: mpsc::UnboundedSender<()>,
 ) {
     let mut buf = vec![0u8; MAX_CHUNK];
-    loop {
-        let mut guard = loop {
-            if *exited.borrow() {
-                // The process is gone: a silent pipe is held open by a background child.
-                break tokio::time::timeout(DRAIN_GRACE, fd.readable()).await.ok().and_then(Result::ok);
-            }
-            tokio::select! {
-                r = fd.readable() => break r.ok(),
-                r = exited.changed() => if r.is_err() { break None },
-            }
-        };
-        let Some(ready) = guard.as_mut() else { break };
+    while let Some(mut ready) = readable(&fd, &mut exited).await {
         let n = credit.take(MAX_CHUNK as u32).await;
         match ready.try_io(|f| Ok(rustix::io::read(f.get_ref(), &mut buf[..n as usize])?)) {
             Ok(Ok(0)) => break,
@@ -439,6 +428,23 @@ async fn pump(
     }
     out.send(id, Message::Eof { stream }).await;
     let _ = done.send(());
+}
+
+/// Wait until `fd` has data or its end. Once the process exited, a descriptor silent for the
+/// drain grace counts as ended: a background child of the process holds it open.
+pub(crate) async fn readable<'a>(
+    fd: &'a Fd,
+    exited: &mut watch::Receiver<bool>,
+) -> Option<tokio::io::unix::AsyncFdReadyGuard<'a, OwnedFd>> {
+    loop {
+        if *exited.borrow() {
+            return tokio::time::timeout(DRAIN_GRACE, fd.readable()).await.ok().and_then(Result::ok);
+        }
+        tokio::select! {
+            r = fd.readable() => return r.ok(),
+            r = exited.changed() => if r.is_err() { return None },
+        }
+    }
 }
 
 /// Write all of `data` to a non-blocking descriptor.

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use moat_proto::{AgentError, ErrorCode, ExitStatus, JobInfo, Message, Started, Stream, MAX_CHUNK};
 use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::exec::{async_fd, exit_status, kill_group, Credit, Ctl, Fd, DRAIN_GRACE};
+use crate::exec::{async_fd, exit_status, kill_group, readable, Credit, Ctl, Fd};
 use crate::link::Outbox;
 use crate::reaper::Ended;
 
@@ -248,21 +248,10 @@ async fn send(
     true
 }
 
-/// Read one output pipe of a background process into its buffer until it ends (or, once the
-/// process exited, stays silent for the drain grace: a child of its own holds it open).
+/// Read one output pipe of a background process into its buffer until it ends.
 async fn record(job: Arc<Job>, stream: Stream, fd: Fd, mut exited: watch::Receiver<bool>) {
     let mut buf = vec![0u8; MAX_CHUNK];
-    loop {
-        let mut guard = loop {
-            if *exited.borrow() {
-                break tokio::time::timeout(DRAIN_GRACE, fd.readable()).await.ok().and_then(Result::ok);
-            }
-            tokio::select! {
-                r = fd.readable() => break r.ok(),
-                r = exited.changed() => if r.is_err() { break None },
-            }
-        };
-        let Some(ready) = guard.as_mut() else { break };
+    while let Some(mut ready) = readable(&fd, &mut exited).await {
         match ready.try_io(|f| Ok(rustix::io::read(f.get_ref(), &mut buf)?)) {
             Ok(Ok(0)) | Ok(Err(_)) => break,
             Ok(Ok(n)) => job.record(stream, &buf[..n]),

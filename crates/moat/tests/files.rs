@@ -9,25 +9,11 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{moat_in, stop_daemon, text};
+use common::{moat_in, moat_ok, text, OwnHome};
 use futures::StreamExt;
 use moat_api::{ChangeMode, ErrorCode, FileKind, MakeDir, RemovePath, RenamePath};
 use moat_client::Client;
 use sha2::{Digest, Sha256};
-
-struct Home(tempfile::TempDir);
-
-impl Drop for Home {
-    fn drop(&mut self) {
-        stop_daemon(self.0.path());
-    }
-}
-
-fn moat_ok(home: &Path, args: &[&str]) -> String {
-    let out = moat_in(home).args(args).stdin(Stdio::null()).output().expect("moat runs");
-    assert_eq!(out.status.code(), Some(0), "moat {args:?}: {}", text(&out.stderr));
-    text(&out.stdout)
-}
 
 fn sha_file(path: &Path) -> String {
     let mut f = std::fs::File::open(path).expect("readable");
@@ -71,8 +57,8 @@ fn make_tree(root: &Path) {
 
 #[test]
 fn cp_round_trips_a_tree_with_a_big_file_while_execs_keep_answering() {
-    let home = Home(tempfile::tempdir().expect("tempdir"));
-    let h = home.0.path();
+    let home = OwnHome::new();
+    let h = home.path();
     moat_ok(h, &["run", "-d", "--name", "files", "--memory", "256"]);
     moat_ok(h, &["exec", "files", "--", "mkdir", "/srv"]);
     let work = tempfile::tempdir().expect("tempdir");
@@ -154,8 +140,8 @@ fn cp_round_trips_a_tree_with_a_big_file_while_execs_keep_answering() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_file_api_reads_writes_lists_and_watches() {
-    let home = Home(tempfile::tempdir().expect("tempdir"));
-    let h = home.0.path().to_path_buf();
+    let home = OwnHome::new();
+    let h = home.path().to_path_buf();
     let hh = h.clone();
     tokio::task::spawn_blocking(move || moat_ok(&hh, &["run", "-d", "--name", "api", "--memory", "256"]))
         .await

@@ -8,7 +8,7 @@ mod oci;
 use std::path::Path;
 use std::process::{Output, Stdio};
 
-use common::{moat_in, stop_daemon, text};
+use common::{moat_in, moat_ok, text, OwnHome};
 use oci::{app_layer, base_layer, docker_save, oci_layout, Tar};
 
 /// Run `moat` in `home` with `input` on stdin.
@@ -27,25 +27,10 @@ fn moat_with_stdin(home: &Path, args: &[&str], input: &[u8]) -> Output {
     child.wait_with_output().expect("moat finishes")
 }
 
-fn moat_ok(home: &Path, args: &[&str]) -> String {
-    let out = moat_in(home).args(args).stdin(Stdio::null()).output().expect("moat runs");
-    assert_eq!(out.status.code(), Some(0), "moat {args:?}: {}", text(&out.stderr));
-    text(&out.stdout)
-}
-
-/// Stops the test's daemon even when an assertion fails.
-struct Home(tempfile::TempDir);
-
-impl Drop for Home {
-    fn drop(&mut self) {
-        stop_daemon(self.0.path());
-    }
-}
-
 #[test]
 fn docker_save_and_oci_archives_import_and_boot_with_their_config() {
-    let home = Home(tempfile::tempdir().expect("tempdir"));
-    let h = home.0.path();
+    let home = OwnHome::new();
+    let h = home.path();
     let layers = [base_layer(), app_layer()];
 
     let out = moat_with_stdin(h, &["image", "import", "-"], &docker_save(&layers, "hello:docker"));
@@ -84,8 +69,8 @@ fn docker_save_and_oci_archives_import_and_boot_with_their_config() {
 
 #[test]
 fn malicious_or_damaged_archives_are_refused_and_nothing_is_registered() {
-    let home = Home(tempfile::tempdir().expect("tempdir"));
-    let h = home.0.path();
+    let home = OwnHome::new();
+    let h = home.path();
     let outside = tempfile::tempdir().expect("tempdir");
     let outside_str = outside.path().to_str().expect("utf-8 path");
 
@@ -126,8 +111,8 @@ fn malicious_or_damaged_archives_are_refused_and_nothing_is_registered() {
 /// it runs python3; the build streamed progress and tidied the tree for a VM.
 #[test]
 fn the_default_image_is_built_on_first_use_and_runs_python() {
-    let home = Home(tempfile::tempdir().expect("tempdir"));
-    let h = home.0.path();
+    let home = OwnHome::new();
+    let h = home.path();
     assert!(
         std::path::Path::new("/usr/sbin/debootstrap").exists(),
         "the build test needs debootstrap: apt-get install -y debootstrap (or `moat setup`)"

@@ -8,21 +8,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{moat_in, stop_daemon, text, wait_for};
-
-struct Home(tempfile::TempDir);
-
-impl Drop for Home {
-    fn drop(&mut self) {
-        stop_daemon(self.0.path());
-    }
-}
-
-fn moat_ok(home: &Path, args: &[&str]) -> String {
-    let out = moat_in(home).args(args).stdin(Stdio::null()).output().expect("moat runs");
-    assert_eq!(out.status.code(), Some(0), "moat {args:?}: {}", text(&out.stderr));
-    text(&out.stdout)
-}
+use common::{moat_in, moat_ok, stop_daemon, text, wait_for, OwnHome};
 
 fn jobs(home: &Path) -> Vec<moat_api::JobInfo> {
     serde_json::from_str(&moat_ok(home, &["ps", "jobs", "--json"])).expect("ps BOX --json")
@@ -30,8 +16,8 @@ fn jobs(home: &Path) -> Vec<moat_api::JobInfo> {
 
 #[test]
 fn background_processes_are_listed_attached_killed_and_outlive_the_daemon() {
-    let home = Home(tempfile::tempdir().expect("tempdir"));
-    let h = home.0.path();
+    let home = OwnHome::new();
+    let h = home.path();
     moat_ok(h, &["run", "-d", "--name", "jobs", "--memory", "256"]);
     let stubborn = "echo start; trap '' TERM; i=0; while true; do i=$((i+1)); echo tick $i; sleep 1; done";
     let pid = moat_ok(h, &["exec", "-d", "jobs", "--", "sh", "-c", stubborn]).trim().parse::<u32>().expect("a pid");

@@ -9,27 +9,12 @@ mod registry;
 use std::path::Path;
 use std::process::{Output, Stdio};
 
-use common::{moat_in, stop_daemon, text};
+use common::{moat_in, moat_ok, text, OwnHome};
 use oci::{app_layer, base_layer, big_layer, Layer, OciLayoutDir, Tar, CONFIG};
 use registry::{CutProxy, Registry};
 
-/// Stops the test's daemon even when an assertion fails.
-struct Home(tempfile::TempDir);
-
-impl Drop for Home {
-    fn drop(&mut self) {
-        stop_daemon(self.0.path());
-    }
-}
-
 fn moat(home: &Path, args: &[&str]) -> Output {
     moat_in(home).args(args).stdin(Stdio::null()).output().expect("moat runs")
-}
-
-fn moat_ok(home: &Path, args: &[&str]) -> String {
-    let out = moat(home, args);
-    assert_eq!(out.status.code(), Some(0), "moat {args:?}: {}", text(&out.stderr));
-    text(&out.stdout)
 }
 
 fn image_names(home: &Path) -> Vec<String> {
@@ -55,8 +40,8 @@ fn docker_config(dir: &Path, registry: &str, user: &str, password: &str) {
 
 #[test]
 fn images_pull_with_docker_credentials_resolve_indexes_and_boot() {
-    let home = Home(tempfile::tempdir().expect("tempdir"));
-    let h = home.0.path();
+    let home = OwnHome::new();
+    let h = home.path();
     let registry = Registry::start(Some(("agent", "s3cret")));
     let work = tempfile::tempdir().expect("tempdir");
     let mut layout = OciLayoutDir::create(&work.path().join("layout"));
@@ -140,8 +125,8 @@ fn images_pull_with_docker_credentials_resolve_indexes_and_boot() {
 
 #[test]
 fn damaged_and_interrupted_pulls_register_nothing_and_resume() {
-    let home = Home(tempfile::tempdir().expect("tempdir"));
-    let h = home.0.path();
+    let home = OwnHome::new();
+    let h = home.path();
     let registry = Registry::start(None);
     let work = tempfile::tempdir().expect("tempdir");
     let mut layout = OciLayoutDir::create(&work.path().join("layout"));

@@ -11,7 +11,7 @@ use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{moat_in, stop_daemon, text};
+use common::{moat_in, text, OwnHome};
 
 /// A terminal the test types into: the controller side of a pty whose replica is `moat`'s
 /// stdin, stdout, stderr and controlling terminal.
@@ -101,18 +101,10 @@ fn set_size(fd: &impl std::os::fd::AsFd, rows: u16, cols: u16) {
     rustix::termios::tcsetwinsize(fd, ws).expect("set the window size");
 }
 
-struct Home(tempfile::TempDir);
-
-impl Drop for Home {
-    fn drop(&mut self) {
-        stop_daemon(self.0.path());
-    }
-}
-
 #[test]
 fn exec_it_is_a_real_terminal_with_resize_ctrl_c_and_exit_codes() {
-    let home = Home(tempfile::tempdir().expect("tempdir"));
-    let h = home.0.path();
+    let home = OwnHome::new();
+    let h = home.path();
     let out = moat_in(h).args(["run", "-d", "--name", "tty", "--memory", "256"]).stdin(Stdio::null()).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 

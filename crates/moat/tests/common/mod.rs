@@ -126,3 +126,29 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A home of its own for one test; its daemon is stopped when the test ends, even by a panic.
+pub struct OwnHome(pub tempfile::TempDir);
+
+impl OwnHome {
+    pub fn new() -> OwnHome {
+        OwnHome(tempfile::tempdir().expect("a temp dir can be created"))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for OwnHome {
+    fn drop(&mut self) {
+        stop_daemon(self.0.path());
+    }
+}
+
+/// Run `moat args` in `home` with no stdin; it must succeed. Its stdout.
+pub fn moat_ok(home: &Path, args: &[&str]) -> String {
+    let out = moat_in(home).args(args).stdin(Stdio::null()).output().expect("moat runs");
+    assert_eq!(out.status.code(), Some(0), "moat {args:?}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
