@@ -384,7 +384,13 @@ async fn finish(id: u32, out: &Outbox, result: Result<(), String>) {
 /// Send what `work` writes as stdout, never more than the host's credit ahead.
 async fn stream_out(id: u32, out: &Outbox, mut ctl: mpsc::UnboundedReceiver<Ctl>, work: Producer) {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
-    let worker = tokio::task::spawn_blocking(move || work(&mut ChunkWriter(tx)));
+    // Buffered to whole frames: tar and io::copy write in 512-byte and 8 KiB pieces, and every
+    // frame costs the (possibly emulated) guest the same however small it is.
+    let worker = tokio::task::spawn_blocking(move || {
+        let mut sink = std::io::BufWriter::with_capacity(MAX_CHUNK, ChunkWriter(tx));
+        work(&mut sink)?;
+        sink.flush().map_err(|e| format!("Sending failed: {e}."))
+    });
     let credit = Credit::new();
     loop {
         tokio::select! {
@@ -458,11 +464,11 @@ async fn stream_in(id: u32, out: &Outbox, mut ctl: mpsc::UnboundedReceiver<Ctl>,
     finish(id, out, result).await;
 }
 
-/// Write one event as a JSON line; false once the host stopped listening.
+/// Write one event as a JSON line, at once; false once the host stopped listening.
 pub fn emit(sink: &mut dyn Write, event: &FsEvent) -> bool {
     let mut line = serde_json::to_vec(event).expect("events serialize");
     line.push(b'\n');
-    sink.write_all(&line).is_ok()
+    sink.write_all(&line).and_then(|()| sink.flush()).is_ok()
 }
 
 #[cfg(test)]

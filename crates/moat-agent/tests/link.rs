@@ -219,7 +219,7 @@ async fn stdin_round_trips_through_cat_under_credit() {
 #[tokio::test]
 async fn large_output_stops_at_the_window_until_credit_arrives() {
     let mut host = Host::connect().await;
-    let total = 1_000_000usize;
+    let total = 3 * INITIAL_WINDOW as usize + 12_345;
     host.exec(1, sh(&format!("head -c {total} /dev/zero"))).await;
     let mut got = 0usize;
     // Without credit the agent sends exactly one window and then waits.

@@ -270,7 +270,8 @@ impl Client {
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(transport)?;
         tokio::spawn(conn);
-        let frames = tokio_util::io::ReaderStream::new(body).map(|r| r.map(hyper::body::Frame::data));
+        let frames =
+            tokio_util::io::ReaderStream::with_capacity(body, 64 << 10).map(|r| r.map(hyper::body::Frame::data));
         let req = Request::builder()
             .method(method)
             .uri(path)

@@ -153,13 +153,24 @@ async fn feed(svc: &Service, mut exec: Exec, body: Body) -> Result<(), ServiceEr
     let _busy = svc.hold();
     let control = exec.control();
     let mut data = body.into_data_stream();
+    // Small body chunks are gathered into whole frames: each frame costs the guest the same.
+    let mut pending: Vec<u8> = Vec::with_capacity(moat_proto::MAX_CHUNK);
+    let mut accepted = true;
     while let Some(chunk) = data.next().await {
         let chunk = chunk.map_err(|e| {
             ServiceError::new(ErrorCode::InvalidRequest, format!("the upload broke off: {e}"), "send it again")
         })?;
-        if control.write_stdin(&chunk).await.is_err() {
-            break; // The agent stopped taking input; its verdict says why.
+        pending.extend_from_slice(&chunk);
+        if pending.len() >= moat_proto::MAX_CHUNK {
+            if control.write_stdin(&pending).await.is_err() {
+                accepted = false;
+                break; // The agent stopped taking input; its verdict says why.
+            }
+            pending.clear();
         }
+    }
+    if accepted && !pending.is_empty() {
+        let _ = control.write_stdin(&pending).await;
     }
     let _ = control.close_stdin().await;
     let mut stderr = Vec::new();

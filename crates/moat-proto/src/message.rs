@@ -9,7 +9,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const CONTROL_CHANNEL: u32 = 0;
 
 /// Bytes a sender may have in flight on one stream before the receiver grants more credit.
-pub const INITIAL_WINDOW: u32 = 256 * 1024;
+pub const INITIAL_WINDOW: u32 = 1024 * 1024;
 
 /// Largest data chunk a sender puts in one frame.
 pub const MAX_CHUNK: usize = 64 * 1024;
