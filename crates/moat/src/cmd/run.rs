@@ -52,8 +52,9 @@ pub async fn run(args: RunArgs, host: &HostArgs) -> anyhow::Result<i32> {
     if req.ttl_secs.is_none() {
         req.ttl_secs = Some(ONE_SHOT_LEASE_SECS);
     }
-    let info = client.create(&req).await?;
+    // Checked before the sandbox exists, so a bad option (-t without a terminal) leaves nothing.
     let start = exec_start(&args.process, args.command, true)?;
+    let info = client.create(&req).await?;
     let result = run_process(&client, &info.id, start).await;
     // The daemon removes the sandbox when the session ends; asking too waits until it is gone
     // (and covers a failure before the session began).

@@ -60,7 +60,7 @@ pub async fn setup(args: SetupArgs, host: &HostArgs) -> anyhow::Result<i32> {
     }
     eprintln!("moat: preparing kernel, initramfs and accelerator");
     let rt = prepare_runtime(host).await?;
-    eprintln!("moat: building the default image (minimal)");
+    eprintln!("moat: building the built-in minimal image (the default image, Debian with Python, is built by the first `moat run`)");
     let image = rt.images.resolve("minimal")?;
     eprintln!(
         "moat: ready: QEMU {}, kernel {}, accelerator {}, image {} ({})",
