@@ -245,16 +245,12 @@ impl AgentLink {
 
     /// Round trip to the agent.
     pub async fn ping(&self) -> Result<(), LinkError> {
-        let (id, _, _) = self.open(Request::Ping).await?;
-        self.shared.remove(id);
-        Ok(())
+        self.request(Request::Ping).await.map(drop)
     }
 
     /// Ask the agent to power the guest off. The VM exits shortly after.
     pub async fn shutdown(&self) -> Result<(), LinkError> {
-        let (id, _, _) = self.open(Request::Shutdown).await?;
-        self.shared.remove(id);
-        Ok(())
+        self.request(Request::Shutdown).await.map(drop)
     }
 
     /// Disconnect now, even while [`Exec`] handles still hold the link; they see it as closed.
