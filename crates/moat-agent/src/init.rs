@@ -184,6 +184,23 @@ fn switch_root(device: &str, module_errors: &[ModuleError]) -> Result<(), InitEr
     Ok(())
 }
 
+/// Take on a sandbox's identity: the kernel hostname, `/etc/hostname` and `/etc/machine-id`
+/// (the files only where they can be written; an image may have a read-only `/etc`).
+pub fn apply_identity(identity: &moat_proto::Identity) {
+    if let Err(e) = identity.check() {
+        eprintln!("moat-agent: ignoring the host's identity: {e}");
+        return;
+    }
+    set_hostname(&identity.hostname);
+    for (path, content) in [("/etc/hostname", &identity.hostname), ("/etc/machine-id", &identity.machine_id)] {
+        if std::path::Path::new("/etc").is_dir() {
+            if let Err(e) = std::fs::write(path, format!("{content}\n")) {
+                eprintln!("moat-agent: writing {path} failed: {e}");
+            }
+        }
+    }
+}
+
 fn set_hostname(name: &str) {
     if let Err(e) = rustix::system::sethostname(name.as_bytes()) {
         eprintln!("moat-agent: setting the hostname to {name:?} failed: {e}");

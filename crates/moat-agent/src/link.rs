@@ -245,6 +245,15 @@ impl Agent {
                             return Some(LinkEnd::HostGone);
                         }
                     }
+                    Request::Resync(r) => {
+                        if self.mode == Mode::Pid1 {
+                            resync(u128::from(r.time_unix_ns), &r.entropy);
+                        }
+                        if !(out.send(id, Message::Started(Started::Done)).await && out.send(id, Message::Close).await)
+                        {
+                            return Some(LinkEnd::HostGone);
+                        }
+                    }
                     Request::Shutdown => {
                         out.send(id, Message::Started(Started::Shutdown)).await;
                         out.send(id, Message::Close).await;
@@ -274,11 +283,9 @@ impl Agent {
     /// Apply what the host's hello carries and answer it; false when the connection is gone.
     async fn greet(&self, hello: &HostHello, out: &Outbox) -> bool {
         if self.mode == Mode::Pid1 {
-            if let Err(e) = crate::clock::set_wall_clock(hello.time_unix_ns) {
-                eprintln!("moat-agent: setting the clock from the host failed: {e}");
-            }
-            if let Err(e) = crate::entropy::reseed(&hello.entropy) {
-                eprintln!("moat-agent: reseeding the RNG from the host failed: {e}");
+            resync(hello.time_unix_ns, &hello.entropy);
+            if let Some(identity) = &hello.identity {
+                crate::init::apply_identity(identity);
             }
         }
         let ack = AgentHello {
@@ -288,6 +295,16 @@ impl Agent {
             kernel: kernel_release(),
         };
         out.raw(SYNC_MARKER).await && out.send(CONTROL_CHANNEL, Message::HelloAck(ack)).await
+    }
+}
+
+/// Set the wall clock and reseed the RNG from the host's values (as PID 1 only).
+fn resync(time_unix_ns: u128, entropy: &[u8]) {
+    if let Err(e) = crate::clock::set_wall_clock(time_unix_ns) {
+        eprintln!("moat-agent: setting the clock from the host failed: {e}");
+    }
+    if let Err(e) = crate::entropy::reseed(entropy) {
+        eprintln!("moat-agent: reseeding the RNG from the host failed: {e}");
     }
 }
 

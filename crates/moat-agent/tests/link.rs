@@ -29,7 +29,13 @@ impl Host {
         let agent = Agent::new(Reaper::start(Scope::Registered).unwrap(), Mode::Host);
         let served = tokio::spawn(async move { agent.serve(guest).await });
         let (r, mut w) = host.into_split();
-        let hello = HostHello { version: PROTOCOL_VERSION, nonce: 0xfeed, time_unix_ns: 1, entropy: vec![7; 32] };
+        let hello = HostHello {
+            version: PROTOCOL_VERSION,
+            nonce: 0xfeed,
+            time_unix_ns: 1,
+            entropy: vec![7; 32],
+            identity: None,
+        };
         write_frame(&mut w, &Frame::new(CONTROL_CHANNEL, Message::Hello(hello))).await.unwrap();
         let mut r = BufReader::new(r);
         read_until_sync(&mut r, 1 << 20).await.unwrap();

@@ -31,10 +31,12 @@ pub enum Phase {
     Stopped,
     Failed,
     Expired,
+    /// The whole machine is saved in the run directory; no QEMU runs. `resume` continues it.
+    Paused,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 8] = [
         Phase::Creating,
         Phase::Booting,
         Phase::Running,
@@ -42,6 +44,7 @@ impl Phase {
         Phase::Stopped,
         Phase::Failed,
         Phase::Expired,
+        Phase::Paused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +56,7 @@ impl Phase {
             Phase::Stopped => "stopped",
             Phase::Failed => "failed",
             Phase::Expired => "expired",
+            Phase::Paused => "paused",
         }
     }
 
@@ -61,7 +65,7 @@ impl Phase {
         matches!(self, Phase::Creating | Phase::Booting | Phase::Running | Phase::Stopping)
     }
 
-    /// Whether the sandbox is at rest: `prune` removes these (stopped, failed, expired).
+    /// Whether the sandbox is at rest: `prune` removes these (stopped, failed, expired, paused).
     pub fn is_at_rest(self) -> bool {
         !self.is_live()
     }
@@ -116,6 +120,14 @@ pub struct CreateSandbox {
     /// Give up when the guest has not come up after this long [default: 90].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_timeout_secs: Option<u64>,
+    /// Continue from this snapshot (`SANDBOX:NAME` or a snapshot id) instead of booting the
+    /// image; image, vCPUs, memory and disk come from the snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Start from the image's template (a saved, booted VM) when there is one, and make it when
+    /// there is none [default: true, unless the daemon runs with templates off]. `false` boots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<bool>,
 }
 
 /// Everything known about one sandbox (`GET /v1/sandboxes/{ref}`).
@@ -143,6 +155,96 @@ pub struct SandboxInfo {
     pub last_error: Option<String>,
     /// Bumped on every phase change.
     pub version: i64,
+    /// The snapshot (or template) this sandbox was restored from; its disk builds on it.
+    #[serde(default)]
+    pub snapshot_id: Option<String>,
+}
+
+/// `POST /v1/sandboxes/{ref}/snapshots`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    /// Unique among the sandbox's snapshots [default: `snap-<N>`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// What a snapshot is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotKind {
+    /// Taken by a user (`moat snapshot`, or implicitly by `moat fork`).
+    Snapshot,
+    /// The booted-and-ready VM moat keeps per image so sandboxes start without booting.
+    Template,
+}
+
+impl SnapshotKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotKind::Snapshot => "snapshot",
+            SnapshotKind::Template => "template",
+        }
+    }
+}
+
+/// A saved machine: memory, device state and disk (`GET /v1/snapshots`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    pub kind: SnapshotKind,
+    /// The sandbox it was taken of, while that sandbox exists.
+    pub sandbox_id: Option<String>,
+    /// That sandbox's name (kept after it is removed); `SANDBOX:NAME` refers to the snapshot.
+    pub sandbox_name: String,
+    pub image: String,
+    pub image_digest: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disk_mib: u64,
+    /// Bytes the snapshot's files take on disk.
+    pub size_bytes: u64,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// What a restore must match: QEMU version, accelerator, guest kernel, agent build.
+    pub qemu: String,
+    pub accel: String,
+    pub kernel: String,
+    pub initramfs: String,
+    /// Sandboxes restored from it (their disks build on it): it cannot be removed before them.
+    pub dependents: Vec<String>,
+}
+
+/// `POST /v1/sandboxes/{ref}/revert`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Revert {
+    /// One of the sandbox's snapshots, by name or id.
+    pub snapshot: String,
+}
+
+/// `POST /v1/sandboxes/{ref}/fork`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fork {
+    /// How many sandboxes [default: 1, at most 64].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    /// Names are `<prefix><N>` [default: `<sandbox>-fork-`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_prefix: Option<String>,
+    /// Fork from this snapshot of the sandbox; without it a snapshot of its current state is
+    /// taken first (named `fork-<unix time>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+}
+
+/// The answer to a fork.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Forked {
+    pub snapshot: SnapshotInfo,
+    pub sandboxes: Vec<SandboxInfo>,
 }
 
 /// `POST /v1/sandboxes/{ref}/lease`.
@@ -379,6 +481,10 @@ pub enum ErrorCode {
     RegistryFailed,
     /// The sandbox refused access to a path.
     PermissionDenied,
+    /// Something still depends on what was to be removed (the message says what).
+    InUse,
+    /// A snapshot cannot be restored on this host as it is now (the message says why).
+    Incompatible,
     Internal,
 }
 
@@ -388,7 +494,11 @@ impl ErrorCode {
             ErrorCode::NotFound => 404,
             ErrorCode::PermissionDenied => 403,
             ErrorCode::AmbiguousRef | ErrorCode::InvalidRequest => 400,
-            ErrorCode::NameTaken | ErrorCode::InvalidPhase | ErrorCode::LeaseExpired => 409,
+            ErrorCode::NameTaken
+            | ErrorCode::InvalidPhase
+            | ErrorCode::LeaseExpired
+            | ErrorCode::InUse
+            | ErrorCode::Incompatible => 409,
             ErrorCode::BodyTooLarge => 413,
             ErrorCode::LimitReached => 429,
             ErrorCode::BootFailed | ErrorCode::ExecFailed | ErrorCode::Internal => 500,

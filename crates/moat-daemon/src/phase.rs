@@ -13,8 +13,10 @@ pub fn allowed(from: Phase, to: Phase) -> bool {
             | (Booting, Stopping)
             | (Stopping, Stopped)
             | (Stopping, Expired)
-            // A stopped, expired or failed sandbox keeps its disk and can be started again.
-            | (Stopped | Expired | Failed, Booting)
+            | (Stopping, Paused)
+            // A stopped, expired or failed sandbox keeps its disk and can be started again; a
+            // paused one continues where it was.
+            | (Stopped | Expired | Failed | Paused, Booting)
             // Anything live can fail: QEMU dies, the boot times out, the daemon restarts mid-boot.
             | (Creating | Booting | Running | Stopping, Failed)
     )
@@ -32,6 +34,7 @@ mod tests {
             assert!(allowed(w[0], w[1]), "{} -> {}", w[0], w[1]);
         }
         assert!(allowed(Stopping, Expired) && allowed(Expired, Booting) && allowed(Failed, Booting));
+        assert!(allowed(Stopping, Paused) && allowed(Paused, Booting));
     }
 
     #[test]

@@ -238,6 +238,7 @@ impl Service {
             pid: None,
             last_error: None,
             version: 1,
+            snapshot_id: None,
         };
         // Held from before the record exists, so no other operation sees it half made.
         let lock = self.op_lock(&id);
@@ -262,7 +263,7 @@ impl Service {
         let id = info.id.clone();
         self.db(|db| db.set_phase(&id, Phase::Booting, None))?;
         let dir = self.run_dir(&id);
-        let booted = Sandbox::start(&self.rt, spec, &id, &dir, fresh).await;
+        let booted = Sandbox::start(&self.rt, spec, &id, &dir, moat_sandbox::Origin::Boot { fresh }).await;
         match booted {
             Ok(sandbox) => {
                 let sandbox = Arc::new(sandbox);

@@ -1,8 +1,9 @@
 //! The daemon's state: SQLite in WAL mode under `$MOAT_HOME`, with versioned migrations.
 //!
 //! Tables: `sandboxes` (one row per sandbox that exists), `lifecycle` (append-only: every phase a
-//! sandbox entered, with the version, time and error) and `events` (append-only, what `GET
-//! /v1/events` streams). Every phase change goes through [`Db::set_phase`], which checks it with
+//! sandbox entered, with the version, time and error), `events` (append-only, what `GET
+//! /v1/events` streams) and `snapshots` (one row per saved machine under `snapshots/<id>`; a row
+//! is written before its files and marked ready after them, so gc knows every snapshot directory). Every phase change goes through [`Db::set_phase`], which checks it with
 //! [`crate::phase::check`] and writes the row, the lifecycle entry and the event in one transaction
 //! *before* the caller acts on it.
 //!
@@ -12,13 +13,14 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use moat_api::{Event, LifecycleEntry, OnExpire, Phase, SandboxInfo};
+use moat_api::{Event, LifecycleEntry, OnExpire, Phase, SandboxInfo, SnapshotInfo, SnapshotKind};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::phase;
 
 /// Migrations in order; `PRAGMA user_version` is how many have been applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE sandboxes (
     id TEXT PRIMARY KEY,
@@ -53,7 +55,31 @@ CREATE TABLE events (
     kind TEXT NOT NULL,
     message TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE snapshots (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    sandbox_id TEXT,
+    sandbox_name TEXT NOT NULL,
+    template_key TEXT,
+    ready INTEGER NOT NULL,
+    image TEXT NOT NULL,
+    image_digest TEXT NOT NULL,
+    vcpus INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    disk_mib INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    qemu TEXT NOT NULL,
+    accel TEXT NOT NULL,
+    kernel TEXT NOT NULL,
+    initramfs TEXT NOT NULL
+);
+ALTER TABLE sandboxes ADD COLUMN snapshot_id TEXT;
+"#,
+];
 
 /// Errors of the state store. Each says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +92,8 @@ pub enum StateError {
     TooNew { db: PathBuf, found: i64, known: i64 },
     #[error("a sandbox named {0:?} already exists")]
     NameTaken(String),
+    #[error("the sandbox already has a snapshot named {0:?}")]
+    SnapshotNameTaken(String),
     #[error("no sandbox {0:?}")]
     NotFound(String),
     #[error("sandbox {id} cannot go from {from} to {to}")]
@@ -238,6 +266,154 @@ impl Db {
         Ok(updated)
     }
 
+    /// Record which snapshot a sandbox's disk (and memory) now builds on.
+    pub fn set_snapshot(&mut self, id: &str, snapshot: Option<&str>) -> Result<(), StateError> {
+        self.conn.execute("UPDATE sandboxes SET snapshot_id = ?2 WHERE id = ?1", params![id, snapshot])?;
+        Ok(())
+    }
+
+    /// Record a snapshot being taken (not ready: lists leave it out, gc removes it after a crash).
+    pub fn insert_snapshot(&mut self, s: &SnapshotInfo, template_key: Option<&str>) -> Result<(), StateError> {
+        let tx = self.conn.transaction()?;
+        if let Some(sandbox) = &s.sandbox_id {
+            let taken: bool = tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM snapshots WHERE sandbox_id = ?1 AND name = ?2)",
+                [sandbox, &s.name],
+                |r| r.get(0),
+            )?;
+            if taken {
+                return Err(StateError::SnapshotNameTaken(s.name.clone()));
+            }
+        }
+        tx.execute(
+            "INSERT INTO snapshots (id, name, kind, sandbox_id, sandbox_name, template_key, ready, image, image_digest,
+                vcpus, memory_mib, disk_mib, size_bytes, created_at, qemu, accel, kernel, initramfs)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+            params![
+                s.id,
+                s.name,
+                s.kind.as_str(),
+                s.sandbox_id,
+                s.sandbox_name,
+                template_key,
+                s.image,
+                s.image_digest,
+                s.vcpus,
+                s.memory_mib,
+                s.disk_mib as i64,
+                s.size_bytes as i64,
+                s.created_at,
+                s.qemu,
+                s.accel,
+                s.kernel,
+                s.initramfs
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A snapshot's files are complete: it may be listed and restored.
+    pub fn snapshot_ready(&mut self, id: &str, size_bytes: u64) -> Result<(), StateError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("UPDATE snapshots SET ready = 1, size_bytes = ?2 WHERE id = ?1", params![id, size_bytes as i64])?;
+        let (name, sandbox): (String, String) =
+            tx.query_row("SELECT name, sandbox_name FROM snapshots WHERE id = ?1", [id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        let sandbox_id: Option<String> =
+            tx.query_row("SELECT sandbox_id FROM snapshots WHERE id = ?1", [id], |r| r.get(0))?;
+        append_event(&tx, sandbox_id.as_deref(), "snapshot", &format!("snapshot {sandbox}:{name} saved ({id})"))?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn delete_snapshot(&mut self, id: &str) -> Result<(), StateError> {
+        self.conn.execute("DELETE FROM snapshots WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    /// Ready snapshots, oldest first: of one sandbox, or all (templates too).
+    pub fn snapshots(&self, sandbox_id: Option<&str>) -> Result<Vec<SnapshotInfo>, StateError> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE ready = 1 AND (?1 IS NULL OR sandbox_id = ?1)
+             ORDER BY created_at, id"
+        ))?;
+        let rows = stmt.query_map([sandbox_id], row_to_snapshot)?;
+        let mut out = rows.collect::<Result<Vec<_>, _>>()?;
+        for s in &mut out {
+            s.dependents = self.dependents(&s.id)?;
+        }
+        Ok(out)
+    }
+
+    /// Every snapshot row with whether it is ready, for gc.
+    pub fn all_snapshot_ids(&self) -> Result<Vec<(String, bool)>, StateError> {
+        let mut stmt = self.conn.prepare("SELECT id, ready FROM snapshots")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// A ready template for `key`.
+    pub fn template(&self, key: &str) -> Result<Option<SnapshotInfo>, StateError> {
+        let found = self
+            .conn
+            .query_row(
+                &format!("SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE ready = 1 AND template_key = ?1"),
+                [key],
+                row_to_snapshot,
+            )
+            .optional()?;
+        Ok(found)
+    }
+
+    /// The ready snapshots a reference could mean: an id or unique id prefix, or `SANDBOX:NAME`
+    /// (the sandbox by id or name, or a removed sandbox's name).
+    pub fn snapshot_candidates(&self, reference: &str) -> Result<Vec<SnapshotInfo>, StateError> {
+        let mut out: Vec<SnapshotInfo> = match reference.split_once(':') {
+            Some((sandbox, name)) => {
+                let ids: Vec<String> = self.candidates(sandbox)?.into_iter().map(|s| s.id).collect();
+                let mut stmt = self.conn.prepare(&format!(
+                    "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE ready = 1 AND name = ?2
+                     AND (sandbox_id = ?1 OR (sandbox_id IS NULL AND sandbox_name = ?3))"
+                ))?;
+                let mut found = Vec::new();
+                for id in ids.iter().map(Some).chain([None]) {
+                    let rows = stmt.query_map(params![id, name, sandbox], row_to_snapshot)?;
+                    found.extend(rows.collect::<Result<Vec<_>, _>>()?);
+                    if !found.is_empty() {
+                        break;
+                    }
+                }
+                found
+            }
+            None => {
+                let mut stmt = self.conn.prepare(&format!(
+                    "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE ready = 1 AND substr(id, 1, length(?1)) = ?1"
+                ))?;
+                let rows = stmt.query_map([reference], row_to_snapshot)?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        for s in &mut out {
+            s.dependents = self.dependents(&s.id)?;
+        }
+        Ok(out)
+    }
+
+    /// Names of the sandboxes restored from snapshot `id`.
+    pub fn dependents(&self, id: &str) -> Result<Vec<String>, StateError> {
+        let mut stmt = self.conn.prepare("SELECT name FROM sandboxes WHERE snapshot_id = ?1 ORDER BY name")?;
+        let rows = stmt.query_map([id], |r| r.get(0))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// A sandbox is going away: its snapshots stay (forks may build on them), known by its name.
+    pub fn orphan_snapshots(&mut self, sandbox_id: &str) -> Result<(), StateError> {
+        self.conn.execute("UPDATE snapshots SET sandbox_id = NULL WHERE sandbox_id = ?1", [sandbox_id])?;
+        Ok(())
+    }
+
     pub fn set_pid(&mut self, id: &str, pid: Option<u32>) -> Result<(), StateError> {
         self.conn.execute("UPDATE sandboxes SET pid = ?2 WHERE id = ?1", params![id, pid])?;
         Ok(())
@@ -333,7 +509,35 @@ impl Db {
 }
 
 const COLUMNS: &str = "id, name, phase, version, image, image_digest, accel, vcpus, memory_mib, disk_mib, hostname, \
-                       created_at, expires_at, on_expire, pid, last_error";
+                       created_at, expires_at, on_expire, pid, last_error, snapshot_id";
+
+const SNAPSHOT_COLUMNS: &str = "id, name, kind, sandbox_id, sandbox_name, image, image_digest, vcpus, memory_mib, \
+                                disk_mib, size_bytes, created_at, qemu, accel, kernel, initramfs";
+
+fn row_to_snapshot(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotInfo> {
+    let kind: String = r.get(2)?;
+    let disk: i64 = r.get(9)?;
+    let size: i64 = r.get(10)?;
+    Ok(SnapshotInfo {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        kind: if kind == "template" { SnapshotKind::Template } else { SnapshotKind::Snapshot },
+        sandbox_id: r.get(3)?,
+        sandbox_name: r.get(4)?,
+        image: r.get(5)?,
+        image_digest: r.get(6)?,
+        vcpus: r.get(7)?,
+        memory_mib: r.get(8)?,
+        disk_mib: disk.max(0) as u64,
+        size_bytes: size.max(0) as u64,
+        created_at: r.get(11)?,
+        qemu: r.get(12)?,
+        accel: r.get(13)?,
+        kernel: r.get(14)?,
+        initramfs: r.get(15)?,
+        dependents: Vec::new(),
+    })
+}
 
 fn get(conn: &Connection, id: &str) -> Result<Option<SandboxInfo>, StateError> {
     Ok(conn.query_row(&format!("SELECT {COLUMNS} FROM sandboxes WHERE id = ?1"), [id], row_to_info).optional()?)
@@ -377,6 +581,7 @@ fn row_to_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxInfo> {
         on_expire: if on_expire == "stop" { OnExpire::Stop } else { OnExpire::Remove },
         pid: r.get(14)?,
         last_error: r.get(15)?,
+        snapshot_id: r.get(16)?,
     })
 }
 
@@ -431,6 +636,7 @@ mod tests {
             pid: None,
             last_error: None,
             version: 1,
+            snapshot_id: None,
         }
     }
 

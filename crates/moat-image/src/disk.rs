@@ -156,6 +156,16 @@ pub(crate) fn create_overlay(base: &Path, overlay: &Path, size: Option<u64>) -> 
     Ok(())
 }
 
+/// Make `disk` sit on `base` instead of its current backing chain, copying into it whatever of
+/// the old chain differs from `base`; what the disk reads stays the same.
+pub(crate) fn rebase(disk: &Path, base: &Path) -> Result<(), ImageError> {
+    run(
+        Command::new("qemu-img").args(["rebase", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]).arg(base).arg(disk),
+        "qemu-utils",
+    )?;
+    Ok(())
+}
+
 /// Facts `qemu-img info` reports about a disk file.
 #[derive(Debug, serde::Deserialize)]
 pub(crate) struct DiskInfo {

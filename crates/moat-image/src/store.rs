@@ -78,7 +78,7 @@ pub struct Provenance {
 }
 
 /// The image store under a root directory (`$MOAT_HOME/images`).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ImageStore {
     root: PathBuf,
 }
@@ -167,6 +167,31 @@ impl ImageStore {
             image.name
         )))?;
         disk::create_overlay(&base, overlay, size.filter(|&s| s > image.size_bytes))
+    }
+
+    /// Copy a sandbox's disk overlay (not in use, or its VM paused) to `dest` as a layer on the
+    /// image's base alone. When the overlay sits on another saved layer, that layer's data is
+    /// folded in, so saved disks never depend on one another and chains stay two deep.
+    pub fn freeze_overlay(&self, image: &Image, overlay: &Path, dest: &Path) -> Result<(), ImageError> {
+        let base = std::fs::canonicalize(&image.base).map_err(ImageError::io(format!(
+            "finding the base disk {} of image {}",
+            image.base.display(),
+            image.name
+        )))?;
+        std::fs::copy(overlay, dest).map_err(ImageError::io(format!(
+            "copying {} to {}",
+            overlay.display(),
+            dest.display()
+        )))?;
+        if disk::info(dest)?.backing_file.map(PathBuf::from) != Some(base.clone()) {
+            disk::rebase(dest, &base)?;
+        }
+        Ok(())
+    }
+
+    /// A new overlay whose backing is the saved layer `layer` (see [`ImageStore::freeze_overlay`]).
+    pub fn overlay_on_layer(&self, layer: &Path, overlay: &Path) -> Result<(), ImageError> {
+        disk::create_overlay(layer, overlay, None)
     }
 
     /// Where the verified layer blob `digest` is cached (`<root>/blobs/sha256/<hex>`).

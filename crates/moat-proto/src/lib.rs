@@ -16,6 +16,18 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
+    #[test]
+    fn identities_are_checked() {
+        let ok = Identity { hostname: "box-1".into(), machine_id: "0123456789abcdef0123456789abcdef".into() };
+        assert_eq!(ok.check(), Ok(()));
+        for hostname in ["", "-x", "a b", "a/b", &"x".repeat(64)] {
+            assert!(Identity { hostname: hostname.into(), ..ok.clone() }.check().is_err(), "{hostname:?}");
+        }
+        for machine_id in ["", "0123", "0123456789ABCDEF0123456789ABCDEF", "0123456789abcdef0123456789abcdeg"] {
+            assert!(Identity { machine_id: machine_id.into(), ..ok.clone() }.check().is_err(), "{machine_id:?}");
+        }
+    }
+
     fn samples() -> Vec<Message> {
         vec![
             Message::Hello(HostHello {
@@ -23,7 +35,12 @@ mod tests {
                 nonce: 7,
                 time_unix_ns: 1_700_000_000_000_000_000,
                 entropy: vec![1, 2, 3],
+                identity: Some(Identity {
+                    hostname: "fork-1".into(),
+                    machine_id: "0123456789abcdef0123456789abcdef".into(),
+                }),
             }),
+            Message::Request(Request::Resync(Resync { time_unix_ns: 1_700_000_000_000_000_000, entropy: vec![9; 64] })),
             Message::HelloAck(AgentHello { version: 1, nonce: 7, agent_version: "0.1.0".into(), kernel: "6.1".into() }),
             Message::Request(Request::Exec(ExecRequest {
                 argv: vec!["sh".into(), "-c".into(), "echo ü".into()],

@@ -25,6 +25,46 @@ pub struct HostHello {
     /// Fresh host entropy the agent mixes into the guest kernel's pool.
     #[serde(default)]
     pub entropy: Vec<u8>,
+    /// Who the guest is: applied on every connection, so a VM restored from a snapshot takes
+    /// on its own name before anything runs in it.
+    #[serde(default)]
+    pub identity: Option<Identity>,
+}
+
+/// A sandbox's identity inside the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The kernel hostname (also written to `/etc/hostname`).
+    pub hostname: String,
+    /// 32 lowercase hex digits for `/etc/machine-id`.
+    pub machine_id: String,
+}
+
+impl Identity {
+    /// Why this identity cannot be applied, if it cannot.
+    pub fn check(&self) -> Result<(), String> {
+        let h = &self.hostname;
+        if h.is_empty()
+            || h.len() > 63
+            || h.starts_with('-')
+            || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(format!("hostname {h:?} is not 1-63 letters, digits and '-'"));
+        }
+        let m = &self.machine_id;
+        if m.len() != 32 || !m.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(format!("machine id {m:?} is not 32 lowercase hex digits"));
+        }
+        Ok(())
+    }
+}
+
+/// The wall clock and fresh entropy, for a guest that was paused (a snapshot was taken).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resync {
+    /// u64, not u128 like the hello's: serde cannot buffer u128 inside a tagged enum (good to 2554).
+    pub time_unix_ns: u64,
+    pub entropy: Vec<u8>,
 }
 
 /// The agent's answer to [`HostHello`].
@@ -84,6 +124,8 @@ pub enum Request {
     /// Flush filesystems and power the guest off.
     Shutdown,
     Ping,
+    /// Set the clock and reseed the RNG now (answered with `Done`).
+    Resync(Resync),
     /// A tar stream of `path` (a file or a directory tree; symlinks stored as links, never
     /// followed) whose top-level entry is called `name` (default: the path's last component).
     ReadTar {

@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use moat_proto::{
     read_frame, read_until_sync, write_frame, AgentError, AgentHello, ExecRequest, ExitStatus, Frame, FrameError,
-    FsReply, HostHello, Message, Request, Started, Stream, CONTROL_CHANNEL, INITIAL_WINDOW, MAX_CHUNK,
-    PROTOCOL_VERSION,
+    FsReply, HostHello, Identity, Message, Request, Resync, Started, Stream, CONTROL_CHANNEL, INITIAL_WINDOW,
+    MAX_CHUNK, PROTOCOL_VERSION,
 };
 use rand::RngCore;
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
@@ -120,10 +120,18 @@ pub struct AgentLink {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// The host's wall clock and 64 fresh random bytes.
+fn resync() -> Resync {
+    let mut entropy = vec![0u8; 64];
+    rand::thread_rng().fill_bytes(&mut entropy);
+    let time_unix_ns = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_nanos() as u64;
+    Resync { time_unix_ns, entropy }
+}
+
 impl AgentLink {
     /// Connect to the agent's unix socket and complete the handshake. Waits as long as the agent
     /// takes to come up; the caller bounds it with a timeout.
-    pub async fn connect(path: &Path) -> Result<AgentLink, LinkError> {
+    pub async fn connect(path: &Path, identity: Option<Identity>) -> Result<AgentLink, LinkError> {
         let stream = UnixStream::connect(path)
             .await
             .map_err(|source| LinkError::Connect { path: path.display().to_string(), source })?;
@@ -132,10 +140,9 @@ impl AgentLink {
         let mut writer = BufWriter::with_capacity(256 * 1024, w);
 
         let nonce = rand::random::<u64>();
-        let mut entropy = vec![0u8; 64];
-        rand::thread_rng().fill_bytes(&mut entropy);
-        let time_unix_ns = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_nanos();
-        let hello = HostHello { version: PROTOCOL_VERSION, nonce, time_unix_ns, entropy };
+        let Resync { time_unix_ns, entropy } = resync();
+        let hello =
+            HostHello { version: PROTOCOL_VERSION, nonce, time_unix_ns: time_unix_ns.into(), entropy, identity };
         write_frame(&mut writer, &Frame::new(CONTROL_CHANNEL, Message::Hello(hello))).await?;
         writer.flush().await.map_err(FrameError::Io)?;
 
@@ -246,6 +253,11 @@ impl AgentLink {
     /// Round trip to the agent.
     pub async fn ping(&self) -> Result<(), LinkError> {
         self.request(Request::Ping).await.map(drop)
+    }
+
+    /// Set the guest's clock and reseed its RNG now, after the VM was paused.
+    pub async fn resync(&self) -> Result<(), LinkError> {
+        self.request(Request::Resync(resync())).await.map(drop)
     }
 
     /// Ask the agent to power the guest off. The VM exits shortly after.

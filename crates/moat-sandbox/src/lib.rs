@@ -4,12 +4,14 @@
 pub mod agent_link;
 mod runtime;
 mod sandbox;
+mod snapshot;
 
 use std::time::Duration;
 
 pub use agent_link::{AgentLink, Exec, ExecControl, ExecEvent, LinkError};
 pub use runtime::{Runtime, RuntimeConfig};
-pub use sandbox::{new_id, validate, Sandbox, SandboxSpec, OVERLAY_FILE};
+pub use sandbox::{new_id, validate, Origin, Sandbox, SandboxSpec, OVERLAY_FILE};
+pub use snapshot::{copy_sparse, Fingerprint, DISK_FILE, MEM_FILE, STATE_FILE};
 
 /// Why a sandbox could not be prepared, booted or used.
 #[derive(Debug, thiserror::Error)]
@@ -30,4 +32,6 @@ pub enum SandboxError {
     BootTimeout { timeout: Duration, console: String },
     #[error("the guest failed to boot: {reason}; last console lines:\n{console}\nhint: run `moat doctor`")]
     Boot { reason: String, console: String },
+    #[error("restoring the saved VM failed: {reason}\n{console}\nhint: the saved state may be damaged; remove it (`moat snapshot rm`) and take a new one")]
+    Restore { reason: String, console: String },
 }

@@ -5,11 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moat_image::Image;
-use moat_proto::ExecRequest;
-use moat_vmm::{Accel, ExitWatcher, Vm, VmConfig};
+use moat_proto::{ExecRequest, Identity};
+use moat_vmm::{Accel, ExitWatcher, Memory, Vm, VmConfig};
 
 use crate::agent_link::{AgentLink, Exec};
 use crate::runtime::{create_private_dir, Runtime};
+use crate::snapshot::{remove_if_exists, DISK_FILE, MEM_FILE, STATE_FILE};
 use crate::SandboxError;
 
 /// What a sandbox should look like.
@@ -53,8 +54,24 @@ pub struct Sandbox {
     /// Time from QEMU start until the agent answered the handshake (zero when adopted).
     pub boot_time: Duration,
     pid: u32,
-    vm: tokio::sync::Mutex<Vm>,
+    /// How QEMU was started: a restore of a snapshot of this sandbox starts the same machine.
+    pub(crate) cfg: VmConfig,
+    identity: Identity,
+    pub(crate) vm: tokio::sync::Mutex<Vm>,
     link: std::sync::RwLock<Arc<AgentLink>>,
+}
+
+/// Where a sandbox's VM comes from when it starts.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// Boot the image's kernel. With `fresh`, on a new disk overlay (replacing any old one);
+    /// otherwise on the existing overlay (a stopped sandbox's disk).
+    Boot { fresh: bool },
+    /// Continue the VM saved in a snapshot directory (see [`Sandbox::snapshot`]): a new overlay on
+    /// its disk, its memory file mapped copy-on-write, its device state loaded.
+    Snapshot(&'a Path),
+    /// Continue this sandbox's own VM, saved by [`Sandbox::suspend`].
+    Suspended,
 }
 
 /// A fresh random sandbox id: 12 hex digits, short enough for socket paths.
@@ -62,8 +79,16 @@ pub fn new_id() -> String {
     format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
 }
 
+/// The sandbox's hostname and a machine id derived from its id (stable across daemon restarts).
+fn identity(spec: &SandboxSpec, id: &str) -> Identity {
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(format!("moat machine-id {id}").as_bytes());
+    let machine_id = hash[..16].iter().map(|b| format!("{b:02x}")).collect();
+    Identity { hostname: spec.hostname.clone().unwrap_or_else(|| format!("moat-{id}")), machine_id }
+}
+
 fn vm_config(rt: &Runtime, spec: &SandboxSpec, id: &str, dir: &Path) -> VmConfig {
-    let hostname = spec.hostname.clone().unwrap_or_else(|| format!("moat-{id}"));
+    let hostname = identity(spec, id).hostname;
     VmConfig {
         qemu: rt.qemu.clone(),
         accel: rt.accel.accel,
@@ -76,6 +101,8 @@ fn vm_config(rt: &Runtime, spec: &SandboxSpec, id: &str, dir: &Path) -> VmConfig
         run_dir: dir.to_path_buf(),
         seccomp: true,
         name: id.to_string(),
+        memory: Some(Memory::Own(dir.join(MEM_FILE))),
+        incoming: false,
     }
 }
 
@@ -85,37 +112,75 @@ impl Sandbox {
     pub async fn boot(rt: &Runtime, spec: &SandboxSpec) -> Result<Sandbox, SandboxError> {
         let id = new_id();
         let dir = rt.config.run_dir().join(&id);
-        let result = Self::start(rt, spec, &id, &dir, true).await;
+        let result = Self::start(rt, spec, &id, &dir, Origin::Boot { fresh: true }).await;
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
         }
         result
     }
 
-    /// Boot sandbox `id` in `dir`: with `fresh`, a new overlay on the image replaces any old one;
-    /// otherwise the existing overlay (a stopped sandbox's disk) is booted. On failure no QEMU is
-    /// left running; the directory stays for the caller to keep or remove.
+    /// Start sandbox `id` in `dir` from `origin`. Returns once the agent has answered, with the
+    /// sandbox's identity applied and (after a restore) its clock and RNG fresh. On failure no
+    /// QEMU is left running; the directory stays for the caller to keep or remove.
     pub async fn start(
         rt: &Runtime,
         spec: &SandboxSpec,
         id: &str,
         dir: &Path,
-        fresh: bool,
+        origin: Origin<'_>,
     ) -> Result<Sandbox, SandboxError> {
         validate(spec)?;
         let image = rt.images.resolve(&spec.image)?;
         create_private_dir(dir)?;
-        let cfg = vm_config(rt, spec, id, dir);
+        let mut cfg = vm_config(rt, spec, id, dir);
         let overlay = dir.join(OVERLAY_FILE);
-        if fresh || !overlay.exists() {
-            let _ = std::fs::remove_file(&overlay);
-            rt.images.create_overlay(&image, &overlay, spec.disk_bytes)?;
-        }
+        let mem = dir.join(MEM_FILE);
+        let state = match origin {
+            Origin::Boot { fresh } => {
+                if fresh || !overlay.exists() {
+                    remove_if_exists(&overlay)?;
+                    rt.images.create_overlay(&image, &overlay, spec.disk_bytes)?;
+                }
+                // Whatever an earlier run left in guest RAM is of no use to a boot.
+                remove_if_exists(&mem)?;
+                None
+            }
+            Origin::Snapshot(snapshot) => {
+                remove_if_exists(&overlay)?;
+                rt.images.overlay_on_layer(&snapshot.join(DISK_FILE), &overlay)?;
+                remove_if_exists(&mem)?;
+                cfg.memory = Some(Memory::Snapshot(snapshot.join(MEM_FILE)));
+                Some(snapshot.join(STATE_FILE))
+            }
+            Origin::Suspended => {
+                let state = dir.join(STATE_FILE);
+                if !state.exists() || !mem.exists() {
+                    return Err(SandboxError::Restore {
+                        reason: format!("the saved state in {} is missing", dir.display()),
+                        console: String::new(),
+                    });
+                }
+                Some(state)
+            }
+        };
+        cfg.incoming = state.is_some();
+        let identity = identity(spec, id);
         let started = Instant::now();
         let mut vm = Vm::spawn(&cfg, spec.die_with_parent).await?;
+        if let Some(state) = &state {
+            let loaded = match vm.load(state, true).await {
+                Ok(()) => vm.cont().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = loaded {
+                let console = vm.console_tail(20);
+                vm.kill().await;
+                return Err(SandboxError::Restore { reason: e.to_string(), console });
+            }
+        }
         let socket = vm.agent_socket();
         let outcome = tokio::select! {
-            r = tokio::time::timeout(spec.boot_timeout, AgentLink::connect(&socket)) => Ok(r),
+            r = tokio::time::timeout(spec.boot_timeout, AgentLink::connect(&socket, Some(identity.clone()))) => Ok(r),
             status = vm.wait(spec.boot_timeout + Duration::from_secs(1)) => Err(status),
         };
         let link = match outcome {
@@ -136,8 +201,12 @@ impl Sandbox {
                 });
             }
         };
+        if matches!(origin, Origin::Suspended) {
+            // Running again: the saved device state is stale now.
+            let _ = std::fs::remove_file(dir.join(STATE_FILE));
+        }
         let boot_time = started.elapsed();
-        tracing::info!(sandbox = %id, ?boot_time, agent = %link.agent().agent_version, "sandbox running");
+        tracing::info!(sandbox = %id, ?boot_time, restored = state.is_some(), agent = %link.agent().agent_version, "sandbox running");
         Ok(Sandbox {
             id: id.to_string(),
             dir: dir.to_path_buf(),
@@ -145,6 +214,8 @@ impl Sandbox {
             accel: rt.accel.accel,
             boot_time,
             pid: vm.pid(),
+            cfg,
+            identity,
             vm: tokio::sync::Mutex::new(vm),
             link: std::sync::RwLock::new(Arc::new(link)),
         })
@@ -161,8 +232,11 @@ impl Sandbox {
     ) -> Result<Sandbox, SandboxError> {
         let image = rt.images.resolve(&spec.image)?;
         let cfg = vm_config(rt, spec, id, dir);
+        let identity = identity(spec, id);
         let vm = Vm::adopt(&cfg, pid).await?;
-        let link = match tokio::time::timeout(spec.boot_timeout, AgentLink::connect(&vm.agent_socket())).await {
+        let socket = vm.agent_socket();
+        let connect = AgentLink::connect(&socket, Some(identity.clone()));
+        let link = match tokio::time::timeout(spec.boot_timeout, connect).await {
             Ok(Ok(link)) => link,
             Ok(Err(e)) => {
                 vm.detach();
@@ -181,6 +255,8 @@ impl Sandbox {
             accel: rt.accel.accel,
             boot_time: Duration::ZERO,
             pid,
+            cfg,
+            identity,
             vm: tokio::sync::Mutex::new(vm),
             link: std::sync::RwLock::new(Arc::new(link)),
         })
@@ -220,7 +296,7 @@ impl Sandbox {
     pub async fn reconnect(&self, timeout: Duration) -> Result<(), SandboxError> {
         self.link().close();
         let socket = self.dir.join("agent.sock");
-        let link = match tokio::time::timeout(timeout, AgentLink::connect(&socket)).await {
+        let link = match tokio::time::timeout(timeout, AgentLink::connect(&socket, Some(self.identity.clone()))).await {
             Ok(link) => link?,
             Err(_) => {
                 return Err(SandboxError::Boot {
@@ -276,6 +352,8 @@ impl Sandbox {
         if let Err(e) = self.vm.lock().await.stop(grace).await {
             tracing::warn!(sandbox = %self.id, error = %e, "stopping QEMU failed");
         }
+        // Guest RAM is of no use once the guest is off; the next start boots afresh.
+        let _ = std::fs::remove_file(self.dir.join(MEM_FILE));
     }
 
     /// After QEMU died on its own: reap it and remove its sockets.

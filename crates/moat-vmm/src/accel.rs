@@ -203,6 +203,8 @@ async fn probe_kvm(qemu: &Path, kernel: &Path, initrd: &Path, timeout: Duration)
         run_dir: dir.clone(),
         seccomp: true,
         name: format!("kvm-probe-{unique}"),
+        memory: None,
+        incoming: false,
     };
     let result = async {
         let mut vm = Vm::spawn(&cfg, true).await.map_err(|e| format!("QEMU could not start a KVM guest: {e}"))?;

@@ -25,6 +25,28 @@ pub struct VmConfig {
     pub seccomp: bool,
     /// Sandbox name; the QEMU process is called `moat-<name>` so `ps` and gc can recognise it.
     pub name: String,
+    /// Where guest RAM lives; anonymous memory when absent.
+    pub memory: Option<Memory>,
+    /// Start paused, waiting for a saved state ([`crate::Vm::load`]) instead of booting.
+    pub incoming: bool,
+}
+
+/// Guest RAM backed by a file, which is what makes snapshots cheap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Memory {
+    /// A file only this VM uses, mapped shared: guest writes land in the file, so a snapshot saves
+    /// the device state alone (`x-ignore-shared`) and copies the file.
+    Own(PathBuf),
+    /// A snapshot's RAM file, mapped private: every VM restored from it shares its pages until it
+    /// writes them (copy-on-write), and the file never changes.
+    Snapshot(PathBuf),
+}
+
+impl Memory {
+    /// Whether guest RAM is mapped shared, so migration streams leave it out.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Memory::Own(_))
+    }
 }
 
 /// Kernel arguments every sandbox gets. `reboot=t` + `-no-reboot` turns a guest reboot or panic
@@ -140,6 +162,25 @@ pub fn command_line_for(cfg: &VmConfig, host: HostFacts) -> Vec<OsString> {
     }
     push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-display", "none"]);
     push(&["-smp", &cfg.vcpus.to_string(), "-m", &format!("{}M", cfg.memory_mib)]);
+    if let Some(memory) = &cfg.memory {
+        let (path, share) = match memory {
+            Memory::Own(path) => (path, "on"),
+            Memory::Snapshot(path) => (path, "off"),
+        };
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-file,id=ram,size={}M,mem-path={},share={share}",
+                cfg.memory_mib,
+                opt_value(&p(path))
+            ),
+        ]);
+        push(&["-machine", "memory-backend=ram"]);
+    }
+    if cfg.incoming {
+        // Paused until `cont`, so moat decides when the restored guest runs again.
+        push(&["-incoming", "defer", "-S"]);
+    }
     push(&["-kernel", &p(&cfg.kernel), "-initrd", &p(&cfg.initrd)]);
     if !cfg.cmdline.is_empty() {
         kernel_args.push(' ');
@@ -203,6 +244,8 @@ mod tests {
             run_dir: "/run/x".into(),
             seccomp: true,
             name: "abc".into(),
+            memory: None,
+            incoming: false,
         }
     }
 
@@ -260,6 +303,21 @@ mod tests {
         assert!(append.starts_with("console=ttyS0 reboot=t panic=-1"), "{append}");
         assert!(append.contains(" tsc_early_khz=2500000"), "{append}");
         assert!(append.ends_with(" moat.root=/dev/vda"), "caller's arguments come last: {append}");
+    }
+
+    #[test]
+    fn ram_in_a_file_shared_or_private_and_incoming() {
+        let c = VmConfig { memory: Some(Memory::Own("/run/x/mem".into())), ..cfg() };
+        let a = args(&c, HOST);
+        assert_eq!(value(&a, "-object"), "memory-backend-file,id=ram,size=512M,mem-path=/run/x/mem,share=on");
+        assert_eq!(value(&a, "-machine"), "memory-backend=ram");
+        assert!(!a.iter().any(|x| x == "-incoming"));
+        let c = VmConfig { memory: Some(Memory::Snapshot("/s/a,b/mem".into())), incoming: true, ..cfg() };
+        let a = args(&c, HOST);
+        assert_eq!(value(&a, "-object"), "memory-backend-file,id=ram,size=512M,mem-path=/s/a,,b/mem,share=off");
+        assert_eq!(value(&a, "-incoming"), "defer");
+        assert!(a.iter().any(|x| x == "-S"));
+        assert!(!args(&cfg(), HOST).iter().any(|x| x == "-object"), "anonymous RAM by default");
     }
 
     #[test]

@@ -132,6 +132,8 @@ mod tests {
             run_dir: run_dir.into(),
             seccomp: true,
             name: name.into(),
+            memory: None,
+            incoming: false,
         }
     }
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 pub use accel::{
     choose_accel, Accel, AccelChoice, AccelChoiceError, AccelDecision, DEFAULT_PROBE_TIMEOUT, PROBE_MARKER,
 };
-pub use command::{command_line, command_line_for, HostFacts, VmConfig, BASE_CMDLINE, SECCOMP_POLICY};
+pub use command::{command_line, command_line_for, HostFacts, Memory, VmConfig, BASE_CMDLINE, SECCOMP_POLICY};
 pub use exit::{Exit, ExitWatcher};
 pub use identity::{find_qemus_under, is_our_qemu};
 pub use qmp::{Qmp, QmpError, QmpEvent};
@@ -44,6 +44,8 @@ pub enum VmmError {
     NotOurProcess { pid: u32, reason: String },
     #[error("QEMU {pid} is running but did not answer on its QMP socket {}: {reason}; it was left running\nhint: another process may hold the QMP connection; stop it, or kill QEMU {pid} to end the sandbox", socket.display())]
     AdoptQmp { pid: u32, socket: PathBuf, reason: String },
+    #[error("{0}\nhint: see qemu.log in the run directory; `moat doctor` checks the host")]
+    Migration(String),
     #[error("KVM is not usable on this host: {reason}\nhint: {hint}")]
     KvmUnusable { reason: String, hint: String },
     #[error("{what}: {source}")]

@@ -9,6 +9,7 @@
 //! dropped (a timeout) cannot leave its late reply to be mistaken for the next command's.
 
 use std::collections::VecDeque;
+use std::os::fd::BorrowedFd;
 use std::path::Path;
 
 use serde_json::{json, Value};
@@ -144,6 +145,17 @@ impl Qmp {
 
     /// Run a command and return its `return` value.
     pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        self.execute_with_fd(command, arguments, None).await
+    }
+
+    /// Run a command, passing `fd` along with it (SCM_RIGHTS), as `getfd` and `add-fd` expect.
+    /// This is how QEMU under `-sandbox spawn=deny` reads and writes migration streams.
+    pub async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, QmpError> {
         let id = self.next_id;
         self.next_id += 1;
         let mut msg = json!({ "execute": command, "id": id });
@@ -152,7 +164,11 @@ impl Qmp {
         }
         let mut line = serde_json::to_vec(&msg)?;
         line.push(b'\n');
-        self.writer.write_all(&line).await?;
+        let mut sent = 0;
+        if let Some(fd) = fd {
+            sent = self.send_with_fd(&line, fd).await?;
+        }
+        self.writer.write_all(&line[sent..]).await?;
         loop {
             let reply = self.read_message().await?;
             if reply.get("event").is_some() {
@@ -171,6 +187,27 @@ impl Qmp {
                 return Err(QmpError::Command { command: command.into(), class: s("class"), desc: s("desc") });
             }
             return Err(QmpError::Unexpected(truncated(&reply)));
+        }
+    }
+
+    /// Send the start of `bytes` with `fd` attached; how many bytes went (at least one).
+    async fn send_with_fd(&mut self, bytes: &[u8], fd: BorrowedFd<'_>) -> Result<usize, QmpError> {
+        use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+        let stream: &UnixStream = self.writer.as_ref();
+        loop {
+            stream.writable().await?;
+            let fds = [fd];
+            let mut space = [0u8; rustix::cmsg_space!(ScmRights(1))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            control.push(SendAncillaryMessage::ScmRights(&fds));
+            let iov = [std::io::IoSlice::new(bytes)];
+            match stream.try_io(tokio::io::Interest::WRITABLE, || {
+                sendmsg(stream, &iov, &mut control, SendFlags::NOSIGNAL).map_err(std::io::Error::from)
+            }) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 

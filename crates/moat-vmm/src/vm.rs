@@ -1,7 +1,7 @@
 //! A supervised QEMU process: one this daemon spawned, or one it adopted from an earlier daemon.
 
 use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
 use tokio::process::{Child, Command};
 
-use crate::command::{command_line, VmConfig};
+use serde_json::json;
+
+use crate::command::{command_line, Memory, VmConfig};
 use crate::exit::{has_exited, open_pidfd, wait_readable, watch, Exit, ExitWatcher};
 use crate::identity::is_our_qemu;
 use crate::qmp::Qmp;
@@ -47,7 +49,15 @@ pub struct Vm {
     qemu_log: PathBuf,
     qmp: Option<Qmp>,
     exited: Option<Exit>,
+    /// Guest RAM is a shared file mapping ([`Memory::Own`]): saved streams leave it out.
+    ram_shared: bool,
 }
+
+/// How long saving or loading a VM's state may take. Streams without RAM take milliseconds; one
+/// with a few GiB of RAM takes seconds.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+/// The name a migration stream's file descriptor gets inside QEMU.
+const STATE_FD: &str = "moat-state";
 
 impl Vm {
     /// Start QEMU and connect to its QMP socket. When QEMU exits during start-up (a bad kernel
@@ -177,6 +187,83 @@ impl Vm {
             qemu_log: cfg.qemu_log(),
             qmp: None,
             exited: None,
+            ram_shared: cfg.memory.as_ref().is_some_and(Memory::is_shared),
+        }
+    }
+
+    /// Pause the guest and write its state into the new file `state`. With RAM in a shared file
+    /// ([`Memory::Own`]) the stream holds the device state only (kilobytes) and the caller may copy
+    /// the RAM file while the VM stays paused; otherwise RAM is in the stream. Returns whether RAM
+    /// was left out, which [`Vm::load`] needs to know. The VM stays paused: [`Vm::cont`] runs it
+    /// again, [`Vm::stop`] ends it.
+    pub async fn save(&mut self, state: &Path) -> Result<bool, VmmError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(state)
+            .map_err(|e| VmmError::Io { what: format!("cannot create {}", state.display()), source: e })?;
+        let ram_in_file = self.ram_shared;
+        let qmp = self.qmp()?;
+        qmp.execute("stop", None).await?;
+        prepare_migration(qmp, ram_in_file).await?;
+        qmp.execute_with_fd("getfd", Some(json!({ "fdname": STATE_FD })), Some(file.as_fd())).await?;
+        drop(file);
+        qmp.execute("migrate", Some(json!({ "uri": format!("fd:{STATE_FD}") }))).await?;
+        self.wait_migration("saving").await?;
+        Ok(ram_in_file)
+    }
+
+    /// Load the state [`Vm::save`] wrote into a VM spawned with `incoming`, then run it.
+    /// `ram_in_file` is what `save` returned. A stream QEMU cannot load (another QEMU version, a
+    /// different machine) ends QEMU; the error carries what it printed.
+    pub async fn load(&mut self, state: &Path, ram_in_file: bool) -> Result<(), VmmError> {
+        let file = std::fs::File::open(state)
+            .map_err(|e| VmmError::Io { what: format!("cannot open {}", state.display()), source: e })?;
+        let result = async {
+            let qmp = self.qmp()?;
+            prepare_migration(qmp, ram_in_file).await?;
+            qmp.execute_with_fd("getfd", Some(json!({ "fdname": STATE_FD })), Some(file.as_fd())).await?;
+            qmp.execute("migrate-incoming", Some(json!({ "uri": format!("fd:{STATE_FD}") }))).await?;
+            self.wait_migration("loading").await?;
+            self.cont().await
+        }
+        .await;
+        match result {
+            Err(VmmError::Qmp(e)) => Err(self.exited_early(Duration::from_secs(2)).await?.unwrap_or(VmmError::Qmp(e))),
+            other => other,
+        }
+    }
+
+    /// Run a paused guest again.
+    pub async fn cont(&mut self) -> Result<(), VmmError> {
+        self.qmp()?.execute("cont", None).await?;
+        Ok(())
+    }
+
+    /// Poll `query-migrate` until the migration in either direction has completed.
+    async fn wait_migration(&mut self, what: &str) -> Result<(), VmmError> {
+        let deadline = Instant::now() + MIGRATION_TIMEOUT;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let info = self.qmp()?.execute("query-migrate", None).await?;
+            match info.get("status").and_then(|s| s.as_str()).unwrap_or("none") {
+                "completed" => return Ok(()),
+                status @ ("failed" | "cancelled") => {
+                    let desc = info.get("error-desc").and_then(|d| d.as_str()).unwrap_or("no reason given");
+                    return Err(VmmError::Migration(format!("{what} the VM state {status}: {desc}")));
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(VmmError::Migration(format!(
+                        "{what} the VM state took longer than {}s",
+                        MIGRATION_TIMEOUT.as_secs()
+                    )))
+                }
+                _ => {}
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
     }
 
@@ -384,6 +471,18 @@ impl Drop for Vm {
     }
 }
 
+/// Capabilities and parameters both ends of a migration must agree on. The VM is paused, so the
+/// whole stream is written at once: no bandwidth limit (QEMU's default is 32 MiB/s).
+async fn prepare_migration(qmp: &mut Qmp, ram_in_file: bool) -> Result<(), VmmError> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": ram_in_file }] })),
+    )
+    .await?;
+    qmp.execute("migrate-set-parameters", Some(json!({ "max-bandwidth": i64::MAX / 2 }))).await?;
+    Ok(())
+}
+
 /// The last `max_lines` lines of a file, reading at most its last 64 KiB.
 fn tail(path: &Path, max_lines: usize) -> String {
     let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
@@ -441,6 +540,8 @@ pub(crate) mod tests {
             run_dir: dir.to_path_buf(),
             seccomp: true,
             name: format!("{name}-{}", std::process::id()),
+            memory: None,
+            incoming: false,
         }
     }
 

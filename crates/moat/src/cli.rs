@@ -182,6 +182,14 @@ pub struct CreateArgs {
     /// Give up if the guest has not come up after this long.
     #[arg(long, default_value = "90s", value_parser = parse_duration)]
     pub boot_timeout: Duration,
+    /// Continue from a snapshot instead of booting: `SANDBOX:NAME` or a snapshot id. The image,
+    /// CPUs, memory and disk are the snapshot's.
+    #[arg(long, value_name = "SNAPSHOT")]
+    pub from: Option<String>,
+    /// Boot the image's kernel even when a template (a saved, booted VM of the image) could
+    /// start the sandbox in a fraction of the time.
+    #[arg(long, conflicts_with = "from")]
+    pub cold: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

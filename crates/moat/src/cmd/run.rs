@@ -20,12 +20,14 @@ const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
 const ONE_SHOT_LEASE_SECS: u64 = 600;
 
 pub fn create_request(c: &CreateArgs) -> CreateSandbox {
+    // A snapshot brings its own machine.
+    let machine = c.from.is_none();
     CreateSandbox {
         name: c.name.clone(),
-        image: Some(c.image.clone()),
-        vcpus: Some(c.cpus),
-        memory_mib: Some(c.memory),
-        disk_mib: Some(c.disk),
+        image: machine.then(|| c.image.clone()),
+        vcpus: machine.then_some(c.cpus),
+        memory_mib: machine.then_some(c.memory),
+        disk_mib: machine.then_some(c.disk),
         ttl_secs: c.ttl.map(|d| d.as_secs().max(1)),
         on_expire: Some(match c.on_expire {
             OnExpireArg::Stop => OnExpire::Stop,
@@ -33,6 +35,8 @@ pub fn create_request(c: &CreateArgs) -> CreateSandbox {
         }),
         hostname: c.hostname.clone(),
         boot_timeout_secs: Some(c.boot_timeout.as_secs().max(1)),
+        from: c.from.clone(),
+        template: c.cold.then_some(false),
     }
 }
 
@@ -42,7 +46,9 @@ pub async fn run(args: RunArgs, host: &HostArgs) -> anyhow::Result<i32> {
         bail!("`moat run -d` creates a sandbox and takes no command\nhint: run `moat run -d --name box`, then `moat exec box -- CMD`");
     }
     let client = connect(host).await?;
-    crate::cmd::image::ensure_image(&client, &args.create.image).await?;
+    if args.create.from.is_none() {
+        crate::cmd::image::ensure_image(&client, &args.create.image).await?;
+    }
     let mut req = create_request(&args.create);
     if args.detach {
         let info = client.create(&req).await?;
