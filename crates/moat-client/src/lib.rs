@@ -9,9 +9,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use moat_api::{
-    ApiError, BuildImage, CreateSandbox, ErrorCode, Event, ExecClientMessage, ExecServerMessage, ExecStart, Health,
-    ImageInfo, ImageProgress, JobInfo, KillProcess, LifecycleEntry, LogSource, ProcessStarted, PullImage, Reclaimed,
-    RenewLease, SandboxInfo, StartProcess, STDERR_TAG, STDOUT_TAG,
+    ApiError, BuildImage, CreateSandbox, CreateSnapshot, ErrorCode, Event, ExecClientMessage, ExecServerMessage,
+    ExecStart, Fork, Forked, Health, ImageInfo, ImageProgress, JobInfo, KillProcess, LifecycleEntry, LogSource,
+    ProcessStarted, PullImage, Reclaimed, RenewLease, Revert, SandboxInfo, SnapshotInfo, StartProcess, STDERR_TAG,
+    STDOUT_TAG,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -195,6 +196,41 @@ impl Client {
     pub async fn renew(&self, reference: &str, ttl_secs: u64) -> Result<SandboxInfo, ClientError> {
         let body = RenewLease { ttl_secs };
         self.call(Method::POST, &format!("/v1/sandboxes/{}/lease", segment(reference)), Some(&body)).await
+    }
+
+    pub async fn snapshot(&self, reference: &str, name: Option<String>) -> Result<SnapshotInfo, ClientError> {
+        let body = CreateSnapshot { name };
+        self.call(Method::POST, &format!("/v1/sandboxes/{}/snapshots", segment(reference)), Some(&body)).await
+    }
+
+    /// Ready snapshots of one sandbox, or all snapshots and templates.
+    pub async fn snapshots(&self, sandbox: Option<&str>) -> Result<Vec<SnapshotInfo>, ClientError> {
+        let path = match sandbox {
+            Some(r) => format!("/v1/sandboxes/{}/snapshots", segment(r)),
+            None => "/v1/snapshots".to_string(),
+        };
+        self.call(Method::GET, &path, None::<&()>).await
+    }
+
+    pub async fn remove_snapshot(&self, reference: &str) -> Result<SnapshotInfo, ClientError> {
+        self.call(Method::DELETE, &format!("/v1/snapshots/{}", segment(reference)), None::<&()>).await
+    }
+
+    pub async fn revert(&self, reference: &str, snapshot: &str) -> Result<SandboxInfo, ClientError> {
+        let body = Revert { snapshot: snapshot.to_string() };
+        self.call(Method::POST, &format!("/v1/sandboxes/{}/revert", segment(reference)), Some(&body)).await
+    }
+
+    pub async fn fork(&self, reference: &str, req: &Fork) -> Result<Forked, ClientError> {
+        self.call(Method::POST, &format!("/v1/sandboxes/{}/fork", segment(reference)), Some(req)).await
+    }
+
+    pub async fn pause(&self, reference: &str) -> Result<SandboxInfo, ClientError> {
+        self.call(Method::POST, &format!("/v1/sandboxes/{}/pause", segment(reference)), None::<&()>).await
+    }
+
+    pub async fn resume(&self, reference: &str) -> Result<SandboxInfo, ClientError> {
+        self.call(Method::POST, &format!("/v1/sandboxes/{}/resume", segment(reference)), None::<&()>).await
     }
 
     pub async fn prune(&self) -> Result<Reclaimed, ClientError> {

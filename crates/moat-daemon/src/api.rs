@@ -15,8 +15,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use moat_api::{
-    ApiError, CreateSandbox, ErrorCode, ExecClientMessage, ExecServerMessage, ExecStart, Health, LogSource, RenewLease,
-    MAX_BODY, STDERR_TAG, STDOUT_TAG,
+    ApiError, CreateSandbox, CreateSnapshot, ErrorCode, ExecClientMessage, ExecServerMessage, ExecStart, Fork, Health,
+    LogSource, RenewLease, Revert, MAX_BODY, STDERR_TAG, STDOUT_TAG,
 };
 use moat_proto::ExecRequest;
 use moat_sandbox::ExecEvent;
@@ -78,6 +78,13 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/v1/sandboxes/{reference}/start", post(start))
         .route("/v1/sandboxes/{reference}/lease", post(renew))
         .route("/v1/sandboxes/{reference}/lifecycle", get(lifecycle))
+        .route("/v1/sandboxes/{reference}/snapshots", get(sandbox_snapshots).post(snapshot))
+        .route("/v1/sandboxes/{reference}/revert", post(revert))
+        .route("/v1/sandboxes/{reference}/fork", post(fork))
+        .route("/v1/sandboxes/{reference}/pause", post(pause))
+        .route("/v1/sandboxes/{reference}/resume", post(resume))
+        .route("/v1/snapshots", get(snapshots))
+        .route("/v1/snapshots/{reference}", get(inspect_snapshot).delete(remove_snapshot))
         .route("/v1/sandboxes/{reference}/exec", get(exec))
         .route("/v1/sandboxes/{reference}/logs", get(logs))
         .route("/v1/sandboxes/{reference}/processes", get(crate::processes::list).post(crate::processes::start))
@@ -208,6 +215,54 @@ async fn renew(
 async fn lifecycle(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<impl IntoResponse> {
     let info = svc.resolve(&reference)?;
     Ok(Json(svc.db(|db| db.lifecycle(&info.id))?))
+}
+
+async fn snapshot(
+    State(svc): Svc,
+    Path(reference): Path<String>,
+    JsonBody(req): JsonBody<CreateSnapshot>,
+) -> ApiResult<impl IntoResponse> {
+    Ok((StatusCode::CREATED, Json(svc.snapshot(&reference, req.name).await?)))
+}
+
+async fn sandbox_snapshots(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.snapshots(Some(&reference))?))
+}
+
+async fn snapshots(State(svc): Svc) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.snapshots(None)?))
+}
+
+async fn inspect_snapshot(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.resolve_snapshot(&reference)?))
+}
+
+async fn remove_snapshot(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.remove_snapshot(&reference).await?))
+}
+
+async fn revert(
+    State(svc): Svc,
+    Path(reference): Path<String>,
+    JsonBody(req): JsonBody<Revert>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.revert(&reference, &req.snapshot).await?))
+}
+
+async fn fork(
+    State(svc): Svc,
+    Path(reference): Path<String>,
+    JsonBody(req): JsonBody<Fork>,
+) -> ApiResult<impl IntoResponse> {
+    Ok((StatusCode::CREATED, Json(svc.fork(&reference, req).await?)))
+}
+
+async fn pause(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.pause(&reference).await?))
+}
+
+async fn resume(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.resume(&reference).await?))
 }
 
 async fn prune(State(svc): Svc) -> ApiResult<impl IntoResponse> {

@@ -11,6 +11,7 @@ pub mod images;
 pub mod phase;
 pub mod processes;
 pub mod service;
+pub mod snapshots;
 pub mod state;
 
 use std::future::IntoFuture;

@@ -14,6 +14,8 @@ pub fn allowed(from: Phase, to: Phase) -> bool {
             | (Stopping, Stopped)
             | (Stopping, Expired)
             | (Stopping, Paused)
+            // A pause that failed to save leaves the VM running.
+            | (Stopping, Running)
             // A stopped, expired or failed sandbox keeps its disk and can be started again; a
             // paused one continues where it was.
             | (Stopped | Expired | Failed | Paused, Booting)
@@ -48,6 +50,7 @@ mod tests {
             assert!(!allowed(from, Creating), "nothing goes back to creating");
         }
         assert!(!allowed(Running, Stopped), "stopping is recorded first");
+        assert!(!allowed(Running, Paused), "pausing is recorded as stopping first");
         assert!(!allowed(Creating, Running));
         assert!(!allowed(Stopped, Failed));
     }

@@ -26,11 +26,11 @@ impl ServiceError {
         ServiceError { code, message: message.into(), hint: hint.into() }
     }
 
-    fn invalid(message: impl Into<String>) -> ServiceError {
+    pub(crate) fn invalid(message: impl Into<String>) -> ServiceError {
         ServiceError::new(ErrorCode::InvalidRequest, message, "fix the request and send it again")
     }
 
-    fn phase(s: &SandboxInfo, wanted: &str, hint: &str) -> ServiceError {
+    pub(crate) fn phase(s: &SandboxInfo, wanted: &str, hint: &str) -> ServiceError {
         ServiceError::new(
             ErrorCode::InvalidPhase,
             format!("sandbox {} is {}; it must be {wanted}", s.name, s.phase),
@@ -81,11 +81,13 @@ pub struct Limits {
     /// Sandboxes that may be live (creating, booting, running, stopping) at once.
     pub max_sandboxes: usize,
     pub boot_timeout: Duration,
+    /// Keep a template (a saved, booted VM) per image and start sandboxes from it.
+    pub templates: bool,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits { max_sandboxes: 32, boot_timeout: Duration::from_secs(90) }
+        Limits { max_sandboxes: 32, boot_timeout: Duration::from_secs(90), templates: true }
     }
 }
 
@@ -102,6 +104,10 @@ pub struct Service {
     pub events: Notify,
     /// Long operations in flight that outlive their request (image builds and imports).
     busy: Arc<std::sync::atomic::AtomicUsize>,
+    /// Snapshots being written: gc leaves unfinished snapshots and helper VMs alone meanwhile.
+    pub(crate) saving: Arc<std::sync::atomic::AtomicUsize>,
+    /// One template being made per template key; other creates boot meanwhile.
+    pub(crate) template_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Marks the daemon busy (not idle) while it lives.
@@ -123,6 +129,8 @@ impl Service {
             ops: Mutex::new(HashMap::new()),
             events: Notify::new(),
             busy: Arc::default(),
+            saving: Arc::default(),
+            template_locks: Mutex::default(),
         })
     }
 
@@ -139,15 +147,26 @@ impl Service {
         Ok(r?)
     }
 
-    fn live(&self, id: &str) -> Option<Arc<Sandbox>> {
+    pub(crate) fn live(&self, id: &str) -> Option<Arc<Sandbox>> {
         self.live.lock().expect("no panics while held").get(id).cloned()
     }
 
-    fn op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+    /// Take a sandbox out of the live set (its QEMU is about to end on purpose).
+    pub(crate) fn forget_live(&self, id: &str) -> Option<Arc<Sandbox>> {
+        self.live.lock().expect("no panics while held").remove(id)
+    }
+
+    /// Put back a sandbox taken out with [`Service::forget_live`] whose QEMU runs on; the exit
+    /// watcher started when it launched still watches it.
+    pub(crate) fn put_live(&self, sandbox: Arc<Sandbox>) {
+        self.live.lock().expect("no panics while held").insert(sandbox.id.clone(), sandbox);
+    }
+
+    pub(crate) fn op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.ops.lock().expect("no panics while held").entry(id.to_string()).or_default().clone()
     }
 
-    fn run_dir(&self, id: &str) -> PathBuf {
+    pub(crate) fn run_dir(&self, id: &str) -> PathBuf {
         self.rt.config.run_dir().join(id)
     }
 
@@ -194,11 +213,22 @@ impl Service {
         if let Some(name) = &req.name {
             moat_api::validate_name(name).map_err(ServiceError::invalid)?;
         }
+        let snapshot = match &req.from {
+            Some(from) => Some(self.snapshot_for_create(from, &req)?),
+            None => None,
+        };
+        let (vcpus, memory_mib, disk_mib) = match &snapshot {
+            Some(s) => (s.vcpus, s.memory_mib, s.disk_mib),
+            None => (vcpus, memory_mib, disk_mib),
+        };
         let id = moat_sandbox::new_id();
         let name = req.name.clone().unwrap_or_else(|| format!("sb-{}", &id[..8]));
         let hostname = req.hostname.clone().unwrap_or_else(|| format!("moat-{}", &id[..8]));
         let spec = SandboxSpec {
-            image: req.image.clone().unwrap_or_else(|| moat_api::DEFAULT_IMAGE.to_string()),
+            image: match &snapshot {
+                Some(s) => s.image.clone(),
+                None => req.image.clone().unwrap_or_else(|| moat_api::DEFAULT_IMAGE.to_string()),
+            },
             vcpus,
             memory_mib,
             disk_bytes: Some(disk_mib * 1024 * 1024),
@@ -250,24 +280,48 @@ impl Service {
                 None => db.insert(&info).map(Ok)?,
             })
         })??;
-        self.boot(&info, &spec, true).await
+        if let Some(snapshot) = snapshot {
+            return self.launch(&info, &spec, Launch::Snapshot(&snapshot.id)).await;
+        }
+        if req.template.unwrap_or(self.limits.templates) {
+            return self.create_from_template(&info, &spec).await;
+        }
+        self.launch(&info, &spec, Launch::Boot { fresh: true }).await
     }
 
-    /// Boot a recorded sandbox (phase creating, stopped, expired or failed) and watch its QEMU.
-    async fn boot(
+    /// Start a recorded sandbox (phase creating, stopped, expired, failed or paused) from
+    /// `from` and watch its QEMU.
+    pub(crate) async fn launch(
         self: &Arc<Self>,
         info: &SandboxInfo,
         spec: &SandboxSpec,
-        fresh: bool,
+        from: Launch<'_>,
     ) -> Result<SandboxInfo, ServiceError> {
         let id = info.id.clone();
         self.db(|db| db.set_phase(&id, Phase::Booting, None))?;
         let dir = self.run_dir(&id);
-        let booted = Sandbox::start(&self.rt, spec, &id, &dir, moat_sandbox::Origin::Boot { fresh }).await;
+        let snapshot_dir;
+        let origin = match from {
+            Launch::Boot { fresh } => moat_sandbox::Origin::Boot { fresh },
+            Launch::Snapshot(snapshot) => {
+                snapshot_dir = self.snapshot_dir(snapshot);
+                moat_sandbox::Origin::Snapshot(&snapshot_dir)
+            }
+            Launch::Suspended => moat_sandbox::Origin::Suspended,
+        };
+        let booted = Sandbox::start(&self.rt, spec, &id, &dir, origin).await;
         match booted {
             Ok(sandbox) => {
                 let sandbox = Arc::new(sandbox);
-                self.db(|db| db.set_pid(&id, Some(sandbox.pid())))?;
+                self.db(|db| {
+                    db.set_pid(&id, Some(sandbox.pid()))?;
+                    match from {
+                        Launch::Snapshot(snapshot) => db.set_snapshot(&id, Some(snapshot)),
+                        // A boot on a fresh overlay builds on the image alone.
+                        Launch::Boot { fresh: true } => db.set_snapshot(&id, None),
+                        _ => Ok(()),
+                    }
+                })?;
                 let info = self.db(|db| db.set_phase(&id, Phase::Running, None))?;
                 self.live.lock().expect("no panics while held").insert(id.clone(), sandbox.clone());
                 self.watch(sandbox);
@@ -344,8 +398,15 @@ impl Service {
         self.stop_locked(&info.id, Phase::Stopped).await
     }
 
-    async fn stop_locked(&self, id: &str, to: Phase) -> Result<SandboxInfo, ServiceError> {
+    pub(crate) async fn stop_locked(&self, id: &str, to: Phase) -> Result<SandboxInfo, ServiceError> {
         let info = self.db(|db| db.get(id))?.ok_or_else(|| not_found(id))?;
+        if info.phase == Phase::Paused {
+            return Err(ServiceError::phase(
+                &info,
+                "running",
+                "it is paused and holds no memory; `moat resume` continues it, `moat rm` removes it",
+            ));
+        }
         if !matches!(info.phase, Phase::Running | Phase::Booting) {
             return Err(ServiceError::phase(&info, "running", "nothing to stop"));
         }
@@ -380,12 +441,15 @@ impl Service {
             self.db(|db| db.set_expiry(&info.id, None))?;
         }
         let spec = self.spec_of(&info);
+        if info.phase == Phase::Paused {
+            return self.launch(&info, &spec, Launch::Suspended).await;
+        }
         let fresh = !self.run_dir(&info.id).join(moat_sandbox::OVERLAY_FILE).exists();
-        self.boot(&info, &spec, fresh).await
+        self.launch(&info, &spec, Launch::Boot { fresh }).await
     }
 
     /// The error to answer when no further sandbox may go live, if so.
-    fn over_capacity(&self, db: &Db) -> Result<Option<ServiceError>, StateError> {
+    pub(crate) fn over_capacity(&self, db: &Db) -> Result<Option<ServiceError>, StateError> {
         let live = db.list()?.iter().filter(|s| s.phase.is_live()).count();
         Ok((live >= self.limits.max_sandboxes).then(|| {
             ServiceError::new(
@@ -396,7 +460,7 @@ impl Service {
         }))
     }
 
-    fn spec_of(&self, info: &SandboxInfo) -> SandboxSpec {
+    pub(crate) fn spec_of(&self, info: &SandboxInfo) -> SandboxSpec {
         SandboxSpec {
             image: info.image.clone(),
             vcpus: info.vcpus,
@@ -433,6 +497,7 @@ impl Service {
             }
         }
         self.remove_files(&info.id)?;
+        self.release_snapshots(&info.id)?;
         self.db(|db| db.delete(&info.id))?;
         self.ops.lock().expect("no panics while held").remove(&info.id);
         Ok(info)
@@ -559,9 +624,12 @@ impl Service {
         // their directory and their QEMU exist, so a sandbox being created right now is never
         // mistaken for a leftover.
         let owner = |id: &str| self.db(|db| db.get(id)).ok().flatten();
+        // Helper VMs of snapshots being written live in `run/save-*`.
+        let saving = self.saving.load(std::sync::atomic::Ordering::SeqCst) > 0;
+        let in_use = |id: &str| saving && id.starts_with(moat_sandbox::HELPER_PREFIX);
         for (pid, dir) in moat_vmm::find_qemus_under(&run_root) {
             let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            if owner(&id).is_some_and(|s| s.phase.is_live()) {
+            if owner(&id).is_some_and(|s| s.phase.is_live()) || in_use(&id) {
                 continue;
             }
             tracing::info!(pid, dir = %dir.display(), "gc: killing a QEMU no live sandbox owns");
@@ -574,6 +642,7 @@ impl Service {
                 let id = entry.file_name().to_string_lossy().into_owned();
                 let path = entry.path();
                 match owner(&id) {
+                    None if in_use(&id) => {}
                     None => {
                         if std::fs::remove_dir_all(&path).is_ok() {
                             out.paths.push(path.display().to_string());
@@ -584,6 +653,7 @@ impl Service {
                 }
             }
         }
+        out.paths.extend(self.snapshot_gc()?);
         match self.image_gc() {
             Ok(paths) => out.paths.extend(paths),
             Err(e) => tracing::warn!(error = %e.message, "gc: cleaning the image store failed"),
@@ -597,7 +667,9 @@ impl Service {
 
     /// Remove what no image or sandbox of the image store needs (see [`moat_image::ImageStore::gc`]).
     pub fn image_gc(&self) -> Result<Vec<String>, ServiceError> {
-        let in_use: Vec<String> = self.list()?.into_iter().map(|s| s.image_digest).collect();
+        // Snapshot disks are layers on their image's base: the base stays while they do.
+        let mut in_use: Vec<String> = self.list()?.into_iter().map(|s| s.image_digest).collect();
+        in_use.extend(self.db(|db| db.snapshots(None))?.into_iter().map(|s| s.image_digest));
         let removed = self.rt.images.gc(&in_use, Duration::from_secs(3600)).map_err(crate::images::image_error)?;
         Ok(removed.iter().map(|p| p.display().to_string()).collect())
     }
@@ -629,6 +701,18 @@ impl Service {
     pub fn live_count(&self) -> usize {
         self.live.lock().expect("no panics while held").len()
     }
+}
+
+/// Where a recorded sandbox's VM comes from when it is launched.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Launch<'a> {
+    Boot {
+        fresh: bool,
+    },
+    /// A snapshot (or template), by id.
+    Snapshot(&'a str),
+    /// The sandbox's own saved VM (it is paused).
+    Suspended,
 }
 
 /// Leases run from 1 s to 10 years.

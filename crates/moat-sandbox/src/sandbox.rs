@@ -262,6 +262,11 @@ impl Sandbox {
         })
     }
 
+    /// Whether QEMU still runs.
+    pub async fn is_running(&self) -> bool {
+        self.vm.lock().await.try_exited().is_none()
+    }
+
     /// QEMU's pid on the host.
     pub fn pid(&self) -> u32 {
         self.pid

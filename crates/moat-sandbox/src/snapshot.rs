@@ -22,6 +22,8 @@ pub const MEM_FILE: &str = "mem";
 pub const STATE_FILE: &str = "state";
 /// The disk, a qcow2 layer on the image's base disk.
 pub const DISK_FILE: &str = "disk.qcow2";
+/// Run directories of the helper VMs that turn a stream with RAM into the usual files start so.
+pub const HELPER_PREFIX: &str = "save-";
 /// A stream with RAM in it, on its way to becoming [`MEM_FILE`] + [`STATE_FILE`].
 const FULL_STATE_FILE: &str = "state.full";
 
@@ -130,7 +132,7 @@ impl Sandbox {
 /// Turn `dir/state.full` (device state with RAM) into `dir/mem` + `dir/state`: a helper QEMU
 /// with the same machine loads it into a fresh RAM file, paused, and saves it again without RAM.
 async fn materialize(rt: &Runtime, machine: &VmConfig, dir: &Path, disk: &Path) -> Result<(), SandboxError> {
-    let name = format!("save-{}", crate::new_id());
+    let name = format!("{HELPER_PREFIX}{}", crate::new_id());
     let cfg = VmConfig {
         name: name.clone(),
         run_dir: rt.config.run_dir().join(&name),

@@ -80,7 +80,23 @@ pub enum Command {
     Logs(LogsArgs),
     /// Show what happened: sandbox phase changes, leases, gc.
     Events(EventsArgs),
-    /// Remove every stopped, failed or expired sandbox.
+    /// Save a running sandbox's whole machine (memory, processes, disk) as a snapshot; it runs on
+    /// after a short pause. `moat snapshot ls` and `moat snapshot rm` manage snapshots.
+    Snapshot(SnapshotArgs),
+    /// Put a sandbox back to one of its snapshots: processes, memory and files as they were.
+    Revert {
+        sandbox: String,
+        /// The snapshot's name (or SANDBOX:NAME, or its id).
+        snapshot: String,
+    },
+    /// New sandboxes that continue from a snapshot of a running sandbox, each with its own
+    /// hostname, machine id, entropy and clock, sharing the snapshot's memory copy-on-write.
+    Fork(ForkArgs),
+    /// Save sandboxes' whole machines to disk and release their memory; `moat resume` continues.
+    Pause(RefsArgs),
+    /// Continue paused sandboxes where they were.
+    Resume(RefsArgs),
+    /// Remove every stopped, failed, expired or paused sandbox.
     Prune,
     /// Reclaim what crashes leaked: QEMU processes, sockets and directories no sandbox owns.
     Gc,
@@ -280,6 +296,52 @@ pub struct RefsArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SnapshotArgs {
+    #[command(subcommand)]
+    pub command: Option<SnapshotCommand>,
+    /// The running sandbox to snapshot.
+    pub sandbox: Option<String>,
+    /// Name of the snapshot, unique among the sandbox's [default: snap-N].
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// List snapshots: of one sandbox, or all of them and the image templates.
+    Ls {
+        sandbox: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove snapshots (SANDBOX:NAME or id). Refused while sandboxes restored from one exist.
+    Rm {
+        #[arg(required = true)]
+        snapshots: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ForkArgs {
+    /// The sandbox to fork (running, unless --snapshot names one of its snapshots).
+    pub sandbox: String,
+    /// How many sandboxes.
+    #[arg(short = 'n', long = "count", default_value_t = 1)]
+    pub count: u32,
+    /// Names are PREFIX1, PREFIX2, … [default: SANDBOX-fork-].
+    #[arg(long)]
+    pub name_prefix: Option<String>,
+    /// Fork from this snapshot of the sandbox instead of a new one of its current state.
+    #[arg(long)]
+    pub snapshot: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct RmArgs {
     /// Stop running sandboxes first instead of refusing.
     #[arg(short, long)]
@@ -402,6 +464,10 @@ pub struct ServeArgs {
     /// Move a damaged or missing state database aside and start with an empty one.
     #[arg(long)]
     pub reset_state: bool,
+    /// Always boot new sandboxes instead of keeping a template (a saved, booted VM) per image
+    /// and restoring it.
+    #[arg(long, env = "MOAT_NO_TEMPLATES")]
+    pub no_templates: bool,
 }
 
 #[derive(Debug, Args)]

@@ -19,7 +19,11 @@ const START_TIMEOUT: Duration = Duration::from_secs(180);
 pub async fn serve(args: ServeArgs, host: &HostArgs) -> anyhow::Result<i32> {
     let cfg = moat_daemon::ServeConfig {
         runtime: runtime_config(host)?,
-        limits: moat_daemon::Limits { max_sandboxes: args.max_sandboxes, ..Default::default() },
+        limits: moat_daemon::Limits {
+            max_sandboxes: args.max_sandboxes,
+            templates: !args.no_templates,
+            ..Default::default()
+        },
         tcp: args.tcp,
         idle_exit: args.idle_exit,
         reset_state: args.reset_state,

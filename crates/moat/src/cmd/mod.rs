@@ -8,6 +8,7 @@ pub mod process;
 pub mod run;
 pub mod sandbox;
 pub mod setup;
+pub mod snapshot;
 
 use moat_sandbox::{Runtime, RuntimeConfig};
 

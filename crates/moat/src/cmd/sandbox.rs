@@ -93,6 +93,9 @@ fn print_info(s: &SandboxInfo) {
     if let Some(pid) = s.pid {
         println!("qemu pid:    {pid}");
     }
+    if let Some(id) = &s.snapshot_id {
+        println!("from:        snapshot {id}");
+    }
     if let Some(e) = &s.last_error {
         println!("last error:  {e}");
     }
@@ -127,7 +130,7 @@ pub async fn rm(args: RmArgs, host: &HostArgs) -> anyhow::Result<i32> {
 }
 
 /// Apply an operation to each reference; print the names that worked and the errors of the rest.
-async fn each<F, Fut>(refs: &[String], op: F) -> anyhow::Result<i32>
+pub(crate) async fn each<F, Fut>(refs: &[String], op: F) -> anyhow::Result<i32>
 where
     F: Fn(String) -> Fut,
     Fut: std::future::Future<Output = Result<String, moat_client::ClientError>>,

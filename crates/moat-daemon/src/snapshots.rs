@@ -1,0 +1,513 @@
+//! Snapshots, reverts, forks, pause and resume, and templates: the service operations on saved
+//! machines. A snapshot's files live in `$MOAT_HOME/snapshots/<id>/` and its row in the state
+//! database is written before them and marked ready after them, so a crash leaves either a
+//! complete snapshot or something gc removes.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use moat_api::{CreateSandbox, ErrorCode, Fork, Forked, Phase, SandboxInfo, SnapshotInfo, SnapshotKind};
+use moat_sandbox::{Fingerprint, SandboxSpec};
+use sha2::Digest;
+
+use crate::service::{Launch, Service, ServiceError};
+use crate::state::now_secs;
+
+/// At most this many sandboxes per fork request.
+const MAX_FORKS: u32 = 64;
+/// Forks restored at the same time.
+const FORK_PARALLELISM: usize = 4;
+
+/// Counts a snapshot being written while it lives (gc leaves such work alone).
+struct Saving(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Saving {
+    fn new(svc: &Service) -> Saving {
+        svc.saving.fetch_add(1, Ordering::SeqCst);
+        Saving(svc.saving.clone())
+    }
+}
+
+impl Drop for Saving {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn in_use(what: &str, dependents: &[String]) -> ServiceError {
+    ServiceError::new(
+        ErrorCode::InUse,
+        format!("{what} is in use: the disks of {} build on it", dependents.join(", ")),
+        format!("remove those sandboxes first (`moat rm -f {}`)", dependents.join(" ")),
+    )
+}
+
+fn snapshot_not_found(reference: &str) -> ServiceError {
+    ServiceError::new(
+        ErrorCode::NotFound,
+        format!("no snapshot {reference:?}"),
+        "list snapshots with `moat snapshot ls`; refer to one as SANDBOX:NAME or by its id",
+    )
+}
+
+/// `SANDBOX:NAME` of a snapshot, or its id for templates.
+fn label(s: &SnapshotInfo) -> String {
+    match s.kind {
+        SnapshotKind::Snapshot => format!("{}:{}", s.sandbox_name, s.name),
+        SnapshotKind::Template => format!("template {} of image {}", s.id, s.image),
+    }
+}
+
+/// Bytes a directory's files take on disk (sparse files count what they hold).
+fn disk_usage(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum())
+        .unwrap_or(0)
+}
+
+impl Service {
+    pub(crate) fn snapshots_root(&self) -> PathBuf {
+        self.rt.config.home.join("snapshots")
+    }
+
+    pub(crate) fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.snapshots_root().join(id)
+    }
+
+    /// Resolve a snapshot reference: `SANDBOX:NAME`, an id or a unique id prefix.
+    pub fn resolve_snapshot(&self, reference: &str) -> Result<SnapshotInfo, ServiceError> {
+        if reference.is_empty() || reference.len() > 200 {
+            return Err(ServiceError::invalid("a snapshot reference must be 1-200 characters"));
+        }
+        let mut found = self.db(|db| db.snapshot_candidates(reference))?;
+        match found.len() {
+            0 => Err(snapshot_not_found(reference)),
+            1 => Ok(found.remove(0)),
+            n => Err(ServiceError::new(
+                ErrorCode::AmbiguousRef,
+                format!("{reference:?} matches {n} snapshots"),
+                "use more characters of the id, or SANDBOX:NAME",
+            )),
+        }
+    }
+
+    /// A snapshot of sandbox `info`: by name among its snapshots, or any reference that names one
+    /// of its snapshots.
+    fn own_snapshot(&self, info: &SandboxInfo, reference: &str) -> Result<SnapshotInfo, ServiceError> {
+        let qualified =
+            if reference.contains(':') { reference.to_string() } else { format!("{}:{reference}", info.id) };
+        let snapshot = self.resolve_snapshot(&qualified).or_else(|_| self.resolve_snapshot(reference))?;
+        if snapshot.sandbox_id.as_deref() != Some(info.id.as_str()) {
+            return Err(ServiceError::new(
+                ErrorCode::InvalidRequest,
+                format!("{} is not a snapshot of sandbox {}", label(&snapshot), info.name),
+                "a sandbox reverts to its own snapshots; start a new sandbox from another with `moat run --from`",
+            ));
+        }
+        Ok(snapshot)
+    }
+
+    /// Refuse a snapshot this host cannot restore, saying why.
+    fn check_restorable(&self, s: &SnapshotInfo) -> Result<(), ServiceError> {
+        let saved = Fingerprint {
+            qemu: s.qemu.clone(),
+            accel: s.accel.clone(),
+            kernel: s.kernel.clone(),
+            initramfs: s.initramfs.clone(),
+        };
+        match saved.mismatch(&Fingerprint::of(&self.rt)) {
+            None => Ok(()),
+            Some(why) => Err(ServiceError::new(
+                ErrorCode::Incompatible,
+                format!("snapshot {} cannot be restored on this host: {why}", label(s)),
+                "saved VMs do not carry across QEMU, accelerator, kernel or agent changes; boot a sandbox \
+                 (`moat run --image IMAGE`) and take a new snapshot",
+            )),
+        }
+    }
+
+    /// The snapshot a create request continues from, checked against the request.
+    pub(crate) fn snapshot_for_create(&self, from: &str, req: &CreateSandbox) -> Result<SnapshotInfo, ServiceError> {
+        let s = self.resolve_snapshot(from)?;
+        let clash = |what: &str, asked: String, has: String| {
+            ServiceError::invalid(format!(
+                "--from {from} brings its own machine ({what} {has}); it cannot be started with {what} {asked}"
+            ))
+        };
+        if let Some(image) = req.image.as_ref().filter(|i| **i != s.image) {
+            return Err(clash("image", image.clone(), s.image.clone()));
+        }
+        if let Some(v) = req.vcpus.filter(|v| *v != s.vcpus) {
+            return Err(clash("vCPUs", v.to_string(), s.vcpus.to_string()));
+        }
+        if let Some(m) = req.memory_mib.filter(|m| *m != s.memory_mib) {
+            return Err(clash("memory (MiB)", m.to_string(), s.memory_mib.to_string()));
+        }
+        if let Some(d) = req.disk_mib.filter(|d| *d != s.disk_mib) {
+            return Err(clash("disk (MiB)", d.to_string(), s.disk_mib.to_string()));
+        }
+        self.check_restorable(&s)?;
+        Ok(s)
+    }
+
+    /// A new snapshot row for `info`'s machine (not ready yet).
+    fn new_snapshot(&self, info: &SandboxInfo, name: String, kind: SnapshotKind) -> SnapshotInfo {
+        let f = Fingerprint::of(&self.rt);
+        SnapshotInfo {
+            id: moat_sandbox::new_id(),
+            name,
+            kind,
+            sandbox_id: (kind == SnapshotKind::Snapshot).then(|| info.id.clone()),
+            sandbox_name: if kind == SnapshotKind::Snapshot { info.name.clone() } else { info.image.clone() },
+            image: info.image.clone(),
+            image_digest: info.image_digest.clone(),
+            vcpus: info.vcpus,
+            memory_mib: info.memory_mib,
+            disk_mib: info.disk_mib,
+            size_bytes: 0,
+            created_at: now_secs(),
+            qemu: f.qemu,
+            accel: f.accel,
+            kernel: f.kernel,
+            initramfs: f.initramfs,
+            dependents: Vec::new(),
+        }
+    }
+
+    /// Save the running sandbox `id` (its operation lock held) as `snapshot`.
+    async fn save(&self, id: &str, snapshot: SnapshotInfo, key: Option<&str>) -> Result<SnapshotInfo, ServiceError> {
+        let sandbox = self.live(id).ok_or_else(|| {
+            ServiceError::new(
+                ErrorCode::InvalidPhase,
+                format!("sandbox {} has no running VM", snapshot.sandbox_name),
+                "start it with `moat start`",
+            )
+        })?;
+        let _saving = Saving::new(self);
+        self.db(|db| db.insert_snapshot(&snapshot, key))?;
+        let dir = self.snapshot_dir(&snapshot.id);
+        let saved = match std::fs::create_dir_all(&dir) {
+            Ok(()) => sandbox.snapshot(&self.rt, &dir).await.map_err(ServiceError::from),
+            Err(e) => Err(ServiceError::new(
+                ErrorCode::Internal,
+                format!("creating {} failed: {e}", dir.display()),
+                "check the free space and permissions of the moat home",
+            )),
+        };
+        if let Err(e) = saved {
+            let _ = std::fs::remove_dir_all(&dir);
+            self.db(|db| db.delete_snapshot(&snapshot.id))?;
+            return Err(ServiceError::new(ErrorCode::Internal, format!("the snapshot failed: {}", e.message), e.hint));
+        }
+        let size = disk_usage(&dir);
+        self.db(|db| db.snapshot_ready(&snapshot.id, size))?;
+        Ok(SnapshotInfo { size_bytes: size, ..snapshot })
+    }
+
+    /// `moat snapshot BOX [--name N]`: save a running sandbox's memory, devices and disk; it runs
+    /// on after a short pause.
+    pub async fn snapshot(&self, reference: &str, name: Option<String>) -> Result<SnapshotInfo, ServiceError> {
+        if let Some(n) = &name {
+            moat_api::validate_name(n)
+                .map_err(|e| ServiceError::invalid(e.replacen("sandbox name", "snapshot name", 1)))?;
+        }
+        let info = self.resolve(reference)?;
+        let lock = self.op_lock(&info.id);
+        let _guard = lock.lock().await;
+        let info = self.db(|db| db.get(&info.id))?.ok_or_else(|| snapshot_not_found(reference))?;
+        if info.phase != Phase::Running {
+            return Err(ServiceError::phase(&info, "running", "start it with `moat start`, then snapshot it"));
+        }
+        let existing: Vec<String> = self.db(|db| db.snapshots(Some(&info.id)))?.into_iter().map(|s| s.name).collect();
+        let name = match name {
+            Some(n) if existing.contains(&n) => {
+                return Err(ServiceError::new(
+                    ErrorCode::NameTaken,
+                    format!("sandbox {} already has a snapshot named {n:?}", info.name),
+                    "choose another name, or remove the old one with `moat snapshot rm`",
+                ))
+            }
+            Some(n) => n,
+            None => (1..).map(|i| format!("snap-{i}")).find(|n| !existing.contains(n)).expect("names run out never"),
+        };
+        let snapshot = self.new_snapshot(&info, name, SnapshotKind::Snapshot);
+        self.save(&info.id, snapshot, None).await
+    }
+
+    /// Ready snapshots: of one sandbox, or every snapshot and template.
+    pub fn snapshots(&self, reference: Option<&str>) -> Result<Vec<SnapshotInfo>, ServiceError> {
+        match reference {
+            Some(r) => {
+                let info = self.resolve(r)?;
+                self.db(|db| db.snapshots(Some(&info.id)))
+            }
+            None => self.db(|db| db.snapshots(None)),
+        }
+    }
+
+    /// Remove a snapshot (or template) nothing builds on.
+    pub async fn remove_snapshot(&self, reference: &str) -> Result<SnapshotInfo, ServiceError> {
+        let s = self.resolve_snapshot(reference)?;
+        if !s.dependents.is_empty() {
+            return Err(in_use(&format!("snapshot {}", label(&s)), &s.dependents));
+        }
+        self.delete_snapshot_files(&s.id)?;
+        self.db(|db| {
+            db.delete_snapshot(&s.id)?;
+            db.event(s.sandbox_id.as_deref(), "snapshot", &format!("snapshot {} removed", label(&s)))
+        })?;
+        Ok(s)
+    }
+
+    fn delete_snapshot_files(&self, id: &str) -> Result<(), ServiceError> {
+        let dir = self.snapshot_dir(id);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ServiceError::new(
+                ErrorCode::Internal,
+                format!("removing {} failed: {e}", dir.display()),
+                "remove the directory by hand, then run `moat gc`",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// A sandbox is being removed: its snapshots that nothing else builds on go with it, the
+    /// others stay, known as `NAME:SNAPSHOT` under the removed sandbox's name.
+    pub(crate) fn release_snapshots(&self, sandbox_id: &str) -> Result<(), ServiceError> {
+        for s in self.db(|db| db.snapshots(Some(sandbox_id)))? {
+            let others: Vec<&String> = s.dependents.iter().filter(|d| **d != s.sandbox_name).collect();
+            if others.is_empty() {
+                self.delete_snapshot_files(&s.id)?;
+                self.db(|db| db.delete_snapshot(&s.id))?;
+            }
+        }
+        self.db(|db| {
+            db.set_snapshot(sandbox_id, None)?;
+            db.orphan_snapshots(sandbox_id)
+        })
+    }
+
+    /// `moat revert BOX SNAP`: throw away the sandbox's current VM and disk and continue from its
+    /// snapshot.
+    pub async fn revert(self: &Arc<Self>, reference: &str, snapshot: &str) -> Result<SandboxInfo, ServiceError> {
+        let info = self.resolve(reference)?;
+        let lock = self.op_lock(&info.id);
+        let _guard = lock.lock().await;
+        let info = self.db(|db| db.get(&info.id))?.ok_or_else(|| snapshot_not_found(reference))?;
+        let s = self.own_snapshot(&info, snapshot)?;
+        self.check_restorable(&s)?;
+        match info.phase {
+            Phase::Running | Phase::Booting => {
+                self.stop_locked(&info.id, Phase::Stopped).await?;
+            }
+            p if p.is_at_rest() => {}
+            _ => return Err(ServiceError::phase(&info, "running or at rest", "wait for the operation in flight")),
+        }
+        // A paused sandbox's saved VM is replaced by the snapshot's.
+        for f in [moat_sandbox::STATE_FILE, moat_sandbox::MEM_FILE] {
+            let _ = std::fs::remove_file(self.run_dir(&info.id).join(f));
+        }
+        let info = self.db(|db| db.get(&info.id))?.ok_or_else(|| snapshot_not_found(reference))?;
+        let reverted = self.launch(&info, &self.spec_of(&info), Launch::Snapshot(&s.id)).await?;
+        self.db(|db| db.event(Some(&info.id), "revert", &format!("{} reverted to {}", info.name, label(&s))))?;
+        Ok(reverted)
+    }
+
+    /// `moat fork BOX -n N`: N new sandboxes that continue from a snapshot of BOX (a new one of
+    /// its current state unless one is named), each with its own identity.
+    pub async fn fork(self: &Arc<Self>, reference: &str, req: Fork) -> Result<Forked, ServiceError> {
+        let count = req.count.unwrap_or(1);
+        if count == 0 || count > MAX_FORKS {
+            return Err(ServiceError::invalid(format!("{count} forks is out of range; use 1 to {MAX_FORKS}")));
+        }
+        let info = self.resolve(reference)?;
+        let prefix = req.name_prefix.clone().unwrap_or_else(|| format!("{}-fork-", info.name));
+        let names: Vec<String> = (1..=count).map(|i| format!("{prefix}{i}")).collect();
+        for n in &names {
+            moat_api::validate_name(n).map_err(|e| ServiceError::invalid(format!("--name-prefix {prefix:?}: {e}")))?;
+        }
+        let taken: Vec<&String> = names.iter().filter(|n| self.resolve(n).is_ok()).collect();
+        if !taken.is_empty() {
+            return Err(ServiceError::new(
+                ErrorCode::NameTaken,
+                format!(
+                    "sandboxes named {} already exist",
+                    taken.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+                "choose another --name-prefix, or remove them",
+            ));
+        }
+        let snapshot = match &req.snapshot {
+            Some(s) => {
+                let s = self.own_snapshot(&info, s)?;
+                self.check_restorable(&s)?;
+                s
+            }
+            None => self.snapshot(&info.id, Some(format!("fork-{}", crate::state::now_ms()))).await?,
+        };
+        let results: Vec<Result<SandboxInfo, ServiceError>> = futures_util::stream::iter(names)
+            .map(|name| {
+                let req = CreateSandbox {
+                    name: Some(name),
+                    from: Some(snapshot.id.clone()),
+                    boot_timeout_secs: None,
+                    ..Default::default()
+                };
+                let this = self.clone();
+                async move { this.create(req).await }
+            })
+            .buffered(FORK_PARALLELISM)
+            .collect()
+            .await;
+        let (ok, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
+        let sandboxes: Vec<SandboxInfo> = ok.into_iter().flatten().collect();
+        if let Some(Err(e)) = failed.into_iter().next() {
+            // All or nothing: a partial fork is harder to use than none.
+            for s in &sandboxes {
+                let _ = self.remove(&s.id, true).await;
+            }
+            return Err(e);
+        }
+        let snapshot = self.resolve_snapshot(&snapshot.id)?;
+        Ok(Forked { snapshot, sandboxes })
+    }
+
+    /// `moat pause BOX`: save the whole VM to disk and end QEMU; `resume` continues it.
+    pub async fn pause(&self, reference: &str) -> Result<SandboxInfo, ServiceError> {
+        let info = self.resolve(reference)?;
+        let lock = self.op_lock(&info.id);
+        let _guard = lock.lock().await;
+        let (info, sandbox) = self.running(&info.id)?;
+        let _saving = Saving::new(self);
+        self.db(|db| db.set_phase(&info.id, Phase::Stopping, None))?;
+        // Out of the live set first, so the exit watcher does not take the end of QEMU for a crash.
+        self.forget_live(&info.id);
+        match sandbox.suspend(&self.rt).await {
+            Ok(()) => self.db(|db| {
+                db.set_pid(&info.id, None)?;
+                db.set_phase(&info.id, Phase::Paused, None)
+            }),
+            Err(e) if sandbox.is_running().await => {
+                self.put_live(sandbox);
+                self.db(|db| db.set_phase(&info.id, Phase::Running, Some(&format!("pausing failed: {e}"))))?;
+                Err(ServiceError::new(
+                    ErrorCode::Internal,
+                    format!("pausing failed: {e}"),
+                    "the sandbox runs on; see the daemon log",
+                ))
+            }
+            Err(e) => {
+                let err = ServiceError::from(e);
+                self.db(|db| {
+                    db.set_pid(&info.id, None)?;
+                    db.set_phase(&info.id, Phase::Failed, Some(&err.message))
+                })?;
+                Err(err)
+            }
+        }
+    }
+
+    /// `moat resume BOX`: continue a paused sandbox.
+    pub async fn resume(self: &Arc<Self>, reference: &str) -> Result<SandboxInfo, ServiceError> {
+        let info = self.resolve(reference)?;
+        if info.phase != Phase::Paused {
+            return Err(ServiceError::phase(
+                &info,
+                "paused",
+                "only a paused sandbox resumes; `moat start` boots a stopped one",
+            ));
+        }
+        self.start(&info.id).await
+    }
+
+    /// The template key of a machine: the image, its size, and what a restore must match.
+    fn template_key(&self, spec: &SandboxSpec, digest: &str, disk_mib: u64) -> String {
+        let f = Fingerprint::of(&self.rt);
+        let text = format!(
+            "{digest}|{}|{}|{disk_mib}|{}|{}|{}|{}",
+            spec.vcpus, spec.memory_mib, f.qemu, f.accel, f.kernel, f.initramfs
+        );
+        sha2::Sha256::digest(text.as_bytes())[..16].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Start a new sandbox from its image's template; without one, boot it and save it as the
+    /// template (one creator per template at a time; the others just boot).
+    pub(crate) async fn create_from_template(
+        self: &Arc<Self>,
+        info: &SandboxInfo,
+        spec: &SandboxSpec,
+    ) -> Result<SandboxInfo, ServiceError> {
+        let key = self.template_key(spec, &info.image_digest, info.disk_mib);
+        if let Some(t) = self.db(|db| db.template(&key))? {
+            match self.launch(info, spec, Launch::Snapshot(&t.id)).await {
+                Ok(info) => return Ok(info),
+                Err(e) => {
+                    // A template that does not restore is dropped (when nothing builds on it) and
+                    // the sandbox boots instead.
+                    tracing::warn!(template = %t.id, error = %e.message, "restoring the template failed; booting");
+                    if self.db(|db| db.dependents(&t.id))?.is_empty() {
+                        self.delete_snapshot_files(&t.id)?;
+                        self.db(|db| db.delete_snapshot(&t.id))?;
+                    }
+                }
+            }
+        }
+        let booted = self.launch(info, spec, Launch::Boot { fresh: true }).await?;
+        let lock = self.template_locks.lock().expect("no panics while held").entry(key.clone()).or_default().clone();
+        let Ok(_making) = lock.try_lock() else { return Ok(booted) };
+        if self.db(|db| db.template(&key))?.is_some() {
+            return Ok(booted);
+        }
+        let template = self.new_snapshot(&booted, "template".into(), SnapshotKind::Template);
+        match self.save(&booted.id, template, Some(&key)).await {
+            Ok(t) => tracing::info!(template = %t.id, image = %t.image, "template saved"),
+            Err(e) => tracing::warn!(error = %e.message, "saving the template failed; sandboxes of this image boot"),
+        }
+        // Fetched again: it is running as before, and its version moved with the pause.
+        Ok(self.db(|db| db.get(&booted.id))?.unwrap_or(booted))
+    }
+
+    /// Remove what a crash or a change of host left of snapshots: directories without a row,
+    /// rows never finished, and templates this host can no longer restore that nothing uses.
+    pub(crate) fn snapshot_gc(&self) -> Result<Vec<String>, ServiceError> {
+        let mut removed = Vec::new();
+        if self.saving.load(Ordering::SeqCst) > 0 {
+            return Ok(removed);
+        }
+        let rows = self.db(|db| db.all_snapshot_ids())?;
+        for (id, ready) in &rows {
+            if !ready {
+                self.delete_snapshot_files(id)?;
+                self.db(|db| db.delete_snapshot(id))?;
+                removed.push(self.snapshot_dir(id).display().to_string());
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(self.snapshots_root()) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !rows.iter().any(|(id, _)| *id == name) && std::fs::remove_dir_all(entry.path()).is_ok() {
+                    removed.push(entry.path().display().to_string());
+                }
+            }
+        }
+        let current = Fingerprint::of(&self.rt);
+        for t in self.db(|db| db.snapshots(None))?.into_iter().filter(|s| s.kind == SnapshotKind::Template) {
+            let saved = Fingerprint {
+                qemu: t.qemu.clone(),
+                accel: t.accel.clone(),
+                kernel: t.kernel.clone(),
+                initramfs: t.initramfs.clone(),
+            };
+            let image_gone = self.rt.images.resolve(&t.image).map(|i| i.digest != t.image_digest).unwrap_or(true);
+            if t.dependents.is_empty() && (saved.mismatch(&current).is_some() || image_gone) {
+                self.delete_snapshot_files(&t.id)?;
+                self.db(|db| db.delete_snapshot(&t.id))?;
+                removed.push(self.snapshot_dir(&t.id).display().to_string());
+            }
+        }
+        Ok(removed)
+    }
+}

@@ -1,0 +1,103 @@
+//! Snapshots, reverts, forks, pause and resume.
+
+use anyhow::bail;
+use moat_api::{Fork, SnapshotInfo};
+
+use crate::cli::{ForkArgs, HostArgs, RefsArgs, SnapshotArgs, SnapshotCommand};
+use crate::cmd::daemon::connect;
+use crate::cmd::sandbox::{ago_or_in, each};
+
+pub async fn snapshot(args: SnapshotArgs, host: &HostArgs) -> anyhow::Result<i32> {
+    let client = connect(host).await?;
+    match (args.command, args.sandbox) {
+        (Some(SnapshotCommand::Ls { sandbox, json }), _) => {
+            let list = client.snapshots(sandbox.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print_table(&list);
+            }
+            Ok(0)
+        }
+        (Some(SnapshotCommand::Rm { snapshots }), _) => {
+            each(&snapshots, |r| {
+                let client = client.clone();
+                async move { client.remove_snapshot(&r).await.map(|s| reference(&s)) }
+            })
+            .await
+        }
+        (None, Some(sandbox)) => {
+            let s = client.snapshot(&sandbox, args.name).await?;
+            println!("{}", reference(&s));
+            Ok(0)
+        }
+        (None, None) => bail!(
+            "say which sandbox to snapshot\nhint: `moat snapshot BOX [--name NAME]`, `moat snapshot ls [BOX]`, `moat snapshot rm SNAPSHOT`"
+        ),
+    }
+}
+
+/// How users refer to a snapshot: `SANDBOX:NAME`, or the id of a template.
+fn reference(s: &SnapshotInfo) -> String {
+    match s.kind {
+        moat_api::SnapshotKind::Snapshot => format!("{}:{}", s.sandbox_name, s.name),
+        moat_api::SnapshotKind::Template => s.id.clone(),
+    }
+}
+
+fn print_table(list: &[SnapshotInfo]) {
+    println!(
+        "{:<12}  {:<32}  {:<8}  {:<10}  {:>7}  {:>9}  {:<10}  USED BY",
+        "ID", "SNAPSHOT", "KIND", "IMAGE", "MEMORY", "SIZE", "CREATED"
+    );
+    for s in list {
+        println!(
+            "{:<12}  {:<32}  {:<8}  {:<10}  {:>6}M  {:>8}M  {:<10}  {}",
+            s.id,
+            reference(s),
+            s.kind.as_str(),
+            s.image,
+            s.memory_mib,
+            s.size_bytes.div_ceil(1 << 20),
+            ago_or_in(s.created_at),
+            if s.dependents.is_empty() { "-".to_string() } else { s.dependents.join(",") }
+        );
+    }
+}
+
+pub async fn revert(sandbox: &str, snapshot: &str, host: &HostArgs) -> anyhow::Result<i32> {
+    let s = connect(host).await?.revert(sandbox, snapshot).await?;
+    println!("{}", s.name);
+    Ok(0)
+}
+
+pub async fn fork(args: ForkArgs, host: &HostArgs) -> anyhow::Result<i32> {
+    let req = Fork { count: Some(args.count), name_prefix: args.name_prefix, snapshot: args.snapshot };
+    let forked = connect(host).await?.fork(&args.sandbox, &req).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&forked)?);
+    } else {
+        for s in &forked.sandboxes {
+            println!("{}", s.name);
+        }
+    }
+    Ok(0)
+}
+
+pub async fn pause(args: RefsArgs, host: &HostArgs) -> anyhow::Result<i32> {
+    let client = connect(host).await?;
+    each(&args.sandboxes, |r| {
+        let client = client.clone();
+        async move { client.pause(&r).await.map(|s| s.name) }
+    })
+    .await
+}
+
+pub async fn resume(args: RefsArgs, host: &HostArgs) -> anyhow::Result<i32> {
+    let client = connect(host).await?;
+    each(&args.sandboxes, |r| {
+        let client = client.clone();
+        async move { client.resume(&r).await.map(|s| s.name) }
+    })
+    .await
+}
