@@ -627,6 +627,8 @@ mod tests {
             on_expire: Some(moat_api::OnExpire::Stop),
             hostname: Some("h".into()),
             boot_timeout_secs: Some(1),
+            from: Some("box:clean".into()),
+            template: Some(false),
         };
         assert_eq!(
             keys(&serde_json::to_value(create).unwrap()),

@@ -231,7 +231,12 @@ impl Sandbox {
         pid: u32,
     ) -> Result<Sandbox, SandboxError> {
         let image = rt.images.resolve(&spec.image)?;
-        let cfg = vm_config(rt, spec, id, dir);
+        let mut cfg = vm_config(rt, spec, id, dir);
+        if !dir.join(MEM_FILE).exists() {
+            // Restored from a snapshot: its RAM is that snapshot's file, mapped private. Which
+            // snapshot does not matter from here on, only that RAM is not this sandbox's file.
+            cfg.memory = Some(Memory::Snapshot(dir.join(MEM_FILE)));
+        }
         let identity = identity(spec, id);
         let vm = Vm::adopt(&cfg, pid).await?;
         let socket = vm.agent_socket();

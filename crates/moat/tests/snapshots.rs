@@ -152,6 +152,12 @@ fn snapshot_revert_fork_pause_and_templates() {
     let fresh: serde_json::Value = serde_json::from_slice(&fresh.stdout).unwrap();
     assert!(fresh["snapshot_id"].is_null(), "booted, not restored from the old template: {fresh}");
 
+    // A restored sandbox adopted by the new daemon still snapshots (its RAM is not its own file).
+    let out = with_agent(&["snapshot", "f-2", "--name", "adopted"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = with_agent(&["run", "--from", "f-2:adopted", "--", "cat", "/tmp/count"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
     let out = with_agent(&["rm", "-f", "box", "f-1", "f-2", "f-3", "f-4", "f-5", "fresh"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(common::qemu_processes_mentioning(&h.display().to_string()).is_empty(), "no VM left");
