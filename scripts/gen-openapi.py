@@ -13,20 +13,32 @@ P={"name":"reference","in":"path","required":True,"description":"Sandbox name, i
 pathq={"name":"path","in":"query","required":True,"description":"Absolute guest path","schema":{"type":"string","maxLength":4096}}
 recq={"name":"recursive","in":"query","schema":{"type":"boolean","default":False}}
 pidp={"name":"pid","in":"path","required":True,"schema":{"type":"integer"}}
+SP={"name":"reference","in":"path","required":True,"description":"Snapshot as SANDBOX:NAME (also the name of a removed sandbox), id or unique id prefix","schema":{"type":"string"}}
 paths={
  "/openapi.json":{"get":{"summary":"This document","operationId":"openapi","responses":{"200":{"description":"OpenAPI 3.1 document"}}}},
  "/v1/health":{"get":{"summary":"Daemon version, accelerator, QEMU and kernel","operationId":"health","responses":{"200":jresp("Health",ref("Health")),**err}}},
  "/v1/sandboxes":{
    "get":{"summary":"List sandboxes","operationId":"listSandboxes","responses":{"200":jresp("All sandboxes, oldest first",{"type":"array","items":ref("SandboxInfo")}),**err}},
-   "post":{"summary":"Create a sandbox and boot it; answers once it runs","operationId":"createSandbox","requestBody":{"required":False,"content":{"application/json":{"schema":ref("CreateSandbox")}}},"responses":{"201":jresp("The running sandbox",ref("SandboxInfo")),**err}}},
+   "post":{"summary":"Create a sandbox: boot it, restore its image's template, or restore a snapshot (`from`); answers once it runs","operationId":"createSandbox","requestBody":{"required":False,"content":{"application/json":{"schema":ref("CreateSandbox")}}},"responses":{"201":jresp("The running sandbox",ref("SandboxInfo")),**err}}},
  "/v1/sandboxes/{reference}":{
    "parameters":[P],
    "get":{"summary":"Inspect a sandbox","operationId":"inspectSandbox","responses":{"200":jresp("The sandbox",ref("SandboxInfo")),**err}},
    "delete":{"summary":"Remove a sandbox (a running one only with force)","operationId":"removeSandbox","parameters":[{"name":"force","in":"query","schema":{"type":"boolean","default":False}}],"responses":{"200":jresp("The removed sandbox as it was",ref("SandboxInfo")),**err}}},
- "/v1/sandboxes/{reference}/stop":{"parameters":[P],"post":{"summary":"Stop a running sandbox, keeping its disk","operationId":"stopSandbox","responses":{"200":jresp("The stopped sandbox",ref("SandboxInfo")),**err}}},
- "/v1/sandboxes/{reference}/start":{"parameters":[P],"post":{"summary":"Boot a stopped, expired or failed sandbox from its disk","operationId":"startSandbox","responses":{"200":jresp("The running sandbox",ref("SandboxInfo")),**err}}},
+ "/v1/sandboxes/{reference}/stop":{"parameters":[P],"post":{"summary":"Stop a running sandbox, keeping its disk (a paused one is refused: resume or remove it)","operationId":"stopSandbox","responses":{"200":jresp("The stopped sandbox",ref("SandboxInfo")),**err}}},
+ "/v1/sandboxes/{reference}/start":{"parameters":[P],"post":{"summary":"Boot a stopped, expired or failed sandbox from its disk, or continue a paused one","operationId":"startSandbox","responses":{"200":jresp("The running sandbox",ref("SandboxInfo")),**err}}},
  "/v1/sandboxes/{reference}/lease":{"parameters":[P],"post":{"summary":"Renew a running sandbox's lease","operationId":"renewLease","requestBody":{"required":True,"content":{"application/json":{"schema":ref("RenewLease")}}},"responses":{"200":jresp("The sandbox with its new expiry",ref("SandboxInfo")),**err}}},
  "/v1/sandboxes/{reference}/lifecycle":{"parameters":[P],"get":{"summary":"Every phase the sandbox went through","operationId":"sandboxLifecycle","responses":{"200":jresp("Lifecycle, oldest first",{"type":"array","items":ref("LifecycleEntry")}),**err}}},
+ "/v1/sandboxes/{reference}/snapshots":{"parameters":[P],
+   "get":{"summary":"The sandbox's snapshots","operationId":"listSandboxSnapshots","responses":{"200":jresp("Its snapshots, oldest first",{"type":"array","items":ref("SnapshotInfo")}),**err}},
+   "post":{"summary":"Snapshot a running sandbox: memory, device state and disk; it runs on after a short pause","operationId":"createSnapshot","requestBody":{"required":False,"content":{"application/json":{"schema":ref("CreateSnapshot")}}},"responses":{"201":jresp("The snapshot",ref("SnapshotInfo")),**err}}},
+ "/v1/sandboxes/{reference}/revert":{"parameters":[P],"post":{"summary":"Throw away the sandbox's VM and disk and continue from one of its own snapshots","operationId":"revertSandbox","requestBody":{"required":True,"content":{"application/json":{"schema":ref("Revert")}}},"responses":{"200":jresp("The running sandbox, as it was at the snapshot",ref("SandboxInfo")),**err}}},
+ "/v1/sandboxes/{reference}/fork":{"parameters":[P],"post":{"summary":"New sandboxes restored from a snapshot of this one (a new snapshot of its current state unless one is named); all or nothing","operationId":"forkSandbox","requestBody":{"required":False,"content":{"application/json":{"schema":ref("Fork")}}},"responses":{"201":jresp("The snapshot they build on and the new running sandboxes",ref("Forked")),**err}}},
+ "/v1/sandboxes/{reference}/pause":{"parameters":[P],"post":{"summary":"Save a running sandbox's whole VM into its run directory and end QEMU (phase paused)","operationId":"pauseSandbox","responses":{"200":jresp("The paused sandbox",ref("SandboxInfo")),**err}}},
+ "/v1/sandboxes/{reference}/resume":{"parameters":[P],"post":{"summary":"Continue a paused sandbox where it was","operationId":"resumeSandbox","responses":{"200":jresp("The running sandbox",ref("SandboxInfo")),**err}}},
+ "/v1/snapshots":{"get":{"summary":"Every snapshot and image template","operationId":"listSnapshots","responses":{"200":jresp("All ready snapshots, oldest first",{"type":"array","items":ref("SnapshotInfo")}),**err}}},
+ "/v1/snapshots/{reference}":{"parameters":[SP],
+   "get":{"summary":"Inspect a snapshot or template","operationId":"inspectSnapshot","responses":{"200":jresp("The snapshot",ref("SnapshotInfo")),**err}},
+   "delete":{"summary":"Remove a snapshot or template nothing builds on (in_use names the sandboxes that do)","operationId":"removeSnapshot","responses":{"200":jresp("The removed snapshot",ref("SnapshotInfo")),**err}}},
  "/v1/sandboxes/{reference}/exec":{"parameters":[P],"get":{"summary":"Run a process (WebSocket)","description":"Upgrade to a WebSocket. The client's first message is a text ExecStart; then binary messages are stdin bytes and text messages are ExecClientMessage. The daemon sends text ExecServerMessage (started, exit, error) and binary output whose first byte is the stream (1 stdout, 2 stderr). Output is sent only as fast as the client reads it; that is the flow control back to the guest.","operationId":"exec","responses":{"101":{"description":"Switching to the WebSocket protocol"},**err}}},
  "/v1/sandboxes/{reference}/logs":{"parameters":[P],"get":{"summary":"The guest console or QEMU's log (chunked text)","operationId":"sandboxLogs","parameters":[{"name":"source","in":"query","schema":{"type":"string","enum":["console","qemu"],"default":"console"}},{"name":"follow","in":"query","schema":{"type":"boolean","default":False}}],"responses":{"200":{"description":"The log; with follow, the stream stays open while the sandbox is live","content":{"text/plain":{"schema":{"type":"string"}}}},**err}}},
  "/v1/sandboxes/{reference}/files/stat":{"parameters":[P,pathq],"get":{"summary":"A file's metadata (lstat)","operationId":"statFile","responses":{"200":jresp("The file",ref("FileInfo")),**err}}},
@@ -57,10 +69,10 @@ paths={
  "/v1/images/{name}":{"parameters":[{"name":"name","in":"path","required":True,"description":"Image name, may contain '/'","schema":{"type":"string"}}],
    "get":{"summary":"Inspect an image","operationId":"inspectImage","responses":{"200":jresp("The image",ref("ImageInfo")),**err}},
    "delete":{"summary":"Remove an image name (and its disk when nothing else uses it)","operationId":"removeImage","responses":{"200":jresp("The removed image",ref("ImageInfo")),**err}}},
- "/v1/prune":{"post":{"summary":"Remove every stopped, failed or expired sandbox","operationId":"prune","responses":{"200":jresp("What was removed",ref("Reclaimed")),**err}}},
- "/v1/gc":{"post":{"summary":"Reclaim leaked QEMU processes, sockets and directories","operationId":"gc","responses":{"200":jresp("What was reclaimed",ref("Reclaimed")),**err}}},
+ "/v1/prune":{"post":{"summary":"Remove every stopped, failed, expired or paused sandbox","operationId":"prune","responses":{"200":jresp("What was removed",ref("Reclaimed")),**err}}},
+ "/v1/gc":{"post":{"summary":"Reclaim leaked QEMU processes, sockets and directories, unfinished snapshots, and templates this host can no longer restore","operationId":"gc","responses":{"200":jresp("What was reclaimed",ref("Reclaimed")),**err}}},
 }
-phase={"type":"string","enum":["creating","booting","running","stopping","stopped","failed","expired"]}
+phase={"type":"string","enum":["creating","booting","running","stopping","stopped","failed","expired","paused"],"description":"paused: the whole VM is saved in the run directory and no QEMU runs; resume (or start) continues it"}
 on_exp={"type":"string","enum":["stop","remove"]}
 opt=lambda t: {"type":[t,"null"]}
 schemas={
@@ -70,12 +82,31 @@ schemas={
    "image":{"type":"string","default":"default","description":"An image name; `default` (Debian with Python) is built by the first client that needs it, `minimal` (busybox) is built in"},"vcpus":{"type":"integer","minimum":1,"maximum":64,"default":1},
    "memory_mib":{"type":"integer","minimum":64,"maximum":262144,"default":512},"disk_mib":{"type":"integer","minimum":64,"default":4096},
    "ttl_secs":{"type":"integer","minimum":1,"description":"Lease; without it the sandbox lives until removed"},
-   "on_expire":ref("OnExpire"),"hostname":{"type":"string"},"boot_timeout_secs":{"type":"integer","minimum":1,"maximum":3600,"default":90}}},
+   "on_expire":ref("OnExpire"),"hostname":{"type":"string"},"boot_timeout_secs":{"type":"integer","minimum":1,"maximum":3600,"default":90},
+   "from":{"type":"string","description":"Continue from this snapshot (SANDBOX:NAME or a snapshot id) instead of booting; image, vcpus, memory_mib and disk_mib are the snapshot's, and other values are refused"},
+   "template":{"type":"boolean","description":"Restore the template of this image and size when there is one, and save one when there is none [default: true, unless the daemon runs with --no-templates]; false boots"}}},
  "SandboxInfo":{"type":"object","required":["id","name","phase","image","image_digest","accel","vcpus","memory_mib","disk_mib","hostname","created_at","on_expire","version"],"properties":{
    "id":{"type":"string"},"name":{"type":"string"},"phase":ref("Phase"),"image":{"type":"string"},"image_digest":{"type":"string"},
    "accel":{"type":"string","enum":["kvm","tcg"]},"vcpus":{"type":"integer"},"memory_mib":{"type":"integer"},"disk_mib":{"type":"integer"},
    "hostname":{"type":"string"},"created_at":{"type":"integer","description":"Unix seconds"},"expires_at":{"type":["integer","null"],"description":"Unix seconds"},
-   "on_expire":ref("OnExpire"),"pid":{"type":["integer","null"],"description":"QEMU's pid while the VM runs"},"last_error":opt("string"),"version":{"type":"integer"}}},
+   "on_expire":ref("OnExpire"),"pid":{"type":["integer","null"],"description":"QEMU's pid while the VM runs"},"last_error":opt("string"),"version":{"type":"integer"},
+   "snapshot_id":{"type":["string","null"],"description":"The snapshot or template this sandbox was restored from; its disk builds on it"}}},
+ "CreateSnapshot":{"type":"object","additionalProperties":False,"properties":{"name":{"type":"string","description":"Unique among the sandbox's snapshots; same rules as sandbox names [default: snap-N]"}}},
+ "SnapshotKind":{"type":"string","enum":["snapshot","template"],"description":"template: the booted-and-ready VM kept per image and size, restored by create"},
+ "SnapshotInfo":{"type":"object","required":["id","name","kind","sandbox_name","image","image_digest","vcpus","memory_mib","disk_mib","size_bytes","created_at","qemu","accel","kernel","initramfs","dependents"],"properties":{
+   "id":{"type":"string"},"name":{"type":"string"},"kind":ref("SnapshotKind"),
+   "sandbox_id":{"type":["string","null"],"description":"The sandbox it was taken of, while that sandbox exists"},
+   "sandbox_name":{"type":"string","description":"That sandbox's name, kept after it is removed (SANDBOX:NAME refers to the snapshot); the image name for templates"},
+   "image":{"type":"string"},"image_digest":{"type":"string"},"vcpus":{"type":"integer"},"memory_mib":{"type":"integer"},"disk_mib":{"type":"integer"},
+   "size_bytes":{"type":"integer","description":"Bytes its files take on disk"},"created_at":{"type":"integer","description":"Unix seconds"},
+   "qemu":{"type":"string","description":"QEMU version it was saved with; a restore needs the same"},"accel":{"type":"string","description":"Accelerator it was saved with; a restore needs the same"},
+   "kernel":{"type":"string","description":"Guest kernel release; a restore needs the same"},"initramfs":{"type":"string","description":"Initramfs build (its name carries the agent's digest); a restore needs the same"},
+   "dependents":{"type":"array","items":{"type":"string"},"description":"Names of the sandboxes restored from it; it cannot be removed before them"}}},
+ "Revert":{"type":"object","additionalProperties":False,"required":["snapshot"],"properties":{"snapshot":{"type":"string","description":"One of the sandbox's own snapshots: its name, SANDBOX:NAME or id"}}},
+ "Fork":{"type":"object","additionalProperties":False,"properties":{"count":{"type":"integer","minimum":1,"maximum":64,"default":1},
+   "name_prefix":{"type":"string","description":"The new sandboxes are named PREFIX1 to PREFIXN [default: SANDBOX-fork-]"},
+   "snapshot":{"type":"string","description":"Fork from this snapshot of the sandbox; without it a snapshot of its current state is taken first (named fork-<unix ms>), which needs it running"}}},
+ "Forked":{"type":"object","required":["snapshot","sandboxes"],"properties":{"snapshot":ref("SnapshotInfo"),"sandboxes":{"type":"array","items":ref("SandboxInfo")}}},
  "RenewLease":{"type":"object","additionalProperties":False,"required":["ttl_secs"],"properties":{"ttl_secs":{"type":"integer","minimum":1}}},
  "LifecycleEntry":{"type":"object","required":["version","phase","at_ms"],"properties":{"version":{"type":"integer"},"phase":ref("Phase"),"at_ms":{"type":"integer"},"error":opt("string")}},
  "Event":{"type":"object","required":["seq","at_ms","kind","message"],"properties":{"seq":{"type":"integer"},"at_ms":{"type":"integer"},"sandbox":opt("string"),"kind":{"type":"string"},"message":{"type":"string"}}},
@@ -103,8 +134,8 @@ schemas={
  "KillProcess":{"type":"object","additionalProperties":False,"properties":{"signal":{"type":"integer","minimum":1,"maximum":64,"default":15}}},
  "JobInfo":{"type":"object","required":["pid","argv","started_at","output_bytes","dropped_bytes"],"properties":{"pid":{"type":"integer"},"argv":{"type":"array","items":{"type":"string"}},"started_at":{"type":"integer"},
    "exit":{"oneOf":[{"type":"null"},{"type":"object","properties":{"code":{"type":["integer","null"]},"signal":{"type":["integer","null"]},"timed_out":{"type":"boolean"}}}]},"output_bytes":{"type":"integer"},"dropped_bytes":{"type":"integer"}}},
- "ErrorCode":{"type":"string","enum":["not_found","ambiguous_ref","name_taken","invalid_request","body_too_large","invalid_phase","lease_expired","limit_reached","boot_failed","exec_failed","registry_failed","permission_denied","internal"],
-   "description":"not_found 404, ambiguous_ref 400, invalid_request 400, name_taken 409, invalid_phase 409, lease_expired 409, body_too_large 413, limit_reached 429, boot_failed/exec_failed/internal 500, registry_failed 502, permission_denied 403"},
+ "ErrorCode":{"type":"string","enum":["not_found","ambiguous_ref","name_taken","invalid_request","body_too_large","invalid_phase","lease_expired","limit_reached","boot_failed","exec_failed","registry_failed","permission_denied","in_use","incompatible","internal"],
+   "description":"not_found 404, ambiguous_ref 400, invalid_request 400, name_taken 409, invalid_phase 409, lease_expired 409, in_use 409 (something still builds on what was to be removed), incompatible 409 (a snapshot saved with another QEMU, accelerator, kernel or agent build), body_too_large 413, limit_reached 429, boot_failed/exec_failed/internal 500, registry_failed 502, permission_denied 403"},
  "ApiError":{"type":"object","required":["code","message","hint"],"properties":{"code":ref("ErrorCode"),"message":{"type":"string"},"hint":{"type":"string"}}},
  "ExecStart":{"type":"object","additionalProperties":False,"properties":{"argv":{"type":"array","items":{"type":"string"},"description":"Empty: the image's Entrypoint and Cmd"},
    "env":{"type":"array","items":{"type":"array","items":{"type":"string"},"minItems":2,"maxItems":2}},"cwd":opt("string"),"user":opt("string"),"timeout_ms":{"type":["integer","null"]},

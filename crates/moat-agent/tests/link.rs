@@ -366,7 +366,7 @@ async fn a_second_hello_starts_a_fresh_session() {
     let mut r = BufReader::new(r);
     let mut pid = 0;
     for nonce in [1u64, 2] {
-        let hello = HostHello { version: PROTOCOL_VERSION, nonce, time_unix_ns: 1, entropy: vec![] };
+        let hello = HostHello { version: PROTOCOL_VERSION, nonce, time_unix_ns: 1, entropy: vec![], identity: None };
         write_frame(&mut w, &Frame::new(CONTROL_CHANNEL, Message::Hello(hello))).await.unwrap();
         w.flush().await.unwrap();
         // Whatever the old session still had queued comes before the marker and is skipped.

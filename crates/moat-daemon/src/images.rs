@@ -78,6 +78,23 @@ pub async fn remove(State(svc): Svc, Path(name): Path<String>) -> Result<Json<Im
             "remove those sandboxes first (`moat rm -f`)",
         ));
     }
+    // Snapshot disks are layers on the image's base disk.
+    let (templates, snapshots): (Vec<_>, Vec<_>) = svc
+        .snapshots(None)?
+        .into_iter()
+        .filter(|s| s.image_digest == image.digest)
+        .partition(|s| s.kind == moat_api::SnapshotKind::Template);
+    if !snapshots.is_empty() {
+        let names: Vec<String> = snapshots.iter().map(|s| format!("{}:{}", s.sandbox_name, s.name)).collect();
+        return Err(ServiceError::new(
+            ErrorCode::InUse,
+            format!("image {name} is the base of snapshots {}", names.join(", ")),
+            format!("remove them first (`moat snapshot rm {}`)", names.join(" ")),
+        ));
+    }
+    for t in templates {
+        svc.remove_snapshot(&t.id).await?;
+    }
     svc.rt.images.remove(&name).map_err(image_error)?;
     Ok(Json(info(&image)))
 }

@@ -306,6 +306,10 @@ impl Service {
             p if p.is_at_rest() => {}
             _ => return Err(ServiceError::phase(&info, "running or at rest", "wait for the operation in flight")),
         }
+        if info.expires_at.is_some_and(|t| t <= now_secs()) {
+            // As for `start`: an expired lease does not stop the sandbox again at once.
+            self.db(|db| db.set_expiry(&info.id, None))?;
+        }
         // A paused sandbox's saved VM is replaced by the snapshot's.
         for f in [moat_sandbox::STATE_FILE, moat_sandbox::MEM_FILE] {
             let _ = std::fs::remove_file(self.run_dir(&info.id).join(f));
