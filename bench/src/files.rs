@@ -15,7 +15,8 @@ use crate::{median, ms};
 
 const BOX: &str = "bench-cp";
 
-fn moat(moat: &Path, home: &Path, args: &[&str]) -> anyhow::Result<(Duration, String)> {
+/// Run the `moat` CLI against `home`; its wall time and standard output.
+pub(crate) fn moat(moat: &Path, home: &Path, args: &[&str]) -> anyhow::Result<(Duration, String)> {
     let t = Instant::now();
     let out =
         Command::new(moat).args(args).env("MOAT_HOME", home).stdin(Stdio::null()).output().context("running moat")?;

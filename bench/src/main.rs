@@ -10,6 +10,9 @@
 //! - `moat cp` in and out next to the guest's own `dd`, and the exec round trip during a copy.
 //! - images: pull + unpack throughput from a registry on loopback next to a plain download of the
 //!   same blob, and the first run of the pulled image next to the built-in one.
+//! - snapshots: a sandbox restored from its image's template next to a cold boot (each to its
+//!   first exec done, median of at least 10), `moat fork` into K (`--forks`, 10) next to K cold
+//!   boots, and the host memory (PSS of QEMU) of the K forks next to K cold-booted sandboxes.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -21,6 +24,7 @@ use moat_sandbox::{Runtime, RuntimeConfig, Sandbox, SandboxSpec};
 
 mod files;
 mod images;
+mod snapshots;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -40,6 +44,7 @@ fn arg(name: &str, default: usize) -> usize {
 async fn main() -> anyhow::Result<()> {
     let runs = arg("--runs", 5);
     let execs = arg("--execs", 100);
+    let forks = arg("--forks", 10);
     let moat = std::env::current_exe()?.with_file_name("moat");
     if !moat.exists() {
         bail!("{} is missing; build it with `cargo build --release -p moat` (bench/run does)", moat.display());
@@ -50,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
         rt.qemu_version, rt.kernel.release, rt.accel.accel, rt.accel.reason
     );
     let home = rt.config.home.clone();
-    // `--only files` or `--only images` runs that part alone.
+    // `--only files`, `--only images` or `--only snapshots` runs that part alone.
     let only: Option<String> =
         std::env::args().collect::<Vec<_>>().windows(2).find(|w| w[0] == "--only").map(|w| w[1].clone());
     // Warm the image and initramfs caches so the first sample is not a build.
@@ -58,7 +63,8 @@ async fn main() -> anyhow::Result<()> {
     match only.as_deref() {
         Some("files") => return files::bench(&moat, &home, arg("--copy-mib", 256)).await,
         Some("images") => return images::bench(&moat, &home, runs, arg("--layer-mib", 256)).await,
-        Some(other) => bail!("--only takes `files` or `images`, not {other:?}"),
+        Some("snapshots") => return snapshots::bench(&moat, &home, runs, forks).await,
+        Some(other) => bail!("--only takes `files`, `images` or `snapshots`, not {other:?}"),
         None => {}
     }
     let mut walls = Vec::new();
@@ -96,7 +102,8 @@ async fn main() -> anyhow::Result<()> {
 
     daemon_api(&home, runs, arg("--requests", 1000), boot).await?;
     files::bench(&moat, &home, arg("--copy-mib", 256)).await?;
-    images::bench(&moat, &home, runs, arg("--layer-mib", 256)).await
+    images::bench(&moat, &home, runs, arg("--layer-mib", 256)).await?;
+    snapshots::bench(&moat, &home, runs, forks).await
 }
 
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
