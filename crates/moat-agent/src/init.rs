@@ -184,8 +184,8 @@ fn switch_root(device: &str, module_errors: &[ModuleError]) -> Result<(), InitEr
     Ok(())
 }
 
-/// Take on a sandbox's identity: the kernel hostname, `/etc/hostname` and `/etc/machine-id`
-/// (the files only where they can be written; an image may have a read-only `/etc`).
+/// Take on a sandbox's identity: the kernel hostname, and `/etc/hostname` and `/etc/machine-id`
+/// where the image has them (an image without them is left as it is).
 pub fn apply_identity(identity: &moat_proto::Identity) {
     if let Err(e) = identity.check() {
         eprintln!("moat-agent: ignoring the host's identity: {e}");
@@ -193,7 +193,7 @@ pub fn apply_identity(identity: &moat_proto::Identity) {
     }
     set_hostname(&identity.hostname);
     for (path, content) in [("/etc/hostname", &identity.hostname), ("/etc/machine-id", &identity.machine_id)] {
-        if std::path::Path::new("/etc").is_dir() {
+        if std::path::Path::new(path).is_file() {
             if let Err(e) = std::fs::write(path, format!("{content}\n")) {
                 eprintln!("moat-agent: writing {path} failed: {e}");
             }

@@ -60,6 +60,16 @@ fn label(s: &SnapshotInfo) -> String {
     }
 }
 
+/// What a snapshot was saved with.
+fn fingerprint(s: &SnapshotInfo) -> Fingerprint {
+    Fingerprint {
+        qemu: s.qemu.clone(),
+        accel: s.accel.clone(),
+        kernel: s.kernel.clone(),
+        initramfs: s.initramfs.clone(),
+    }
+}
+
 /// Bytes a directory's files take on disk (sparse files count what they hold).
 fn disk_usage(dir: &std::path::Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -112,12 +122,7 @@ impl Service {
 
     /// Refuse a snapshot this host cannot restore, saying why.
     fn check_restorable(&self, s: &SnapshotInfo) -> Result<(), ServiceError> {
-        let saved = Fingerprint {
-            qemu: s.qemu.clone(),
-            accel: s.accel.clone(),
-            kernel: s.kernel.clone(),
-            initramfs: s.initramfs.clone(),
-        };
+        let saved = fingerprint(s);
         match saved.mismatch(&Fingerprint::of(&self.rt)) {
             None => Ok(()),
             Some(why) => Err(ServiceError::new(
@@ -499,12 +504,7 @@ impl Service {
         }
         let current = Fingerprint::of(&self.rt);
         for t in self.db(|db| db.snapshots(None))?.into_iter().filter(|s| s.kind == SnapshotKind::Template) {
-            let saved = Fingerprint {
-                qemu: t.qemu.clone(),
-                accel: t.accel.clone(),
-                kernel: t.kernel.clone(),
-                initramfs: t.initramfs.clone(),
-            };
+            let saved = fingerprint(&t);
             let image_gone = self.rt.images.resolve(&t.image).map(|i| i.digest != t.image_digest).unwrap_or(true);
             if t.dependents.is_empty() && (saved.mismatch(&current).is_some() || image_gone) {
                 self.delete_snapshot_files(&t.id)?;

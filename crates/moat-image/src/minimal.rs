@@ -38,6 +38,8 @@ const FILES: &[(&str, &str)] = &[
     ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"),
     ("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
     ("etc/hostname", "moat\n"),
+    // Empty until the agent writes the sandbox's id into it (as systemd images ship it).
+    ("etc/machine-id", ""),
     ("etc/hosts", "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"),
     (
         "etc/os-release",

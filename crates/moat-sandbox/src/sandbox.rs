@@ -42,6 +42,9 @@ impl Default for SandboxSpec {
     }
 }
 
+/// How long a restored guest's agent gets to answer one connection.
+const RESTORE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The sandbox's disk overlay inside its run directory.
 pub const OVERLAY_FILE: &str = "root.qcow2";
 
@@ -167,6 +170,7 @@ impl Sandbox {
         let identity = identity(spec, id);
         let started = Instant::now();
         let mut vm = Vm::spawn(&cfg, spec.die_with_parent).await?;
+        tracing::debug!(sandbox = %id, elapsed = ?started.elapsed(), "QEMU answers on QMP");
         if let Some(state) = &state {
             let loaded = match vm.load(state, true).await {
                 Ok(()) => vm.cont().await,
@@ -177,11 +181,26 @@ impl Sandbox {
                 vm.kill().await;
                 return Err(SandboxError::Restore { reason: e.to_string(), console });
             }
+            tracing::debug!(sandbox = %id, elapsed = ?started.elapsed(), "saved state loaded, guest running");
         }
         let socket = vm.agent_socket();
-        let outcome = tokio::select! {
-            r = tokio::time::timeout(spec.boot_timeout, AgentLink::connect(&socket, Some(identity.clone()))) => Ok(r),
-            status = vm.wait(spec.boot_timeout + Duration::from_secs(1)) => Err(status),
+        // A restored agent is already up and answers in milliseconds. Rarely (about one restore
+        // in fifty under TCG) it never sees the first connection's hello; a new connection,
+        // which the guest sees as a hang-up and a reconnect, gets it going again.
+        let (limit, attempts) =
+            if state.is_some() { (RESTORE_CONNECT_TIMEOUT.min(spec.boot_timeout), 3) } else { (spec.boot_timeout, 1) };
+        let mut attempt = 0;
+        let outcome = loop {
+            attempt += 1;
+            let outcome = tokio::select! {
+                r = tokio::time::timeout(limit, AgentLink::connect(&socket, Some(identity.clone()))) => Ok(r),
+                status = vm.wait(limit + Duration::from_secs(1)) => Err(status),
+            };
+            if attempt < attempts && matches!(outcome, Ok(Err(_))) {
+                tracing::warn!(sandbox = %id, attempt, "the restored agent did not answer; connecting again");
+                continue;
+            }
+            break outcome;
         };
         let link = match outcome {
             Ok(Ok(Ok(link))) => link,

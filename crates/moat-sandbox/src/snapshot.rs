@@ -117,7 +117,7 @@ impl Sandbox {
         drop(vm);
         if !own {
             let (mem, dir) = (self.dir.join(MEM_FILE), self.dir.clone());
-            blocking(move || Ok(remove_if_exists(&mem)?)).await?;
+            blocking(move || remove_if_exists(&mem)).await?;
             materialize(rt, &self.cfg, &dir, &dir.join(crate::OVERLAY_FILE)).await?;
         }
         let dir = self.dir.clone();

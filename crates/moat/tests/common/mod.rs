@@ -143,6 +143,11 @@ impl OwnHome {
 impl Drop for OwnHome {
     fn drop(&mut self) {
         stop_daemon(self.0.path());
+        // VMs outlive their daemon on purpose; a test that failed half-way must not leak them.
+        for pid in qemu_processes_mentioning(&self.0.path().display().to_string()) {
+            // SAFETY: SIGKILL to a QEMU whose command line names this test's own home.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
     }
 }
 
