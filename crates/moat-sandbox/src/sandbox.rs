@@ -42,8 +42,8 @@ impl Default for SandboxSpec {
     }
 }
 
-/// How long a restored guest's agent gets to answer one connection.
-const RESTORE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a restored guest's agent gets to answer one connection before moat connects again.
+const RESTORE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The sandbox's disk overlay inside its run directory.
 pub const OVERLAY_FILE: &str = "root.qcow2";
@@ -184,19 +184,22 @@ impl Sandbox {
             tracing::debug!(sandbox = %id, elapsed = ?started.elapsed(), "saved state loaded, guest running");
         }
         let socket = vm.agent_socket();
-        // A restored agent is already up and answers in milliseconds. Rarely (about one restore
-        // in fifty under TCG) it never sees the first connection's hello; a new connection,
-        // which the guest sees as a hang-up and a reconnect, gets it going again.
-        let (limit, attempts) =
-            if state.is_some() { (RESTORE_CONNECT_TIMEOUT.min(spec.boot_timeout), 3) } else { (spec.boot_timeout, 1) };
+        // A restored agent is already up and answers within a second. Rarely (about one restore
+        // in fifty under TCG) it never sees the first connection's hello; a new connection, which
+        // the guest sees as a hang-up and a reconnect, gets it going again.
+        let restored = state.is_some();
+        let per_attempt = if restored { RESTORE_CONNECT_TIMEOUT } else { spec.boot_timeout };
+        let deadline = Instant::now() + spec.boot_timeout;
         let mut attempt = 0;
         let outcome = loop {
             attempt += 1;
+            let limit =
+                per_attempt.min(deadline.saturating_duration_since(Instant::now())).max(Duration::from_millis(1));
             let outcome = tokio::select! {
                 r = tokio::time::timeout(limit, AgentLink::connect(&socket, Some(identity.clone()))) => Ok(r),
                 status = vm.wait(limit + Duration::from_secs(1)) => Err(status),
             };
-            if attempt < attempts && matches!(outcome, Ok(Err(_))) {
+            if restored && matches!(outcome, Ok(Err(_))) && Instant::now() < deadline {
                 tracing::warn!(sandbox = %id, attempt, "the restored agent did not answer; connecting again");
                 continue;
             }
