@@ -11,7 +11,7 @@ use std::time::Duration;
 pub use agent_link::{AgentLink, Exec, ExecControl, ExecEvent, LinkError};
 pub use runtime::{Runtime, RuntimeConfig};
 pub use sandbox::{new_id, validate, Origin, Sandbox, SandboxSpec, OVERLAY_FILE};
-pub use snapshot::{copy_sparse, Fingerprint, DISK_FILE, HELPER_PREFIX, MEM_FILE, STATE_FILE};
+pub use snapshot::{Fingerprint, HELPER_PREFIX, MEM_FILE, STATE_FILE};
 
 /// Why a sandbox could not be prepared, booted or used.
 #[derive(Debug, thiserror::Error)]

@@ -21,7 +21,7 @@ pub const MEM_FILE: &str = "mem";
 /// QEMU's device state, saved without RAM.
 pub const STATE_FILE: &str = "state";
 /// The disk, a qcow2 layer on the image's base disk.
-pub const DISK_FILE: &str = "disk.qcow2";
+pub(crate) const DISK_FILE: &str = "disk.qcow2";
 /// Run directories of the helper VMs that turn a stream with RAM into the usual files start so.
 pub const HELPER_PREFIX: &str = "save-";
 /// A stream with RAM in it, on its way to becoming [`MEM_FILE`] + [`STATE_FILE`].
@@ -178,7 +178,7 @@ pub(crate) fn remove_if_exists(path: &Path) -> Result<(), SandboxError> {
 
 /// Copy a sparse file, skipping its holes (guest RAM is mostly holes). Written by hand: no crate
 /// copies sparse files, and `std::fs::copy` fills the holes in.
-pub fn copy_sparse(src: &Path, dst: &Path) -> Result<(), SandboxError> {
+pub(crate) fn copy_sparse(src: &Path, dst: &Path) -> Result<(), SandboxError> {
     use rustix::fs::{copy_file_range, seek, SeekFrom};
     let io = |what: String| move |e: std::io::Error| SandboxError::Io { what, source: e };
     let what = format!("copying {} to {}", src.display(), dst.display());
