@@ -216,6 +216,16 @@ pub struct SnapshotInfo {
     pub dependents: Vec<String>,
 }
 
+impl SnapshotInfo {
+    /// How users refer to it: `SANDBOX:NAME`, or the id of a template.
+    pub fn reference(&self) -> String {
+        match self.kind {
+            SnapshotKind::Snapshot => format!("{}:{}", self.sandbox_name, self.name),
+            SnapshotKind::Template => self.id.clone(),
+        }
+    }
+}
+
 /// `POST /v1/sandboxes/{ref}/revert`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

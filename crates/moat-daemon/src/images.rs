@@ -85,7 +85,7 @@ pub async fn remove(State(svc): Svc, Path(name): Path<String>) -> Result<Json<Im
         .filter(|s| s.image_digest == image.digest)
         .partition(|s| s.kind == moat_api::SnapshotKind::Template);
     if !snapshots.is_empty() {
-        let names: Vec<String> = snapshots.iter().map(|s| format!("{}:{}", s.sandbox_name, s.name)).collect();
+        let names: Vec<String> = snapshots.iter().map(|s| s.reference()).collect();
         return Err(ServiceError::new(
             ErrorCode::InUse,
             format!("image {name} is the base of snapshots {}", names.join(", ")),

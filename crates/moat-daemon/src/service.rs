@@ -67,7 +67,7 @@ impl From<moat_sandbox::SandboxError> for ServiceError {
     }
 }
 
-fn not_found(reference: &str) -> ServiceError {
+pub(crate) fn not_found(reference: &str) -> ServiceError {
     ServiceError::new(
         ErrorCode::NotFound,
         format!("no sandbox {reference:?}"),

@@ -12,7 +12,7 @@ use moat_api::{CreateSandbox, ErrorCode, Fork, Forked, Phase, SandboxInfo, Snaps
 use moat_sandbox::{Fingerprint, SandboxSpec};
 use sha2::Digest;
 
-use crate::service::{Launch, Service, ServiceError};
+use crate::service::{not_found, Launch, Service, ServiceError};
 use crate::state::now_secs;
 
 /// At most this many sandboxes per fork request.
@@ -55,7 +55,7 @@ fn snapshot_not_found(reference: &str) -> ServiceError {
 /// `SANDBOX:NAME` of a snapshot, or its id for templates.
 fn label(s: &SnapshotInfo) -> String {
     match s.kind {
-        SnapshotKind::Snapshot => format!("{}:{}", s.sandbox_name, s.name),
+        SnapshotKind::Snapshot => s.reference(),
         SnapshotKind::Template => format!("template {} of image {}", s.id, s.image),
     }
 }
@@ -222,7 +222,7 @@ impl Service {
         let info = self.resolve(reference)?;
         let lock = self.op_lock(&info.id);
         let _guard = lock.lock().await;
-        let info = self.db(|db| db.get(&info.id))?.ok_or_else(|| snapshot_not_found(reference))?;
+        let info = self.db(|db| db.get(&info.id))?.ok_or_else(|| not_found(reference))?;
         if info.phase != Phase::Running {
             return Err(ServiceError::phase(&info, "running", "start it with `moat start`, then snapshot it"));
         }
@@ -301,7 +301,7 @@ impl Service {
         let info = self.resolve(reference)?;
         let lock = self.op_lock(&info.id);
         let _guard = lock.lock().await;
-        let info = self.db(|db| db.get(&info.id))?.ok_or_else(|| snapshot_not_found(reference))?;
+        let info = self.db(|db| db.get(&info.id))?.ok_or_else(|| not_found(reference))?;
         let s = self.own_snapshot(&info, snapshot)?;
         self.check_restorable(&s)?;
         match info.phase {
@@ -319,7 +319,7 @@ impl Service {
         for f in [moat_sandbox::STATE_FILE, moat_sandbox::MEM_FILE] {
             let _ = std::fs::remove_file(self.run_dir(&info.id).join(f));
         }
-        let info = self.db(|db| db.get(&info.id))?.ok_or_else(|| snapshot_not_found(reference))?;
+        let info = self.db(|db| db.get(&info.id))?.ok_or_else(|| not_found(reference))?;
         let reverted = self.launch(&info, &self.spec_of(&info), Launch::Snapshot(&s.id)).await?;
         self.db(|db| db.event(Some(&info.id), "revert", &format!("{} reverted to {}", info.name, label(&s))))?;
         Ok(reverted)

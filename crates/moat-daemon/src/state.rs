@@ -317,12 +317,10 @@ impl Db {
     pub fn snapshot_ready(&mut self, id: &str, size_bytes: u64) -> Result<(), StateError> {
         let tx = self.conn.transaction()?;
         tx.execute("UPDATE snapshots SET ready = 1, size_bytes = ?2 WHERE id = ?1", params![id, size_bytes as i64])?;
-        let (name, sandbox): (String, String) =
-            tx.query_row("SELECT name, sandbox_name FROM snapshots WHERE id = ?1", [id], |r| {
-                Ok((r.get(0)?, r.get(1)?))
+        let (name, sandbox, sandbox_id): (String, String, Option<String>) =
+            tx.query_row("SELECT name, sandbox_name, sandbox_id FROM snapshots WHERE id = ?1", [id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })?;
-        let sandbox_id: Option<String> =
-            tx.query_row("SELECT sandbox_id FROM snapshots WHERE id = ?1", [id], |r| r.get(0))?;
         append_event(&tx, sandbox_id.as_deref(), "snapshot", &format!("snapshot {sandbox}:{name} saved ({id})"))?;
         tx.commit()?;
         Ok(())

@@ -22,26 +22,18 @@ pub async fn snapshot(args: SnapshotArgs, host: &HostArgs) -> anyhow::Result<i32
         (Some(SnapshotCommand::Rm { snapshots }), _) => {
             each(&snapshots, |r| {
                 let client = client.clone();
-                async move { client.remove_snapshot(&r).await.map(|s| reference(&s)) }
+                async move { client.remove_snapshot(&r).await.map(|s| s.reference()) }
             })
             .await
         }
         (None, Some(sandbox)) => {
             let s = client.snapshot(&sandbox, args.name).await?;
-            println!("{}", reference(&s));
+            println!("{}", s.reference());
             Ok(0)
         }
         (None, None) => bail!(
             "say which sandbox to snapshot\nhint: `moat snapshot BOX [--name NAME]`, `moat snapshot ls [BOX]`, `moat snapshot rm SNAPSHOT`"
         ),
-    }
-}
-
-/// How users refer to a snapshot: `SANDBOX:NAME`, or the id of a template.
-fn reference(s: &SnapshotInfo) -> String {
-    match s.kind {
-        moat_api::SnapshotKind::Snapshot => format!("{}:{}", s.sandbox_name, s.name),
-        moat_api::SnapshotKind::Template => s.id.clone(),
     }
 }
 
@@ -54,7 +46,7 @@ fn print_table(list: &[SnapshotInfo]) {
         println!(
             "{:<12}  {:<32}  {:<8}  {:<10}  {:>6}M  {:>8}M  {:<10}  {}",
             s.id,
-            reference(s),
+            s.reference(),
             s.kind.as_str(),
             s.image,
             s.memory_mib,
