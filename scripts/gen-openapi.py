@@ -71,6 +71,10 @@ paths={
    "delete":{"summary":"Remove an image name (and its disk when nothing else uses it)","operationId":"removeImage","responses":{"200":jresp("The removed image",ref("ImageInfo")),**err}}},
  "/v1/prune":{"post":{"summary":"Remove every stopped, failed, expired or paused sandbox","operationId":"prune","responses":{"200":jresp("What was removed",ref("Reclaimed")),**err}}},
  "/v1/gc":{"post":{"summary":"Reclaim leaked QEMU processes, sockets and directories, unfinished snapshots, and templates this host can no longer restore","operationId":"gc","responses":{"200":jresp("What was reclaimed",ref("Reclaimed")),**err}}},
+ "/mcp":{
+   "post":{"summary":"MCP (Model Context Protocol) streamable HTTP: JSON-RPC requests of an MCP client; `initialize` opens a session (`Mcp-Session-Id`). See docs/mcp.md","operationId":"mcpPost","responses":{"200":{"description":"A JSON-RPC response, or an event stream of messages ending with it"},"202":{"description":"A notification or response was accepted"}}},
+   "get":{"summary":"MCP: the session's stream of server messages","operationId":"mcpStream","responses":{"200":{"description":"An event stream"}}},
+   "delete":{"summary":"MCP: end the session (its sandboxes are removed)","operationId":"mcpEnd","responses":{"202":{"description":"The session ended"}}}},
 }
 phase={"type":"string","enum":["creating","booting","running","stopping","stopped","failed","expired","paused"],"description":"paused: the whole VM is saved in the run directory and no QEMU runs; resume (or start) continues it"}
 on_exp={"type":"string","enum":["stop","remove"]}

@@ -13,6 +13,9 @@
 //! - snapshots: a sandbox restored from its image's template next to a cold boot (each to its
 //!   first exec done, median of at least 10), `moat fork` into K (`--forks`, 10) next to K cold
 //!   boots, and the host memory (PSS of QEMU) of the K forks next to K cold-booted sandboxes.
+//! - network: a guest downloading from a server on the host's loopback through moat's stack, and
+//!   the rate of small sequential requests, next to the same busybox client on the host and next
+//!   to the guest's own loopback.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -24,6 +27,7 @@ use moat_sandbox::{Runtime, RuntimeConfig, Sandbox, SandboxSpec};
 
 mod files;
 mod images;
+mod net;
 mod snapshots;
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -55,7 +59,7 @@ async fn main() -> anyhow::Result<()> {
         rt.qemu_version, rt.kernel.release, rt.accel.accel, rt.accel.reason
     );
     let home = rt.config.home.clone();
-    // `--only files`, `--only images` or `--only snapshots` runs that part alone.
+    // `--only files`, `--only images`, `--only snapshots` or `--only net` runs that part alone.
     let only: Option<String> =
         std::env::args().collect::<Vec<_>>().windows(2).find(|w| w[0] == "--only").map(|w| w[1].clone());
     // Warm the image and initramfs caches so the first sample is not a build.
@@ -64,7 +68,8 @@ async fn main() -> anyhow::Result<()> {
         Some("files") => return files::bench(&moat, &home, arg("--copy-mib", 256)).await,
         Some("images") => return images::bench(&moat, &home, runs, arg("--layer-mib", 256)).await,
         Some("snapshots") => return snapshots::bench(&moat, &home, runs, forks).await,
-        Some(other) => bail!("--only takes `files`, `images` or `snapshots`, not {other:?}"),
+        Some("net") => return net::bench(&moat, &home, runs, arg("--net-mib", 64), arg("--conns", 200)).await,
+        Some(other) => bail!("--only takes `files`, `images`, `snapshots` or `net`, not {other:?}"),
         None => {}
     }
     let mut walls = Vec::new();
@@ -103,7 +108,8 @@ async fn main() -> anyhow::Result<()> {
     daemon_api(&home, runs, arg("--requests", 1000), boot).await?;
     files::bench(&moat, &home, arg("--copy-mib", 256)).await?;
     images::bench(&moat, &home, runs, arg("--layer-mib", 256)).await?;
-    snapshots::bench(&moat, &home, runs, forks).await
+    snapshots::bench(&moat, &home, runs, forks).await?;
+    net::bench(&moat, &home, runs, arg("--net-mib", 64), arg("--conns", 200)).await
 }
 
 fn percentile(v: &mut [Duration], p: f64) -> Duration {

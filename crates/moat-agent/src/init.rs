@@ -207,55 +207,6 @@ fn set_hostname(name: &str) {
     }
 }
 
-/// Bring up `lo`. The kernel adds 127.0.0.1/8 itself when loopback goes up; set it only if not.
-fn loopback_up() -> std::io::Result<()> {
-    // SAFETY: a plain socket call; the fd is owned by `sock` from here on.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: raw is a fresh descriptor nobody else owns.
-    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
-    // SAFETY: ifreq is plain old data; all-zero is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (i, b) in b"lo".iter().enumerate() {
-        req.ifr_name[i] = *b as libc::c_char;
-    }
-    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we own; flags live in ifru_flags.
-    unsafe {
-        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        if libc::ioctl(fd, libc::SIOCSIFFLAGS, &mut req) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    // SAFETY: SIOCGIFADDR fills ifru_addr of the ifreq we own.
-    if unsafe { libc::ioctl(fd, libc::SIOCGIFADDR, &mut req) } == 0 {
-        return Ok(());
-    }
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr { s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be() },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: sockaddr_in fits in the sockaddr slot of ifreq (both 16 bytes); SIOCSIFADDR reads it.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            (&addr as *const libc::sockaddr_in).cast::<u8>(),
-            (&mut req.ifr_ifru.ifru_addr as *mut libc::sockaddr).cast::<u8>(),
-            std::mem::size_of::<libc::sockaddr_in>(),
-        );
-        if libc::ioctl(fd, libc::SIOCSIFADDR, &mut req) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
 /// Everything PID 1 does before it serves the link. The accelerator probe never returns from here.
 pub fn boot() -> Result<Booted, InitError> {
     // /dev first, so the console can be attached before anything else opens a file.
@@ -275,8 +226,13 @@ pub fn boot() -> Result<Booted, InitError> {
         switch_root(root, &module_errors)?;
     }
     set_hostname(cmdline.get("moat.hostname").unwrap_or("moat"));
-    if let Err(e) = loopback_up() {
+    if let Err(e) = crate::netif::loopback_up() {
         eprintln!("moat-agent: bringing up the loopback interface failed: {e}");
+    }
+    if crate::netif::has_nic() {
+        if let Err(e) = crate::netif::eth0_up() {
+            eprintln!("moat-agent: configuring eth0 failed: {e}");
+        }
     }
     Ok(Booted { cmdline, module_errors })
 }

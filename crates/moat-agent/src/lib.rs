@@ -14,6 +14,7 @@ pub mod init;
 pub mod jobs;
 pub mod link;
 pub mod modules;
+pub mod netif;
 pub mod port;
 pub mod power;
 pub mod reaper;

@@ -128,6 +128,140 @@ pub struct CreateSandbox {
     /// there is none [default: true, unless the daemon runs with templates off]. `false` boots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<bool>,
+    /// The network: mode, allowlist, secrets, port forwards [default: mode `default`, or what
+    /// the snapshot of `from` had].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetSpec>,
+}
+
+/// How a sandbox reaches the network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetMode {
+    /// No network device at all.
+    None,
+    /// Public addresses; loopback, private, link-local, multicast, metadata and the host's own
+    /// addresses are refused.
+    #[default]
+    Default,
+    /// Only the hostnames in `allow` (checked on DNS, TLS SNI and HTTP Host).
+    Allow,
+}
+
+impl NetMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetMode::None => "none",
+            NetMode::Default => "default",
+            NetMode::Allow => "allow",
+        }
+    }
+}
+
+/// A sandbox's network (`CreateSandbox.net`, `SandboxInfo.net`). The daemon checks every field
+/// and says what is wrong.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetSpec {
+    #[serde(default)]
+    pub mode: NetMode,
+    /// Hostnames reachable in mode `allow`: `pypi.org`, `*.pythonhosted.org`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Addresses reachable in any mode, even private ones: `10.1.0.0/16`, `127.0.0.1/32`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_cidrs: Vec<String>,
+    /// Names moat's DNS answers itself: `NAME:IP`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// Upstream resolvers, `IP` or `IP:PORT` [default: the host's].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
+    /// Secrets the host puts into HTTPS requests to their hosts; the guest sees placeholders.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretSpec>,
+    /// Host ports forwarded to guest ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortForward>,
+}
+
+/// A secret bound to hosts (`--secret NAME@HOST`).
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSpec {
+    /// The environment variable that holds the placeholder in the guest.
+    pub name: String,
+    /// The real value: sent on create, never returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// Hostnames (patterns as in `allow`) whose requests get the value.
+    pub hosts: Vec<String>,
+}
+
+impl SecretSpec {
+    /// What the guest's environment holds instead of the value.
+    pub fn placeholder(&self) -> String {
+        format!("moat_placeholder_{}", self.name)
+    }
+}
+
+impl std::fmt::Debug for SecretSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretSpec")
+            .field("name", &self.name)
+            .field("value", &self.value.as_ref().map(|_| "<redacted>"))
+            .field("hosts", &self.hosts)
+            .finish()
+    }
+}
+
+/// A host port forwarded to a guest port (`-p 8080:80`, `POST /v1/sandboxes/{ref}/ports`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortForward {
+    /// The host address to listen on [default: 127.0.0.1].
+    #[serde(default = "default_host_addr")]
+    pub host_addr: String,
+    /// The host port; 0 picks a free one (the answer says which).
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+fn default_host_addr() -> String {
+    "127.0.0.1".into()
+}
+
+impl PortForward {
+    /// `[ADDR:]HOSTPORT:GUESTPORT`, as `-p` and `moat port-forward` take it.
+    pub fn parse(s: &str) -> Result<PortForward, String> {
+        let bad = || format!("{s:?} is not a port forward: use [ADDR:]HOSTPORT:GUESTPORT, e.g. 8080:80 or 0.0.0.0:8080:80");
+        let (rest, guest) = s.rsplit_once(':').ok_or_else(bad)?;
+        let (addr, host) = match rest.rsplit_once(':') {
+            Some((a, h)) => (a.trim_start_matches('[').trim_end_matches(']').to_string(), h),
+            None => (default_host_addr(), rest),
+        };
+        Ok(PortForward {
+            host_addr: addr,
+            host_port: host.parse().map_err(|_| bad())?,
+            guest_port: guest.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+impl std::fmt::Display for PortForward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{} -> {}", self.host_addr, self.host_port, self.guest_port)
+    }
+}
+
+/// `POST /v1/sandboxes/{ref}/net/allow`: change the allowlist of a running sandbox.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeAllowlist {
+    #[serde(default)]
+    pub add: Vec<String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 /// Everything known about one sandbox (`GET /v1/sandboxes/{ref}`).
@@ -158,6 +292,9 @@ pub struct SandboxInfo {
     /// The snapshot (or template) this sandbox was restored from; its disk builds on it.
     #[serde(default)]
     pub snapshot_id: Option<String>,
+    /// The network, without secret values.
+    #[serde(default)]
+    pub net: NetSpec,
 }
 
 /// `POST /v1/sandboxes/{ref}/snapshots`.
@@ -212,6 +349,9 @@ pub struct SnapshotInfo {
     pub accel: String,
     pub kernel: String,
     pub initramfs: String,
+    /// Whether the machine has a NIC: a restore must ask for a network (or `none`) to match.
+    #[serde(default)]
+    pub nic: bool,
     /// Sandboxes restored from it (their disks build on it): it cannot be removed before them.
     pub dependents: Vec<String>,
 }

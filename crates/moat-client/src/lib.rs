@@ -9,9 +9,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use moat_api::{
-    ApiError, BuildImage, CreateSandbox, CreateSnapshot, ErrorCode, Event, ExecClientMessage, ExecServerMessage,
+    ApiError, BuildImage, ChangeAllowlist, CreateSandbox, CreateSnapshot, ErrorCode, Event, ExecClientMessage, ExecServerMessage,
     ExecStart, Fork, Forked, Health, ImageInfo, ImageProgress, JobInfo, KillProcess, LifecycleEntry, LogSource,
-    ProcessStarted, PullImage, Reclaimed, RenewLease, Revert, SandboxInfo, SnapshotInfo, StartProcess, STDERR_TAG,
+    NetSpec, PortForward, ProcessStarted, PullImage, Reclaimed, RenewLease, Revert, SandboxInfo, SnapshotInfo, StartProcess, STDERR_TAG,
     STDOUT_TAG,
 };
 use serde::de::DeserializeOwned;
@@ -99,7 +99,9 @@ async fn follow_progress(
     Err(transport("the daemon ended the operation without a result"))
 }
 
+pub mod copy;
 mod files;
+pub use copy::CopyError;
 pub use files::Download;
 
 /// A client of one daemon.
@@ -231,6 +233,29 @@ impl Client {
 
     pub async fn resume(&self, reference: &str) -> Result<SandboxInfo, ClientError> {
         self.call(Method::POST, &format!("/v1/sandboxes/{}/resume", segment(reference)), None::<&()>).await
+    }
+
+    /// A sandbox's network (secret values left out).
+    pub async fn net(&self, reference: &str) -> Result<NetSpec, ClientError> {
+        self.call(Method::GET, &format!("/v1/sandboxes/{}/net", segment(reference)), None::<&()>).await
+    }
+
+    pub async fn change_allowlist(&self, reference: &str, change: &ChangeAllowlist) -> Result<NetSpec, ClientError> {
+        self.call(Method::POST, &format!("/v1/sandboxes/{}/net/allow", segment(reference)), Some(change)).await
+    }
+
+    pub async fn ports(&self, reference: &str) -> Result<Vec<PortForward>, ClientError> {
+        self.call(Method::GET, &format!("/v1/sandboxes/{}/ports", segment(reference)), None::<&()>).await
+    }
+
+    /// Forward a host port to a running sandbox; the answer has the port picked for host port 0.
+    pub async fn add_port(&self, reference: &str, port: &PortForward) -> Result<PortForward, ClientError> {
+        self.call(Method::POST, &format!("/v1/sandboxes/{}/ports", segment(reference)), Some(port)).await
+    }
+
+    pub async fn remove_port(&self, reference: &str, host_port: u16) -> Result<NetSpec, ClientError> {
+        self.call(Method::DELETE, &format!("/v1/sandboxes/{}/ports/{host_port}", segment(reference)), None::<&()>)
+            .await
     }
 
     pub async fn prune(&self) -> Result<Reclaimed, ClientError> {

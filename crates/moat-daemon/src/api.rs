@@ -11,7 +11,7 @@ use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use moat_api::{
@@ -67,9 +67,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 type Svc = State<Arc<Service>>;
 type ApiResult<T> = Result<T, ServiceError>;
 
-/// All routes, on top of the service.
-pub fn router(svc: Arc<Service>) -> Router {
+/// All routes, on top of the service. `/mcp` is the MCP server (streamable HTTP), a client of
+/// these same routes through the daemon's own socket.
+pub fn router(svc: Arc<Service>, mcp: moat_mcp::Policy) -> Router {
+    let mcp = moat_mcp::http_service(&crate::socket_path(&svc.rt.config.home), mcp);
     Router::new()
+        .route("/mcp", axum::routing::any_service(mcp))
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/v1/health", get(health))
         .route("/v1/sandboxes", get(list).post(create))
@@ -83,6 +86,10 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/v1/sandboxes/{reference}/fork", post(fork))
         .route("/v1/sandboxes/{reference}/pause", post(pause))
         .route("/v1/sandboxes/{reference}/resume", post(resume))
+        .route("/v1/sandboxes/{reference}/net", get(net))
+        .route("/v1/sandboxes/{reference}/net/allow", post(change_allowlist))
+        .route("/v1/sandboxes/{reference}/ports", get(ports).post(add_port))
+        .route("/v1/sandboxes/{reference}/ports/{host_port}", delete(remove_port))
         .route("/v1/snapshots", get(snapshots))
         .route("/v1/snapshots/{reference}", get(inspect_snapshot).delete(remove_snapshot))
         .route("/v1/sandboxes/{reference}/exec", get(exec))
@@ -241,6 +248,37 @@ async fn remove_snapshot(State(svc): Svc, Path(reference): Path<String>) -> ApiR
     Ok(Json(svc.remove_snapshot(&reference).await?))
 }
 
+async fn net(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<Json<moat_api::NetSpec>> {
+    Ok(Json(svc.resolve(&reference)?.net))
+}
+
+async fn change_allowlist(
+    State(svc): Svc,
+    Path(reference): Path<String>,
+    JsonBody(req): JsonBody<moat_api::ChangeAllowlist>,
+) -> ApiResult<Json<moat_api::NetSpec>> {
+    Ok(Json(svc.change_allowlist(&reference, req).await?))
+}
+
+async fn ports(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<Json<Vec<moat_api::PortForward>>> {
+    Ok(Json(svc.resolve(&reference)?.net.ports))
+}
+
+async fn add_port(
+    State(svc): Svc,
+    Path(reference): Path<String>,
+    JsonBody(req): JsonBody<moat_api::PortForward>,
+) -> ApiResult<Json<moat_api::PortForward>> {
+    Ok(Json(svc.add_port(&reference, req).await?))
+}
+
+async fn remove_port(
+    State(svc): Svc,
+    Path((reference, host_port)): Path<(String, u16)>,
+) -> ApiResult<Json<moat_api::NetSpec>> {
+    Ok(Json(svc.remove_port(&reference, host_port).await?))
+}
+
 async fn revert(
     State(svc): Svc,
     Path(reference): Path<String>,
@@ -337,7 +375,7 @@ async fn run_exec(
     tx: &mut futures_util::stream::SplitSink<WebSocket, WsMessage>,
     rx: futures_util::stream::SplitStream<WebSocket>,
 ) -> Result<(), ServiceError> {
-    let (_, sandbox) = svc.running(id)?;
+    let (info, sandbox) = svc.running(id)?;
     if start.remove_sandbox_after {
         // This session owns the sandbox's life now; it must not expire under the command.
         svc.clear_lease(id)?;
@@ -366,7 +404,7 @@ async fn run_exec(
     }
     let request = ExecRequest {
         argv,
-        env: start.env,
+        env: with_net_env(&info, start.env),
         cwd: start.cwd,
         user: start.user,
         timeout_ms: start.timeout_ms,
@@ -502,6 +540,14 @@ async fn logs(
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .body(Body::from_stream(stream))
         .expect("static headers are valid"))
+}
+
+/// A process's environment: the sandbox's (secret placeholders, where moat's CA is), then the
+/// caller's, which wins.
+pub(crate) fn with_net_env(info: &moat_api::SandboxInfo, env: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut all = crate::net::guest_env(&info.net);
+    all.extend(env);
+    all
 }
 
 /// The file's bytes from the start; with `follow`, keep sending what is appended while `alive()`.

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod files;
 pub mod images;
+pub mod net;
 pub mod phase;
 pub mod processes;
 pub mod service;
@@ -45,6 +46,8 @@ pub struct ServeConfig {
     pub idle_exit: Option<Duration>,
     /// Move a damaged or missing state database aside and start with an empty one.
     pub reset_state: bool,
+    /// What sessions of the MCP endpoint (`/mcp`) may do.
+    pub mcp: moat_mcp::Policy,
 }
 
 /// Errors that keep the daemon from starting.
@@ -131,7 +134,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             }
         })
     };
-    let app = api::router(svc.clone()).layer(activity);
+    let app = api::router(svc.clone(), cfg.mcp.clone()).layer(activity);
 
     let sock = socket_path(&home);
     if std::os::unix::net::UnixStream::connect(&sock).is_ok() {

@@ -37,12 +37,12 @@ pub async fn start(
     Path(reference): Path<String>,
     JsonBody(req): JsonBody<StartProcess>,
 ) -> Result<Json<ProcessStarted>, ServiceError> {
-    let (_, sandbox) = svc.running(&reference)?;
+    let (info, sandbox) = svc.running(&reference)?;
     if req.argv.is_empty() {
         return Err(ServiceError::new(ErrorCode::InvalidRequest, "no command given", "give the command after `--`"));
     }
     let request =
-        ExecRequest { argv: req.argv, env: req.env, cwd: req.cwd, user: req.user, detach: true, ..Default::default() };
+        ExecRequest { argv: req.argv, env: crate::api::with_net_env(&info, req.env), cwd: req.cwd, user: req.user, detach: true, ..Default::default() };
     let exec = sandbox.exec(request).await.map_err(|e| {
         ServiceError::new(ErrorCode::ExecFailed, e.to_string(), "check the command, its working directory and user")
     })?;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use moat_api::{CreateSandbox, ErrorCode, OnExpire, Phase, Reclaimed, SandboxInfo};
+use moat_api::{CreateSandbox, ErrorCode, NetMode, NetSpec, OnExpire, Phase, Reclaimed, SandboxInfo};
 use moat_sandbox::{Runtime, Sandbox, SandboxSpec};
 use tokio::sync::Notify;
 
@@ -24,6 +24,10 @@ pub struct ServiceError {
 impl ServiceError {
     pub fn new(code: ErrorCode, message: impl Into<String>, hint: impl Into<String>) -> ServiceError {
         ServiceError { code, message: message.into(), hint: hint.into() }
+    }
+
+    pub(crate) fn internal(message: impl Into<String>) -> ServiceError {
+        ServiceError::new(ErrorCode::Internal, message, "see the daemon log; `moat doctor` checks the host")
     }
 
     pub(crate) fn invalid(message: impl Into<String>) -> ServiceError {
@@ -108,6 +112,8 @@ pub struct Service {
     pub(crate) saving: Arc<std::sync::atomic::AtomicUsize>,
     /// One template being made per template key; other creates boot meanwhile.
     pub(crate) template_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The network stacks of running sandboxes with a NIC, by id.
+    pub(crate) nets: Mutex<HashMap<String, Arc<crate::net::LiveNet>>>,
 }
 
 /// Marks the daemon busy (not idle) while it lives.
@@ -131,6 +137,7 @@ impl Service {
             busy: Arc::default(),
             saving: Arc::default(),
             template_locks: Mutex::default(),
+            nets: Mutex::default(),
         })
     }
 
@@ -221,6 +228,25 @@ impl Service {
             Some(s) => (s.vcpus, s.memory_mib, s.disk_mib),
             None => (vcpus, memory_mib, disk_mib),
         };
+        let net = match (&req.net, &snapshot) {
+            (Some(net), _) => net.clone(),
+            (None, Some(s)) if !s.nic => NetSpec { mode: NetMode::None, ..NetSpec::default() },
+            (None, _) => NetSpec::default(),
+        };
+        crate::net::check(&net, true)?;
+        if let Some(s) = snapshot.as_ref().filter(|s| s.nic != (net.mode != NetMode::None)) {
+            return Err(ServiceError::new(
+                ErrorCode::Incompatible,
+                format!(
+                    "--from {}: the snapshot's machine {} a network device, and network `{}` {}",
+                    s.reference(),
+                    if s.nic { "has" } else { "has no" },
+                    net.mode.as_str(),
+                    if s.nic { "has none" } else { "needs one" }
+                ),
+                "restore it with a network mode that matches (leave --net out to take the snapshot's)",
+            ));
+        }
         let id = moat_sandbox::new_id();
         let name = req.name.clone().unwrap_or_else(|| format!("sb-{}", &id[..8]));
         let hostname = req.hostname.clone().unwrap_or_else(|| format!("moat-{}", &id[..8]));
@@ -235,6 +261,7 @@ impl Service {
             hostname: Some(hostname.clone()),
             boot_timeout,
             die_with_parent: false,
+            nic: net.mode != NetMode::None,
         };
         moat_sandbox::validate(&spec).map_err(|e| ServiceError::invalid(e.to_string()))?;
         let image = self.rt.images.resolve(&spec.image).map_err(|e| match e {
@@ -269,6 +296,7 @@ impl Service {
             last_error: None,
             version: 1,
             snapshot_id: None,
+            net,
         };
         // Held from before the record exists, so no other operation sees it half made.
         let lock = self.op_lock(&id);
@@ -283,7 +311,8 @@ impl Service {
         if let Some(snapshot) = snapshot {
             return self.launch(&info, &spec, Launch::Snapshot(&snapshot.id)).await;
         }
-        if req.template.unwrap_or(self.limits.templates) {
+        // A sandbox with secrets has moat's CA in its trust store: no template is made of it.
+        if req.template.unwrap_or(self.limits.templates) && info.net.secrets.is_empty() {
             return self.create_from_template(&info, &spec).await;
         }
         self.launch(&info, &spec, Launch::Boot { fresh: true }).await
@@ -322,6 +351,14 @@ impl Service {
                         _ => Ok(()),
                     }
                 })?;
+                if let Err(e) = self.attach_net(info, &sandbox).await {
+                    sandbox.shutdown().await;
+                    self.db(|db| {
+                        db.set_pid(&id, None)?;
+                        db.set_phase(&id, Phase::Failed, Some(&e.message))
+                    })?;
+                    return Err(e);
+                }
                 let info = self.db(|db| db.set_phase(&id, Phase::Running, None))?;
                 self.live.lock().expect("no panics while held").insert(id.clone(), sandbox.clone());
                 self.watch(sandbox);
@@ -347,6 +384,7 @@ impl Service {
                 }
             }
             let Some(this) = this.upgrade() else { return };
+            this.detach_net(&sandbox.id, sandbox.pid());
             let lock = this.op_lock(&sandbox.id);
             let _guard = lock.lock().await;
             let still_ours = this
@@ -469,6 +507,7 @@ impl Service {
             hostname: Some(info.hostname.clone()),
             boot_timeout: self.limits.boot_timeout,
             die_with_parent: false,
+            nic: info.net.mode != NetMode::None,
         }
     }
 
@@ -596,6 +635,10 @@ impl Service {
                 Ok(sandbox) => {
                     tracing::info!(sandbox = %id, pid = sandbox.pid(), "adopted a running sandbox");
                     let sandbox = Arc::new(sandbox);
+                    if let Err(e) = self.attach_net(&info, &sandbox).await {
+                        tracing::warn!(sandbox = %id, error = %e.message, "the adopted sandbox has no network");
+                        self.db(|db| db.event(Some(&id), "net", &format!("network not restored: {}", e.message)))?;
+                    }
                     self.live.lock().expect("no panics while held").insert(id.clone(), sandbox.clone());
                     self.db(|db| {
                         db.event(Some(&id), "adopted", &format!("{} adopted (QEMU pid {})", info.name, sandbox.pid()))

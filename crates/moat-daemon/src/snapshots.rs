@@ -178,6 +178,7 @@ impl Service {
             accel: f.accel,
             kernel: f.kernel,
             initramfs: f.initramfs,
+            nic: info.net.mode != moat_api::NetMode::None,
             dependents: Vec::new(),
         }
     }
@@ -357,12 +358,16 @@ impl Service {
             }
             None => self.snapshot(&info.id, Some(format!("fork-{}", crate::state::now_ms()))).await?,
         };
+        // Forks keep the source's network, secrets included, but not its host ports.
+        let mut net = self.db(|db| db.net_spec(&info.id))?;
+        net.ports.clear();
         let results: Vec<Result<SandboxInfo, ServiceError>> = futures_util::stream::iter(names)
             .map(|name| {
                 let req = CreateSandbox {
                     name: Some(name),
                     from: Some(snapshot.id.clone()),
                     boot_timeout_secs: None,
+                    net: Some(net.clone()),
                     ..Default::default()
                 };
                 let this = self.clone();
@@ -436,8 +441,8 @@ impl Service {
     fn template_key(&self, spec: &SandboxSpec, digest: &str, disk_mib: u64) -> String {
         let f = Fingerprint::of(&self.rt);
         let text = format!(
-            "{digest}|{}|{}|{disk_mib}|{}|{}|{}|{}",
-            spec.vcpus, spec.memory_mib, f.qemu, f.accel, f.kernel, f.initramfs
+            "{digest}|{}|{}|{disk_mib}|{}|{}|{}|{}|nic={}",
+            spec.vcpus, spec.memory_mib, f.qemu, f.accel, f.kernel, f.initramfs, spec.nic
         );
         sha2::Sha256::digest(text.as_bytes())[..16].iter().map(|b| format!("{b:02x}")).collect()
     }

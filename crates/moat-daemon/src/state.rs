@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use moat_api::{Event, LifecycleEntry, OnExpire, Phase, SandboxInfo, SnapshotInfo, SnapshotKind};
+use moat_api::{Event, LifecycleEntry, NetMode, NetSpec, OnExpire, Phase, SandboxInfo, SnapshotInfo, SnapshotKind};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::phase;
@@ -78,6 +78,12 @@ CREATE TABLE snapshots (
     initramfs TEXT NOT NULL
 );
 ALTER TABLE sandboxes ADD COLUMN snapshot_id TEXT;
+"#,
+    // The network (JSON of moat_api::NetSpec, secret values included); NULL for sandboxes made
+    // before networking, which have no NIC. Snapshots record whether their machine has one.
+    r#"
+ALTER TABLE sandboxes ADD COLUMN net TEXT;
+ALTER TABLE snapshots ADD COLUMN nic INTEGER NOT NULL DEFAULT 0;
 "#,
 ];
 
@@ -215,8 +221,8 @@ impl Db {
         }
         tx.execute(
             "INSERT INTO sandboxes (id, name, phase, version, image, image_digest, accel, vcpus, memory_mib,
-                disk_mib, hostname, created_at, expires_at, on_expire, pid, last_error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                disk_mib, hostname, created_at, expires_at, on_expire, pid, last_error, net)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             params![
                 s.id,
                 s.name,
@@ -234,6 +240,7 @@ impl Db {
                 on_expire_str(s.on_expire),
                 s.pid,
                 s.last_error,
+                net_json(&s.net),
             ],
         )?;
         append_lifecycle(&tx, &s.id, s.version, s.phase, None)?;
@@ -266,6 +273,21 @@ impl Db {
         Ok(updated)
     }
 
+    /// A sandbox's network with its secret values (`SandboxInfo::net` leaves them out).
+    pub fn net_spec(&self, id: &str) -> Result<NetSpec, StateError> {
+        let raw: Option<String> = self
+            .conn
+            .query_row("SELECT net FROM sandboxes WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| StateError::NotFound(id.to_string()))?;
+        Ok(parse_net(raw.as_deref()))
+    }
+
+    pub fn set_net(&mut self, id: &str, net: &NetSpec) -> Result<(), StateError> {
+        self.conn.execute("UPDATE sandboxes SET net = ?2 WHERE id = ?1", params![id, net_json(net)])?;
+        Ok(())
+    }
+
     /// Record which snapshot a sandbox's disk (and memory) now builds on.
     pub fn set_snapshot(&mut self, id: &str, snapshot: Option<&str>) -> Result<(), StateError> {
         self.conn.execute("UPDATE sandboxes SET snapshot_id = ?2 WHERE id = ?1", params![id, snapshot])?;
@@ -287,8 +309,8 @@ impl Db {
         }
         tx.execute(
             "INSERT INTO snapshots (id, name, kind, sandbox_id, sandbox_name, template_key, ready, image, image_digest,
-                vcpus, memory_mib, disk_mib, size_bytes, created_at, qemu, accel, kernel, initramfs)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                vcpus, memory_mib, disk_mib, size_bytes, created_at, qemu, accel, kernel, initramfs, nic)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
             params![
                 s.id,
                 s.name,
@@ -306,7 +328,8 @@ impl Db {
                 s.qemu,
                 s.accel,
                 s.kernel,
-                s.initramfs
+                s.initramfs,
+                s.nic
             ],
         )?;
         tx.commit()?;
@@ -507,10 +530,10 @@ impl Db {
 }
 
 const COLUMNS: &str = "id, name, phase, version, image, image_digest, accel, vcpus, memory_mib, disk_mib, hostname, \
-                       created_at, expires_at, on_expire, pid, last_error, snapshot_id";
+                       created_at, expires_at, on_expire, pid, last_error, snapshot_id, net";
 
 const SNAPSHOT_COLUMNS: &str = "id, name, kind, sandbox_id, sandbox_name, image, image_digest, vcpus, memory_mib, \
-                                disk_mib, size_bytes, created_at, qemu, accel, kernel, initramfs";
+                                disk_mib, size_bytes, created_at, qemu, accel, kernel, initramfs, nic";
 
 fn row_to_snapshot(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotInfo> {
     let kind: String = r.get(2)?;
@@ -533,6 +556,7 @@ fn row_to_snapshot(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotInfo> {
         accel: r.get(13)?,
         kernel: r.get(14)?,
         initramfs: r.get(15)?,
+        nic: r.get(16)?,
         dependents: Vec::new(),
     })
 }
@@ -580,7 +604,30 @@ fn row_to_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxInfo> {
         pid: r.get(14)?,
         last_error: r.get(15)?,
         snapshot_id: r.get(16)?,
+        net: redacted(parse_net(r.get::<_, Option<String>>(17)?.as_deref())),
     })
+}
+
+fn net_json(net: &NetSpec) -> String {
+    serde_json::to_string(net).expect("a NetSpec always serializes")
+}
+
+/// A sandbox made before networking existed has no NIC.
+fn parse_net(raw: Option<&str>) -> NetSpec {
+    match raw {
+        None => NetSpec { mode: NetMode::None, ..NetSpec::default() },
+        Some(raw) => serde_json::from_str(raw).unwrap_or_else(|e| {
+            tracing::warn!("unreadable network spec in the state database ({e}); treating it as none");
+            NetSpec { mode: NetMode::None, ..NetSpec::default() }
+        }),
+    }
+}
+
+fn redacted(mut net: NetSpec) -> NetSpec {
+    for s in &mut net.secrets {
+        s.value = None;
+    }
+    net
 }
 
 fn append_lifecycle(

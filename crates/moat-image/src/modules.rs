@@ -8,8 +8,8 @@ use crate::kernel::Kernel;
 use crate::ImageError;
 
 /// Modules the agent needs on `-M microvm`: the virtio-mmio transport, the root disk and the
-/// virtio-serial port of the agent link (their dependencies come along).
-pub const AGENT_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "virtio_console"];
+/// virtio-serial port of the agent link, the NIC (their dependencies come along).
+pub const AGENT_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "virtio_console", "virtio_net"];
 
 /// Module names treat `-` and `_` alike (`virtio-rng` is `virtio_rng`), as modprobe does.
 fn normalize(name: &str) -> String {

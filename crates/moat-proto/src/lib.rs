@@ -7,6 +7,7 @@
 
 mod frame;
 mod message;
+pub mod net;
 
 pub use frame::{read_frame, read_until_sync, write_frame, Decoder, Frame, FrameError, MAX_PAYLOAD, SYNC_MARKER};
 pub use message::*;

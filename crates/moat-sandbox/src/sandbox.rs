@@ -26,6 +26,9 @@ pub struct SandboxSpec {
     pub boot_timeout: Duration,
     /// Kill QEMU when this process dies (one-shot runs); daemons leave it running.
     pub die_with_parent: bool,
+    /// A NIC (virtio-net) whose other end is `net.sock` in the run directory, for moat's
+    /// network stack to connect to. Snapshots keep it: a restore must ask for the same.
+    pub nic: bool,
 }
 
 impl Default for SandboxSpec {
@@ -38,6 +41,7 @@ impl Default for SandboxSpec {
             hostname: None,
             boot_timeout: Duration::from_secs(60),
             die_with_parent: true,
+            nic: false,
         }
     }
 }
@@ -106,6 +110,7 @@ fn vm_config(rt: &Runtime, spec: &SandboxSpec, id: &str, dir: &Path) -> VmConfig
         name: id.to_string(),
         memory: Some(Memory::Own(dir.join(MEM_FILE))),
         incoming: false,
+        nic: spec.nic,
     }
 }
 

@@ -205,6 +205,7 @@ async fn probe_kvm(qemu: &Path, kernel: &Path, initrd: &Path, timeout: Duration)
         name: format!("kvm-probe-{unique}"),
         memory: None,
         incoming: false,
+        nic: false,
     };
     let result = async {
         let mut vm = Vm::spawn(&cfg, true).await.map_err(|e| format!("QEMU could not start a KVM guest: {e}"))?;

@@ -29,6 +29,9 @@ pub struct VmConfig {
     pub memory: Option<Memory>,
     /// Start paused, waiting for a saved state ([`crate::Vm::load`]) instead of booting.
     pub incoming: bool,
+    /// Give the guest a NIC (virtio-net) whose frames go over a stream socket QEMU listens on at
+    /// [`VmConfig::net_socket`], where moat's network stack connects.
+    pub nic: bool,
 }
 
 /// Guest RAM backed by a file, which is what makes snapshots cheap.
@@ -49,6 +52,9 @@ impl Memory {
     }
 }
 
+/// Every guest NIC has the same MAC: each sandbox has a network of its own.
+pub const GUEST_MAC: &str = "52:54:00:12:34:56";
+
 /// Kernel arguments every sandbox gets. `reboot=t` + `-no-reboot` turns a guest reboot or panic
 /// into QEMU exiting; the rest trims probing of hardware microvm does not have.
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet loglevel=4 rdinit=/init \
@@ -65,6 +71,9 @@ impl VmConfig {
     }
     pub fn agent_socket(&self) -> PathBuf {
         self.run_dir.join("agent.sock")
+    }
+    pub fn net_socket(&self) -> PathBuf {
+        self.run_dir.join("net.sock")
     }
     pub fn console_log(&self) -> PathBuf {
         self.run_dir.join("console.log")
@@ -196,6 +205,14 @@ pub fn command_line_for(cfg: &VmConfig, host: HostFacts) -> Vec<OsString> {
     push(&["-device", "virtio-serial-device,max_ports=2"]);
     push(&["-chardev", &format!("socket,id=agent,path={},server=on,wait=off", opt_value(&p(&cfg.agent_socket())))]);
     push(&["-device", "virtserialport,chardev=agent,name=moat.agent"]);
+    if cfg.nic {
+        // QEMU listens, so a restarted daemon can connect to a running VM again.
+        push(&[
+            "-netdev",
+            &format!("stream,id=net0,server=on,addr.type=unix,addr.path={}", opt_value(&p(&cfg.net_socket()))),
+        ]);
+        push(&["-device", &format!("virtio-net-device,netdev=net0,mac={GUEST_MAC}")]);
+    }
     if let Some(disk) = &cfg.root_disk {
         push(&[
             "-drive",
@@ -246,6 +263,7 @@ mod tests {
             name: "abc".into(),
             memory: None,
             incoming: false,
+            nic: false,
         }
     }
 

@@ -134,6 +134,7 @@ mod tests {
             name: name.into(),
             memory: None,
             incoming: false,
+            nic: false,
         }
     }
 

@@ -542,6 +542,7 @@ pub(crate) mod tests {
             name: format!("{name}-{}", std::process::id()),
             memory: None,
             incoming: false,
+            nic: false,
         }
     }
 

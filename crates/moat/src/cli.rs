@@ -100,11 +100,21 @@ pub enum Command {
     Prune,
     /// Reclaim what crashes leaked: QEMU processes, sockets and directories no sandbox owns.
     Gc,
+    /// Show a sandbox's network, or change its allowlist while it runs.
+    #[command(subcommand)]
+    Net(NetCommand),
+    /// Forward a host port to a running sandbox (`moat port-forward BOX 8080:80`); with no
+    /// forward given, list them. The host side listens on 127.0.0.1 unless an address is given.
+    PortForward(PortForwardArgs),
     /// Manage images: list, import, build, inspect, remove.
     #[command(subcommand)]
     Image(ImageCommand),
     /// Run the daemon (the CLI starts one on its own when none is running).
     Serve(ServeArgs),
+    /// Serve MCP (Model Context Protocol) on stdin and stdout: sandboxes as tools for AI agents
+    /// (Claude Desktop, Claude Code, MCP SDKs). The sandboxes a session creates are its own and
+    /// are removed when it ends. See docs/mcp.md.
+    Mcp(McpArgs),
     /// Check that this host can run sandboxes, and say how to fix what is missing.
     Doctor(DoctorArgs),
     /// Install missing host packages (with apt) and prepare the kernel, initramfs and default image.
@@ -206,6 +216,31 @@ pub struct CreateArgs {
     /// start the sandbox in a fraction of the time.
     #[arg(long, conflicts_with = "from")]
     pub cold: bool,
+    /// Network: `none` (no network device), `default` (public addresses; loopback, private,
+    /// link-local, metadata and the host's own addresses refused), or `allow=HOST[,HOST…]` (only
+    /// those hostnames, checked on DNS, TLS SNI and HTTP Host; `*.example.org` for subdomains)
+    /// [default: default, or the snapshot's with --from].
+    #[arg(long, value_name = "MODE")]
+    pub net: Option<String>,
+    /// Also allow these addresses, even private or loopback ones (repeatable): `10.1.0.0/16`,
+    /// `127.0.0.1/32` (the guest reaches the host's loopback at 10.0.2.2 / host.moat.internal).
+    #[arg(long = "allow-cidr", value_name = "CIDR")]
+    pub allow_cidr: Vec<String>,
+    /// Make moat's DNS answer NAME with IP (repeatable).
+    #[arg(long = "add-host", value_name = "NAME:IP")]
+    pub add_host: Vec<String>,
+    /// Upstream DNS servers for moat's resolver (repeatable) [default: the host's].
+    #[arg(long, value_name = "IP[:PORT]")]
+    pub dns: Vec<String>,
+    /// Bind a secret to hosts (repeatable): the value comes from moat's own environment variable
+    /// NAME; the guest's NAME holds a placeholder that moat replaces, on the host, in HTTPS
+    /// requests to those hosts only. The real value never enters the sandbox.
+    #[arg(long, value_name = "NAME@HOST[,HOST…]")]
+    pub secret: Vec<String>,
+    /// Forward a host port to a guest port (repeatable); the address defaults to 127.0.0.1 and
+    /// host port 0 picks a free one.
+    #[arg(short = 'p', long = "publish", value_name = "[ADDR:]HOSTPORT:GUESTPORT")]
+    pub publish: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -364,6 +399,47 @@ pub enum LeaseCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum NetCommand {
+    /// The network of a sandbox: mode, allowlist, CIDRs, hosts, DNS, secrets (names and hosts,
+    /// never values) and port forwards.
+    Show {
+        sandbox: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add hostnames to, or remove them from, the allowlist of a sandbox in mode `allow`. New
+    /// connections and DNS queries follow the new list at once.
+    Allow {
+        sandbox: String,
+        action: AllowAction,
+        /// Hostnames: `pypi.org`, `*.pythonhosted.org`.
+        #[arg(required = true)]
+        hosts: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AllowAction {
+    Add,
+    Rm,
+}
+
+#[derive(Debug, Args)]
+pub struct PortForwardArgs {
+    pub sandbox: String,
+    /// `[ADDR:]HOSTPORT:GUESTPORT`; host port 0 picks a free one.
+    #[arg(value_name = "FORWARD")]
+    pub forward: Option<String>,
+    /// Stop forwarding this host port.
+    #[arg(long, value_name = "HOSTPORT", conflicts_with = "forward")]
+    pub rm: Option<u16>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ImageCommand {
     /// List images.
     Ls {
@@ -468,6 +544,53 @@ pub struct ServeArgs {
     /// and restoring it.
     #[arg(long, env = "MOAT_NO_TEMPLATES")]
     pub no_templates: bool,
+    /// MCP endpoint (`/mcp`): let every session see and use every sandbox, not only its own.
+    #[arg(long, env = "MOAT_MCP_ALL_SANDBOXES")]
+    pub mcp_all_sandboxes: bool,
+    /// MCP endpoint: most sandboxes one session may own at once.
+    #[arg(long, value_name = "N", env = "MOAT_MCP_MAX_SANDBOXES", default_value_t = 8)]
+    pub mcp_max_sandboxes: usize,
+    /// MCP endpoint: most commands one session may start per minute.
+    #[arg(long, value_name = "N", env = "MOAT_MCP_EXEC_RATE", default_value_t = 120)]
+    pub mcp_exec_rate: u32,
+    /// MCP endpoint: the host directory that the upload and download tools may read and write
+    /// [default: none, the tools are off].
+    #[arg(long, value_name = "DIR", env = "MOAT_MCP_HOST_DIR")]
+    pub mcp_host_dir: Option<PathBuf>,
+    /// MCP endpoint: image of new sandboxes when the agent names none.
+    #[arg(long, env = "MOAT_MCP_IMAGE", default_value = moat_api::DEFAULT_IMAGE)]
+    pub mcp_image: String,
+}
+
+/// What an MCP session may do (`moat mcp`).
+#[derive(Debug, Args)]
+pub struct McpArgs {
+    /// Let the session see and use every sandbox, not only the ones it creates.
+    #[arg(long)]
+    pub all_sandboxes: bool,
+    /// Most sandboxes the session may own at once.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub max_sandboxes: usize,
+    /// Most commands (exec and background processes) the session may start per minute.
+    #[arg(long, value_name = "N", default_value_t = 120)]
+    pub exec_rate: u32,
+    /// Default limit of each output stream a tool returns (e.g. 32K); a call may ask for up to 1M.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "32K")]
+    pub max_output: u64,
+    /// Image of new sandboxes when the agent names none.
+    #[arg(long, env = "MOAT_IMAGE", default_value = moat_api::DEFAULT_IMAGE)]
+    pub image: String,
+    /// Remove a sandbox the agent created once it has been unused this long (every tool call on
+    /// it starts the clock again); the agent may choose another when it creates one.
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    pub idle_timeout: Duration,
+    /// The host directory that the upload and download tools may read and write [default: the
+    /// working directory].
+    #[arg(long, value_name = "DIR", conflicts_with = "no_host_files")]
+    pub host_dir: Option<PathBuf>,
+    /// Turn the upload and download tools off.
+    #[arg(long)]
+    pub no_host_files: bool,
 }
 
 #[derive(Debug, Args)]

@@ -33,10 +33,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Fork(args) => cmd::snapshot::fork(args, host).await,
         Command::Pause(args) => cmd::snapshot::pause(args, host).await,
         Command::Resume(args) => cmd::snapshot::resume(args, host).await,
+        Command::Net(command) => cmd::net::net(command, host).await,
+        Command::PortForward(args) => cmd::net::port_forward(args, host).await,
         Command::Prune => cmd::sandbox::prune(host).await,
         Command::Gc => cmd::sandbox::gc(host).await,
         Command::Image(cmd) => cmd::image::image(cmd, host).await,
         Command::Serve(args) => cmd::daemon::serve(args, host).await,
+        Command::Mcp(args) => cmd::mcp::mcp(args, host).await,
         Command::Doctor(args) => cmd::doctor::doctor(args, host).await,
         Command::Setup(args) => cmd::setup::setup(args, host).await,
     }

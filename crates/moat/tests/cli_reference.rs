@@ -7,7 +7,19 @@ use std::process::Command;
 fn help(args: &[String]) -> String {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_moat"));
     // Help shows the values of these variables; the reference must not depend on them.
-    for var in ["MOAT_HOME", "MOAT_ACCEL", "MOAT_KERNEL", "MOAT_LOG", "MOAT_MAX_SANDBOXES"] {
+    for var in [
+        "MOAT_HOME",
+        "MOAT_ACCEL",
+        "MOAT_KERNEL",
+        "MOAT_LOG",
+        "MOAT_MAX_SANDBOXES",
+        "MOAT_IMAGE",
+        "MOAT_MCP_ALL_SANDBOXES",
+        "MOAT_MCP_MAX_SANDBOXES",
+        "MOAT_MCP_EXEC_RATE",
+        "MOAT_MCP_HOST_DIR",
+        "MOAT_MCP_IMAGE",
+    ] {
         cmd.env_remove(var);
     }
     let out = cmd.args(args).arg("--help").output().expect("moat runs");

@@ -27,6 +27,20 @@ pub async fn serve(args: ServeArgs, host: &HostArgs) -> anyhow::Result<i32> {
         tcp: args.tcp,
         idle_exit: args.idle_exit,
         reset_state: args.reset_state,
+        mcp: moat_mcp::Policy {
+            all_sandboxes: args.mcp_all_sandboxes,
+            max_sandboxes: args.mcp_max_sandboxes,
+            exec_per_minute: args.mcp_exec_rate,
+            default_image: args.mcp_image,
+            host_files: match args.mcp_host_dir {
+                Some(dir) => moat_mcp::HostFiles::Under(
+                    dir.canonicalize().with_context(|| format!("the MCP host directory {}", dir.display()))?,
+                ),
+                None => moat_mcp::HostFiles::Off,
+            },
+            flags: moat_mcp::Flags::Daemon,
+            ..Default::default()
+        },
     };
     moat_daemon::serve(cfg).await?;
     Ok(0)

@@ -4,6 +4,8 @@ pub mod cp;
 pub mod daemon;
 pub mod doctor;
 pub mod image;
+pub mod mcp;
+pub mod net;
 pub mod process;
 pub mod run;
 pub mod sandbox;

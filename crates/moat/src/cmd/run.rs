@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use moat_api::{CreateSandbox, ExecStart, OnExpire, TtySize};
+use moat_api::{CreateSandbox, ExecStart, NetMode, NetSpec, OnExpire, PortForward, SecretSpec, TtySize};
 use moat_client::{Client, ExecInput, ExecOutput};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{signal, SignalKind};
@@ -19,10 +19,10 @@ const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
 /// then does not leave it running for ever; once the command runs, the session owns its life.
 const ONE_SHOT_LEASE_SECS: u64 = 600;
 
-pub fn create_request(c: &CreateArgs) -> CreateSandbox {
+pub fn create_request(c: &CreateArgs) -> anyhow::Result<CreateSandbox> {
     // A snapshot brings its own machine.
     let machine = c.from.is_none();
-    CreateSandbox {
+    Ok(CreateSandbox {
         name: c.name.clone(),
         image: machine.then(|| c.image.clone()),
         vcpus: machine.then_some(c.cpus),
@@ -37,7 +37,58 @@ pub fn create_request(c: &CreateArgs) -> CreateSandbox {
         boot_timeout_secs: Some(c.boot_timeout.as_secs().max(1)),
         from: c.from.clone(),
         template: c.cold.then_some(false),
+        net: net_spec(c)?,
+    })
+}
+
+/// The network flags as a [`NetSpec`]; `None` when none is given (the daemon's default, or the
+/// snapshot's). Secret values are read from this process's environment.
+fn net_spec(c: &CreateArgs) -> anyhow::Result<Option<NetSpec>> {
+    let given = c.net.is_some()
+        || !(c.allow_cidr.is_empty()
+            && c.add_host.is_empty()
+            && c.dns.is_empty()
+            && c.secret.is_empty()
+            && c.publish.is_empty());
+    if !given {
+        return Ok(None);
     }
+    let (mode, allow) = match c.net.as_deref() {
+        None | Some("default") => (NetMode::Default, Vec::new()),
+        Some("none") => (NetMode::None, Vec::new()),
+        Some(m) if m.starts_with("allow=") => {
+            (NetMode::Allow, m["allow=".len()..].split(',').filter(|h| !h.is_empty()).map(String::from).collect())
+        }
+        Some(m) => bail!("--net {m:?} is not a network mode\nhint: use none, default or allow=HOST[,HOST…]"),
+    };
+    let mut secrets = Vec::new();
+    for s in &c.secret {
+        let Some((name, hosts)) = s.split_once('@') else {
+            bail!("--secret {s:?} names no host\nhint: write NAME@HOST[,HOST…], e.g. OPENAI_API_KEY@api.openai.com");
+        };
+        let value = std::env::var(name).map_err(|_| {
+            anyhow::anyhow!("--secret {s}: {name} is not set in moat's environment\nhint: export {name}=… first; moat reads the value from there so it never appears in the command line")
+        })?;
+        secrets.push(SecretSpec {
+            name: name.to_string(),
+            value: Some(value),
+            hosts: hosts.split(',').filter(|h| !h.is_empty()).map(String::from).collect(),
+        });
+    }
+    let ports = c
+        .publish
+        .iter()
+        .map(|p| PortForward::parse(p).map_err(|e| anyhow::anyhow!("-p: {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Some(NetSpec {
+        mode,
+        allow,
+        allow_cidrs: c.allow_cidr.clone(),
+        hosts: c.add_host.clone(),
+        dns: c.dns.clone(),
+        secrets,
+        ports,
+    }))
 }
 
 /// Returns the exit code `moat` should exit with: the command's.
@@ -49,7 +100,7 @@ pub async fn run(args: RunArgs, host: &HostArgs) -> anyhow::Result<i32> {
     if args.create.from.is_none() {
         crate::cmd::image::ensure_image(&client, &args.create.image).await?;
     }
-    let mut req = create_request(&args.create);
+    let mut req = create_request(&args.create)?;
     if args.detach {
         let info = client.create(&req).await?;
         println!("{}", info.name);

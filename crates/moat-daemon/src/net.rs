@@ -1,0 +1,439 @@
+//! Sandbox networks: checking a [`NetSpec`], running a network stack per running sandbox,
+//! changing the allowlist live, port forwards, and the secrets' CA in the guest.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use moat_api::{ChangeAllowlist, ErrorCode, NetMode, NetSpec, PortForward, SandboxInfo};
+use moat_net::tls::{Ca, Secret};
+use moat_net::{HostPattern, Policy, Stack, StackConfig};
+use moat_proto::Request;
+use moat_sandbox::Sandbox;
+use tokio::task::JoinHandle;
+
+use crate::service::{Service, ServiceError};
+
+/// Where the guest finds moat's CA, and a bundle of it with the image's own roots.
+pub const GUEST_CA: &str = "/etc/moat/ca.pem";
+pub const GUEST_CA_BUNDLE: &str = "/etc/moat/ca-bundle.pem";
+/// The image's system bundle (Debian and derivatives); moat's CA is appended where it exists.
+const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+const CA_CERT_FILE: &str = "net-ca.pem";
+const CA_KEY_FILE: &str = "net-ca.key";
+
+/// The network of one running sandbox.
+pub(crate) struct LiveNet {
+    /// The QEMU this stack is connected to; a relaunch replaces it.
+    pid: u32,
+    stack: Stack,
+    policy: Arc<RwLock<Policy>>,
+    forwards: Mutex<HashMap<u16, JoinHandle<()>>>,
+}
+
+impl Drop for LiveNet {
+    fn drop(&mut self) {
+        for (_, task) in self.forwards.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+            task.abort();
+        }
+    }
+}
+
+fn invalid(message: impl Into<String>) -> ServiceError {
+    ServiceError::invalid(message.into())
+}
+
+const MAX_ENTRIES: usize = 256;
+
+/// Check a network spec from a user: every field, with what to write instead. `create` also
+/// requires secret values.
+pub fn check(spec: &NetSpec, create: bool) -> Result<(), ServiceError> {
+    policy_of(spec)?;
+    dns_of(spec)?;
+    if spec.mode == NetMode::None
+        && (!spec.allow.is_empty()
+            || !spec.allow_cidrs.is_empty()
+            || !spec.hosts.is_empty()
+            || !spec.dns.is_empty()
+            || !spec.secrets.is_empty()
+            || !spec.ports.is_empty())
+    {
+        return Err(invalid(
+            "a sandbox with network `none` has no network device: drop the allowlist, CIDRs, hosts, DNS, secrets \
+             and ports, or choose another mode",
+        ));
+    }
+    if spec.mode == NetMode::Default && !spec.allow.is_empty() {
+        return Err(invalid("an allowlist needs mode `allow` (`--net allow=HOST,…`)"));
+    }
+    if [spec.allow.len(), spec.allow_cidrs.len(), spec.hosts.len(), spec.secrets.len(), spec.ports.len()]
+        .iter()
+        .any(|n| *n > MAX_ENTRIES)
+    {
+        return Err(invalid(format!("at most {MAX_ENTRIES} entries per network list")));
+    }
+    let mut names = std::collections::HashSet::new();
+    for s in &spec.secrets {
+        let ok_name = !s.name.is_empty()
+            && s.name.len() <= 128
+            && !s.name.starts_with(|c: char| c.is_ascii_digit())
+            && s.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ok_name {
+            return Err(invalid(format!(
+                "secret name {:?} is not an environment variable name: use letters, digits and _",
+                s.name
+            )));
+        }
+        if !names.insert(&s.name) {
+            return Err(invalid(format!("secret {} is given twice", s.name)));
+        }
+        if s.hosts.is_empty() {
+            return Err(invalid(format!("secret {} is bound to no host: write NAME@HOST", s.name)));
+        }
+        match &s.value {
+            None if create => {
+                return Err(invalid(format!(
+                    "secret {} has no value: set the environment variable {} for `moat`",
+                    s.name, s.name
+                )))
+            }
+            Some(v) if v.is_empty() || v.len() > 16 * 1024 || v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) => {
+                return Err(invalid(format!(
+                    "secret {}'s value must be 1 byte to 16 KiB without line breaks or NUL bytes",
+                    s.name
+                )))
+            }
+            _ => {}
+        }
+    }
+    let mut host_ports = std::collections::HashSet::new();
+    for p in &spec.ports {
+        check_port(p)?;
+        if p.host_port != 0 && !host_ports.insert((p.host_addr.clone(), p.host_port)) {
+            return Err(invalid(format!("host port {} is forwarded twice", p.host_port)));
+        }
+    }
+    Ok(())
+}
+
+fn check_port(p: &PortForward) -> Result<IpAddr, ServiceError> {
+    if p.guest_port == 0 {
+        return Err(invalid("guest port 0 is not a port: use 1 to 65535"));
+    }
+    p.host_addr
+        .parse::<IpAddr>()
+        .map_err(|_| invalid(format!("{:?} is not an IP address to listen on: use e.g. 127.0.0.1", p.host_addr)))
+}
+
+fn policy_of(spec: &NetSpec) -> Result<Policy, ServiceError> {
+    let err = |e: moat_net::NetError| invalid(e.to_string());
+    let allow = match spec.mode {
+        NetMode::Allow => Some(spec.allow.iter().map(|h| HostPattern::parse(h)).collect::<Result<Vec<_>, _>>().map_err(err)?),
+        _ => None,
+    };
+    let mut allow_cidrs = Vec::new();
+    for c in &spec.allow_cidrs {
+        let net = match c.parse::<ipnet::Ipv4Net>() {
+            Ok(n) => n,
+            Err(_) => c
+                .parse::<Ipv4Addr>()
+                .map(ipnet::Ipv4Net::from)
+                .map_err(|_| invalid(format!("{c:?} is not an IPv4 network: use e.g. 10.1.0.0/16 or 127.0.0.1/32")))?,
+        };
+        allow_cidrs.push(net);
+    }
+    let mut hosts = HashMap::new();
+    for entry in &spec.hosts {
+        let bad = || invalid(format!("{entry:?} is not a host entry: use NAME:IP, e.g. db.internal:10.0.0.5"));
+        let (name, ip) = entry.rsplit_once(':').ok_or_else(bad)?;
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if !moat_net::policy::is_hostname(&name) {
+            return Err(bad());
+        }
+        hosts.insert(name, ip.parse::<Ipv4Addr>().map_err(|_| bad())?);
+    }
+    let mut secret_hosts = Vec::new();
+    for s in &spec.secrets {
+        for h in &s.hosts {
+            secret_hosts.push(HostPattern::parse(h).map_err(err)?);
+        }
+    }
+    Ok(Policy { allow, allow_cidrs, hosts, secret_hosts })
+}
+
+fn dns_of(spec: &NetSpec) -> Result<Vec<SocketAddr>, ServiceError> {
+    if spec.dns.len() > 4 {
+        return Err(invalid("at most 4 DNS servers"));
+    }
+    spec.dns.iter().map(|d| moat_net::dns::parse_upstream(d).map_err(|e| invalid(e.to_string()))).collect()
+}
+
+/// What every process in the sandbox gets in its environment: the secrets' placeholders and where
+/// moat's CA is.
+pub fn guest_env(spec: &NetSpec) -> Vec<(String, String)> {
+    if spec.secrets.is_empty() {
+        return Vec::new();
+    }
+    let mut env: Vec<(String, String)> = spec.secrets.iter().map(|s| (s.name.clone(), s.placeholder())).collect();
+    for var in ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"] {
+        env.push((var.into(), GUEST_CA_BUNDLE.into()));
+    }
+    env.push(("NODE_EXTRA_CA_CERTS".into(), GUEST_CA.into()));
+    env
+}
+
+/// The sandbox's CA, made on first use and kept in its run directory.
+fn load_or_make_ca(dir: &Path, name: &str) -> Result<Ca, ServiceError> {
+    let (cert, key) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
+    if let (Ok(c), Ok(k)) = (std::fs::read_to_string(&cert), std::fs::read_to_string(&key)) {
+        if let Ok(ca) = Ca::from_pem(&c, &k) {
+            return Ok(ca);
+        }
+    }
+    let ca = Ca::generate(name).map_err(|e| ServiceError::internal(format!("making the sandbox's CA: {e}")))?;
+    let write = || -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&key)?;
+        std::io::Write::write_all(&mut f, ca.key_pem().as_bytes())?;
+        std::fs::write(&cert, ca.cert_pem())
+    };
+    write().map_err(|e| ServiceError::internal(format!("saving the sandbox's CA in {}: {e}", dir.display())))?;
+    Ok(ca)
+}
+
+impl Service {
+    /// Connect a network stack to a sandbox's freshly started (or adopted) QEMU, open its port
+    /// forwards, and put moat's CA into the guest when it has secrets.
+    pub(crate) async fn attach_net(self: &Arc<Self>, info: &SandboxInfo, sandbox: &Arc<Sandbox>) -> Result<(), ServiceError> {
+        let spec = self.db(|db| db.net_spec(&info.id))?;
+        if spec.mode == NetMode::None {
+            self.nets.lock().expect("no panics while held").remove(&info.id);
+            return Ok(());
+        }
+        let policy = Arc::new(RwLock::new(policy_of(&spec)?));
+        let dns = Arc::new(moat_net::dns::Dns::new(&dns_of(&spec)?).map_err(|e| invalid(e.to_string()))?);
+        let dir = self.run_dir(&info.id);
+        let secrets = if spec.secrets.is_empty() {
+            None
+        } else {
+            let ca = load_or_make_ca(&dir, &info.name)?;
+            install_ca(sandbox, &ca).await?;
+            let values = spec
+                .secrets
+                .iter()
+                .filter_map(|s| Some(Secret { placeholder: s.placeholder(), value: s.value.clone()? }))
+                .collect();
+            Some(moat_net::Secrets { ca: Arc::new(ca), values })
+        };
+        let weak = Arc::downgrade(self);
+        let id = info.id.clone();
+        let on_refused = Arc::new(move |message: String| {
+            if let Some(svc) = weak.upgrade() {
+                let _ = svc.db(|db| db.event(Some(&id), "net.refused", &message));
+            }
+        });
+        let config = StackConfig { policy: policy.clone(), dns, on_refused, secrets };
+        let stack = Stack::connect(&dir.join("net.sock"), config).await.map_err(|e| {
+            ServiceError::internal(format!("connecting the network stack to QEMU's NIC socket: {e}"))
+        })?;
+        let live = LiveNet {
+            pid: sandbox.pid(),
+            stack,
+            policy,
+            forwards: Mutex::new(HashMap::new()),
+        };
+        self.nets.lock().expect("no panics while held").insert(info.id.clone(), Arc::new(live));
+        let mut ports = spec.ports.clone();
+        let mut failed = Vec::new();
+        for p in &mut ports {
+            match self.open_forward(&info.id, p).await {
+                Ok(()) => {}
+                Err(e) => failed.push(format!("{p}: {}", e.message)),
+            }
+        }
+        if !failed.is_empty() {
+            let _ = self.db(|db| db.event(Some(&info.id), "net.port", &format!("port forwards not opened: {}", failed.join("; "))));
+        }
+        Ok(())
+    }
+
+    /// Drop the network of sandbox `id` if it belongs to the QEMU with `pid` (which has ended).
+    pub(crate) fn detach_net(&self, id: &str, pid: u32) {
+        let mut nets = self.nets.lock().expect("no panics while held");
+        if nets.get(id).is_some_and(|n| n.pid == pid) {
+            nets.remove(id);
+        }
+    }
+
+    /// Listen on the host side of `p` and forward to the guest; with host port 0, `p` learns
+    /// the port picked.
+    async fn open_forward(&self, id: &str, p: &mut PortForward) -> Result<(), ServiceError> {
+        let ip = check_port(p)?;
+        let net = self.nets.lock().expect("no panics while held").get(id).cloned().ok_or_else(|| {
+            ServiceError::new(
+                ErrorCode::InvalidPhase,
+                "the sandbox has no network device",
+                "port forwards need a network: create the sandbox without `--net none`",
+            )
+        })?;
+        let listener = tokio::net::TcpListener::bind((ip, p.host_port)).await.map_err(|e| {
+            ServiceError::new(
+                ErrorCode::InUse,
+                format!("cannot listen on {}:{}: {e}", p.host_addr, p.host_port),
+                "pick another host port, or 0 for any free one",
+            )
+        })?;
+        p.host_port = listener.local_addr().map(|a| a.port()).unwrap_or(p.host_port);
+        let task = net.stack.forward(listener, p.guest_port);
+        net.forwards.lock().expect("no panics while held").insert(p.host_port, task);
+        Ok(())
+    }
+
+    /// `POST /v1/sandboxes/{ref}/ports`: forward a host port to a running sandbox.
+    pub async fn add_port(&self, reference: &str, mut p: PortForward) -> Result<PortForward, ServiceError> {
+        let (info, _) = self.running(reference)?;
+        let lock = self.op_lock(&info.id);
+        let _guard = lock.lock().await;
+        let mut spec = self.db(|db| db.net_spec(&info.id))?;
+        if spec.ports.iter().any(|q| q.host_port == p.host_port && p.host_port != 0 && q.host_addr == p.host_addr) {
+            return Err(ServiceError::new(
+                ErrorCode::InUse,
+                format!("host port {} is already forwarded", p.host_port),
+                "remove it first (`moat port-forward BOX --rm PORT`) or pick another",
+            ));
+        }
+        if spec.ports.len() >= MAX_ENTRIES {
+            return Err(invalid(format!("at most {MAX_ENTRIES} port forwards")));
+        }
+        self.open_forward(&info.id, &mut p).await?;
+        spec.ports.push(p.clone());
+        self.db(|db| {
+            db.set_net(&info.id, &spec)?;
+            db.event(Some(&info.id), "net.port", &format!("{} forwards {p}", info.name))
+        })?;
+        Ok(p)
+    }
+
+    /// `DELETE /v1/sandboxes/{ref}/ports/{host_port}`.
+    pub async fn remove_port(&self, reference: &str, host_port: u16) -> Result<NetSpec, ServiceError> {
+        let info = self.resolve(reference)?;
+        let lock = self.op_lock(&info.id);
+        let _guard = lock.lock().await;
+        let mut spec = self.db(|db| db.net_spec(&info.id))?;
+        let before = spec.ports.len();
+        spec.ports.retain(|p| p.host_port != host_port);
+        if spec.ports.len() == before {
+            return Err(ServiceError::new(
+                ErrorCode::NotFound,
+                format!("{} has no forward from host port {host_port}", info.name),
+                "list them with `moat port-forward BOX`",
+            ));
+        }
+        if let Some(net) = self.nets.lock().expect("no panics while held").get(&info.id) {
+            if let Some(task) = net.forwards.lock().expect("no panics while held").remove(&host_port) {
+                task.abort();
+            }
+        }
+        self.db(|db| {
+            db.set_net(&info.id, &spec)?;
+            db.event(Some(&info.id), "net.port", &format!("{} stopped forwarding host port {host_port}", info.name))
+        })?;
+        Ok(redact(spec))
+    }
+
+    /// `POST /v1/sandboxes/{ref}/net/allow`: change the allowlist; new connections and DNS
+    /// queries follow it at once.
+    pub async fn change_allowlist(&self, reference: &str, change: ChangeAllowlist) -> Result<NetSpec, ServiceError> {
+        let info = self.resolve(reference)?;
+        let lock = self.op_lock(&info.id);
+        let _guard = lock.lock().await;
+        let mut spec = self.db(|db| db.net_spec(&info.id))?;
+        if spec.mode != NetMode::Allow {
+            return Err(ServiceError::new(
+                ErrorCode::InvalidRequest,
+                format!("{} has network mode `{}`, which has no allowlist", info.name, spec.mode.as_str()),
+                "create the sandbox with `--net allow=HOST,…` to restrict it to hostnames",
+            ));
+        }
+        for h in &change.add {
+            HostPattern::parse(h).map_err(|e| invalid(e.to_string()))?;
+            if !spec.allow.iter().any(|a| a.eq_ignore_ascii_case(h)) {
+                spec.allow.push(h.to_ascii_lowercase());
+            }
+        }
+        for h in &change.remove {
+            if !spec.allow.iter().any(|a| a.eq_ignore_ascii_case(h)) {
+                return Err(ServiceError::new(
+                    ErrorCode::NotFound,
+                    format!("{h} is not on {}'s allowlist", info.name),
+                    "see it with `moat net show BOX`",
+                ));
+            }
+            spec.allow.retain(|a| !a.eq_ignore_ascii_case(h));
+        }
+        check(&spec, false)?;
+        let policy = policy_of(&spec)?;
+        self.db(|db| {
+            db.set_net(&info.id, &spec)?;
+            db.event(Some(&info.id), "net.allow", &format!("{} allows {}", info.name, spec.allow.join(", ")))
+        })?;
+        if let Some(net) = self.nets.lock().expect("no panics while held").get(&info.id) {
+            *net.policy.write().unwrap_or_else(|e| e.into_inner()) = policy;
+        }
+        Ok(redact(spec))
+    }
+}
+
+fn redact(mut spec: NetSpec) -> NetSpec {
+    for s in &mut spec.secrets {
+        s.value = None;
+    }
+    spec
+}
+
+/// Put moat's CA into the guest: its own file, a bundle with the image's roots, and the image's
+/// system bundle where there is one (so tools that ignore the environment trust it too).
+async fn install_ca(sandbox: &Sandbox, ca: &Ca) -> Result<(), ServiceError> {
+    let fail = |what: &str, e: String| {
+        ServiceError::internal(format!("installing the sandbox's CA in the guest ({what}): {e}"))
+    };
+    let cert = ca.cert_pem().to_string();
+    let _ = sandbox
+        .file_op(Request::Mkdir { path: "/etc/moat".into(), parents: true, mode: Some(0o755) })
+        .await;
+    let system = read_guest_file(sandbox, SYSTEM_BUNDLE).await.unwrap_or_default();
+    write_guest_file(sandbox, GUEST_CA, cert.as_bytes()).await.map_err(|e| fail(GUEST_CA, e))?;
+    let mut bundle = system.clone();
+    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(cert.as_bytes());
+    write_guest_file(sandbox, GUEST_CA_BUNDLE, &bundle).await.map_err(|e| fail(GUEST_CA_BUNDLE, e))?;
+    if !system.is_empty() && !system.windows(cert.len()).any(|w| w == cert.as_bytes()) {
+        write_guest_file(sandbox, SYSTEM_BUNDLE, &bundle).await.map_err(|e| fail(SYSTEM_BUNDLE, e))?;
+    }
+    Ok(())
+}
+
+/// Most bytes read of the guest's CA bundle (Debian's is about 200 KiB).
+const MAX_BUNDLE: usize = 4 * 1024 * 1024;
+
+async fn read_guest_file(sandbox: &Sandbox, path: &str) -> Option<Vec<u8>> {
+    let exec = sandbox.file_stream(Request::ReadFile { path: path.into() }).await.ok()?;
+    let (out, _, status) = exec.collect().await.ok()?;
+    (status.code == Some(0) && out.len() <= MAX_BUNDLE).then_some(out)
+}
+
+async fn write_guest_file(sandbox: &Sandbox, path: &str, data: &[u8]) -> Result<(), String> {
+    let request = Request::WriteFile { path: path.into(), mode: Some(0o644), atomic: true };
+    let exec = sandbox.file_stream(request).await.map_err(|e| e.to_string())?;
+    let control = exec.control();
+    control.write_stdin(data).await.map_err(|e| e.to_string())?;
+    control.close_stdin().await.map_err(|e| e.to_string())?;
+    let (_, err, status) = exec.collect().await.map_err(|e| e.to_string())?;
+    if status.code != Some(0) {
+        return Err(String::from_utf8_lossy(&err).trim().to_string());
+    }
+    Ok(())
+}

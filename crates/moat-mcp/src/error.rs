@@ -1,0 +1,77 @@
+//! Tool errors: what failed and what to do next, returned to the model as a tool result with
+//! `isError` set (never as a protocol error), so it can correct itself and carry on.
+
+use moat_client::{ClientError, CopyError};
+use rmcp::model::{ContentBlock, IntoContents};
+
+/// A failed tool call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}\nhint: {hint}")]
+pub struct ToolError {
+    pub message: String,
+    pub hint: String,
+}
+
+impl ToolError {
+    pub fn new(message: impl Into<String>, hint: impl Into<String>) -> ToolError {
+        ToolError { message: message.into(), hint: hint.into() }
+    }
+
+    /// A tool argument that does not make sense.
+    pub fn invalid(message: impl Into<String>) -> ToolError {
+        ToolError::new(message, "fix the argument and call the tool again; the tool's input schema lists the fields")
+    }
+}
+
+impl From<ClientError> for ToolError {
+    fn from(e: ClientError) -> ToolError {
+        match e {
+            ClientError::Api(e) => ToolError::new(format!("{} ({})", e.message, code(e.code)), e.hint),
+            e => {
+                // The client's own errors end with their hint.
+                let text = e.to_string();
+                match text.split_once("\nhint: ") {
+                    Some((m, h)) => ToolError::new(m, h),
+                    None => ToolError::new(text, "try again; if it keeps failing, ask the operator to check the moat daemon"),
+                }
+            }
+        }
+    }
+}
+
+impl From<CopyError> for ToolError {
+    fn from(e: CopyError) -> ToolError {
+        match e {
+            CopyError::Client(e) => e.into(),
+            e => {
+                let text = e.to_string();
+                match text.split_once("\nhint: ") {
+                    Some((m, h)) => ToolError::new(m, h),
+                    None => ToolError::new(text, "check the host path and that its directory exists"),
+                }
+            }
+        }
+    }
+}
+
+impl From<crate::policy::HostPathError> for ToolError {
+    fn from(e: crate::policy::HostPathError) -> ToolError {
+        let text = e.to_string();
+        let (m, h) = text.split_once("\nhint: ").unwrap_or((&text, ""));
+        ToolError::new(m, h)
+    }
+}
+
+/// The API's stable error code as the daemon spells it.
+fn code(c: moat_api::ErrorCode) -> String {
+    serde_json::to_value(c).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+impl IntoContents for ToolError {
+    fn into_contents(self) -> Vec<ContentBlock> {
+        vec![ContentBlock::text(self.to_string())]
+    }
+}
+
+/// What every tool returns: text for the model, or an error with a hint.
+pub type ToolResult = Result<String, ToolError>;

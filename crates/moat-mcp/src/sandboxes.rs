@@ -1,0 +1,361 @@
+//! Tools for sandboxes themselves: create, list, info, stop, start, destroy, snapshot, revert,
+//! fork and the console log.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use moat_api::{BuildImage, CreateSandbox, ErrorCode, Fork, LogSource, OnExpire, PullImage, SandboxInfo};
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::{tool, tool_router};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::error::{ToolError, ToolResult};
+use crate::server::{now_secs, MoatMcp};
+
+/// A sandbox as a tool shows it.
+pub(crate) fn view(info: &SandboxInfo, owned: bool) -> serde_json::Value {
+    json!({
+        "name": info.name,
+        "id": info.id,
+        "phase": info.phase,
+        "image": info.image,
+        "cpus": info.vcpus,
+        "memory_mib": info.memory_mib,
+        "disk_mib": info.disk_mib,
+        "hostname": info.hostname,
+        "accel": info.accel,
+        "expires_in_secs": info.expires_at.map(|e| (e - now_secs()).max(0)),
+        "owned_by_this_session": owned,
+        "last_error": info.last_error,
+    })
+}
+
+fn pretty(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).expect("JSON values always serialize")
+}
+
+fn duration(field: &str, s: &str) -> Result<Duration, ToolError> {
+    moat_api::parse_duration(s).map_err(|e| ToolError::invalid(format!("{field}: {e}")))
+}
+
+/// Hold `n` sandboxes of the session's limit while they are made.
+struct Reservation<'a>(&'a MoatMcp, usize);
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.0.session().owned().pending -= self.1;
+    }
+}
+
+impl MoatMcp {
+    async fn reserve(&self, n: usize) -> Result<Reservation<'_>, ToolError> {
+        let live = self.live_owned().await?;
+        let mut owned = self.session().owned();
+        self.session().check_room(&self.policy, live + owned.pending, n)?;
+        owned.pending += n;
+        Ok(Reservation(self, n))
+    }
+
+    /// Make `image` if the store lacks it: the default image is built from its recipe, any other
+    /// name is pulled from its registry (anonymously).
+    async fn ensure_image(&self, image: &str) -> Result<(), ToolError> {
+        match self.client.image(image).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let made = if image == moat_api::DEFAULT_IMAGE {
+            let req = BuildImage {
+                name: image.to_string(),
+                from: moat_api::DEFAULT_IMAGE_FROM.to_string(),
+                packages: moat_api::DEFAULT_IMAGE_PACKAGES.iter().map(|p| p.to_string()).collect(),
+            };
+            self.client.build_image(&req, |_| {}).await
+        } else {
+            self.client.pull_image(&PullImage { reference: image.to_string(), ..PullImage::default() }, |_| {}).await
+        };
+        made.map(|_| ()).map_err(|e| {
+            let e = ToolError::from(e);
+            ToolError::new(
+                format!("the image {image:?} is not in the store and could not be made: {}", e.message),
+                format!("{}; or create the sandbox with image \"minimal\" (busybox, always there)", e.hint),
+            )
+        })
+    }
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateParams {
+    /// Name for the sandbox (letters, digits, `-`, `_`, `.`; unique). Default: a generated name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Image to boot: "default" (Debian with Python 3, pip, curl), "minimal" (busybox only), a
+    /// name from the image store, or a registry reference such as "python:3.12-slim" (pulled
+    /// on first use, which can take minutes). Default: the server's default image.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Virtual CPUs. Default 1.
+    #[serde(default)]
+    pub cpus: Option<u32>,
+    /// Memory in MiB. Default 512.
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    /// Root disk size in MiB. Default 4096.
+    #[serde(default)]
+    pub disk_mib: Option<u64>,
+    /// Remove the sandbox after it has not been used by any tool for this long, e.g. "30m",
+    /// "2h". Every tool call on the sandbox restarts the clock. Default: the server's (1h).
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
+    /// Continue from a snapshot instead of booting: "SANDBOX:SNAPSHOT" as sandbox_snapshot
+    /// returned it. Image and sizes are the snapshot's.
+    #[serde(default)]
+    pub from_snapshot: Option<String>,
+    // Network policy goes here once sandboxes have networking (crates/moat-net): a field such as
+    // `network: Option<NetworkParams>` (none / egress / allowlist of hosts), mapped onto the
+    // daemon's CreateSandbox in `sandbox_create` below, where the request is built.
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxParams {
+    /// The sandbox's name or id (from sandbox_create or sandbox_list).
+    pub sandbox: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotParams {
+    /// The sandbox's name or id.
+    pub sandbox: String,
+    /// Name of the snapshot, unique within the sandbox. Default: "snap-N".
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RevertParams {
+    /// The sandbox's name or id.
+    pub sandbox: String,
+    /// One of the sandbox's snapshots, by the name given to sandbox_snapshot.
+    pub snapshot: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkParams {
+    /// The sandbox to fork (it keeps running).
+    pub sandbox: String,
+    /// How many copies, 1 to 16. Default 1.
+    #[serde(default)]
+    pub count: Option<u32>,
+    /// The copies are named PREFIX1, PREFIX2, ... Default: "<sandbox>-fork-".
+    #[serde(default)]
+    pub name_prefix: Option<String>,
+    /// Fork from this snapshot of the sandbox instead of its current state.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogsParams {
+    /// The sandbox's name or id.
+    pub sandbox: String,
+    /// How many of the last lines to return. Default 100.
+    #[serde(default)]
+    pub lines: Option<usize>,
+}
+
+#[tool_router(router = sandbox_tools, vis = "pub(crate)")]
+impl MoatMcp {
+    #[tool(
+        description = "Create a sandbox: a fresh Linux microVM with its own kernel, filesystem and processes. \
+Returns its name and details; pass the name as `sandbox` to the other tools. Usually takes well under a minute; \
+the first use of an image can take minutes while it is built or pulled. The sandbox belongs to this session and \
+is removed when the session ends or after idle_timeout without use.",
+        annotations(title = "Create sandbox", read_only_hint = false, destructive_hint = false, open_world_hint = false)
+    )]
+    async fn sandbox_create(&self, Parameters(p): Parameters<CreateParams>) -> ToolResult {
+        let ttl = match &p.idle_timeout {
+            Some(t) => duration("idle_timeout", t)?,
+            None => self.policy.idle_ttl,
+        };
+        if let Some(name) = &p.name {
+            moat_api::validate_name(name).map_err(ToolError::invalid)?;
+        }
+        let _slot = self.reserve(1).await?;
+        let image = p.image.clone().unwrap_or_else(|| self.policy.default_image.clone());
+        if p.from_snapshot.is_none() {
+            self.ensure_image(&image).await?;
+        }
+        let req = CreateSandbox {
+            name: p.name,
+            image: p.from_snapshot.is_none().then_some(image),
+            vcpus: p.cpus,
+            memory_mib: p.memory_mib,
+            disk_mib: p.disk_mib,
+            ttl_secs: Some(ttl.as_secs().max(1)),
+            on_expire: Some(OnExpire::Remove),
+            from: p.from_snapshot,
+            // The network policy of the request goes here (see CreateParams).
+            ..CreateSandbox::default()
+        };
+        let info = self.client.create(&req).await?;
+        self.session().owned().add(&info.id, ttl);
+        Ok(pretty(&view(&info, true)))
+    }
+
+    #[tool(
+        description = "List the sandboxes this session can use, with their phase (running, stopped, ...), image and size.",
+        annotations(title = "List sandboxes", read_only_hint = true, open_world_hint = false)
+    )]
+    async fn sandbox_list(&self) -> ToolResult {
+        let all = self.client.list().await?;
+        let list: Vec<_> = all
+            .iter()
+            .filter_map(|s| {
+                let owned = self.owns(&s.id);
+                (owned || self.policy.all_sandboxes).then(|| view(s, owned))
+            })
+            .collect();
+        if list.is_empty() {
+            return Ok("no sandboxes yet; create one with sandbox_create".into());
+        }
+        Ok(pretty(&json!(list)))
+    }
+
+    #[tool(
+        description = "Everything about one sandbox: phase, image, sizes, when it expires, its snapshots and its background processes.",
+        annotations(title = "Sandbox info", read_only_hint = true, open_world_hint = false)
+    )]
+    async fn sandbox_info(&self, Parameters(p): Parameters<SandboxParams>) -> ToolResult {
+        let info = self.sandbox(&p.sandbox).await?;
+        let mut v = view(&info, self.owns(&info.id));
+        let snapshots = self.client.snapshots(Some(&info.id)).await?;
+        v["snapshots"] = json!(snapshots.iter().map(|s| json!({"name": s.name, "reference": s.reference()})).collect::<Vec<_>>());
+        if info.phase == moat_api::Phase::Running {
+            let jobs = self.client.processes(&info.id).await?;
+            v["background_processes"] = json!(jobs
+                .iter()
+                .map(|j| json!({"pid": j.pid, "command": j.argv.join(" "), "running": j.exit.is_none()}))
+                .collect::<Vec<_>>());
+        }
+        Ok(pretty(&v))
+    }
+
+    #[tool(
+        description = "Stop a running sandbox: its VM shuts down, its disk is kept, and sandbox_start boots it again \
+(running processes and memory are lost; use sandbox_snapshot to keep them).",
+        annotations(title = "Stop sandbox", destructive_hint = true, idempotent_hint = true, open_world_hint = false)
+    )]
+    async fn sandbox_stop(&self, Parameters(p): Parameters<SandboxParams>) -> ToolResult {
+        let info = self.sandbox(&p.sandbox).await?;
+        let info = self.client.stop(&info.id).await?;
+        Ok(format!("stopped {}; sandbox_start boots it again from its disk", info.name))
+    }
+
+    #[tool(
+        description = "Start a stopped sandbox again from its disk.",
+        annotations(title = "Start sandbox", destructive_hint = false, idempotent_hint = true, open_world_hint = false)
+    )]
+    async fn sandbox_start(&self, Parameters(p): Parameters<SandboxParams>) -> ToolResult {
+        let info = self.sandbox(&p.sandbox).await?;
+        let info = self.client.start(&info.id).await?;
+        Ok(pretty(&view(&info, self.owns(&info.id))))
+    }
+
+    #[tool(
+        description = "Destroy a sandbox: stop its VM and delete it with its disk. Its snapshots that no other sandbox uses go too.",
+        annotations(title = "Destroy sandbox", destructive_hint = true, idempotent_hint = true, open_world_hint = false)
+    )]
+    async fn sandbox_destroy(&self, Parameters(p): Parameters<SandboxParams>) -> ToolResult {
+        let info = self.sandbox(&p.sandbox).await?;
+        self.client.remove(&info.id, true).await?;
+        self.session().owned().remove(&info.id);
+        Ok(format!("destroyed {}", info.name))
+    }
+
+    #[tool(
+        description = "Snapshot a running sandbox: its memory, running processes and disk, saved under a name. \
+The sandbox runs on after a short pause. sandbox_revert goes back to it; sandbox_fork and sandbox_create \
+(from_snapshot) start new sandboxes from it.",
+        annotations(title = "Snapshot sandbox", destructive_hint = false, open_world_hint = false)
+    )]
+    async fn sandbox_snapshot(&self, Parameters(p): Parameters<SnapshotParams>) -> ToolResult {
+        let info = self.sandbox(&p.sandbox).await?;
+        let snap = self.client.snapshot(&info.id, p.name).await?;
+        Ok(pretty(&json!({
+            "snapshot": snap.name,
+            "reference": snap.reference(),
+            "size_bytes": snap.size_bytes,
+            "use": format!("sandbox_revert with snapshot {:?}, or sandbox_create with from_snapshot {:?}", snap.name, snap.reference()),
+        })))
+    }
+
+    #[tool(
+        description = "Put a sandbox back to one of its snapshots: memory, processes and files exactly as they were \
+when the snapshot was taken. Everything since is lost.",
+        annotations(title = "Revert sandbox", destructive_hint = true, idempotent_hint = true, open_world_hint = false)
+    )]
+    async fn sandbox_revert(&self, Parameters(p): Parameters<RevertParams>) -> ToolResult {
+        let info = self.sandbox(&p.sandbox).await?;
+        let info = self.client.revert(&info.id, &p.snapshot).await?;
+        Ok(format!("{} is back at snapshot {}", info.name, p.snapshot))
+    }
+
+    #[tool(
+        description = "Fork a running sandbox into new sandboxes that continue from its current state (or from one of \
+its snapshots): same files, same running processes, each with its own hostname and randomness. Use it to try \
+several approaches side by side. The forks belong to this session.",
+        annotations(title = "Fork sandbox", destructive_hint = false, open_world_hint = false)
+    )]
+    async fn sandbox_fork(&self, Parameters(p): Parameters<ForkParams>) -> ToolResult {
+        let count = p.count.unwrap_or(1);
+        if !(1..=16).contains(&count) {
+            return Err(ToolError::invalid(format!("count is {count}; fork 1 to 16 sandboxes at a time")));
+        }
+        let info = self.sandbox(&p.sandbox).await?;
+        let _slots = self.reserve(count as usize).await?;
+        let req = Fork { count: Some(count), name_prefix: p.name_prefix, snapshot: p.snapshot };
+        let forked = self.client.fork(&info.id, &req).await?;
+        // Forks of a sandbox the session owns inherit its idle timeout.
+        let ttl = self.session().owned().ttl(&info.id).unwrap_or(self.policy.idle_ttl);
+        let mut sandboxes = Vec::new();
+        for s in forked.sandboxes {
+            self.session().owned().add(&s.id, ttl);
+            // The daemon gives forks no lease of their own: give them the idle timeout.
+            let s = self.client.renew(&s.id, ttl.as_secs().max(1)).await.unwrap_or(s);
+            sandboxes.push(view(&s, true));
+        }
+        Ok(pretty(&json!({ "from_snapshot": forked.snapshot.reference(), "sandboxes": sandboxes })))
+    }
+
+    #[tool(
+        description = "The end of a sandbox's console log: kernel and guest agent messages. Useful when a sandbox \
+failed to start or behaves oddly; command output comes from sandbox_exec instead.",
+        annotations(title = "Sandbox logs", read_only_hint = true, open_world_hint = false)
+    )]
+    async fn sandbox_logs(&self, Parameters(p): Parameters<LogsParams>) -> ToolResult {
+        let info = self.sandbox(&p.sandbox).await?;
+        let lines = p.lines.unwrap_or(100).clamp(1, 10_000);
+        let mut stream = Box::pin(self.client.logs(&info.id, LogSource::Console, false).await?);
+        // Keep only the end: the console of a long-lived sandbox can be large.
+        let keep = self.policy.max_output;
+        let mut tail: Vec<u8> = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            tail.extend_from_slice(&chunk?);
+            if tail.len() > 2 * keep {
+                tail.drain(..tail.len() - keep);
+            }
+        }
+        let text = String::from_utf8_lossy(&tail[tail.len().saturating_sub(keep)..]).into_owned();
+        let all: Vec<&str> = text.lines().collect();
+        let out = all[all.len().saturating_sub(lines)..].join("\n");
+        Ok(if out.is_empty() { "(the console log is empty)".into() } else { out })
+    }
+}
