@@ -244,16 +244,20 @@ impl Service {
             forwards: Mutex::new(HashMap::new()),
         };
         self.nets.lock().expect("no panics while held").insert(info.id.clone(), Arc::new(live));
-        let mut ports = spec.ports.clone();
+        // Host port 0 picks a port once; it is kept, so the forward stays put across restarts.
+        let mut opened = spec.clone();
         let mut failed = Vec::new();
-        for p in &mut ports {
-            match self.open_forward(&info.id, p).await {
-                Ok(()) => {}
-                Err(e) => failed.push(format!("{p}: {}", e.message)),
+        for p in &mut opened.ports {
+            if let Err(e) = self.open_forward(&info.id, p).await {
+                failed.push(format!("{p}: {}", e.message));
             }
         }
+        if opened.ports != spec.ports {
+            self.db(|db| db.set_net(&info.id, &opened))?;
+        }
         if !failed.is_empty() {
-            let _ = self.db(|db| db.event(Some(&info.id), "net.port", &format!("port forwards not opened: {}", failed.join("; "))));
+            let message = format!("port forwards not opened: {}", failed.join("; "));
+            self.db(|db| db.event(Some(&info.id), "net.port", &message))?;
         }
         Ok(())
     }

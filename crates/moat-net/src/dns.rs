@@ -12,7 +12,7 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::TokioResolver;
 
 use crate::policy::{Pins, Policy};
-use crate::{NetError, HOST_NAME, HOST_IP};
+use crate::{NetError, HOST_IP, HOST_NAME};
 
 /// What moat's DNS says to one query.
 pub struct Answer {
@@ -50,7 +50,10 @@ impl Dns {
                     NameServerConfig::new(s.ip(), true, vec![udp, tcp])
                 })
                 .collect();
-            TokioResolver::builder_with_config(ResolverConfig::from_name_servers(servers), TokioRuntimeProvider::default())
+            TokioResolver::builder_with_config(
+                ResolverConfig::from_name_servers(servers),
+                TokioRuntimeProvider::default(),
+            )
         };
         let mut builder = builder;
         *builder.options_mut() = opts;

@@ -20,8 +20,8 @@ use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, HardwareAddress, IpAddress, IpCidr,
-    IpEndpoint, IpListenEndpoint, IpProtocol, Ipv4Packet, Ipv4Repr, TcpPacket, UdpPacket, UdpRepr,
+    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, HardwareAddress, IpAddress, IpCidr, IpEndpoint,
+    IpListenEndpoint, IpProtocol, Ipv4Packet, Ipv4Repr, TcpPacket, UdpPacket, UdpRepr,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixStream};
@@ -161,7 +161,11 @@ fn v4(addr: Ipv4Addr) -> smoltcp::wire::Ipv4Address {
 impl Stack {
     /// Connect to the QEMU netdev socket at `socket` (QEMU listens) and run the stack.
     pub async fn connect(socket: &Path, cfg: StackConfig) -> io::Result<Stack> {
-        let stream = UnixStream::connect(socket).await?;
+        Stack::over(UnixStream::connect(socket).await?, cfg)
+    }
+
+    /// Run the stack on a stream that carries QEMU's framing (a length, then a frame).
+    pub fn over(stream: UnixStream, cfg: StackConfig) -> io::Result<Stack> {
         let mut dev = Queues::default();
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(STACK_MAC)));
         config.random_seed = rand::random();
@@ -458,7 +462,13 @@ impl Inner {
         });
     }
 
-    async fn tcp_flow(&self, mut guest: GuestStream, to: SocketAddrV4, real: Ipv4Addr, verdict: Verdict) -> io::Result<()> {
+    async fn tcp_flow(
+        &self,
+        mut guest: GuestStream,
+        to: SocketAddrV4,
+        real: Ipv4Addr,
+        verdict: Verdict,
+    ) -> io::Result<()> {
         let (has_secrets, must_name) = {
             let policy = self.policy();
             (self.cfg.secrets.is_some() && !policy.secret_hosts.is_empty(), matches!(verdict, Verdict::ByName(_)))
@@ -495,19 +505,18 @@ impl Inner {
             (Sniffed::Tls(Some(n)), Some(secrets)) if self.policy().is_secret_host(n) => Some((n.clone(), secrets)),
             _ => None,
         };
-        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(SocketAddrV4::new(real, to.port())))
-            .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                guest.abort();
-                return Err(e);
-            }
-            Err(_) => {
-                guest.abort();
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
-            }
-        };
+        let upstream =
+            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(SocketAddrV4::new(real, to.port()))).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    guest.abort();
+                    return Err(e);
+                }
+                Err(_) => {
+                    guest.abort();
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
+                }
+            };
         let _ = upstream.set_nodelay(true);
         match intercept {
             Some((host, secrets)) => {

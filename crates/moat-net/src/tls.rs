@@ -137,7 +137,8 @@ impl Ca {
         name.push(DnType::OrganizationName, "moat");
         params.distinguished_name = name;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
         params.not_after = now + CA_VALIDITY;
@@ -449,10 +450,12 @@ impl Relay {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             let host = self.host.clone();
             let tunnel = tokio::spawn(async move {
-                let upgraded_error = |e: hyper::Error| TlsError::Upgraded { host: host.clone(), source: io::Error::other(e) };
+                let upgraded_error =
+                    |e: hyper::Error| TlsError::Upgraded { host: host.clone(), source: io::Error::other(e) };
                 let guest = guest_upgrade.await.map_err(upgraded_error)?;
                 let upstream = upstream_upgrade.await.map_err(upgraded_error)?;
-                let relayed = tokio::io::copy_bidirectional(&mut TokioIo::new(guest), &mut TokioIo::new(upstream)).await;
+                let relayed =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(guest), &mut TokioIo::new(upstream)).await;
                 match relayed {
                     Err(e) if !is_hang_up(&e) => Err(TlsError::Upgraded { host, source: e }),
                     _ => Ok(()),
@@ -549,7 +552,9 @@ fn prepare<B>(req: Request<B>, host: &str, secrets: &[Secret]) -> Result<Request
             *value = HeaderValue::from_maybe_shared(Bytes::from(replaced)).map_err(|_| {
                 Refusal(
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("moat: a secret's value cannot go in the {name} header: it has bytes a header may not hold\n"),
+                    format!(
+                        "moat: a secret's value cannot go in the {name} header: it has bytes a header may not hold\n"
+                    ),
                 )
             })?;
             // Keeps the value out of anything that honours the flag (e.g. HPACK indexing).
@@ -632,7 +637,10 @@ mod tests {
     #[test]
     fn every_placeholder_is_replaced_longest_first_and_values_are_not_rescanned() {
         let secrets = [secret("P_K", "k-value P_KEY"), secret("P_KEY", "key-value"), secret("", "never")];
-        assert_eq!(sub("a P_K b P_KEY c P_K", &secrets, false).as_deref(), Some("a k-value P_KEY b key-value c k-value P_KEY"));
+        assert_eq!(
+            sub("a P_K b P_KEY c P_K", &secrets, false).as_deref(),
+            Some("a k-value P_KEY b key-value c k-value P_KEY")
+        );
         assert_eq!(sub("nothing here, not even P_", &secrets, false), None);
         assert_eq!(sub("", &secrets, false), None);
     }
@@ -655,7 +663,8 @@ mod tests {
     #[test]
     fn only_requests_for_the_bound_host_are_prepared() {
         let secrets = [secret("P_K", "real")];
-        let ok = prepare(request("/v1?k=P_K", &[("host", "API.test:443"), ("x-key", "P_K")]), "api.test", &secrets).unwrap();
+        let ok =
+            prepare(request("/v1?k=P_K", &[("host", "API.test:443"), ("x-key", "P_K")]), "api.test", &secrets).unwrap();
         assert_eq!(ok.uri(), "/v1?k=real");
         assert_eq!(ok.headers()["x-key"], "real");
         assert!(ok.headers()["x-key"].is_sensitive());

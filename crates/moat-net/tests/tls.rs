@@ -106,7 +106,8 @@ impl Upstream {
                 let (seen_tx, chunks_tx) = (seen_tx.clone(), chunks_tx.clone());
                 served.spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else { return };
-                    let service = hyper::service::service_fn(move |req| record(req, seen_tx.clone(), chunks_tx.clone()));
+                    let service =
+                        hyper::service::service_fn(move |req| record(req, seen_tx.clone(), chunks_tx.clone()));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tls), service)
                         .with_upgrades()
@@ -137,9 +138,10 @@ async fn record(
         }
     }
     let echo = parts.headers.get("upgrade").is_some_and(|v| v == "echo");
+    let uri = parts.uri.to_string();
     let _ = seen.send(Seen {
         method: parts.method.to_string(),
-        uri: parts.uri.to_string(),
+        uri: uri.clone(),
         headers: parts.headers,
         body: whole.clone(),
     });
@@ -159,7 +161,12 @@ async fn record(
         resp.headers_mut().insert("connection", HeaderValue::from_static("upgrade"));
         return Ok(resp);
     }
-    Ok(Response::new(Full::new(Bytes::from(format!("upstream got {} body bytes", whole.len())))))
+    let last = uri == "/last";
+    let mut resp = Response::new(Full::new(Bytes::from(format!("upstream got {} body bytes", whole.len()))));
+    if last {
+        resp.headers_mut().insert("connection", HeaderValue::from_static("close"));
+    }
+    Ok(resp)
 }
 
 /// One guest connection to `HOST` going through `tls::intercept` to `upstream`.
@@ -173,13 +180,15 @@ impl Guest {
         let (guest_end, client_end) = tokio::io::duplex(64 * 1024);
         let tcp = TcpStream::connect(upstream.addr).await.unwrap();
         let roots = upstream.roots.clone();
-        let intercept =
-            tokio::spawn(async move { tls::intercept(guest_end, HOST, tcp, &ca, roots, &secrets).await });
+        let intercept = tokio::spawn(async move { tls::intercept(guest_end, HOST, tcp, &ca, roots, &secrets).await });
         Guest { intercept: Intercept(intercept), client_end }
     }
 
     /// The guest's TLS handshake, trusting only `trusted` (PEM).
-    async fn tls(self, trusted: &str) -> (Result<tokio_rustls::client::TlsStream<DuplexStream>, std::io::Error>, Intercept) {
+    async fn tls(
+        self,
+        trusted: &str,
+    ) -> (Result<tokio_rustls::client::TlsStream<DuplexStream>, std::io::Error>, Intercept) {
         let mut roots = RootCertStore::empty();
         roots.add(CertificateDer::from_pem_slice(trusted.as_bytes()).unwrap()).unwrap();
         let mut config = ClientConfig::builder_with_provider(ring())
@@ -336,6 +345,19 @@ async fn an_upgraded_connection_relays_bytes_both_ways() {
     drop(io);
     drop(http);
     intercept.finished().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_upstream_closing_ends_the_intercept_after_the_response() {
+    let mut upstream = Upstream::start().await;
+    let ca = Arc::new(Ca::generate("test").unwrap());
+    let (mut http, intercept) = Guest::connect(&upstream, ca.clone(), secrets()).await.http(ca.cert_pem()).await;
+    let (status, body) = send(&mut http, get("/last").body(empty()).unwrap()).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "upstream got 0 body bytes"));
+    upstream.next_seen().await;
+    // The guest keeps its end open; the intercept still returns.
+    intercept.finished().await.unwrap();
+    drop(http);
 }
 
 #[tokio::test]

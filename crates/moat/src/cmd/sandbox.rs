@@ -96,6 +96,10 @@ fn print_info(s: &SandboxInfo) {
     if let Some(id) = &s.snapshot_id {
         println!("from:        snapshot {id}");
     }
+    println!("network:");
+    for line in crate::cmd::net::describe(&s.net).lines() {
+        println!("  {line}");
+    }
     if let Some(e) = &s.last_error {
         println!("last error:  {e}");
     }

@@ -1,0 +1,240 @@
+//! The stack driven the way QEMU drives it: length-prefixed Ethernet frames on a unix stream,
+//! built with smoltcp's wire types. Everything stays on loopback.
+
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use moat_net::dns::Dns;
+use moat_net::{Policy, Stack, StackConfig, DNS_IP, GUEST_IP, HOST_IP};
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress,
+    IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+const GUEST_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+
+struct Guest {
+    stream: UnixStream,
+    refused: Arc<Mutex<Vec<String>>>,
+    _stack: Stack,
+}
+
+fn start(policy: Policy) -> Guest {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let refused = Arc::new(Mutex::new(Vec::new()));
+    let log = refused.clone();
+    let cfg = StackConfig {
+        policy: Arc::new(RwLock::new(policy)),
+        // Never asked in these tests: every name they query is answered by moat itself.
+        dns: Arc::new(Dns::new(&["127.0.0.1:9".parse().unwrap()]).unwrap()),
+        on_refused: Arc::new(move |m| log.lock().unwrap().push(m)),
+        secrets: None,
+    };
+    Guest { stream: ours, refused, _stack: Stack::over(theirs, cfg).unwrap() }
+}
+
+impl Guest {
+    async fn send(&mut self, frame: &[u8]) {
+        self.stream.write_all(&(frame.len() as u32).to_be_bytes()).await.unwrap();
+        self.stream.write_all(frame).await.unwrap();
+    }
+
+    /// The next frame the stack sends that `want` accepts (others, e.g. ARP requests, skipped).
+    async fn expect<T>(&mut self, what: &str, want: impl Fn(&[u8]) -> Option<T>) -> T {
+        let wait = async {
+            loop {
+                let mut len = [0u8; 4];
+                self.stream.read_exact(&mut len).await.unwrap();
+                let mut frame = vec![0; u32::from_be_bytes(len) as usize];
+                self.stream.read_exact(&mut frame).await.unwrap();
+                if let Some(t) = want(&frame) {
+                    return t;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), wait).await.unwrap_or_else(|_| panic!("no {what} from the stack"))
+    }
+}
+
+fn ethernet(payload_len: usize, ethertype: EthernetProtocol, fill: impl FnOnce(&mut [u8])) -> Vec<u8> {
+    let eth = EthernetRepr { src_addr: GUEST_MAC, dst_addr: EthernetAddress::BROADCAST, ethertype };
+    let mut frame = vec![0u8; eth.buffer_len() + payload_len];
+    let mut f = EthernetFrame::new_unchecked(&mut frame[..]);
+    eth.emit(&mut f);
+    fill(f.payload_mut());
+    frame
+}
+
+fn arp_request(target: Ipv4Addr) -> Vec<u8> {
+    let arp = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: GUEST_MAC,
+        source_protocol_addr: GUEST_IP,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: target,
+    };
+    ethernet(arp.buffer_len(), EthernetProtocol::Arp, |p| arp.emit(&mut ArpPacket::new_unchecked(p)))
+}
+
+fn ip_frame(dst: Ipv4Addr, proto: IpProtocol, payload_len: usize, fill: impl FnOnce(&mut [u8])) -> Vec<u8> {
+    let ip = Ipv4Repr { src_addr: GUEST_IP, dst_addr: dst, next_header: proto, payload_len, hop_limit: 64 };
+    ethernet(ip.buffer_len() + payload_len, EthernetProtocol::Ipv4, |p| {
+        let mut packet = Ipv4Packet::new_unchecked(p);
+        ip.emit(&mut packet, &ChecksumCapabilities::default());
+        fill(packet.payload_mut());
+    })
+}
+
+fn syn(dst: Ipv4Addr, src_port: u16, dst_port: u16) -> Vec<u8> {
+    let tcp = TcpRepr {
+        src_port,
+        dst_port,
+        control: TcpControl::Syn,
+        seq_number: TcpSeqNumber(1000),
+        ack_number: None,
+        window_len: 64240,
+        window_scale: None,
+        max_seg_size: Some(1460),
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    ip_frame(dst, IpProtocol::Tcp, tcp.buffer_len(), |p| {
+        tcp.emit(
+            &mut TcpPacket::new_unchecked(p),
+            &IpAddress::Ipv4(GUEST_IP),
+            &IpAddress::Ipv4(dst),
+            &ChecksumCapabilities::default(),
+        )
+    })
+}
+
+fn udp(dst: Ipv4Addr, dst_port: u16, payload: &[u8]) -> Vec<u8> {
+    let udp = UdpRepr { src_port: 40000, dst_port };
+    ip_frame(dst, IpProtocol::Udp, udp.header_len() + payload.len(), |p| {
+        udp.emit(
+            &mut UdpPacket::new_unchecked(p),
+            &IpAddress::Ipv4(GUEST_IP),
+            &IpAddress::Ipv4(dst),
+            payload.len(),
+            |b| b.copy_from_slice(payload),
+            &ChecksumCapabilities::default(),
+        )
+    })
+}
+
+/// The TCP segment in a frame to the guest: (source, control flags as SYN/ACK/RST).
+fn tcp_reply(frame: &[u8]) -> Option<(Ipv4Addr, u16, bool, bool, bool)> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    (ip.next_header() == IpProtocol::Tcp).then(|| (ip.src_addr(), tcp.src_port(), tcp.syn(), tcp.ack(), tcp.rst()))
+}
+
+fn arp_reply_for(target: Ipv4Addr) -> impl Fn(&[u8]) -> Option<()> {
+    move |frame| {
+        let eth = EthernetFrame::new_checked(frame).ok()?;
+        let arp = ArpRepr::parse(&ArpPacket::new_checked(eth.payload()).ok()?).ok()?;
+        matches!(arp, ArpRepr::EthernetIpv4 { operation: ArpOperation::Reply, source_protocol_addr, .. }
+            if source_protocol_addr == target)
+        .then_some(())
+    }
+}
+
+fn dns_query(name: &str) -> Vec<u8> {
+    use hickory_proto::op::Message;
+    use hickory_proto::rr::{Name, RecordType};
+    let mut m = Message::query();
+    m.add_query(hickory_proto::op::Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    m.metadata.recursion_desired = true;
+    m.to_vec().unwrap()
+}
+
+fn dns_answer(frame: &[u8]) -> Option<Vec<Ipv4Addr>> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    let udp = UdpPacket::new_checked(ip.payload()).ok()?;
+    if ip.src_addr() != DNS_IP || udp.src_port() != 53 {
+        return None;
+    }
+    let m = hickory_proto::op::Message::from_vec(udp.payload()).ok()?;
+    Some(
+        m.answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                hickory_proto::rr::RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn arp_dns_and_refusals() {
+    let mut g = start(Policy::default());
+    g.send(&arp_request(HOST_IP)).await;
+    g.expect("ARP reply for the gateway", arp_reply_for(HOST_IP)).await;
+    g.send(&udp(DNS_IP, 53, &dns_query("host.moat.internal."))).await;
+    assert_eq!(g.expect("DNS answer", dns_answer).await, [HOST_IP]);
+
+    // A private address: refused with a reset, and the refusal names the rule.
+    g.send(&syn(Ipv4Addr::new(10, 1, 2, 3), 41000, 80)).await;
+    let (src, port, s, _, rst) = g.expect("reset", tcp_reply).await;
+    assert_eq!((src, port, s, rst), (Ipv4Addr::new(10, 1, 2, 3), 80, false, true));
+    let refused = g.refused.lock().unwrap().clone();
+    assert_eq!(refused, ["tcp 10.1.2.3:80 refused: private address (rule private)"]);
+    // The host's loopback behind the gateway: refused unless allowed.
+    g.send(&syn(HOST_IP, 41001, 8080)).await;
+    assert!(g.expect("reset", tcp_reply).await.4);
+    assert!(g.refused.lock().unwrap()[1].contains("rule loopback"), "{:?}", g.refused);
+}
+
+#[tokio::test]
+async fn an_allowed_connection_is_accepted_with_the_real_address() {
+    let policy = Policy { allow_cidrs: vec!["127.0.0.1/32".parse().unwrap()], ..Policy::default() };
+    let mut g = start(policy);
+    // The guest's ARP announces its MAC the way Linux does before it sends anything.
+    g.send(&arp_request(HOST_IP)).await;
+    g.expect("ARP reply", arp_reply_for(HOST_IP)).await;
+    g.send(&syn(HOST_IP, 41002, 8080)).await;
+    let (src, port, s, ack, rst) = g.expect("SYN-ACK", tcp_reply).await;
+    assert_eq!((src, port, s, ack, rst), (HOST_IP, 8080, true, true, false));
+    assert!(g.refused.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn garbage_frames_never_wedge_the_stack() {
+    let mut g = start(Policy::default());
+    let valid = [
+        arp_request(HOST_IP),
+        syn(Ipv4Addr::new(10, 9, 9, 9), 1, 2),
+        udp(DNS_IP, 53, &dns_query("host.moat.internal.")),
+        udp(DNS_IP, 53, b"\x00\x01garbage"),
+    ];
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for i in 0..20_000 {
+        let mut frame = valid[i % valid.len()].clone();
+        for _ in 0..(next() % 6) {
+            let at = (next() as usize) % frame.len();
+            frame[at] = next() as u8;
+        }
+        frame.truncate((next() as usize) % (frame.len() + 1));
+        g.send(&frame).await;
+    }
+    // Drain whatever the garbage provoked, then the stack must still answer.
+    g.send(&udp(DNS_IP, 53, &dns_query("host.moat.internal."))).await;
+    assert_eq!(g.expect("DNS answer after garbage", dns_answer).await, [HOST_IP]);
+    g.send(&arp_request(DNS_IP)).await;
+    g.expect("ARP reply after garbage", arp_reply_for(DNS_IP)).await;
+}
