@@ -675,6 +675,7 @@ mod tests {
             boot_timeout_secs: Some(1),
             from: Some("box:clean".into()),
             template: Some(false),
+            net: Some(moat_api::NetSpec::default()),
         };
         assert_eq!(
             keys(&serde_json::to_value(create).unwrap()),

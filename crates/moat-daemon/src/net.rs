@@ -441,3 +441,65 @@ async fn write_guest_file(sandbox: &Sandbox, path: &str, data: &[u8]) -> Result<
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moat_api::SecretSpec;
+
+    fn secret(name: &str, value: Option<&str>, hosts: &[&str]) -> SecretSpec {
+        SecretSpec { name: name.into(), value: value.map(String::from), hosts: hosts.iter().map(|h| h.to_string()).collect() }
+    }
+
+    fn rejects(spec: NetSpec, create: bool, says: &str) {
+        let e = check(&spec, create).expect_err(says);
+        assert!(e.message.contains(says), "{:?} does not say {says:?}", e.message);
+    }
+
+    #[test]
+    fn specs_are_checked_field_by_field() {
+        let allow = NetSpec { mode: NetMode::Allow, allow: vec!["pypi.org".into(), "*.pythonhosted.org".into()], ..NetSpec::default() };
+        check(&allow, true).unwrap();
+        let none = NetSpec { mode: NetMode::None, ..NetSpec::default() };
+        check(&none, true).unwrap();
+        rejects(NetSpec { dns: vec!["1.1.1.1".into()], ..none.clone() }, true, "no network device");
+        rejects(NetSpec { allow: vec!["x.org".into()], ..NetSpec::default() }, true, "needs mode `allow`");
+        rejects(NetSpec { allow: vec!["1.2.3.4".into()], ..allow.clone() }, true, "--allow-cidr");
+        rejects(NetSpec { allow_cidrs: vec!["10.0.0.0/33".into()], ..NetSpec::default() }, true, "not an IPv4 network");
+        check(&NetSpec { allow_cidrs: vec!["127.0.0.1".into(), "10.0.0.0/8".into()], ..NetSpec::default() }, true).unwrap();
+        rejects(NetSpec { hosts: vec!["db:300.1.1.1".into()], ..NetSpec::default() }, true, "NAME:IP");
+        rejects(NetSpec { dns: vec!["dns.google".into()], ..NetSpec::default() }, true, "IP or IP:PORT");
+        let ports = |s: &str| NetSpec { ports: vec![PortForward::parse(s).unwrap()], ..NetSpec::default() };
+        rejects(ports("8080:0"), true, "guest port 0");
+        rejects(ports("localhost:8080:80"), true, "not an IP address");
+        check(&ports("0.0.0.0:0:80"), true).unwrap();
+    }
+
+    #[test]
+    fn secrets_need_a_name_a_host_and_a_clean_value() {
+        let with = |s: SecretSpec| NetSpec { secrets: vec![s], ..NetSpec::default() };
+        check(&with(secret("OPENAI_API_KEY", Some("sk-1"), &["api.openai.com"])), true).unwrap();
+        rejects(with(secret("OPENAI_API_KEY", None, &["api.openai.com"])), true, "set the environment variable");
+        check(&with(secret("K", None, &["a.test"])), false).unwrap();
+        rejects(with(secret("BAD-NAME", Some("v"), &["a.test"])), true, "environment variable name");
+        rejects(with(secret("K", Some("v"), &[])), true, "bound to no host");
+        rejects(with(secret("K", Some("a\r\nX-Injected: 1"), &["a.test"])), true, "line breaks");
+        let twice = NetSpec {
+            secrets: vec![secret("K", Some("v"), &["a.test"]), secret("K", Some("w"), &["b.test"])],
+            ..NetSpec::default()
+        };
+        rejects(twice, true, "given twice");
+    }
+
+    #[test]
+    fn the_guest_environment_has_placeholders_and_the_ca_never_values() {
+        let spec = NetSpec { secrets: vec![secret("K", Some("real-value"), &["a.test"])], ..NetSpec::default() };
+        let env = guest_env(&spec);
+        assert!(env.contains(&("K".into(), "moat_placeholder_K".into())));
+        assert!(env.contains(&("SSL_CERT_FILE".into(), GUEST_CA_BUNDLE.into())));
+        assert!(env.contains(&("NODE_EXTRA_CA_CERTS".into(), GUEST_CA.into())));
+        assert!(!format!("{env:?}").contains("real-value"));
+        assert!(!format!("{spec:?}").contains("real-value"));
+        assert!(guest_env(&NetSpec::default()).is_empty());
+    }
+}

@@ -682,6 +682,7 @@ mod tests {
             last_error: None,
             version: 1,
             snapshot_id: None,
+            net: NetSpec::default(),
         }
     }
 
