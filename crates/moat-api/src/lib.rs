@@ -234,7 +234,8 @@ fn default_host_addr() -> String {
 impl PortForward {
     /// `[ADDR:]HOSTPORT:GUESTPORT`, as `-p` and `moat port-forward` take it.
     pub fn parse(s: &str) -> Result<PortForward, String> {
-        let bad = || format!("{s:?} is not a port forward: use [ADDR:]HOSTPORT:GUESTPORT, e.g. 8080:80 or 0.0.0.0:8080:80");
+        let bad =
+            || format!("{s:?} is not a port forward: use [ADDR:]HOSTPORT:GUESTPORT, e.g. 8080:80 or 0.0.0.0:8080:80");
         let (rest, guest) = s.rsplit_once(':').ok_or_else(bad)?;
         let (addr, host) = match rest.rsplit_once(':') {
             Some((a, h)) => (a.trim_start_matches('[').trim_end_matches(']').to_string(), h),

@@ -9,10 +9,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use moat_api::{
-    ApiError, BuildImage, ChangeAllowlist, CreateSandbox, CreateSnapshot, ErrorCode, Event, ExecClientMessage, ExecServerMessage,
-    ExecStart, Fork, Forked, Health, ImageInfo, ImageProgress, JobInfo, KillProcess, LifecycleEntry, LogSource,
-    NetSpec, PortForward, ProcessStarted, PullImage, Reclaimed, RenewLease, Revert, SandboxInfo, SnapshotInfo, StartProcess, STDERR_TAG,
-    STDOUT_TAG,
+    ApiError, BuildImage, ChangeAllowlist, CreateSandbox, CreateSnapshot, ErrorCode, Event, ExecClientMessage,
+    ExecServerMessage, ExecStart, Fork, Forked, Health, ImageInfo, ImageProgress, JobInfo, KillProcess, LifecycleEntry,
+    LogSource, NetSpec, PortForward, ProcessStarted, PullImage, Reclaimed, RenewLease, Revert, SandboxInfo,
+    SnapshotInfo, StartProcess, STDERR_TAG, STDOUT_TAG,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -254,8 +254,7 @@ impl Client {
     }
 
     pub async fn remove_port(&self, reference: &str, host_port: u16) -> Result<NetSpec, ClientError> {
-        self.call(Method::DELETE, &format!("/v1/sandboxes/{}/ports/{host_port}", segment(reference)), None::<&()>)
-            .await
+        self.call(Method::DELETE, &format!("/v1/sandboxes/{}/ports/{host_port}", segment(reference)), None::<&()>).await
     }
 
     pub async fn prune(&self) -> Result<Reclaimed, ClientError> {

@@ -129,7 +129,9 @@ fn check_port(p: &PortForward) -> Result<IpAddr, ServiceError> {
 fn policy_of(spec: &NetSpec) -> Result<Policy, ServiceError> {
     let err = |e: moat_net::NetError| invalid(e.to_string());
     let allow = match spec.mode {
-        NetMode::Allow => Some(spec.allow.iter().map(|h| HostPattern::parse(h)).collect::<Result<Vec<_>, _>>().map_err(err)?),
+        NetMode::Allow => {
+            Some(spec.allow.iter().map(|h| HostPattern::parse(h)).collect::<Result<Vec<_>, _>>().map_err(err)?)
+        }
         _ => None,
     };
     let mut allow_cidrs = Vec::new();
@@ -153,13 +155,14 @@ fn policy_of(spec: &NetSpec) -> Result<Policy, ServiceError> {
         }
         hosts.insert(name, ip.parse::<Ipv4Addr>().map_err(|_| bad())?);
     }
-    let mut secret_hosts = Vec::new();
     for s in &spec.secrets {
-        for h in &s.hosts {
-            secret_hosts.push(HostPattern::parse(h).map_err(err)?);
-        }
+        secret_hosts(s)?;
     }
-    Ok(Policy { allow, allow_cidrs, hosts, secret_hosts })
+    Ok(Policy { allow, allow_cidrs, hosts })
+}
+
+fn secret_hosts(s: &moat_api::SecretSpec) -> Result<Vec<HostPattern>, ServiceError> {
+    s.hosts.iter().map(|h| HostPattern::parse(h).map_err(|e| invalid(format!("secret {}: {e}", s.name)))).collect()
 }
 
 fn dns_of(spec: &NetSpec) -> Result<Vec<SocketAddr>, ServiceError> {
@@ -205,7 +208,11 @@ fn load_or_make_ca(dir: &Path, name: &str) -> Result<Ca, ServiceError> {
 impl Service {
     /// Connect a network stack to a sandbox's freshly started (or adopted) QEMU, open its port
     /// forwards, and put moat's CA into the guest when it has secrets.
-    pub(crate) async fn attach_net(self: &Arc<Self>, info: &SandboxInfo, sandbox: &Arc<Sandbox>) -> Result<(), ServiceError> {
+    pub(crate) async fn attach_net(
+        self: &Arc<Self>,
+        info: &SandboxInfo,
+        sandbox: &Arc<Sandbox>,
+    ) -> Result<(), ServiceError> {
         let spec = self.db(|db| db.net_spec(&info.id))?;
         if spec.mode == NetMode::None {
             self.nets.lock().expect("no panics while held").remove(&info.id);
@@ -219,12 +226,13 @@ impl Service {
         } else {
             let ca = load_or_make_ca(&dir, &info.name)?;
             install_ca(sandbox, &ca).await?;
-            let values = spec
-                .secrets
-                .iter()
-                .filter_map(|s| Some(Secret { placeholder: s.placeholder(), value: s.value.clone()? }))
-                .collect();
-            Some(moat_net::Secrets { ca: Arc::new(ca), values })
+            let mut bound = Vec::new();
+            for s in &spec.secrets {
+                if let Some(value) = &s.value {
+                    bound.push((secret_hosts(s)?, Secret { placeholder: s.placeholder(), value: value.clone() }));
+                }
+            }
+            Some(moat_net::Secrets { ca: Arc::new(ca), bound })
         };
         let weak = Arc::downgrade(self);
         let id = info.id.clone();
@@ -234,15 +242,10 @@ impl Service {
             }
         });
         let config = StackConfig { policy: policy.clone(), dns, on_refused, secrets };
-        let stack = Stack::connect(&dir.join("net.sock"), config).await.map_err(|e| {
-            ServiceError::internal(format!("connecting the network stack to QEMU's NIC socket: {e}"))
-        })?;
-        let live = LiveNet {
-            pid: sandbox.pid(),
-            stack,
-            policy,
-            forwards: Mutex::new(HashMap::new()),
-        };
+        let stack = Stack::connect(&dir.join("net.sock"), config)
+            .await
+            .map_err(|e| ServiceError::internal(format!("connecting the network stack to QEMU's NIC socket: {e}")))?;
+        let live = LiveNet { pid: sandbox.pid(), stack, policy, forwards: Mutex::new(HashMap::new()) };
         self.nets.lock().expect("no panics while held").insert(info.id.clone(), Arc::new(live));
         // Host port 0 picks a port once; it is kept, so the forward stays put across restarts.
         let mut opened = spec.clone();
@@ -403,9 +406,7 @@ async fn install_ca(sandbox: &Sandbox, ca: &Ca) -> Result<(), ServiceError> {
         ServiceError::internal(format!("installing the sandbox's CA in the guest ({what}): {e}"))
     };
     let cert = ca.cert_pem().to_string();
-    let _ = sandbox
-        .file_op(Request::Mkdir { path: "/etc/moat".into(), parents: true, mode: Some(0o755) })
-        .await;
+    let _ = sandbox.file_op(Request::Mkdir { path: "/etc/moat".into(), parents: true, mode: Some(0o755) }).await;
     let system = read_guest_file(sandbox, SYSTEM_BUNDLE).await.unwrap_or_default();
     write_guest_file(sandbox, GUEST_CA, cert.as_bytes()).await.map_err(|e| fail(GUEST_CA, e))?;
     let mut bundle = system.clone();
@@ -448,7 +449,11 @@ mod tests {
     use moat_api::SecretSpec;
 
     fn secret(name: &str, value: Option<&str>, hosts: &[&str]) -> SecretSpec {
-        SecretSpec { name: name.into(), value: value.map(String::from), hosts: hosts.iter().map(|h| h.to_string()).collect() }
+        SecretSpec {
+            name: name.into(),
+            value: value.map(String::from),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        }
     }
 
     fn rejects(spec: NetSpec, create: bool, says: &str) {
@@ -458,7 +463,11 @@ mod tests {
 
     #[test]
     fn specs_are_checked_field_by_field() {
-        let allow = NetSpec { mode: NetMode::Allow, allow: vec!["pypi.org".into(), "*.pythonhosted.org".into()], ..NetSpec::default() };
+        let allow = NetSpec {
+            mode: NetMode::Allow,
+            allow: vec!["pypi.org".into(), "*.pythonhosted.org".into()],
+            ..NetSpec::default()
+        };
         check(&allow, true).unwrap();
         let none = NetSpec { mode: NetMode::None, ..NetSpec::default() };
         check(&none, true).unwrap();
@@ -466,7 +475,8 @@ mod tests {
         rejects(NetSpec { allow: vec!["x.org".into()], ..NetSpec::default() }, true, "needs mode `allow`");
         rejects(NetSpec { allow: vec!["1.2.3.4".into()], ..allow.clone() }, true, "--allow-cidr");
         rejects(NetSpec { allow_cidrs: vec!["10.0.0.0/33".into()], ..NetSpec::default() }, true, "not an IPv4 network");
-        check(&NetSpec { allow_cidrs: vec!["127.0.0.1".into(), "10.0.0.0/8".into()], ..NetSpec::default() }, true).unwrap();
+        check(&NetSpec { allow_cidrs: vec!["127.0.0.1".into(), "10.0.0.0/8".into()], ..NetSpec::default() }, true)
+            .unwrap();
         rejects(NetSpec { hosts: vec!["db:300.1.1.1".into()], ..NetSpec::default() }, true, "NAME:IP");
         rejects(NetSpec { dns: vec!["dns.google".into()], ..NetSpec::default() }, true, "IP or IP:PORT");
         let ports = |s: &str| NetSpec { ports: vec![PortForward::parse(s).unwrap()], ..NetSpec::default() };

@@ -41,8 +41,14 @@ pub async fn start(
     if req.argv.is_empty() {
         return Err(ServiceError::new(ErrorCode::InvalidRequest, "no command given", "give the command after `--`"));
     }
-    let request =
-        ExecRequest { argv: req.argv, env: crate::api::with_net_env(&info, req.env), cwd: req.cwd, user: req.user, detach: true, ..Default::default() };
+    let request = ExecRequest {
+        argv: req.argv,
+        env: crate::api::with_net_env(&info, req.env),
+        cwd: req.cwd,
+        user: req.user,
+        detach: true,
+        ..Default::default()
+    };
     let exec = sandbox.exec(request).await.map_err(|e| {
         ServiceError::new(ErrorCode::ExecFailed, e.to_string(), "check the command, its working directory and user")
     })?;

@@ -193,8 +193,6 @@ pub struct Policy {
     pub allow_cidrs: Vec<Ipv4Net>,
     /// `--add-host`: names moat's DNS answers itself.
     pub hosts: HashMap<String, Ipv4Addr>,
-    /// Names whose HTTPS requests get secrets substituted.
-    pub secret_hosts: Vec<HostPattern>,
 }
 
 /// What the first check of a new flow (by address alone) says.
@@ -214,10 +212,6 @@ impl Policy {
 
     pub fn cidr_allowed(&self, ip: Ipv4Addr) -> bool {
         self.allow_cidrs.iter().any(|c| c.contains(&ip))
-    }
-
-    pub fn is_secret_host(&self, name: &str) -> bool {
-        self.secret_hosts.iter().any(|p| p.matches(name))
     }
 
     /// The check of a new flow to `ip`; `names` are what the guest resolved to it.

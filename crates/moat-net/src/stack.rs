@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::dns::Dns;
-use crate::policy::{HostAddrs, Pins, Policy, Rule, Verdict};
+use crate::policy::{HostAddrs, HostPattern, Pins, Policy, Rule, Verdict};
 use crate::sniff::{sniff, Sniffed, MAX_SNIFF};
 use crate::tls::{self, Ca, Secret};
 use crate::{DNS_IP, GUEST_IP, HOST_IP, MTU};
@@ -63,7 +63,15 @@ pub struct StackConfig {
 
 pub struct Secrets {
     pub ca: Arc<Ca>,
-    pub values: Vec<Secret>,
+    /// Each secret with the hostnames it is bound to.
+    pub bound: Vec<(Vec<HostPattern>, Secret)>,
+}
+
+impl Secrets {
+    /// The secrets bound to `host`: HTTPS to it is intercepted when there are any.
+    fn for_host(&self, host: &str) -> Vec<Secret> {
+        self.bound.iter().filter(|(hosts, _)| hosts.iter().any(|h| h.matches(host))).map(|(_, s)| s.clone()).collect()
+    }
 }
 
 /// A running stack; dropping it ends the stack, its flows and its port forwards.
@@ -82,7 +90,6 @@ struct Inner {
     udp: Mutex<HashMap<(u16, SocketAddrV4), UdpFlow>>,
     dns_slots: Arc<Semaphore>,
     events: Mutex<EventBudget>,
-    tls_roots: std::sync::OnceLock<Arc<rustls::RootCertStore>>,
 }
 
 struct UdpFlow {
@@ -198,7 +205,6 @@ impl Stack {
             udp: Mutex::new(HashMap::new()),
             dns_slots: Arc::new(Semaphore::new(MAX_DNS_IN_FLIGHT)),
             events: Mutex::new(EventBudget { second: 0, used: 0, suppressed: 0 }),
-            tls_roots: std::sync::OnceLock::new(),
         });
         let (reader, writer) = stream.into_split();
         let (frames_tx, frames_rx) = mpsc::channel(256);
@@ -469,10 +475,8 @@ impl Inner {
         real: Ipv4Addr,
         verdict: Verdict,
     ) -> io::Result<()> {
-        let (has_secrets, must_name) = {
-            let policy = self.policy();
-            (self.cfg.secrets.is_some() && !policy.secret_hosts.is_empty(), matches!(verdict, Verdict::ByName(_)))
-        };
+        let has_secrets = self.cfg.secrets.is_some();
+        let must_name = matches!(verdict, Verdict::ByName(_));
         let mut first = Vec::new();
         let mut sniffed = Sniffed::Other;
         if has_secrets || must_name {
@@ -502,7 +506,9 @@ impl Inner {
             }
         }
         let intercept = match (&sniffed, &self.cfg.secrets) {
-            (Sniffed::Tls(Some(n)), Some(secrets)) if self.policy().is_secret_host(n) => Some((n.clone(), secrets)),
+            (Sniffed::Tls(Some(host)), Some(secrets)) => {
+                Some((host.clone(), secrets.for_host(host), secrets)).filter(|(_, values, _)| !values.is_empty())
+            }
             _ => None,
         };
         let upstream =
@@ -519,10 +525,9 @@ impl Inner {
             };
         let _ = upstream.set_nodelay(true);
         match intercept {
-            Some((host, secrets)) => {
-                let roots = self.tls_roots.get_or_init(tls::upstream_roots).clone();
+            Some((host, values, secrets)) => {
                 let guest = Replay { first: first.into(), inner: guest };
-                tls::intercept(guest, &host, upstream, &secrets.ca, roots, &secrets.values)
+                tls::intercept(guest, &host, upstream, &secrets.ca, tls::upstream_roots(), &values)
                     .await
                     .map_err(io::Error::other)?;
             }
@@ -604,11 +609,8 @@ impl Inner {
         let recv = socket.clone();
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 65536];
-            loop {
-                match tokio::time::timeout(UDP_IDLE, recv.recv(&mut buf)).await {
-                    Ok(Ok(n)) => inner.send_udp(to, from, &buf[..n]),
-                    _ => break,
-                }
+            while let Ok(Ok(n)) = tokio::time::timeout(UDP_IDLE, recv.recv(&mut buf)).await {
+                inner.send_udp(to, from, &buf[..n]);
             }
             inner.udp.lock().unwrap_or_else(|e| e.into_inner()).remove(&(from.port(), to));
         });

@@ -99,6 +99,12 @@ pub enum TlsError {
         #[source]
         source: hyper::Error,
     },
+    #[error("the relay task for {host} stopped: {source}")]
+    Task {
+        host: String,
+        #[source]
+        source: tokio::task::JoinError,
+    },
     #[error("relaying the upgraded connection (e.g. a WebSocket) with {host} failed: {source}")]
     Upgraded {
         host: String,
@@ -335,7 +341,6 @@ where
         .map_err(|_| TlsError::HandshakeTimeout { host: host.clone() })??;
 
     let (sender, connection) = hyper::client::conn::http1::Builder::new()
-        .max_buf_size(MAX_BUF_SIZE)
         .handshake(TokioIo::new(upstream))
         .await
         .map_err(|source| TlsError::Upstream { host: host.clone(), source })?;
@@ -377,7 +382,7 @@ where
         First::Upstream(r) => {
             let upstream_result = match r {
                 Ok(r) => unless_hung_up(r).map_err(|source| TlsError::Upstream { host: host.clone(), source }),
-                Err(e) => Err(TlsError::Upgraded { host: host.clone(), source: io::Error::other(e) }),
+                Err(source) => Err(TlsError::Task { host: host.clone(), source }),
             };
             // Let the guest finish reading the response in flight, then close; after a 101 the
             // upstream connection ends because it was handed over, not closed.
@@ -392,7 +397,7 @@ where
     if let Some(mut tunnel) = tunnel {
         match (&mut tunnel.0).await {
             Ok(r) => r?,
-            Err(e) => return Err(TlsError::Upgraded { host, source: io::Error::other(e) }),
+            Err(source) => return Err(TlsError::Task { host, source }),
         }
     }
     tracing::debug!(host, "intercepted connection closed");
@@ -466,6 +471,8 @@ impl Relay {
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             self.upgrade_requested.store(false, Ordering::SeqCst);
         }
+        // HTTP/3 would go around this relay over UDP, carrying the bare placeholder.
+        resp.headers_mut().remove(hyper::header::ALT_SVC);
         resp.map(Either::Left)
     }
 }

@@ -163,6 +163,7 @@ async fn record(
     }
     let last = uri == "/last";
     let mut resp = Response::new(Full::new(Bytes::from(format!("upstream got {} body bytes", whole.len()))));
+    resp.headers_mut().insert("alt-svc", HeaderValue::from_static("h3=\":443\""));
     if last {
         resp.headers_mut().insert("connection", HeaderValue::from_static("close"));
     }
@@ -229,13 +230,19 @@ fn get(uri: &str) -> hyper::http::request::Builder {
     Request::get(uri).header("host", HOST)
 }
 
-async fn send(sender: &mut SendRequest<ReqBody>, req: Request<ReqBody>) -> (StatusCode, String) {
+/// A whole response as the guest sees it.
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+async fn send(sender: &mut SendRequest<ReqBody>, req: Request<ReqBody>) -> Answer {
     within("a response", async {
         sender.ready().await.unwrap();
-        let resp = sender.send_request(req).await.unwrap();
-        let status = resp.status();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8_lossy(&body).into_owned())
+        let (parts, body) = sender.send_request(req).await.unwrap().into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        Answer { status: parts.status, headers: parts.headers, body: String::from_utf8_lossy(&body).into_owned() }
     })
     .await
 }
@@ -256,8 +263,9 @@ async fn the_bound_host_gets_the_real_value_in_uri_and_headers_and_the_body_stre
         .header("x-other", "moat_placeholder_OTHER")
         .body(empty())
         .unwrap();
-    let (status, body) = send(&mut http, req).await;
-    assert_eq!((status, body.as_str()), (StatusCode::OK, "upstream got 0 body bytes"));
+    let answer = send(&mut http, req).await;
+    assert_eq!((answer.status, answer.body.as_str()), (StatusCode::OK, "upstream got 0 body bytes"));
+    assert_eq!(answer.headers.get("alt-svc"), None, "the guest is not invited to HTTP/3, which would bypass moat");
     let seen = upstream.next_seen().await;
     assert_eq!(seen.method, "GET");
     assert_eq!(seen.uri, "/v1?key=sk-live%2F42", "the value is percent-encoded in the URI");
@@ -283,9 +291,9 @@ async fn the_bound_host_gets_the_real_value_in_uri_and_headers_and_the_body_stre
     assert_eq!(arrived, first.as_bytes());
     body_tx.send_data(Bytes::from_static(b"second chunk")).await.unwrap();
     drop(body_tx);
-    let ((status, body), http) = within("the POST", response).await.unwrap();
+    let (answer, http) = within("the POST", response).await.unwrap();
     let sent = format!("{first}second chunk");
-    assert_eq!((status, body), (StatusCode::OK, format!("upstream got {} body bytes", sent.len())));
+    assert_eq!((answer.status, answer.body), (StatusCode::OK, format!("upstream got {} body bytes", sent.len())));
     let seen = upstream.next_seen().await;
     assert_eq!(seen.method, "POST");
     assert_eq!(seen.body, sent.as_bytes(), "bodies pass untouched, placeholders included");
@@ -306,14 +314,13 @@ async fn a_request_naming_another_host_is_refused_and_never_reaches_the_upstream
         .header("authorization", format!("Bearer {PLACEHOLDER}"))
         .body(empty())
         .unwrap();
-    let (status, body) = send(&mut http, req).await;
-    assert_eq!(status, StatusCode::MISDIRECTED_REQUEST);
-    assert!(!body.contains(VALUE), "{body}");
+    let answer = send(&mut http, req).await;
+    assert_eq!(answer.status, StatusCode::MISDIRECTED_REQUEST);
+    assert!(answer.body.contains("this connection is for api.test"), "{}", answer.body);
     let req = Request::get("https://evil.test/steal").header("host", HOST).body(empty()).unwrap();
-    assert_eq!(send(&mut http, req).await.0, StatusCode::MISDIRECTED_REQUEST);
+    assert_eq!(send(&mut http, req).await.status, StatusCode::MISDIRECTED_REQUEST);
 
-    let (status, _) = send(&mut http, get("/after").body(empty()).unwrap()).await;
-    assert_eq!(status, StatusCode::OK);
+    assert_eq!(send(&mut http, get("/after").body(empty()).unwrap()).await.status, StatusCode::OK);
     assert_eq!(upstream.next_seen().await.uri, "/after", "the refused requests were not sent on");
 }
 
@@ -352,8 +359,8 @@ async fn the_upstream_closing_ends_the_intercept_after_the_response() {
     let mut upstream = Upstream::start().await;
     let ca = Arc::new(Ca::generate("test").unwrap());
     let (mut http, intercept) = Guest::connect(&upstream, ca.clone(), secrets()).await.http(ca.cert_pem()).await;
-    let (status, body) = send(&mut http, get("/last").body(empty()).unwrap()).await;
-    assert_eq!((status, body.as_str()), (StatusCode::OK, "upstream got 0 body bytes"));
+    let answer = send(&mut http, get("/last").body(empty()).unwrap()).await;
+    assert_eq!((answer.status, answer.body.as_str()), (StatusCode::OK, "upstream got 0 body bytes"));
     upstream.next_seen().await;
     // The guest keeps its end open; the intercept still returns.
     intercept.finished().await.unwrap();
@@ -407,7 +414,7 @@ async fn a_ca_restored_from_pem_issues_leaves_the_original_certificate_verifies(
 
     let (mut http, _intercept) =
         Guest::connect(&upstream, Arc::new(restored), secrets()).await.http(original.cert_pem()).await;
-    assert_eq!(send(&mut http, get("/").body(empty()).unwrap()).await.0, StatusCode::OK);
+    assert_eq!(send(&mut http, get("/").body(empty()).unwrap()).await.status, StatusCode::OK);
     upstream.next_seen().await;
 
     let stranger = Ca::generate("stranger").unwrap();
