@@ -263,7 +263,9 @@ impl Drop for Stack {
 }
 
 /// Frames from QEMU: a 4-byte big-endian length, then the frame.
-async fn read_frames(mut reader: tokio::net::unix::OwnedReadHalf, frames: mpsc::Sender<Vec<u8>>) {
+async fn read_frames(reader: tokio::net::unix::OwnedReadHalf, frames: mpsc::Sender<Vec<u8>>) {
+    // Buffered: a length and a frame would otherwise be two reads per frame.
+    let mut reader = tokio::io::BufReader::with_capacity(256 * 1024, reader);
     loop {
         let mut len = [0u8; 4];
         if reader.read_exact(&mut len).await.is_err() {
@@ -299,13 +301,14 @@ async fn poll_loop(
             out.extend(core.dev.tx.drain(..));
             core.iface.poll_delay(now, &core.sockets)
         };
+        // Every frame of this round in one write.
+        let mut buf = Vec::new();
         for frame in out.drain(..) {
-            let mut buf = Vec::with_capacity(frame.len() + 4);
             buf.extend_from_slice(&(frame.len() as u32).to_be_bytes());
             buf.extend_from_slice(&frame);
-            if writer.write_all(&buf).await.is_err() {
-                return;
-            }
+        }
+        if !buf.is_empty() && writer.write_all(&buf).await.is_err() {
+            return;
         }
         let sleep = delay.map(|d| Duration::from_micros(d.total_micros())).unwrap_or(Duration::from_secs(1));
         tokio::select! {

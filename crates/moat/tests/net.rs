@@ -425,68 +425,68 @@ fn dns_query(server: SocketAddr, name: &str) -> Result<Vec<Ipv4Addr>, String> {
 fn default_egress_reaches_public_addresses_and_refuses_private_loopback_and_host() {
     let _turn = vm_turn();
     let lab = Netlab::start();
-    lab.moat_ok(&["run", "-d", "--name", "def", "--memory", "256", "--dns", LAB_DNS]);
+    lab.moat_ok(&["run", "-d", "--name", "egress", "--memory", "256", "--dns", LAB_DNS]);
 
     // The guest's side of the network.
-    let config = guest_ok(&lab, "def", "ip -4 addr show; ip route; cat /etc/resolv.conf");
+    let config = guest_ok(&lab, "egress", "ip -4 addr show; ip route; cat /etc/resolv.conf");
     assert!(config.contains("10.0.2.15/24"), "guest address 10.0.2.15/24:\n{config}");
     assert!(config.contains("default via 10.0.2.2"), "default route via 10.0.2.2:\n{config}");
     assert!(config.contains("nameserver 10.0.2.3"), "resolv.conf points at 10.0.2.3:\n{config}");
-    let gateway = guest_ok(&lab, "def", "nslookup host.moat.internal");
+    let gateway = guest_ok(&lab, "egress", "nslookup host.moat.internal");
     assert!(gateway.contains("10.0.2.2"), "host.moat.internal is the gateway:\n{gateway}");
-    let net = &inspect(&lab, "def")["net"];
+    let net = &inspect(&lab, "egress")["net"];
     assert!(net.is_object(), "`moat inspect --json` has a `net` object: {net}");
 
     // A public address, by name (through the upstream resolver given with --dns) and by IP.
-    let by_name = wget(&lab, "def", "http://api.test/by-name");
+    let by_name = wget(&lab, "egress", "http://api.test/by-name");
     assert!(by_name.ok() && by_name.stdout.contains("GET /by-name HTTP/1.1"), "{by_name}");
     assert!(by_name.stdout.contains("Host: api.test"), "{by_name}");
     assert!(lab.observed.dns_asked("api.test"), "moat's resolver asked the --dns upstream");
     let seen = lab.observed.requests_to("/by-name");
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].peer.ip(), DAEMON_PUBLIC, "the flow leaves from the daemon's host");
-    let by_ip = wget(&lab, "def", "http://198.51.100.10/by-ip");
+    let by_ip = wget(&lab, "egress", "http://198.51.100.10/by-ip");
     assert!(by_ip.ok() && by_ip.stdout.contains("GET /by-ip HTTP/1.1"), "{by_ip}");
-    give_openssl(&lab, "def");
-    let tls = guest(&lab, "def", "timeout 30 wget --no-check-certificate -q -O - https://api.test/tls-default");
+    give_openssl(&lab, "egress");
+    let tls = guest(&lab, "egress", "timeout 30 wget --no-check-certificate -q -O - https://api.test/tls-default");
     assert!(tls.ok() && tls.stdout.contains("GET /tls-default"), "TLS passes through untouched:\n{tls}");
     assert_eq!(lab.observed.requests_to("/tls-default")[0].sni.as_deref(), Some("api.test"));
     // UDP to a public address is allowed too (tftp sends one datagram and waits for an answer
     // that never comes).
-    guest(&lab, "def", &format!("timeout 3 tftp -g -r probe -l /dev/null 198.51.100.10 {UDP_PORT}"));
+    guest(&lab, "egress", &format!("timeout 3 tftp -g -r probe -l /dev/null 198.51.100.10 {UDP_PORT}"));
     wait_for("a datagram to reach 198.51.100.10", Duration::from_secs(10), || {
         lab.observed.datagrams_to(SERVER_PUBLIC) > 0
     });
 
     // A private address: refused by moat (the server, which listens there, sees nothing).
-    let private = wget(&lab, "def", "http://10.77.0.10/private");
+    let private = wget(&lab, "egress", "http://10.77.0.10/private");
     assert_refused(&private, "tcp to the private 10.77.0.10");
     assert_eq!(lab.observed.connections_to(SERVER_PRIVATE), 0, "nothing reached 10.77.0.10");
-    assert_refusal_event(&lab, "def", &["10.77.0.10:80"]);
-    guest(&lab, "def", &format!("timeout 3 tftp -g -r probe -l /dev/null 10.77.0.10 {UDP_PORT}"));
-    assert_refusal_event(&lab, "def", &["10.77.0.10"]);
+    assert_refusal_event(&lab, "egress", &["10.77.0.10:80"]);
+    guest(&lab, "egress", &format!("timeout 3 tftp -g -r probe -l /dev/null 10.77.0.10 {UDP_PORT}"));
+    assert_refusal_event(&lab, "egress", &[&format!("10.77.0.10:{UDP_PORT}")]);
     assert_eq!(lab.observed.datagrams_to(SERVER_PRIVATE), 0, "no datagram reached 10.77.0.10");
 
     // The daemon's own address, with a server listening on it in D.
     let own = lab.listener_in_d(SocketAddr::from((DAEMON_PUBLIC, 0)));
     let port = own.addr.port().to_string();
-    let to_host = wget(&lab, "def", &format!("http://198.51.100.1:{port}/own"));
+    let to_host = wget(&lab, "egress", &format!("http://198.51.100.1:{port}/own"));
     assert_refused(&to_host, "tcp to the host's own 198.51.100.1");
     assert_eq!(own.accepted(), 0, "nothing reached the host's own address");
-    assert_refusal_event(&lab, "def", &[&format!("198.51.100.1:{port}")]);
+    assert_refusal_event(&lab, "egress", &[&format!("198.51.100.1:{port}")]);
 
     // The host's loopback through the gateway: refused unless --allow-cidr 127.0.0.1/32.
     let loopback = lab.listener_in_d(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
     let lport = loopback.addr.port().to_string();
-    let to_loopback = wget(&lab, "def", &format!("http://10.0.2.2:{lport}/loopback"));
+    let to_loopback = wget(&lab, "egress", &format!("http://10.0.2.2:{lport}/loopback"));
     assert_refused(&to_loopback, "tcp to 10.0.2.2 (the host's loopback)");
     assert_eq!(loopback.accepted(), 0, "nothing reached the host's loopback");
-    assert_refusal_event(&lab, "def", &[&lport, "loopback"]);
+    assert_refusal_event(&lab, "egress", &[&lport, "loopback"]);
 
     // The cloud metadata address.
-    let metadata = wget(&lab, "def", "http://169.254.169.254/latest/meta-data/");
+    let metadata = wget(&lab, "egress", "http://169.254.169.254/latest/meta-data/");
     assert_refused(&metadata, "tcp to 169.254.169.254");
-    assert_refusal_event(&lab, "def", &["169.254.169.254"]);
+    assert_refusal_event(&lab, "egress", &["169.254.169.254"]);
 
     // --add-host and --allow-cidr, in a second sandbox of the same daemon.
     lab.moat_ok(&[
@@ -527,22 +527,22 @@ fn default_egress_reaches_public_addresses_and_refuses_private_loopback_and_host
     lab.moat_ok(&["rm", "-f", "extra"]);
 
     // A port forward of the lab daemon is reachable from inside D.
-    guest_ok(&lab, "def", "mkdir -p /www && echo served-by-def > /www/index.html");
-    lab.moat_ok(&["exec", "-d", "def", "--", "httpd", "-f", "-p", "8080", "-h", "/www"]);
-    let added = lab.moat_ok(&["port-forward", "def", "0:8080"]);
+    guest_ok(&lab, "egress", "mkdir -p /www && echo served-by-egress > /www/index.html");
+    lab.moat_ok(&["exec", "-d", "egress", "--", "httpd", "-f", "-p", "8080", "-h", "/www"]);
+    let added = lab.moat_ok(&["port-forward", "egress", "0:8080"]);
     let (host, guest_port) = parse_forward(&added);
     assert_eq!(guest_port, 8080);
     let mut served = String::new();
     wait_for("the forward to reach busybox httpd", Duration::from_secs(30), || {
         served = lab.in_d(|| http_get(host, "/")).unwrap_or_default();
-        served.contains("served-by-def")
+        served.contains("served-by-egress")
     });
 
     // A flood of connections neither crashes nor wedges the stack: 4 loops of 300 requests, then
     // 200 connections held open at once.
     let flood = exec_within(
         lab.moat(),
-        "def",
+        "egress",
         "for j in 1 2 3 4; do \
            (ok=0; i=0; while [ $i -lt 300 ]; do \
               wget -q -O /dev/null http://198.51.100.10/flood && ok=$((ok+1)); i=$((i+1)); \
@@ -558,19 +558,19 @@ fn default_egress_reaches_public_addresses_and_refuses_private_loopback_and_host
     assert_eq!(arrived, 1200);
     let held = guest(
         &lab,
-        "def",
+        "egress",
         "i=0; while [ $i -lt 200 ]; do (sleep 8 | nc 198.51.100.10 80 >/dev/null 2>&1 &); i=$((i+1)); done; \
          sleep 2; timeout 30 wget -q -O - http://198.51.100.10/during-hold",
     );
     // Whether a new connection gets through while 200 are open is up to the stack's limits;
     // that it recovers afterwards is not.
     eprintln!("a request while 200 connections were open: exit {:?}", held.code);
-    guest_ok(&lab, "def", "while pidof nc >/dev/null; do sleep 1; done");
-    let after = wget(&lab, "def", "http://api.test/after-flood");
+    guest_ok(&lab, "egress", "while pidof nc >/dev/null; do sleep 1; done");
+    let after = wget(&lab, "egress", "http://api.test/after-flood");
     assert!(after.ok() && after.stdout.contains("GET /after-flood"), "a normal request after the flood:\n{after}");
     lab.assert_daemon_alive();
-    assert_eq!(inspect(&lab, "def")["phase"], "running");
-    lab.moat_ok(&["rm", "-f", "def"]);
+    assert_eq!(inspect(&lab, "egress")["phase"], "running");
+    lab.moat_ok(&["rm", "-f", "egress"]);
 }
 
 #[test]
