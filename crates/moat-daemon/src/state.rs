@@ -142,6 +142,18 @@ impl Db {
             return Err(StateError::Missing { db, marker });
         }
         let corrupt = |reason: String| StateError::Corrupt { db: db.clone(), reason };
+        // Secret values of sandboxes live here: owner only. SQLite gives its -wal and -shm files
+        // the same mode.
+        {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let made = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&db);
+            if let Err(e) = made.and_then(|_| std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600))) {
+                return Err(StateError::Io { what: format!("securing {}", db.display()), source: e });
+            }
+            for side in ["state.db-wal", "state.db-shm"] {
+                let _ = std::fs::set_permissions(home.join(side), std::fs::Permissions::from_mode(0o600));
+            }
+        }
         let conn = Connection::open(&db).map_err(|e| corrupt(e.to_string()))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let check: String =
