@@ -23,7 +23,7 @@ pub struct Cli {
 pub enum Command {
     /// Run a command in a fresh sandbox and remove the sandbox afterwards (or, with -d, create a
     /// sandbox that keeps running).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run a command in a running sandbox.
     Exec(ExecArgs),
     /// An interactive login shell in a sandbox (the user's shell from the image's /etc/passwd).

@@ -9,7 +9,7 @@ use cli::{Cli, Command};
 pub async fn main(cli: Cli) -> anyhow::Result<i32> {
     let host = &cli.host;
     match cli.command {
-        Command::Run(args) => cmd::run::run(args, host).await,
+        Command::Run(args) => cmd::run::run(*args, host).await,
         Command::Exec(args) => cmd::run::exec(args, host).await,
         Command::Shell(args) => cmd::run::shell(args, host).await,
         Command::Cp(args) => cmd::cp::cp(args, host).await,
