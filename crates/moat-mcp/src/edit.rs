@@ -86,7 +86,7 @@ mod tests {
         let e = replace(TEXT, "/a.py", "return 7", "x", false).unwrap_err();
         assert!(e.message.contains("not found in /a.py"), "{e}");
         let e = replace(TEXT, "/a.py", "  return 1  ", "x", false).unwrap_err();
-        assert!(e.hint.contains("whitespace"), "{e}");
+        assert!(e.hint.contains("other leading or trailing whitespace"), "{e}");
         assert!(replace(TEXT, "/a.py", "", "x", false).is_err());
         assert!(replace(TEXT, "/a.py", "f", "f", false).is_err());
     }

@@ -32,7 +32,10 @@ impl From<ClientError> for ToolError {
                 let text = e.to_string();
                 match text.split_once("\nhint: ") {
                     Some((m, h)) => ToolError::new(m, h),
-                    None => ToolError::new(text, "try again; if it keeps failing, ask the operator to check the moat daemon"),
+                    None => ToolError::new(
+                        text,
+                        "try again; if it keeps failing, ask the operator to check the moat daemon",
+                    ),
                 }
             }
         }
@@ -75,3 +78,55 @@ impl IntoContents for ToolError {
 
 /// What every tool returns: text for the model, or an error with a hint.
 pub type ToolResult = Result<String, ToolError>;
+
+/// Tool arguments whose deserialization errors name the field at fault ("sandbox: invalid type:
+/// integer `5`, expected a string"), so a model sees what to fix. Its schema is `T`'s.
+#[derive(Debug)]
+pub struct Checked<T>(pub T);
+
+impl<'de, T: serde::de::DeserializeOwned> serde::Deserialize<'de> for Checked<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let value = serde_json::Value::deserialize(d)?;
+        serde_path_to_error::deserialize(value).map(Checked).map_err(|e| {
+            let at = e.path().to_string();
+            let at = if at == "." { String::new() } else { format!("{at}: ") };
+            D::Error::custom(format!("{at}{} (the tool's input schema lists the fields and their types)", e.inner()))
+        })
+    }
+}
+
+impl<T: schemars::JsonSchema> schemars::JsonSchema for Checked<T> {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        T::schema_name()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        T::json_schema(generator)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)] // Only deserialized.
+    struct Args {
+        sandbox: String,
+        count: Option<u32>,
+    }
+
+    #[test]
+    fn argument_errors_name_the_field() {
+        let e = serde_json::from_str::<Checked<Args>>(r#"{"sandbox": 5}"#).unwrap_err().to_string();
+        assert!(e.starts_with("sandbox: invalid type: integer `5`, expected a string"), "{e}");
+        let e = serde_json::from_str::<Checked<Args>>(r#"{"sandbox": "a", "count": "two"}"#).unwrap_err().to_string();
+        assert!(e.starts_with("count: invalid type: string"), "{e}");
+        let e = serde_json::from_str::<Checked<Args>>(r#"{}"#).unwrap_err().to_string();
+        assert!(e.starts_with("missing field `sandbox`"), "{e}");
+        let e = serde_json::from_str::<Checked<Args>>(r#"{"sandbox": "a", "timeout": 1}"#).unwrap_err().to_string();
+        assert!(e.contains("unknown field `timeout`, expected `sandbox` or `count`"), "{e}");
+    }
+}

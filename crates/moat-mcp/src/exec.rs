@@ -11,7 +11,7 @@ use rmcp::{tool, tool_router};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use crate::error::{ToolError, ToolResult};
+use crate::error::{Checked, ToolError, ToolResult};
 use crate::output::{sections, HeadTail};
 use crate::server::MoatMcp;
 
@@ -114,7 +114,9 @@ fn signal_number(s: &str) -> Result<i32, ToolError> {
         "USR1" => 10,
         "USR2" => 12,
         "TERM" => 15,
-        _ => return Err(ToolError::invalid(format!("{s:?} is not a signal; use TERM, KILL, INT, HUP or a number 1-64"))),
+        _ => {
+            return Err(ToolError::invalid(format!("{s:?} is not a signal; use TERM, KILL, INT, HUP or a number 1-64")))
+        }
     };
     Ok(n)
 }
@@ -134,10 +136,9 @@ impl MoatMcp {
         match asked {
             None => Ok(self.policy.max_output),
             Some(n) if (1..=self.policy.max_output_cap()).contains(&n) => Ok(n),
-            Some(n) => Err(ToolError::invalid(format!(
-                "max_output_bytes is {n}; use 1 to {}",
-                self.policy.max_output_cap()
-            ))),
+            Some(n) => {
+                Err(ToolError::invalid(format!("max_output_bytes is {n}; use 1 to {}", self.policy.max_output_cap())))
+            }
         }
     }
 }
@@ -168,7 +169,7 @@ is killed after timeout_seconds. Each call is a fresh shell: `cd` and variables 
 env or `cd DIR && ...`. For servers and jobs longer than a few minutes use sandbox_process_start.",
         annotations(title = "Run command", read_only_hint = false, destructive_hint = true, open_world_hint = false)
     )]
-    async fn sandbox_exec(&self, Parameters(p): Parameters<ExecParams>) -> ToolResult {
+    async fn sandbox_exec(&self, Parameters(Checked(p)): Parameters<Checked<ExecParams>>) -> ToolResult {
         let timeout = Duration::from_secs(p.timeout_seconds.unwrap_or(DEFAULT_TIMEOUT_SECS));
         if !(1..=MAX_TIMEOUT_SECS).contains(&timeout.as_secs()) {
             return Err(ToolError::invalid(format!(
@@ -225,7 +226,7 @@ running after this call; its output is kept (the last 1 MiB). Read new output an
 sandbox_process_poll; stop it with sandbox_process_kill.",
         annotations(title = "Start background process", destructive_hint = true, open_world_hint = false)
     )]
-    async fn sandbox_process_start(&self, Parameters(p): Parameters<StartParams>) -> ToolResult {
+    async fn sandbox_process_start(&self, Parameters(Checked(p)): Parameters<Checked<StartParams>>) -> ToolResult {
         let info = self.sandbox(&p.sandbox).await?;
         self.session().start_command(&self.policy)?;
         let req = StartProcess {
@@ -247,7 +248,7 @@ is still running or how it ended. wait_seconds waits for it to end. Without pid:
 processes.",
         annotations(title = "Poll background process", read_only_hint = true, open_world_hint = false)
     )]
-    async fn sandbox_process_poll(&self, Parameters(p): Parameters<PollParams>) -> ToolResult {
+    async fn sandbox_process_poll(&self, Parameters(Checked(p)): Parameters<Checked<PollParams>>) -> ToolResult {
         let wait = Duration::from_secs(p.wait_seconds.unwrap_or(0));
         if wait.as_secs() > MAX_POLL_WAIT_SECS {
             return Err(ToolError::invalid(format!(
@@ -325,10 +326,7 @@ processes.",
         };
         let mut text = format!("process {pid}: {state}\n");
         if seen < job.dropped_bytes {
-            text.push_str(&format!(
-                "[moat: {} bytes of older output were no longer kept]\n",
-                job.dropped_bytes - seen
-            ));
+            text.push_str(&format!("[moat: {} bytes of older output were no longer kept]\n", job.dropped_bytes - seen));
         }
         if out.total() == 0 && err.total() == 0 {
             text.push_str("(no new output)\n");
@@ -343,14 +341,11 @@ processes.",
 does not stop).",
         annotations(title = "Kill background process", destructive_hint = true, open_world_hint = false)
     )]
-    async fn sandbox_process_kill(&self, Parameters(p): Parameters<KillParams>) -> ToolResult {
+    async fn sandbox_process_kill(&self, Parameters(Checked(p)): Parameters<Checked<KillParams>>) -> ToolResult {
         let signal = signal_number(p.signal.as_deref().unwrap_or("TERM"))?;
         let info = self.sandbox(&p.sandbox).await?;
         self.client.kill_process(&info.id, p.pid, signal).await?;
-        Ok(format!(
-            "sent signal {signal} to process {}; sandbox_process_poll shows when it has ended",
-            p.pid
-        ))
+        Ok(format!("sent signal {signal} to process {}; sandbox_process_poll shows when it has ended", p.pid))
     }
 }
 

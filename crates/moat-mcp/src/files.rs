@@ -10,7 +10,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::edit;
-use crate::error::{ToolError, ToolResult};
+use crate::error::{Checked, ToolError, ToolResult};
 use crate::server::MoatMcp;
 
 /// Most bytes `sandbox_file_read` returns at once.
@@ -132,15 +132,16 @@ fn absolute(path: &str) -> Result<(), ToolError> {
     if path.starts_with('/') {
         Ok(())
     } else {
-        Err(ToolError::invalid(format!("{path:?} is not an absolute path; paths in a sandbox start with /, e.g. /root/{path}")))
+        Err(ToolError::invalid(format!(
+            "{path:?} is not an absolute path; paths in a sandbox start with /, e.g. /root/{path}"
+        )))
     }
 }
 
 fn parse_mode(mode: &str) -> Result<u32, ToolError> {
-    u32::from_str_radix(mode.trim_start_matches("0o"), 8)
-        .ok()
-        .filter(|m| *m <= 0o7777)
-        .ok_or_else(|| ToolError::invalid(format!("mode {mode:?} is not octal permission bits; write e.g. \"644\" or \"755\"")))
+    u32::from_str_radix(mode.trim_start_matches("0o"), 8).ok().filter(|m| *m <= 0o7777).ok_or_else(|| {
+        ToolError::invalid(format!("mode {mode:?} is not octal permission bits; write e.g. \"644\" or \"755\""))
+    })
 }
 
 impl MoatMcp {
@@ -171,7 +172,7 @@ impl MoatMcp {
 limit (lines) for parts of long files. Binary files need encoding \"base64\".",
         annotations(title = "Read file", read_only_hint = true, open_world_hint = false)
     )]
-    async fn sandbox_file_read(&self, Parameters(p): Parameters<ReadParams>) -> ToolResult {
+    async fn sandbox_file_read(&self, Parameters(Checked(p)): Parameters<Checked<ReadParams>>) -> ToolResult {
         absolute(&p.path)?;
         let info = self.sandbox(&p.sandbox).await?;
         if p.encoding == Some(Encoding::Base64) {
@@ -239,7 +240,7 @@ limit (lines) for parts of long files. Binary files need encoding \"base64\".",
 are created). For changes to part of an existing file use sandbox_file_edit.",
         annotations(title = "Write file", destructive_hint = true, idempotent_hint = true, open_world_hint = false)
     )]
-    async fn sandbox_file_write(&self, Parameters(p): Parameters<WriteParams>) -> ToolResult {
+    async fn sandbox_file_write(&self, Parameters(Checked(p)): Parameters<Checked<WriteParams>>) -> ToolResult {
         absolute(&p.path)?;
         let mode = p.mode.as_deref().map(parse_mode).transpose()?;
         let data = match p.encoding.unwrap_or(Encoding::Text) {
@@ -264,7 +265,7 @@ exactly (whitespace and indentation included) and occur once, unless replace_all
 anything when the string is missing or not unique. Returns the changed lines.",
         annotations(title = "Edit file", destructive_hint = true, open_world_hint = false)
     )]
-    async fn sandbox_file_edit(&self, Parameters(p): Parameters<EditParams>) -> ToolResult {
+    async fn sandbox_file_edit(&self, Parameters(Checked(p)): Parameters<Checked<EditParams>>) -> ToolResult {
         absolute(&p.path)?;
         let info = self.sandbox(&p.sandbox).await?;
         let stat = self.client.stat(&info.id, &p.path).await?;
@@ -273,7 +274,10 @@ anything when the string is missing or not unique. Returns the changed lines.",
         }
         if stat.size > EDIT_LIMIT {
             return Err(ToolError::new(
-                format!("{} is {} bytes, larger than the {EDIT_LIMIT} bytes sandbox_file_edit works on", p.path, stat.size),
+                format!(
+                    "{} is {} bytes, larger than the {EDIT_LIMIT} bytes sandbox_file_edit works on",
+                    p.path, stat.size
+                ),
                 "change it with a command instead (sandbox_exec with sed or a script)",
             ));
         }
@@ -299,7 +303,7 @@ anything when the string is missing or not unique. Returns the changed lines.",
         description = "List a directory in a sandbox: type (d directory, - file, l symlink), permissions, size and path of each entry.",
         annotations(title = "List directory", read_only_hint = true, open_world_hint = false)
     )]
-    async fn sandbox_file_list(&self, Parameters(p): Parameters<ListParams>) -> ToolResult {
+    async fn sandbox_file_list(&self, Parameters(Checked(p)): Parameters<Checked<ListParams>>) -> ToolResult {
         absolute(&p.path)?;
         let info = self.sandbox(&p.sandbox).await?;
         let listing = self.client.list_dir(&info.id, &p.path, p.recursive).await?;
@@ -309,7 +313,13 @@ anything when the string is missing or not unique. Returns the changed lines.",
         let mut out = String::new();
         for f in listing.entries.iter().take(LIST_LIMIT) {
             let target = f.target.as_deref().map(|t| format!(" -> {t}")).unwrap_or_default();
-            out.push_str(&format!("{} {:04o} {:>10} {}{target}\n", kind_letter(f.kind), f.mode & 0o7777, f.size, f.path));
+            out.push_str(&format!(
+                "{} {:04o} {:>10} {}{target}\n",
+                kind_letter(f.kind),
+                f.mode & 0o7777,
+                f.size,
+                f.path
+            ));
         }
         if listing.entries.len() > LIST_LIMIT {
             out.push_str(&format!(
@@ -325,7 +335,7 @@ anything when the string is missing or not unique. Returns the changed lines.",
 host paths the operator allowed can be read.",
         annotations(title = "Upload to sandbox", destructive_hint = true, open_world_hint = false)
     )]
-    async fn sandbox_upload(&self, Parameters(p): Parameters<UploadParams>) -> ToolResult {
+    async fn sandbox_upload(&self, Parameters(Checked(p)): Parameters<Checked<UploadParams>>) -> ToolResult {
         absolute(&p.path)?;
         let src = self.policy.host_files.resolve(&p.host_path, self.policy.flags)?;
         let info = self.sandbox(&p.sandbox).await?;
@@ -338,7 +348,7 @@ host paths the operator allowed can be read.",
 host paths the operator allowed can be written.",
         annotations(title = "Download from sandbox", destructive_hint = true, open_world_hint = false)
     )]
-    async fn sandbox_download(&self, Parameters(p): Parameters<DownloadParams>) -> ToolResult {
+    async fn sandbox_download(&self, Parameters(Checked(p)): Parameters<Checked<DownloadParams>>) -> ToolResult {
         absolute(&p.path)?;
         let dest = self.policy.host_files.resolve(&p.host_path, self.policy.flags)?;
         let info = self.sandbox(&p.sandbox).await?;

@@ -88,7 +88,9 @@ impl Default for Policy {
 /// A refused host path.
 #[derive(Debug, thiserror::Error)]
 pub enum HostPathError {
-    #[error("copying host files is off for this MCP server\nhint: the operator allows it under one directory with {0}")]
+    #[error(
+        "copying host files is off for this MCP server\nhint: the operator allows it under one directory with {0}"
+    )]
     Off(String),
     #[error("{path} is outside {root}, the only host directory this MCP server may copy from and to\nhint: use a path under {root}, or ask the operator to choose another directory with {flag}")]
     Outside { path: String, root: String, flag: String },

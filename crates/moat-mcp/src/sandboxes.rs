@@ -11,7 +11,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::error::{ToolError, ToolResult};
+use crate::error::{Checked, ToolError, ToolResult};
 use crate::server::{now_secs, MoatMcp};
 
 /// A sandbox as a tool shows it.
@@ -178,9 +178,14 @@ impl MoatMcp {
 Returns its name and details; pass the name as `sandbox` to the other tools. Usually takes well under a minute; \
 the first use of an image can take minutes while it is built or pulled. The sandbox belongs to this session and \
 is removed when the session ends or after idle_timeout without use.",
-        annotations(title = "Create sandbox", read_only_hint = false, destructive_hint = false, open_world_hint = false)
+        annotations(
+            title = "Create sandbox",
+            read_only_hint = false,
+            destructive_hint = false,
+            open_world_hint = false
+        )
     )]
-    async fn sandbox_create(&self, Parameters(p): Parameters<CreateParams>) -> ToolResult {
+    async fn sandbox_create(&self, Parameters(Checked(p)): Parameters<Checked<CreateParams>>) -> ToolResult {
         let ttl = match &p.idle_timeout {
             Some(t) => duration("idle_timeout", t)?,
             None => self.policy.idle_ttl,
@@ -233,11 +238,12 @@ is removed when the session ends or after idle_timeout without use.",
         description = "Everything about one sandbox: phase, image, sizes, when it expires, its snapshots and its background processes.",
         annotations(title = "Sandbox info", read_only_hint = true, open_world_hint = false)
     )]
-    async fn sandbox_info(&self, Parameters(p): Parameters<SandboxParams>) -> ToolResult {
+    async fn sandbox_info(&self, Parameters(Checked(p)): Parameters<Checked<SandboxParams>>) -> ToolResult {
         let info = self.sandbox(&p.sandbox).await?;
         let mut v = view(&info, self.owns(&info.id));
         let snapshots = self.client.snapshots(Some(&info.id)).await?;
-        v["snapshots"] = json!(snapshots.iter().map(|s| json!({"name": s.name, "reference": s.reference()})).collect::<Vec<_>>());
+        v["snapshots"] =
+            json!(snapshots.iter().map(|s| json!({"name": s.name, "reference": s.reference()})).collect::<Vec<_>>());
         if info.phase == moat_api::Phase::Running {
             let jobs = self.client.processes(&info.id).await?;
             v["background_processes"] = json!(jobs
@@ -253,7 +259,7 @@ is removed when the session ends or after idle_timeout without use.",
 (running processes and memory are lost; use sandbox_snapshot to keep them).",
         annotations(title = "Stop sandbox", destructive_hint = true, idempotent_hint = true, open_world_hint = false)
     )]
-    async fn sandbox_stop(&self, Parameters(p): Parameters<SandboxParams>) -> ToolResult {
+    async fn sandbox_stop(&self, Parameters(Checked(p)): Parameters<Checked<SandboxParams>>) -> ToolResult {
         let info = self.sandbox(&p.sandbox).await?;
         let info = self.client.stop(&info.id).await?;
         Ok(format!("stopped {}; sandbox_start boots it again from its disk", info.name))
@@ -261,9 +267,14 @@ is removed when the session ends or after idle_timeout without use.",
 
     #[tool(
         description = "Start a stopped sandbox again from its disk.",
-        annotations(title = "Start sandbox", destructive_hint = false, idempotent_hint = true, open_world_hint = false)
+        annotations(
+            title = "Start sandbox",
+            destructive_hint = false,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
     )]
-    async fn sandbox_start(&self, Parameters(p): Parameters<SandboxParams>) -> ToolResult {
+    async fn sandbox_start(&self, Parameters(Checked(p)): Parameters<Checked<SandboxParams>>) -> ToolResult {
         let info = self.sandbox(&p.sandbox).await?;
         let info = self.client.start(&info.id).await?;
         Ok(pretty(&view(&info, self.owns(&info.id))))
@@ -271,9 +282,14 @@ is removed when the session ends or after idle_timeout without use.",
 
     #[tool(
         description = "Destroy a sandbox: stop its VM and delete it with its disk. Its snapshots that no other sandbox uses go too.",
-        annotations(title = "Destroy sandbox", destructive_hint = true, idempotent_hint = true, open_world_hint = false)
+        annotations(
+            title = "Destroy sandbox",
+            destructive_hint = true,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
     )]
-    async fn sandbox_destroy(&self, Parameters(p): Parameters<SandboxParams>) -> ToolResult {
+    async fn sandbox_destroy(&self, Parameters(Checked(p)): Parameters<Checked<SandboxParams>>) -> ToolResult {
         let info = self.sandbox(&p.sandbox).await?;
         self.client.remove(&info.id, true).await?;
         self.session().owned().remove(&info.id);
@@ -286,7 +302,7 @@ The sandbox runs on after a short pause. sandbox_revert goes back to it; sandbox
 (from_snapshot) start new sandboxes from it.",
         annotations(title = "Snapshot sandbox", destructive_hint = false, open_world_hint = false)
     )]
-    async fn sandbox_snapshot(&self, Parameters(p): Parameters<SnapshotParams>) -> ToolResult {
+    async fn sandbox_snapshot(&self, Parameters(Checked(p)): Parameters<Checked<SnapshotParams>>) -> ToolResult {
         let info = self.sandbox(&p.sandbox).await?;
         let snap = self.client.snapshot(&info.id, p.name).await?;
         Ok(pretty(&json!({
@@ -300,9 +316,14 @@ The sandbox runs on after a short pause. sandbox_revert goes back to it; sandbox
     #[tool(
         description = "Put a sandbox back to one of its snapshots: memory, processes and files exactly as they were \
 when the snapshot was taken. Everything since is lost.",
-        annotations(title = "Revert sandbox", destructive_hint = true, idempotent_hint = true, open_world_hint = false)
+        annotations(
+            title = "Revert sandbox",
+            destructive_hint = true,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
     )]
-    async fn sandbox_revert(&self, Parameters(p): Parameters<RevertParams>) -> ToolResult {
+    async fn sandbox_revert(&self, Parameters(Checked(p)): Parameters<Checked<RevertParams>>) -> ToolResult {
         let info = self.sandbox(&p.sandbox).await?;
         let info = self.client.revert(&info.id, &p.snapshot).await?;
         Ok(format!("{} is back at snapshot {}", info.name, p.snapshot))
@@ -314,7 +335,7 @@ its snapshots): same files, same running processes, each with its own hostname a
 several approaches side by side. The forks belong to this session.",
         annotations(title = "Fork sandbox", destructive_hint = false, open_world_hint = false)
     )]
-    async fn sandbox_fork(&self, Parameters(p): Parameters<ForkParams>) -> ToolResult {
+    async fn sandbox_fork(&self, Parameters(Checked(p)): Parameters<Checked<ForkParams>>) -> ToolResult {
         let count = p.count.unwrap_or(1);
         if !(1..=16).contains(&count) {
             return Err(ToolError::invalid(format!("count is {count}; fork 1 to 16 sandboxes at a time")));
@@ -340,7 +361,7 @@ several approaches side by side. The forks belong to this session.",
 failed to start or behaves oddly; command output comes from sandbox_exec instead.",
         annotations(title = "Sandbox logs", read_only_hint = true, open_world_hint = false)
     )]
-    async fn sandbox_logs(&self, Parameters(p): Parameters<LogsParams>) -> ToolResult {
+    async fn sandbox_logs(&self, Parameters(Checked(p)): Parameters<Checked<LogsParams>>) -> ToolResult {
         let info = self.sandbox(&p.sandbox).await?;
         let lines = p.lines.unwrap_or(100).clamp(1, 10_000);
         let mut stream = Box::pin(self.client.logs(&info.id, LogSource::Console, false).await?);

@@ -76,7 +76,9 @@ impl Drop for SessionGuard {
                 let client = self.client.clone();
                 rt.spawn(async move { remove_all(&client, ids).await });
             }
-            Err(_) => tracing::warn!(?ids, "an MCP session ended outside the runtime; its sandboxes expire on their lease"),
+            Err(_) => {
+                tracing::warn!(?ids, "an MCP session ended outside the runtime; its sandboxes expire on their lease")
+            }
         }
     }
 }

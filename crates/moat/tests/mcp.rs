@@ -47,6 +47,10 @@ fn python() -> PathBuf {
     python
 }
 
+/// One test at a time: each boots, snapshots and forks VMs, and two at once on a small host
+/// (TCG) only slow each other down.
+static ONE_TEST: Mutex<()> = Mutex::new(());
+
 /// Run the client script in `mode` with the environment of `moat` in `home`; it must pass.
 fn run_client(home: &Path, args: &[&str]) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp/client.py");
@@ -62,7 +66,12 @@ fn run_client(home: &Path, args: &[&str]) {
     let out = cmd.output().expect("the client script runs");
     let log = format!("--- stdout ---\n{}--- stderr ---\n{}", text(&out.stdout), text(&out.stderr));
     eprintln!("{log}");
-    assert!(out.status.success(), "the MCP client failed:\n{log}");
+    if !out.status.success() {
+        let daemon = ["daemon.log", "serve.log"].map(|f| read(&home.join(f))).concat();
+        let tail: Vec<&str> = daemon.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        panic!("the MCP client failed:\n{log}--- the daemon's log, last lines ---\n{}", tail.join("\n"));
+    }
     assert!(text(&out.stdout).trim_end().ends_with("ok"), "{log}");
 }
 
@@ -73,6 +82,7 @@ fn sandbox_names(home: &Path) -> Vec<String> {
 
 #[test]
 fn an_agent_uses_sandboxes_through_moat_mcp() {
+    let _alone = ONE_TEST.lock().unwrap_or_else(|e| e.into_inner());
     let home = OwnHome::new();
     let h = home.path();
     // A sandbox of the CLI's: hidden from MCP sessions unless they may see everything.
@@ -87,6 +97,7 @@ fn an_agent_uses_sandboxes_through_moat_mcp() {
 
 #[test]
 fn an_agent_uses_sandboxes_through_the_daemons_http_endpoint() {
+    let _alone = ONE_TEST.lock().unwrap_or_else(|e| e.into_inner());
     let home = OwnHome::new();
     let h = home.path();
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
