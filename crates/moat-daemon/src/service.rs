@@ -338,7 +338,16 @@ impl Service {
             }
             Launch::Suspended => moat_sandbox::Origin::Suspended,
         };
-        let booted = Sandbox::start(&self.rt, spec, &id, &dir, origin).await;
+        let mut booted = Sandbox::start(&self.rt, spec, &id, &dir, origin).await;
+        // Under heavy load QEMU 7.2 has been seen to crash (SIGSEGV) while loading a saved state
+        // that restores fine the next time (about one fork in ten while another VM boots). The
+        // snapshot is unchanged by a failed restore, so one more try is safe.
+        if let Err(moat_sandbox::SandboxError::Restore { reason, .. }) = &booted {
+            if matches!(from, Launch::Snapshot(_)) && reason.contains("signal") {
+                tracing::warn!(sandbox = %id, %reason, "QEMU crashed restoring a snapshot; trying once more");
+                booted = Sandbox::start(&self.rt, spec, &id, &dir, origin).await;
+            }
+        }
         match booted {
             Ok(sandbox) => {
                 let sandbox = Arc::new(sandbox);

@@ -114,9 +114,66 @@ pub struct CreateParams {
     /// returned it. Image and sizes are the snapshot's.
     #[serde(default)]
     pub from_snapshot: Option<String>,
-    // Network policy goes here once sandboxes have networking (crates/moat-net): a field such as
-    // `network: Option<NetworkParams>` (none / egress / allowlist of hosts), mapped onto the
-    // daemon's CreateSandbox in `sandbox_create` below, where the request is built.
+    /// Network: "default" (the public internet; private, loopback and cloud-metadata addresses are
+    /// refused), "none" (no network device at all) or "allow" (only the hostnames in
+    /// allow_hosts). Default: "default" (or the snapshot's with from_snapshot).
+    #[serde(default)]
+    pub network: Option<String>,
+    /// With network "allow": the reachable hostnames, e.g. ["pypi.org", "*.pythonhosted.org"].
+    #[serde(default)]
+    pub allow_hosts: Vec<String>,
+    /// Host ports forwarded to the sandbox, "[ADDR:]HOSTPORT:GUESTPORT", e.g. ["8080:80"] (host
+    /// port 0 picks a free one; sandbox_ports lists what was picked).
+    #[serde(default)]
+    pub ports: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkParams {
+    /// The sandbox's name or id.
+    pub sandbox: String,
+    /// Hostnames to add to the allowlist (sandboxes created with network "allow" only).
+    #[serde(default)]
+    pub allow_add: Vec<String>,
+    /// Hostnames to remove from the allowlist.
+    #[serde(default)]
+    pub allow_remove: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortsParams {
+    /// The sandbox's name or id.
+    pub sandbox: String,
+    /// Forward a host port: "[ADDR:]HOSTPORT:GUESTPORT", e.g. "8080:80" or "0:8000" (any free
+    /// host port). The address defaults to 127.0.0.1.
+    #[serde(default)]
+    pub add: Option<String>,
+    /// Stop forwarding this host port.
+    #[serde(default)]
+    pub remove: Option<u16>,
+}
+
+/// The network part of a create request, from the tool's arguments.
+fn net_spec(p: &CreateParams) -> Result<Option<moat_api::NetSpec>, ToolError> {
+    if p.network.is_none() && p.allow_hosts.is_empty() && p.ports.is_empty() {
+        return Ok(None);
+    }
+    let mode = match p.network.as_deref() {
+        None | Some("default") => moat_api::NetMode::Default,
+        Some("none") => moat_api::NetMode::None,
+        Some("allow") => moat_api::NetMode::Allow,
+        Some(other) => {
+            return Err(ToolError::invalid(format!("network: {other:?} is not a mode; use default, none or allow")))
+        }
+    };
+    let ports = p
+        .ports
+        .iter()
+        .map(|s| moat_api::PortForward::parse(s).map_err(|e| ToolError::invalid(format!("ports: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(moat_api::NetSpec { mode, allow: p.allow_hosts.clone(), ports, ..Default::default() }))
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -193,6 +250,7 @@ is removed when the session ends or after idle_timeout without use.",
         if let Some(name) = &p.name {
             moat_api::validate_name(name).map_err(ToolError::invalid)?;
         }
+        let net = net_spec(&p)?;
         let _slot = self.reserve(1).await?;
         let image = p.image.clone().unwrap_or_else(|| self.policy.default_image.clone());
         if p.from_snapshot.is_none() {
@@ -207,7 +265,7 @@ is removed when the session ends or after idle_timeout without use.",
             ttl_secs: Some(ttl.as_secs().max(1)),
             on_expire: Some(OnExpire::Remove),
             from: p.from_snapshot,
-            // The network policy of the request goes here (see CreateParams).
+            net,
             ..CreateSandbox::default()
         };
         let info = self.client.create(&req).await?;
@@ -311,6 +369,45 @@ The sandbox runs on after a short pause. sandbox_revert goes back to it; sandbox
             "size_bytes": snap.size_bytes,
             "use": format!("sandbox_revert with snapshot {:?}, or sandbox_create with from_snapshot {:?}", snap.name, snap.reference()),
         })))
+    }
+
+    #[tool(
+        description = "Show a sandbox's network (mode, allowlist, port forwards; secrets by name only), or change \
+the allowlist of a sandbox created with network \"allow\": new connections and DNS lookups follow at once. \
+A connection the policy refuses fails in the sandbox as \"connection refused\" (a name off the allowlist does \
+not resolve).",
+        annotations(title = "Sandbox network", destructive_hint = false, open_world_hint = false)
+    )]
+    async fn sandbox_network(&self, Parameters(Checked(p)): Parameters<Checked<NetworkParams>>) -> ToolResult {
+        let info = self.sandbox(&p.sandbox).await?;
+        let net = if p.allow_add.is_empty() && p.allow_remove.is_empty() {
+            self.client.net(&info.id).await?
+        } else {
+            let change = moat_api::ChangeAllowlist { add: p.allow_add, remove: p.allow_remove };
+            self.client.change_allowlist(&info.id, &change).await?
+        };
+        Ok(pretty(&json!(net)))
+    }
+
+    #[tool(
+        description = "Forward a host port to a port of a running sandbox (add), stop one (remove), or list them \
+(neither). The service in the sandbox must listen on 0.0.0.0, not only on 127.0.0.1. Answers \
+\"ADDR:HOSTPORT -> GUESTPORT\" lines; connect to ADDR:HOSTPORT on the host.",
+        annotations(title = "Sandbox port forwards", destructive_hint = false, open_world_hint = false)
+    )]
+    async fn sandbox_ports(&self, Parameters(Checked(p)): Parameters<Checked<PortsParams>>) -> ToolResult {
+        let info = self.sandbox(&p.sandbox).await?;
+        let ports = match (p.add, p.remove) {
+            (Some(_), Some(_)) => return Err(ToolError::invalid("give add or remove, not both")),
+            (Some(add), None) => {
+                let forward =
+                    moat_api::PortForward::parse(&add).map_err(|e| ToolError::invalid(format!("add: {e}")))?;
+                vec![self.client.add_port(&info.id, &forward).await?]
+            }
+            (None, Some(port)) => self.client.remove_port(&info.id, port).await?.ports,
+            (None, None) => self.client.ports(&info.id).await?,
+        };
+        Ok(ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))
     }
 
     #[tool(

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import urllib.request
 
 import httpx2
 from mcp import Client, StdioServerParameters
@@ -22,7 +23,7 @@ EXPECTED_TOOLS = {
     "sandbox_destroy", "sandbox_snapshot", "sandbox_revert", "sandbox_fork", "sandbox_logs",
     "sandbox_exec", "sandbox_process_start", "sandbox_process_poll", "sandbox_process_kill",
     "sandbox_file_read", "sandbox_file_write", "sandbox_file_edit", "sandbox_file_list",
-    "sandbox_upload", "sandbox_download",
+    "sandbox_upload", "sandbox_download", "sandbox_network", "sandbox_ports",
 }
 
 
@@ -188,6 +189,23 @@ async def stdio(moat, host_dir):
         assert "at most 3 sandboxes" in out and "--max-sandboxes" in out, out
         names = {s["name"] for s in json.loads(await call(client, "sandbox_list"))}
         assert names == {"mcp-box", "mcp-fork-1", "mcp-third"}, names
+
+        # Network: an allowlist changed live, and a port forward to a guest web server.
+        out = json.loads(await call(client, "sandbox_network", {"sandbox": box}))
+        assert out["mode"] == "default", out
+        out = await call(client, "sandbox_network", {"sandbox": box, "allow_add": ["pypi.org"]}, error=True)
+        assert "has no allowlist" in out, out
+        out = await call(client, "sandbox_create", {"network": "sideways", "memory_mib": 256}, error=True)
+        assert "not a mode" in out, out
+        await call(client, "sandbox_exec", {"sandbox": box, "command":
+                   "mkdir -p /www && echo via-mcp > /www/index.html && busybox httpd -p 8000 -h /www"})
+        line = await call(client, "sandbox_ports", {"sandbox": box, "add": "0:8000"})
+        port = int(line.split(" -> ")[0].rsplit(":", 1)[1])
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()
+        assert body == "via-mcp\n", body
+        assert await call(client, "sandbox_ports", {"sandbox": box}) == line
+        await call(client, "sandbox_ports", {"sandbox": box, "remove": port})
+        assert await call(client, "sandbox_ports", {"sandbox": box}) == ""
 
         await call(client, "sandbox_stop", {"sandbox": "mcp-third"})
         await call(client, "sandbox_destroy", {"sandbox": "mcp-third"})
