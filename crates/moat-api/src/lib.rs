@@ -736,6 +736,30 @@ pub enum LogSource {
 
 /// Sandbox names: 1-63 of letters, digits, `-`, `_`, `.`, starting with a letter or digit, and not
 /// looking like an id prefix only (ids are 12 hex digits, so a name of hex digits alone is refused).
+/// A signal by name (`TERM`, `SIGKILL`, case-insensitive) or number (1 to 64), for Linux guests.
+pub fn parse_signal(s: &str) -> Result<i32, String> {
+    if let Ok(n) = s.trim().parse::<i32>() {
+        if (1..=64).contains(&n) {
+            return Ok(n);
+        }
+    }
+    let name = s.trim().to_ascii_uppercase();
+    Ok(match name.strip_prefix("SIG").unwrap_or(&name) {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "KILL" => 9,
+        "USR1" => 10,
+        "USR2" => 12,
+        "TERM" => 15,
+        "CONT" => 18,
+        "STOP" => 19,
+        "TSTP" => 20,
+        "WINCH" => 28,
+        _ => return Err(format!("{s:?} is not a signal; use a name (TERM, KILL, INT, HUP, USR1, …) or a number 1-64")),
+    })
+}
+
 pub fn validate_name(name: &str) -> Result<(), String> {
     let ok_chars = name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     if name.is_empty() || name.len() > 63 || !ok_chars || !name.as_bytes()[0].is_ascii_alphanumeric() {

@@ -100,25 +100,7 @@ pub struct KillParams {
 }
 
 fn signal_number(s: &str) -> Result<i32, ToolError> {
-    if let Ok(n) = s.parse::<i32>() {
-        if (1..=64).contains(&n) {
-            return Ok(n);
-        }
-    }
-    let name = s.trim().to_ascii_uppercase();
-    let n = match name.strip_prefix("SIG").unwrap_or(&name) {
-        "HUP" => 1,
-        "INT" => 2,
-        "QUIT" => 3,
-        "KILL" => 9,
-        "USR1" => 10,
-        "USR2" => 12,
-        "TERM" => 15,
-        _ => {
-            return Err(ToolError::invalid(format!("{s:?} is not a signal; use TERM, KILL, INT, HUP or a number 1-64")))
-        }
-    };
-    Ok(n)
+    moat_api::parse_signal(s).map_err(ToolError::invalid)
 }
 
 /// How a process ended, in words.

@@ -36,28 +36,7 @@ pub async fn list(sandbox: &str, json: bool, host: &HostArgs) -> anyhow::Result<
 
 /// `TERM`, `SIGTERM`, `term` or `15`.
 fn signal_number(s: &str) -> anyhow::Result<i32> {
-    if let Ok(n) = s.parse::<i32>() {
-        if (1..=64).contains(&n) {
-            return Ok(n);
-        }
-    }
-    let name = s.to_ascii_uppercase();
-    let name = name.strip_prefix("SIG").unwrap_or(&name);
-    let n = match name {
-        "HUP" => libc::SIGHUP,
-        "INT" => libc::SIGINT,
-        "QUIT" => libc::SIGQUIT,
-        "KILL" => libc::SIGKILL,
-        "USR1" => libc::SIGUSR1,
-        "USR2" => libc::SIGUSR2,
-        "TERM" => libc::SIGTERM,
-        "CONT" => libc::SIGCONT,
-        "STOP" => libc::SIGSTOP,
-        "TSTP" => libc::SIGTSTP,
-        "WINCH" => libc::SIGWINCH,
-        _ => bail!("{s:?} is not a signal\nhint: use a name (TERM, KILL, INT, HUP, USR1, …) or a number from 1 to 64"),
-    };
-    Ok(n)
+    moat_api::parse_signal(s).map_err(|e| anyhow::anyhow!("{e}\nhint: e.g. `moat kill BOX PID -s KILL`"))
 }
 
 pub async fn kill(p: ProcessRef, signal: &str, host: &HostArgs) -> anyhow::Result<i32> {
