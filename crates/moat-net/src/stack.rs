@@ -478,11 +478,16 @@ impl Inner {
         real: Ipv4Addr,
         verdict: Verdict,
     ) -> io::Result<()> {
-        let has_secrets = self.cfg.secrets.is_some();
+        // Secrets apply to names the guest resolved through moat's DNS; only connections to such
+        // an address wait for the client's first bytes when no allowlist asks for the name.
+        let for_secrets = self.cfg.secrets.as_ref().is_some_and(|secrets| {
+            let names = self.pins.lock().unwrap_or_else(|e| e.into_inner()).names(*to.ip());
+            names.iter().any(|n| !secrets.for_host(n).is_empty())
+        });
         let must_name = matches!(verdict, Verdict::ByName(_));
         let mut first = Vec::new();
         let mut sniffed = Sniffed::Other;
-        if has_secrets || must_name {
+        if for_secrets || must_name {
             sniffed = read_name(&mut guest, &mut first).await?;
         }
         let name = match &sniffed {
