@@ -63,8 +63,9 @@ fn docker_save_and_oci_archives_import_and_boot_with_their_config() {
         ],
     );
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(&lines[..3], ["hi", "/srv", "passwd"], "{out}");
-    assert!(lines[3].contains("/bin/sh -> busybox"), "{out}");
+    // The archive's /etc has passwd; resolv.conf is moat's resolver, written by the agent.
+    assert_eq!(&lines[..4], ["hi", "/srv", "passwd", "resolv.conf"], "{out}");
+    assert!(lines[4].contains("/bin/sh -> busybox"), "{out}");
 }
 
 #[test]
@@ -127,10 +128,11 @@ fn the_default_image_is_built_on_first_use_and_runs_python() {
     };
     let script =
         "python3 -c 'print(6*7)'; python3 -m pip --version | cut -c1-4; ls /var/lib/apt/lists | grep -c _Packages; \
-                  stat -c %G /etc/shadow; grep -c nameserver /etc/resolv.conf";
+                  stat -c %G /etc/shadow; grep -c nameserver /etc/resolv.conf; grep -c 'nameserver 10.0.2.3' /etc/resolv.conf";
     let out = run(script);
     let stderr = text(&out.stderr);
-    assert_eq!(text(&out.stdout), "42\npip \n0\nshadow\n0\n", "stderr: {stderr}");
+    // The build's own resolver is gone from the image: the one nameserver is moat's.
+    assert_eq!(text(&out.stdout), "42\npip \n0\nshadow\n1\n1\n", "stderr: {stderr}");
     assert!(
         stderr.contains("building the default image")
             && stderr.contains("moat: I: Retrieving")
