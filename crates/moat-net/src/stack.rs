@@ -161,10 +161,6 @@ impl Device for Queues {
     }
 }
 
-fn v4(addr: Ipv4Addr) -> smoltcp::wire::Ipv4Address {
-    addr
-}
-
 impl Stack {
     /// Connect to the QEMU netdev socket at `socket` (QEMU listens) and run the stack.
     pub async fn connect(socket: &Path, cfg: StackConfig) -> io::Result<Stack> {
@@ -178,12 +174,12 @@ impl Stack {
         config.random_seed = rand::random();
         let mut iface = Interface::new(config, &mut dev, SmolInstant::now());
         iface.update_ip_addrs(|addrs| {
-            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(v4(HOST_IP)), 24));
-            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(v4(DNS_IP)), 24));
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(HOST_IP), 24));
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(DNS_IP), 24));
         });
         iface
             .routes_mut()
-            .add_default_ipv4_route(v4(HOST_IP))
+            .add_default_ipv4_route(HOST_IP)
             .map_err(|_| io::Error::other("smoltcp route table is full"))?;
         // Accept packets for any destination: each flow's socket listens on the address the guest
         // asked for, so the guest sees the real server's address.
@@ -236,11 +232,6 @@ impl Stack {
                 });
             }
         })
-    }
-
-    /// Connections and DNS answers the stack currently tracks (for tests and `inspect`).
-    pub fn open_flows(&self) -> usize {
-        self.inner.core.lock().unwrap_or_else(|e| e.into_inner()).sockets.iter().count()
     }
 }
 
@@ -451,7 +442,7 @@ impl Inner {
             return;
         }
         let handle = core.new_socket();
-        let listen = IpListenEndpoint { addr: Some(IpAddress::Ipv4(v4(dst))), port: to.port() };
+        let listen = IpListenEndpoint { addr: Some(IpAddress::Ipv4(dst)), port: to.port() };
         if core.sockets.get_mut::<tcp::Socket>(handle).listen(listen).is_err() {
             core.sockets.remove(handle);
             return;
@@ -559,8 +550,8 @@ impl Inner {
             let local_port = core.next_port;
             core.next_port = if local_port == u16::MAX { 49152 } else { local_port + 1 };
             let handle = core.new_socket();
-            let remote = IpEndpoint::new(IpAddress::Ipv4(v4(GUEST_IP)), port);
-            let local = IpListenEndpoint { addr: Some(IpAddress::Ipv4(v4(HOST_IP))), port: local_port };
+            let remote = IpEndpoint::new(IpAddress::Ipv4(GUEST_IP), port);
+            let local = IpListenEndpoint { addr: Some(IpAddress::Ipv4(HOST_IP)), port: local_port };
             if core.sockets.get_mut::<tcp::Socket>(handle).connect(core.iface.context(), remote, local).is_err() {
                 core.sockets.remove(handle);
                 return None;
@@ -655,8 +646,8 @@ impl Inner {
         let Some(guest_mac) = core.guest_mac else { return };
         let udp = UdpRepr { src_port: from.port(), dst_port: to.port() };
         let ip = Ipv4Repr {
-            src_addr: v4(*from.ip()),
-            dst_addr: v4(*to.ip()),
+            src_addr: *from.ip(),
+            dst_addr: *to.ip(),
             next_header: IpProtocol::Udp,
             payload_len: udp.header_len() + payload.len(),
             hop_limit: 64,
