@@ -245,10 +245,11 @@ kernel/n/failover.ko:
         let files = resolve_modules(&k, AGENT_MODULES).unwrap();
         let names: Vec<String> = files.iter().map(|p| module_name(&p.to_string_lossy())).collect();
         let at = |m: &str| names.iter().position(|n| n == m).unwrap_or_else(|| panic!("{m} in {names:?}"));
-        for m in ["virtio_mmio", "virtio_blk", "virtio_console"] {
+        for m in ["virtio_mmio", "virtio_blk", "virtio_console", "virtio_net"] {
             assert!(at("virtio_ring") < at("virtio") && at("virtio") < at(m), "order: {names:?}");
         }
-        assert_eq!(names.len(), 5, "exactly the five modules: {names:?}");
+        assert!(at("failover") < at("net_failover") && at("net_failover") < at("virtio_net"), "order: {names:?}");
+        assert_eq!(names.len(), 8, "exactly the eight modules: {names:?}");
     }
 
     // Made by the real tools with the kernel's own module compression settings:
