@@ -52,11 +52,10 @@ fn snapshot_revert_fork_pause_and_templates() {
     assert_eq!(sh(h, "quick", "hostname"), quick["hostname"].as_str().unwrap(), "its own hostname");
     moat_ok(h, &["rm", "-f", "quick"]);
 
-    // A process counts in memory, once a second, into a file.
-    moat_ok(
-        h,
-        &["exec", "-d", "box", "--", "sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 1; done"],
-    );
+    // A process counts in memory, once a second, into a file (replaced by rename, so a read
+    // never sees it half written).
+    let counter = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 1; done";
+    moat_ok(h, &["exec", "-d", "box", "--", "sh", "-c", counter]);
     wait_for("the counter to run", Duration::from_secs(30), || count(h, "box") >= 2);
     let counter_pids = job_pids(h, "box");
     assert_eq!(counter_pids.len(), 1);
