@@ -324,7 +324,23 @@ is removed when the session ends or after idle_timeout without use.",
     }
 
     #[tool(
-        description = "Start a stopped sandbox again from its disk.",
+        description = "Pause a running sandbox: its whole machine (memory, running processes, disk) is saved to \
+the host's disk and the VM ends, so it holds no memory or CPU. sandbox_start continues it exactly where it was.",
+        annotations(
+            title = "Pause sandbox",
+            destructive_hint = false,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn sandbox_pause(&self, Parameters(Checked(p)): Parameters<Checked<SandboxParams>>) -> ToolResult {
+        let info = self.sandbox(&p.sandbox).await?;
+        let info = self.client.pause(&info.id).await?;
+        Ok(format!("paused {}; sandbox_start continues it where it was", info.name))
+    }
+
+    #[tool(
+        description = "Start a stopped sandbox again from its disk, or continue a paused one where it was.",
         annotations(
             title = "Start sandbox",
             destructive_hint = false,

@@ -20,6 +20,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 EXPECTED_TOOLS = {
     "sandbox_create", "sandbox_list", "sandbox_info", "sandbox_stop", "sandbox_start",
+    "sandbox_pause",
     "sandbox_destroy", "sandbox_snapshot", "sandbox_revert", "sandbox_fork", "sandbox_logs",
     "sandbox_exec", "sandbox_process_start", "sandbox_process_poll", "sandbox_process_kill",
     "sandbox_file_read", "sandbox_file_write", "sandbox_file_edit", "sandbox_file_list",
@@ -207,6 +208,17 @@ async def stdio(moat, host_dir):
         await call(client, "sandbox_ports", {"sandbox": box, "remove": port})
         assert await call(client, "sandbox_ports", {"sandbox": box}) == ""
 
+        # Pause keeps the running process and the file; start continues it.
+        await call(client, "sandbox_file_write", {"sandbox": "mcp-third", "path": "/root/kept", "content": "kept"})
+        out = await call(client, "sandbox_process_start", {"sandbox": "mcp-third", "command": "sleep 1000"})
+        sleeper = int(out.split("pid ")[1].split()[0])
+        await call(client, "sandbox_pause", {"sandbox": "mcp-third"})
+        out = await call(client, "sandbox_exec", {"sandbox": "mcp-third", "command": "true"}, error=True)
+        assert "paused" in out, out
+        await call(client, "sandbox_start", {"sandbox": "mcp-third"})
+        out = await call(client, "sandbox_process_poll", {"sandbox": "mcp-third", "pid": sleeper})
+        assert "still running" in out, out
+        assert await call(client, "sandbox_file_read", {"sandbox": "mcp-third", "path": "/root/kept"}) == "kept"
         await call(client, "sandbox_stop", {"sandbox": "mcp-third"})
         await call(client, "sandbox_destroy", {"sandbox": "mcp-third"})
         await call(client, "sandbox_destroy", {"sandbox": fork})
