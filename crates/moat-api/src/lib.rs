@@ -734,8 +734,6 @@ pub enum LogSource {
     Qemu,
 }
 
-/// Sandbox names: 1-63 of letters, digits, `-`, `_`, `.`, starting with a letter or digit, and not
-/// looking like an id prefix only (ids are 12 hex digits, so a name of hex digits alone is refused).
 /// A signal by name (`TERM`, `SIGKILL`, case-insensitive) or number (1 to 64), for Linux guests.
 pub fn parse_signal(s: &str) -> Result<i32, String> {
     if let Ok(n) = s.trim().parse::<i32>() {
@@ -760,6 +758,8 @@ pub fn parse_signal(s: &str) -> Result<i32, String> {
     })
 }
 
+/// Sandbox names: 1-63 of letters, digits, `-`, `_`, `.`, starting with a letter or digit, and not
+/// looking like an id prefix only (ids are 12 hex digits, so a name of hex digits alone is refused).
 pub fn validate_name(name: &str) -> Result<(), String> {
     let ok_chars = name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     if name.is_empty() || name.len() > 63 || !ok_chars || !name.as_bytes()[0].is_ascii_alphanumeric() {
@@ -800,6 +800,14 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn signals_by_name_or_number() {
+        assert_eq!(parse_signal("TERM"), Ok(15));
+        assert_eq!(parse_signal("sigkill"), Ok(9));
+        assert_eq!(parse_signal("2"), Ok(2));
+        assert!(parse_signal("0").is_err() && parse_signal("BOGUS").is_err());
+    }
 
     #[test]
     fn names_are_checked() {

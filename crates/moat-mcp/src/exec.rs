@@ -99,10 +99,6 @@ pub struct KillParams {
     pub signal: Option<String>,
 }
 
-fn signal_number(s: &str) -> Result<i32, ToolError> {
-    moat_api::parse_signal(s).map_err(ToolError::invalid)
-}
-
 /// How a process ended, in words.
 fn ended(code: Option<i32>, signal: Option<i32>, timed_out: bool, timeout: Duration) -> String {
     match (code, signal) {
@@ -324,7 +320,7 @@ does not stop).",
         annotations(title = "Kill background process", destructive_hint = true, open_world_hint = false)
     )]
     async fn sandbox_process_kill(&self, Parameters(Checked(p)): Parameters<Checked<KillParams>>) -> ToolResult {
-        let signal = signal_number(p.signal.as_deref().unwrap_or("TERM"))?;
+        let signal = moat_api::parse_signal(p.signal.as_deref().unwrap_or("TERM")).map_err(ToolError::invalid)?;
         let info = self.sandbox(&p.sandbox).await?;
         self.client.kill_process(&info.id, p.pid, signal).await?;
         Ok(format!("sent signal {signal} to process {}; sandbox_process_poll shows when it has ended", p.pid))
@@ -334,14 +330,6 @@ does not stop).",
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn signals_by_name_or_number() {
-        assert_eq!(signal_number("TERM").unwrap(), 15);
-        assert_eq!(signal_number("sigkill").unwrap(), 9);
-        assert_eq!(signal_number("2").unwrap(), 2);
-        assert!(signal_number("0").is_err() && signal_number("BOGUS").is_err());
-    }
 
     #[test]
     fn endings_read_as_words() {
