@@ -20,9 +20,10 @@ use crate::link::Outbox;
 
 /// Longest path accepted (Linux's PATH_MAX).
 const MAX_PATH: usize = 4096;
-/// Entries a recursive listing returns at most; a larger tree is an error asking for a narrower
-/// path.
-const MAX_ENTRIES: usize = 100_000;
+/// JSON bytes a listing may take: its answer must fit one frame, or the host would end the link.
+/// Room is left for the envelope around the entries. A larger tree is an error asking for a
+/// narrower path.
+const MAX_LISTING: usize = moat_proto::MAX_PAYLOAD - 4096;
 /// Chunks queued between the blocking worker and the channel.
 const QUEUE: usize = 4;
 
@@ -102,12 +103,21 @@ pub async fn run(id: u32, request: Request, out: Outbox, ctl: mpsc::UnboundedRec
         Request::ReadTar { path, name } => {
             start(id, &out, checked(&path)).await.map(|p| Job::Out(Box::new(move |w| read_tar(&p, name, w))))
         }
-        Request::ReadFile { path } => match checked(&path).and_then(|p| open_regular(&p).map(|f| (p, f))) {
-            Ok((p, mut f)) => start(id, &out, Ok(())).await.map(|()| {
-                Job::Out(Box::new(move |w| std::io::copy(&mut f, w).map(drop).map_err(|e| io_err(&p, e).message)))
-            }),
-            Err(e) => Err(e),
-        },
+        Request::ReadFile { path } => {
+            // On the blocking pool: this task shares the agent's one thread with every channel.
+            let opened = match checked(&path) {
+                Ok(p) => tokio::task::spawn_blocking(move || open_regular(&p).map(|f| (p, f)))
+                    .await
+                    .unwrap_or_else(|_| Err(err(ErrorCode::Internal, "Opening the file panicked."))),
+                Err(e) => Err(e),
+            };
+            match opened {
+                Ok((p, mut f)) => start(id, &out, Ok(())).await.map(|()| {
+                    Job::Out(Box::new(move |w| std::io::copy(&mut f, w).map(drop).map_err(|e| io_err(&p, e).message)))
+                }),
+                Err(e) => Err(e),
+            }
+        }
         Request::WriteTar { path } => match checked(&path).and_then(|p| existing_dir(&p).map(|()| p)) {
             Ok(p) => start(id, &out, Ok(())).await.map(|()| Job::In(Box::new(move |r| write_tar(&p, r)))),
             Err(e) => Err(e),
@@ -168,13 +178,46 @@ async fn start<T>(id: u32, out: &Outbox, checked: Result<T, AgentError>) -> Resu
     Ok(value)
 }
 
+/// Open `path` for reading if it is a regular file, following symlinks as `cat` would. The guest
+/// may have put anything there: other kinds are refused before opening (opening a device can act
+/// on it), and `O_NONBLOCK` keeps a FIFO swapped in meanwhile from blocking the open forever; the
+/// kind of what was really opened decides.
 fn open_regular(path: &Path) -> Result<std::fs::File, AgentError> {
-    let f = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
-    let m = f.metadata().map_err(|e| io_err(path, e))?;
-    if !m.is_file() {
-        return Err(err(ErrorCode::BadRequest, format!("{} is not a regular file.", path.display())));
+    use std::os::unix::fs::OpenOptionsExt;
+    let refuse = |m: &std::fs::Metadata| {
+        (!m.is_file()).then(|| {
+            let kind = kind_name(m.file_type());
+            err(ErrorCode::BadRequest, format!("{} is {kind}, not a regular file.", path.display()))
+        })
+    };
+    if let Some(e) = refuse(&std::fs::metadata(path).map_err(|e| io_err(path, e))?) {
+        return Err(e);
     }
-    Ok(f)
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| io_err(path, e))?;
+    match refuse(&f.metadata().map_err(|e| io_err(path, e))?) {
+        Some(e) => Err(e),
+        None => Ok(f),
+    }
+}
+
+/// What a file that is not a regular file is, in words.
+fn kind_name(ft: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_char_device() || ft.is_block_device() {
+        "a device"
+    } else {
+        "a special file"
+    }
 }
 
 fn existing_dir(path: &Path) -> Result<(), AgentError> {
@@ -205,7 +248,21 @@ fn metadata_op(request: Request) -> Result<FsReply, AgentError> {
         Request::List { path, recursive } => {
             let p = checked(&path)?;
             let mut entries = Vec::new();
-            list(&p, recursive, &mut entries)?;
+            let mut budget = MAX_LISTING;
+            list(&p, recursive, &mut entries, &mut budget).map_err(|e| match e {
+                Listed::Failed(e) => e,
+                Listed::TooLarge => err(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "The listing of {} is over {} KiB ({} entries so far), more than one answer carries; \
+                         list a narrower path{}.",
+                        p.display(),
+                        MAX_LISTING / 1024,
+                        entries.len(),
+                        if recursive { ", or without recursion" } else { "" }
+                    ),
+                ),
+            })?;
             entries.sort_by(|a, b| a.path.cmp(&b.path));
             Ok(FsReply::List { entries })
         }
@@ -248,37 +305,96 @@ fn metadata_op(request: Request) -> Result<FsReply, AgentError> {
     }
 }
 
-fn list(dir: &Path, recursive: bool, entries: &mut Vec<FileInfo>) -> Result<(), AgentError> {
-    let read = std::fs::read_dir(dir).map_err(|e| io_err(dir, e))?;
+/// Why a listing stopped.
+enum Listed {
+    Failed(AgentError),
+    /// The entries would not fit in one answer.
+    TooLarge,
+}
+
+/// Add `dir`'s entries (and, when recursive, everything below) to `entries`, while their JSON fits
+/// in `budget` bytes; the budget also bounds the agent's memory and the recursion depth.
+fn list(dir: &Path, recursive: bool, entries: &mut Vec<FileInfo>, budget: &mut usize) -> Result<(), Listed> {
+    let read = std::fs::read_dir(dir).map_err(|e| Listed::Failed(io_err(dir, e)))?;
     for entry in read {
-        let entry = entry.map_err(|e| io_err(dir, e))?;
+        let entry = entry.map_err(|e| Listed::Failed(io_err(dir, e)))?;
         let path = entry.path();
         let Ok(m) = std::fs::symlink_metadata(&path) else { continue }; // Removed meanwhile.
-        if entries.len() >= MAX_ENTRIES {
-            return Err(err(
-                ErrorCode::BadRequest,
-                format!("{} holds more than {MAX_ENTRIES} entries; list a narrower path.", dir.display()),
-            ));
-        }
-        entries.push(info(&path, &m));
+        let entry = info(&path, &m);
+        // The entry as it goes on the wire, and the comma after it.
+        let size = serde_json::to_vec(&entry).expect("file infos serialize").len() + 1;
+        *budget = budget.checked_sub(size).ok_or(Listed::TooLarge)?;
+        entries.push(entry);
         if recursive && m.is_dir() {
-            list(&path, true, entries)?;
+            list(&path, true, entries, budget)?;
         }
     }
     Ok(())
 }
 
+/// A tar archive of the file or tree at `path`, its top entry named `name`; symlinks are stored,
+/// never followed.
+///
+/// Every member carries exactly the bytes its header announces. tar-rs's own `append_file` copies
+/// to EOF, so a file that a guest process grows while it is read would spill bytes past its
+/// member, and the host would read them as members of their own (tar-rs issues #282, #352). A
+/// file that shrinks is padded with zeros; a sparse one travels whole, its holes as zeros. Sockets,
+/// FIFOs and devices inside a tree are left out: the host takes only files, directories and
+/// symlinks.
 fn read_tar(path: &Path, name: Option<String>, w: &mut dyn Write) -> Result<(), String> {
-    let m = std::fs::symlink_metadata(path).map_err(|e| io_err(path, e).message)?;
     let name =
         name.or_else(|| path.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| ".".to_string());
     if name.is_empty() || name.contains('/') || name == ".." || name.contains('\0') {
         return Err(format!("{name:?} cannot name an archive's top-level entry."));
     }
+    let m = std::fs::symlink_metadata(path).map_err(|e| io_err(path, e).message)?;
+    if !(m.is_file() || m.is_dir() || m.is_symlink()) {
+        return Err(format!("{} is not a file, directory or symlink; only those can be copied out.", path.display()));
+    }
+    let fail = |p: &Path, e: std::io::Error| format!("Archiving {} failed: {e}.", p.display());
     let mut b = tar::Builder::new(w);
-    b.follow_symlinks(false);
-    let result = if m.is_dir() { b.append_dir_all(&name, path) } else { b.append_path_with_name(path, &name) };
-    result.and_then(|()| b.finish()).map_err(|e| format!("Archiving {} failed: {e}.", path.display()))
+    let mut todo = vec![(path.to_path_buf(), PathBuf::from(&name))];
+    while let Some((src, dest)) = todo.pop() {
+        let m = match std::fs::symlink_metadata(&src) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && src != path => continue, // Removed meanwhile.
+            Err(e) => return Err(io_err(&src, e).message),
+        };
+        let mut header = tar::Header::new_gnu();
+        header.set_metadata(&m);
+        let appended = if m.is_dir() {
+            for entry in std::fs::read_dir(&src).map_err(|e| io_err(&src, e).message)? {
+                let entry = entry.map_err(|e| io_err(&src, e).message)?;
+                todo.push((entry.path(), dest.join(entry.file_name())));
+            }
+            b.append_data(&mut header, &dest, std::io::empty())
+        } else if m.is_symlink() {
+            let target = std::fs::read_link(&src).map_err(|e| io_err(&src, e).message)?;
+            b.append_link(&mut header, &dest, target)
+        } else if m.is_file() {
+            append_file(&mut b, &src, &dest)
+        } else {
+            continue;
+        };
+        appended.map_err(|e| fail(&src, e))?;
+    }
+    b.finish().map_err(|e| fail(path, e))
+}
+
+/// Append the regular file `src` as `dest`, exactly as many bytes as its header says.
+fn append_file(b: &mut tar::Builder<&mut dyn Write>, src: &Path, dest: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Not following a symlink or blocking on a FIFO swapped in since the listing; the header
+    // comes from the file opened.
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(src)?;
+    let m = file.metadata()?;
+    if !m.is_file() {
+        return Ok(());
+    }
+    let mut header = tar::Header::new_gnu();
+    header.set_metadata(&m);
+    let size = m.len();
+    b.append_data(&mut header, dest, file.take(size).chain(std::io::repeat(0)).take(size))
 }
 
 fn write_tar(dir: &Path, r: &mut dyn Read) -> Result<(), String> {
@@ -540,8 +656,19 @@ mod tests {
         std::fs::write(src.join("t/x"), b"x").unwrap();
         std::fs::set_permissions(src.join("t/x"), std::fs::Permissions::from_mode(0o751)).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", src.join("t/link")).unwrap();
+        // A FIFO inside a tree is left out (the host takes only files, directories and symlinks);
+        // one asked for by name is an error.
+        let fifo = src.join("t/fifo");
+        let fifo_mode = rustix::fs::Mode::from_raw_mode(0o644);
+        rustix::fs::mknodat(rustix::fs::CWD, &fifo, rustix::fs::FileType::Fifo, fifo_mode, 0).unwrap();
+        let e = read_tar(&fifo, None, &mut Vec::new()).unwrap_err();
+        assert!(e.ends_with("is not a file, directory or symlink; only those can be copied out."), "{e}");
         let mut tar = Vec::new();
         read_tar(&src.join("t"), Some("renamed".into()), &mut tar).unwrap();
+        let (names, _) = members(&tar);
+        let names: Vec<_> = names.into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names.len(), 4, "{names:?}");
+        assert!(!names.contains(&"renamed/fifo".to_string()), "{names:?}");
         let dst = tempdir();
         write_tar(&dst, &mut &tar[..]).unwrap();
         assert!(dst.join("renamed/empty").is_dir());
@@ -549,6 +676,134 @@ mod tests {
         assert_eq!(std::fs::read_link(dst.join("renamed/link")).unwrap(), Path::new("/etc/passwd"));
         std::fs::remove_dir_all(&src).unwrap();
         std::fs::remove_dir_all(&dst).unwrap();
+    }
+
+    /// A guest can put a FIFO (or a link to one) where the host reads a file; opening it must not
+    /// wait for a writer, or the agent's one thread would wait with it.
+    #[test]
+    fn reading_a_fifo_or_device_is_refused_at_once() {
+        let dir = tempdir();
+        let fifo = dir.join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(&fifo, dir.join("link")).unwrap();
+        std::fs::write(dir.join("file"), b"ok").unwrap();
+        std::os::unix::fs::symlink(dir.join("file"), dir.join("to-file")).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d = dir.clone();
+        std::thread::spawn(move || {
+            let kinds: Vec<_> = ["fifo", "link", "file", "to-file"]
+                .iter()
+                .map(|n| open_regular(&d.join(n)).map(drop).map_err(|e| (e.code, e.message)))
+                .collect();
+            let _ = tx.send((kinds, open_regular(Path::new("/dev/null")).map(drop).map_err(|e| e.message)));
+        });
+        let (kinds, dev) = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("opening never blocks");
+        for refused in &kinds[..2] {
+            let (code, message) = refused.as_ref().unwrap_err();
+            assert_eq!(*code, ErrorCode::BadRequest);
+            assert!(message.ends_with("is a FIFO, not a regular file."), "{message}");
+        }
+        assert!(kinds[2].is_ok() && kinds[3].is_ok(), "{kinds:?}");
+        assert!(dev.unwrap_err().contains("is a device"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Every answer must fit one frame: a tree too large to list is an error, not a frame the host
+    /// refuses (which ends the link) or a panic (which reboots the guest).
+    #[test]
+    fn listings_too_large_for_one_answer_are_refused() {
+        let dir = tempdir();
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        for i in 0..6000 {
+            std::fs::write(dir.join("sub").join(format!("{i:0>200}")), b"").unwrap();
+        }
+        let path = dir.to_string_lossy().into_owned();
+        let e = metadata_op(Request::List { path: path.clone(), recursive: true }).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert!(e.message.contains("list a narrower path, or without recursion"), "{}", e.message);
+        // The top level alone is small, and its answer fits a frame.
+        let reply = metadata_op(Request::List { path, recursive: false }).unwrap();
+        let frame = moat_proto::Frame::new(1, Message::Started(Started::Fs(reply)));
+        assert!(frame.encode().is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A sink that runs `race` at its first write (the archive's first header): what a guest
+    /// process changing the file at that moment does.
+    struct Racing<F: FnOnce()> {
+        out: Vec<u8>,
+        race: Option<F>,
+    }
+
+    impl<F: FnOnce()> Write for Racing<F> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Some(race) = self.race.take() {
+                race();
+            }
+            self.out.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Each member of an archive as its name and the size in its header, and their data.
+    fn members(tar: &[u8]) -> (Vec<(String, u64)>, Vec<Vec<u8>>) {
+        let mut archive = tar::Archive::new(tar);
+        let entries = archive.entries().unwrap();
+        entries
+            .map(|e| {
+                let mut e = e.unwrap();
+                let mut data = Vec::new();
+                e.read_to_end(&mut data).unwrap();
+                ((e.path().unwrap().display().to_string(), e.header().size().unwrap()), data)
+            })
+            .unzip()
+    }
+
+    #[test]
+    fn a_file_that_grows_while_archived_stays_one_member_of_its_header_size() {
+        let dir = tempdir();
+        let path = dir.join("out.bin");
+        let original: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        std::fs::write(&path, &original).unwrap();
+        // What the guest process appends: a whole archive of its own, holding `pwned`.
+        let mut payload = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3);
+        h.set_mode(0o644);
+        payload.append_data(&mut h, "pwned", &b"hi\n"[..]).unwrap();
+        let payload = payload.into_inner().unwrap();
+        let append = || {
+            let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+            f.write_all(&payload).unwrap();
+        };
+        let mut sink = Racing { out: Vec::new(), race: Some(append) };
+        read_tar(&path, None, &mut sink).unwrap();
+        assert!(sink.race.is_none(), "the file grew during the copy");
+        let (names, data) = members(&sink.out);
+        assert_eq!(names, [("out.bin".to_string(), 4096)]);
+        assert!(data[0] == original, "the member holds the file as it was");
+
+        // One that shrinks meanwhile is padded to its header's size, so the archive stays whole.
+        std::fs::write(&path, &original).unwrap();
+        let shrink = || std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(100).unwrap();
+        let mut sink = Racing { out: Vec::new(), race: Some(shrink) };
+        read_tar(&path, Some("renamed".into()), &mut sink).unwrap();
+        let padded = [&original[..100], &[0; 3996][..]].concat();
+        let (names, data) = members(&sink.out);
+        assert_eq!(names, [("renamed".to_string(), 4096)]);
+        assert!(data[0] == padded, "the member is padded with zeros");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn tempdir() -> PathBuf {

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moat_proto::{
-    AgentHello, Decoder, Frame, FrameError, HostHello, Message, Request, Started, Stream, CONTROL_CHANNEL,
-    PROTOCOL_VERSION, SYNC_MARKER,
+    AgentError, AgentHello, Decoder, ErrorCode, Frame, FrameError, HostHello, Message, Request, Started, Stream,
+    CONTROL_CHANNEL, PROTOCOL_VERSION, SYNC_MARKER,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, oneshot};
@@ -354,7 +354,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(writer: W, mut rx: mpsc::Receiver<(u6
                 }
                 _ if session != current.load(Ordering::SeqCst) => Ok(()),
                 Out::Raw(b) => w.write_all(b).await,
-                Out::Frame(f) => w.write_all(&f.encode()).await,
+                Out::Frame(f) => w.write_all(&encode_or_refuse(f)).await,
             };
             if r.is_err() {
                 return;
@@ -366,6 +366,23 @@ async fn write_loop<W: AsyncWrite + Unpin>(writer: W, mut rx: mpsc::Receiver<(u6
         }
         for done in flushed {
             let _ = done.send(());
+        }
+    }
+}
+
+/// A frame's wire bytes, or, for an answer too large for the link (a huge listing or job list),
+/// an error on its channel instead: the host would end the link on an oversized frame, and the
+/// host's other channels must not pay for one request.
+fn encode_or_refuse(frame: Frame) -> Vec<u8> {
+    match frame.encode() {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            eprintln!("moat-agent: channel {}: not sending an answer: {e}", frame.channel);
+            let refusal = AgentError {
+                code: ErrorCode::BadRequest,
+                message: format!("The answer is too large for the agent link ({e}); ask for less."),
+            };
+            Frame::new(frame.channel, Message::Error(refusal)).encode().expect("a short error message fits a frame")
         }
     }
 }

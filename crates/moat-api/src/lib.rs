@@ -3,6 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
+mod terminal;
+pub use terminal::{escape_controls, ControlEscaper};
+
 /// Path prefix of every versioned endpoint.
 pub const PREFIX: &str = "/v1";
 
@@ -196,6 +199,10 @@ pub struct SecretSpec {
     pub value: Option<String>,
     /// Hostnames (patterns as in `allow`) whose requests get the value.
     pub hosts: Vec<String>,
+    /// Also put the value into request bodies (`--secret NAME@HOST+body`). By default it goes
+    /// only into header values and the query, since servers store and show bodies again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub in_body: bool,
 }
 
 impl SecretSpec {
@@ -211,6 +218,7 @@ impl std::fmt::Debug for SecretSpec {
             .field("name", &self.name)
             .field("value", &self.value.as_ref().map(|_| "<redacted>"))
             .field("hosts", &self.hosts)
+            .field("in_body", &self.in_body)
             .finish()
     }
 }

@@ -337,6 +337,13 @@ async fn exec_session(svc: Arc<Service>, id: String, socket: WebSocket) {
                 "send an ExecStart JSON object first",
             )
         }),
+        // Most likely a message over the size limit: say so, rather than that none came.
+        Ok(Some(Err(e))) => Err(ServiceError::new(
+            ErrorCode::InvalidRequest,
+            format!("the exec start message could not be read: {e}"),
+            "an exec start message is at most 1 MiB: pass large data on stdin or in a file (`moat cp`), not in \
+             arguments or the environment",
+        )),
         _ => Err(ServiceError::new(
             ErrorCode::InvalidRequest,
             "no exec start message arrived",
@@ -412,8 +419,20 @@ async fn run_exec(
         tty: start.tty.map(|t| moat_proto::TtySize { rows: t.rows, cols: t.cols }),
         detach: false,
     };
-    let exec = sandbox.exec(request).await.map_err(|e| {
-        ServiceError::new(ErrorCode::ExecFailed, e.to_string(), "check the command, its working directory and user")
+    let exec = sandbox.exec(request).await.map_err(|e| match e {
+        // The arguments and the environment, the image's included, travel in one agent message.
+        moat_sandbox::SandboxError::Link(moat_sandbox::LinkError::TooLarge { size }) => ServiceError::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "the command's arguments and environment (with the image's) take {size} bytes; at most {} fit \
+                 one message to the sandbox",
+                moat_proto::MAX_PAYLOAD
+            ),
+            "pass large data on stdin or in a file (`moat cp`), not in arguments or the environment",
+        ),
+        e => {
+            ServiceError::new(ErrorCode::ExecFailed, e.to_string(), "check the command, its working directory and user")
+        }
     })?;
     if !send_json(tx, &ExecServerMessage::Started { pid: exec.pid() }).await {
         return Ok(()); // The client left; dropping the exec kills the process.
@@ -533,9 +552,15 @@ async fn logs(
     });
     let svc2 = svc.clone();
     let id = info.id.clone();
-    let stream = async_stream_file(file, q.follow, move || {
+    // The console's previous part (moved aside when it reached its cap) comes first.
+    let earlier = match q.source {
+        LogSource::Console => Some(moat_vmm::rotated_console_log(&file)),
+        LogSource::Qemu => None,
+    };
+    let earlier = futures_util::stream::iter(earlier).flat_map(|f| async_stream_file(f, false, || false));
+    let stream = earlier.chain(async_stream_file(file, q.follow, move || {
         svc2.db(|db| db.get(&id)).ok().flatten().is_some_and(|s| s.phase.is_live())
-    });
+    }));
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .body(Body::from_stream(stream))
@@ -550,13 +575,14 @@ pub(crate) fn with_net_env(info: &moat_api::SandboxInfo, env: Vec<(String, Strin
     all
 }
 
-/// The file's bytes from the start; with `follow`, keep sending what is appended while `alive()`.
+/// The file's bytes from the start; with `follow`, keep sending what is appended while `alive()`
+/// (from the start again when the file is emptied, as a console log is at its cap).
 fn async_stream_file(
     path: std::path::PathBuf,
     follow: bool,
     alive: impl Fn() -> bool + Send + 'static,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
     futures_util::stream::unfold((None::<tokio::fs::File>, false), move |(file, done)| {
         let path = path.clone();
         let alive_now = if done { false } else { alive() };
@@ -575,6 +601,10 @@ fn async_stream_file(
             match file.read(&mut buf).await {
                 Ok(0) if follow && alive_now => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                    let read_to = file.stream_position().await.unwrap_or(0);
+                    if file.metadata().await.is_ok_and(|m| m.len() < read_to) {
+                        let _ = file.seek(std::io::SeekFrom::Start(0)).await;
+                    }
                     // Yield an empty chunk so the caller re-checks `alive`.
                     Some((Ok(Bytes::new()), (Some(file), false)))
                 }

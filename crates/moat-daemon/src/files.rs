@@ -21,6 +21,30 @@ use crate::service::{Service, ServiceError};
 
 type Svc = State<Arc<Service>>;
 
+/// Most bytes of a stream's stderr the daemon keeps. The agent writes one sentence there when a
+/// stream fails; a compromised agent could write without end, and credit alone would not stop
+/// it, since draining the buffer grants more.
+const STDERR_TAIL: usize = 64 * 1024;
+
+/// The last [`STDERR_TAIL`] bytes of a guest stream's stderr: the agent's reason, in bounded
+/// memory whatever the guest sends.
+#[derive(Default)]
+pub(crate) struct StderrTail(Vec<u8>);
+
+impl StderrTail {
+    pub(crate) fn push(&mut self, data: &[u8]) {
+        let data = &data[data.len().saturating_sub(STDERR_TAIL)..];
+        let excess = (self.0.len() + data.len()).saturating_sub(STDERR_TAIL);
+        self.0.drain(..excess);
+        self.0.extend_from_slice(data);
+    }
+
+    /// As text for an error message.
+    pub(crate) fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0).trim().to_string()
+    }
+}
+
 /// What the agent said about a file operation, as an API error.
 fn file_error(e: SandboxError) -> ServiceError {
     use moat_proto::ErrorCode as Agent;
@@ -125,19 +149,21 @@ pub async fn chmod(
 /// short (the status is sent); it is logged with the agent's reason.
 fn body_of(svc: &Service, exec: Exec, content_type: &'static str, length: Option<u64>) -> Response {
     // The daemon does not count as idle while the body streams (the guard lives in the state).
-    let state = (exec, Vec::new(), svc.hold());
+    let state = (exec, StderrTail::default(), svc.hold());
     let stream = futures_util::stream::unfold(state, |(mut exec, mut stderr, busy)| async move {
         loop {
             match exec.next_event().await {
                 Ok(ExecEvent::Stdout(d)) => return Some((Ok(Bytes::from(d)), (exec, stderr, busy))),
-                Ok(ExecEvent::Stderr(d)) => stderr.extend(d),
+                Ok(ExecEvent::Stderr(d)) => stderr.push(&d),
                 Ok(ExecEvent::Exit(s)) if s.code == Some(0) => return None,
                 Ok(ExecEvent::Exit(_)) => {
-                    let reason = String::from_utf8_lossy(&stderr).into_owned();
+                    let reason = stderr.text();
                     tracing::warn!(%reason, "a file stream failed midway");
-                    return Some((Err(std::io::Error::other(reason)), (exec, Vec::new(), busy)));
+                    return Some((Err(std::io::Error::other(reason)), (exec, StderrTail::default(), busy)));
                 }
-                Err(e) => return Some((Err(std::io::Error::other(e.to_string())), (exec, Vec::new(), busy))),
+                Err(e) => {
+                    return Some((Err(std::io::Error::other(e.to_string())), (exec, StderrTail::default(), busy)))
+                }
             }
         }
     });
@@ -173,16 +199,16 @@ async fn feed(svc: &Service, mut exec: Exec, body: Body) -> Result<(), ServiceEr
         let _ = control.write_stdin(&pending).await;
     }
     let _ = control.close_stdin().await;
-    let mut stderr = Vec::new();
+    let mut stderr = StderrTail::default();
     loop {
         match exec.next_event().await.map_err(|e| file_error(e.into()))? {
             ExecEvent::Stdout(_) => {}
-            ExecEvent::Stderr(d) => stderr.extend(d),
+            ExecEvent::Stderr(d) => stderr.push(&d),
             ExecEvent::Exit(s) if s.code == Some(0) => return Ok(()),
             ExecEvent::Exit(_) => {
                 return Err(ServiceError::new(
                     ErrorCode::InvalidRequest,
-                    String::from_utf8_lossy(&stderr).trim().to_string(),
+                    stderr.text(),
                     "check the destination in the sandbox and the data sent",
                 ))
             }
@@ -292,4 +318,29 @@ pub async fn watch(
         .await
         .map_err(file_error)?;
     Ok(body_of(&svc, exec, "application/x-ndjson", None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A compromised agent may send endless stderr; the daemon keeps the end of it, bounded.
+    #[test]
+    fn stderr_tails_stay_bounded() {
+        let mut tail = StderrTail::default();
+        let chunk = vec![b'x'; moat_proto::MAX_CHUNK];
+        for _ in 0..(200 << 20) / chunk.len() {
+            tail.push(&chunk);
+            assert!(tail.0.len() <= STDERR_TAIL);
+        }
+        assert!(tail.0.capacity() <= 2 * STDERR_TAIL, "{}", tail.0.capacity());
+        tail.push(&vec![b'y'; 3 * STDERR_TAIL]);
+        tail.push(b"the reason.");
+        let text = tail.text();
+        assert_eq!(text.len(), STDERR_TAIL);
+        assert!(text.starts_with('y') && text.ends_with("the reason."));
+        let mut short = StderrTail::default();
+        short.push(b"  /x is a FIFO, not a regular file.\n");
+        assert_eq!(short.text(), "/x is a FIFO, not a regular file.");
+    }
 }

@@ -5,9 +5,12 @@
 //! Sandboxes outlive the daemon: QEMU runs in its own session and is never tied to the daemon's
 //! life, so a restarted (even SIGKILLed) daemon adopts them.
 
+pub mod adoption;
 pub mod api;
+mod descriptors;
 pub mod files;
 pub mod images;
+pub mod listen;
 pub mod net;
 pub mod phase;
 pub mod processes;
@@ -16,7 +19,6 @@ pub mod snapshots;
 pub mod state;
 
 use std::future::IntoFuture;
-use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -30,6 +32,9 @@ use tokio::signal::unix::{signal, SignalKind};
 pub use service::{Limits, Service, ServiceError};
 pub use state::{Db, StateError};
 
+/// How long the API waits at start for sandboxes left live by an earlier daemon to be taken over.
+const ADOPTION_GRACE: Duration = Duration::from_secs(3);
+
 /// Where the daemon of a home listens.
 pub fn socket_path(home: &Path) -> PathBuf {
     home.join("moat.sock")
@@ -41,7 +46,9 @@ pub struct ServeConfig {
     pub runtime: RuntimeConfig,
     pub limits: Limits,
     /// Also listen on TCP (bearer token from `$MOAT_HOME/token`).
-    pub tcp: Option<SocketAddr>,
+    pub tcp: Option<listen::TcpConfig>,
+    /// The group whose members may use the unix socket (`--group`); the owner alone without one.
+    pub group: Option<String>,
     /// Exit after this long with no sandboxes and no requests (daemons the CLI starts itself).
     pub idle_exit: Option<Duration>,
     /// Move a damaged or missing state database aside and start with an empty one.
@@ -63,6 +70,10 @@ pub enum ServeError {
     Io { what: String, source: std::io::Error },
     #[error("{0}")]
     Service(#[from] ServiceError),
+    #[error(transparent)]
+    Listen(#[from] listen::ListenError),
+    #[error(transparent)]
+    Home(#[from] moat_sandbox::HomeAccessError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
@@ -103,9 +114,24 @@ pub fn token(home: &Path) -> Result<String, std::io::Error> {
 
 /// Run the daemon until SIGTERM/SIGINT (or idle exit). Running sandboxes are left running.
 pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
+    // Guest memory and disks go under the home: whatever the daemon, QEMU or qemu-img creates
+    // there is the owner's alone.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let home = cfg.runtime.home.clone();
-    std::fs::create_dir_all(&home).map_err(io(format!("creating {}", home.display())))?;
+    // Settings that cannot work fail before anything is touched.
+    let access = listen::SocketAccess::decide(cfg.group.as_deref(), listen::group_id)?;
+    let tls = match &cfg.tcp {
+        Some(tcp) => tcp.prepare()?,
+        None => None,
+    };
+    moat_sandbox::create_private_dir(&home)?;
     let _lock = lock_home(&home)?;
+    let opened = moat_sandbox::make_home_private(&home, access.home_mode())?;
+    if !opened.is_empty() {
+        let opened = moat_sandbox::Loosened::list(&opened);
+        tracing::warn!("other users could read or enter these paths; they are private now: {opened}");
+    }
+    descriptors::raise_limit(cfg.limits.max_sandboxes);
     if cfg.reset_state {
         if let Some(aside) = Db::reset(&home)? {
             eprintln!("moat: the old state database was moved to {}", aside.display());
@@ -115,11 +141,12 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let db = Db::open(&home)?;
     let rt = Runtime::prepare(cfg.runtime.clone()).await?;
     let svc = Service::new(rt, db, cfg.limits.clone());
-    svc.adopt_all().await?;
-    let reclaimed = svc.gc().await?;
-    if reclaimed != Default::default() {
-        tracing::info!(?reclaimed, "startup reconcile reclaimed leaked resources");
-    }
+    // What an earlier daemon left live is taken over in the background, every sandbox at once
+    // under its own lock and deadline, then gc reconciles; a guest that does not answer delays
+    // nothing but itself. The API waits a moment for it, so that the first request after a
+    // restart finds its sandbox ready, but never longer.
+    let mut settling = tokio::spawn(svc.claim_leftovers().await?.settle());
+    let _ = tokio::time::timeout(ADOPTION_GRACE, &mut settling).await;
 
     let last_activity = Arc::new(AtomicI64::new(state::now_ms()));
     let activity = {
@@ -142,18 +169,20 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     }
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).map_err(io(format!("listening on {}", sock.display())))?;
-    set_socket_access(&sock)?;
+    access.apply(&home, &sock)?;
     tracing::info!(socket = %sock.display(), accel = %svc.rt.accel.accel, "moat daemon listening");
     let unix = tokio::spawn(axum::serve(listener, app.clone()).into_future());
 
-    let tcp = match cfg.tcp {
-        Some(addr) => {
+    let tcp = match &cfg.tcp {
+        Some(tcp) => {
             let token = Arc::new(token(&home).map_err(io("creating the API token"))?);
             let tcp_app =
                 app.layer(axum::middleware::from_fn(move |req, next| api::require_token(token.clone(), req, next)));
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(io(format!("listening on {addr}")))?;
-            tracing::info!(%addr, "moat daemon listening on TCP (bearer token in $MOAT_HOME/token)");
-            Some(tokio::spawn(axum::serve(listener, tcp_app).into_future()))
+            let listener = tcp.bind()?;
+            let addr = listener.local_addr().map_err(io("reading the TCP address"))?;
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            tracing::info!(%addr, scheme, "moat daemon listening on TCP (bearer token in $MOAT_HOME/token)");
+            Some(tokio::spawn(listen::serve_tcp(listener, tls, tcp_app)))
         }
         None => None,
     };
@@ -195,25 +224,4 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     svc.detach_all();
     let _ = std::fs::remove_file(&sock);
     Ok(())
-}
-
-/// Socket mode 0660, owned by the `moat` group when one exists, so its members can use the daemon.
-fn set_socket_access(sock: &Path) -> Result<(), ServeError> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o660))
-        .map_err(io(format!("chmod {}", sock.display())))?;
-    if let Some(gid) = group_id("moat") {
-        std::os::unix::fs::chown(sock, None, Some(gid)).map_err(io(format!("chgrp moat {}", sock.display())))?;
-    }
-    Ok(())
-}
-
-/// The gid of a group in /etc/group.
-fn group_id(name: &str) -> Option<u32> {
-    let groups = std::fs::read_to_string("/etc/group").ok()?;
-    groups.lines().find_map(|l| {
-        let mut f = l.split(':');
-        (f.next()? == name).then_some(())?;
-        f.nth(1)?.parse().ok()
-    })
 }

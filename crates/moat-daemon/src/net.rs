@@ -5,14 +5,16 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use moat_api::{ChangeAllowlist, ErrorCode, NetMode, NetSpec, PortForward, SandboxInfo};
 use moat_net::tls::{Ca, Secret};
 use moat_net::{HostPattern, Policy, Stack, StackConfig};
 use moat_proto::Request;
-use moat_sandbox::Sandbox;
+use moat_sandbox::{ExecEvent, LinkError, Sandbox, SandboxError};
 use tokio::task::JoinHandle;
 
+use crate::files::StderrTail;
 use crate::service::{Service, ServiceError};
 
 /// Where the guest finds moat's CA, and a bundle of it with the image's own roots.
@@ -225,11 +227,23 @@ impl Service {
             None
         } else {
             let ca = load_or_make_ca(&dir, &info.name)?;
-            install_ca(sandbox, &ca).await?;
+            install_ca(sandbox, &ca).await.map_err(|e| {
+                ServiceError::new(
+                    ErrorCode::BootFailed,
+                    format!("putting the CA for the sandbox's secrets into the guest failed: {e}"),
+                    format!(
+                        "a sandbox with secrets needs {SYSTEM_BUNDLE} in the guest to be absent or a regular file \
+                         of at most {} KiB, and an agent that answers; remove the sandbox with `moat rm -f {}`",
+                        MAX_BUNDLE / 1024,
+                        info.name
+                    ),
+                )
+            })?;
             let mut bound = Vec::new();
             for s in &spec.secrets {
                 if let Some(value) = &s.value {
-                    bound.push((secret_hosts(s)?, Secret { placeholder: s.placeholder(), value: value.clone() }));
+                    let secret = Secret { placeholder: s.placeholder(), value: value.clone(), in_body: s.in_body };
+                    bound.push((secret_hosts(s)?, secret));
                 }
             }
             Some(moat_net::Secrets { ca: Arc::new(ca), bound })
@@ -241,7 +255,9 @@ impl Service {
                 let _ = svc.db(|db| db.event(Some(&id), "net.refused", &message));
             }
         });
-        let config = StackConfig { policy: policy.clone(), dns, on_refused, secrets };
+        // A share of the descriptors, so one guest holding every flow open starves no one else.
+        let limits = moat_net::FlowLimits::for_process(self.limits.max_sandboxes);
+        let config = StackConfig { policy: policy.clone(), dns, on_refused, secrets, limits };
         let stack = Stack::connect(&dir.join("net.sock"), config)
             .await
             .map_err(|e| ServiceError::internal(format!("connecting the network stack to QEMU's NIC socket: {e}")))?;
@@ -399,48 +415,119 @@ fn redact(mut spec: NetSpec) -> NetSpec {
     spec
 }
 
-/// Put moat's CA into the guest: its own file, a bundle with the image's roots, and the image's
-/// system bundle where there is one (so tools that ignore the environment trust it too).
-async fn install_ca(sandbox: &Sandbox, ca: &Ca) -> Result<(), ServiceError> {
-    let fail = |what: &str, e: String| {
-        ServiceError::internal(format!("installing the sandbox's CA in the guest ({what}): {e}"))
-    };
+/// How long putting moat's CA into the guest may take. It is a few small file operations that a
+/// guest finishes in about a second even when emulated; one that takes longer is stuck or
+/// hostile, and must not hold up a start, an adoption, or the sandbox's op lock (which `rm -f`
+/// waits for).
+const INSTALL_CA_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Most bytes taken of the guest's system bundle (Debian's is about 200 KiB).
+const MAX_BUNDLE: usize = 4 * 1024 * 1024;
+
+/// Most bytes of guest-written text (the agent's reasons) put into an error message.
+const MAX_GUEST_TEXT: usize = 512;
+
+/// Why the CA could not be put into the guest. Every case is the guest's doing (or its agent's),
+/// so it fails that sandbox alone.
+#[derive(Debug, thiserror::Error)]
+enum InstallCaError {
+    #[error("the guest did not finish within {}s", INSTALL_CA_DEADLINE.as_secs())]
+    Deadline,
+    #[error("the guest's {SYSTEM_BUNDLE} is over {} KiB", MAX_BUNDLE / 1024)]
+    BundleTooLarge,
+    #[error("reading the guest's CA bundle: {0}")]
+    Read(String),
+    #[error("writing {path} in the guest: {reason}")]
+    Write { path: &'static str, reason: String },
+}
+
+/// Guest-written text, cut to [`MAX_GUEST_TEXT`] bytes for an error message.
+fn guest_text(mut text: String) -> String {
+    if text.len() > MAX_GUEST_TEXT {
+        let mut end = MAX_GUEST_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
+/// What the agent said, without the link's wording around it.
+fn agent_reason(e: SandboxError) -> String {
+    guest_text(match e {
+        SandboxError::Link(LinkError::Agent(a)) => a.message,
+        e => e.to_string(),
+    })
+}
+
+/// Put moat's CA into the guest, within [`INSTALL_CA_DEADLINE`]: its own file, a bundle with
+/// the image's roots, and the image's system bundle where there is one (so tools that ignore the
+/// environment trust it too).
+///
+/// The image's roots are read from the guest, which may have replaced the file with anything:
+/// the read is bounded in time and size, and the agent refuses what is not a regular file. The
+/// host has no better copy to build the bundle from: it keeps images only as disk files, and the
+/// guest may rightly have changed its roots since.
+async fn install_ca(sandbox: &Sandbox, ca: &Ca) -> Result<(), InstallCaError> {
+    tokio::time::timeout(INSTALL_CA_DEADLINE, put_ca(sandbox, ca)).await.unwrap_or(Err(InstallCaError::Deadline))
+}
+
+async fn put_ca(sandbox: &Sandbox, ca: &Ca) -> Result<(), InstallCaError> {
     let cert = ca.cert_pem().to_string();
     let _ = sandbox.file_op(Request::Mkdir { path: "/etc/moat".into(), parents: true, mode: Some(0o755) }).await;
-    let system = read_guest_file(sandbox, SYSTEM_BUNDLE).await.unwrap_or_default();
-    write_guest_file(sandbox, GUEST_CA, cert.as_bytes()).await.map_err(|e| fail(GUEST_CA, e))?;
+    let system = read_guest_bundle(sandbox).await?.unwrap_or_default();
+    write_guest_file(sandbox, GUEST_CA, cert.as_bytes()).await?;
     let mut bundle = system.clone();
     if !bundle.is_empty() && !bundle.ends_with(b"\n") {
         bundle.push(b'\n');
     }
     bundle.extend_from_slice(cert.as_bytes());
-    write_guest_file(sandbox, GUEST_CA_BUNDLE, &bundle).await.map_err(|e| fail(GUEST_CA_BUNDLE, e))?;
+    write_guest_file(sandbox, GUEST_CA_BUNDLE, &bundle).await?;
     if !system.is_empty() && !system.windows(cert.len()).any(|w| w == cert.as_bytes()) {
-        write_guest_file(sandbox, SYSTEM_BUNDLE, &bundle).await.map_err(|e| fail(SYSTEM_BUNDLE, e))?;
+        write_guest_file(sandbox, SYSTEM_BUNDLE, &bundle).await?;
     }
     Ok(())
 }
 
-/// Most bytes read of the guest's CA bundle (Debian's is about 200 KiB).
-const MAX_BUNDLE: usize = 4 * 1024 * 1024;
-
-async fn read_guest_file(sandbox: &Sandbox, path: &str) -> Option<Vec<u8>> {
-    let exec = sandbox.file_stream(Request::ReadFile { path: path.into() }).await.ok()?;
-    let (out, _, status) = exec.collect().await.ok()?;
-    (status.code == Some(0) && out.len() <= MAX_BUNDLE).then_some(out)
+/// The guest's system bundle, or `None` when it has none. At most [`MAX_BUNDLE`] bytes are
+/// taken: past that the stream is dropped, which closes its channel and stops the agent.
+async fn read_guest_bundle(sandbox: &Sandbox) -> Result<Option<Vec<u8>>, InstallCaError> {
+    let mut exec = match sandbox.file_stream(Request::ReadFile { path: SYSTEM_BUNDLE.into() }).await {
+        Ok(exec) => exec,
+        Err(SandboxError::Link(LinkError::Agent(e))) if e.code == moat_proto::ErrorCode::NotFound => return Ok(None),
+        Err(e) => return Err(InstallCaError::Read(agent_reason(e))),
+    };
+    let mut data = Vec::new();
+    let mut reason = StderrTail::default();
+    loop {
+        match exec.next_event().await.map_err(|e| InstallCaError::Read(agent_reason(e.into())))? {
+            ExecEvent::Stdout(d) if data.len() + d.len() > MAX_BUNDLE => return Err(InstallCaError::BundleTooLarge),
+            ExecEvent::Stdout(d) => data.extend_from_slice(&d),
+            ExecEvent::Stderr(d) => reason.push(&d),
+            ExecEvent::Exit(s) if s.code == Some(0) => return Ok(Some(data)),
+            ExecEvent::Exit(_) => return Err(InstallCaError::Read(guest_text(reason.text()))),
+        }
+    }
 }
 
-async fn write_guest_file(sandbox: &Sandbox, path: &str, data: &[u8]) -> Result<(), String> {
+async fn write_guest_file(sandbox: &Sandbox, path: &'static str, data: &[u8]) -> Result<(), InstallCaError> {
+    let fail = |reason: String| InstallCaError::Write { path, reason };
     let request = Request::WriteFile { path: path.into(), mode: Some(0o644), atomic: true };
-    let exec = sandbox.file_stream(request).await.map_err(|e| e.to_string())?;
+    let mut exec = sandbox.file_stream(request).await.map_err(|e| fail(agent_reason(e)))?;
     let control = exec.control();
-    control.write_stdin(data).await.map_err(|e| e.to_string())?;
-    control.close_stdin().await.map_err(|e| e.to_string())?;
-    let (_, err, status) = exec.collect().await.map_err(|e| e.to_string())?;
-    if status.code != Some(0) {
-        return Err(String::from_utf8_lossy(&err).trim().to_string());
+    control.write_stdin(data).await.map_err(|e| fail(agent_reason(e.into())))?;
+    control.close_stdin().await.map_err(|e| fail(agent_reason(e.into())))?;
+    let mut reason = StderrTail::default();
+    loop {
+        match exec.next_event().await.map_err(|e| fail(agent_reason(e.into())))? {
+            ExecEvent::Stdout(_) => {}
+            ExecEvent::Stderr(d) => reason.push(&d),
+            ExecEvent::Exit(s) if s.code == Some(0) => return Ok(()),
+            ExecEvent::Exit(_) => return Err(fail(guest_text(reason.text()))),
+        }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -453,6 +540,7 @@ mod tests {
             name: name.into(),
             value: value.map(String::from),
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            in_body: false,
         }
     }
 
@@ -499,6 +587,14 @@ mod tests {
             ..NetSpec::default()
         };
         rejects(twice, true, "given twice");
+    }
+
+    /// Reasons the guest writes end up in errors and `last_error`: bounded, and still UTF-8.
+    #[test]
+    fn guest_text_in_errors_is_bounded() {
+        assert_eq!(guest_text("/x is a FIFO, not a regular file.".into()), "/x is a FIFO, not a regular file.");
+        let long = guest_text("é".repeat(MAX_GUEST_TEXT));
+        assert!(long.len() <= MAX_GUEST_TEXT + '…'.len_utf8() && long.ends_with('…'), "{}", long.len());
     }
 
     #[test]

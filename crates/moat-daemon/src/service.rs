@@ -1,7 +1,7 @@
 //! The sandbox service: every lifecycle operation, recorded in the state database before it is
 //! acted on, plus leases, QEMU exit watching, adoption after a restart and garbage collection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -114,6 +114,8 @@ pub struct Service {
     pub(crate) template_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The network stacks of running sandboxes with a NIC, by id.
     pub(crate) nets: Mutex<HashMap<String, Arc<crate::net::LiveNet>>>,
+    /// Sandboxes an earlier daemon left live that are not settled yet (see [`crate::adoption`]).
+    pub(crate) adopting: Mutex<HashSet<String>>,
 }
 
 /// Marks the daemon busy (not idle) while it lives.
@@ -138,6 +140,7 @@ impl Service {
             saving: Arc::default(),
             template_locks: Mutex::default(),
             nets: Mutex::default(),
+            adopting: Mutex::default(),
         })
     }
 
@@ -382,7 +385,7 @@ impl Service {
     }
 
     /// When QEMU exits while the sandbox is still live (nobody stopped it), mark it failed.
-    fn watch(self: &Arc<Self>, sandbox: Arc<Sandbox>) {
+    pub(crate) fn watch(self: &Arc<Self>, sandbox: Arc<Sandbox>) {
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
             match sandbox.exit_watcher().await {
@@ -424,6 +427,13 @@ impl Service {
     /// A running sandbox's live handle, or why there is none.
     pub fn running(&self, reference: &str) -> Result<(SandboxInfo, Arc<Sandbox>), ServiceError> {
         let info = self.resolve(reference)?;
+        if self.is_adopting(&info.id) {
+            return Err(ServiceError::new(
+                ErrorCode::InvalidPhase,
+                format!("sandbox {} is being adopted by the daemon, which has just restarted", info.name),
+                "try again in a few seconds; a guest that does not answer within 20 s fails, `moat ps` shows it",
+            ));
+        }
         if info.phase != Phase::Running {
             return Err(ServiceError::phase(&info, "running", "start it with `moat start`"));
         }
@@ -627,45 +637,6 @@ impl Service {
         Ok(out)
     }
 
-    /// Take over what an earlier daemon left: running sandboxes whose QEMU is verifiably ours are
-    /// adopted (the agent link reconnects); the rest are marked failed with the reason.
-    pub async fn adopt_all(self: &Arc<Self>) -> Result<(), ServiceError> {
-        for info in self.list()?.into_iter().filter(|s| s.phase.is_live()) {
-            let id = info.id.clone();
-            let dir = self.run_dir(&id);
-            let outcome = match (info.phase, info.pid) {
-                (Phase::Running, Some(pid)) => Sandbox::adopt(&self.rt, &self.spec_of(&info), &id, &dir, pid)
-                    .await
-                    .map_err(|e| format!("could not adopt QEMU (pid {pid}) after a daemon restart: {e}")),
-                (Phase::Running, None) => Err("the daemon restarted and no QEMU pid was recorded".to_string()),
-                (phase, _) => Err(format!("the daemon restarted while the sandbox was {phase}")),
-            };
-            match outcome {
-                Ok(sandbox) => {
-                    tracing::info!(sandbox = %id, pid = sandbox.pid(), "adopted a running sandbox");
-                    let sandbox = Arc::new(sandbox);
-                    if let Err(e) = self.attach_net(&info, &sandbox).await {
-                        tracing::warn!(sandbox = %id, error = %e.message, "the adopted sandbox has no network");
-                        self.db(|db| db.event(Some(&id), "net", &format!("network not restored: {}", e.message)))?;
-                    }
-                    self.live.lock().expect("no panics while held").insert(id.clone(), sandbox.clone());
-                    self.db(|db| {
-                        db.event(Some(&id), "adopted", &format!("{} adopted (QEMU pid {})", info.name, sandbox.pid()))
-                    })?;
-                    self.watch(sandbox);
-                }
-                Err(reason) => {
-                    tracing::warn!(sandbox = %id, %reason, "sandbox could not be adopted");
-                    self.db(|db| {
-                        db.set_pid(&id, None)?;
-                        db.set_phase(&id, Phase::Failed, Some(&reason))
-                    })?;
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Reclaim what crashes leaked: QEMU processes and run directories that no sandbox owns, and
     /// sockets left in the directories of sandboxes that are not running. Never touches a process
     /// it cannot verify as a moat QEMU under this home.
@@ -700,7 +671,14 @@ impl Service {
                             out.paths.push(path.display().to_string());
                         }
                     }
-                    Some(s) if s.phase.is_at_rest() => out.paths.extend(remove_stale_sockets(&path)),
+                    Some(s) if s.phase.is_at_rest() => {
+                        // Under the sandbox's lock, so that a start beginning now keeps its files.
+                        let lock = self.op_lock(&id);
+                        let Ok(_guard) = lock.try_lock() else { continue };
+                        if let Some(s) = owner(&id).filter(|s| s.phase.is_at_rest()) {
+                            out.paths.extend(remove_leftovers(&path, s.phase));
+                        }
+                    }
                     Some(_) => {}
                 }
             }
@@ -775,9 +753,14 @@ fn check_ttl(ttl_secs: u64) -> Result<(), ServiceError> {
     Ok(())
 }
 
-fn remove_stale_sockets(dir: &Path) -> Vec<String> {
-    let mut removed = Vec::new();
-    for name in ["qmp.sock", "agent.sock", "qemu.pid"] {
+/// What a sandbox at rest in `phase` no longer needs in its run directory: QEMU's sockets and
+/// pidfile, a save cut short, and unless it is paused, its saved machine and guest RAM.
+fn remove_leftovers(dir: &Path, phase: Phase) -> Vec<String> {
+    let paused = phase == Phase::Paused;
+    let mut removed: Vec<String> =
+        moat_sandbox::discard_saved(dir, paused).iter().map(|p| p.display().to_string()).collect();
+    let ram: &[&str] = if paused { &[] } else { &[moat_sandbox::MEM_FILE] };
+    for name in ["qmp.sock", "agent.sock", "qemu.pid"].iter().chain(ram) {
         let p = dir.join(name);
         if p.exists() && std::fs::remove_file(&p).is_ok() {
             removed.push(p.display().to_string());
@@ -788,7 +771,7 @@ fn remove_stale_sockets(dir: &Path) -> Vec<String> {
 
 /// SIGKILL a leaked QEMU, but only after pinning it with a pidfd and checking again that the
 /// pinned process is a moat QEMU of `dir` (the pid may have been reused since the scan).
-fn kill_verified(pid: u32, dir: &Path, run_root: &Path) -> bool {
+pub(crate) fn kill_verified(pid: u32, dir: &Path, run_root: &Path) -> bool {
     use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
     let Some(p) = Pid::from_raw(pid as i32) else { return false };
     let Ok(fd) = pidfd_open(p, PidfdFlags::empty()) else { return false };

@@ -260,11 +260,13 @@ impl Service {
         if !s.dependents.is_empty() {
             return Err(in_use(&format!("snapshot {}", label(&s)), &s.dependents));
         }
-        self.delete_snapshot_files(&s.id)?;
+        // The row goes first: a crash in between leaves files without a row, which gc removes,
+        // never a listed snapshot without its files.
         self.db(|db| {
             db.delete_snapshot(&s.id)?;
             db.event(s.sandbox_id.as_deref(), "snapshot", &format!("snapshot {} removed", label(&s)))
         })?;
+        self.delete_snapshot_files(&s.id)?;
         Ok(s)
     }
 
@@ -286,8 +288,8 @@ impl Service {
         for s in self.db(|db| db.snapshots(Some(sandbox_id)))? {
             let others: Vec<&String> = s.dependents.iter().filter(|d| **d != s.sandbox_name).collect();
             if others.is_empty() {
-                self.delete_snapshot_files(&s.id)?;
                 self.db(|db| db.delete_snapshot(&s.id))?;
+                self.delete_snapshot_files(&s.id)?;
             }
         }
         self.db(|db| {
@@ -463,8 +465,8 @@ impl Service {
                     // the sandbox boots instead.
                     tracing::warn!(template = %t.id, error = %e.message, "restoring the template failed; booting");
                     if self.db(|db| db.dependents(&t.id))?.is_empty() {
-                        self.delete_snapshot_files(&t.id)?;
                         self.db(|db| db.delete_snapshot(&t.id))?;
+                        self.delete_snapshot_files(&t.id)?;
                     }
                 }
             }
@@ -494,8 +496,8 @@ impl Service {
         let rows = self.db(|db| db.all_snapshot_ids())?;
         for (id, ready) in &rows {
             if !ready {
-                self.delete_snapshot_files(id)?;
                 self.db(|db| db.delete_snapshot(id))?;
+                self.delete_snapshot_files(id)?;
                 removed.push(self.snapshot_dir(id).display().to_string());
             }
         }
@@ -512,8 +514,8 @@ impl Service {
             let saved = fingerprint(&t);
             let image_gone = self.rt.images.resolve(&t.image).map(|i| i.digest != t.image_digest).unwrap_or(true);
             if t.dependents.is_empty() && (saved.mismatch(&current).is_some() || image_gone) {
-                self.delete_snapshot_files(&t.id)?;
                 self.db(|db| db.delete_snapshot(&t.id))?;
+                self.delete_snapshot_files(&t.id)?;
                 removed.push(self.snapshot_dir(&t.id).display().to_string());
             }
         }

@@ -7,6 +7,10 @@
 //! [`crate::phase::check`] and writes the row, the lifecycle entry and the event in one transaction
 //! *before* the caller acts on it.
 //!
+//! Events are kept for [`EVENTS_MAX_AGE_MS`], at most [`EVENTS_PER_SANDBOX`] per sandbox and
+//! [`EVENTS_MAX`] in all: a guest can cause them (refused connections, every few milliseconds,
+//! for as long as it runs), so they must not grow the disk without bound.
+//!
 //! A deleted or damaged database is never silently replaced by an empty one: a marker file next to
 //! it (`state.id`) remembers that a database existed, and [`Db::open`] refuses to start without it.
 
@@ -86,6 +90,16 @@ ALTER TABLE sandboxes ADD COLUMN net TEXT;
 ALTER TABLE snapshots ADD COLUMN nic INTEGER NOT NULL DEFAULT 0;
 "#,
 ];
+
+/// The newest events kept for each sandbox (and for the daemon itself); older ones are deleted.
+pub const EVENTS_PER_SANDBOX: i64 = 1000;
+/// The newest events kept in all, whatever their sandbox.
+pub const EVENTS_MAX: i64 = 100_000;
+/// Events older than this (30 days) are deleted.
+pub const EVENTS_MAX_AGE_MS: i64 = 30 * 24 * 3600 * 1000;
+/// Old events are deleted every this many new ones: a scan of a table this size takes
+/// milliseconds, and between two prunes it grows by at most this much.
+const PRUNE_EVENTS_EVERY: i64 = 256;
 
 /// Errors of the state store. Each says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -264,6 +278,9 @@ impl Db {
     /// Move a sandbox to `to` (checked), recording the lifecycle entry and an event. Returns the
     /// updated sandbox. `error` becomes `last_error` when given.
     pub fn set_phase(&mut self, id: &str, to: Phase, error: Option<&str>) -> Result<SandboxInfo, StateError> {
+        // Errors quote the guest's console, and `last_error` ends up on operators' terminals.
+        let error = error.map(moat_api::escape_controls);
+        let error = error.as_deref();
         let tx = self.conn.transaction()?;
         let current = get(&tx, id)?.ok_or_else(|| StateError::NotFound(id.to_string()))?;
         if !phase::allowed(current.phase, to) {
@@ -657,11 +674,36 @@ fn append_lifecycle(
 }
 
 fn append_event(conn: &Connection, sandbox: Option<&str>, kind: &str, message: &str) -> Result<(), StateError> {
+    // Messages can carry what a guest chose (a console line, a name it looked up).
+    let message = moat_api::escape_controls(message);
     conn.execute(
         "INSERT INTO events (at_ms, sandbox_id, kind, message) VALUES (?1, ?2, ?3, ?4)",
         params![now_ms(), sandbox, kind, message],
     )?;
+    if conn.last_insert_rowid() % PRUNE_EVENTS_EVERY == 0 {
+        prune_events(conn)?;
+    }
     Ok(())
+}
+
+/// Delete the events past their age or beyond the newest [`EVENTS_PER_SANDBOX`] of their
+/// sandbox or the newest [`EVENTS_MAX`]. Event numbers never repeat (AUTOINCREMENT), so a
+/// follower that was behind simply resumes at the oldest one left. Returns how many went.
+fn prune_events(conn: &Connection) -> Result<usize, StateError> {
+    let old = conn.execute("DELETE FROM events WHERE at_ms < ?1", [now_ms() - EVENTS_MAX_AGE_MS])?;
+    let per_sandbox = conn.execute(
+        "DELETE FROM events WHERE seq IN (
+             SELECT seq FROM (
+                 SELECT seq, ROW_NUMBER() OVER (PARTITION BY sandbox_id ORDER BY seq DESC) AS newer FROM events
+             ) WHERE newer > ?1
+         )",
+        [EVENTS_PER_SANDBOX],
+    )?;
+    let overall = conn.execute(
+        "DELETE FROM events WHERE seq <= (SELECT seq FROM events ORDER BY seq DESC LIMIT 1 OFFSET ?1)",
+        [EVENTS_MAX],
+    )?;
+    Ok(old + per_sandbox + overall)
 }
 
 fn write_atomically(path: &Path, data: &[u8]) -> Result<(), StateError> {
@@ -713,6 +755,64 @@ mod tests {
         let phases: Vec<Phase> = db.lifecycle("aaaa00000001").unwrap().into_iter().map(|e| e.phase).collect();
         assert_eq!(phases, [Phase::Creating, Phase::Booting, Phase::Running, Phase::Failed]);
         assert!(db.events_after(0, 100).unwrap().len() >= 4);
+    }
+
+    #[test]
+    fn events_are_trimmed_by_count_and_age() {
+        let home = tempfile::tempdir().unwrap();
+        let mut db = Db::open(home.path()).unwrap();
+        let count = |db: &Db, sandbox: &str| -> i64 {
+            db.conn.query_row("SELECT COUNT(*) FROM events WHERE sandbox_id = ?1", [sandbox], |r| r.get(0)).unwrap()
+        };
+        // A month-old event of a sandbox long gone.
+        db.conn
+            .execute(
+                "INSERT INTO events (at_ms, sandbox_id, kind, message) VALUES (?1, 'gone', 'phase', 'old')",
+                [now_ms() - EVENTS_MAX_AGE_MS - 1000],
+            )
+            .unwrap();
+        // A guest hammering refusals: far more events than are kept, and a quieter neighbour.
+        db.conn.execute_batch("BEGIN").unwrap();
+        for i in 0..(3 * EVENTS_PER_SANDBOX) {
+            db.event(Some("noisy"), "refused", &format!("refused {i}")).unwrap();
+            if i % 10 == 0 {
+                db.event(Some("quiet"), "lease", &format!("lease {i}")).unwrap();
+            }
+        }
+        db.conn.execute_batch("COMMIT").unwrap();
+        // Pruning runs every few hundred events; the table never held much more than the cap.
+        assert!(count(&db, "noisy") <= EVENTS_PER_SANDBOX + PRUNE_EVENTS_EVERY, "{}", count(&db, "noisy"));
+        prune_events(&db.conn).unwrap();
+        assert_eq!(count(&db, "noisy"), EVENTS_PER_SANDBOX);
+        assert_eq!(count(&db, "quiet"), 3 * EVENTS_PER_SANDBOX / 10);
+        assert_eq!(count(&db, "gone"), 0);
+        // What is kept is the newest, and numbering goes on past what was deleted.
+        let noisy: Vec<Event> = db
+            .events_after(0, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.sandbox.as_deref() == Some("noisy"))
+            .collect();
+        assert_eq!(noisy.last().unwrap().message, format!("refused {}", 3 * EVENTS_PER_SANDBOX - 1));
+        let seq = db.last_event_seq();
+        db.event(None, "daemon", "next").unwrap();
+        assert_eq!(db.last_event_seq(), seq + 1);
+    }
+
+    #[test]
+    fn guest_text_is_stored_without_terminal_controls() {
+        let home = tempfile::tempdir().unwrap();
+        let mut db = Db::open(home.path()).unwrap();
+        db.insert(&sample("aaaa00000001", "box")).unwrap();
+        db.set_phase("aaaa00000001", Phase::Booting, None).unwrap();
+        let s = db.set_phase("aaaa00000001", Phase::Failed, Some("console:\r\n\x1b]52;c;aGk=\x07\x1b[2J")).unwrap();
+        assert_eq!(s.last_error.as_deref(), Some("console:\r\n\\x1b]52;c;aGk=\\x07\\x1b[2J"));
+        assert!(db.lifecycle("aaaa00000001").unwrap().iter().all(|e| !e
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains('\x1b')));
+        assert!(db.events_after(0, 100).unwrap().iter().all(|e| !e.message.contains('\x1b')));
     }
 
     #[test]

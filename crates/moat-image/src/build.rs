@@ -249,6 +249,14 @@ fn run_debootstrap(
     cmd.arg(&recipe.suite).arg(tree).arg(&recipe.mirror);
     cmd.env("PATH", PATH_ENV).env("LC_ALL", "C.UTF-8").env("DEBIAN_FRONTEND", "noninteractive");
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // The tree's modes are the guest's: the usual umask, not the daemon's private 077.
+    // SAFETY: umask is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::umask(0o022);
+            Ok(())
+        });
+    }
     progress(&format!(
         "debootstrap {} from {} with {}",
         recipe.suite,
@@ -341,8 +349,12 @@ fn tidy(tree: &Path) -> Result<(), ImageError> {
     remove_if_present(&tree.join("debootstrap"))
 }
 
+/// Write a file of the guest's tree, readable by the guest's users whatever the daemon's umask.
 fn write(path: &Path, text: &str) -> Result<(), ImageError> {
-    std::fs::write(path, text).map_err(ImageError::io(format!("writing {}", path.display())))
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text)
+        .and_then(|_| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)))
+        .map_err(ImageError::io(format!("writing {}", path.display())))
 }
 
 /// Remove a file, link or directory tree; a missing one is fine.

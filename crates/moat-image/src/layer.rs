@@ -563,10 +563,11 @@ impl Applier {
             }
         }
         for part in &parts[existing..] {
-            match rustix::fs::mkdirat(&fd, os(part), Mode::from_raw_mode(0o755)) {
-                Ok(()) | Err(Errno::EXIST) => {}
+            let made = match rustix::fs::mkdirat(&fd, os(part), Mode::from_raw_mode(0o755)) {
+                Ok(()) => true,
+                Err(Errno::EXIST) => false,
                 Err(e) => return Err(Failure::Io("creating a parent directory", e.into())),
-            }
+            };
             fd = match rustix::fs::openat(&fd, os(part), DIR_FLAGS | OFlags::NOFOLLOW, Mode::empty()) {
                 Ok(fd) => fd,
                 Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
@@ -576,6 +577,10 @@ impl Applier {
                 }
                 Err(e) => return Err(Failure::Io("opening a parent directory", e.into())),
             };
+            if made {
+                // 0755 whatever the daemon's umask (077): the guest's users must get through.
+                rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755)).doing("setting a parent directory's mode")?;
+            }
         }
         Ok(fd)
     }

@@ -21,6 +21,9 @@ const LABEL: &str = "moat-root";
 const DIRS: &[(&str, u32)] = &[
     ("bin", 0o755),
     ("sbin", 0o755),
+    // Parents too: the daemon's umask (077) would make them the owner's alone.
+    ("usr", 0o755),
+    ("var", 0o755),
     ("usr/bin", 0o755),
     ("usr/sbin", 0o755),
     ("etc", 0o755),

@@ -26,7 +26,11 @@ impl ToolError {
 impl From<ClientError> for ToolError {
     fn from(e: ClientError) -> ToolError {
         match e {
-            ClientError::Api(e) => ToolError::new(format!("{} ({})", e.message, code(e.code)), e.hint),
+            // The daemon's messages can quote the guest's console (a failed boot).
+            ClientError::Api(e) => ToolError::new(
+                format!("{} ({})", moat_api::escape_controls(&e.message), code(e.code)),
+                moat_api::escape_controls(&e.hint),
+            ),
             e => {
                 // The client's own errors end with their hint.
                 let text = e.to_string();
@@ -59,10 +63,20 @@ impl From<CopyError> for ToolError {
 
 impl From<crate::policy::HostPathError> for ToolError {
     fn from(e: crate::policy::HostPathError) -> ToolError {
-        let text = e.to_string();
-        let (m, h) = text.split_once("\nhint: ").unwrap_or((&text, ""));
-        ToolError::new(m, h)
+        split_hint(&e.to_string())
     }
+}
+
+impl From<crate::policy::PolicyError> for ToolError {
+    fn from(e: crate::policy::PolicyError) -> ToolError {
+        split_hint(&e.to_string())
+    }
+}
+
+/// A policy error's text is `message\nhint: hint`.
+fn split_hint(text: &str) -> ToolError {
+    let (m, h) = text.split_once("\nhint: ").unwrap_or((text, ""));
+    ToolError::new(m, h)
 }
 
 /// The API's stable error code as the daemon spells it.

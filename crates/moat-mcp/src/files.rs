@@ -344,8 +344,8 @@ host paths the operator allowed can be read.",
     }
 
     #[tool(
-        description = "Copy a file or directory tree from a sandbox to the host (modes and symlinks kept). Only \
-host paths the operator allowed can be written.",
+        description = "Copy a file or directory tree from a sandbox to the host (symlinks kept; modes kept without \
+setuid, setgid or group/other write). Only host paths the operator allowed can be written.",
         annotations(title = "Download from sandbox", destructive_hint = true, open_world_hint = false)
     )]
     async fn sandbox_download(&self, Parameters(Checked(p)): Parameters<Checked<DownloadParams>>) -> ToolResult {

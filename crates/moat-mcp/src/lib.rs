@@ -15,6 +15,7 @@ mod policy;
 mod sandboxes;
 mod server;
 mod session;
+mod snapshots;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -26,7 +27,10 @@ use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, Stream
 use rmcp::ServiceExt;
 
 pub use error::ToolError;
-pub use policy::{Flags, HostFiles, HostPathError, Policy};
+pub use policy::{
+    Flags, HostFiles, HostPathError, Policy, PolicyError, DEFAULT_MAX_CPUS, DEFAULT_MAX_DISK_MIB,
+    DEFAULT_MAX_MEMORY_MIB,
+};
 pub use server::{MoatMcp, Transport};
 
 /// An HTTP session that sees no request for this long ends (and its sandboxes are removed).

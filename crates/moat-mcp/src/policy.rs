@@ -1,5 +1,6 @@
-//! What the operator allows an MCP session: whose sandboxes it sees, how many it may own, how
-//! fast it may start commands, how much output it gets, and which host files it may copy.
+//! What the operator allows an MCP session: whose sandboxes it sees, how many it may own and how
+//! large, how fast it may start commands, how much output it gets, which host files it may copy,
+//! and whether its port forwards may listen beyond loopback.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -23,6 +24,15 @@ pub struct Policy {
     pub idle_ttl: Duration,
     /// Which host paths upload and download may touch.
     pub host_files: HostFiles,
+    /// Port forwards may listen on any host address; otherwise only on loopback, so a model
+    /// cannot open a sandbox to the network (an inbound path no egress allowlist covers).
+    pub allow_public_ports: bool,
+    /// Most virtual CPUs of one sandbox.
+    pub max_cpus: u32,
+    /// Most memory of one sandbox, in MiB.
+    pub max_memory_mib: u32,
+    /// Largest root disk of one sandbox, in MiB.
+    pub max_disk_mib: u64,
     /// How the operator changes these settings, for error hints: `moat mcp` or `moat serve`.
     pub flags: Flags,
 }
@@ -47,8 +57,9 @@ pub enum Flags {
 }
 
 impl Flags {
-    /// The flag that sets `setting` (one of `all-sandboxes`, `max-sandboxes`, `exec-rate`,
-    /// `host-dir`), as a command the operator can run.
+    /// The flag that sets `setting` (`all-sandboxes`, `max-sandboxes`, `exec-rate`, `host-dir`,
+    /// `allow-public-ports`, `max-cpus`, `max-memory`, `max-disk`), as a command the operator can
+    /// run.
     pub fn flag(self, setting: &str) -> String {
         match self {
             Flags::Stdio => format!("`moat mcp --{setting}`"),
@@ -80,8 +91,60 @@ impl Default for Policy {
             default_image: moat_api::DEFAULT_IMAGE.to_string(),
             idle_ttl: Duration::from_secs(3600),
             host_files: HostFiles::Off,
+            allow_public_ports: false,
+            max_cpus: DEFAULT_MAX_CPUS,
+            max_memory_mib: DEFAULT_MAX_MEMORY_MIB,
+            max_disk_mib: DEFAULT_MAX_DISK_MIB,
             flags: Flags::Stdio,
         }
+    }
+}
+
+/// Default per-sandbox caps of an MCP session: room for real work, not for the whole host.
+pub const DEFAULT_MAX_CPUS: u32 = 4;
+pub const DEFAULT_MAX_MEMORY_MIB: u32 = 4096;
+pub const DEFAULT_MAX_DISK_MIB: u64 = 20480;
+
+/// A sandbox request the operator's MCP policy does not allow.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{what} {asked} is over this MCP server's limit of {limit} per sandbox\nhint: ask for at most {limit}, or ask the operator to raise the limit with {flag}")]
+    OverLimit { what: &'static str, asked: u64, limit: u64, flag: String },
+    #[error("the port forward {forward} would listen on {addr}, but this MCP server forwards ports on loopback only (127.0.0.1 or ::1)\nhint: leave the address out (it defaults to 127.0.0.1), or ask the operator to allow other addresses with {flag}")]
+    PublicPort { forward: String, addr: String, flag: String },
+}
+
+impl Policy {
+    /// Refuse sizes over the per-sandbox caps (`None` is the daemon's default size).
+    pub fn check_size(
+        &self,
+        cpus: Option<u32>,
+        memory_mib: Option<u32>,
+        disk_mib: Option<u64>,
+    ) -> Result<(), PolicyError> {
+        let over = |what, asked: u64, limit: u64, setting: &str| {
+            (asked > limit).then(|| PolicyError::OverLimit { what, asked, limit, flag: self.flags.flag(setting) })
+        };
+        let cpus = cpus.unwrap_or(moat_api::DEFAULT_VCPUS);
+        let memory = memory_mib.unwrap_or(moat_api::DEFAULT_MEMORY_MIB);
+        let disk = disk_mib.unwrap_or(moat_api::DEFAULT_DISK_MIB);
+        let refused = over("cpus", cpus.into(), self.max_cpus.into(), "max-cpus")
+            .or_else(|| over("memory_mib", memory.into(), self.max_memory_mib.into(), "max-memory"))
+            .or_else(|| over("disk_mib", disk, self.max_disk_mib, "max-disk"));
+        refused.map_or(Ok(()), Err)
+    }
+
+    /// Refuse a port forward on a non-loopback host address unless the operator allows it.
+    pub fn check_forward(&self, forward: &moat_api::PortForward) -> Result<(), PolicyError> {
+        let loopback = forward.host_addr.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback());
+        if loopback || self.allow_public_ports {
+            return Ok(());
+        }
+        Err(PolicyError::PublicPort {
+            forward: format!("{}:{}:{}", forward.host_addr, forward.host_port, forward.guest_port),
+            addr: forward.host_addr.clone(),
+            flag: self.flags.flag("allow-public-ports"),
+        })
     }
 }
 
@@ -169,5 +232,29 @@ mod tests {
         }
         let e = HostFiles::Off.resolve("a", Flags::Daemon).unwrap_err().to_string();
         assert!(e.contains("moat serve --mcp-host-dir") && e.contains("MOAT_MCP_HOST_DIR"), "{e}");
+    }
+
+    #[test]
+    fn sizes_and_port_addresses_are_held_to_the_policy() {
+        let p = Policy::default();
+        p.check_size(None, None, None).unwrap();
+        p.check_size(Some(4), Some(4096), Some(20480)).unwrap();
+        let e = p.check_size(None, Some(262_144), None).unwrap_err().to_string();
+        assert!(e.contains("memory_mib 262144 is over") && e.contains("`moat mcp --max-memory`"), "{e}");
+        let e = p.check_size(Some(64), None, None).unwrap_err().to_string();
+        assert!(e.contains("cpus 64") && e.contains("--max-cpus"), "{e}");
+        let daemon = Policy { flags: Flags::Daemon, ..Policy::default() };
+        let e = daemon.check_size(None, None, Some(16 << 20)).unwrap_err().to_string();
+        assert!(e.contains("moat serve --mcp-max-disk") && e.contains("MOAT_MCP_MAX_DISK"), "{e}");
+
+        let forward = |s| moat_api::PortForward::parse(s).unwrap();
+        for ok in ["8080:80", "127.0.0.1:0:80", "127.9.9.9:0:80", "[::1]:0:80"] {
+            p.check_forward(&forward(ok)).unwrap();
+        }
+        for public in ["0.0.0.0:0:80", "[::]:0:80", "192.168.1.5:8080:80", "localhost:0:80"] {
+            let e = p.check_forward(&forward(public)).unwrap_err().to_string();
+            assert!(e.contains("loopback only") && e.contains("--allow-public-ports"), "{public}: {e}");
+            Policy { allow_public_ports: true, ..Policy::default() }.check_forward(&forward(public)).unwrap();
+        }
     }
 }

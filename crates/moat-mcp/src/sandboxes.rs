@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::error::{Checked, ToolError, ToolResult};
+use crate::policy::Policy;
 use crate::server::{now_secs, MoatMcp};
 
 /// A sandbox as a tool shows it.
@@ -28,7 +29,8 @@ pub(crate) fn view(info: &SandboxInfo, owned: bool) -> serde_json::Value {
         "accel": info.accel,
         "expires_in_secs": info.expires_at.map(|e| (e - now_secs()).max(0)),
         "owned_by_this_session": owned,
-        "last_error": info.last_error,
+        // It may carry the guest's console: no terminal controls for whoever displays it.
+        "last_error": info.last_error.as_deref().map(moat_api::escape_controls),
     })
 }
 
@@ -97,13 +99,14 @@ pub struct CreateParams {
     /// on first use, which can take minutes). Default: the server's default image.
     #[serde(default)]
     pub image: Option<String>,
-    /// Virtual CPUs. Default 1.
+    /// Virtual CPUs. Default 1; at most the server's limit (4 unless the operator changed it).
     #[serde(default)]
     pub cpus: Option<u32>,
-    /// Memory in MiB. Default 512.
+    /// Memory in MiB. Default 512; at most the server's limit (4096 unless the operator changed it).
     #[serde(default)]
     pub memory_mib: Option<u32>,
-    /// Root disk size in MiB. Default 4096.
+    /// Root disk size in MiB. Default 4096; at most the server's limit (20480 unless the operator
+    /// changed it).
     #[serde(default)]
     pub disk_mib: Option<u64>,
     /// Remove the sandbox after it has not been used by any tool for this long, e.g. "30m",
@@ -111,7 +114,8 @@ pub struct CreateParams {
     #[serde(default)]
     pub idle_timeout: Option<String>,
     /// Continue from a snapshot instead of booting: "SANDBOX:SNAPSHOT" as sandbox_snapshot
-    /// returned it. Image and sizes are the snapshot's.
+    /// returned it (a snapshot of one of this session's sandboxes). Image and sizes are the
+    /// snapshot's.
     #[serde(default)]
     pub from_snapshot: Option<String>,
     /// Network: "default" (the public internet; private, loopback and cloud-metadata addresses are
@@ -123,7 +127,8 @@ pub struct CreateParams {
     #[serde(default)]
     pub allow_hosts: Vec<String>,
     /// Host ports forwarded to the sandbox, "[ADDR:]HOSTPORT:GUESTPORT", e.g. ["8080:80"] (host
-    /// port 0 picks a free one; sandbox_ports lists what was picked).
+    /// port 0 picks a free one; sandbox_ports lists what was picked). The address defaults to
+    /// 127.0.0.1; others than loopback only where the operator allows them.
     #[serde(default)]
     pub ports: Vec<String>,
 }
@@ -147,7 +152,8 @@ pub struct PortsParams {
     /// The sandbox's name or id.
     pub sandbox: String,
     /// Forward a host port: "[ADDR:]HOSTPORT:GUESTPORT", e.g. "8080:80" or "0:8000" (any free
-    /// host port). The address defaults to 127.0.0.1.
+    /// host port). The address defaults to 127.0.0.1; others than loopback only where the
+    /// operator allows them.
     #[serde(default)]
     pub add: Option<String>,
     /// Stop forwarding this host port.
@@ -156,7 +162,7 @@ pub struct PortsParams {
 }
 
 /// The network part of a create request, from the tool's arguments.
-fn net_spec(p: &CreateParams) -> Result<Option<moat_api::NetSpec>, ToolError> {
+fn net_spec(p: &CreateParams, policy: &Policy) -> Result<Option<moat_api::NetSpec>, ToolError> {
     if p.network.is_none() && p.allow_hosts.is_empty() && p.ports.is_empty() {
         return Ok(None);
     }
@@ -171,8 +177,12 @@ fn net_spec(p: &CreateParams) -> Result<Option<moat_api::NetSpec>, ToolError> {
     let ports = p
         .ports
         .iter()
-        .map(|s| moat_api::PortForward::parse(s).map_err(|e| ToolError::invalid(format!("ports: {e}"))))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|s| {
+            let forward = moat_api::PortForward::parse(s).map_err(|e| ToolError::invalid(format!("ports: {e}")))?;
+            policy.check_forward(&forward)?;
+            Ok(forward)
+        })
+        .collect::<Result<Vec<_>, ToolError>>()?;
     Ok(Some(moat_api::NetSpec { mode, allow: p.allow_hosts.clone(), ports, ..Default::default() }))
 }
 
@@ -250,21 +260,33 @@ is removed when the session ends or after idle_timeout without use.",
         if let Some(name) = &p.name {
             moat_api::validate_name(name).map_err(ToolError::invalid)?;
         }
-        let net = net_spec(&p)?;
+        let net = net_spec(&p, &self.policy)?;
+        // Only snapshots of this session's sandboxes, or templates; the daemon gets the exact id.
+        let from = match &p.from_snapshot {
+            Some(reference) => {
+                let s = self.usable_snapshot(reference).await?;
+                self.policy.check_size(Some(s.vcpus), Some(s.memory_mib), Some(s.disk_mib))?;
+                Some(s.id)
+            }
+            None => {
+                self.policy.check_size(p.cpus, p.memory_mib, p.disk_mib)?;
+                None
+            }
+        };
         let _slot = self.reserve(1).await?;
         let image = p.image.clone().unwrap_or_else(|| self.policy.default_image.clone());
-        if p.from_snapshot.is_none() {
+        if from.is_none() {
             self.ensure_image(&image).await?;
         }
         let req = CreateSandbox {
             name: p.name,
-            image: p.from_snapshot.is_none().then_some(image),
+            image: from.is_none().then_some(image),
             vcpus: p.cpus,
             memory_mib: p.memory_mib,
             disk_mib: p.disk_mib,
             ttl_secs: Some(ttl.as_secs().max(1)),
             on_expire: Some(OnExpire::Remove),
-            from: p.from_snapshot,
+            from,
             net,
             ..CreateSandbox::default()
         };
@@ -382,6 +404,7 @@ The sandbox runs on after a short pause. sandbox_revert goes back to it; sandbox
         Ok(pretty(&json!({
             "snapshot": snap.name,
             "reference": snap.reference(),
+            "id": snap.id,
             "size_bytes": snap.size_bytes,
             "use": format!("sandbox_revert with snapshot {:?}, or sandbox_create with from_snapshot {:?}", snap.name, snap.reference()),
         })))
@@ -418,6 +441,7 @@ not resolve).",
             (Some(add), None) => {
                 let forward =
                     moat_api::PortForward::parse(&add).map_err(|e| ToolError::invalid(format!("add: {e}")))?;
+                self.policy.check_forward(&forward)?;
                 vec![self.client.add_port(&info.id, &forward).await?]
             }
             (None, Some(port)) => self.client.remove_port(&info.id, port).await?.ports,
@@ -438,7 +462,8 @@ when the snapshot was taken. Everything since is lost.",
     )]
     async fn sandbox_revert(&self, Parameters(Checked(p)): Parameters<Checked<RevertParams>>) -> ToolResult {
         let info = self.sandbox(&p.sandbox).await?;
-        let info = self.client.revert(&info.id, &p.snapshot).await?;
+        let snapshot = self.snapshot_of(&info, &p.snapshot).await?;
+        let info = self.client.revert(&info.id, &snapshot.id).await?;
         Ok(format!("{} is back at snapshot {}", info.name, p.snapshot))
     }
 
@@ -454,8 +479,12 @@ several approaches side by side. The forks belong to this session.",
             return Err(ToolError::invalid(format!("count is {count}; fork 1 to 16 sandboxes at a time")));
         }
         let info = self.sandbox(&p.sandbox).await?;
+        let snapshot = match &p.snapshot {
+            Some(reference) => Some(self.snapshot_of(&info, reference).await?.id),
+            None => None,
+        };
         let _slots = self.reserve(count as usize).await?;
-        let req = Fork { count: Some(count), name_prefix: p.name_prefix, snapshot: p.snapshot };
+        let req = Fork { count: Some(count), name_prefix: p.name_prefix, snapshot };
         let forked = self.client.fork(&info.id, &req).await?;
         // Forks of a sandbox the session owns inherit its idle timeout.
         let ttl = self.session().owned().ttl(&info.id).unwrap_or(self.policy.idle_ttl);
@@ -487,7 +516,9 @@ failed to start or behaves oddly; command output comes from sandbox_exec instead
                 tail.drain(..tail.len() - keep);
             }
         }
-        let text = String::from_utf8_lossy(&tail[tail.len().saturating_sub(keep)..]).into_owned();
+        // The guest wrote it: no terminal controls for whoever displays the answer.
+        let text = String::from_utf8_lossy(&tail[tail.len().saturating_sub(keep)..]);
+        let text = moat_api::escape_controls(&text);
         let all: Vec<&str> = text.lines().collect();
         let out = all[all.len().saturating_sub(lines)..].join("\n");
         Ok(if out.is_empty() { "(the console log is empty)".into() } else { out })

@@ -91,7 +91,9 @@ impl Dns {
                 pin(ip);
                 response.add_answer(Record::from_rdata(qname, 60, RData::A(ip.into())));
             }
-        } else if !policy.name_allowed(&name) {
+        } else if !policy.labels_allowed(&qname.iter().collect::<Vec<_>>()) {
+            // By label: `name` is the escaped presentation form, where `x\.allowed.com` (a label
+            // with a dot in it) would pass for a name below `allowed.com`.
             response.metadata.response_code = ResponseCode::NXDomain;
             refused = Some(name);
         } else if qtype == RecordType::AAAA {
@@ -130,4 +132,27 @@ pub fn parse_upstream(s: &str) -> Result<SocketAddr, NetError> {
     }
     s.parse::<SocketAddr>()
         .map_err(|_| NetError::Invalid(format!("--dns {s:?} is not an address: use IP or IP:PORT, e.g. 1.1.1.1")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::HostPattern;
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::Name;
+
+    #[tokio::test]
+    async fn a_label_with_a_dot_in_it_is_not_a_name_below_an_allowed_one() {
+        // The resolver is never asked: a refused name is answered before that.
+        let dns = Dns::new(&["127.0.0.1:9".parse().unwrap()]).unwrap();
+        let policy = Policy { allow: Some(vec![HostPattern::parse("*.allowed.com").unwrap()]), ..Policy::default() };
+        let pins = Mutex::new(Pins::default());
+        let name = Name::from_labels(vec![&b"x.allowed"[..], b"com"]).unwrap();
+        let mut query = Message::query();
+        query.add_query(Query::query(name, RecordType::A));
+        let answer = dns.answer(&query.to_vec().unwrap(), &policy, &pins).await;
+        assert_eq!(answer.refused.as_deref(), Some("x\\.allowed.com"));
+        let response = Message::from_vec(&answer.packet.unwrap()).unwrap();
+        assert_eq!(response.metadata.response_code, ResponseCode::NXDomain);
+    }
 }

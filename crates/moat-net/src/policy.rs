@@ -34,15 +34,22 @@ impl HostPattern {
         Ok(HostPattern { wildcard, name })
     }
 
+    /// Whether `host`, a name as TLS SNI and Host headers carry it, matches. Only a hostname can:
+    /// in anything else (`x\.allowed.com`, DNS's escaped form of a label with a dot in it) a
+    /// dot need not separate labels.
     pub fn matches(&self, host: &str) -> bool {
-        let host = host.trim_end_matches('.');
-        if self.wildcard {
-            host.len() > self.name.len() + 1
-                && host[host.len() - self.name.len()..].eq_ignore_ascii_case(&self.name)
-                && host.as_bytes()[host.len() - self.name.len() - 1] == b'.'
-        } else {
-            host.eq_ignore_ascii_case(&self.name)
-        }
+        let host = host.strip_suffix('.').unwrap_or(host);
+        is_hostname(host) && self.matches_labels(&host.split('.').map(str::as_bytes).collect::<Vec<_>>())
+    }
+
+    /// Whether the name made of `labels` matches, compared label by label (ASCII case aside).
+    /// A DNS label may hold any byte, a dot included, so `x.allowed` + `com` is two labels and
+    /// no name below `allowed.com`.
+    pub fn matches_labels(&self, labels: &[&[u8]]) -> bool {
+        let own: Vec<&str> = self.name.split('.').collect();
+        let Some(extra) = labels.len().checked_sub(own.len()) else { return false };
+        (if self.wildcard { extra > 0 } else { extra == 0 })
+            && labels[extra..].iter().zip(&own).all(|(label, own)| label.eq_ignore_ascii_case(own.as_bytes()))
     }
 }
 
@@ -119,7 +126,9 @@ pub fn special(ip: Ipv4Addr) -> Option<Rule> {
     let o = ip.octets();
     if ip.is_loopback() {
         Some(Rule::Loopback)
-    } else if ip == Ipv4Addr::new(169, 254, 169, 254) || ip == Ipv4Addr::new(100, 100, 100, 200) {
+    } else if [[169, 254, 169, 254], [100, 100, 100, 200], [168, 63, 129, 16]].contains(&o) {
+        // AWS, GCP, Azure and OpenStack's metadata; Alibaba's; Azure's WireServer, a public
+        // address that gives out the VM agent's configuration.
         Some(Rule::Metadata)
     } else if ip.is_private() || (o[0] == 100 && (o[1] & 0xc0) == 64) || (o[0] == 198 && (o[1] & 0xfe) == 18) {
         // RFC 1918, CGNAT (100.64.0.0/10), benchmarking (198.18.0.0/15).
@@ -210,6 +219,11 @@ impl Policy {
         self.allow.as_ref().is_none_or(|list| list.iter().any(|p| p.matches(name)))
     }
 
+    /// [`Policy::name_allowed`] for a name as DNS carries it: a list of labels.
+    pub fn labels_allowed(&self, labels: &[&[u8]]) -> bool {
+        self.allow.as_ref().is_none_or(|list| list.iter().any(|p| p.matches_labels(labels)))
+    }
+
     pub fn cidr_allowed(&self, ip: Ipv4Addr) -> bool {
         self.allow_cidrs.iter().any(|c| c.contains(&ip))
     }
@@ -295,6 +309,21 @@ mod tests {
     }
 
     #[test]
+    fn names_are_compared_by_label_not_by_escaped_text() {
+        let wild = HostPattern::parse("*.allowed.com").unwrap();
+        let exact = HostPattern::parse("allowed.com").unwrap();
+        // Two labels, `x.allowed` and `com`: DNS writes it `x\.allowed.com`.
+        let dotted: [&[u8]; 2] = [b"x.allowed", b"com"];
+        assert!(!wild.matches_labels(&dotted) && !exact.matches_labels(&dotted));
+        assert!(!wild.matches("x\\.allowed.com"), "an escaped name is no hostname");
+        assert!(wild.matches_labels(&[b"x", b"ALLOWED", b"com"]) && wild.matches_labels(&[b"a b", b"allowed", b"com"]));
+        assert!(!wild.matches_labels(&[b"allowed", b"com"]) && exact.matches_labels(&[b"allowed", b"com"]));
+        assert!(!exact.matches_labels(&[b"com"]) && !exact.matches_labels(&[]));
+        let policy = Policy { allow: Some(vec![wild]), ..Policy::default() };
+        assert!(!policy.labels_allowed(&dotted) && policy.labels_allowed(&[b"api", b"allowed", b"com"]));
+    }
+
+    #[test]
     fn special_ranges_are_refused() {
         let cases = [
             ("127.0.0.1", Some(Rule::Loopback)),
@@ -304,6 +333,9 @@ mod tests {
             ("100.64.0.1", Some(Rule::Private)),
             ("100.128.0.1", None),
             ("169.254.169.254", Some(Rule::Metadata)),
+            ("100.100.100.200", Some(Rule::Metadata)),
+            ("168.63.129.16", Some(Rule::Metadata)),
+            ("168.63.129.17", None),
             ("169.254.1.1", Some(Rule::LinkLocal)),
             ("224.0.0.1", Some(Rule::Multicast)),
             ("255.255.255.255", Some(Rule::Multicast)),

@@ -38,10 +38,6 @@ use crate::{DNS_IP, GUEST_IP, HOST_IP, MTU};
 const STACK_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
 /// Largest frame accepted from QEMU: a 1500-byte MTU frame, with room for VLAN tags.
 const MAX_FRAME: usize = MTU + 32;
-/// TCP flows (guest-initiated and forwarded) open at once; more are refused.
-const MAX_TCP_FLOWS: usize = 512;
-const MAX_UDP_FLOWS: usize = 256;
-const MAX_DNS_IN_FLIGHT: usize = 64;
 const TCP_BUFFER: usize = 64 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const UDP_IDLE: Duration = Duration::from_secs(60);
@@ -51,6 +47,67 @@ const SNIFF_TOTAL: Duration = Duration::from_secs(10);
 /// Refusal events at most this often per second; the rest are counted.
 const EVENTS_PER_SEC: u32 = 20;
 
+/// How many host sockets one stack may hold at once; past these, new flows are refused.
+///
+/// Every TCP flow (guest-initiated or forwarded) and every UDP flow holds a host socket, and each
+/// DNS query in flight may hold one. They all come out of the daemon's one descriptor limit, which
+/// the API, QEMU's sockets and every other sandbox need too, so a stack gets a share of it
+/// ([`FlowLimits::share_of`]) instead of whatever its guest asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowLimits {
+    pub tcp: usize,
+    pub udp: usize,
+    pub dns: usize,
+}
+
+impl Default for FlowLimits {
+    /// The most any stack gets, however many descriptors there are.
+    fn default() -> FlowLimits {
+        FlowLimits { tcp: 512, udp: 256, dns: 64 }
+    }
+}
+
+impl FlowLimits {
+    /// Descriptors the daemon keeps for itself whatever its sandboxes do: API connections, the
+    /// state database, image builds and snapshots.
+    pub const RESERVED: u64 = 256;
+    /// Descriptors each sandbox needs besides its flows: its QEMU's NIC and agent sockets, its
+    /// pidfd, its port-forward listeners.
+    pub const PER_SANDBOX: u64 = 8;
+    /// The least a stack gets even when the limit is too low to share (the daemon warns then).
+    pub const FLOOR: FlowLimits = FlowLimits { tcp: 8, udp: 4, dns: 2 };
+
+    /// One stack's share of `nofile` descriptors when up to `stacks` stacks run at once: what the
+    /// daemon does not reserve, split evenly, and within a stack split between TCP, UDP and DNS
+    /// as the default is (5:2:1); never more than the default, never less than a floor.
+    pub fn share_of(nofile: u64, stacks: usize) -> FlowLimits {
+        let stacks = stacks.max(1) as u64;
+        let free = nofile.saturating_sub(Self::RESERVED + Self::PER_SANDBOX * stacks);
+        let share = usize::try_from(free / stacks).unwrap_or(usize::MAX);
+        let (max, floor) = (FlowLimits::default(), Self::FLOOR);
+        FlowLimits {
+            tcp: (share / 8 * 5).clamp(floor.tcp, max.tcp),
+            udp: (share / 8 * 2).clamp(floor.udp, max.udp),
+            dns: (share / 8).clamp(floor.dns, max.dns),
+        }
+    }
+
+    /// The share of this process's descriptor limit (the soft `RLIMIT_NOFILE`).
+    pub fn for_process(stacks: usize) -> FlowLimits {
+        FlowLimits::share_of(nofile_limit(), stacks)
+    }
+}
+
+/// The soft limit on open descriptors of this process.
+fn nofile_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we own and has no other effect.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024; // the usual default; getrlimit cannot fail for RLIMIT_NOFILE on Linux
+    }
+    lim.rlim_cur
+}
+
 /// What a stack needs from the daemon.
 pub struct StackConfig {
     pub policy: Arc<RwLock<Policy>>,
@@ -59,6 +116,8 @@ pub struct StackConfig {
     pub on_refused: Arc<dyn Fn(String) + Send + Sync>,
     /// The sandbox's CA and secrets, when it has secrets.
     pub secrets: Option<Secrets>,
+    /// Host sockets the guest may hold.
+    pub limits: FlowLimits,
 }
 
 pub struct Secrets {
@@ -184,6 +243,7 @@ impl Stack {
         // Accept packets for any destination: each flow's socket listens on the address the guest
         // asked for, so the guest sees the real server's address.
         iface.set_any_ip(true);
+        let dns_slots = Arc::new(Semaphore::new(cfg.limits.dns));
         let inner = Arc::new(Inner {
             core: Mutex::new(Core {
                 iface,
@@ -199,7 +259,7 @@ impl Stack {
             pins: Mutex::new(Pins::default()),
             host_addrs: HostAddrs::new(),
             udp: Mutex::new(HashMap::new()),
-            dns_slots: Arc::new(Semaphore::new(MAX_DNS_IN_FLIGHT)),
+            dns_slots,
             events: Mutex::new(EventBudget { second: 0, used: 0, suppressed: 0 }),
         });
         let (reader, writer) = stream.into_split();
@@ -430,7 +490,7 @@ impl Inner {
             return; // a retransmitted SYN, or nothing to connect to
         }
         let real = real_destination(dst);
-        let verdict = if core.sockets.iter().count() >= MAX_TCP_FLOWS {
+        let verdict = if core.sockets.iter().count() >= self.cfg.limits.tcp {
             Verdict::Refuse(Rule::Limit)
         } else {
             let names = self.pins.lock().unwrap_or_else(|e| e.into_inner()).names(dst);
@@ -544,7 +604,7 @@ impl Inner {
         let handle = {
             let mut guard = self.core.lock().unwrap_or_else(|e| e.into_inner());
             let core = &mut *guard;
-            if core.sockets.iter().count() >= MAX_TCP_FLOWS {
+            if core.sockets.iter().count() >= self.cfg.limits.tcp {
                 return None;
             }
             let local_port = core.next_port;
@@ -578,7 +638,7 @@ impl Inner {
             return;
         }
         let real = real_destination(*to.ip());
-        let verdict = if flows.len() >= MAX_UDP_FLOWS {
+        let verdict = if flows.len() >= self.cfg.limits.udp {
             Verdict::Refuse(Rule::Limit)
         } else {
             let names = self.pins.lock().unwrap_or_else(|e| e.into_inner()).names(*to.ip());
@@ -851,5 +911,26 @@ impl AsyncWrite for Replay {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FlowLimits;
+
+    #[test]
+    fn every_stack_together_stays_within_the_descriptor_limit() {
+        // A host with plenty of descriptors: every stack gets the most there is.
+        assert_eq!(FlowLimits::share_of(1 << 20, 32), FlowLimits::default());
+        for (nofile, stacks) in [(20_000, 32), (4096, 32), (65_536, 256), (2048, 4)] {
+            let l = FlowLimits::share_of(nofile, stacks);
+            let all = (l.tcp + l.udp + l.dns) as u64 * stacks as u64;
+            let reserved = FlowLimits::RESERVED + FlowLimits::PER_SANDBOX * stacks as u64;
+            assert!(all + reserved <= nofile, "{nofile} descriptors, {stacks} stacks: {l:?}");
+            assert!(l.tcp < FlowLimits::default().tcp && l.tcp >= 8, "{l:?}");
+        }
+        // Too few to share: the floor, which the daemon warns about.
+        assert_eq!(FlowLimits::share_of(256, 4), FlowLimits { tcp: 8, udp: 4, dns: 2 });
+        assert_eq!(FlowLimits::share_of(0, 0), FlowLimits { tcp: 8, udp: 4, dns: 2 });
     }
 }

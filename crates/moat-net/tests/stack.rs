@@ -33,6 +33,7 @@ fn start(policy: Policy) -> Guest {
         dns: Arc::new(Dns::new(&["127.0.0.1:9".parse().unwrap()]).unwrap()),
         on_refused: Arc::new(move |m| log.lock().unwrap().push(m)),
         secrets: None,
+        limits: Default::default(),
     };
     Guest { stream: ours, refused, _stack: Stack::over(theirs, cfg).unwrap() }
 }

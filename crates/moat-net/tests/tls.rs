@@ -24,7 +24,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 const HOST: &str = "api.test";
@@ -41,7 +41,7 @@ fn ring() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn secrets() -> Vec<Secret> {
-    vec![Secret { placeholder: PLACEHOLDER.into(), value: VALUE.into() }]
+    vec![Secret { placeholder: PLACEHOLDER.into(), value: VALUE.into(), in_body: false }]
 }
 
 /// What the upstream server was sent.
@@ -54,12 +54,15 @@ struct Seen {
 }
 
 /// An HTTPS server for `HOST` on loopback, with its own CA, that reports every request and
-/// every body chunk as it arrives, and echoes bytes after a 101 to `Upgrade: echo`.
+/// every body chunk as it arrives, and echoes bytes after a 101 to `Upgrade: echo`. Under
+/// `/echo` it reflects what it was sent the way careless servers do (see [`reflect`]).
 struct Upstream {
     addr: SocketAddr,
     roots: Arc<RootCertStore>,
     seen: mpsc::UnboundedReceiver<Seen>,
     chunks: mpsc::UnboundedReceiver<Bytes>,
+    /// Lets a reflecting response send the second half of its split body.
+    resume: Arc<Notify>,
     connections: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
@@ -98,16 +101,19 @@ impl Upstream {
         let (chunks_tx, chunks) = mpsc::unbounded_channel();
         let connections = Arc::new(AtomicUsize::new(0));
         let counter = connections.clone();
+        let resume = Arc::new(Notify::new());
+        let resumed = resume.clone();
         let task = tokio::spawn(async move {
             let mut served = tokio::task::JoinSet::new();
             while let Ok((tcp, _)) = listener.accept().await {
                 counter.fetch_add(1, Ordering::SeqCst);
                 let acceptor = acceptor.clone();
-                let (seen_tx, chunks_tx) = (seen_tx.clone(), chunks_tx.clone());
+                let (seen_tx, chunks_tx, resumed) = (seen_tx.clone(), chunks_tx.clone(), resumed.clone());
                 served.spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else { return };
-                    let service =
-                        hyper::service::service_fn(move |req| record(req, seen_tx.clone(), chunks_tx.clone()));
+                    let service = hyper::service::service_fn(move |req| {
+                        record(req, seen_tx.clone(), chunks_tx.clone(), resumed.clone())
+                    });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tls), service)
                         .with_upgrades()
@@ -115,7 +121,7 @@ impl Upstream {
                 });
             }
         });
-        Upstream { addr, roots: Arc::new(roots), seen, chunks, connections, task }
+        Upstream { addr, roots: Arc::new(roots), seen, chunks, resume, connections, task }
     }
 
     async fn next_seen(&mut self) -> Seen {
@@ -123,11 +129,14 @@ impl Upstream {
     }
 }
 
+type RespBody = BoxBody<Bytes, Infallible>;
+
 async fn record(
     mut req: Request<Incoming>,
     seen: mpsc::UnboundedSender<Seen>,
     chunks: mpsc::UnboundedSender<Bytes>,
-) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    resume: Arc<Notify>,
+) -> Result<Response<RespBody>, hyper::Error> {
     let upgrade = hyper::upgrade::on(&mut req);
     let (parts, mut body) = req.into_parts();
     let mut whole = Vec::new();
@@ -139,15 +148,26 @@ async fn record(
     }
     let echo = parts.headers.get("upgrade").is_some_and(|v| v == "echo");
     let uri = parts.uri.to_string();
+    let authorization = parts.headers.get("authorization").map(|v| v.as_bytes().to_vec()).unwrap_or_default();
     let _ = seen.send(Seen {
         method: parts.method.to_string(),
         uri: uri.clone(),
-        headers: parts.headers,
+        headers: parts.headers.clone(),
         body: whole.clone(),
     });
+    if parts.uri.path().starts_with("/echo") {
+        return Ok(reflect(&uri, &parts.headers, resume));
+    }
+    if parts.uri.path() == "/gzip" {
+        let mut resp = Response::new(Full::new(Bytes::from_static(b"\x1f\x8b not really gzip")).boxed());
+        resp.headers_mut().insert("content-encoding", HeaderValue::from_static("gzip"));
+        return Ok(resp);
+    }
     if echo {
         tokio::spawn(async move {
             let mut io = TokioIo::new(upgrade.await.unwrap());
+            // A server that greets a WebSocket with the credentials it was given.
+            let _ = io.write_all(&[b"you sent ", &authorization[..], b"\n"].concat()).await;
             let mut buf = [0; 1024];
             while let Ok(n @ 1..) = io.read(&mut buf).await {
                 if io.write_all(&buf[..n]).await.is_err() {
@@ -155,19 +175,59 @@ async fn record(
                 }
             }
         });
-        let mut resp = Response::new(Full::new(Bytes::new()));
+        let mut resp = Response::new(Full::new(Bytes::new()).boxed());
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         resp.headers_mut().insert("upgrade", HeaderValue::from_static("echo"));
         resp.headers_mut().insert("connection", HeaderValue::from_static("upgrade"));
         return Ok(resp);
     }
     let last = uri == "/last";
-    let mut resp = Response::new(Full::new(Bytes::from(format!("upstream got {} body bytes", whole.len()))));
+    let mut resp = Response::new(Full::new(Bytes::from(format!("upstream got {} body bytes", whole.len()))).boxed());
     resp.headers_mut().insert("alt-svc", HeaderValue::from_static("h3=\":443\""));
     if last {
         resp.headers_mut().insert("connection", HeaderValue::from_static("close"));
     }
     Ok(resp)
+}
+
+/// A 404 that reflects the request the way real servers do: the URI in `Location` and the body,
+/// `Origin` in `Access-Control-Allow-Origin`, the credentials in a cookie and, encoded, in the
+/// body; the bare key last, split across two body chunks: the second is sent once
+/// `resume` is notified.
+fn reflect(uri: &str, headers: &HeaderMap, resume: Arc<Notify>) -> Response<RespBody> {
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    use base64::Engine;
+    let header = |name| headers.get(name).map(|v| v.as_bytes().to_vec()).unwrap_or_default();
+    let authorization = header("authorization");
+    let key = authorization.strip_prefix(b"Bearer ").unwrap_or(&authorization).to_vec();
+    let json = String::from_utf8_lossy(&key).replace('/', "\\/");
+    let first = [
+        format!("no page at {uri}\n").as_bytes(),
+        format!("auth {}\n", STANDARD.encode(&authorization)).as_bytes(),
+        format!("basic {}\n", STANDARD.encode([&b"user:"[..], &key].concat())).as_bytes(),
+        format!("key {}\n", URL_SAFE_NO_PAD.encode(&key)).as_bytes(),
+        format!("json {{\"key\":\"{json}\"}}\n").as_bytes(),
+        b"split ",
+        &key[..key.len() / 2],
+    ]
+    .concat();
+    let second = [&key[key.len() / 2..], b"\n"].concat();
+    let (mut tx, body) = Channel::<Bytes, Infallible>::new(2);
+    tokio::spawn(async move {
+        if tx.send_data(Bytes::from(first)).await.is_ok() {
+            resume.notified().await;
+            let _ = tx.send_data(Bytes::from(second)).await;
+        }
+    });
+    let mut resp = Response::new(body.boxed());
+    *resp.status_mut() = StatusCode::NOT_FOUND;
+    let mut reflected = |name, value: Vec<u8>| {
+        resp.headers_mut().insert(name, HeaderValue::from_bytes(&value).unwrap());
+    };
+    reflected("location", uri.as_bytes().to_vec());
+    reflected("access-control-allow-origin", header("origin"));
+    reflected("set-cookie", [&b"last-auth="[..], &key, b"; Secure"].concat());
+    resp
 }
 
 /// One guest connection to `HOST` going through `tls::intercept` to `upstream`.
@@ -303,6 +363,129 @@ async fn the_bound_host_gets_the_real_value_in_uri_and_headers_and_the_body_stre
     intercept.finished().await.unwrap();
 }
 
+/// The ways `VALUE` shows in `text`: as is, percent-encoded, JSON-escaped, or in a word that
+/// decodes (base64, standard or URL-safe) to bytes that contain it.
+fn leaks(text: &[u8]) -> Vec<String> {
+    use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+    use base64::engine::DecodePaddingMode;
+    use base64::{alphabet, Engine};
+    let contains =
+        |hay: &[u8], needle: &str| hay.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle.as_bytes()));
+    let mut found: Vec<String> =
+        [VALUE, "sk-live%2F42", "sk-live\\/42"].iter().filter(|f| contains(text, f)).map(|f| f.to_string()).collect();
+    let lenient = GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true);
+    let engines =
+        [GeneralPurpose::new(&alphabet::STANDARD, lenient), GeneralPurpose::new(&alphabet::URL_SAFE, lenient)];
+    let words = text.split(|b| !(b.is_ascii_alphanumeric() || b"+/-_=".contains(b)));
+    for word in words.filter(|w| w.len() >= 8) {
+        // A word may carry a few bytes of what came before it; every start is tried.
+        for start in 0..4.min(word.len()) {
+            for engine in &engines {
+                if engine.decode(&word[start..]).is_ok_and(|d| contains(&d, VALUE)) {
+                    found.push(format!("base64 {}", String::from_utf8_lossy(word)));
+                }
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn a_server_reflecting_the_secret_shows_the_guest_only_the_placeholder() {
+    let mut upstream = Upstream::start().await;
+    let ca = Arc::new(Ca::generate("test").unwrap());
+    let (mut http, intercept) = Guest::connect(&upstream, ca.clone(), secrets()).await.http(ca.cert_pem()).await;
+
+    let req = get(&format!("/echo/{PLACEHOLDER}?q={PLACEHOLDER}"))
+        .header("authorization", format!("Bearer {PLACEHOLDER}"))
+        .header("origin", format!("https://{PLACEHOLDER}"))
+        .header("accept-encoding", "gzip, br")
+        .body(empty())
+        .unwrap();
+    let (parts, mut body) = within("the reflected response", async {
+        http.ready().await.unwrap();
+        http.send_request(req).await.unwrap().into_parts()
+    })
+    .await;
+    // The key's second half is only sent once the guest has everything before its first half:
+    // a value split across two reads must not slip through.
+    let mut got = Vec::new();
+    while !got.windows(6).any(|w| w == b"split ") {
+        let frame = within("the first half of the body", body.frame()).await.expect("more body").unwrap();
+        got.extend_from_slice(&frame.into_data().unwrap_or_default());
+    }
+    upstream.resume.notify_one();
+    got.extend_from_slice(&within("the rest of the body", body.collect()).await.unwrap().to_bytes());
+
+    for (name, value) in &parts.headers {
+        assert_eq!(leaks(value.as_bytes()), Vec::<String>::new(), "the {name} header leaks the value: {value:?}");
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(leaks(&got), Vec::<String>::new(), "the body leaks the value:\n{text}");
+    assert_eq!(parts.status, StatusCode::NOT_FOUND);
+    assert_eq!(parts.headers["location"], format!("/echo/{PLACEHOLDER}?q={PLACEHOLDER}"));
+    assert_eq!(parts.headers["access-control-allow-origin"], format!("https://{PLACEHOLDER}"));
+    assert!(text.contains(&format!("no page at /echo/{PLACEHOLDER}?q={PLACEHOLDER}\n")), "{text}");
+    assert!(text.contains(&format!("json {{\"key\":\"{PLACEHOLDER}\"}}\n")), "{text}");
+    assert!(text.ends_with(&format!("split {PLACEHOLDER}\n")), "{text}");
+
+    let seen = upstream.next_seen().await;
+    assert_eq!(seen.headers["authorization"], format!("Bearer {VALUE}"), "the server got the real value");
+    assert_eq!(seen.uri, format!("/echo/{PLACEHOLDER}?q=sk-live%2F42"), "the path is never substituted");
+    assert_eq!(seen.headers["accept-encoding"], "identity", "moat asks for bodies it can read");
+
+    drop(http);
+    intercept.finished().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_secret_that_asks_for_it_goes_into_request_bodies() {
+    let mut upstream = Upstream::start().await;
+    let ca = Arc::new(Ca::generate("test").unwrap());
+    let in_body = secrets().into_iter().map(|s| Secret { in_body: true, ..s }).collect();
+    let (mut http, intercept) = Guest::connect(&upstream, ca.clone(), in_body).await.http(ca.cert_pem()).await;
+
+    // A small form keeps a Content-Length, of the body with the value in it, percent-encoded.
+    let form = format!("client_secret={PLACEHOLDER}&x=1");
+    let req = Request::post("/token")
+        .header("host", HOST)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("content-length", form.len())
+        .body(Full::new(Bytes::from(form)).boxed())
+        .unwrap();
+    assert_eq!(send(&mut http, req).await.status, StatusCode::OK);
+    let seen = upstream.next_seen().await;
+    assert_eq!(String::from_utf8_lossy(&seen.body), "client_secret=sk-live%2F42&x=1");
+    assert_eq!(seen.headers["content-length"], seen.body.len().to_string());
+
+    // A streamed body with the placeholder cut in two by the guest's writes.
+    let (mut body_tx, body) = Channel::<Bytes, Infallible>::new(1);
+    let req = Request::post("/v1/upload").header("host", HOST).body(body.boxed()).unwrap();
+    let response = tokio::spawn(async move { (send(&mut http, req).await, http) });
+    body_tx.send_data(Bytes::from(format!("{{\"key\":\"{}", &PLACEHOLDER[..7]))).await.unwrap();
+    body_tx.send_data(Bytes::from(format!("{}\"}}", &PLACEHOLDER[7..]))).await.unwrap();
+    drop(body_tx);
+    let (answer, http) = within("the POST", response).await.unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(String::from_utf8_lossy(&upstream.next_seen().await.body), format!("{{\"key\":\"{VALUE}\"}}"));
+
+    drop(http);
+    intercept.finished().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_compressed_answer_from_a_secret_host_is_refused() {
+    let mut upstream = Upstream::start().await;
+    let ca = Arc::new(Ca::generate("test").unwrap());
+    let (mut http, _intercept) = Guest::connect(&upstream, ca.clone(), secrets()).await.http(ca.cert_pem()).await;
+    let answer = send(&mut http, get("/gzip").header("accept-encoding", "gzip").body(empty()).unwrap()).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert!(answer.body.contains("content-encoding gzip"), "{}", answer.body);
+    assert_eq!(upstream.next_seen().await.headers["accept-encoding"], "identity");
+}
+
 #[tokio::test]
 async fn a_request_naming_another_host_is_refused_and_never_reaches_the_upstream() {
     let mut upstream = Upstream::start().await;
@@ -344,6 +527,11 @@ async fn an_upgraded_connection_relays_bytes_both_ways() {
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
     assert_eq!(upstream.next_seen().await.headers["authorization"], "Bearer sk-live/42");
     let mut io = TokioIo::new(within("the upgrade", hyper::upgrade::on(resp)).await.unwrap());
+    // The greeting keeps its length (a WebSocket frame says how long it is), not the value.
+    let mut greeting = vec![0; "you sent Bearer sk-live/42\n".len()];
+    within("the greeting", io.read_exact(&mut greeting)).await.unwrap();
+    assert_eq!(leaks(&greeting), Vec::<String>::new(), "{:?}", String::from_utf8_lossy(&greeting));
+    assert!(greeting.starts_with(b"you sent Bearer ") && greeting.ends_with(b"\n"));
     io.write_all(b"ping").await.unwrap();
     let mut echoed = [0; 4];
     within("the echo", io.read_exact(&mut echoed)).await.unwrap();

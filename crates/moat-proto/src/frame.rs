@@ -79,8 +79,10 @@ impl Frame {
         Frame { channel, message }
     }
 
-    /// Serialise to wire bytes.
-    pub fn encode(&self) -> Vec<u8> {
+    /// Serialise to wire bytes; a payload over [`MAX_PAYLOAD`] is [`FrameError::TooLarge`], since
+    /// the peer would refuse it and end the link. Data chunks never are: senders split them far
+    /// below the limit. JSON messages (a request with a huge environment, a long listing) can be.
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
         let (k, payload): (u8, Vec<u8>) = match &self.message {
             Message::Hello(h) => (kind::HELLO, json(h)),
             Message::HelloAck(h) => (kind::HELLO_ACK, json(h)),
@@ -104,14 +106,16 @@ impl Frame {
             Message::Close => (kind::CLOSE, Vec::new()),
             Message::Resize(size) => (kind::RESIZE, [size.rows.to_le_bytes(), size.cols.to_le_bytes()].concat()),
         };
-        assert!(payload.len() <= MAX_PAYLOAD, "senders chunk payloads below MAX_PAYLOAD");
+        if payload.len() > MAX_PAYLOAD {
+            return Err(FrameError::TooLarge(payload.len()));
+        }
         let len = (4 + 1 + payload.len()) as u32;
         let mut out = Vec::with_capacity(4 + len as usize);
         out.extend_from_slice(&len.to_le_bytes());
         out.extend_from_slice(&self.channel.to_le_bytes());
         out.push(k);
         out.extend_from_slice(&payload);
-        out
+        Ok(out)
     }
 
     /// Decode the body of one frame (everything after the length prefix).
@@ -219,7 +223,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, FrameE
 
 /// Write one frame to an async writer (not flushed).
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Result<(), FrameError> {
-    w.write_all(&frame.encode()).await?;
+    w.write_all(&frame.encode()?).await?;
     Ok(())
 }
 

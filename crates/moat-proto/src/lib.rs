@@ -72,7 +72,7 @@ mod tests {
         for (i, m) in samples().into_iter().enumerate() {
             let f = Frame::new(i as u32, m);
             let mut d = Decoder::new();
-            d.push(&f.encode());
+            d.push(&f.encode().unwrap());
             assert_eq!(d.next_frame().unwrap(), Some(f));
             assert_eq!(d.next_frame().unwrap(), None);
         }
@@ -81,7 +81,7 @@ mod tests {
     #[test]
     fn frames_split_at_every_byte_boundary_decode() {
         let wire: Vec<u8> =
-            samples().into_iter().enumerate().flat_map(|(i, m)| Frame::new(i as u32, m).encode()).collect();
+            samples().into_iter().enumerate().flat_map(|(i, m)| Frame::new(i as u32, m).encode().unwrap()).collect();
         let mut d = Decoder::new();
         let mut got = Vec::new();
         for b in &wire {
@@ -98,6 +98,25 @@ mod tests {
         let mut d = Decoder::new();
         d.push(&u32::MAX.to_le_bytes());
         assert!(matches!(d.next_frame(), Err(FrameError::TooLarge(_))));
+    }
+
+    /// A request the peer would refuse is an error for its sender, never a panic of the task
+    /// writing the link (which would take every other channel down with it).
+    #[test]
+    fn oversized_requests_are_refused_when_encoding() {
+        let huge = ExecRequest {
+            argv: vec!["true".into()],
+            env: vec![("BIG".into(), "x".repeat(2 * MAX_PAYLOAD))],
+            ..Default::default()
+        };
+        let e = Frame::new(1, Message::Request(Request::Exec(huge))).encode().unwrap_err();
+        assert!(matches!(e, FrameError::TooLarge(n) if n > 2 * MAX_PAYLOAD), "{e}");
+        // Just under the limit still encodes and decodes.
+        let fits = Message::Data { stream: Stream::Stdout, data: vec![7; MAX_PAYLOAD - 1] };
+        let wire = Frame::new(1, fits.clone()).encode().unwrap();
+        let mut d = Decoder::new();
+        d.push(&wire);
+        assert_eq!(d.next_frame().unwrap(), Some(Frame::new(1, fits)));
     }
 
     #[test]
@@ -124,7 +143,7 @@ mod tests {
     #[test]
     fn random_input_never_panics() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(0x6d6f6174);
-        let valid: Vec<Vec<u8>> = samples().into_iter().map(|m| Frame::new(1, m).encode()).collect();
+        let valid: Vec<Vec<u8>> = samples().into_iter().map(|m| Frame::new(1, m).encode().unwrap()).collect();
         for _ in 0..20_000 {
             let mut bytes = if rng.gen_bool(0.5) {
                 (0..rng.gen_range(0..64)).map(|_| rng.gen()).collect::<Vec<u8>>()
@@ -153,7 +172,7 @@ mod tests {
         let mut wire = vec![0u8, 0, 0, b'M', 0, 0, 0, 0, 0x42];
         wire.extend_from_slice(SYNC_MARKER);
         let f = Frame::new(0, Message::Close);
-        wire.extend_from_slice(&f.encode());
+        wire.extend_from_slice(&f.encode().unwrap());
         let mut r = &wire[..];
         read_until_sync(&mut r, 1024).await.unwrap();
         assert_eq!(read_frame(&mut r).await.unwrap(), f);

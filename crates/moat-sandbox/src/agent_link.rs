@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use moat_proto::{
     read_frame, read_until_sync, write_frame, AgentError, AgentHello, ExecRequest, ExitStatus, Frame, FrameError,
     FsReply, HostHello, Identity, Message, Request, Resync, Started, Stream, CONTROL_CHANNEL, INITIAL_WINDOW,
-    MAX_CHUNK, PROTOCOL_VERSION,
+    MAX_CHUNK, MAX_PAYLOAD, PROTOCOL_VERSION,
 };
 use rand::RngCore;
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, Notify};
 /// How much of the stream before the agent's sync marker we are willing to skip.
 const SYNC_SEARCH_LIMIT: usize = 4 * 1024 * 1024;
 
-/// Frames queued for the writer task; data frames are bounded by credit, so this stays small.
+/// Encoded frames queued for the writer task; data frames are bounded by credit, so this stays small.
 const WRITE_QUEUE: usize = 256;
 
 /// Errors of the agent link.
@@ -45,6 +45,8 @@ pub enum LinkError {
     Agent(AgentError),
     #[error("the agent broke the protocol on channel {channel}: {reason}")]
     Protocol { channel: u32, reason: String },
+    #[error("the request is {size} bytes long; the agent link carries at most {MAX_PAYLOAD} bytes per message")]
+    TooLarge { size: usize },
 }
 
 /// What a channel has received so far. Guarded by a mutex; the reader fills it, the handle drains it.
@@ -114,10 +116,24 @@ impl Shared {
 /// A connected, handshaken agent link.
 pub struct AgentLink {
     shared: Arc<Shared>,
-    out: mpsc::Sender<Frame>,
+    out: mpsc::Sender<Vec<u8>>,
     next_channel: AtomicU32,
     hello: AgentHello,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// A frame's wire bytes. Frames are encoded by whoever sends them, so a request too large for the
+/// link fails for its caller alone and the writer task only ever sees bytes that fit.
+fn wire(frame: &Frame) -> Result<Vec<u8>, LinkError> {
+    frame.encode().map_err(|e| match e {
+        FrameError::TooLarge(size) => LinkError::TooLarge { size },
+        e => LinkError::Frame(e),
+    })
+}
+
+/// A close frame, for the places that cannot wait or fail (drop, the reader task).
+fn close_frame(channel: u32) -> Vec<u8> {
+    Frame::new(channel, Message::Close).encode().expect("a close frame has an empty payload")
 }
 
 /// The host's wall clock and 64 fresh random bytes.
@@ -179,12 +195,13 @@ impl AgentLink {
 
     async fn open(&self, request: Request) -> Result<(u32, Arc<Channel>, Started), LinkError> {
         let id = self.next_channel.fetch_add(1, Ordering::Relaxed);
+        let request = wire(&Frame::new(id, Message::Request(request)))?;
         let channel = Channel::new();
         if self.dead_reason().is_some() {
             return Err(LinkError::Closed);
         }
         self.shared.channels.lock().expect("no panics while held").insert(id, channel.clone());
-        self.send(Frame::new(id, Message::Request(request))).await?;
+        self.out.send(request).await.map_err(|_| LinkError::Closed)?;
         let started = loop {
             let notified = channel.notify.notified();
             {
@@ -210,7 +227,7 @@ impl AgentLink {
     }
 
     async fn send(&self, frame: Frame) -> Result<(), LinkError> {
-        self.out.send(frame).await.map_err(|_| LinkError::Closed)
+        self.out.send(wire(&frame)?).await.map_err(|_| LinkError::Closed)
     }
 
     /// Start a process in the guest.
@@ -282,13 +299,13 @@ impl Drop for AgentLink {
     }
 }
 
-async fn write_loop(mut w: BufWriter<OwnedWriteHalf>, mut rx: mpsc::Receiver<Frame>, shared: Arc<Shared>) {
-    while let Some(frame) = rx.recv().await {
-        let mut result = write_frame(&mut w, &frame).await;
+async fn write_loop(mut w: BufWriter<OwnedWriteHalf>, mut rx: mpsc::Receiver<Vec<u8>>, shared: Arc<Shared>) {
+    while let Some(bytes) = rx.recv().await {
+        let mut result = w.write_all(&bytes).await;
         // Coalesce whatever else is queued into the same flush.
         while result.is_ok() {
             match rx.try_recv() {
-                Ok(f) => result = write_frame(&mut w, &f).await,
+                Ok(bytes) => result = w.write_all(&bytes).await,
                 Err(_) => break,
             }
         }
@@ -303,7 +320,7 @@ async fn write_loop(mut w: BufWriter<OwnedWriteHalf>, mut rx: mpsc::Receiver<Fra
     }
 }
 
-async fn read_loop(mut r: BufReader<OwnedReadHalf>, shared: Arc<Shared>, out: mpsc::Sender<Frame>) {
+async fn read_loop(mut r: BufReader<OwnedReadHalf>, shared: Arc<Shared>, out: mpsc::Sender<Vec<u8>>) {
     let reason = loop {
         let frame = match read_frame(&mut r).await {
             Ok(f) => f,
@@ -321,7 +338,7 @@ async fn read_loop(mut r: BufReader<OwnedReadHalf>, shared: Arc<Shared>, out: mp
             tracing::warn!(channel = frame.channel, %reason, "agent protocol violation; closing channel");
             channel.lock().failed.get_or_insert(reason);
             shared.remove(frame.channel);
-            let _ = out.try_send(Frame::new(frame.channel, Message::Close));
+            let _ = out.try_send(close_frame(frame.channel));
         }
         channel.notify.notify_waiters();
     };
@@ -457,7 +474,7 @@ impl Drop for Exec {
         if !self.done {
             // Abandoned while running: the agent kills the process group on Close.
             self.link.shared.remove(self.id);
-            let _ = self.link.out.try_send(Frame::new(self.id, Message::Close));
+            let _ = self.link.out.try_send(close_frame(self.id));
         }
     }
 }

@@ -9,9 +9,9 @@ mod snapshot;
 use std::time::Duration;
 
 pub use agent_link::{AgentLink, Exec, ExecControl, ExecEvent, LinkError};
-pub use runtime::{Runtime, RuntimeConfig};
+pub use runtime::{create_private_dir, make_home_private, HomeAccessError, Loosened, Runtime, RuntimeConfig};
 pub use sandbox::{new_id, validate, Origin, Sandbox, SandboxSpec, OVERLAY_FILE};
-pub use snapshot::{Fingerprint, HELPER_PREFIX, MEM_FILE, STATE_FILE};
+pub use snapshot::{discard_saved, Fingerprint, SavedMachine, HELPER_PREFIX, MEM_FILE, STATE_FILE};
 
 /// Why a sandbox could not be prepared, booted or used.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,8 @@ pub enum SandboxError {
     BootTimeout { timeout: Duration, console: String },
     #[error("the guest failed to boot: {reason}; last console lines:\n{console}\nhint: run `moat doctor`")]
     Boot { reason: String, console: String },
+    #[error("the agent did not answer within {}s of taking the VM over after a daemon restart; last console lines:\n{console}", timeout.as_secs())]
+    AdoptTimeout { timeout: Duration, console: String },
     #[error("restoring the saved VM failed: {reason}\n{console}\nhint: the saved state may be damaged; remove it (`moat snapshot rm`) and take a new one")]
     Restore { reason: String, console: String },
 }

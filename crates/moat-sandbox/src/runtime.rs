@@ -104,11 +104,164 @@ impl Runtime {
 }
 
 /// Create a directory (and parents) readable only by its owner.
-pub(crate) fn create_private_dir(dir: &Path) -> Result<(), SandboxError> {
+pub fn create_private_dir(dir: &Path) -> Result<(), SandboxError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .map_err(|e| SandboxError::Io { what: format!("creating {}", dir.display()), source: e })
+}
+
+/// A path under `$MOAT_HOME` that others could read or enter, with the mode it had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loosened {
+    pub path: PathBuf,
+    pub mode: u32,
+}
+
+impl Loosened {
+    /// `PATH (was MODE)` for the first few, and how many more there were.
+    pub fn list(all: &[Loosened]) -> String {
+        const SHOWN: usize = 10;
+        let mut list: Vec<String> =
+            all.iter().take(SHOWN).map(|l| format!("{} (was {:o})", l.path.display(), l.mode)).collect();
+        if all.len() > SHOWN {
+            list.push(format!("and {} more", all.len() - SHOWN));
+        }
+        list.join(", ")
+    }
+}
+
+/// Why `$MOAT_HOME` could not be made private.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot take group and other access away from {}: {reason}\nhint: the daemon's user must own everything under its home: `chown -R` it to that user, or remove what is not theirs", path.display())]
+pub struct HomeAccessError {
+    pub path: PathBuf,
+    reason: std::io::Error,
+}
+
+/// Take every group and other permission away from the existing `home` and everything under it
+/// (guest memory and disks are in there), and say what was open. `home_mode` is what the home
+/// itself may keep: 0o710 lets a socket group reach the socket and nothing else.
+pub fn make_home_private(home: &Path, home_mode: u32) -> Result<Vec<Loosened>, HomeAccessError> {
+    use rustix::fs::{Mode, OFlags};
+    let dir = rustix::fs::open(home, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(denied(home))?;
+    let mode = rustix::fs::fstat(&dir).map_err(denied(home))?.st_mode & 0o7777;
+    let mut loosened = Vec::new();
+    let keep = !(0o077 & !home_mode);
+    if mode & !keep != 0 {
+        rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode & keep)).map_err(denied(home))?;
+        loosened.push(Loosened { path: home.to_path_buf(), mode });
+    }
+    make_private_under(&dir, home, &mut loosened)?;
+    Ok(loosened)
+}
+
+fn denied(path: &Path) -> impl FnOnce(rustix::io::Errno) -> HomeAccessError {
+    let path = path.to_path_buf();
+    move |e| HomeAccessError { path, reason: e.into() }
+}
+
+/// Make everything in the (already private) directory `dir` private, top down: a directory is
+/// closed before its entries are looked at, so nobody else can swap an entry for a symbolic link
+/// between the look and the chmod.
+fn make_private_under(
+    dir: &std::os::fd::OwnedFd,
+    path: &Path,
+    loosened: &mut Vec<Loosened>,
+) -> Result<(), HomeAccessError> {
+    use std::os::unix::ffi::OsStrExt;
+
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    for entry in rustix::fs::Dir::read_from(dir).map_err(denied(path))? {
+        let entry = entry.map_err(denied(path))?;
+        let name = entry.file_name();
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
+        }
+        let child = path.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        let stat = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => stat,
+            Err(rustix::io::Errno::NOENT) => continue, // removed meanwhile
+            Err(e) => return Err(denied(&child)(e)),
+        };
+        let mode = stat.st_mode & 0o7777;
+        match FileType::from_raw_mode(stat.st_mode) {
+            // A link's own mode means nothing; what it points to is private where it lives.
+            FileType::Symlink => {}
+            FileType::Directory => {
+                let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                let sub = rustix::fs::openat(dir, name, flags, Mode::empty()).map_err(denied(&child))?;
+                if mode & 0o077 != 0 {
+                    rustix::fs::fchmod(&sub, Mode::from_raw_mode(mode & !0o077)).map_err(denied(&child))?;
+                    loosened.push(Loosened { path: child.clone(), mode });
+                }
+                make_private_under(&sub, &child, loosened)?;
+            }
+            _ if mode & 0o077 != 0 => {
+                rustix::fs::chmodat(dir, name, Mode::from_raw_mode(mode & !0o077), AtFlags::empty())
+                    .map_err(denied(&child))?;
+                loosened.push(Loosened { path: child, mode });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    fn chmod(p: &Path, mode: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn an_open_home_is_closed_and_what_was_open_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = tmp.path().join("home");
+        let outside = tmp.path().join("outside");
+        std::fs::write(&outside, b"not ours to change").unwrap();
+        chmod(&outside, 0o644);
+        std::fs::create_dir_all(home.join("snapshots/abc")).unwrap();
+        std::fs::write(home.join("snapshots/abc/mem"), b"guest ram").unwrap();
+        std::fs::write(home.join("state.db"), b"").unwrap();
+        symlink(&outside, home.join("link")).unwrap();
+        chmod(&home, 0o755);
+        chmod(&home.join("snapshots"), 0o755);
+        chmod(&home.join("snapshots/abc"), 0o750);
+        chmod(&home.join("snapshots/abc/mem"), 0o644);
+        chmod(&home.join("state.db"), 0o600);
+
+        let mut open: Vec<_> = make_home_private(&home, 0o700).unwrap().into_iter().map(|l| l.path).collect();
+        open.sort();
+        let want = [&home, &home.join("snapshots"), &home.join("snapshots/abc"), &home.join("snapshots/abc/mem")];
+        assert_eq!(open, want.map(|p| p.to_path_buf()));
+        assert_eq!(mode(&home), 0o700);
+        assert_eq!(mode(&home.join("snapshots/abc")), 0o700);
+        assert_eq!(mode(&home.join("snapshots/abc/mem")), 0o600);
+        // Links are not followed out of the home.
+        assert_eq!(mode(&outside), 0o644);
+        // A private home has nothing to report.
+        assert_eq!(make_home_private(&home, 0o700).unwrap(), []);
+    }
+
+    #[test]
+    fn a_socket_group_may_keep_entering_the_home_and_nothing_more() {
+        let tmp = tempfile::tempdir().unwrap();
+        chmod(tmp.path(), 0o775);
+        let open = make_home_private(tmp.path(), 0o710).unwrap();
+        assert_eq!(open, [Loosened { path: tmp.path().to_path_buf(), mode: 0o775 }]);
+        assert_eq!(mode(tmp.path()), 0o710);
+        assert_eq!(make_home_private(tmp.path(), 0o710).unwrap(), []);
+    }
 }

@@ -10,7 +10,9 @@ use moat_vmm::{Accel, ExitWatcher, Memory, Vm, VmConfig};
 
 use crate::agent_link::{AgentLink, Exec};
 use crate::runtime::{create_private_dir, Runtime};
-use crate::snapshot::{remove_if_exists, DISK_FILE, MEM_FILE, STATE_FILE};
+use crate::snapshot::{
+    discard_saved, remove_if_exists, SavedMachine, DISK_FILE, FULL_STATE_FILE, MEM_FILE, STATE_FILE,
+};
 use crate::SandboxError;
 
 /// What a sandbox should look like.
@@ -48,6 +50,8 @@ impl Default for SandboxSpec {
 
 /// How long a restored guest's agent gets to answer one connection before moat connects again.
 const RESTORE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause between connections to an agent that refused or dropped one.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 
 /// The sandbox's disk overlay inside its run directory.
 pub const OVERLAY_FILE: &str = "root.qcow2";
@@ -158,17 +162,25 @@ impl Sandbox {
                 rt.images.overlay_on_layer(&snapshot.join(DISK_FILE), &overlay)?;
                 remove_if_exists(&mem)?;
                 cfg.memory = Some(Memory::Snapshot(snapshot.join(MEM_FILE)));
-                Some(snapshot.join(STATE_FILE))
+                Some((snapshot.join(STATE_FILE), true))
             }
             Origin::Suspended => {
-                let state = dir.join(STATE_FILE);
-                if !state.exists() || !mem.exists() {
+                if SavedMachine::of(dir) != SavedMachine::Complete {
                     return Err(SandboxError::Restore {
                         reason: format!("the saved state in {} is missing", dir.display()),
                         console: String::new(),
                     });
                 }
-                Some(state)
+                discard_saved(dir, true);
+                let state = dir.join(STATE_FILE);
+                if state.exists() {
+                    Some((state, true))
+                } else {
+                    // Only the stream with RAM in it (a pause whose RAM was not split off into
+                    // its own file): it loads into a fresh RAM file of the sandbox's own.
+                    remove_if_exists(&mem)?;
+                    Some((dir.join(FULL_STATE_FILE), false))
+                }
             }
         };
         cfg.incoming = state.is_some();
@@ -176,8 +188,8 @@ impl Sandbox {
         let started = Instant::now();
         let mut vm = Vm::spawn(&cfg, spec.die_with_parent).await?;
         tracing::debug!(sandbox = %id, elapsed = ?started.elapsed(), "QEMU answers on QMP");
-        if let Some(state) = &state {
-            let loaded = match vm.load(state, true).await {
+        if let Some((state, ram_in_file)) = &state {
+            let loaded = match vm.load(state, *ram_in_file).await {
                 Ok(()) => vm.cont().await,
                 Err(e) => Err(e),
             };
@@ -230,7 +242,7 @@ impl Sandbox {
         };
         if matches!(origin, Origin::Suspended) {
             // Running again: the saved device state is stale now.
-            let _ = std::fs::remove_file(dir.join(STATE_FILE));
+            discard_saved(dir, false);
         }
         let boot_time = started.elapsed();
         tracing::info!(sandbox = %id, ?boot_time, restored = state.is_some(), agent = %link.agent().agent_version, "sandbox running");
@@ -249,7 +261,10 @@ impl Sandbox {
     }
 
     /// Take over a sandbox whose QEMU (pid `pid`) an earlier daemon started: verify the process
-    /// is that sandbox's QEMU, then connect to its agent again.
+    /// is that sandbox's QEMU, run the guest again if that daemon died while it was paused (in
+    /// the middle of a snapshot or a pause: the half-done save is cancelled), then connect to its
+    /// agent again, which also sets the guest's clock. The agent gets `spec.boot_timeout` to
+    /// answer. On failure QEMU is left as it is, for the caller to decide.
     pub async fn adopt(
         rt: &Runtime,
         spec: &SandboxSpec,
@@ -265,19 +280,36 @@ impl Sandbox {
             cfg.memory = Some(Memory::Snapshot(dir.join(MEM_FILE)));
         }
         let identity = identity(spec, id);
-        let vm = Vm::adopt(&cfg, pid).await?;
-        let socket = vm.agent_socket();
-        let connect = AgentLink::connect(&socket, Some(identity.clone()));
-        let link = match tokio::time::timeout(spec.boot_timeout, connect).await {
-            Ok(Ok(link)) => link,
-            Ok(Err(e)) => {
+        let mut vm = Vm::adopt(&cfg, pid).await?;
+        let deadline = Instant::now() + spec.boot_timeout;
+        match vm.resume_if_paused().await {
+            Ok(true) => tracing::warn!(sandbox = %id, "the guest was left paused by a save cut short; it runs again"),
+            Ok(false) => {}
+            Err(e) => {
                 vm.detach();
                 return Err(e.into());
             }
-            Err(_) => {
-                let console = vm.console_tail(20);
-                vm.detach();
-                return Err(SandboxError::Boot { reason: "the agent did not answer after adoption".into(), console });
+        }
+        let socket = vm.agent_socket();
+        // As after a restore, an agent whose previous connection was cut may miss the first
+        // hello of a new one; connecting again gets it going.
+        let link = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let limit = RESTORE_CONNECT_TIMEOUT.min(left).max(Duration::from_millis(1));
+            match tokio::time::timeout(limit, AgentLink::connect(&socket, Some(identity.clone()))).await {
+                Ok(Ok(link)) => break link,
+                _ if Instant::now() < deadline => {
+                    tracing::debug!(sandbox = %id, "the adopted agent did not answer; connecting again");
+                    tokio::time::sleep(RECONNECT_PAUSE.min(left)).await;
+                }
+                failed => {
+                    let console = vm.console_tail(20);
+                    vm.detach();
+                    return Err(match failed {
+                        Ok(Err(e)) => e.into(),
+                        _ => SandboxError::AdoptTimeout { timeout: spec.boot_timeout, console },
+                    });
+                }
             }
         };
         Ok(Sandbox {

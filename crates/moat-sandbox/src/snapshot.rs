@@ -25,7 +25,59 @@ pub(crate) const DISK_FILE: &str = "disk.qcow2";
 /// Run directories of the helper VMs that turn a stream with RAM into the usual files start so.
 pub const HELPER_PREFIX: &str = "save-";
 /// A stream with RAM in it, on its way to becoming [`MEM_FILE`] + [`STATE_FILE`].
-const FULL_STATE_FILE: &str = "state.full";
+pub(crate) const FULL_STATE_FILE: &str = "state.full";
+/// Added to a state file's name while it is written: renamed once whole, so a daemon killed half
+/// way never leaves a file that looks like a saved machine.
+const PARTIAL_SUFFIX: &str = ".partial";
+
+/// Where `file` is written until it is whole.
+fn partial(file: &Path) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(PARTIAL_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// What [`Sandbox::suspend`] left in a run directory, for a daemon that took over after a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SavedMachine {
+    Nothing,
+    /// A save cut short: of no use.
+    Partial,
+    /// A whole machine, which [`Origin::Suspended`](crate::Origin::Suspended) continues: the
+    /// device state with the RAM file, or a stream with RAM in it.
+    Complete,
+}
+
+impl SavedMachine {
+    pub fn of(dir: &Path) -> SavedMachine {
+        let has = |f: &str| dir.join(f).exists();
+        if (has(STATE_FILE) && has(MEM_FILE)) || has(FULL_STATE_FILE) {
+            SavedMachine::Complete
+        } else if has(STATE_FILE) || [STATE_FILE, FULL_STATE_FILE].iter().any(|f| partial(&dir.join(f)).exists()) {
+            SavedMachine::Partial
+        } else {
+            SavedMachine::Nothing
+        }
+    }
+}
+
+/// Remove the saved machine files of a run directory: every one, or (`keep_complete`) only those
+/// a [`SavedMachine::Complete`] does not need. Never the RAM file: a running VM may use it.
+/// Returns what it removed.
+pub fn discard_saved(dir: &Path, keep_complete: bool) -> Vec<PathBuf> {
+    let mut doomed: Vec<PathBuf> = [STATE_FILE, FULL_STATE_FILE].iter().map(|f| partial(&dir.join(f))).collect();
+    let whole = dir.join(STATE_FILE).exists() && dir.join(MEM_FILE).exists();
+    if !keep_complete || whole {
+        // With the device state and its RAM file whole, a stream with RAM is a leftover of the
+        // helper that made them.
+        doomed.push(dir.join(FULL_STATE_FILE));
+    }
+    if !keep_complete || !whole {
+        doomed.push(dir.join(STATE_FILE));
+    }
+    doomed.retain(|f| std::fs::remove_file(f).is_ok());
+    doomed
+}
 
 /// What a saved machine can only be restored with: QEMU's device state is specific to the QEMU
 /// version and the accelerator, and the guest's memory to the kernel and agent it booted.
@@ -101,16 +153,22 @@ impl Sandbox {
 
     /// Save the machine into its run directory and end QEMU: the sandbox holds no memory until
     /// [`Origin::Suspended`](crate::Origin::Suspended) starts it again. On failure the sandbox
-    /// keeps running.
+    /// keeps running. The state is whole on disk ([`SavedMachine::Complete`]) before QEMU ends.
     pub async fn suspend(&self, rt: &Runtime) -> Result<(), SandboxError> {
         let own = self.ram_is_own();
         let saved = self.dir.join(if own { STATE_FILE } else { FULL_STATE_FILE });
-        let _ = std::fs::remove_file(&saved);
+        discard_saved(&self.dir, false);
+        let writing = partial(&saved);
         let mut vm = self.vm.lock().await;
-        if let Err(e) = vm.save(&saved).await {
+        let written = match vm.save(&writing).await {
+            Ok(_) => std::fs::rename(&writing, &saved)
+                .map_err(|e| SandboxError::Io { what: format!("renaming {}", writing.display()), source: e }),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = written {
             let _ = vm.cont().await;
-            let _ = std::fs::remove_file(&saved);
-            return Err(e.into());
+            discard_saved(&self.dir, false);
+            return Err(e);
         }
         self.link().close();
         vm.stop(Duration::ZERO).await?;
@@ -118,7 +176,12 @@ impl Sandbox {
         if !own {
             let (mem, dir) = (self.dir.join(MEM_FILE), self.dir.clone());
             blocking(move || remove_if_exists(&mem)).await?;
-            materialize(rt, &self.cfg, &dir, &dir.join(crate::OVERLAY_FILE)).await?;
+            // Without the RAM file the stream itself is resumed, only more slowly.
+            if let Err(e) = materialize(rt, &self.cfg, &dir, &dir.join(crate::OVERLAY_FILE)).await {
+                tracing::warn!(sandbox = %self.id, error = %e, "splitting the saved RAM into its own file failed");
+                let mem = self.dir.join(MEM_FILE);
+                blocking(move || remove_if_exists(&mem)).await?;
+            }
         }
         let dir = self.dir.clone();
         blocking(move || sync_dir(&dir)).await
@@ -131,6 +194,7 @@ impl Sandbox {
 
 /// Turn `dir/state.full` (device state with RAM) into `dir/mem` + `dir/state`: a helper QEMU
 /// with the same machine loads it into a fresh RAM file, paused, and saves it again without RAM.
+/// `state.full` goes only once `state` is whole.
 async fn materialize(rt: &Runtime, machine: &VmConfig, dir: &Path, disk: &Path) -> Result<(), SandboxError> {
     let name = format!("{HELPER_PREFIX}{}", crate::new_id());
     let cfg = VmConfig {
@@ -142,20 +206,23 @@ async fn materialize(rt: &Runtime, machine: &VmConfig, dir: &Path, disk: &Path) 
         ..machine.clone()
     };
     let full = dir.join(FULL_STATE_FILE);
+    let state = dir.join(STATE_FILE);
+    let writing = partial(&state);
     let result = async {
         let mut vm = Vm::spawn(&cfg, true).await?;
         let saved = async {
             vm.load(&full, false).await?;
-            vm.save(&dir.join(STATE_FILE)).await
+            vm.save(&writing).await
         }
         .await;
         vm.stop(Duration::ZERO).await?;
         saved?;
-        Ok(())
+        std::fs::rename(&writing, &state)
+            .map_err(|e| SandboxError::Io { what: format!("renaming {}", writing.display()), source: e })
     }
     .await;
     let _ = std::fs::remove_dir_all(&cfg.run_dir);
-    let _ = std::fs::remove_file(&full);
+    let _ = std::fs::remove_file(if result.is_ok() { &full } else { &writing });
     result
 }
 
@@ -245,6 +312,38 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let blocks = std::fs::metadata(&dst).unwrap().blocks() * 512;
         assert!(blocks < 4 << 20, "holes stay holes: {blocks} bytes allocated");
+    }
+
+    #[test]
+    fn a_saved_machine_is_whole_once_renamed_and_discarding_keeps_what_a_resume_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let touch = |f: &str| std::fs::write(d.join(f), b"x").unwrap();
+        let names = |paths: Vec<PathBuf>| -> Vec<String> {
+            paths.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect()
+        };
+        touch(MEM_FILE); // a running VM's own RAM file
+        assert_eq!(SavedMachine::of(d), SavedMachine::Nothing);
+        touch("state.partial");
+        assert_eq!(SavedMachine::of(d), SavedMachine::Partial, "a save cut short");
+        std::fs::rename(d.join("state.partial"), d.join(STATE_FILE)).unwrap();
+        assert_eq!(SavedMachine::of(d), SavedMachine::Complete);
+
+        // The helper that split RAM off was cut short after its rename: the stream is a leftover.
+        touch(FULL_STATE_FILE);
+        touch("state.full.partial");
+        assert_eq!(names(discard_saved(d, true)), ["state.full.partial", FULL_STATE_FILE]);
+        assert_eq!(SavedMachine::of(d), SavedMachine::Complete);
+        assert_eq!(names(discard_saved(d, false)), [STATE_FILE]);
+        assert_eq!(SavedMachine::of(d), SavedMachine::Nothing);
+        assert!(d.join(MEM_FILE).exists(), "the RAM file is never discarded");
+
+        // A stream with RAM in it is a whole machine by itself, kept while nothing replaces it.
+        std::fs::remove_file(d.join(MEM_FILE)).unwrap();
+        touch(FULL_STATE_FILE);
+        assert_eq!(SavedMachine::of(d), SavedMachine::Complete);
+        assert!(discard_saved(d, true).is_empty());
+        assert_eq!(SavedMachine::of(d), SavedMachine::Complete);
     }
 
     #[test]

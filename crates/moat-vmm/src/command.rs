@@ -198,7 +198,8 @@ pub fn command_line_for(cfg: &VmConfig, host: HostFacts) -> Vec<OsString> {
     push(&["-append", &kernel_args]);
     push(&[
         "-chardev",
-        &format!("file,id=console,path={}", opt_value(&p(&cfg.console_log()))),
+        // Appending, so the console log can be cut while QEMU writes (crate::console).
+        &format!("file,id=console,path={},append=on", opt_value(&p(&cfg.console_log()))),
         "-serial",
         "chardev:console",
     ]);
@@ -301,7 +302,7 @@ mod tests {
         assert_eq!(value(&a, "-initrd"), "/cache/initrd.cpio");
         assert_eq!(value(&a, "-serial"), "chardev:console");
         let chardevs = values(&a, "-chardev");
-        assert!(chardevs.contains(&"file,id=console,path=/run/x/console.log".to_string()), "{chardevs:?}");
+        assert!(chardevs.contains(&"file,id=console,path=/run/x/console.log,append=on".to_string()), "{chardevs:?}");
         assert!(
             chardevs.contains(&"socket,id=agent,path=/run/x/agent.sock,server=on,wait=off".to_string()),
             "{chardevs:?}"

@@ -3,6 +3,7 @@
 
 mod accel;
 mod command;
+mod console;
 mod exit;
 mod identity;
 mod qmp;
@@ -14,6 +15,7 @@ pub use accel::{
     choose_accel, Accel, AccelChoice, AccelChoiceError, AccelDecision, DEFAULT_PROBE_TIMEOUT, PROBE_MARKER,
 };
 pub use command::{command_line, command_line_for, HostFacts, Memory, VmConfig, BASE_CMDLINE, SECCOMP_POLICY};
+pub use console::{rotated_path as rotated_console_log, CONSOLE_LOG_CAP};
 pub use exit::{Exit, ExitWatcher};
 pub use identity::{find_qemus_under, is_our_qemu};
 pub use qmp::{Qmp, QmpError, QmpEvent};
@@ -42,7 +44,7 @@ pub enum VmmError {
     Qmp(#[from] QmpError),
     #[error("process {pid} is not this sandbox's QEMU: {reason}; it was left alone\nhint: the VM has probably exited and its pid was reused; treat the sandbox as stopped")]
     NotOurProcess { pid: u32, reason: String },
-    #[error("QEMU {pid} is running but did not answer on its QMP socket {}: {reason}; it was left running\nhint: another process may hold the QMP connection; stop it, or kill QEMU {pid} to end the sandbox", socket.display())]
+    #[error("QEMU {pid} is running but did not answer on its QMP socket {}: {reason}\nhint: the VM may be hung, or another process holds its QMP connection", socket.display())]
     AdoptQmp { pid: u32, socket: PathBuf, reason: String },
     #[error("{0}\nhint: see qemu.log in the run directory; `moat doctor` checks the host")]
     Migration(String),

@@ -1,6 +1,5 @@
 //! A supervised QEMU process: one this daemon spawned, or one it adopted from an earlier daemon.
 
-use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -12,6 +11,7 @@ use tokio::process::{Child, Command};
 use serde_json::json;
 
 use crate::command::{command_line, Memory, VmConfig};
+use crate::console::{console_tail, keep_under_cap, rotated_path, tail};
 use crate::exit::{has_exited, open_pidfd, wait_readable, watch, Exit, ExitWatcher};
 use crate::identity::is_our_qemu;
 use crate::qmp::Qmp;
@@ -51,6 +51,8 @@ pub struct Vm {
     exited: Option<Exit>,
     /// Guest RAM is a shared file mapping ([`Memory::Own`]): saved streams leave it out.
     ram_shared: bool,
+    /// Keeps `console.log` under its cap while this handle lives.
+    console_cap: tokio::task::JoinHandle<()>,
 }
 
 /// How long saving or loading a VM's state may take. Streams without RAM take milliseconds; one
@@ -58,6 +60,8 @@ pub struct Vm {
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 /// The name a migration stream's file descriptor gets inside QEMU.
 const STATE_FD: &str = "moat-state";
+/// How long a cancelled migration may take to stop (it stops at the next chunk it writes).
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Vm {
     /// Start QEMU and connect to its QMP socket. When QEMU exits during start-up (a bad kernel
@@ -77,7 +81,9 @@ impl Vm {
             what: format!("cannot create run directory {}", cfg.run_dir.display()),
             source: e,
         })?;
-        for stale in [cfg.qmp_socket(), cfg.agent_socket(), cfg.pid_file()] {
+        // QEMU appends to the console log (so it can be cut under it): each boot starts afresh.
+        let console = cfg.console_log();
+        for stale in [cfg.qmp_socket(), cfg.agent_socket(), cfg.pid_file(), rotated_path(&console), console] {
             let _ = std::fs::remove_file(stale);
         }
         let qemu_log = cfg.qemu_log();
@@ -188,6 +194,7 @@ impl Vm {
             qmp: None,
             exited: None,
             ram_shared: cfg.memory.as_ref().is_some_and(Memory::is_shared),
+            console_cap: keep_under_cap(cfg.console_log()),
         }
     }
 
@@ -240,6 +247,41 @@ impl Vm {
     pub async fn cont(&mut self) -> Result<(), VmmError> {
         self.qmp()?.execute("cont", None).await?;
         Ok(())
+    }
+
+    /// Undo what a save cut short left (a daemon killed while [`Vm::save`] ran or while it copied
+    /// files with the guest paused): cancel a migration still in flight, then run the guest again
+    /// if it is paused. Returns whether it was paused. A guest QEMU stopped for good (shut down,
+    /// panicked) cannot run again: that is an error.
+    pub async fn resume_if_paused(&mut self) -> Result<bool, VmmError> {
+        let deadline = Instant::now() + CANCEL_TIMEOUT;
+        let mut cancelled = false;
+        loop {
+            let info = self.qmp()?.execute("query-migrate", None).await?;
+            match info.get("status").and_then(|s| s.as_str()).unwrap_or("none") {
+                "none" | "completed" | "failed" | "cancelled" => break,
+                status if Instant::now() > deadline => {
+                    return Err(VmmError::Migration(format!(
+                        "a save of the VM state left by an earlier daemon is still {status} {}s after it was cancelled",
+                        CANCEL_TIMEOUT.as_secs()
+                    )))
+                }
+                _ => {
+                    if !cancelled {
+                        self.qmp()?.execute("migrate_cancel", None).await?;
+                        cancelled = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        let status = self.qmp()?.execute("query-status", None).await?;
+        if status.get("running").and_then(|r| r.as_bool()).unwrap_or(false) {
+            return Ok(false);
+        }
+        // `cont` refuses a guest that needs a reset (shut down, panicked) with QEMU's reason.
+        self.cont().await?;
+        Ok(true)
     }
 
     /// Poll `query-migrate` until the migration in either direction has completed.
@@ -368,7 +410,7 @@ impl Vm {
 
     /// The last lines of the guest console, for error messages.
     pub fn console_tail(&self, max_lines: usize) -> String {
-        tail(&self.console_log, max_lines)
+        console_tail(&self.console_log, max_lines)
     }
 
     /// What QEMU printed on stderr (its last lines).
@@ -460,6 +502,7 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        self.console_cap.abort();
         // Never block in drop: signal and let tokio's orphan reaper collect the process. An
         // adopted QEMU belongs to the sandbox, not to this handle: leave it running.
         if let Process::Spawned(child) = &mut self.process {
@@ -481,18 +524,6 @@ async fn prepare_migration(qmp: &mut Qmp, ram_in_file: bool) -> Result<(), VmmEr
     .await?;
     qmp.execute("migrate-set-parameters", Some(json!({ "max-bandwidth": i64::MAX / 2 }))).await?;
     Ok(())
-}
-
-/// The last `max_lines` lines of a file, reading at most its last 64 KiB.
-fn tail(path: &Path, max_lines: usize) -> String {
-    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
-    let mut buf = Vec::new();
-    let _ = f.take(64 * 1024).read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf);
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(max_lines)..].join("\n")
 }
 
 #[cfg(test)]
@@ -685,14 +716,5 @@ pub(crate) mod tests {
         assert!(!cfg.qmp_socket().exists() && !cfg.pid_file().exists());
         let err = Vm::adopt(&cfg, pid).await.err().expect("an exited QEMU cannot be adopted");
         assert!(matches!(err, VmmError::NotOurProcess { .. }), "{err}");
-    }
-
-    #[test]
-    fn tail_returns_the_last_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("log");
-        std::fs::write(&f, "a\nb\nc\nd\n").unwrap();
-        assert_eq!(tail(&f, 2), "c\nd");
-        assert_eq!(tail(&dir.path().join("missing"), 2), "");
     }
 }

@@ -233,9 +233,11 @@ pub struct CreateArgs {
     #[arg(long, value_name = "IP[:PORT]")]
     pub dns: Vec<String>,
     /// Bind a secret to hosts (repeatable): the value comes from moat's own environment variable
-    /// NAME; the guest's NAME holds a placeholder that moat replaces, on the host, in HTTPS
-    /// requests to those hosts only. The real value never enters the sandbox.
-    #[arg(long, value_name = "NAME@HOST[,HOST…]")]
+    /// NAME; the guest's NAME holds a placeholder that moat replaces, on the host, in the header
+    /// values and query of HTTPS requests to those hosts only (`+body`: in request bodies too),
+    /// and puts back wherever the value comes back in responses. The real value never enters
+    /// the sandbox.
+    #[arg(long, value_name = "NAME@HOST[,HOST…][+body]")]
     pub secret: Vec<String>,
     /// Forward a host port to a guest port (repeatable); the address defaults to 127.0.0.1 and
     /// host port 0 picks a free one.
@@ -528,9 +530,24 @@ pub struct EventsArgs {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Also serve the API on this TCP address (bearer token from $MOAT_HOME/token).
+    /// Also serve the API on this TCP address (bearer token from $MOAT_HOME/token). Anything but
+    /// a loopback address needs --tls-cert and --tls-key, or --insecure-tcp.
     #[arg(long, value_name = "ADDR")]
     pub tcp: Option<std::net::SocketAddr>,
+    /// Serve --tcp over TLS with this certificate chain (PEM, the server's certificate first).
+    #[arg(long, value_name = "PEM", requires_all = ["tcp", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires_all = ["tcp", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
+    /// Serve --tcp in clear text even on a non-loopback address: anyone on the network path can
+    /// read the token and every secret sent to the API.
+    #[arg(long, requires = "tcp")]
+    pub insecure_tcp: bool,
+    /// Let the members of this group use the daemon's socket, and so every sandbox and secret it
+    /// holds [default: the daemon's user alone].
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
     /// Most sandboxes that may be live at once.
     #[arg(long, env = "MOAT_MAX_SANDBOXES", default_value_t = 32)]
     pub max_sandboxes: usize,
@@ -560,6 +577,18 @@ pub struct ServeArgs {
     /// MCP endpoint: image of new sandboxes when the agent names none.
     #[arg(long, env = "MOAT_MCP_IMAGE", default_value = moat_api::DEFAULT_IMAGE)]
     pub mcp_image: String,
+    /// MCP endpoint: let port forwards listen on any host address, not only on loopback.
+    #[arg(long, env = "MOAT_MCP_ALLOW_PUBLIC_PORTS")]
+    pub mcp_allow_public_ports: bool,
+    /// MCP endpoint: most virtual CPUs of one sandbox.
+    #[arg(long, value_name = "N", env = "MOAT_MCP_MAX_CPUS", default_value_t = moat_mcp::DEFAULT_MAX_CPUS)]
+    pub mcp_max_cpus: u32,
+    /// MCP endpoint: most memory of one sandbox, in MiB.
+    #[arg(long, value_name = "MIB", env = "MOAT_MCP_MAX_MEMORY", default_value_t = moat_mcp::DEFAULT_MAX_MEMORY_MIB)]
+    pub mcp_max_memory: u32,
+    /// MCP endpoint: largest root disk of one sandbox, in MiB.
+    #[arg(long, value_name = "MIB", env = "MOAT_MCP_MAX_DISK", default_value_t = moat_mcp::DEFAULT_MAX_DISK_MIB)]
+    pub mcp_max_disk: u64,
 }
 
 /// What an MCP session may do (`moat mcp`).
@@ -591,6 +620,18 @@ pub struct McpArgs {
     /// Turn the upload and download tools off.
     #[arg(long)]
     pub no_host_files: bool,
+    /// Let port forwards listen on any host address, not only on loopback (127.0.0.1, ::1).
+    #[arg(long)]
+    pub allow_public_ports: bool,
+    /// Most virtual CPUs of one sandbox.
+    #[arg(long, value_name = "N", default_value_t = moat_mcp::DEFAULT_MAX_CPUS)]
+    pub max_cpus: u32,
+    /// Most memory of one sandbox, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = moat_mcp::DEFAULT_MAX_MEMORY_MIB)]
+    pub max_memory: u32,
+    /// Largest root disk of one sandbox, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = moat_mcp::DEFAULT_MAX_DISK_MIB)]
+    pub max_disk: u64,
 }
 
 #[derive(Debug, Args)]

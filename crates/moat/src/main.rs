@@ -12,7 +12,8 @@ fn main() {
     let code = match runtime.block_on(moat::main(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("moat: error: {e:#}");
+            // Errors can quote the guest's console (a failed boot): no terminal controls.
+            eprintln!("moat: error: {}", moat_api::escape_controls(&format!("{e:#}")));
             125
         }
     };

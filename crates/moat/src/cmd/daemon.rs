@@ -24,7 +24,15 @@ pub async fn serve(args: ServeArgs, host: &HostArgs) -> anyhow::Result<i32> {
             templates: !args.no_templates,
             ..Default::default()
         },
-        tcp: args.tcp,
+        tcp: match args.tcp {
+            Some(addr) => Some(moat_daemon::listen::TcpConfig {
+                addr,
+                tls: moat_daemon::listen::TlsFiles::pair(args.tls_cert, args.tls_key)?,
+                insecure: args.insecure_tcp,
+            }),
+            None => None,
+        },
+        group: args.group,
         idle_exit: args.idle_exit,
         reset_state: args.reset_state,
         mcp: moat_mcp::Policy {
@@ -38,6 +46,10 @@ pub async fn serve(args: ServeArgs, host: &HostArgs) -> anyhow::Result<i32> {
                 ),
                 None => moat_mcp::HostFiles::Off,
             },
+            allow_public_ports: args.mcp_allow_public_ports,
+            max_cpus: args.mcp_max_cpus,
+            max_memory_mib: args.mcp_max_memory,
+            max_disk_mib: args.mcp_max_disk,
             flags: moat_mcp::Flags::Daemon,
             ..Default::default()
         },
@@ -109,12 +121,15 @@ fn check_settings(host: &HostArgs, h: &moat_api::Health) -> anyhow::Result<()> {
 
 /// Spawn `moat serve` detached from this terminal, logging to `$MOAT_HOME/daemon.log`.
 fn start_daemon(host: &HostArgs, home: &Path) -> anyhow::Result<std::process::Child> {
+    use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::process::CommandExt;
-    std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
+    // Private from the start: the daemon keeps guest memory and disks in here.
+    moat_sandbox::create_private_dir(home)?;
     let log_path = home.join("daemon.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
     let exe = std::env::current_exe().context("finding the moat binary")?;

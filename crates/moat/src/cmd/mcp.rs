@@ -34,6 +34,10 @@ pub async fn mcp(args: McpArgs, host: &HostArgs) -> anyhow::Result<i32> {
         default_image: args.image,
         idle_ttl: args.idle_timeout,
         host_files,
+        allow_public_ports: args.allow_public_ports,
+        max_cpus: args.max_cpus,
+        max_memory_mib: args.max_memory,
+        max_disk_mib: args.max_disk,
         flags: Flags::Stdio,
     };
     let client = connect(host).await?;

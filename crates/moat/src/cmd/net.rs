@@ -40,7 +40,9 @@ pub fn describe(net: &NetSpec) -> String {
     line("allow-cidr", net.allow_cidrs.clone());
     line("add-host", net.hosts.clone());
     line("dns", net.dns.clone());
-    line("secrets", net.secrets.iter().map(|s| format!("{}@{}", s.name, s.hosts.join(","))).collect());
+    let secret =
+        |s: &moat_api::SecretSpec| format!("{}@{}{}", s.name, s.hosts.join(","), if s.in_body { "+body" } else { "" });
+    line("secrets", net.secrets.iter().map(secret).collect());
     line("ports", net.ports.iter().map(PortForward::to_string).collect());
     out
 }

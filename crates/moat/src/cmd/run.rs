@@ -66,6 +66,14 @@ fn net_spec(c: &CreateArgs) -> anyhow::Result<Option<NetSpec>> {
         let Some((name, hosts)) = s.split_once('@') else {
             bail!("--secret {s:?} names no host\nhint: write NAME@HOST[,HOST…], e.g. OPENAI_API_KEY@api.openai.com");
         };
+        // `+body`: no hostname has a `+`, so the suffix cannot be read as part of one.
+        let (hosts, in_body) = match hosts.split_once('+') {
+            None => (hosts, false),
+            Some((hosts, "body")) => (hosts, true),
+            Some((_, other)) => bail!(
+                "--secret {s:?}: {other:?} is not a place for a secret\nhint: write NAME@HOST[,HOST…] (header values and the query) or NAME@HOST[,HOST…]+body (request bodies too)"
+            ),
+        };
         let value = std::env::var(name).map_err(|_| {
             anyhow::anyhow!("--secret {s}: {name} is not set in moat's environment\nhint: export {name}=… first; moat reads the value from there so it never appears in the command line")
         })?;
@@ -73,6 +81,7 @@ fn net_spec(c: &CreateArgs) -> anyhow::Result<Option<NetSpec>> {
             name: name.to_string(),
             value: Some(value),
             hosts: hosts.split(',').filter(|h| !h.is_empty()).map(String::from).collect(),
+            in_body,
         });
     }
     let ports = c

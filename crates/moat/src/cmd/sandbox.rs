@@ -1,10 +1,11 @@
 //! Managing sandboxes through the daemon: ps, inspect, stop, start, rm, lease, logs, events,
 //! prune, gc.
 
+use std::io::IsTerminal;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
-use moat_api::{LogSource, Reclaimed, SandboxInfo};
+use moat_api::{escape_controls, ControlEscaper, LogSource, Reclaimed, SandboxInfo};
 use tokio::io::AsyncWriteExt;
 
 use crate::cli::{EventsArgs, HostArgs, InspectArgs, LeaseCommand, LogSourceArg, LogsArgs, PsArgs, RefsArgs, RmArgs};
@@ -69,7 +70,8 @@ pub async fn inspect(args: InspectArgs, host: &HostArgs) -> anyhow::Result<i32> 
     print_info(&s);
     println!("lifecycle:");
     for e in lifecycle {
-        let err = e.error.map(|e| format!("  ({})", e.lines().next().unwrap_or_default())).unwrap_or_default();
+        let err = e.error.map(|e| format!("  ({})", escape_controls(e.lines().next().unwrap_or_default())));
+        let err = err.unwrap_or_default();
         println!("  v{:<3} {:<9} {}{err}", e.version, e.phase, ago_or_in(e.at_ms / 1000));
     }
     Ok(0)
@@ -101,7 +103,8 @@ fn print_info(s: &SandboxInfo) {
         println!("  {line}");
     }
     if let Some(e) = &s.last_error {
-        println!("last error:  {e}");
+        // It can quote the guest's console.
+        println!("last error:  {}", escape_controls(e));
     }
 }
 
@@ -144,7 +147,7 @@ where
         match op(r.clone()).await {
             Ok(name) => println!("{name}"),
             Err(e) => {
-                eprintln!("moat: error: {r}: {e}");
+                eprintln!("moat: error: {r}: {}", escape_controls(&e.to_string()));
                 failed += 1;
             }
         }
@@ -171,8 +174,19 @@ pub async fn logs(args: LogsArgs, host: &HostArgs) -> anyhow::Result<i32> {
     };
     let mut stream = Box::pin(client.logs(&args.sandbox, source, args.follow).await?);
     let mut out = tokio::io::stdout();
+    // The guest wrote the console: on a terminal its control sequences are shown, not obeyed
+    // (like journalctl); a pipe or file gets the bytes as they are.
+    let mut escaper = std::io::stdout().is_terminal().then(ControlEscaper::default);
     while let Some(chunk) = stream.next().await {
-        out.write_all(&chunk?).await?;
+        let chunk = chunk?;
+        match &mut escaper {
+            Some(e) => out.write_all(e.push(&chunk).as_bytes()).await?,
+            None => out.write_all(&chunk).await?,
+        }
+        out.flush().await?;
+    }
+    if let Some(e) = &mut escaper {
+        out.write_all(e.finish().as_bytes()).await?;
         out.flush().await?;
     }
     Ok(0)
@@ -186,7 +200,8 @@ pub async fn events(args: EventsArgs, host: &HostArgs) -> anyhow::Result<i32> {
         if args.json {
             println!("{}", serde_json::to_string(&e)?);
         } else {
-            println!("{:>6}  {:<10}  {:<12}  {}", e.seq, ago_or_in(e.at_ms / 1000), e.kind, e.message);
+            let message = escape_controls(&e.message);
+            println!("{:>6}  {:<10}  {:<12}  {message}", e.seq, ago_or_in(e.at_ms / 1000), e.kind);
         }
     }
     Ok(0)

@@ -183,6 +183,8 @@ async def stdio(moat, host_dir):
         assert await call(client, "sandbox_logs", {"sandbox": box, "lines": 20})
 
         await malformed_calls_are_tool_errors(client, box)
+        out = await call(client, "sandbox_create", {"memory_mib": 262144}, error=True)
+        assert "over this MCP server's limit of 4096" in out and "`moat mcp --max-memory`" in out, out
 
         # The session's sandbox limit (3 here): a third one fits, a fourth does not.
         await call(client, "sandbox_create", {"name": "mcp-third", "memory_mib": 256})
@@ -234,9 +236,53 @@ async def stdio(moat, host_dir):
         assert "2 commands a minute" in out and "--exec-rate" in out, out
 
 
+def shortest_prefix(of, others):
+    """The shortest prefix of `of` that none of `others` starts with."""
+    for n in range(1, len(of) + 1):
+        if not any(o.startswith(of[:n]) for o in others):
+            return of[:n]
+    raise AssertionError(f"{of} is a prefix of one of {others}")
+
+
+async def snapshots_of_other_sessions_are_out_of_reach(a, b, api):
+    """Session a snapshots its sandbox; b cannot start from it by reference, id or id prefix, and
+    gets the very answer a missing snapshot gets (no oracle for guessing ids)."""
+    await call(a, "sandbox_snapshot", {"sandbox": "http-box", "name": "private"})
+    every = api("/v1/snapshots")
+    snap = next(s for s in every if s["sandbox_name"] == "http-box" and s["name"] == "private")
+    prefix = shortest_prefix(snap["id"], [s["id"] for s in every if s["kind"] == "template"])
+    missing = await call(b, "sandbox_create", {"from_snapshot": "gone-box:private"}, error=True)
+    assert "no snapshot" in missing, missing
+    for ref in ["http-box:private", snap["id"], prefix]:
+        out = await call(b, "sandbox_create", {"from_snapshot": ref}, error=True)
+        assert out.replace(json.dumps(ref), "REF") == missing.replace(json.dumps("gone-box:private"), "REF"), (ref, out)
+    # Its owner may.
+    made = json.loads(await call(a, "sandbox_create", {"from_snapshot": prefix}))
+    assert made["phase"] == "running", made
+    await call(a, "sandbox_destroy", {"sandbox": made["name"]})
+
+
+async def the_operators_limits_hold(a, b):
+    """Port forwards stay on loopback, and sandboxes stay within the size caps, by default."""
+    out = await call(b, "sandbox_create", {"ports": ["0.0.0.0:0:80"], "memory_mib": 256}, error=True)
+    assert "loopback only" in out and "moat serve --mcp-allow-public-ports" in out, out
+    out = await call(b, "sandbox_create", {"memory_mib": 262144}, error=True)
+    assert "moat serve --mcp-max-memory" in out and "MOAT_MCP_MAX_MEMORY" in out, out
+    out = await call(b, "sandbox_create", {"cpus": 64, "memory_mib": 256}, error=True)
+    assert "moat serve --mcp-max-cpus" in out, out
+    out = await call(a, "sandbox_ports", {"sandbox": "http-box", "add": "0.0.0.0:0:8000"}, error=True)
+    assert "loopback only" in out, out
+    assert "no sandboxes" in await call(b, "sandbox_list"), "nothing was created"
+
+
 async def http(url, token_file):
     with open(token_file) as f:
         token = f.read().strip()
+
+    def api(path):
+        base = url.rsplit("/mcp", 1)[0]
+        req = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {token}"})
+        return json.loads(urllib.request.urlopen(req, timeout=30).read())
 
     def session():
         http_client = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"},
@@ -254,6 +300,8 @@ async def http(url, token_file):
         assert "http-box" not in await call(b, "sandbox_list")
         await call(b, "sandbox_info", {"sandbox": "http-box"}, error=True)
         await malformed_calls_are_tool_errors(a, "http-box")
+        await the_operators_limits_hold(a, b)
+        await snapshots_of_other_sessions_are_out_of_reach(a, b, api)
         out = await call(a, "sandbox_upload", {"host_path": "x", "sandbox": "http-box", "path": "/root"}, error=True)
         assert "moat serve --mcp-host-dir" in out, out
 
