@@ -106,8 +106,9 @@ schemas={
    "ports":{"type":"array","items":ref("PortForward")}}},
  "SecretSpec":{"type":"object","additionalProperties":False,"required":["name","hosts"],"properties":{
    "name":{"type":"string","description":"Environment variable that holds the placeholder moat_placeholder_NAME in every process of the sandbox"},
-   "value":{"type":"string","writeOnly":True,"description":"The real value (create only; never returned). Put into HTTPS requests to the hosts, on the host, by TLS interception with a per-sandbox CA the guest trusts"},
-   "hosts":{"type":"array","items":{"type":"string"},"description":"Hostnames (patterns as in allow) whose requests get the value"}}},
+   "value":{"type":"string","writeOnly":True,"description":"The real value (create only; never returned). Put into the header values and query of HTTPS requests to the hosts, on the host, by TLS interception with a per-sandbox CA the guest trusts; replaced by the placeholder again in everything those hosts answer"},
+   "hosts":{"type":"array","items":{"type":"string"},"description":"Hostnames (patterns as in allow) whose requests get the value"},
+   "in_body":{"type":"boolean","default":False,"description":"Also put the value into request bodies"}}},
  "PortForward":{"type":"object","additionalProperties":False,"required":["host_port","guest_port"],"properties":{
    "host_addr":{"type":"string","default":"127.0.0.1"},"host_port":{"type":"integer","minimum":0,"maximum":65535,"description":"0 picks a free port"},"guest_port":{"type":"integer","minimum":1,"maximum":65535}}},
  "ChangeAllowlist":{"type":"object","additionalProperties":False,"properties":{"add":{"type":"array","items":{"type":"string"}},"remove":{"type":"array","items":{"type":"string"}}}},

@@ -13,7 +13,7 @@ use moat_api::{Phase, SandboxInfo};
 use moat_sandbox::{discard_saved, Sandbox, SandboxSpec, SavedMachine};
 use tokio::sync::OwnedMutexGuard;
 
-use crate::service::{kill_verified, Service, ServiceError};
+use crate::service::{kill_verified, remove_leftovers, Service, ServiceError};
 
 /// How long the agent of an adopted guest gets to answer. A running or just-resumed agent
 /// answers within a second; the rest is room for a loaded TCG host.
@@ -101,7 +101,6 @@ impl Service {
                 self.settle_at_rest(id, &dir, Phase::Stopped, "its stop, cut short by a daemon restart, was finished")
             }
             Takeover::Paused => {
-                discard_saved(&dir, true);
                 self.settle_at_rest(id, &dir, Phase::Paused, "its pause had saved the machine before a daemon restart")
             }
             Takeover::Stopped => {
@@ -157,11 +156,7 @@ impl Service {
 
     /// Record a sandbox whose QEMU is gone as at rest in `phase`, removing what it no longer needs.
     fn settle_at_rest(&self, id: &str, dir: &Path, phase: Phase, why: &str) -> Result<(), ServiceError> {
-        if phase != Phase::Paused {
-            discard_saved(dir, false);
-            // Guest RAM is of no use to a sandbox that boots next time.
-            let _ = std::fs::remove_file(dir.join(moat_sandbox::MEM_FILE));
-        }
+        remove_leftovers(dir, phase);
         self.db(|db| {
             db.set_pid(id, None)?;
             db.set_phase(id, phase, None)?;
@@ -171,7 +166,7 @@ impl Service {
 
     fn fail_adoption(&self, id: &str, dir: &Path, reason: &str) -> Result<(), ServiceError> {
         tracing::warn!(sandbox = %id, %reason, "sandbox could not be adopted");
-        discard_saved(dir, false);
+        remove_leftovers(dir, Phase::Failed);
         self.db(|db| {
             db.set_pid(id, None)?;
             db.set_phase(id, Phase::Failed, Some(reason))

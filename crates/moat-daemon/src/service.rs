@@ -755,7 +755,7 @@ fn check_ttl(ttl_secs: u64) -> Result<(), ServiceError> {
 
 /// What a sandbox at rest in `phase` no longer needs in its run directory: QEMU's sockets and
 /// pidfile, a save cut short, and unless it is paused, its saved machine and guest RAM.
-fn remove_leftovers(dir: &Path, phase: Phase) -> Vec<String> {
+pub(crate) fn remove_leftovers(dir: &Path, phase: Phase) -> Vec<String> {
     let paused = phase == Phase::Paused;
     let mut removed: Vec<String> =
         moat_sandbox::discard_saved(dir, paused).iter().map(|p| p.display().to_string()).collect();

@@ -31,8 +31,10 @@ pub enum Command {
     /// Copy files and directories between the host and a sandbox (`docker cp` rules).
     ///
     /// One side is BOX:PATH (PATH absolute in the sandbox). Into an existing directory SRC goes
-    /// under its own name; `SRC/.` copies what is inside SRC. Modes, mtimes and symlinks are kept;
-    /// symlinks are never followed.
+    /// under its own name; `SRC/.` copies what is inside SRC. Mtimes and symlinks are kept and
+    /// symlinks are never followed. Copied out of a sandbox, modes are masked to 0755 (no setuid,
+    /// setgid or group/other write), existing directories keep their modes, and the archive may
+    /// hold only SRC and what is under it.
     Cp(CpArgs),
     /// List sandboxes, or with a sandbox, its background processes.
     Ps(PsArgs),

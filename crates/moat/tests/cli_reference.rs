@@ -19,6 +19,10 @@ fn help(args: &[String]) -> String {
         "MOAT_MCP_EXEC_RATE",
         "MOAT_MCP_HOST_DIR",
         "MOAT_MCP_IMAGE",
+        "MOAT_MCP_ALLOW_PUBLIC_PORTS",
+        "MOAT_MCP_MAX_CPUS",
+        "MOAT_MCP_MAX_MEMORY",
+        "MOAT_MCP_MAX_DISK",
     ] {
         cmd.env_remove(var);
     }

@@ -111,7 +111,7 @@ fn guest_sets_setuid_bits_and_grows_a_file_while_it_is_copied_out() {
     assert!(after > before, "the file grew during the copy ({before} then {after} bytes)");
     let copied = std::fs::metadata(dest.join("out.bin")).unwrap().len();
     assert!(
-        (before..=after).contains(&copied) && copied % 2048 == 0,
+        (before..=after).contains(&copied) && copied.is_multiple_of(2048),
         "copied {copied} bytes of a file of {before} to {after}"
     );
 }

@@ -100,6 +100,14 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Wait until a killed daemon is gone for good. Its threads die only when their system calls
+/// return (a file copy, an fsync), and until the last one has, its socket still takes connections.
+fn wait_for_exit(daemon: i32) {
+    wait_for("the killed daemon to be gone", Duration::from_secs(20), || {
+        !Path::new(&format!("/proc/{daemon}")).exists()
+    });
+}
+
 /// A sandbox with a guest that must survive every crash below: its boot id and a background
 /// process that must still run.
 struct Survivor {
@@ -151,7 +159,7 @@ fn kill_daemon_during(h: &Path, args: &[&str], what: &str, mut point: impl FnMut
     };
     let _ = child.wait();
     if cut {
-        wait_for("the killed daemon to be gone", Duration::from_secs(10), || !alive(daemon as u32));
+        wait_for_exit(daemon);
     }
     cut
 }
@@ -213,7 +221,13 @@ fn a_daemon_killed_mid_snapshot_or_fork_loses_no_sandbox() {
     let home = OwnHome::new();
     let h = home.path();
     struct Dump(PathBuf);
-    impl Drop for Dump { fn drop(&mut self) { if std::thread::panicking() { eprintln!("FULLLOG\n{}", std::fs::read_to_string(self.0.join("daemon.log")).unwrap_or_default()); } } }
+    impl Drop for Dump {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                eprintln!("FULLLOG\n{}", std::fs::read_to_string(self.0.join("daemon.log")).unwrap_or_default());
+            }
+        }
+    }
     let _dump = Dump(h.to_path_buf());
     let survivor = Survivor::start(h, "box");
 
@@ -237,7 +251,14 @@ fn a_daemon_killed_mid_snapshot_or_fork_loses_no_sandbox() {
     assert_no_leaks(h, "a crash while a fork's snapshot was written");
     let run = h.join("run");
     let before = entries(&run);
-    let restoring = || { let e = entries(&run); let hit = e.iter().any(|d| !before.contains(d) && !d.starts_with("save-")); if hit { eprintln!("RESTORING before={before:?} now={e:?} at {:?}", std::time::SystemTime::now()); } hit };
+    let restoring = || {
+        let e = entries(&run);
+        let hit = e.iter().any(|d| !before.contains(d) && !d.starts_with("save-"));
+        if hit {
+            eprintln!("RESTORING before={before:?} now={e:?} at {:?}", std::time::SystemTime::now());
+        }
+        hit
+    };
     let cut = kill_daemon_during(h, &["fork", "box", "--name-prefix", "late-"], "the fork's restore", restoring);
     assert!(cut, "the daemon was killed while the fork was being restored");
     survivor.check(h, "a crash while a fork was restored");
@@ -258,6 +279,9 @@ fn a_daemon_killed_mid_snapshot_or_fork_loses_no_sandbox() {
 fn a_daemon_killed_mid_pause_stop_or_rm_loses_no_sandbox() {
     let home = OwnHome::new();
     let h = home.path();
+    struct Dump(PathBuf);
+    impl Drop for Dump { fn drop(&mut self) { if std::thread::panicking() { eprintln!("FULLLOG\n{}", std::fs::read_to_string(self.0.join("daemon.log")).unwrap_or_default()); } } }
+    let _dump = Dump(h.to_path_buf());
     let survivor = Survivor::start(h, "box");
 
     // A pause cut short while the state is saved: QEMU is still there, so the guest runs on (or,
@@ -288,7 +312,7 @@ fn a_daemon_killed_mid_pause_stop_or_rm_loses_no_sandbox() {
     let during = || started.elapsed() > Duration::from_secs(1);
     assert!(kill_daemon_during(h, &["stop", "box"], "the stop under way", during), "the stop was cut short");
     wait_for("the stop to be finished", Duration::from_secs(40), || phase(h, "box") == "stopped");
-    assert!(!alive(pid), "the stopped sandbox's QEMU is gone");
+    assert!(!alive(pid), "the stopped sandbox's QEMU is gone: {:?}", std::fs::read_to_string(format!("/proc/{pid}/stat")));
     assert_no_leaks(h, "a crash during a stop");
     moat_ok(h, &["start", "box"]);
     moat_ok(h, &["exec", "box", "--", "true"]);
@@ -324,7 +348,7 @@ fn a_silent_guest_does_not_hold_up_a_restarted_daemon() {
     let daemon = daemon_pid(h).expect("a daemon runs");
     // SAFETY: SIGKILL to the pid this home's daemon wrote to its lock file.
     unsafe { libc::kill(daemon, libc::SIGKILL) };
-    wait_for("the killed daemon to be gone", Duration::from_secs(10), || !alive(daemon as u32));
+    wait_for_exit(daemon);
 
     let started = Instant::now();
     let listed = moat_ok(h, &["ps"]);

@@ -242,8 +242,9 @@ fn a_flood_of_idle_tcp_connections_neither_blocks_the_api_nor_stays_open() {
     }
     assert!(
         still_open.is_empty(),
-        "{} idle connections still open 20 s after the flood: {still_open:?}",
-        still_open.len()
+        "{} idle connections still open 20 s after the flood, the first: {:?}",
+        still_open.len(),
+        &still_open[..still_open.len().min(10)]
     );
 }
 

@@ -83,6 +83,27 @@ fn a_guest_cannot_drive_the_operators_terminal_or_fill_the_disk_through_its_cons
     // cap and been moved aside (a few MiB: 10-20 s under TCG).
     let cap = moat_vmm::CONSOLE_LOG_CAP;
     let flood = "yes 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde > /dev/console";
+    // A follower keeps reading across the cut.
+    let mut follower = moat_in(h)
+        .args(["logs", "--follow", "loud"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("moat logs starts");
+    let followed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let (mut out, followed) = (follower.stdout.take().expect("piped"), followed.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while let Ok(n @ 1..) = out.read(&mut buf) {
+                let mut seen = followed.lock().expect("no panics while held");
+                seen.extend_from_slice(&buf[..n]);
+                // Only the end matters; the flood is megabytes.
+                let excess = seen.len().saturating_sub(1 << 16);
+                seen.drain(..excess);
+            }
+        })
+    };
     let pid = moat_ok(h, &["exec", "-d", "loud", "--", "sh", "-c", flood]);
     let rotated = log.with_file_name("console.log.1");
     let start = Instant::now();
@@ -108,6 +129,13 @@ fn a_guest_cannot_drive_the_operators_terminal_or_fill_the_disk_through_its_cons
         size(&rotated) >> 10
     );
     assert!(size(&log) + size(&rotated) <= 3 * cap, "the console's files hold at most about twice the cap");
+    moat_ok(h, &["exec", "loud", "--", "sh", "-c", "echo after-the-cut > /dev/console"]);
+    wait_for("`moat logs --follow` to show a line written after the cut", Duration::from_secs(10), || {
+        text(&followed.lock().expect("no panics while held")).contains("after-the-cut")
+    });
+    let _ = follower.kill();
+    let _ = follower.wait();
+    reader.join().expect("the reader thread ends with moat logs");
     // `moat logs` still shows the console: the part moved aside, then the current one.
     let out = moat_in(h).args(["logs", "loud"]).stdin(Stdio::null()).output().expect("moat runs");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
