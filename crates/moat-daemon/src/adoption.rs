@@ -201,18 +201,11 @@ impl Leftovers {
     }
 }
 
-/// SIGKILL a sandbox's QEMU (verified first) and wait, briefly, until it is gone.
+/// SIGKILL a sandbox's QEMU (verified first) and wait, briefly, until it has exited.
 async fn end_qemu(pid: u32, dir: &Path, run_root: &Path) {
-    if !kill_verified(pid, dir, run_root) {
-        return;
-    }
-    let deadline = tokio::time::Instant::now() + KILL_TIMEOUT;
-    while moat_vmm::find_qemus_under(run_root).iter().any(|(p, _)| *p == pid) {
-        if tokio::time::Instant::now() > deadline {
-            tracing::warn!(pid, "a killed QEMU is still there");
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let Some(pidfd) = kill_verified(pid, dir, run_root) else { return };
+    if tokio::time::timeout(KILL_TIMEOUT, moat_vmm::ExitWatcher::new(pidfd).wait()).await.is_err() {
+        tracing::warn!(pid, "a killed QEMU has not exited yet");
     }
 }
 

@@ -344,9 +344,10 @@ impl Service {
         let mut booted = Sandbox::start(&self.rt, spec, &id, &dir, origin).await;
         // Under heavy load QEMU 7.2 has been seen to crash (SIGSEGV) while loading a saved state
         // that restores fine the next time (about one fork in ten while another VM boots). The
-        // snapshot is unchanged by a failed restore, so one more try is safe.
+        // saved machine (a snapshot, or a paused sandbox's own) is unchanged by a restore that
+        // never reached `cont`, so one more try is safe.
         if let Err(moat_sandbox::SandboxError::Restore { reason, .. }) = &booted {
-            if matches!(from, Launch::Snapshot(_)) && reason.contains("signal") {
+            if matches!(from, Launch::Snapshot(_) | Launch::Suspended) && reason.contains("signal") {
                 tracing::warn!(sandbox = %id, %reason, "QEMU crashed restoring a snapshot; trying once more");
                 booted = Sandbox::start(&self.rt, spec, &id, &dir, origin).await;
             }
@@ -431,7 +432,7 @@ impl Service {
             return Err(ServiceError::new(
                 ErrorCode::InvalidPhase,
                 format!("sandbox {} is being adopted by the daemon, which has just restarted", info.name),
-                "try again in a few seconds; a guest that does not answer within 20 s fails, `moat ps` shows it",
+                "try again in a few seconds; a guest that does not answer fails by itself, as `moat ps` then shows",
             ));
         }
         if info.phase != Phase::Running {
@@ -550,7 +551,7 @@ impl Service {
                 let run_root = self.rt.config.run_dir();
                 let dir = self.run_dir(&info.id);
                 for (pid, _) in moat_vmm::find_qemus_under(&run_root).into_iter().filter(|(_, d)| *d == dir) {
-                    kill_verified(pid, &dir, &run_root);
+                    let _ = kill_verified(pid, &dir, &run_root);
                 }
             }
         }
@@ -656,7 +657,7 @@ impl Service {
                 continue;
             }
             tracing::info!(pid, dir = %dir.display(), "gc: killing a QEMU no live sandbox owns");
-            if kill_verified(pid, &dir, &run_root) {
+            if kill_verified(pid, &dir, &run_root).is_some() {
                 out.processes.push(pid);
             }
         }
@@ -770,13 +771,14 @@ pub(crate) fn remove_leftovers(dir: &Path, phase: Phase) -> Vec<String> {
 }
 
 /// SIGKILL a leaked QEMU, but only after pinning it with a pidfd and checking again that the
-/// pinned process is a moat QEMU of `dir` (the pid may have been reused since the scan).
-pub(crate) fn kill_verified(pid: u32, dir: &Path, run_root: &Path) -> bool {
+/// pinned process is a moat QEMU of `dir` (the pid may have been reused since the scan). Returns
+/// the pidfd of the killed process, which turns readable once it has exited.
+pub(crate) fn kill_verified(pid: u32, dir: &Path, run_root: &Path) -> Option<std::os::fd::OwnedFd> {
     use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
-    let Some(p) = Pid::from_raw(pid as i32) else { return false };
-    let Ok(fd) = pidfd_open(p, PidfdFlags::empty()) else { return false };
+    let fd = pidfd_open(Pid::from_raw(pid as i32)?, PidfdFlags::empty()).ok()?;
     if !moat_vmm::find_qemus_under(run_root).iter().any(|(q, d)| *q == pid && d == dir) {
-        return false;
+        return None;
     }
-    pidfd_send_signal(&fd, Signal::Kill).is_ok()
+    pidfd_send_signal(&fd, Signal::Kill).ok()?;
+    Some(fd)
 }

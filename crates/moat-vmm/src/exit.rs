@@ -50,7 +50,8 @@ pub struct ExitWatcher {
 }
 
 impl ExitWatcher {
-    pub(crate) fn new(pidfd: OwnedFd) -> ExitWatcher {
+    /// Watch the process a pidfd refers to (from `pidfd_open`).
+    pub fn new(pidfd: OwnedFd) -> ExitWatcher {
         ExitWatcher { pidfd }
     }
 

@@ -679,6 +679,33 @@ pub(crate) mod tests {
     /// What a daemon restart does: the old daemon detaches from a running VM, a new handle adopts
     /// it by pid, drives it over QMP, and ends it; a watcher started before sees the exit.
     #[tokio::test]
+    async fn a_save_cut_short_is_cancelled_and_the_guest_runs_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.cpio");
+        std::fs::write(&empty, b"").unwrap();
+        let mut cfg = config(dir.path(), "resume", host_kernel(), empty);
+        cfg.cmdline = "panic=0".into();
+        let mut vm = Vm::spawn(&cfg, true).await.expect("QEMU starts");
+        assert!(!vm.resume_if_paused().await.expect("QMP answers"), "a running guest is left alone");
+
+        // As a daemon killed mid-save leaves it: paused, its state streaming to a reader that
+        // never reads (the stream holds 256 MiB of RAM, so it stalls once the socket is full).
+        let sink = dir.path().join("sink.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sink).unwrap();
+        let qmp = vm.qmp().unwrap();
+        qmp.execute("stop", None).await.unwrap();
+        qmp.execute("migrate", Some(json!({ "uri": format!("unix:{}", sink.display()) }))).await.unwrap();
+        let migration = qmp.execute("query-migrate", None).await.unwrap();
+        assert!(migration["status"] == "setup" || migration["status"] == "active", "in flight: {migration}");
+
+        assert!(vm.resume_if_paused().await.expect("the save is cancelled"), "the guest was paused");
+        let qmp = vm.qmp().unwrap();
+        assert_eq!(qmp.execute("query-status", None).await.unwrap()["running"], true);
+        assert_eq!(qmp.execute("query-migrate", None).await.unwrap()["status"], "cancelled");
+        vm.kill().await;
+    }
+
+    #[tokio::test]
     async fn a_detached_vm_keeps_running_and_is_adopted_by_a_new_handle() {
         let dir = tempfile::tempdir().unwrap();
         let empty = dir.path().join("empty.cpio");

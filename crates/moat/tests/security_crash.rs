@@ -100,12 +100,33 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// Wait until a killed daemon is gone for good. Its threads die only when their system calls
-/// return (a file copy, an fsync), and until the last one has, its socket still takes connections.
-fn wait_for_exit(daemon: i32) {
-    wait_for("the killed daemon to be gone", Duration::from_secs(20), || {
-        !Path::new(&format!("/proc/{daemon}")).exists()
-    });
+/// The QEMUs of the sandbox whose run directory is `dir` (by command line: pids are reused).
+fn qemus_of(dir: &Path) -> Vec<u32> {
+    qemu_processes_mentioning(&format!("{}/", dir.display()))
+}
+
+/// SIGKILL the daemon of `h` and wait until it is gone for good: its threads die only when their
+/// system calls return (a file copy, an fsync), and until the last one has, its socket still
+/// takes connections. Its pidfd turns readable only then.
+fn kill_daemon(h: &Path) {
+    use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
+    let daemon = daemon_pid(h).and_then(Pid::from_raw).expect("a daemon runs");
+    let pidfd = pidfd_open(daemon, PidfdFlags::empty()).expect("the daemon can be pinned");
+    pidfd_send_signal(&pidfd, Signal::Kill).expect("the daemon can be killed");
+    let mut fds = [rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN)];
+    assert_eq!(rustix::event::poll(&mut fds, 20_000).expect("polling a pidfd"), 1, "the killed daemon ends");
+}
+
+/// Prints the daemon's log when a test fails: the home goes with the test.
+struct LogOnFailure<'a>(&'a Path);
+
+impl Drop for LogOnFailure<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.0.join("daemon.log")).unwrap_or_default();
+            eprintln!("daemon.log of the failed test:\n{log}");
+        }
+    }
 }
 
 /// A sandbox with a guest that must survive every crash below: its boot id and a background
@@ -140,14 +161,13 @@ impl Survivor {
 /// Run `moat args` and SIGKILL the daemon as soon as `point` holds (polled every millisecond).
 /// Returns whether the daemon was killed before the command finished on its own.
 fn kill_daemon_during(h: &Path, args: &[&str], what: &str, mut point: impl FnMut() -> bool) -> bool {
-    let daemon = daemon_pid(h).expect("a daemon runs");
-    let mut child = moat_in(h).args(args).stdin(Stdio::null()).stdout(Stdio::null()).spawn();
+    assert!(daemon_pid(h).is_some(), "a daemon runs before moat {args:?}");
+    let mut child = moat_in(h).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn();
     let child = child.as_mut().expect("moat runs");
     let start = Instant::now();
     let cut = loop {
         if point() {
-            // SAFETY: SIGKILL to the pid this home's daemon wrote to its lock file.
-            unsafe { libc::kill(daemon, libc::SIGKILL) };
+            kill_daemon(h);
             break true;
         }
         if child.try_wait().expect("child state readable").is_some() {
@@ -158,9 +178,6 @@ fn kill_daemon_during(h: &Path, args: &[&str], what: &str, mut point: impl FnMut
         std::thread::sleep(Duration::from_millis(1));
     };
     let _ = child.wait();
-    if cut {
-        wait_for_exit(daemon);
-    }
     cut
 }
 
@@ -174,18 +191,17 @@ fn assert_no_leaks(h: &Path, after: &str) {
             .iter()
             .filter_map(|s| s["id"].as_str().map(String::from))
             .collect();
-        let running: Vec<u64> = json(h, &["ps", "--json"])
+        let mut running: Vec<u64> = json(h, &["ps", "--json"])
             .as_array()
             .expect("a list")
             .iter()
             .filter(|s| s["phase"] == "running")
             .filter_map(|s| s["pid"].as_u64())
             .collect();
+        running.sort();
         let mut qemus: Vec<u64> =
             qemu_processes_mentioning(&h.display().to_string()).into_iter().map(u64::from).collect();
         qemus.sort();
-        let mut running = running;
-        running.sort();
         entries(&h.join("snapshots")).iter().all(|d| listed.contains(d))
             && !entries(&h.join("run")).iter().any(|d| d.starts_with("save-"))
             && qemus == running
@@ -220,15 +236,7 @@ fn new_snapshot_with(h: &Path, file: &'static str) -> impl FnMut() -> bool {
 fn a_daemon_killed_mid_snapshot_or_fork_loses_no_sandbox() {
     let home = OwnHome::new();
     let h = home.path();
-    struct Dump(PathBuf);
-    impl Drop for Dump {
-        fn drop(&mut self) {
-            if std::thread::panicking() {
-                eprintln!("FULLLOG\n{}", std::fs::read_to_string(self.0.join("daemon.log")).unwrap_or_default());
-            }
-        }
-    }
-    let _dump = Dump(h.to_path_buf());
+    let _log = LogOnFailure(h);
     let survivor = Survivor::start(h, "box");
 
     // Before the save; with the guest paused and its state written; while its RAM and its disk
@@ -245,20 +253,30 @@ fn a_daemon_killed_mid_snapshot_or_fork_loses_no_sandbox() {
         assert_no_leaks(h, &after);
     }
 
+    // A sandbox restored from the template has no RAM file of its own: its snapshot streams RAM
+    // into the state file, then a helper VM (`run/save-*`) splits it off. Cut short while the
+    // stream is written (the next daemon finds the save still running and cancels it), then
+    // while the helper runs.
+    let restored = Survivor::start(h, "restored");
+    let run = h.join("run");
+    for (what, point) in [
+        ("the RAM stream being written", Box::new(new_snapshot_with(h, "state.full")) as Box<dyn FnMut() -> bool>),
+        ("the helper VM starting", Box::new(appears(run.clone(), "save-"))),
+    ] {
+        let after = format!("a crash at {what} during a snapshot of a restored sandbox");
+        kill_daemon_during(h, &["snapshot", "restored"], what, point);
+        restored.check(h, &after);
+        survivor.check(h, &after);
+        assert_no_leaks(h, &after);
+    }
+    moat_ok(h, &["rm", "-f", "restored"]);
+
     // A fork: while its snapshot is written, then while the new sandbox is restored from it.
     kill_daemon_during(h, &["fork", "box"], "the fork's snapshot being written", new_snapshot_with(h, "mem"));
     survivor.check(h, "a crash while a fork's snapshot was written");
     assert_no_leaks(h, "a crash while a fork's snapshot was written");
-    let run = h.join("run");
     let before = entries(&run);
-    let restoring = || {
-        let e = entries(&run);
-        let hit = e.iter().any(|d| !before.contains(d) && !d.starts_with("save-"));
-        if hit {
-            eprintln!("RESTORING before={before:?} now={e:?} at {:?}", std::time::SystemTime::now());
-        }
-        hit
-    };
+    let restoring = || entries(&run).iter().any(|d| !before.contains(d) && !d.starts_with("save-"));
     let cut = kill_daemon_during(h, &["fork", "box", "--name-prefix", "late-"], "the fork's restore", restoring);
     assert!(cut, "the daemon was killed while the fork was being restored");
     survivor.check(h, "a crash while a fork was restored");
@@ -272,16 +290,13 @@ fn a_daemon_killed_mid_snapshot_or_fork_loses_no_sandbox() {
     }
     moat_ok(h, &["rm", "-f", "box"]);
     assert_no_leaks(h, "removing every sandbox");
-    eprintln!("DAEMONLOG\n{}", std::fs::read_to_string(h.join("daemon.log")).unwrap_or_default());
 }
 
 #[test]
 fn a_daemon_killed_mid_pause_stop_or_rm_loses_no_sandbox() {
     let home = OwnHome::new();
     let h = home.path();
-    struct Dump(PathBuf);
-    impl Drop for Dump { fn drop(&mut self) { if std::thread::panicking() { eprintln!("FULLLOG\n{}", std::fs::read_to_string(self.0.join("daemon.log")).unwrap_or_default()); } } }
-    let _dump = Dump(h.to_path_buf());
+    let _log = LogOnFailure(h);
     let survivor = Survivor::start(h, "box");
 
     // A pause cut short while the state is saved: QEMU is still there, so the guest runs on (or,
@@ -312,7 +327,7 @@ fn a_daemon_killed_mid_pause_stop_or_rm_loses_no_sandbox() {
     let during = || started.elapsed() > Duration::from_secs(1);
     assert!(kill_daemon_during(h, &["stop", "box"], "the stop under way", during), "the stop was cut short");
     wait_for("the stop to be finished", Duration::from_secs(40), || phase(h, "box") == "stopped");
-    assert!(!alive(pid), "the stopped sandbox's QEMU is gone: {:?}", std::fs::read_to_string(format!("/proc/{pid}/stat")));
+    assert_eq!(qemus_of(&dir), Vec::<u32>::new(), "the stopped sandbox's QEMU is gone");
     assert_no_leaks(h, "a crash during a stop");
     moat_ok(h, &["start", "box"]);
     moat_ok(h, &["exec", "box", "--", "true"]);
@@ -331,13 +346,13 @@ fn a_daemon_killed_mid_pause_stop_or_rm_loses_no_sandbox() {
     }
     assert_no_leaks(h, "a crash during rm");
     assert!(!entries(&h.join("run")).contains(&id), "the removed sandbox's files are gone");
-    eprintln!("DAEMONLOG\n{}", std::fs::read_to_string(h.join("daemon.log")).unwrap_or_default());
 }
 
 #[test]
 fn a_silent_guest_does_not_hold_up_a_restarted_daemon() {
     let home = OwnHome::new();
     let h = home.path();
+    let _log = LogOnFailure(h);
     let survivor = Survivor::start(h, "box");
     moat_ok(h, &["run", "-d", "--name", "quiet", "--memory", "256"]);
     let quiet = qemu_pid(h, "quiet");
@@ -345,10 +360,7 @@ fn a_silent_guest_does_not_hold_up_a_restarted_daemon() {
     // QEMU frozen: neither QMP nor the agent answers, as with a guest that wedged its agent.
     // SAFETY: SIGSTOP to the QEMU of a sandbox this test made.
     unsafe { libc::kill(quiet as i32, libc::SIGSTOP) };
-    let daemon = daemon_pid(h).expect("a daemon runs");
-    // SAFETY: SIGKILL to the pid this home's daemon wrote to its lock file.
-    unsafe { libc::kill(daemon, libc::SIGKILL) };
-    wait_for_exit(daemon);
+    kill_daemon(h);
 
     let started = Instant::now();
     let listed = moat_ok(h, &["ps"]);
@@ -361,8 +373,8 @@ fn a_silent_guest_does_not_hold_up_a_restarted_daemon() {
     wait_for("the silent sandbox to fail", Duration::from_secs(40), || phase(h, "quiet") == "failed");
     let error = sandbox(h, "quiet").expect("quiet exists")["last_error"].as_str().unwrap_or_default().to_string();
     assert!(error.contains("did not answer"), "the failure says why: {error}");
-    wait_for("the silent guest's QEMU to be reclaimed", Duration::from_secs(20), || !alive(quiet));
+    let quiet_dir = h.join("run").join(sandbox(h, "quiet").expect("quiet exists")["id"].as_str().expect("an id"));
+    wait_for("the silent guest's QEMU to be reclaimed", Duration::from_secs(20), || qemus_of(&quiet_dir).is_empty());
     assert_no_leaks(h, "a restart with a silent guest");
     moat_ok(h, &["rm", "-f", "box", "quiet"]);
-    eprintln!("DAEMONLOG\n{}", std::fs::read_to_string(h.join("daemon.log")).unwrap_or_default());
 }
