@@ -32,7 +32,7 @@ pub enum SandboxError {
     BootTimeout { timeout: Duration, console: String },
     #[error("the guest failed to boot: {reason}; last console lines:\n{console}\nhint: run `moat doctor`")]
     Boot { reason: String, console: String },
-    #[error("the agent did not answer within {}s of taking the VM over after a daemon restart; last console lines:\n{console}", timeout.as_secs())]
+    #[error("its agent did not answer within {}s; last console lines:\n{console}", timeout.as_secs())]
     AdoptTimeout { timeout: Duration, console: String },
     #[error("restoring the saved VM failed: {reason}\n{console}\nhint: the saved state may be damaged; remove it (`moat snapshot rm`) and take a new one")]
     Restore { reason: String, console: String },
