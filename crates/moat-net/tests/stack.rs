@@ -2,20 +2,21 @@
 //! built with smoltcp's wire types. Everything stays on loopback.
 
 use std::net::Ipv4Addr;
+mod frames;
+
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use frames::{dns_answer, dns_query, ethernet, ip_frame, GUEST_MAC};
 use moat_net::dns::Dns;
 use moat_net::{Policy, Stack, StackConfig, DNS_IP, GUEST_IP, HOST_IP};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress,
-    IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, IpAddress, IpProtocol,
+    Ipv4Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-
-const GUEST_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
 
 struct Guest {
     stream: UnixStream,
@@ -61,15 +62,6 @@ impl Guest {
     }
 }
 
-fn ethernet(payload_len: usize, ethertype: EthernetProtocol, fill: impl FnOnce(&mut [u8])) -> Vec<u8> {
-    let eth = EthernetRepr { src_addr: GUEST_MAC, dst_addr: EthernetAddress::BROADCAST, ethertype };
-    let mut frame = vec![0u8; eth.buffer_len() + payload_len];
-    let mut f = EthernetFrame::new_unchecked(&mut frame[..]);
-    eth.emit(&mut f);
-    fill(f.payload_mut());
-    frame
-}
-
 fn arp_request(target: Ipv4Addr) -> Vec<u8> {
     let arp = ArpRepr::EthernetIpv4 {
         operation: ArpOperation::Request,
@@ -79,15 +71,6 @@ fn arp_request(target: Ipv4Addr) -> Vec<u8> {
         target_protocol_addr: target,
     };
     ethernet(arp.buffer_len(), EthernetProtocol::Arp, |p| arp.emit(&mut ArpPacket::new_unchecked(p)))
-}
-
-fn ip_frame(dst: Ipv4Addr, proto: IpProtocol, payload_len: usize, fill: impl FnOnce(&mut [u8])) -> Vec<u8> {
-    let ip = Ipv4Repr { src_addr: GUEST_IP, dst_addr: dst, next_header: proto, payload_len, hop_limit: 64 };
-    ethernet(ip.buffer_len() + payload_len, EthernetProtocol::Ipv4, |p| {
-        let mut packet = Ipv4Packet::new_unchecked(p);
-        ip.emit(&mut packet, &ChecksumCapabilities::default());
-        fill(packet.payload_mut());
-    })
 }
 
 fn syn(dst: Ipv4Addr, src_port: u16, dst_port: u16) -> Vec<u8> {
@@ -145,34 +128,6 @@ fn arp_reply_for(target: Ipv4Addr) -> impl Fn(&[u8]) -> Option<()> {
             if source_protocol_addr == target)
         .then_some(())
     }
-}
-
-fn dns_query(name: &str) -> Vec<u8> {
-    use hickory_proto::op::Message;
-    use hickory_proto::rr::{Name, RecordType};
-    let mut m = Message::query();
-    m.add_query(hickory_proto::op::Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
-    m.metadata.recursion_desired = true;
-    m.to_vec().unwrap()
-}
-
-fn dns_answer(frame: &[u8]) -> Option<Vec<Ipv4Addr>> {
-    let eth = EthernetFrame::new_checked(frame).ok()?;
-    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-    let udp = UdpPacket::new_checked(ip.payload()).ok()?;
-    if ip.src_addr() != DNS_IP || udp.src_port() != 53 {
-        return None;
-    }
-    let m = hickory_proto::op::Message::from_vec(udp.payload()).ok()?;
-    Some(
-        m.answers
-            .iter()
-            .filter_map(|r| match &r.data {
-                hickory_proto::rr::RData::A(a) => Some(a.0),
-                _ => None,
-            })
-            .collect(),
-    )
 }
 
 #[tokio::test]
