@@ -4,7 +4,6 @@
 mod common;
 
 use std::io::Read;
-use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,17 +17,7 @@ const HOSTILE: &str =
 
 /// Run `cmd` with its stdout and stderr on a pseudo-terminal the test made; what it printed.
 fn on_a_terminal(mut cmd: Command) -> (Option<i32>, Vec<u8>) {
-    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
-    let controller = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC).expect("openpt");
-    grantpt(&controller).expect("grantpt");
-    unlockpt(&controller).expect("unlockpt");
-    let name = ptsname(&controller, Vec::new()).expect("ptsname");
-    let replica: OwnedFd = rustix::fs::open(
-        name.as_c_str(),
-        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY,
-        rustix::fs::Mode::empty(),
-    )
-    .expect("open the replica");
+    let (controller, replica) = common::pty();
     let stdio = || Stdio::from(replica.try_clone().expect("dup"));
     let mut child = cmd.stdin(Stdio::null()).stdout(stdio()).stderr(stdio()).spawn().expect("moat starts");
     // The command keeps its copies of the replica: only with every copy closed does reading the

@@ -5,7 +5,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
@@ -23,17 +22,7 @@ struct Terminal {
 
 impl Terminal {
     fn spawn(mut cmd: std::process::Command, rows: u16, cols: u16) -> Terminal {
-        use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
-        let controller = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC).expect("openpt");
-        grantpt(&controller).expect("grantpt");
-        unlockpt(&controller).expect("unlockpt");
-        let name = ptsname(&controller, Vec::new()).expect("ptsname");
-        let replica: OwnedFd = rustix::fs::open(
-            name.as_c_str(),
-            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY,
-            rustix::fs::Mode::empty(),
-        )
-        .expect("open the replica");
+        let (controller, replica) = common::pty();
         set_size(&controller, rows, cols);
         let stdio = || Stdio::from(replica.try_clone().expect("dup"));
         cmd.stdin(stdio()).stdout(stdio()).stderr(stdio());

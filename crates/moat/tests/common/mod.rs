@@ -159,3 +159,19 @@ pub fn moat_ok(home: &Path, args: &[&str]) -> String {
     assert_eq!(out.status.code(), Some(0), "moat {args:?}: {}", text(&out.stderr));
     text(&out.stdout)
 }
+
+/// A new pseudo-terminal: its controller and its replica, for a command the test runs on it.
+pub fn pty() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+    let controller = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC).expect("openpt");
+    grantpt(&controller).expect("grantpt");
+    unlockpt(&controller).expect("unlockpt");
+    let name = ptsname(&controller, Vec::new()).expect("ptsname");
+    let replica = rustix::fs::open(
+        name.as_c_str(),
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY,
+        rustix::fs::Mode::empty(),
+    )
+    .expect("open the replica");
+    (controller, replica)
+}
