@@ -14,6 +14,7 @@ pub mod listen;
 pub mod net;
 pub mod phase;
 pub mod processes;
+mod secrets_store;
 pub mod service;
 pub mod snapshots;
 pub mod state;

@@ -215,11 +215,12 @@ impl Service {
         info: &SandboxInfo,
         sandbox: &Arc<Sandbox>,
     ) -> Result<(), ServiceError> {
-        let spec = self.db(|db| db.net_spec(&info.id))?;
+        let mut spec = self.db(|db| db.net_spec(&info.id))?;
         if spec.mode == NetMode::None {
             self.nets.lock().expect("no panics while held").remove(&info.id);
             return Ok(());
         }
+        self.fill_secrets(info, &mut spec)?;
         let policy = Arc::new(RwLock::new(policy_of(&spec)?));
         let dns = Arc::new(moat_net::dns::Dns::new(&dns_of(&spec)?).map_err(|e| invalid(e.to_string()))?);
         let dir = self.run_dir(&info.id);
@@ -257,7 +258,8 @@ impl Service {
         });
         // A share of the descriptors, so one guest holding every flow open starves no one else.
         let limits = moat_net::FlowLimits::for_process(self.limits.max_sandboxes);
-        let config = StackConfig { policy: policy.clone(), dns, on_refused, secrets, limits };
+        let host_addresses = self.limits.host_addresses.clone();
+        let config = StackConfig { policy: policy.clone(), dns, on_refused, secrets, limits, host_addresses };
         let stack = Stack::connect(&dir.join("net.sock"), config)
             .await
             .map_err(|e| ServiceError::internal(format!("connecting the network stack to QEMU's NIC socket: {e}")))?;

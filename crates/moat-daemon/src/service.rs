@@ -87,11 +87,14 @@ pub struct Limits {
     pub boot_timeout: Duration,
     /// Keep a template (a saved, booted VM) per image and start sandboxes from it.
     pub templates: bool,
+    /// Addresses that reach this host from outside although no interface has them (a cloud's
+    /// 1:1 NAT public address): guests are refused them like the host's own.
+    pub host_addresses: Vec<std::net::Ipv4Addr>,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits { max_sandboxes: 32, boot_timeout: Duration::from_secs(90), templates: true }
+        Limits { max_sandboxes: 32, boot_timeout: Duration::from_secs(90), templates: true, host_addresses: Vec::new() }
     }
 }
 
@@ -311,6 +314,7 @@ impl Service {
                 None => db.insert(&info).map(Ok)?,
             })
         })??;
+        self.keep_secrets(&info)?;
         if let Some(snapshot) = snapshot {
             return self.launch(&info, &spec, Launch::Snapshot(&snapshot.id)).await;
         }
@@ -498,6 +502,8 @@ impl Service {
         if info.expires_at.is_some_and(|t| t <= now_secs()) {
             self.db(|db| db.set_expiry(&info.id, None))?;
         }
+        // A sandbox whose secret values are lost says so before anything boots.
+        self.fill_secrets(&info, &mut info.net.clone())?;
         let spec = self.spec_of(&info);
         if info.phase == Phase::Paused {
             return self.launch(&info, &spec, Launch::Suspended).await;

@@ -352,6 +352,11 @@ impl Service {
                 "choose another --name-prefix, or remove them",
             ));
         }
+        // Forks keep the source's network, secrets included (each fork gets a file of its own),
+        // but not its host ports. Read first: a source whose values are lost makes no snapshot.
+        let mut net = self.db(|db| db.net_spec(&info.id))?;
+        self.fill_secrets(&info, &mut net)?;
+        net.ports.clear();
         let snapshot = match &req.snapshot {
             Some(s) => {
                 let s = self.own_snapshot(&info, s)?;
@@ -360,9 +365,6 @@ impl Service {
             }
             None => self.snapshot(&info.id, Some(format!("fork-{}", crate::state::now_ms()))).await?,
         };
-        // Forks keep the source's network, secrets included, but not its host ports.
-        let mut net = self.db(|db| db.net_spec(&info.id))?;
-        net.ports.clear();
         let results: Vec<Result<SandboxInfo, ServiceError>> = futures_util::stream::iter(names)
             .map(|name| {
                 let req = CreateSandbox {

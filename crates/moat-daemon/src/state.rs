@@ -83,13 +83,20 @@ CREATE TABLE snapshots (
 );
 ALTER TABLE sandboxes ADD COLUMN snapshot_id TEXT;
 "#,
-    // The network (JSON of moat_api::NetSpec, secret values included); NULL for sandboxes made
-    // before networking, which have no NIC. Snapshots record whether their machine has one.
+    // The network (JSON of moat_api::NetSpec, without secret values since the next migration);
+    // NULL for sandboxes made before networking, which have no NIC. Snapshots record whether
+    // their machine has one.
     r#"
 ALTER TABLE sandboxes ADD COLUMN net TEXT;
 ALTER TABLE snapshots ADD COLUMN nic INTEGER NOT NULL DEFAULT 0;
 "#,
+    // No schema change: secret values move out of `net` into files of their own (code below).
+    "",
 ];
+
+/// The migration that moves secret values out of the database
+/// ([`crate::secrets_store::move_out_of_db`]).
+const SECRETS_MOVED_OUT: usize = 3;
 
 /// The newest events kept for each sandbox (and for the daemon itself); older ones are deleted.
 pub const EVENTS_PER_SANDBOX: i64 = 1000;
@@ -156,8 +163,8 @@ impl Db {
             return Err(StateError::Missing { db, marker });
         }
         let corrupt = |reason: String| StateError::Corrupt { db: db.clone(), reason };
-        // Secret values of sandboxes live here: owner only. SQLite gives its -wal and -shm files
-        // the same mode.
+        // Owner only: the database says what every sandbox runs and may reach. SQLite gives its
+        // -wal and -shm files the same mode.
         {
             use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
             let made = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&db);
@@ -178,7 +185,7 @@ impl Db {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| corrupt(e.to_string()))?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         let mut this = Db { conn };
-        this.migrate(&db)?;
+        this.migrate(home, &db)?;
         let id = this.state_id()?;
         match std::fs::read_to_string(&marker) {
             Ok(m) if m.trim() == id => {}
@@ -214,7 +221,7 @@ impl Db {
         Ok(Some(aside))
     }
 
-    fn migrate(&mut self, db: &Path) -> Result<(), StateError> {
+    fn migrate(&mut self, home: &Path, db: &Path) -> Result<(), StateError> {
         let applied: i64 = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         let known = MIGRATIONS.len() as i64;
         if applied > known {
@@ -227,10 +234,14 @@ impl Db {
                 let id = format!("{:016x}", rand::random::<u64>());
                 tx.execute("INSERT INTO meta (key, value) VALUES ('state_id', ?1)", [id])?;
             }
+            if i == SECRETS_MOVED_OUT {
+                // The runtime's run directory (`RuntimeConfig::run_dir`), where sandboxes' files are.
+                crate::secrets_store::move_out_of_db(&tx, &home.join("run"))?;
+            }
             tx.pragma_update(None, "user_version", i as i64 + 1)?;
             tx.commit()?;
         }
-        Ok(())
+        crate::secrets_store::scrub_if_pending(&self.conn)
     }
 
     fn state_id(&self) -> Result<String, StateError> {
@@ -302,7 +313,8 @@ impl Db {
         Ok(updated)
     }
 
-    /// A sandbox's network with its secret values (`SandboxInfo::net` leaves them out).
+    /// A sandbox's network. Secret values are not in it: they are in the sandbox's own file
+    /// (`crate::secrets_store`).
     pub fn net_spec(&self, id: &str) -> Result<NetSpec, StateError> {
         let raw: Option<String> = self
             .conn
@@ -637,8 +649,9 @@ fn row_to_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxInfo> {
     })
 }
 
+/// Secret values never go into the database, whoever passes them: see [`crate::secrets_store`].
 fn net_json(net: &NetSpec) -> String {
-    serde_json::to_string(net).expect("a NetSpec always serializes")
+    serde_json::to_string(&redacted(net.clone())).expect("a NetSpec always serializes")
 }
 
 /// A sandbox made before networking existed has no NIC.

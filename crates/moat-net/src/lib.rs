@@ -5,6 +5,7 @@
 //! and HTTPS to hosts that secrets are bound to is intercepted to put the secrets in.
 
 pub mod dns;
+mod gate;
 pub mod policy;
 pub mod sniff;
 mod stack;

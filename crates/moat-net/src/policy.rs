@@ -145,19 +145,28 @@ pub fn special(ip: Ipv4Addr) -> Option<Rule> {
 }
 
 /// The addresses of the host's own interfaces (in the daemon's network namespace), refreshed at
-/// most every few seconds.
+/// most every few seconds, and those the operator names (`moat serve --host-address`).
 pub struct HostAddrs {
     cache: Mutex<(Option<Instant>, HashSet<Ipv4Addr>)>,
+    configured: HashSet<Ipv4Addr>,
 }
 
 impl HostAddrs {
     const TTL: Duration = Duration::from_secs(5);
 
     pub fn new() -> HostAddrs {
-        HostAddrs { cache: Mutex::new((None, HashSet::new())) }
+        HostAddrs::with([])
+    }
+
+    /// The interfaces' addresses and `configured` ones.
+    pub fn with(configured: impl IntoIterator<Item = Ipv4Addr>) -> HostAddrs {
+        HostAddrs { cache: Mutex::new((None, HashSet::new())), configured: configured.into_iter().collect() }
     }
 
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        if self.configured.contains(&ip) {
+            return true;
+        }
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.0.is_none_or(|at| at.elapsed() > Self::TTL) {
             *cache = (Some(Instant::now()), interface_addrs());
@@ -208,9 +217,9 @@ pub struct Policy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Allow,
-    /// Allowed if the name the guest speaks to (TLS SNI / HTTP Host), or, without one, a name the
-    /// guest resolved to this address, is on the allowlist.
-    ByName(Vec<String>),
+    /// Allowlist mode, and the guest resolved an allowed name to this address: allowed only for
+    /// what names an allowed name that resolves here (TLS SNI, or every HTTP request's Host).
+    ByName,
     Refuse(Rule),
 }
 
@@ -242,11 +251,10 @@ impl Policy {
         if self.allow.is_none() {
             return Verdict::Allow;
         }
-        let names: Vec<String> = names.into_iter().filter(|n| self.name_allowed(n)).collect();
-        if names.is_empty() {
-            Verdict::Refuse(Rule::Allowlist)
+        if names.iter().any(|n| self.name_allowed(n)) {
+            Verdict::ByName
         } else {
-            Verdict::ByName(names)
+            Verdict::Refuse(Rule::Allowlist)
         }
     }
 }
@@ -357,15 +365,14 @@ mod tests {
         assert_eq!(p.check(public, &host, vec![]), Verdict::Allow);
         assert_eq!(p.check("10.0.0.1".parse().unwrap(), &host, vec![]), Verdict::Refuse(Rule::Private));
         assert_eq!(p.check(Ipv4Addr::LOCALHOST, &host, vec![]), Verdict::Refuse(Rule::Loopback));
+        let behind_nat = HostAddrs::with([public]);
+        assert_eq!(p.check(public, &behind_nat, vec![]), Verdict::Refuse(Rule::Host));
         p.allow_cidrs.push("127.0.0.1/32".parse().unwrap());
         assert_eq!(p.check(Ipv4Addr::LOCALHOST, &host, vec![]), Verdict::Allow);
         p.allow = Some(vec![HostPattern::parse("api.test").unwrap()]);
         assert_eq!(p.check(public, &host, vec![]), Verdict::Refuse(Rule::Allowlist));
         assert_eq!(p.check(public, &host, vec!["other.test".into()]), Verdict::Refuse(Rule::Allowlist));
-        assert_eq!(
-            p.check(public, &host, vec!["other.test".into(), "api.test".into()]),
-            Verdict::ByName(vec!["api.test".into()])
-        );
+        assert_eq!(p.check(public, &host, vec!["other.test".into(), "api.test".into()]), Verdict::ByName);
     }
 
     #[test]

@@ -10,9 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -20,19 +18,25 @@ use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, HardwareAddress, IpAddress, IpCidr, IpEndpoint,
-    IpListenEndpoint, IpProtocol, Ipv4Packet, Ipv4Repr, TcpPacket, UdpPacket, UdpRepr,
+    EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint,
+    IpProtocol, Ipv4Packet, TcpPacket, UdpPacket,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket, UnixStream};
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::dns::Dns;
 use crate::policy::{HostAddrs, HostPattern, Pins, Policy, Rule, Verdict};
-use crate::sniff::{sniff, Sniffed, MAX_SNIFF};
-use crate::tls::{self, Ca, Secret};
+use crate::tls::{Ca, Secret};
 use crate::{DNS_IP, GUEST_IP, HOST_IP, MTU};
+
+mod flow;
+mod limits;
+mod udp;
+
+use flow::GuestStream;
+pub use limits::FlowLimits;
 
 /// The stack's own MAC address (locally administered).
 const STACK_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
@@ -41,72 +45,8 @@ const MAX_FRAME: usize = MTU + 32;
 const TCP_BUFFER: usize = 64 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const UDP_IDLE: Duration = Duration::from_secs(60);
-/// How long to wait for the guest's first bytes when its name must be read from them.
-const SNIFF_FIRST_BYTES: Duration = Duration::from_secs(2);
-const SNIFF_TOTAL: Duration = Duration::from_secs(10);
 /// Refusal events at most this often per second; the rest are counted.
 const EVENTS_PER_SEC: u32 = 20;
-
-/// How many host sockets one stack may hold at once; past these, new flows are refused.
-///
-/// Every TCP flow (guest-initiated or forwarded) and every UDP flow holds a host socket, and each
-/// DNS query in flight may hold one. They all come out of the daemon's one descriptor limit, which
-/// the API, QEMU's sockets and every other sandbox need too, so a stack gets a share of it
-/// ([`FlowLimits::share_of`]) instead of whatever its guest asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FlowLimits {
-    pub tcp: usize,
-    pub udp: usize,
-    pub dns: usize,
-}
-
-impl Default for FlowLimits {
-    /// The most any stack gets, however many descriptors there are.
-    fn default() -> FlowLimits {
-        FlowLimits { tcp: 512, udp: 256, dns: 64 }
-    }
-}
-
-impl FlowLimits {
-    /// Descriptors the daemon keeps for itself whatever its sandboxes do: API connections, the
-    /// state database, image builds and snapshots.
-    pub const RESERVED: u64 = 256;
-    /// Descriptors each sandbox needs besides its flows: its QEMU's NIC and agent sockets, its
-    /// pidfd, its port-forward listeners.
-    pub const PER_SANDBOX: u64 = 8;
-    /// The least a stack gets even when the limit is too low to share (the daemon warns then).
-    pub const FLOOR: FlowLimits = FlowLimits { tcp: 8, udp: 4, dns: 2 };
-
-    /// One stack's share of `nofile` descriptors when up to `stacks` stacks run at once: what the
-    /// daemon does not reserve, split evenly, and within a stack split between TCP, UDP and DNS
-    /// as the default is (5:2:1); never more than the default, never less than a floor.
-    pub fn share_of(nofile: u64, stacks: usize) -> FlowLimits {
-        let stacks = stacks.max(1) as u64;
-        let free = nofile.saturating_sub(Self::RESERVED + Self::PER_SANDBOX * stacks);
-        let share = usize::try_from(free / stacks).unwrap_or(usize::MAX);
-        let (max, floor) = (FlowLimits::default(), Self::FLOOR);
-        FlowLimits {
-            tcp: (share / 8 * 5).clamp(floor.tcp, max.tcp),
-            udp: (share / 8 * 2).clamp(floor.udp, max.udp),
-            dns: (share / 8).clamp(floor.dns, max.dns),
-        }
-    }
-
-    /// The share of this process's descriptor limit (the soft `RLIMIT_NOFILE`).
-    pub fn for_process(stacks: usize) -> FlowLimits {
-        FlowLimits::share_of(nofile_limit(), stacks)
-    }
-}
-
-/// The soft limit on open descriptors of this process.
-fn nofile_limit() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes into the struct we own and has no other effect.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return 1024; // the usual default; getrlimit cannot fail for RLIMIT_NOFILE on Linux
-    }
-    lim.rlim_cur
-}
 
 /// What a stack needs from the daemon.
 pub struct StackConfig {
@@ -118,6 +58,8 @@ pub struct StackConfig {
     pub secrets: Option<Secrets>,
     /// Host sockets the guest may hold.
     pub limits: FlowLimits,
+    /// Addresses of the host that no interface has (e.g. a public address behind NAT).
+    pub host_addresses: Vec<Ipv4Addr>,
 }
 
 pub struct Secrets {
@@ -255,9 +197,9 @@ impl Stack {
                 next_port: 49152,
             }),
             wake: Notify::new(),
+            host_addrs: HostAddrs::with(cfg.host_addresses.iter().copied()),
             cfg,
             pins: Mutex::new(Pins::default()),
-            host_addrs: HostAddrs::new(),
             udp: Mutex::new(HashMap::new()),
             dns_slots,
             events: Mutex::new(EventBudget { second: 0, used: 0, suppressed: 0 }),
@@ -522,83 +464,6 @@ impl Inner {
         });
     }
 
-    async fn tcp_flow(
-        &self,
-        mut guest: GuestStream,
-        to: SocketAddrV4,
-        real: Ipv4Addr,
-        verdict: Verdict,
-    ) -> io::Result<()> {
-        // Secrets apply to names the guest resolved through moat's DNS; only connections to such
-        // an address wait for the client's first bytes when no allowlist asks for the name.
-        let for_secrets = self.cfg.secrets.as_ref().is_some_and(|secrets| {
-            let names = self.pins.lock().unwrap_or_else(|e| e.into_inner()).names(*to.ip());
-            names.iter().any(|n| !secrets.for_host(n).is_empty())
-        });
-        let must_name = matches!(verdict, Verdict::ByName(_));
-        let mut first = Vec::new();
-        let mut sniffed = Sniffed::Other;
-        if for_secrets || must_name {
-            sniffed = read_name(&mut guest, &mut first).await?;
-        }
-        let name = match &sniffed {
-            Sniffed::Tls(Some(n)) | Sniffed::Http(Some(n)) => Some(n.clone()),
-            _ => None,
-        };
-        if must_name {
-            if let Some(name) = &name {
-                let (listed, by_cidr) = {
-                    let policy = self.policy();
-                    (policy.name_allowed(name), policy.cidr_allowed(real))
-                };
-                let resolved = self.pins.lock().unwrap_or_else(|e| e.into_inner()).resolved(name, *to.ip());
-                if !listed || !(resolved || by_cidr) {
-                    let why = if listed {
-                        format!("{name} was not resolved to this address through moat's DNS")
-                    } else {
-                        Rule::Allowlist.describe().to_string()
-                    };
-                    self.refused(format!("tcp {to} ({name}) refused: {why} (rule {})", Rule::Allowlist.as_str()));
-                    guest.abort();
-                    return Ok(());
-                }
-            }
-        }
-        let intercept = match (&sniffed, &self.cfg.secrets) {
-            (Sniffed::Tls(Some(host)), Some(secrets)) => {
-                Some((host.clone(), secrets.for_host(host), secrets)).filter(|(_, values, _)| !values.is_empty())
-            }
-            _ => None,
-        };
-        let upstream =
-            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(SocketAddrV4::new(real, to.port()))).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    guest.abort();
-                    return Err(e);
-                }
-                Err(_) => {
-                    guest.abort();
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
-                }
-            };
-        let _ = upstream.set_nodelay(true);
-        match intercept {
-            Some((host, values, secrets)) => {
-                let guest = Replay { first: first.into(), inner: guest };
-                tls::intercept(guest, &host, upstream, &secrets.ca, tls::upstream_roots(), &values)
-                    .await
-                    .map_err(io::Error::other)?;
-            }
-            None => {
-                let mut upstream = upstream;
-                upstream.write_all(&first).await?;
-                tokio::io::copy_bidirectional(&mut guest, &mut upstream).await?;
-            }
-        }
-        Ok(())
-    }
-
     /// A socket connecting from the gateway to `port` on the guest (a port forward).
     fn connect_to_guest(&self, port: u16) -> Option<SocketHandle> {
         let handle = {
@@ -621,123 +486,6 @@ impl Inner {
         self.wake.notify_one();
         Some(handle)
     }
-
-    fn udp_input(self: &Arc<Self>, from: SocketAddrV4, to: SocketAddrV4, payload: Vec<u8>) {
-        if *from.ip() != GUEST_IP {
-            return;
-        }
-        if *to.ip() == DNS_IP {
-            if to.port() == 53 {
-                self.dns_query(from, to, payload);
-            }
-            return;
-        }
-        let mut flows = self.udp.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(flow) = flows.get(&(from.port(), to)) {
-            let _ = flow.socket.try_send(&payload);
-            return;
-        }
-        let real = real_destination(*to.ip());
-        let verdict = if flows.len() >= self.cfg.limits.udp {
-            Verdict::Refuse(Rule::Limit)
-        } else {
-            let names = self.pins.lock().unwrap_or_else(|e| e.into_inner()).names(*to.ip());
-            self.policy().check(real, &self.host_addrs, names)
-        };
-        if let Verdict::Refuse(rule) = verdict {
-            drop(flows);
-            self.refused(format!("udp {to} refused: {} (rule {})", rule.describe(), rule.as_str()));
-            return;
-        }
-        let socket = match std::net::UdpSocket::bind("0.0.0.0:0")
-            .and_then(|s| {
-                s.set_nonblocking(true)?;
-                s.connect(SocketAddrV4::new(real, to.port()))?;
-                Ok(s)
-            })
-            .and_then(UdpSocket::from_std)
-        {
-            Ok(s) => Arc::new(s),
-            Err(e) => {
-                tracing::debug!("udp to {to}: {e}");
-                return;
-            }
-        };
-        let _ = socket.try_send(&payload);
-        let inner = self.clone();
-        let recv = socket.clone();
-        let task = tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            while let Ok(Ok(n)) = tokio::time::timeout(UDP_IDLE, recv.recv(&mut buf)).await {
-                inner.send_udp(to, from, &buf[..n]);
-            }
-            inner.udp.lock().unwrap_or_else(|e| e.into_inner()).remove(&(from.port(), to));
-        });
-        flows.insert((from.port(), to), UdpFlow { socket, task });
-    }
-
-    fn dns_query(self: &Arc<Self>, from: SocketAddrV4, to: SocketAddrV4, query: Vec<u8>) {
-        let Ok(permit) = self.dns_slots.clone().try_acquire_owned() else { return };
-        let inner = self.clone();
-        tokio::spawn(async move {
-            let policy = inner.policy().clone();
-            let answer = inner.cfg.dns.answer(&query, &policy, &inner.pins).await;
-            if let Some(name) = answer.refused {
-                inner.refused(format!(
-                    "dns {name} refused: {} (rule {})",
-                    Rule::Allowlist.describe(),
-                    Rule::Allowlist.as_str()
-                ));
-            }
-            if let Some(packet) = answer.packet {
-                inner.send_udp(to, from, &packet);
-            }
-            drop(permit);
-        });
-    }
-
-    /// Send a datagram to the guest, as coming from `from`.
-    fn send_udp(&self, from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) {
-        // Datagrams that do not fit one frame would need fragments; the guest never gets them.
-        if payload.len() > MTU - 28 {
-            return;
-        }
-        let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(guest_mac) = core.guest_mac else { return };
-        let udp = UdpRepr { src_port: from.port(), dst_port: to.port() };
-        let ip = Ipv4Repr {
-            src_addr: *from.ip(),
-            dst_addr: *to.ip(),
-            next_header: IpProtocol::Udp,
-            payload_len: udp.header_len() + payload.len(),
-            hop_limit: 64,
-        };
-        let eth = EthernetRepr {
-            src_addr: EthernetAddress(STACK_MAC),
-            dst_addr: guest_mac,
-            ethertype: EthernetProtocol::Ipv4,
-        };
-        let mut frame = vec![0u8; eth.buffer_len() + ip.buffer_len() + udp.header_len() + payload.len()];
-        let caps = smoltcp::phy::ChecksumCapabilities::default();
-        let mut eth_frame = EthernetFrame::new_unchecked(&mut frame[..]);
-        eth.emit(&mut eth_frame);
-        let mut ip_packet = Ipv4Packet::new_unchecked(eth_frame.payload_mut());
-        ip.emit(&mut ip_packet, &caps);
-        let mut udp_packet = UdpPacket::new_unchecked(ip_packet.payload_mut());
-        udp.emit(
-            &mut udp_packet,
-            &IpAddress::Ipv4(ip.src_addr),
-            &IpAddress::Ipv4(ip.dst_addr),
-            payload.len(),
-            |buf| buf.copy_from_slice(payload),
-            &caps,
-        );
-        if core.dev.tx.len() < 1024 {
-            core.dev.tx.push_back(frame);
-        }
-        drop(core);
-        self.wake.notify_one();
-    }
 }
 
 /// Where a guest's destination really is: the gateway stands for the host's loopback.
@@ -746,191 +494,5 @@ fn real_destination(dst: Ipv4Addr) -> Ipv4Addr {
         Ipv4Addr::LOCALHOST
     } else {
         dst
-    }
-}
-
-/// Read the guest's first bytes until they name a host (TLS SNI or HTTP Host) or clearly will not.
-async fn read_name(guest: &mut GuestStream, buf: &mut Vec<u8>) -> io::Result<Sniffed> {
-    let deadline = tokio::time::Instant::now() + SNIFF_TOTAL;
-    let mut chunk = vec![0u8; 4096];
-    loop {
-        let wait = if buf.is_empty() { SNIFF_FIRST_BYTES } else { deadline - tokio::time::Instant::now() };
-        let n = match tokio::time::timeout(wait, guest.read(&mut chunk)).await {
-            Ok(r) => r?,
-            // The client waits for the server to speak first (or is slow): no name to read.
-            Err(_) => return Ok(Sniffed::Other),
-        };
-        if n == 0 {
-            return Ok(Sniffed::Other);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        match sniff(buf) {
-            Sniffed::NeedMore if buf.len() < MAX_SNIFF => continue,
-            Sniffed::NeedMore => return Ok(Sniffed::Other),
-            found => return Ok(found),
-        }
-    }
-}
-
-/// One TCP socket of the stack as a tokio stream.
-struct GuestStream {
-    inner: Arc<Inner>,
-    handle: SocketHandle,
-}
-
-impl GuestStream {
-    fn with<R>(&self, f: impl FnOnce(&mut tcp::Socket<'static>) -> R) -> R {
-        let mut core = self.inner.core.lock().unwrap_or_else(|e| e.into_inner());
-        f(core.sockets.get_mut::<tcp::Socket>(self.handle))
-    }
-
-    /// Wait until the handshake is done; false if the connection never got there.
-    async fn established(&self) -> bool {
-        std::future::poll_fn(|cx| {
-            self.with(|s| match s.state() {
-                tcp::State::Listen | tcp::State::SynReceived | tcp::State::SynSent => {
-                    s.register_recv_waker(cx.waker());
-                    Poll::Pending
-                }
-                tcp::State::Established => Poll::Ready(true),
-                _ => Poll::Ready(s.may_send() || s.can_recv()),
-            })
-        })
-        .await
-    }
-
-    /// Reset the connection (the guest sees "connection refused" or "reset").
-    fn abort(&self) {
-        self.with(|s| s.abort());
-        self.inner.wake.notify_one();
-    }
-}
-
-impl Drop for GuestStream {
-    /// The flow is done: close the socket and let the poll loop remove it once closed.
-    fn drop(&mut self) {
-        {
-            let mut core = self.inner.core.lock().unwrap_or_else(|e| e.into_inner());
-            core.sockets.get_mut::<tcp::Socket>(self.handle).close();
-            core.closing.push(self.handle);
-        }
-        self.inner.wake.notify_one();
-    }
-}
-
-impl AsyncRead for GuestStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let r = self.with(|s| {
-            if s.can_recv() {
-                match s.recv_slice(buf.initialize_unfilled()) {
-                    Ok(n) => {
-                        buf.advance(n);
-                        Poll::Ready(Ok(true))
-                    }
-                    Err(_) => Poll::Ready(Ok(false)),
-                }
-            } else if !s.may_recv() {
-                match s.state() {
-                    tcp::State::Listen | tcp::State::SynReceived | tcp::State::SynSent => {
-                        s.register_recv_waker(cx.waker());
-                        Poll::Pending
-                    }
-                    _ => Poll::Ready(Ok(false)),
-                }
-            } else {
-                s.register_recv_waker(cx.waker());
-                Poll::Pending
-            }
-        });
-        match r {
-            Poll::Ready(Ok(true)) => {
-                // Reading opened the window: let the poll loop tell the guest.
-                self.inner.wake.notify_one();
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Ok(false)) => Poll::Ready(Ok(())),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-impl AsyncWrite for GuestStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        let r = self.with(|s| {
-            if s.can_send() {
-                Poll::Ready(s.send_slice(data).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe)))
-            } else if !s.may_send() {
-                Poll::Ready(Err(io::Error::from(io::ErrorKind::BrokenPipe)))
-            } else {
-                s.register_send_waker(cx.waker());
-                Poll::Pending
-            }
-        });
-        if matches!(r, Poll::Ready(Ok(_))) {
-            self.inner.wake.notify_one();
-        }
-        r
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.with(|s| s.close());
-        self.inner.wake.notify_one();
-        Poll::Ready(Ok(()))
-    }
-}
-
-/// A guest stream whose first bytes were already read (to find its name) and are read again.
-struct Replay {
-    first: VecDeque<u8>,
-    inner: GuestStream,
-}
-
-impl AsyncRead for Replay {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if !self.first.is_empty() {
-            let n = buf.remaining().min(self.first.len());
-            let bytes: Vec<u8> = self.first.drain(..n).collect();
-            buf.put_slice(&bytes);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Replay {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::FlowLimits;
-
-    #[test]
-    fn every_stack_together_stays_within_the_descriptor_limit() {
-        // A host with plenty of descriptors: every stack gets the most there is.
-        assert_eq!(FlowLimits::share_of(1 << 20, 32), FlowLimits::default());
-        for (nofile, stacks) in [(20_000, 32), (4096, 32), (65_536, 256), (2048, 4)] {
-            let l = FlowLimits::share_of(nofile, stacks);
-            let all = (l.tcp + l.udp + l.dns) as u64 * stacks as u64;
-            let reserved = FlowLimits::RESERVED + FlowLimits::PER_SANDBOX * stacks as u64;
-            assert!(all + reserved <= nofile, "{nofile} descriptors, {stacks} stacks: {l:?}");
-            assert!(l.tcp < FlowLimits::default().tcp && l.tcp >= 8, "{l:?}");
-        }
-        // Too few to share: the floor, which the daemon warns about.
-        assert_eq!(FlowLimits::share_of(256, 4), FlowLimits { tcp: 8, udp: 4, dns: 2 });
-        assert_eq!(FlowLimits::share_of(0, 0), FlowLimits { tcp: 8, udp: 4, dns: 2 });
     }
 }

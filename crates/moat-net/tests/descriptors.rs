@@ -46,6 +46,7 @@ fn start(policy: Policy, upstream_dns: SocketAddr, limits: FlowLimits) -> Guest 
         on_refused: Arc::new(move |m| log.lock().unwrap().push(m)),
         secrets: None,
         limits,
+        host_addresses: Vec::new(),
     };
     let stack = Stack::over(theirs, cfg).expect("the stack starts");
     // Read concurrently: a stack whose frames nobody reads stops polling.

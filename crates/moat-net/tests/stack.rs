@@ -35,6 +35,7 @@ fn start(policy: Policy) -> Guest {
         on_refused: Arc::new(move |m| log.lock().unwrap().push(m)),
         secrets: None,
         limits: Default::default(),
+        host_addresses: Vec::new(),
     };
     Guest { stream: ours, refused, _stack: Stack::over(theirs, cfg).unwrap() }
 }

@@ -556,6 +556,11 @@ pub struct ServeArgs {
     /// Exit after this long without sandboxes or requests.
     #[arg(long, value_parser = parse_duration)]
     pub idle_exit: Option<Duration>,
+    /// An address that reaches this host although none of its interfaces has it, such as a
+    /// cloud's public address behind 1:1 NAT: sandboxes are refused it like the host's own
+    /// addresses (repeat, or comma-separate in the variable).
+    #[arg(long, value_name = "IP", env = "MOAT_HOST_ADDRESSES", value_delimiter = ',')]
+    pub host_address: Vec<std::net::Ipv4Addr>,
     /// Move a damaged or missing state database aside and start with an empty one.
     #[arg(long)]
     pub reset_state: bool,

@@ -7,190 +7,19 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
 
-use common::netlab::{Netlab, DAEMON_PUBLIC, SERVER_PRIVATE, SERVER_PUBLIC, UDP_PORT};
+use common::lab_guest::{
+    assert_refusal_event, assert_refused, exec_in, exec_within, give_openssl, guest, guest_ok, inspect, output_within,
+    random_token, vm_turn, wget,
+};
+use common::netlab::{Netlab, DAEMON_NAT, DAEMON_PUBLIC, SERVER_PRIVATE, SERVER_PUBLIC, UDP_PORT};
 use common::{moat_in, text, wait_for, OwnHome};
 
 /// The lab's DNS server, as the daemon's upstream resolver.
 const LAB_DNS: &str = "198.51.100.10";
-/// How long one command in a guest may take before the test calls it wedged.
-const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Tests that boot VMs take turns: on two cores, parallel TCG guests slow each other down until
-/// timeouts measure the host's load instead of moat.
-fn vm_turn() -> MutexGuard<'static, ()> {
-    static TURN: Mutex<()> = Mutex::new(());
-    TURN.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Run a command to completion, killing it (and failing the test) if it takes longer than
-/// `timeout`: a wedged network stack must fail the test, not hang it.
-fn output_within(mut cmd: Command, timeout: Duration) -> Output {
-    let what = format!("{cmd:?}");
-    let mut child =
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("command starts");
-    let mut stdout = child.stdout.take().expect("stdout is piped");
-    let mut stderr = child.stderr.take().expect("stderr is piped");
-    let out_reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = stdout.read_to_end(&mut v);
-        v
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = stderr.read_to_end(&mut v);
-        v
-    });
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for a child works") {
-            break status;
-        }
-        if started.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output { status, stdout: out_reader.join().unwrap(), stderr: err_reader.join().unwrap() }
-}
-
-/// What a shell script in a sandbox printed, and its exit code.
-struct Guest {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Guest {
-    fn ok(&self) -> bool {
-        self.code == Some(0)
-    }
-}
-
-impl std::fmt::Display for Guest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit {:?}\n--- stdout\n{}--- stderr\n{}", self.code, self.stdout, self.stderr)
-    }
-}
-
-/// `moat exec SANDBOX -- sh -c SCRIPT` through `cmd` (the `moat` of a lab or of a home).
-fn exec_in(cmd: Command, sandbox: &str, script: &str) -> Guest {
-    exec_within(cmd, sandbox, script, GUEST_TIMEOUT)
-}
-
-fn exec_within(mut cmd: Command, sandbox: &str, script: &str, timeout: Duration) -> Guest {
-    cmd.args(["exec", sandbox, "--", "sh", "-c", script]);
-    let out = output_within(cmd, timeout);
-    Guest { code: out.status.code(), stdout: text(&out.stdout), stderr: text(&out.stderr) }
-}
-
-fn guest(lab: &Netlab, sandbox: &str, script: &str) -> Guest {
-    exec_in(lab.moat(), sandbox, script)
-}
-
-/// A script that must succeed; its stdout.
-fn guest_ok(lab: &Netlab, sandbox: &str, script: &str) -> String {
-    let g = guest(lab, sandbox, script);
-    assert!(g.ok(), "`{script}` in {sandbox} failed:\n{g}");
-    g.stdout
-}
-
-/// `wget` of `url` in the guest, bounded so that a dropped connection cannot hang the test.
-fn wget(lab: &Netlab, sandbox: &str, url: &str) -> Guest {
-    guest(lab, sandbox, &format!("timeout 30 wget -q -O - '{url}'"))
-}
-
-/// Give the sandbox the host's `openssl` (with the libraries it loads) as /usr/bin/openssl.
-/// busybox wget uses `openssl s_client` for https when it finds one. Its built-in TLS client
-/// (busybox 1.35) sends no signature_algorithms extension, which rustls servers (the lab's, and
-/// moat's interception) refuse with a handshake failure; OpenSSL's client is a real one. It also
-/// verifies certificates against $SSL_CERT_FILE unless wget is given --no-check-certificate.
-fn give_openssl(lab: &Netlab, sandbox: &str) {
-    let ldd = Command::new("ldd").arg("/usr/bin/openssl").output();
-    let ldd = match ldd {
-        Ok(out) if out.status.success() => text(&out.stdout),
-        _ => panic!("the tests need the host's openssl: install it with: sudo apt-get install -y openssl"),
-    };
-    let stage = tempfile::tempdir().expect("a temp dir can be created");
-    let kit = stage.path().join("tls");
-    std::fs::create_dir(&kit).unwrap();
-    let mut files = vec![std::path::PathBuf::from("/usr/bin/openssl")];
-    // `libssl.so.3 => /lib/x86_64-linux-gnu/libssl.so.3 (0x…)` and `/lib64/ld-linux-x86-64.so.2 (0x…)`.
-    files.extend(ldd.lines().filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/'))).map(Into::into));
-    let mut loader = None;
-    for file in &files {
-        let name = file.file_name().expect("a library path names a file").to_string_lossy().into_owned();
-        if name.starts_with("ld-linux") {
-            loader = Some(name.clone());
-        }
-        std::fs::copy(file, kit.join(&name)).unwrap_or_else(|e| panic!("copying {}: {e}", file.display()));
-    }
-    let loader = loader.unwrap_or_else(|| panic!("no dynamic loader in `ldd /usr/bin/openssl`:\n{ldd}"));
-    guest_ok(lab, sandbox, "mkdir -p /opt");
-    lab.moat_ok(&["cp", &kit.display().to_string(), &format!("{sandbox}:/opt/tls")]);
-    let wrapper = format!(
-        "printf '#!/bin/sh\\nexec /opt/tls/{loader} --library-path /opt/tls /opt/tls/openssl \"$@\"\\n' > /usr/bin/openssl \
-         && chmod 755 /usr/bin/openssl && openssl version"
-    );
-    let version = guest_ok(lab, sandbox, &wrapper);
-    assert!(version.starts_with("OpenSSL"), "openssl runs in {sandbox}: {version}");
-}
-
-/// A connection the guest attempted must fail the way a refused connection does: promptly, with
-/// a reset or refusal (not a timeout, not a DNS failure).
-fn assert_refused(g: &Guest, what: &str) {
-    assert!(!g.ok(), "{what} must be refused, but it succeeded:\n{g}");
-    let err = g.stderr.to_lowercase();
-    assert!(
-        err.contains("refused") || err.contains("reset"),
-        "{what} must fail as a refused or reset connection (not a timeout or another error):\n{g}"
-    );
-}
-
-/// The messages of the daemon's `net.refused` events, for sandbox `name` (or `id`).
-fn refusals(lab: &Netlab, sandbox: &str) -> Vec<String> {
-    let id = inspect(lab, sandbox)["id"].as_str().unwrap_or_default().to_string();
-    let out = lab.moat_ok(&["events", "--json"]);
-    let mut messages = Vec::new();
-    for line in out.lines().filter(|l| !l.trim().is_empty()) {
-        let event: serde_json::Value =
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("`moat events --json` printed {line:?}: {e}"));
-        for field in ["seq", "at_ms", "kind", "message"] {
-            assert!(event.get(field).is_some(), "an event without `{field}`: {line}");
-        }
-        let of_box = matches!(event["sandbox"].as_str(), Some(s) if s == sandbox || s == id);
-        if event["kind"] == "net.refused" && of_box {
-            messages.push(event["message"].as_str().unwrap_or_default().to_string());
-        }
-    }
-    messages
-}
-
-/// Wait for a `net.refused` event of `sandbox` whose message contains every one of `needles`.
-fn assert_refusal_event(lab: &Netlab, sandbox: &str, needles: &[&str]) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let messages = refusals(lab, sandbox);
-        if messages.iter().any(|m| needles.iter().all(|n| m.contains(n))) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no net.refused event of {sandbox} mentions {needles:?}; its net.refused events:\n{}",
-            messages.join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn inspect(lab: &Netlab, sandbox: &str) -> serde_json::Value {
-    serde_json::from_str(&lab.moat_ok(&["inspect", sandbox, "--json"])).expect("inspect prints JSON")
-}
 
 /// The allowlist in `moat net show --json`: the array of strings that holds `marker` (a name only
 /// the allowlist has), wherever the document puts it.
@@ -229,12 +58,6 @@ fn parse_forward(line: &str) -> (SocketAddr, u16) {
         host.parse().unwrap_or_else(|e| panic!("{host:?} in {line:?}: {e}")),
         guest.parse().unwrap_or_else(|e| panic!("{guest:?} in {line:?}: {e}")),
     )
-}
-
-fn random_token(prefix: &str) -> String {
-    let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).expect("/dev/urandom is readable");
-    format!("{prefix}{}", hex::encode(bytes))
 }
 
 /// Whether `needle` occurs anywhere in the file at `path` (read in chunks: guest RAM is large).
@@ -474,6 +297,11 @@ fn default_egress_reaches_public_addresses_and_refuses_private_loopback_and_host
     assert_refused(&to_host, "tcp to the host's own 198.51.100.1");
     assert_eq!(own.accepted(), 0, "nothing reached the host's own address");
     assert_refusal_event(&lab, "egress", &[&format!("198.51.100.1:{port}")]);
+    // Its public address behind NAT, which the daemon was told of (MOAT_HOST_ADDRESSES).
+    let via_nat = wget(&lab, "egress", &format!("http://{DAEMON_NAT}/via-nat"));
+    assert_refused(&via_nat, "tcp to the host's public address behind NAT");
+    assert!(lab.observed.requests_to("/via-nat").is_empty(), "the request to the NAT address arrived");
+    assert_refusal_event(&lab, "egress", &[&format!("{DAEMON_NAT}:80"), "host"]);
 
     // The host's loopback through the gateway: refused unless --allow-cidr 127.0.0.1/32.
     let loopback = lab.listener_in_d(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
@@ -618,9 +446,14 @@ fn allowlist_admits_only_allowed_names_and_changes_live() {
     assert!(!lab.observed.dns_asked("other.test"), "a query for a name outside the allowlist went upstream");
     assert_refusal_event(&lab, "allow", &["other.test"]);
 
-    // An IP literal is refused, although it is the allowed name's address.
+    // An IP literal is refused, although it is the allowed name's address: the HTTP gate
+    // answers 403 since the request names no allowed host.
     let literal = wget(&lab, "allow", "http://198.51.100.10/literal");
-    assert_refused(&literal, "an IP literal in allow mode");
+    assert!(
+        !literal.ok() && literal.stderr.contains("403"),
+        "an IP literal in allow mode is refused:
+{literal}"
+    );
     assert!(lab.observed.requests_to("/literal").is_empty());
     assert_refusal_event(&lab, "allow", &["198.51.100.10"]);
 
@@ -729,6 +562,29 @@ fn secrets_reach_only_their_hosts_and_never_the_guest() {
     assert_eq!(seen.sni.as_deref(), Some("api.test"));
     assert_eq!(seen.header("Authorization"), Some(format!("Bearer {secret}").as_str()), "{seen:?}");
     assert_eq!(seen.path(), format!("/noecho/bound?key={secret}"), "{seen:?}");
+
+    // A server that reflects what it got (in Location, Set-Cookie, another header and a 404
+    // body) gives the guest only the placeholder back, while it saw the real value.
+    let reflected = guest(
+        &lab,
+        "sec",
+        "printf 'GET /reflect/page?key=%s HTTP/1.1\\r\\nHost: api.test\\r\\nAuthorization: Bearer %s\\r\\nConnection: close\\r\\n\\r\\n' \
+         \"$LAB_TOKEN\" \"$LAB_TOKEN\" | timeout 30 openssl s_client -quiet -connect api.test:443 -servername api.test 2>/dev/null",
+    );
+    let seen = lab.observed.requests().into_iter().find(|r| r.path().starts_with("/reflect/page")).expect("it arrived");
+    assert_eq!(seen.header("Authorization"), Some(format!("Bearer {secret}").as_str()), "{seen:?}");
+    assert!(!reflected.stdout.contains(&secret), "the guest saw the secret's value:\n{reflected}");
+    for reflection in [
+        format!("Location: https://api.test/moved?key={placeholder}"),
+        format!("Set-Cookie: last=key={placeholder}"),
+        format!("X-Echo-Auth: Bearer {placeholder}"),
+        format!("Authorization: Bearer {placeholder}"),
+    ] {
+        assert!(
+            reflected.stdout.to_lowercase().contains(&reflection.to_lowercase()),
+            "{reflection:?} in the response:\n{reflected}"
+        );
+    }
 
     // HTTPS to another host: the placeholder arrives as it was sent.
     let other = guest(

@@ -22,6 +22,7 @@ pub async fn serve(args: ServeArgs, host: &HostArgs) -> anyhow::Result<i32> {
         limits: moat_daemon::Limits {
             max_sandboxes: args.max_sandboxes,
             templates: !args.no_templates,
+            host_addresses: args.host_address,
             ..Default::default()
         },
         tcp: match args.tcp {

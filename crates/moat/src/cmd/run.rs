@@ -77,12 +77,15 @@ fn net_spec(c: &CreateArgs) -> anyhow::Result<Option<NetSpec>> {
         let value = std::env::var(name).map_err(|_| {
             anyhow::anyhow!("--secret {s}: {name} is not set in moat's environment\nhint: export {name}=… first; moat reads the value from there so it never appears in the command line")
         })?;
-        secrets.push(SecretSpec {
-            name: name.to_string(),
-            value: Some(value),
-            hosts: hosts.split(',').filter(|h| !h.is_empty()).map(String::from).collect(),
-            in_body,
-        });
+        let hosts: Vec<String> = hosts.split(',').filter(|h| !h.is_empty()).map(String::from).collect();
+        if let Some(wild) = hosts.iter().find(|h| h.starts_with("*.")) {
+            eprintln!(
+                "warning: --secret {name}@{wild} sends {name} to every name under {}, including names other \
+                 people may control there (customer subdomains, user pages); list exact hosts where you can",
+                &wild[2..]
+            );
+        }
+        secrets.push(SecretSpec { name: name.to_string(), value: Some(value), hosts, in_body });
     }
     let ports = c
         .publish

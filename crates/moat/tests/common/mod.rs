@@ -1,6 +1,7 @@
 //! Shared fixture for the end-to-end tests: a moat home under target/, real QEMU, real kernel.
 #![allow(dead_code)] // Each test file uses a different part of the fixture.
 
+pub mod lab_guest;
 pub mod netlab;
 
 use std::path::{Path, PathBuf};

@@ -31,6 +31,10 @@ pub const SERVER_PRIVATE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 10);
 /// The daemon's own addresses: the host of the sandboxes, which default egress must refuse.
 pub const DAEMON_PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 pub const DAEMON_PRIVATE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+/// The daemon's public address as seen through a cloud's 1:1 NAT: no interface of `D` has it,
+/// yet it reaches a host (here `S` holds it, as the NAT's hairpin would lead back to the host).
+/// The daemon is told with `MOAT_HOST_ADDRESSES`, and must refuse it like its own.
+pub const DAEMON_NAT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
 /// Names the lab's DNS server answers, all with [`SERVER_PUBLIC`]; so does every name under
 /// [`WILD_DOMAIN`]. Every other name is NXDOMAIN.
 pub const LAB_NAMES: [&str; 3] = ["api.test", "other.test", "files.test"];
@@ -244,8 +248,8 @@ impl Netlab {
         let (d, s) = (&lab.d.name, &lab.s.name);
         ip(&["-n", d, "link", "add", "veth-lab", "type", "veth", "peer", "name", "veth-lab", "netns", s]);
         for (ns, addrs) in [
-            (d, [format!("{DAEMON_PUBLIC}/24"), format!("{DAEMON_PRIVATE}/24")]),
-            (s, [format!("{SERVER_PUBLIC}/24"), format!("{SERVER_PRIVATE}/24")]),
+            (d, vec![format!("{DAEMON_PUBLIC}/24"), format!("{DAEMON_PRIVATE}/24")]),
+            (s, vec![format!("{SERVER_PUBLIC}/24"), format!("{SERVER_PRIVATE}/24"), format!("{DAEMON_NAT}/24")]),
         ] {
             for addr in &addrs {
                 ip(&["-n", ns, "addr", "add", addr, "dev", "veth-lab"]);
@@ -306,6 +310,7 @@ impl Netlab {
             .arg(format!("MOAT_HOME={}", home.display()))
             .arg(format!("SSL_CERT_FILE={}", self.ca_pem.display()))
             .args(["MOAT_IMAGE=minimal", "MOAT_LOG=info"])
+            .arg(format!("MOAT_HOST_ADDRESSES={DAEMON_NAT}"))
             .arg(env!("CARGO_BIN_EXE_moat"))
             .args(["serve", "--idle-exit", "1h", "--home"])
             .arg(home)
@@ -508,8 +513,10 @@ async fn accept_loop(listener: std::net::TcpListener, tls: Option<tokio_rustls::
     }
 }
 
-/// Answer one request: 200 with the request line and headers as the body (`/noecho`: just `ok`;
-/// `/bytes/N`: N bytes), then close.
+/// Answer the requests of one connection, in order, until the client asks to close (HTTP/1.0, or
+/// `Connection: close`) or stops sending: 200 with the request line and headers as the body
+/// (`/noecho`: just `ok`; `/bytes/N`: N bytes; `/reflect…`: a 404 that reflects the request the
+/// way careless servers do, in `Location`, `Set-Cookie`, a header and the body).
 async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     scheme: &'static str,
@@ -518,51 +525,77 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
     sni: Option<String>,
     observed: &Observed,
 ) {
-    let mut head = Vec::new();
+    let mut pending = Vec::new();
     let mut buf = [0u8; 4096];
-    let end = loop {
-        if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i;
-        }
-        if head.len() > MAX_HEAD {
-            return;
-        }
-        match tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
-            _ => return,
-        }
-    };
-    let head = String::from_utf8_lossy(&head[..end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let request_line = lines.next().unwrap_or("").to_string();
-    let headers =
-        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
-    let seen = Seen { scheme, local, peer, sni, request_line, headers };
-    let path = seen.path().to_string();
-    observed.requests.lock().unwrap_or_else(|e| e.into_inner()).push(seen);
-
-    if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<u64>().ok()) {
-        let header = format!("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n");
-        if stream.write_all(header.as_bytes()).await.is_err() {
-            return;
-        }
-        let chunk = vec![b'x'; 64 * 1024];
-        let mut left = n;
-        while left > 0 {
-            let part = left.min(chunk.len() as u64) as usize;
-            if stream.write_all(&chunk[..part]).await.is_err() {
+    loop {
+        let end = loop {
+            if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            if pending.len() > MAX_HEAD {
                 return;
             }
-            left -= part as u64;
+            match tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => pending.extend_from_slice(&buf[..n]),
+                _ => return,
+            }
+        };
+        let head = String::from_utf8_lossy(&pending[..end]).into_owned();
+        pending.drain(..end + 4);
+        let mut lines = head.split("\r\n");
+        let request_line = lines.next().unwrap_or("").to_string();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        let seen = Seen { scheme, local, peer, sni: sni.clone(), request_line, headers };
+        let path = seen.path().to_string();
+        let close = seen.request_line.ends_with("HTTP/1.0")
+            || seen.header("Connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
+        let auth = seen.header("Authorization").unwrap_or("").to_string();
+        observed.requests.lock().unwrap_or_else(|e| e.into_inner()).push(seen);
+        let connection = if close { "close" } else { "keep-alive" };
+
+        if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<u64>().ok()) {
+            let header = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\nConnection: {connection}\r\n\r\n"
+            );
+            if stream.write_all(header.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut left = n;
+            while left > 0 {
+                let part = left.min(chunk.len() as u64) as usize;
+                if stream.write_all(&chunk[..part]).await.is_err() {
+                    return;
+                }
+                left -= part as u64;
+            }
+        } else {
+            let (status, extra, body) = if path.starts_with("/reflect") {
+                let query = path.split_once('?').map_or("", |(_, q)| q);
+                (
+                    "404 Not Found",
+                    format!("Location: https://api.test/moved?{query}\r\nSet-Cookie: last={query}\r\nX-Echo-Auth: {auth}\r\n"),
+                    format!("no such page: {head}\r\n"),
+                )
+            } else if path == "/noecho" || path.starts_with("/noecho/") {
+                ("200 OK", String::new(), "ok\n".to_string())
+            } else {
+                ("200 OK", String::new(), format!("{head}\r\n"))
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\n{extra}Content-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
+                body.len()
+            );
+            if stream.write_all(response.as_bytes()).await.is_err() {
+                return;
+            }
         }
-    } else {
-        let body =
-            if path == "/noecho" || path.starts_with("/noecho/") { "ok\n".to_string() } else { format!("{head}\r\n") };
-        let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        let _ = stream.write_all(response.as_bytes()).await;
+        if close {
+            break;
+        }
     }
     let _ = stream.flush().await;
     let _ = stream.shutdown().await;
