@@ -15,7 +15,8 @@
 //!   boots, and the host memory (PSS of QEMU) of the K forks next to K cold-booted sandboxes.
 //! - network: a guest downloading from a server on the host's loopback through moat's stack, and
 //!   the rate of small sequential requests, next to the same busybox client on the host and next
-//!   to the guest's own loopback.
+//!   to the guest's own loopback; then the same for default egress, allowlist mode and secret
+//!   interception side by side, in a lab of network namespaces (needs root).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -27,6 +28,7 @@ use moat_sandbox::{Runtime, RuntimeConfig, Sandbox, SandboxSpec};
 
 mod files;
 mod images;
+mod lab;
 mod net;
 mod snapshots;
 
@@ -39,6 +41,24 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
+const USAGE: &str = "\
+usage: bench/run [OPTIONS]
+
+  --only PART       run one part: files, images, snapshots or net
+  --runs N          samples of each timed step; medians are printed (5)
+  --execs N         exec round trips in one VM (100)
+  --requests N      daemon API requests of each kind (1000)
+  --copy-mib N      size of the file `moat cp` copies (256)
+  --layer-mib N     size of the image layer pulled (256)
+  --forks N         sandboxes `moat fork` makes, next to as many boots (10)
+  --net-mib N       size of each network download, HTTP and HTTPS (64)
+  --conns N         small sequential requests per network route, split into --runs batches (200)
+
+The network part also measures default egress, allowlist mode (--net allow=bench.test) and secret
+interception (--secret BENCH_TOKEN@bench.test) side by side, in network namespaces it creates and
+removes: it needs root and `ip` (iproute2), and the host's openssl for the guests' HTTPS client.
+";
+
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
     args.windows(2).find(|w| w[0] == name).and_then(|w| w[1].parse().ok()).unwrap_or(default)
@@ -46,6 +66,10 @@ fn arg(name: &str, default: usize) -> usize {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--help" || a == "-h") {
+        print!("{USAGE}");
+        return Ok(());
+    }
     let runs = arg("--runs", 5);
     let execs = arg("--execs", 100);
     let forks = arg("--forks", 10);
