@@ -373,9 +373,13 @@ mod tests {
     }
 
     #[test]
-    fn the_host_tsc_is_plausible_when_measured() {
-        if let Some(khz) = HostFacts::get().tsc_khz {
-            assert!((100_000..10_000_000).contains(&khz), "{khz}");
+    fn the_host_tsc_is_measured_exactly_when_it_is_invariant() {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").expect("/proc/cpuinfo is readable");
+        let flags = cpuinfo.lines().find(|l| l.starts_with("flags")).unwrap_or_default();
+        let invariant = ["constant_tsc", "nonstop_tsc"].iter().all(|f| flags.split_whitespace().any(|g| g == *f));
+        match HostFacts::get().tsc_khz {
+            Some(khz) => assert!(invariant && (100_000..10_000_000).contains(&khz), "{khz} kHz, flags: {flags}"),
+            None => assert!(!invariant, "an invariant TSC was not measured (or measured out of range)"),
         }
     }
 }

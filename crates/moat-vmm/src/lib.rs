@@ -117,7 +117,8 @@ mod tests {
 
     #[test]
     fn qemu_is_found_and_reports_its_version() {
-        let Ok(q) = super::find_qemu(None) else { return };
+        let q = super::find_qemu(None)
+            .unwrap_or_else(|e| panic!("{e}\ninstall QEMU with: sudo apt-get install -y qemu-system-x86"));
         let v = super::qemu_version(&q).unwrap();
         assert!(v.chars().next().is_some_and(|c| c.is_ascii_digit()), "{v}");
     }

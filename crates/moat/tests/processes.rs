@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::io::Read;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -40,22 +41,38 @@ fn background_processes_are_listed_attached_killed_and_outlive_the_daemon() {
         jobs(h).iter().any(|j| j.pid == pid && j.exit.is_none() && j.output_bytes > 20)
     });
 
-    // SIGTERM is ignored; an attach replays what was printed, then SIGKILL ends it.
+    // SIGTERM is ignored: the process prints on after it was sent. An attach replays what was
+    // printed, then SIGKILL ends it.
+    let printed = jobs(h).iter().find(|j| j.pid == pid).map_or(0, |j| j.output_bytes);
     moat_ok(h, &["kill", "jobs", &pid.to_string()]);
-    std::thread::sleep(Duration::from_secs(1));
-    assert!(jobs(h).iter().any(|j| j.pid == pid && j.exit.is_none()), "SIGTERM was ignored");
-    let attach = moat_in(h)
+    wait_for("a tick printed after SIGTERM", Duration::from_secs(30), || {
+        jobs(h).iter().any(|j| j.pid == pid && j.exit.is_none() && j.output_bytes > printed)
+    });
+    let mut attach = moat_in(h)
         .args(["attach", "jobs", &pid.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("moat attach starts");
-    std::thread::sleep(Duration::from_secs(1));
+    let mut stdout = attach.stdout.take().expect("stdout is piped");
+    let (replayed, replay) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let (mut seen, mut buf) = (Vec::new(), [0u8; 512]);
+        while let Ok(n @ 1..) = stdout.read(&mut buf) {
+            seen.extend_from_slice(&buf[..n]);
+            if seen.windows(7).any(|w| w == b"tick 2\n") {
+                let _ = replayed.send(());
+            }
+        }
+        seen
+    });
+    replay.recv_timeout(Duration::from_secs(30)).expect("attach replays what was printed");
     moat_ok(h, &["kill", "-s", "KILL", "jobs", &pid.to_string()]);
     let out = attach.wait_with_output().expect("attach ends when the process does");
+    let stdout = text(&reader.join().expect("the reader thread"));
     assert_eq!(out.status.code(), Some(128 + 9), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).starts_with("start\ntick 1\ntick 2\n"), "replayed: {}", text(&out.stdout));
+    assert!(stdout.starts_with("start\ntick 1\ntick 2\n"), "replayed: {stdout}");
     assert_eq!(jobs(h).iter().find(|j| j.pid == pid).and_then(|j| j.exit).and_then(|s| s.signal), Some(9));
 
     // Output limits: the process runs to its end, the output stops at the limit with a marker.

@@ -61,11 +61,38 @@ impl Terminal {
 
     /// Wait until the screen shows `needle` `times` times.
     fn wait_for(&self, needle: &str, times: usize) {
-        let timeout = Duration::from_secs(30);
+        assert!(
+            self.shows_within(needle, times, Duration::from_secs(30)),
+            "{needle:?} did not appear {times}x; the screen:\n{}",
+            self.screen()
+        );
+    }
+
+    fn shows_within(&self, needle: &str, times: usize, timeout: Duration) -> bool {
         let start = std::time::Instant::now();
         while self.screen().matches(needle).count() < times {
-            assert!(start.elapsed() < timeout, "{needle:?} did not appear {times}x; the screen:\n{}", self.screen());
+            if start.elapsed() > timeout {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(50));
+        }
+        true
+    }
+
+    /// Type `keys` again and again until the screen shows `needle` once: for state that changes
+    /// asynchronously (a window size on its way to the guest).
+    fn ask_until(&mut self, keys: &[u8], needle: &str) {
+        let start = std::time::Instant::now();
+        loop {
+            self.typed(keys);
+            if self.shows_within(needle, 1, Duration::from_secs(2)) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{needle:?} never appeared; the screen:\n{}",
+                self.screen()
+            );
         }
     }
 
@@ -106,13 +133,13 @@ fn exec_it_is_a_real_terminal_with_resize_ctrl_c_and_exit_codes() {
 
     // The window grows: moat gets SIGWINCH and the sandbox's terminal follows.
     term.resize(40, 100);
-    std::thread::sleep(Duration::from_millis(300));
-    term.typed(b"stty size\r");
-    term.wait_for("40 100", 1);
+    term.ask_until(b"stty size\r", "40 100");
 
     // Ctrl-C interrupts the foreground command, not the shell or moat.
     term.typed(b"sleep 60; echo slept\r");
-    std::thread::sleep(Duration::from_millis(1000));
+    common::wait_for("sleep to run in the terminal", Duration::from_secs(30), || {
+        moat_in(h).args(["exec", "tty", "--", "pidof", "sleep"]).output().is_ok_and(|o| o.status.success())
+    });
     term.typed(&[0x03]);
     term.typed(b"echo after-$((40+2))\r");
     term.wait_for("after-42", 1);
