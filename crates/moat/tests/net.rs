@@ -16,7 +16,7 @@ use common::lab_guest::{
     random_token, vm_turn, wget,
 };
 use common::netlab::{Netlab, DAEMON_NAT, DAEMON_PUBLIC, SERVER_PRIVATE, SERVER_PUBLIC, UDP_PORT};
-use common::{moat_in, text, wait_for, OwnHome};
+use common::{log_files, moat_in, text, wait_for, OwnHome};
 
 /// The lab's DNS server, as the daemon's upstream resolver.
 const LAB_DNS: &str = "198.51.100.10";
@@ -78,20 +78,6 @@ fn file_contains(path: &Path, needle: &[u8]) -> bool {
             return true;
         }
     }
-}
-
-/// Every file under `dir` whose name ends with `.log`.
-fn log_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut logs = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            logs.extend(log_files(&path));
-        } else if path.extension().is_some_and(|e| e == "log") {
-            logs.push(path);
-        }
-    }
-    logs
 }
 
 #[test]

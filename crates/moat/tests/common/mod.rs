@@ -145,6 +145,9 @@ impl OwnHome {
 
 impl Drop for OwnHome {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            keep_logs(self.0.path());
+        }
         stop_daemon(self.0.path());
         // VMs outlive their daemon on purpose; a test that failed half-way must not leak them.
         for pid in qemu_processes_mentioning(&self.0.path().display().to_string()) {
@@ -152,6 +155,38 @@ impl Drop for OwnHome {
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
     }
+}
+
+/// A failed test's logs (the daemon's, QEMU's, the guests' consoles) would go with its home:
+/// copy them to `target/tmp/failed/TEST/` and print their tails with the failure.
+fn keep_logs(home: &Path) {
+    let test = std::thread::current().name().unwrap_or("unnamed").replace("::", "-");
+    let keep = Path::new(env!("CARGO_TARGET_TMPDIR")).join("failed").join(test);
+    for log in log_files(home) {
+        let relative = log.strip_prefix(home).unwrap_or(&log);
+        let to = keep.join(relative);
+        let copied = to.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::copy(&log, &to));
+        let content = std::fs::read(&log).unwrap_or_default();
+        let tail: Vec<&str> = std::str::from_utf8(&content).unwrap_or("").lines().rev().take(30).collect();
+        eprintln!("--- {} (last {} lines; kept: {:?})", relative.display(), tail.len(), copied.map(|_| to));
+        for line in tail.into_iter().rev() {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// Every file under `dir` whose name ends with `.log`.
+pub fn log_files(dir: &Path) -> Vec<PathBuf> {
+    let mut logs = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            logs.extend(log_files(&path));
+        } else if path.extension().is_some_and(|e| e == "log") {
+            logs.push(path);
+        }
+    }
+    logs
 }
 
 /// Run `moat args` in `home` with no stdin; it must succeed. Its stdout.
