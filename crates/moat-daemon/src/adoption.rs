@@ -2,7 +2,7 @@
 //! Each sandbox is settled on its own, all at once, in the background, under its operation lock
 //! and a deadline: a guest that does not answer holds up nothing but itself.
 //!
-//! A crash can cut any operation short; [`takeover`] decides what the next daemon makes of it.
+//! A crash can cut any operation short; `takeover` decides what the next daemon makes of it.
 //! Half-written snapshots are not ready, so the gc that follows removes them with any helper VM.
 
 use std::path::Path;
@@ -13,7 +13,8 @@ use moat_api::{Phase, SandboxInfo};
 use moat_sandbox::{discard_saved, Sandbox, SandboxSpec, SavedMachine};
 use tokio::sync::OwnedMutexGuard;
 
-use crate::service::{kill_verified, remove_leftovers, Service, ServiceError};
+use crate::error::ServiceError;
+use crate::service::{kill_verified, remove_leftovers, Service};
 
 /// How long the agent of an adopted guest gets to answer. A running or just-resumed agent
 /// answers within a second; the rest is room for a loaded TCG host.

@@ -1,19 +1,18 @@
 //! The moat daemon (`moat serve`): owns the sandboxes of one `$MOAT_HOME`, keeps their state in
 //! SQLite ([`state`]) under an explicit state machine ([`phase`]), runs every lifecycle operation
-//! ([`service`]) and serves the REST API ([`api`]) on a unix socket, optionally on TCP too.
+//! ([`service`]) and serves the REST API ([`http`]) on a unix socket, optionally on TCP too.
 //!
 //! Sandboxes outlive the daemon: QEMU runs in its own session and is never tied to the daemon's
 //! life, so a restarted (even SIGKILLed) daemon adopts them.
 
 pub mod adoption;
-pub mod api;
 mod descriptors;
-pub mod files;
-pub mod images;
+mod error;
+mod guest_stream;
+pub mod http;
 pub mod listen;
 pub mod net;
 pub mod phase;
-pub mod processes;
 mod secrets_store;
 pub mod service;
 pub mod snapshots;
@@ -30,7 +29,8 @@ use moat_sandbox::{Runtime, RuntimeConfig};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
-pub use service::{Limits, Service, ServiceError};
+pub use error::ServiceError;
+pub use service::{Limits, Service};
 pub use state::{Db, StateError};
 
 /// How long the API waits at start for sandboxes left live by an earlier daemon to be taken over.
@@ -54,8 +54,6 @@ pub struct ServeConfig {
     pub idle_exit: Option<Duration>,
     /// Move a damaged or missing state database aside and start with an empty one.
     pub reset_state: bool,
-    /// What sessions of the MCP endpoint (`/mcp`) may do.
-    pub mcp: moat_mcp::Policy,
 }
 
 /// Errors that keep the daemon from starting.
@@ -114,7 +112,11 @@ pub fn token(home: &Path) -> Result<String, std::io::Error> {
 }
 
 /// Run the daemon until SIGTERM/SIGINT (or idle exit). Running sandboxes are left running.
-pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
+///
+/// `fronts` are routes the binary mounts beside the REST API (the MCP endpoint): this crate
+/// depends on no front. They are served on the same listeners, behind the same socket
+/// permissions and TCP token, and count as activity for the idle exit.
+pub async fn serve(cfg: ServeConfig, fronts: axum::Router) -> Result<(), ServeError> {
     // Guest memory and disks go under the home: whatever the daemon, QEMU or qemu-img creates
     // there is the owner's alone.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
@@ -135,7 +137,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     descriptors::raise_limit(cfg.limits.max_sandboxes);
     if cfg.reset_state {
         if let Some(aside) = Db::reset(&home)? {
-            eprintln!("moat: the old state database was moved to {}", aside.display());
+            tracing::warn!("the old state database was moved to {}", aside.display());
         }
     }
     // The state first: a damaged database must stop us before anything is touched.
@@ -162,7 +164,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             }
         })
     };
-    let app = api::router(svc.clone(), cfg.mcp.clone()).layer(activity);
+    let app = http::router(svc.clone()).merge(fronts).layer(activity);
 
     let sock = socket_path(&home);
     if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
@@ -178,7 +180,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         Some(tcp) => {
             let token = Arc::new(token(&home).map_err(io("creating the API token"))?);
             let tcp_app =
-                app.layer(axum::middleware::from_fn(move |req, next| api::require_token(token.clone(), req, next)));
+                app.layer(axum::middleware::from_fn(move |req, next| http::require_token(token.clone(), req, next)));
             let listener = tcp.bind()?;
             let addr = listener.local_addr().map_err(io("reading the TCP address"))?;
             let scheme = if tls.is_some() { "https" } else { "http" };

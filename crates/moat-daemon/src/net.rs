@@ -14,8 +14,9 @@ use moat_proto::Request;
 use moat_sandbox::{ExecEvent, LinkError, Sandbox, SandboxError};
 use tokio::task::JoinHandle;
 
-use crate::files::StderrTail;
-use crate::service::{Service, ServiceError};
+use crate::error::ServiceError;
+use crate::guest_stream::StderrTail;
+use crate::service::Service;
 
 /// Where the guest finds moat's CA, and a bundle of it with the image's own roots.
 pub const GUEST_CA: &str = "/etc/moat/ca.pem";
@@ -188,6 +189,14 @@ pub fn guest_env(spec: &NetSpec) -> Vec<(String, String)> {
     env
 }
 
+/// A process's environment: the sandbox's (secret placeholders, where moat's CA is), then the
+/// caller's, which wins.
+pub(crate) fn with_net_env(info: &SandboxInfo, env: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut all = guest_env(&info.net);
+    all.extend(env);
+    all
+}
+
 /// The sandbox's CA, made on first use and kept in its run directory.
 fn load_or_make_ca(dir: &Path, name: &str) -> Result<Ca, ServiceError> {
     let (cert, key) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
@@ -260,7 +269,7 @@ impl Service {
         let limits = moat_net::FlowLimits::for_process(self.limits.max_sandboxes);
         let host_addresses = self.limits.host_addresses.clone();
         let config = StackConfig { policy: policy.clone(), dns, on_refused, secrets, limits, host_addresses };
-        let stack = Stack::connect(&dir.join("net.sock"), config)
+        let stack = Stack::connect(&dir.join(moat_vmm::run_files::NET_SOCKET), config)
             .await
             .map_err(|e| ServiceError::internal(format!("connecting the network stack to QEMU's NIC socket: {e}")))?;
         let live = LiveNet { pid: sandbox.pid(), stack, policy, forwards: Mutex::new(HashMap::new()) };

@@ -17,7 +17,8 @@ use rusqlite::{params, Connection};
 use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
 
-use crate::service::{Service, ServiceError};
+use crate::error::ServiceError;
+use crate::service::Service;
 use crate::state::StateError;
 
 /// The file's name in the sandbox's run directory.
@@ -172,7 +173,7 @@ pub(crate) fn move_out_of_db(tx: &Connection, run_root: &Path) -> Result<(), Sta
         let mut stmt = tx.prepare("SELECT id, net FROM sandboxes WHERE net IS NOT NULL")?;
         for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
             let (id, raw) = row?;
-            // A spec moat cannot read is treated as no network (see `state::parse_net`) and
+            // A spec moat cannot read is treated as no network (see `state::sandboxes::parse_net`) and
             // stays as it is.
             if let Ok(net) = serde_json::from_str::<NetSpec>(&raw) {
                 if net.secrets.iter().any(|s| s.value.is_some()) {

@@ -10,74 +10,8 @@ use moat_api::{CreateSandbox, ErrorCode, NetMode, NetSpec, OnExpire, Phase, Recl
 use moat_sandbox::{Runtime, Sandbox, SandboxSpec};
 use tokio::sync::Notify;
 
+use crate::error::{image_error, not_found, ServiceError};
 use crate::state::{now_secs, Db, StateError};
-
-/// A failed service call: a stable code, a message and what to do.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct ServiceError {
-    pub code: ErrorCode,
-    pub message: String,
-    pub hint: String,
-}
-
-impl ServiceError {
-    pub fn new(code: ErrorCode, message: impl Into<String>, hint: impl Into<String>) -> ServiceError {
-        ServiceError { code, message: message.into(), hint: hint.into() }
-    }
-
-    pub(crate) fn internal(message: impl Into<String>) -> ServiceError {
-        ServiceError::new(ErrorCode::Internal, message, "see the daemon log; `moat doctor` checks the host")
-    }
-
-    pub(crate) fn invalid(message: impl Into<String>) -> ServiceError {
-        ServiceError::new(ErrorCode::InvalidRequest, message, "fix the request and send it again")
-    }
-
-    pub(crate) fn phase(s: &SandboxInfo, wanted: &str, hint: &str) -> ServiceError {
-        ServiceError::new(
-            ErrorCode::InvalidPhase,
-            format!("sandbox {} is {}; it must be {wanted}", s.name, s.phase),
-            hint,
-        )
-    }
-}
-
-impl From<StateError> for ServiceError {
-    fn from(e: StateError) -> ServiceError {
-        match e {
-            StateError::NameTaken(name) => ServiceError::new(
-                ErrorCode::NameTaken,
-                format!("a sandbox named {name:?} already exists"),
-                "choose another name, or remove the old sandbox with `moat rm`",
-            ),
-            StateError::NotFound(r) => not_found(&r),
-            e => ServiceError::new(
-                ErrorCode::Internal,
-                e.to_string(),
-                "see the daemon log; `moat doctor` checks the state",
-            ),
-        }
-    }
-}
-
-impl From<moat_sandbox::SandboxError> for ServiceError {
-    fn from(e: moat_sandbox::SandboxError) -> ServiceError {
-        ServiceError::new(
-            ErrorCode::BootFailed,
-            e.to_string(),
-            "see `moat logs` for the guest console; `moat doctor` checks the host",
-        )
-    }
-}
-
-pub(crate) fn not_found(reference: &str) -> ServiceError {
-    ServiceError::new(
-        ErrorCode::NotFound,
-        format!("no sandbox {reference:?}"),
-        "list sandboxes with `moat ps`; names, ids and unique id prefixes work",
-    )
-}
 
 /// Daemon settings that are not the host runtime's.
 #[derive(Debug, Clone)]
@@ -256,11 +190,13 @@ impl Service {
         let id = moat_sandbox::new_id();
         let name = req.name.clone().unwrap_or_else(|| format!("sb-{}", &id[..8]));
         let hostname = req.hostname.clone().unwrap_or_else(|| format!("moat-{}", &id[..8]));
-        let spec = SandboxSpec {
+        let mut spec = SandboxSpec {
             image: match &snapshot {
                 Some(s) => s.image.clone(),
                 None => req.image.clone().unwrap_or_else(|| moat_api::DEFAULT_IMAGE.to_string()),
             },
+            // A snapshot's disk lies on the very image it was taken on, whatever its name says now.
+            image_digest: snapshot.as_ref().map(|s| s.image_digest.clone()),
             vcpus,
             memory_mib,
             disk_bytes: Some(disk_mib * 1024 * 1024),
@@ -270,7 +206,11 @@ impl Service {
             nic: net.mode != NetMode::None,
         };
         moat_sandbox::validate(&spec).map_err(|e| ServiceError::invalid(e.to_string()))?;
-        let image = self.rt.images.resolve(&spec.image).map_err(|e| match e {
+        let image = match &spec.image_digest {
+            Some(digest) => self.rt.images.by_digest(&spec.image, digest),
+            None => self.rt.images.resolve(&spec.image),
+        };
+        let image = image.map_err(|e| match e {
             moat_image::ImageError::NotFound { .. } if spec.image == moat_api::DEFAULT_IMAGE => ServiceError::new(
                 ErrorCode::NotFound,
                 "the default image has not been built yet",
@@ -282,8 +222,10 @@ impl Service {
                     moat_api::DEFAULT_IMAGE_PACKAGES.join(",")
                 ),
             ),
-            e => crate::images::image_error(e),
+            e => image_error(e),
         })?;
+        // Resolved once: every later boot of this sandbox is of this image.
+        spec.image_digest = Some(image.digest.clone());
         let info = SandboxInfo {
             id: id.clone(),
             name,
@@ -527,6 +469,7 @@ impl Service {
     pub(crate) fn spec_of(&self, info: &SandboxInfo) -> SandboxSpec {
         SandboxSpec {
             image: info.image.clone(),
+            image_digest: Some(info.image_digest.clone()).filter(|d| !d.is_empty()),
             vcpus: info.vcpus,
             memory_mib: info.memory_mib,
             disk_bytes: Some(info.disk_mib * 1024 * 1024),
@@ -707,7 +650,7 @@ impl Service {
         // Snapshot disks are layers on their image's base: the base stays while they do.
         let mut in_use: Vec<String> = self.list()?.into_iter().map(|s| s.image_digest).collect();
         in_use.extend(self.db(|db| db.snapshots(None))?.into_iter().map(|s| s.image_digest));
-        let removed = self.rt.images.gc(&in_use, Duration::from_secs(3600)).map_err(crate::images::image_error)?;
+        let removed = self.rt.images.gc(&in_use, Duration::from_secs(3600)).map_err(image_error)?;
         Ok(removed.iter().map(|p| p.display().to_string()).collect())
     }
 
@@ -767,7 +710,8 @@ pub(crate) fn remove_leftovers(dir: &Path, phase: Phase) -> Vec<String> {
     let mut removed: Vec<String> =
         moat_sandbox::discard_saved(dir, paused).iter().map(|p| p.display().to_string()).collect();
     let ram: &[&str] = if paused { &[] } else { &[moat_sandbox::MEM_FILE] };
-    for name in ["qmp.sock", "agent.sock", "qemu.pid"].iter().chain(ram) {
+    use moat_vmm::run_files::{AGENT_SOCKET, PID_FILE, QMP_SOCKET};
+    for name in [QMP_SOCKET, AGENT_SOCKET, PID_FILE].iter().chain(ram) {
         let p = dir.join(name);
         if p.exists() && std::fs::remove_file(&p).is_ok() {
             removed.push(p.display().to_string());

@@ -12,7 +12,8 @@ use moat_api::{CreateSandbox, ErrorCode, Fork, Forked, Phase, SandboxInfo, Snaps
 use moat_sandbox::{Fingerprint, SandboxSpec};
 use sha2::Digest;
 
-use crate::service::{not_found, Launch, Service, ServiceError};
+use crate::error::{not_found, ServiceError};
+use crate::service::{Launch, Service};
 use crate::state::now_secs;
 
 /// At most this many sandboxes per fork request.

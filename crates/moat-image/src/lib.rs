@@ -66,6 +66,9 @@ pub enum ImageError {
     #[error("image {name:?} is not in the image store\nhint: list images with `moat image ls`; make one with `moat image build NAME --from debian:bookworm --packages ...` or `moat image import FILE`; `minimal` is built in")]
     NotFound { name: String },
 
+    #[error("the image {name} ({digest}) this sandbox was made from is no longer in the image store\nhint: remove the sandbox (`moat rm`) and make it again from the image as it is now; moat never deletes an image a sandbox uses, so the store was changed by hand")]
+    DigestGone { name: String, digest: String },
+
     #[error("the image store at {} is damaged: {reason}\nhint: remove {} and run the command again; the built-in images are rebuilt on use", path.display(), path.display())]
     StoreCorrupt { path: PathBuf, reason: String },
 

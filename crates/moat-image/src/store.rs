@@ -143,6 +143,15 @@ impl ImageStore {
         Ok(image)
     }
 
+    /// The image with `digest`, shown as `name`: what a sandbox made from `name` boots from
+    /// whatever the name points to now.
+    pub fn by_digest(&self, name: &str, digest: &str) -> Result<Image, ImageError> {
+        let gone = || ImageError::DigestGone { name: name.to_string(), digest: digest.to_string() };
+        let mut image = self.load(digest)?.ok_or_else(gone)?;
+        image.name = name.to_string();
+        Ok(image)
+    }
+
     /// All named images, by name.
     pub fn list(&self) -> Result<Vec<Image>, ImageError> {
         let mut images = Vec::new();

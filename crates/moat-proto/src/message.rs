@@ -86,7 +86,7 @@ pub struct ExecRequest {
     pub env: Vec<(String, String)>,
     #[serde(default)]
     pub cwd: Option<String>,
-    /// User name or numeric uid[:gid]; root when absent.
+    /// User name or numeric uid\[:gid\]; root when absent.
     #[serde(default)]
     pub user: Option<String>,
     /// The agent kills the process group after this long and reports `timed_out`.

@@ -19,6 +19,9 @@ use crate::SandboxError;
 #[derive(Debug, Clone)]
 pub struct SandboxSpec {
     pub image: String,
+    /// Boot this exact image, shown as `image`: a sandbox keeps the image it was made from when
+    /// the name is later pointed elsewhere. `None`: whatever `image` names now.
+    pub image_digest: Option<String>,
     pub vcpus: u32,
     pub memory_mib: u32,
     /// Virtual size of the root disk; the image's size when absent.
@@ -33,10 +36,19 @@ pub struct SandboxSpec {
     pub nic: bool,
 }
 
+/// The image `spec` boots: its pinned digest, else what its name points to now.
+fn image_of(rt: &Runtime, spec: &SandboxSpec) -> Result<moat_image::Image, SandboxError> {
+    Ok(match &spec.image_digest {
+        Some(digest) => rt.images.by_digest(&spec.image, digest)?,
+        None => rt.images.resolve(&spec.image)?,
+    })
+}
+
 impl Default for SandboxSpec {
     fn default() -> Self {
         SandboxSpec {
             image: "minimal".into(),
+            image_digest: None,
             vcpus: 1,
             memory_mib: 512,
             disk_bytes: None,
@@ -142,7 +154,7 @@ impl Sandbox {
         origin: Origin<'_>,
     ) -> Result<Sandbox, SandboxError> {
         validate(spec)?;
-        let image = rt.images.resolve(&spec.image)?;
+        let image = image_of(rt, spec)?;
         create_private_dir(dir)?;
         let mut cfg = vm_config(rt, spec, id, dir);
         let overlay = dir.join(OVERLAY_FILE);
@@ -272,7 +284,7 @@ impl Sandbox {
         dir: &Path,
         pid: u32,
     ) -> Result<Sandbox, SandboxError> {
-        let image = rt.images.resolve(&spec.image)?;
+        let image = image_of(rt, spec)?;
         let mut cfg = vm_config(rt, spec, id, dir);
         if !dir.join(MEM_FILE).exists() {
             // Restored from a snapshot: its RAM is that snapshot's file, mapped private. Which
@@ -364,7 +376,7 @@ impl Sandbox {
     /// the old link are killed by the agent when it notices the new session.
     pub async fn reconnect(&self, timeout: Duration) -> Result<(), SandboxError> {
         self.link().close();
-        let socket = self.dir.join("agent.sock");
+        let socket = self.dir.join(moat_vmm::run_files::AGENT_SOCKET);
         let link = match tokio::time::timeout(timeout, AgentLink::connect(&socket, Some(self.identity.clone()))).await {
             Ok(link) => link?,
             Err(_) => {

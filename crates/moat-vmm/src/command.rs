@@ -65,25 +65,36 @@ pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet loglevel=4
 /// hand it file descriptors instead of `exec:` URIs.
 pub const SECCOMP_POLICY: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
+/// The names of the files QEMU's side of a sandbox keeps in its run directory, defined once.
+pub mod run_files {
+    pub const QMP_SOCKET: &str = "qmp.sock";
+    pub const AGENT_SOCKET: &str = "agent.sock";
+    /// The NIC's stream netdev, which moat's network stack connects to.
+    pub const NET_SOCKET: &str = "net.sock";
+    pub const CONSOLE_LOG: &str = "console.log";
+    pub const PID_FILE: &str = "qemu.pid";
+    /// QEMU's own stderr (start-up errors, warnings).
+    pub const QEMU_LOG: &str = "qemu.log";
+}
+
 impl VmConfig {
     pub fn qmp_socket(&self) -> PathBuf {
-        self.run_dir.join("qmp.sock")
+        self.run_dir.join(run_files::QMP_SOCKET)
     }
     pub fn agent_socket(&self) -> PathBuf {
-        self.run_dir.join("agent.sock")
+        self.run_dir.join(run_files::AGENT_SOCKET)
     }
     pub fn net_socket(&self) -> PathBuf {
-        self.run_dir.join("net.sock")
+        self.run_dir.join(run_files::NET_SOCKET)
     }
     pub fn console_log(&self) -> PathBuf {
-        self.run_dir.join("console.log")
+        self.run_dir.join(run_files::CONSOLE_LOG)
     }
     pub fn pid_file(&self) -> PathBuf {
-        self.run_dir.join("qemu.pid")
+        self.run_dir.join(run_files::PID_FILE)
     }
-    /// QEMU's own stderr (start-up errors, warnings).
     pub fn qemu_log(&self) -> PathBuf {
-        self.run_dir.join("qemu.log")
+        self.run_dir.join(run_files::QEMU_LOG)
     }
 }
 

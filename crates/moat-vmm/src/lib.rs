@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 pub use accel::{
     choose_accel, Accel, AccelChoice, AccelChoiceError, AccelDecision, DEFAULT_PROBE_TIMEOUT, PROBE_MARKER,
 };
-pub use command::{command_line, command_line_for, HostFacts, Memory, VmConfig, BASE_CMDLINE, SECCOMP_POLICY};
+pub use command::{
+    command_line, command_line_for, run_files, HostFacts, Memory, VmConfig, BASE_CMDLINE, SECCOMP_POLICY,
+};
 pub use console::{rotated_path as rotated_console_log, CONSOLE_LOG_CAP};
 pub use exit::{Exit, ExitWatcher};
 pub use identity::{find_qemus_under, is_our_qemu};

@@ -1,4 +1,7 @@
 //! The `moat` command: CLI parsing and one module per command.
+// The doc comments of the CLI's types are clap's help text, written for a terminal
+// (`[default: sb-<id>]`, `[REGISTRY/]NAME`), not rustdoc markup.
+#![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
 
 pub mod cli;
 pub mod cmd;

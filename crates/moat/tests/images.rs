@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 
 use common::{moat_in, moat_ok, text, OwnHome};
-use oci::{app_layer, base_layer, docker_save, oci_layout, Tar};
+use oci::{app_layer, base_layer, docker_save, docker_save_with, oci_layout, Tar, CONFIG};
 
 /// Run `moat` in `home` with `input` on stdin.
 fn moat_with_stdin(home: &Path, args: &[&str], input: &[u8]) -> Output {
@@ -66,6 +66,41 @@ fn docker_save_and_oci_archives_import_and_boot_with_their_config() {
     // The archive's /etc has passwd; resolv.conf is moat's resolver, written by the agent.
     assert_eq!(&lines[..4], ["hi", "/srv", "passwd", "resolv.conf"], "{out}");
     assert!(lines[4].contains("/bin/sh -> busybox"), "{out}");
+}
+
+#[test]
+fn a_sandbox_keeps_its_image_when_the_name_moves() {
+    let home = OwnHome::new();
+    let h = home.path();
+    let layers = [base_layer(), app_layer()];
+    let import = |greeting: &str| {
+        let config = CONFIG.replace("GREETING=hi", &format!("GREETING={greeting}"));
+        let out = moat_with_stdin(h, &["image", "import", "-"], &docker_save_with(&layers, "pin:test", &config));
+        assert_eq!(out.status.code(), Some(0), "import: {}", text(&out.stderr));
+    };
+    import("first");
+    moat_ok(h, &["run", "-d", "--name", "pinned", "--memory", "256", "--image", "pin:test"]);
+    let greeting = || moat_ok(h, &["exec", "pinned", "--", "sh", "-c", "echo $GREETING"]);
+    assert_eq!(greeting(), "first\n");
+    let digest = |name: &str| -> String {
+        let info: serde_json::Value = serde_json::from_str(&moat_ok(h, &["inspect", name, "--json"])).expect("JSON");
+        info["image_digest"].as_str().expect("inspect shows image_digest").to_string()
+    };
+    let made_from = digest("pinned");
+
+    // The name now points to another image; the sandbox, stopped and started, boots the one it
+    // was made from, and so does a sandbox restored from its snapshot. New sandboxes get the new.
+    moat_ok(h, &["stop", "pinned"]);
+    import("second");
+    moat_ok(h, &["start", "pinned"]);
+    assert_eq!(greeting(), "first\n", "a restart took the re-pointed name's image");
+    assert_eq!(digest("pinned"), made_from);
+    moat_ok(h, &["snapshot", "pinned", "--name", "pin-snap"]);
+    moat_ok(h, &["run", "-d", "--name", "restored", "--memory", "256", "--from", "pinned:pin-snap"]);
+    assert_eq!(digest("restored"), made_from, "a restore took the re-pointed name's image");
+    assert_eq!(moat_ok(h, &["exec", "restored", "--", "sh", "-c", "echo $GREETING"]), "first\n");
+    let fresh = moat_ok(h, &["run", "--memory", "256", "--image", "pin:test", "--", "sh", "-c", "echo $GREETING"]);
+    assert_eq!(fresh, "second\n");
 }
 
 #[test]

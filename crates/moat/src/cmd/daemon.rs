@@ -17,6 +17,24 @@ const AUTO_IDLE_EXIT: &str = "10m";
 const START_TIMEOUT: Duration = Duration::from_secs(180);
 
 pub async fn serve(args: ServeArgs, host: &HostArgs) -> anyhow::Result<i32> {
+    let mcp = moat_mcp::Policy {
+        all_sandboxes: args.mcp_all_sandboxes,
+        max_sandboxes: args.mcp_max_sandboxes,
+        exec_per_minute: args.mcp_exec_rate,
+        default_image: args.mcp_image,
+        host_files: match args.mcp_host_dir {
+            Some(dir) => moat_mcp::HostFiles::Under(
+                dir.canonicalize().with_context(|| format!("the MCP host directory {}", dir.display()))?,
+            ),
+            None => moat_mcp::HostFiles::Off,
+        },
+        allow_public_ports: args.mcp_allow_public_ports,
+        max_cpus: args.mcp_max_cpus,
+        max_memory_mib: args.mcp_max_memory,
+        max_disk_mib: args.mcp_max_disk,
+        flags: moat_mcp::Flags::Daemon,
+        ..Default::default()
+    };
     let cfg = moat_daemon::ServeConfig {
         runtime: runtime_config(host)?,
         limits: moat_daemon::Limits {
@@ -36,26 +54,12 @@ pub async fn serve(args: ServeArgs, host: &HostArgs) -> anyhow::Result<i32> {
         group: args.group,
         idle_exit: args.idle_exit,
         reset_state: args.reset_state,
-        mcp: moat_mcp::Policy {
-            all_sandboxes: args.mcp_all_sandboxes,
-            max_sandboxes: args.mcp_max_sandboxes,
-            exec_per_minute: args.mcp_exec_rate,
-            default_image: args.mcp_image,
-            host_files: match args.mcp_host_dir {
-                Some(dir) => moat_mcp::HostFiles::Under(
-                    dir.canonicalize().with_context(|| format!("the MCP host directory {}", dir.display()))?,
-                ),
-                None => moat_mcp::HostFiles::Off,
-            },
-            allow_public_ports: args.mcp_allow_public_ports,
-            max_cpus: args.mcp_max_cpus,
-            max_memory_mib: args.mcp_max_memory,
-            max_disk_mib: args.mcp_max_disk,
-            flags: moat_mcp::Flags::Daemon,
-            ..Default::default()
-        },
     };
-    moat_daemon::serve(cfg).await?;
+    // The MCP endpoint is a client of the REST API through the daemon's own socket: exec and
+    // files exist only as HTTP handlers today, so that is the one way to reach them.
+    let mcp = moat_mcp::http_service(&moat_daemon::socket_path(&cfg.runtime.home), mcp);
+    let fronts = axum::Router::new().route_service("/mcp", mcp);
+    moat_daemon::serve(cfg, fronts).await?;
     Ok(0)
 }
 

@@ -94,9 +94,14 @@ pub const CONFIG: &str = r#"{"architecture":"amd64","os":"linux","config":{"Env"
 
 /// `docker save` layout: manifest.json, <id>.json, <dir>/layer.tar.
 pub fn docker_save(layers: &[Vec<u8>], tag: &str) -> Vec<u8> {
+    docker_save_with(layers, tag, CONFIG)
+}
+
+/// [`docker_save`] with an image config of the caller's.
+pub fn docker_save_with(layers: &[Vec<u8>], tag: &str, config: &str) -> Vec<u8> {
     let mut t = Tar::new();
-    let config_name = format!("{}.json", sha(CONFIG.as_bytes()));
-    t = t.file(&config_name, CONFIG.as_bytes(), 0o644);
+    let config_name = format!("{}.json", sha(config.as_bytes()));
+    t = t.file(&config_name, config.as_bytes(), 0o644);
     let mut names = Vec::new();
     for l in layers {
         let name = format!("{}/layer.tar", sha(l));

@@ -2,8 +2,6 @@
 //! (debootstrap), remove. Long operations run in the background and report progress as NDJSON
 //! lines.
 
-use std::sync::Arc;
-
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -11,15 +9,14 @@ use axum::http::header;
 use axum::response::Response;
 use axum::Json;
 use futures_util::StreamExt;
-use moat_api::{ApiError, BuildImage, ErrorCode, ImageInfo, ImageProgress, PullImage, Reclaimed};
-use moat_image::{Image, ImageError, PullOptions, PullProgress};
+use moat_api::{BuildImage, ErrorCode, ImageInfo, ImageProgress, PullImage, Reclaimed};
+use moat_image::{Image, PullOptions, PullProgress};
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
-use crate::api::{query, JsonBody};
-use crate::service::{Service, ServiceError};
-
-type Svc = State<Arc<Service>>;
+use super::extract::{query, JsonBody, Svc};
+use crate::error::{image_error, ServiceError};
+use crate::service::Service;
 
 fn info(i: &Image) -> ImageInfo {
     ImageInfo {
@@ -34,27 +31,6 @@ fn info(i: &Image) -> ImageInfo {
         source: i.source.clone(),
         created_at: i.created as i64,
     }
-}
-
-pub(crate) fn image_error(e: ImageError) -> ServiceError {
-    let code = match e {
-        ImageError::NotFound { .. } => ErrorCode::NotFound,
-        ImageError::BadArchive { .. }
-        | ImageError::DigestMismatch { .. }
-        | ImageError::BadImageName { .. }
-        | ImageError::BadReference { .. }
-        | ImageError::BadManifest { .. }
-        | ImageError::WrongPlatform { .. }
-        | ImageError::InvalidRecipe { .. } => ErrorCode::InvalidRequest,
-        ImageError::Registry { .. } => ErrorCode::RegistryFailed,
-        _ => ErrorCode::Internal,
-    };
-    let text = e.to_string();
-    let (message, hint) = match text.split_once("\nhint: ") {
-        Some((m, h)) => (m.to_string(), h.to_string()),
-        None => (text, "see the daemon log".to_string()),
-    };
-    ServiceError::new(code, message, hint)
 }
 
 pub async fn list(State(svc): Svc) -> Result<Json<Vec<ImageInfo>>, ServiceError> {
@@ -120,7 +96,7 @@ where
 fn outcome(result: Result<Image, ServiceError>) -> ImageProgress {
     match result {
         Ok(image) => ImageProgress::Done { image: info(&image) },
-        Err(e) => ImageProgress::Error { error: ApiError { code: e.code, message: e.message, hint: e.hint } },
+        Err(e) => ImageProgress::Error { error: e.into() },
     }
 }
 

@@ -2,35 +2,20 @@
 //! (what they printed while nobody watched, then live), and signal them. The agent keeps them, so
 //! they survive the request that started them and daemon restarts.
 
-use std::sync::Arc;
-
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use axum::Json;
 use futures_util::{SinkExt, StreamExt};
-use moat_api::{ApiError, ErrorCode, ExecServerMessage, JobInfo, KillProcess, ProcessStarted, StartProcess};
+use moat_api::{ErrorCode, ExecServerMessage, JobInfo, KillProcess, ProcessStarted, StartProcess};
 use moat_proto::{ExecRequest, Request, Started};
 use serde::Deserialize;
 
-use crate::api::{forward_exec, query, send_json, JsonBody};
-use crate::service::{Service, ServiceError};
-
-type Svc = State<Arc<Service>>;
-
-fn agent_error(e: moat_sandbox::SandboxError) -> ServiceError {
-    match e {
-        moat_sandbox::SandboxError::Link(moat_sandbox::LinkError::Agent(a)) => {
-            let code =
-                if a.code == moat_proto::ErrorCode::NotFound { ErrorCode::NotFound } else { ErrorCode::InvalidRequest };
-            ServiceError::new(code, a.message, "list the sandbox's processes with `moat ps BOX`")
-        }
-        e => {
-            ServiceError::new(ErrorCode::ExecFailed, e.to_string(), "the sandbox may have stopped; see `moat inspect`")
-        }
-    }
-}
+use super::exec_ws::{forward_exec, send_json};
+use super::extract::{query, JsonBody, Svc};
+use crate::error::{process_error, ServiceError};
+use crate::net::with_net_env;
 
 pub async fn start(
     State(svc): Svc,
@@ -43,7 +28,7 @@ pub async fn start(
     }
     let request = ExecRequest {
         argv: req.argv,
-        env: crate::api::with_net_env(&info, req.env),
+        env: with_net_env(&info, req.env),
         cwd: req.cwd,
         user: req.user,
         detach: true,
@@ -57,7 +42,7 @@ pub async fn start(
 
 pub async fn list(State(svc): Svc, Path(reference): Path<String>) -> Result<Json<Vec<JobInfo>>, ServiceError> {
     let (_, sandbox) = svc.running(&reference)?;
-    match sandbox.request(Request::Jobs).await.map_err(agent_error)? {
+    match sandbox.request(Request::Jobs).await.map_err(process_error)? {
         Started::Jobs { jobs } => Ok(Json(jobs)),
         other => {
             Err(ServiceError::new(ErrorCode::Internal, format!("the agent answered {other:?}"), "report this as a bug"))
@@ -71,7 +56,7 @@ pub async fn kill(
     JsonBody(req): JsonBody<KillProcess>,
 ) -> Result<Json<serde_json::Value>, ServiceError> {
     let (_, sandbox) = svc.running(&reference)?;
-    sandbox.request(Request::Kill { pid, signal: req.signal }).await.map_err(agent_error)?;
+    sandbox.request(Request::Kill { pid, signal: req.signal }).await.map_err(process_error)?;
     Ok(Json(serde_json::json!({})))
 }
 
@@ -94,12 +79,11 @@ pub async fn attach(
     let replay = query(q)?.replay.unwrap_or(true);
     let (_, sandbox) = svc.running(&reference)?;
     // Opened before upgrading, so an unknown pid is a plain HTTP error.
-    let exec = sandbox.file_stream(Request::Attach { pid, replay }).await.map_err(agent_error)?;
+    let exec = sandbox.file_stream(Request::Attach { pid, replay }).await.map_err(process_error)?;
     Ok(ws.max_message_size(1 << 20).on_upgrade(move |socket: WebSocket| async move {
         let (mut tx, rx) = socket.split();
         if let Err(e) = forward_exec(exec, &mut tx, rx, None).await {
-            let error = ApiError { code: e.code, message: e.message, hint: e.hint };
-            let _ = send_json(&mut tx, &ExecServerMessage::Error { error }).await;
+            let _ = send_json(&mut tx, &ExecServerMessage::Error { error: e.into() }).await;
         }
         let _ = tx.close().await;
     }))

@@ -1,0 +1,153 @@
+//! Byte streams between a blocking worker and the channel, under the host's credit: small
+//! bounded queues, and the channel's end with the worker's result.
+
+use std::io::{Read, Write};
+
+use moat_proto::{ExitStatus, Message, Stream, INITIAL_WINDOW, MAX_CHUNK};
+use tokio::sync::mpsc;
+
+use super::{Consumer, Producer};
+use crate::exec::{Credit, Ctl};
+use crate::link::Outbox;
+
+/// Chunks queued between the blocking worker and the channel.
+const QUEUE: usize = 4;
+
+/// A `Write` that hands chunks to the channel task; blocks while the queue is full.
+struct ChunkWriter(mpsc::Sender<Vec<u8>>);
+
+impl Write for ChunkWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(MAX_CHUNK);
+        self.0.blocking_send(buf[..n].to_vec()).map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        Ok(n)
+    }
+
+    /// Fails once the host stopped listening, so a worker with nothing to write can notice.
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.0.is_closed() {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        Ok(())
+    }
+}
+
+/// A `Read` over chunks the channel task hands over; EOF when the host's stdin ends.
+struct ChunkReader {
+    rx: mpsc::Receiver<Vec<u8>>,
+    pending: Vec<u8>,
+    at: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.pending.len() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => (self.pending, self.at) = (chunk, 0),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.pending.len() - self.at);
+        buf[..n].copy_from_slice(&self.pending[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// End the channel: exit code 0, or 1 with the reason on stderr.
+async fn finish(id: u32, out: &Outbox, result: Result<(), String>) {
+    let code = match result {
+        Ok(()) => 0,
+        Err(message) => {
+            out.send(id, Message::Data { stream: Stream::Stderr, data: message.into_bytes() }).await;
+            1
+        }
+    };
+    out.send(id, Message::Eof { stream: Stream::Stdout }).await;
+    out.send(id, Message::Eof { stream: Stream::Stderr }).await;
+    out.send(id, Message::Exit(ExitStatus { code: Some(code), signal: None, timed_out: false })).await;
+    out.send(id, Message::Close).await;
+}
+
+/// Send what `work` writes as stdout, never more than the host's credit ahead.
+pub(super) async fn stream_out(id: u32, out: &Outbox, mut ctl: mpsc::UnboundedReceiver<Ctl>, work: Producer) {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    // Buffered to whole frames: tar and io::copy write in 512-byte and 8 KiB pieces, and every
+    // frame costs the (possibly emulated) guest the same however small it is.
+    let worker = tokio::task::spawn_blocking(move || {
+        let mut sink = std::io::BufWriter::with_capacity(MAX_CHUNK, ChunkWriter(tx));
+        work(&mut sink)?;
+        sink.flush().map_err(|e| format!("Sending failed: {e}."))
+    });
+    let credit = Credit::new();
+    loop {
+        tokio::select! {
+            chunk = rx.recv() => {
+                let Some(chunk) = chunk else { break };
+                let mut at = 0;
+                while at < chunk.len() {
+                    // Wait for credit while still taking the host's messages (credit, close).
+                    let n = loop {
+                        tokio::select! {
+                            n = credit.take((chunk.len() - at) as u32) => break n as usize,
+                            msg = ctl.recv() => match msg {
+                                Some(Ctl::Credit(Stream::Stdout, n)) => credit.give(n),
+                                Some(Ctl::Close) | None => return, // Dropping `rx` stops the worker.
+                                Some(_) => {}
+                            },
+                        }
+                    };
+                    if !out.send(id, Message::Data { stream: Stream::Stdout, data: chunk[at..at + n].to_vec() }).await {
+                        return;
+                    }
+                    at += n;
+                }
+            }
+            msg = ctl.recv() => match msg {
+                Some(Ctl::Credit(Stream::Stdout, n)) => credit.give(n),
+                Some(Ctl::Close) | None => return,
+                Some(_) => {}
+            },
+        }
+    }
+    let result = worker.await.unwrap_or_else(|_| Err("The file operation panicked.".into()));
+    finish(id, out, result).await;
+}
+
+/// Feed the host's stdin to `work`, crediting it back as `work` takes it.
+pub(super) async fn stream_in(id: u32, out: &Outbox, mut ctl: mpsc::UnboundedReceiver<Ctl>, work: Consumer) {
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    let mut worker = tokio::task::spawn_blocking(move || work(&mut ChunkReader { rx, pending: Vec::new(), at: 0 }));
+    let mut tx = Some(tx);
+    let mut in_flight: usize = 0;
+    let result = loop {
+        tokio::select! {
+            result = &mut worker => break result.unwrap_or_else(|_| Err("The file operation panicked.".into())),
+            msg = ctl.recv() => match msg {
+                Some(Ctl::Stdin(data)) => {
+                    in_flight += data.len();
+                    if in_flight > INITIAL_WINDOW as usize {
+                        eprintln!("moat-agent: channel {id}: the host sent more than its credit allows; closing the channel");
+                        out.send(id, Message::Close).await;
+                        return;
+                    }
+                    let n = data.len();
+                    // The worker may have stopped reading (it failed); then the bytes are dropped.
+                    if let Some(t) = &tx {
+                        if t.send(data).await.is_err() {
+                            tx = None;
+                        }
+                    }
+                    in_flight -= n;
+                    if n > 0 {
+                        out.send(id, Message::Credit { stream: Stream::Stdin, bytes: n as u32 }).await;
+                    }
+                }
+                Some(Ctl::StdinEof) => tx = None,
+                Some(Ctl::Close) | None => return,
+                Some(_) => {}
+            },
+        }
+    };
+    finish(id, out, result).await;
+}

@@ -1,0 +1,38 @@
+//! What happened: the daemon's event stream, a sandbox's lifecycle, and which log to read.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Phase;
+
+/// One entry of a sandbox's lifecycle (`GET /v1/sandboxes/{ref}/lifecycle`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LifecycleEntry {
+    pub version: i64,
+    pub phase: Phase,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    pub error: Option<String>,
+}
+
+/// Something that happened (`GET /v1/events`, NDJSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: i64,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    pub sandbox: Option<String>,
+    /// e.g. `phase`, `lease.renewed`, `gc`.
+    pub kind: String,
+    pub message: String,
+}
+
+/// Which log `GET /v1/sandboxes/{ref}/logs` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogSource {
+    /// The guest's serial console (kernel and agent messages).
+    #[default]
+    Console,
+    /// QEMU's own messages.
+    Qemu,
+}

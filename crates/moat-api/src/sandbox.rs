@@ -1,0 +1,211 @@
+//! Sandboxes: their defaults, phases, lease, the create request and what the daemon says of one.
+
+use serde::{Deserialize, Serialize};
+
+use crate::NetSpec;
+
+/// Defaults of a new sandbox.
+pub const DEFAULT_VCPUS: u32 = 1;
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+pub const DEFAULT_DISK_MIB: u64 = 4096;
+/// The image sandboxes get when none is named: Debian with Python, built from
+/// [`DEFAULT_IMAGE_FROM`] and [`DEFAULT_IMAGE_PACKAGES`] by the first client that needs it.
+pub const DEFAULT_IMAGE: &str = "default";
+pub const DEFAULT_IMAGE_FROM: &str = "debian:bookworm";
+pub const DEFAULT_IMAGE_PACKAGES: &[&str] = &["python3", "python3-pip", "python3-venv", "ca-certificates", "curl"];
+
+/// The phases of a sandbox's life. `creating → booting → running → stopping → stopped`, and from
+/// any live phase to `failed`; a lease running out ends in `expired` (or removal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Creating,
+    Booting,
+    Running,
+    Stopping,
+    Stopped,
+    Failed,
+    Expired,
+    /// The whole machine is saved in the run directory; no QEMU runs. `resume` continues it.
+    Paused,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 8] = [
+        Phase::Creating,
+        Phase::Booting,
+        Phase::Running,
+        Phase::Stopping,
+        Phase::Stopped,
+        Phase::Failed,
+        Phase::Expired,
+        Phase::Paused,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Creating => "creating",
+            Phase::Booting => "booting",
+            Phase::Running => "running",
+            Phase::Stopping => "stopping",
+            Phase::Stopped => "stopped",
+            Phase::Failed => "failed",
+            Phase::Expired => "expired",
+            Phase::Paused => "paused",
+        }
+    }
+
+    /// Whether a QEMU process may exist in this phase.
+    pub fn is_live(self) -> bool {
+        matches!(self, Phase::Creating | Phase::Booting | Phase::Running | Phase::Stopping)
+    }
+
+    /// Whether the sandbox is at rest: `prune` removes these (stopped, failed, expired, paused).
+    pub fn is_at_rest(self) -> bool {
+        !self.is_live()
+    }
+}
+
+impl std::str::FromStr for Phase {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Phase, String> {
+        Phase::ALL.into_iter().find(|p| p.as_str() == s).ok_or_else(|| format!("unknown phase {s:?}"))
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// What happens when a sandbox's lease runs out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnExpire {
+    /// Stop the VM and keep its disk (phase `expired`); `moat start` brings it back.
+    Stop,
+    /// Stop the VM and remove the sandbox.
+    #[default]
+    Remove,
+}
+
+/// `POST /v1/sandboxes`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// Unique name; letters, digits, `-`, `_` and `.`, starting with a letter or digit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mib: Option<u64>,
+    /// Lease length; without it the sandbox lives until removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_expire: Option<OnExpire>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Give up when the guest has not come up after this long [default: 90].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_timeout_secs: Option<u64>,
+    /// Continue from this snapshot (`SANDBOX:NAME` or a snapshot id) instead of booting the
+    /// image; image, vCPUs, memory and disk come from the snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Start from the image's template (a saved, booted VM) when there is one, and make it when
+    /// there is none [default: true, unless the daemon runs with templates off]. `false` boots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<bool>,
+    /// The network: mode, allowlist, secrets, port forwards [default: mode `default`, or what
+    /// the snapshot of `from` had].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetSpec>,
+}
+
+/// Everything known about one sandbox (`GET /v1/sandboxes/{ref}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxInfo {
+    pub id: String,
+    pub name: String,
+    pub phase: Phase,
+    pub image: String,
+    pub image_digest: String,
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disk_mib: u64,
+    pub hostname: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds; absent without a lease.
+    pub expires_at: Option<i64>,
+    pub on_expire: OnExpire,
+    /// QEMU's pid while the VM runs.
+    pub pid: Option<u32>,
+    /// Why the sandbox last failed, if it did.
+    pub last_error: Option<String>,
+    /// Bumped on every phase change.
+    pub version: i64,
+    /// The snapshot (or template) this sandbox was restored from; its disk builds on it.
+    #[serde(default)]
+    pub snapshot_id: Option<String>,
+    /// The network, without secret values.
+    #[serde(default)]
+    pub net: NetSpec,
+}
+
+/// `POST /v1/sandboxes/{ref}/lease`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewLease {
+    /// The new lease, counted from now.
+    pub ttl_secs: u64,
+}
+
+/// Sandbox names: 1-63 of letters, digits, `-`, `_`, `.`, starting with a letter or digit, and not
+/// looking like an id prefix only (ids are 12 hex digits, so a name of hex digits alone is refused).
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok_chars = name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if name.is_empty() || name.len() > 63 || !ok_chars || !name.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err(format!(
+            "sandbox name {name:?} is not valid; use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        ));
+    }
+    if name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "sandbox name {name:?} could be mistaken for an id; use a name with at least one letter beyond a-f"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("box").is_ok());
+        assert!(validate_name("web-1.test_a").is_ok());
+        for bad in ["", "-x", ".x", "a b", "ab/c", "deadbeef", &"x".repeat(64)] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn phases_round_trip_and_classify() {
+        for p in Phase::ALL {
+            assert_eq!(p.as_str().parse::<Phase>().unwrap(), p);
+            assert_eq!(serde_json::to_string(&p).unwrap(), format!("\"{p}\""));
+            assert_ne!(p.is_live(), p.is_at_rest());
+        }
+    }
+}

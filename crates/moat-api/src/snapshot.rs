@@ -1,0 +1,105 @@
+//! Snapshots and templates: taking one, reverting to one, forking from one.
+
+use serde::{Deserialize, Serialize};
+
+use crate::SandboxInfo;
+
+/// `POST /v1/sandboxes/{ref}/snapshots`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    /// Unique among the sandbox's snapshots (default: `snap-<N>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// What a snapshot is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotKind {
+    /// Taken by a user (`moat snapshot`, or implicitly by `moat fork`).
+    Snapshot,
+    /// The booted-and-ready VM moat keeps per image so sandboxes start without booting.
+    Template,
+}
+
+impl SnapshotKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotKind::Snapshot => "snapshot",
+            SnapshotKind::Template => "template",
+        }
+    }
+}
+
+/// A saved machine: memory, device state and disk (`GET /v1/snapshots`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    pub kind: SnapshotKind,
+    /// The sandbox it was taken of, while that sandbox exists.
+    pub sandbox_id: Option<String>,
+    /// That sandbox's name (kept after it is removed); `SANDBOX:NAME` refers to the snapshot.
+    pub sandbox_name: String,
+    pub image: String,
+    pub image_digest: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disk_mib: u64,
+    /// Bytes the snapshot's files take on disk.
+    pub size_bytes: u64,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// What a restore must match: QEMU version, accelerator, guest kernel, agent build.
+    pub qemu: String,
+    pub accel: String,
+    pub kernel: String,
+    pub initramfs: String,
+    /// Whether the machine has a NIC: a restore must ask for a network (or `none`) to match.
+    #[serde(default)]
+    pub nic: bool,
+    /// Sandboxes restored from it (their disks build on it): it cannot be removed before them.
+    pub dependents: Vec<String>,
+}
+
+impl SnapshotInfo {
+    /// How users refer to it: `SANDBOX:NAME`, or the id of a template.
+    pub fn reference(&self) -> String {
+        match self.kind {
+            SnapshotKind::Snapshot => format!("{}:{}", self.sandbox_name, self.name),
+            SnapshotKind::Template => self.id.clone(),
+        }
+    }
+}
+
+/// `POST /v1/sandboxes/{ref}/revert`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Revert {
+    /// One of the sandbox's snapshots, by name or id.
+    pub snapshot: String,
+}
+
+/// `POST /v1/sandboxes/{ref}/fork`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fork {
+    /// How many sandboxes [default: 1, at most 64].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    /// Names are `<prefix><N>` (default: `<sandbox>-fork-`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_prefix: Option<String>,
+    /// Fork from this snapshot of the sandbox; without it a snapshot of its current state is
+    /// taken first (named `fork-<unix time>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+}
+
+/// The answer to a fork.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Forked {
+    pub snapshot: SnapshotInfo,
+    pub sandboxes: Vec<SandboxInfo>,
+}

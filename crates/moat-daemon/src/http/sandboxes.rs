@@ -1,0 +1,91 @@
+//! Sandboxes: health, create, inspect, the lifecycle operations and leases, and the daemon-wide
+//! prune and gc.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use moat_api::{CreateSandbox, Health, RenewLease};
+use serde::Deserialize;
+
+use super::extract::{query, ApiResult, JsonBody, Svc};
+
+pub async fn health(State(svc): Svc) -> Json<Health> {
+    Json(Health {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        accel: svc.rt.accel.accel.to_string(),
+        accel_reason: svc.rt.accel.reason.clone(),
+        qemu_version: svc.rt.qemu_version.clone(),
+        kernel: svc.rt.kernel.release.clone(),
+        kernel_path: svc.rt.kernel.path.display().to_string(),
+        sandboxes: svc.live_count(),
+        max_sandboxes: svc.limits.max_sandboxes,
+    })
+}
+
+pub async fn list(State(svc): Svc) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.list()?))
+}
+
+pub async fn create(State(svc): Svc, JsonBody(req): JsonBody<CreateSandbox>) -> ApiResult<impl IntoResponse> {
+    Ok((StatusCode::CREATED, Json(svc.create(req).await?)))
+}
+
+pub async fn inspect(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.resolve(&reference)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+pub async fn remove(
+    State(svc): Svc,
+    Path(reference): Path<String>,
+    q: Result<Query<RemoveQuery>, QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let force = query(q)?.force;
+    Ok(Json(svc.remove(&reference, force).await?))
+}
+
+pub async fn stop(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.stop(&reference).await?))
+}
+
+pub async fn start(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.start(&reference).await?))
+}
+
+pub async fn renew(
+    State(svc): Svc,
+    Path(reference): Path<String>,
+    JsonBody(req): JsonBody<RenewLease>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.renew(&reference, req.ttl_secs).await?))
+}
+
+pub async fn lifecycle(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<impl IntoResponse> {
+    let info = svc.resolve(&reference)?;
+    Ok(Json(svc.db(|db| db.lifecycle(&info.id))?))
+}
+
+pub async fn pause(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.pause(&reference).await?))
+}
+
+pub async fn resume(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.resume(&reference).await?))
+}
+
+pub async fn prune(State(svc): Svc) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.prune().await?))
+}
+
+pub async fn gc(State(svc): Svc) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.gc().await?))
+}

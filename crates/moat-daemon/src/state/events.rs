@@ -1,0 +1,159 @@
+//! The append-only logs: every phase a sandbox entered (`lifecycle`) and the event stream
+//! (`events`), which is trimmed by age and count since a guest can make it grow.
+
+use moat_api::{Event, LifecycleEntry, Phase};
+use rusqlite::{params, Connection};
+
+use super::sandboxes::parse_phase;
+use super::{now_ms, Db, StateError};
+
+/// The newest events kept for each sandbox (and for the daemon itself); older ones are deleted.
+pub const EVENTS_PER_SANDBOX: i64 = 1000;
+/// The newest events kept in all, whatever their sandbox.
+pub const EVENTS_MAX: i64 = 100_000;
+/// Events older than this (30 days) are deleted.
+pub const EVENTS_MAX_AGE_MS: i64 = 30 * 24 * 3600 * 1000;
+/// Old events are deleted every this many new ones: a scan of a table this size takes
+/// milliseconds, and between two prunes it grows by at most this much.
+const PRUNE_EVENTS_EVERY: i64 = 256;
+
+impl Db {
+    pub fn lifecycle(&self, id: &str) -> Result<Vec<LifecycleEntry>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT version, phase, at_ms, error FROM lifecycle WHERE sandbox_id = ?1 ORDER BY version")?;
+        let rows = stmt.query_map([id], |r| {
+            let phase: String = r.get(1)?;
+            Ok(LifecycleEntry {
+                version: r.get(0)?,
+                phase: parse_phase(1, &phase)?,
+                at_ms: r.get(2)?,
+                error: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Record an event that is not a phase change.
+    pub fn event(&mut self, sandbox: Option<&str>, kind: &str, message: &str) -> Result<(), StateError> {
+        append_event(&self.conn, sandbox, kind, message)
+    }
+
+    /// Changes exactly when a write recorded an event: every write that records one inserts the
+    /// event last, and event numbers only grow. Reads never change it.
+    pub fn last_event_seq(&self) -> i64 {
+        self.conn.last_insert_rowid()
+    }
+
+    /// Events after `seq`, oldest first, at most `limit`.
+    pub fn events_after(&self, seq: i64, limit: usize) -> Result<Vec<Event>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, at_ms, sandbox_id, kind, message FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let rows = stmt.query_map(params![seq, limit as i64], |r| {
+            Ok(Event { seq: r.get(0)?, at_ms: r.get(1)?, sandbox: r.get(2)?, kind: r.get(3)?, message: r.get(4)? })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+pub(super) fn append_lifecycle(
+    conn: &Connection,
+    id: &str,
+    version: i64,
+    phase: Phase,
+    error: Option<&str>,
+) -> Result<(), StateError> {
+    conn.execute(
+        "INSERT INTO lifecycle (sandbox_id, version, phase, at_ms, error) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id, version, phase.as_str(), now_ms(), error],
+    )?;
+    Ok(())
+}
+
+pub(super) fn append_event(
+    conn: &Connection,
+    sandbox: Option<&str>,
+    kind: &str,
+    message: &str,
+) -> Result<(), StateError> {
+    // Messages can carry what a guest chose (a console line, a name it looked up).
+    let message = moat_api::escape_controls(message);
+    conn.execute(
+        "INSERT INTO events (at_ms, sandbox_id, kind, message) VALUES (?1, ?2, ?3, ?4)",
+        params![now_ms(), sandbox, kind, message],
+    )?;
+    if conn.last_insert_rowid() % PRUNE_EVENTS_EVERY == 0 {
+        prune_events(conn)?;
+    }
+    Ok(())
+}
+
+/// Delete the events past their age or beyond the newest [`EVENTS_PER_SANDBOX`] of their
+/// sandbox or the newest [`EVENTS_MAX`]. Event numbers never repeat (AUTOINCREMENT), so a
+/// follower that was behind simply resumes at the oldest one left. Returns how many went.
+fn prune_events(conn: &Connection) -> Result<usize, StateError> {
+    let old = conn.execute("DELETE FROM events WHERE at_ms < ?1", [now_ms() - EVENTS_MAX_AGE_MS])?;
+    let per_sandbox = conn.execute(
+        "DELETE FROM events WHERE seq IN (
+             SELECT seq FROM (
+                 SELECT seq, ROW_NUMBER() OVER (PARTITION BY sandbox_id ORDER BY seq DESC) AS newer FROM events
+             ) WHERE newer > ?1
+         )",
+        [EVENTS_PER_SANDBOX],
+    )?;
+    let overall = conn.execute(
+        "DELETE FROM events WHERE seq <= (SELECT seq FROM events ORDER BY seq DESC LIMIT 1 OFFSET ?1)",
+        [EVENTS_MAX],
+    )?;
+    Ok(old + per_sandbox + overall)
+}
+
+#[cfg(test)]
+mod tests {
+    use moat_api::Event;
+
+    use super::*;
+
+    #[test]
+    fn events_are_trimmed_by_count_and_age() {
+        let home = tempfile::tempdir().unwrap();
+        let mut db = Db::open(home.path()).unwrap();
+        let count = |db: &Db, sandbox: &str| -> i64 {
+            db.conn.query_row("SELECT COUNT(*) FROM events WHERE sandbox_id = ?1", [sandbox], |r| r.get(0)).unwrap()
+        };
+        // A month-old event of a sandbox long gone.
+        db.conn
+            .execute(
+                "INSERT INTO events (at_ms, sandbox_id, kind, message) VALUES (?1, 'gone', 'phase', 'old')",
+                [now_ms() - EVENTS_MAX_AGE_MS - 1000],
+            )
+            .unwrap();
+        // A guest hammering refusals: far more events than are kept, and a quieter neighbour.
+        db.conn.execute_batch("BEGIN").unwrap();
+        for i in 0..(3 * EVENTS_PER_SANDBOX) {
+            db.event(Some("noisy"), "refused", &format!("refused {i}")).unwrap();
+            if i % 10 == 0 {
+                db.event(Some("quiet"), "lease", &format!("lease {i}")).unwrap();
+            }
+        }
+        db.conn.execute_batch("COMMIT").unwrap();
+        // Pruning runs every few hundred events; the table never held much more than the cap.
+        assert!(count(&db, "noisy") <= EVENTS_PER_SANDBOX + PRUNE_EVENTS_EVERY, "{}", count(&db, "noisy"));
+        prune_events(&db.conn).unwrap();
+        assert_eq!(count(&db, "noisy"), EVENTS_PER_SANDBOX);
+        assert_eq!(count(&db, "quiet"), 3 * EVENTS_PER_SANDBOX / 10);
+        assert_eq!(count(&db, "gone"), 0);
+        // What is kept is the newest, and numbering goes on past what was deleted.
+        let noisy: Vec<Event> = db
+            .events_after(0, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.sandbox.as_deref() == Some("noisy"))
+            .collect();
+        assert_eq!(noisy.last().unwrap().message, format!("refused {}", 3 * EVENTS_PER_SANDBOX - 1));
+        let seq = db.last_event_seq();
+        db.event(None, "daemon", "next").unwrap();
+        assert_eq!(db.last_event_seq(), seq + 1);
+    }
+}

@@ -1,0 +1,106 @@
+//! The schema's versioned migrations, applied in order on open; `PRAGMA user_version` counts them.
+
+use std::path::Path;
+
+use super::{Db, StateError};
+
+/// Migrations in order; `PRAGMA user_version` is how many have been applied.
+const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE sandboxes (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    phase TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    image TEXT NOT NULL,
+    image_digest TEXT NOT NULL,
+    accel TEXT NOT NULL,
+    vcpus INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    disk_mib INTEGER NOT NULL,
+    hostname TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER,
+    on_expire TEXT NOT NULL,
+    pid INTEGER,
+    last_error TEXT
+);
+CREATE TABLE lifecycle (
+    sandbox_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    error TEXT,
+    PRIMARY KEY (sandbox_id, version)
+);
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    sandbox_id TEXT,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+"#,
+    r#"
+CREATE TABLE snapshots (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    sandbox_id TEXT,
+    sandbox_name TEXT NOT NULL,
+    template_key TEXT,
+    ready INTEGER NOT NULL,
+    image TEXT NOT NULL,
+    image_digest TEXT NOT NULL,
+    vcpus INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    disk_mib INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    qemu TEXT NOT NULL,
+    accel TEXT NOT NULL,
+    kernel TEXT NOT NULL,
+    initramfs TEXT NOT NULL
+);
+ALTER TABLE sandboxes ADD COLUMN snapshot_id TEXT;
+"#,
+    // The network (JSON of moat_api::NetSpec, without secret values since the next migration);
+    // NULL for sandboxes made before networking, which have no NIC. Snapshots record whether
+    // their machine has one.
+    r#"
+ALTER TABLE sandboxes ADD COLUMN net TEXT;
+ALTER TABLE snapshots ADD COLUMN nic INTEGER NOT NULL DEFAULT 0;
+"#,
+    // No schema change: secret values move out of `net` into files of their own (code below).
+    "",
+];
+
+/// The migration that moves secret values out of the database
+/// ([`crate::secrets_store::move_out_of_db`]).
+const SECRETS_MOVED_OUT: usize = 3;
+
+impl Db {
+    pub(super) fn migrate(&mut self, home: &Path, db: &Path) -> Result<(), StateError> {
+        let applied: i64 = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let known = MIGRATIONS.len() as i64;
+        if applied > known {
+            return Err(StateError::TooNew { db: db.to_path_buf(), found: applied, known });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(sql)?;
+            if i == 0 {
+                let id = format!("{:016x}", rand::random::<u64>());
+                tx.execute("INSERT INTO meta (key, value) VALUES ('state_id', ?1)", [id])?;
+            }
+            if i == SECRETS_MOVED_OUT {
+                // The runtime's run directory (`RuntimeConfig::run_dir`), where sandboxes' files are.
+                crate::secrets_store::move_out_of_db(&tx, &home.join("run"))?;
+            }
+            tx.pragma_update(None, "user_version", i as i64 + 1)?;
+            tx.commit()?;
+        }
+        crate::secrets_store::scrub_if_pending(&self.conn)
+    }
+}
