@@ -119,6 +119,10 @@ pub enum Command {
     Mcp(McpArgs),
     /// Check that this host can run sandboxes, and say how to fix what is missing.
     Doctor(DoctorArgs),
+    /// The configuration: `moat config show` prints every setting, its value and where it came
+    /// from (environment, config file, default).
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Install missing host packages (with apt) and prepare the kernel, initramfs and default image.
     Setup(SetupArgs),
 }
@@ -639,6 +643,17 @@ pub struct McpArgs {
     /// Largest root disk of one sandbox, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = moat_mcp::DEFAULT_MAX_DISK_MIB)]
     pub max_disk: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print every setting's effective value and its source. Settings come from flags, then
+    /// `MOAT_*` variables, then `$MOAT_HOME/config.toml` (else `/etc/moat/config.toml`), whose
+    /// keys are the variables' names without `MOAT_`, lowercase.
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod cmd;
+pub mod config;
 
 use cli::{Cli, Command};
 
@@ -44,6 +45,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Serve(args) => cmd::daemon::serve(args, host).await,
         Command::Mcp(args) => cmd::mcp::mcp(args, host).await,
         Command::Doctor(args) => cmd::doctor::doctor(args, host).await,
+        Command::Config(crate::cli::ConfigCommand::Show { json }) => cmd::config::show(json),
         Command::Setup(args) => cmd::setup::setup(args, host).await,
     }
 }

@@ -2,6 +2,12 @@ use clap::Parser;
 use moat::cli::Cli;
 
 fn main() {
+    // Before clap reads the environment, and before any thread starts.
+    let args: Vec<String> = std::env::args().collect();
+    if let Err(e) = moat::config::load(&args) {
+        eprintln!("moat: error: {e}");
+        std::process::exit(2);
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))

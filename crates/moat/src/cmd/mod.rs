@@ -1,5 +1,6 @@
 //! One module per command (or family of commands).
 
+pub mod config;
 pub mod cp;
 pub mod daemon;
 pub mod doctor;

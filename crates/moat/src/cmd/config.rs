@@ -1,0 +1,49 @@
+//! `moat config show`: every setting's effective value and where it came from.
+
+use clap::CommandFactory;
+
+use crate::cli::Cli;
+use crate::config::{key, loaded, source, Source, SETTINGS};
+
+pub fn show(json: bool) -> anyhow::Result<i32> {
+    let cli = Cli::command();
+    let rows: Vec<(String, &str, String, &str)> = SETTINGS
+        .iter()
+        .map(|s| {
+            let set = std::env::var(s.env).ok().filter(|v| !v.is_empty());
+            let (value, from) = match (set, source(s.env)) {
+                (Some(v), Source::File) => (v, "file"),
+                (Some(v), _) => (v, "environment"),
+                (None, _) => (default_of(&cli, s.env).unwrap_or_else(|| "-".into()), "default"),
+            };
+            (key(s.env), s.env, value, from)
+        })
+        .collect();
+    let file = loaded().file.as_ref().map(|p| p.display().to_string());
+    if json {
+        let settings: Vec<_> = rows
+            .iter()
+            .map(|(k, env, value, from)| serde_json::json!({"key": k, "env": env, "value": value, "source": from}))
+            .collect();
+        println!("{}", serde_json::json!({ "file": file, "settings": settings }));
+        return Ok(0);
+    }
+    println!("config file: {}", file.as_deref().unwrap_or("none ($MOAT_HOME/config.toml, /etc/moat/config.toml)"));
+    println!("{:<24} {:<32} SOURCE", "KEY", "VALUE");
+    for (k, _, value, from) in rows {
+        println!("{k:<24} {value:<32} {from}");
+    }
+    Ok(0)
+}
+
+/// The default clap shows for the flag that reads `env`, anywhere in the command tree.
+fn default_of(cmd: &clap::Command, env: &str) -> Option<String> {
+    for arg in cmd.get_arguments() {
+        if arg.get_env().is_some_and(|e| e == env) {
+            let defaults: Vec<String> =
+                arg.get_default_values().iter().map(|v| v.to_string_lossy().into_owned()).collect();
+            return (!defaults.is_empty()).then(|| defaults.join(","));
+        }
+    }
+    cmd.get_subcommands().find_map(|sub| default_of(sub, env))
+}
