@@ -6,7 +6,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +15,7 @@ use common::lab_guest::{
     random_token, vm_turn, wget,
 };
 use common::netlab::{Netlab, DAEMON_NAT, DAEMON_PUBLIC, SERVER_PRIVATE, SERVER_PUBLIC, UDP_PORT};
-use common::{log_files, moat_in, text, wait_for, OwnHome};
+use common::{file_contains, log_files, moat_in, text, wait_for, OwnHome};
 
 /// The lab's DNS server, as the daemon's upstream resolver.
 const LAB_DNS: &str = "198.51.100.10";
@@ -58,26 +57,6 @@ fn parse_forward(line: &str) -> (SocketAddr, u16) {
         host.parse().unwrap_or_else(|e| panic!("{host:?} in {line:?}: {e}")),
         guest.parse().unwrap_or_else(|e| panic!("{guest:?} in {line:?}: {e}")),
     )
-}
-
-/// Whether `needle` occurs anywhere in the file at `path` (read in chunks: guest RAM is large).
-fn file_contains(path: &Path, needle: &[u8]) -> bool {
-    let mut file = std::fs::File::open(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-    let mut window = Vec::new();
-    let mut chunk = vec![0u8; 4 << 20];
-    loop {
-        let n = file.read(&mut chunk).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-        if n == 0 {
-            return false;
-        }
-        // Keep the tail of the previous chunk so a match across the boundary is found.
-        let keep = window.len().saturating_sub(needle.len());
-        window.drain(..keep);
-        window.extend_from_slice(&chunk[..n]);
-        if window.windows(needle.len()).any(|w| w == needle) {
-            return true;
-        }
-    }
 }
 
 #[test]

@@ -5,14 +5,13 @@
 
 mod common;
 
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::lab_guest::random_token;
-use common::{daemon_pid, moat_in, text, wait_for, OwnHome};
+use common::{daemon_pid, file_contains, moat_in, text, wait_for, OwnHome};
 
 /// Longest a single `moat` call may take: the first one on a new home builds the initramfs and
 /// the minimal image, and TCG boots share two cores with other tests.
@@ -50,27 +49,6 @@ fn sandbox_id(home: &Path, name: &str) -> String {
     let info: serde_json::Value =
         serde_json::from_str(&moat_ok(home, &["inspect", name, "--json"])).expect("--json prints JSON");
     info["id"].as_str().unwrap_or_else(|| panic!("{name} has an id: {info}")).to_string()
-}
-
-/// Whether `needle` occurs anywhere in the file at `path`, read in chunks (guest RAM and disks
-/// are large). A file that went away meanwhile holds nothing.
-fn file_contains(path: &Path, needle: &[u8]) -> bool {
-    let Ok(mut file) = std::fs::File::open(path) else { return false };
-    let mut window = Vec::new();
-    let mut chunk = vec![0u8; 4 << 20];
-    loop {
-        let n = file.read(&mut chunk).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-        if n == 0 {
-            return false;
-        }
-        // The tail of the previous chunk stays, so a match across the boundary is found.
-        let keep = window.len().saturating_sub(needle.len());
-        window.drain(..keep);
-        window.extend_from_slice(&chunk[..n]);
-        if window.windows(needle.len()).any(|w| w == needle) {
-            return true;
-        }
-    }
 }
 
 /// Every regular file under `dir` (links not followed) that holds `needle`.

@@ -175,6 +175,28 @@ fn keep_logs(home: &Path) {
     }
 }
 
+/// Whether `needle` occurs anywhere in the file at `path`, read in chunks (guest RAM and disks
+/// are large). A file that went away meanwhile holds nothing.
+pub fn file_contains(path: &Path, needle: &[u8]) -> bool {
+    let Ok(mut file) = std::fs::File::open(path) else { return false };
+    let mut window = Vec::new();
+    let mut chunk = vec![0u8; 4 << 20];
+    loop {
+        let n =
+            std::io::Read::read(&mut file, &mut chunk).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        if n == 0 {
+            return false;
+        }
+        // The tail of the previous chunk stays, so a match across the boundary is found.
+        let keep = window.len().saturating_sub(needle.len());
+        window.drain(..keep);
+        window.extend_from_slice(&chunk[..n]);
+        if window.windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+    }
+}
+
 /// Every file under `dir` whose name ends with `.log`.
 pub fn log_files(dir: &Path) -> Vec<PathBuf> {
     let mut logs = Vec::new();
