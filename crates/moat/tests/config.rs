@@ -40,6 +40,7 @@ fn the_config_file_sits_between_the_environment_and_the_defaults() {
     assert_eq!(setting("host_addresses"), ("203.0.113.5,203.0.113.6".into(), "file".into()));
     assert_eq!(setting("mcp_max_cpus"), ("2".into(), "file".into()));
     assert_eq!(setting("mcp_max_sandboxes"), ("8".into(), "default".into()));
+    assert!(shown["settings"][0]["about"].as_str().is_some_and(|a| !a.is_empty()), "{shown}");
     let human = text(&moat(home.path(), &[], &["config", "show"]).stdout);
     assert!(human.contains(&file.display().to_string()) && human.lines().any(|l| l.starts_with("accel ")), "{human}");
 

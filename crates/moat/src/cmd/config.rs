@@ -7,7 +7,7 @@ use crate::config::{key, loaded, source, Source, SETTINGS};
 
 pub fn show(json: bool) -> anyhow::Result<i32> {
     let cli = Cli::command();
-    let rows: Vec<(String, &str, String, &str)> = SETTINGS
+    let rows: Vec<(String, &str, String, &str, &str)> = SETTINGS
         .iter()
         .map(|s| {
             let set = std::env::var(s.env).ok().filter(|v| !v.is_empty());
@@ -16,22 +16,24 @@ pub fn show(json: bool) -> anyhow::Result<i32> {
                 (Some(v), _) => (v, "environment"),
                 (None, _) => (default_of(&cli, s.env).unwrap_or_else(|| "-".into()), "default"),
             };
-            (key(s.env), s.env, value, from)
+            (key(s.env), s.env, value, from, s.about)
         })
         .collect();
     let file = loaded().file.as_ref().map(|p| p.display().to_string());
     if json {
         let settings: Vec<_> = rows
             .iter()
-            .map(|(k, env, value, from)| serde_json::json!({"key": k, "env": env, "value": value, "source": from}))
+            .map(|(k, env, value, from, about)| {
+                serde_json::json!({"key": k, "env": env, "value": value, "source": from, "about": about})
+            })
             .collect();
         println!("{}", serde_json::json!({ "file": file, "settings": settings }));
         return Ok(0);
     }
     println!("config file: {}", file.as_deref().unwrap_or("none ($MOAT_HOME/config.toml, /etc/moat/config.toml)"));
-    println!("{:<24} {:<32} SOURCE", "KEY", "VALUE");
-    for (k, _, value, from) in rows {
-        println!("{k:<24} {value:<32} {from}");
+    println!("{:<24} {:<32} {:<12} ABOUT", "KEY", "VALUE", "SOURCE");
+    for (k, _, value, from, about) in rows {
+        println!("{k:<24} {value:<32} {from:<12} {about}");
     }
     Ok(0)
 }
