@@ -220,7 +220,8 @@ pub(crate) fn scrub_if_pending(conn: &Connection) -> Result<(), StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use moat_api::{OnExpire, Phase, SecretSpec};
+    use crate::state::tests::sample;
+    use moat_api::{Phase, SecretSpec};
     use std::os::unix::fs::PermissionsExt;
 
     use crate::state::Db;
@@ -261,26 +262,7 @@ mod tests {
     }
 
     fn sandbox(id: &str, net: NetSpec) -> SandboxInfo {
-        SandboxInfo {
-            id: id.into(),
-            name: format!("box-{id}"),
-            phase: Phase::Stopped,
-            image: "minimal".into(),
-            image_digest: "sha256:00".into(),
-            accel: "tcg".into(),
-            vcpus: 1,
-            memory_mib: 256,
-            disk_mib: 1024,
-            hostname: "h".into(),
-            created_at: 1,
-            expires_at: None,
-            on_expire: OnExpire::Remove,
-            pid: None,
-            last_error: None,
-            version: 1,
-            snapshot_id: None,
-            net,
-        }
+        SandboxInfo { phase: Phase::Stopped, memory_mib: 256, disk_mib: 1024, net, ..sample(id, &format!("box-{id}")) }
     }
 
     #[test]

@@ -153,12 +153,12 @@ fn write_atomically(path: &Path, data: &[u8]) -> Result<(), StateError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use moat_api::{NetSpec, OnExpire, SandboxInfo};
 
     use super::*;
 
-    pub(super) fn sample(id: &str, name: &str) -> SandboxInfo {
+    pub(crate) fn sample(id: &str, name: &str) -> SandboxInfo {
         SandboxInfo {
             id: id.into(),
             name: name.into(),
