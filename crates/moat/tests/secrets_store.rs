@@ -8,7 +8,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::lab_guest::random_token;
 use common::{daemon_pid, file_contains, moat_in, text, wait_for, OwnHome};
@@ -26,23 +26,9 @@ fn moat_env(home: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
     cmd.args(args).stdin(Stdio::null()).output().expect("moat runs")
 }
 
-/// `moat args` must succeed; its stdout. A sandbox still being adopted by a daemon that has just
-/// started is the one failure worth waiting out.
+/// `moat args` must succeed within [`CALL_LIMIT`], waiting out an adoption; its stdout.
 fn moat_ok(home: &Path, args: &[&str]) -> String {
-    let start = Instant::now();
-    loop {
-        let out = moat_env(home, &[], args);
-        if out.status.success() {
-            return text(&out.stdout);
-        }
-        let err = text(&out.stderr);
-        assert!(
-            err.contains("being adopted") && start.elapsed() < CALL_LIMIT,
-            "moat {args:?} failed ({}): {err}",
-            out.status
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    common::moat_ok_through_adoption(home, args, CALL_LIMIT)
 }
 
 fn sandbox_id(home: &Path, name: &str) -> String {

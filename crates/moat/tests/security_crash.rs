@@ -8,53 +8,18 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{daemon_pid, moat_in, qemu_processes_mentioning, text, wait_for, OwnHome};
+use common::{daemon_pid, moat_in, qemu_processes_mentioning, wait_for, OwnHome};
 
 /// Longest any single CLI call may take here; a restarted daemon that does not come up in time
 /// is the failure these tests look for.
 const CALL_LIMIT: Duration = Duration::from_secs(45);
 
-/// Run `moat args`, killing it if it takes longer than `limit`.
-fn moat_timed(h: &Path, args: &[&str], limit: Duration) -> Output {
-    let mut child = moat_in(h)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("moat runs");
-    let start = Instant::now();
-    while child.try_wait().expect("child state readable").is_none() {
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("killed child is reaped");
-            panic!("moat {args:?} did not finish within {limit:?}: {}", text(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("moat's output is readable")
-}
-
-/// `moat args` must succeed within [`CALL_LIMIT`]; its stdout. A sandbox still being adopted by a
-/// daemon that just started is the one answer worth waiting out.
+/// `moat args` must succeed within [`CALL_LIMIT`], waiting out an adoption; its stdout.
 fn moat_ok(h: &Path, args: &[&str]) -> String {
-    let start = Instant::now();
-    loop {
-        let out = moat_timed(h, args, CALL_LIMIT);
-        if out.status.success() {
-            return text(&out.stdout);
-        }
-        let err = text(&out.stderr);
-        assert!(
-            err.contains("being adopted") && start.elapsed() < CALL_LIMIT,
-            "moat {args:?} failed ({}): {err}",
-            out.status
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    common::moat_ok_through_adoption(h, args, CALL_LIMIT)
 }
 
 fn json(h: &Path, args: &[&str]) -> serde_json::Value {

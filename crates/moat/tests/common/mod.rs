@@ -211,6 +211,46 @@ pub fn log_files(dir: &Path) -> Vec<PathBuf> {
     logs
 }
 
+/// Run `moat args`, killing it if it takes longer than `limit`.
+pub fn moat_timed(h: &Path, args: &[&str], limit: Duration) -> Output {
+    let mut child = moat_in(h)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("moat runs");
+    let start = Instant::now();
+    while child.try_wait().expect("child state readable").is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("killed child is reaped");
+            panic!("moat {args:?} did not finish within {limit:?}: {}", text(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("moat's output is readable")
+}
+
+/// `moat args` in `h` must succeed, each call within `limit`; its stdout. A sandbox still being
+/// adopted by a daemon that has just started is the one failure worth waiting out (up to `limit`).
+pub fn moat_ok_through_adoption(h: &Path, args: &[&str], limit: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let out = moat_timed(h, args, limit);
+        if out.status.success() {
+            return text(&out.stdout);
+        }
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("being adopted") && start.elapsed() < limit,
+            "moat {args:?} failed ({}): {err}",
+            out.status
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Run `moat args` in `home` with no stdin; it must succeed. Its stdout.
 pub fn moat_ok(home: &Path, args: &[&str]) -> String {
     let out = moat_in(home).args(args).stdin(Stdio::null()).output().expect("moat runs");
