@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::Phase;
 
 /// One entry of a sandbox's lifecycle (`GET /v1/sandboxes/{ref}/lifecycle`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LifecycleEntry {
     pub version: i64,
     pub phase: Phase,
@@ -15,7 +15,7 @@ pub struct LifecycleEntry {
 }
 
 /// Something that happened (`GET /v1/events`, NDJSON).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     pub seq: i64,
     /// Unix milliseconds.
@@ -27,7 +27,7 @@ pub struct Event {
 }
 
 /// Which log `GET /v1/sandboxes/{ref}/logs` returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogSource {
     /// The guest's serial console (kernel and agent messages).

@@ -5,11 +5,13 @@ use serde::{Deserialize, Serialize};
 use crate::ApiError;
 
 /// `POST /v1/sandboxes/{ref}/processes`: a background process (`exec -d`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartProcess {
+    #[schema(schema_with = crate::openapi::schemas::command)]
     pub argv: Vec<String>,
     #[serde(default)]
+    #[schema(schema_with = crate::openapi::schemas::environment)]
     pub env: Vec<(String, String)>,
     #[serde(default)]
     pub cwd: Option<String>,
@@ -18,17 +20,18 @@ pub struct StartProcess {
 }
 
 /// The answer to [`StartProcess`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProcessStarted {
     pub pid: u32,
 }
 
 /// `POST /v1/sandboxes/{ref}/processes/{pid}/kill`.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KillProcess {
-    /// Signal number [default: 15, SIGTERM]; it goes to the whole process group.
+    /// Signal number, 1 to 64 [default: 15, SIGTERM]; it goes to the whole process group.
     #[serde(default = "default_signal")]
+    #[schema(minimum = 1, maximum = 64)]
     pub signal: i32,
 }
 
@@ -37,13 +40,15 @@ fn default_signal() -> i32 {
 }
 
 /// The first message a client sends on an exec WebSocket (`GET /v1/sandboxes/{ref}/exec`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecStart {
     /// The command; empty means the image's Entrypoint and Cmd.
     #[serde(default)]
+    #[schema(schema_with = crate::openapi::schemas::command_or_image_default)]
     pub argv: Vec<String>,
     #[serde(default)]
+    #[schema(schema_with = crate::openapi::schemas::environment)]
     pub env: Vec<(String, String)>,
     #[serde(default)]
     pub cwd: Option<String>,
@@ -68,28 +73,38 @@ pub struct ExecStart {
 }
 
 /// Text messages from the client on an exec WebSocket. Binary messages are stdin bytes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExecClientMessage {
-    /// Send a signal to the process group.
-    Signal { signal: i32 },
+    /// Send a signal (1 to 64) to the process group.
+    Signal {
+        #[schema(minimum = 1, maximum = 64)]
+        signal: i32,
+    },
     /// No more stdin.
     StdinEof,
     /// The client's terminal changed size (only for an exec started with `tty`).
-    Resize { rows: u16, cols: u16 },
+    Resize {
+        #[schema(minimum = 1, maximum = 65535)]
+        rows: u16,
+        #[schema(minimum = 1, maximum = 65535)]
+        cols: u16,
+    },
 }
 
 /// A terminal's size in character cells; both at least 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TtySize {
+    #[schema(minimum = 1, maximum = 65535)]
     pub rows: u16,
+    #[schema(minimum = 1, maximum = 65535)]
     pub cols: u16,
 }
 
 /// Text messages from the daemon on an exec WebSocket. Binary messages are output: the first byte
 /// is the stream (1 stdout, 2 stderr), the rest its bytes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExecServerMessage {
     Started { pid: u32 },

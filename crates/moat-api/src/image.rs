@@ -5,13 +5,14 @@ use serde::{Deserialize, Serialize};
 use crate::ApiError;
 
 /// An image in the store (`GET /v1/images`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ImageInfo {
     pub name: String,
     /// `sha256:…`: the config digest of imported images, the recipe digest of built ones.
     pub digest: String,
     /// Virtual size of the base disk.
     pub size_bytes: u64,
+    #[schema(schema_with = crate::openapi::schemas::env_pairs)]
     pub env: Vec<(String, String)>,
     pub working_dir: Option<String>,
     pub user: Option<String>,
@@ -24,7 +25,7 @@ pub struct ImageInfo {
 }
 
 /// `POST /v1/images/pull`: an image from a registry speaking the OCI distribution API.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PullImage {
     /// `[REGISTRY/]REPOSITORY[:TAG][@DIGEST]`, as for `docker pull`.
@@ -43,7 +44,7 @@ pub struct PullImage {
 }
 
 /// `POST /v1/images/build`: an image from Debian packages, made with debootstrap.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BuildImage {
     pub name: String,
@@ -54,7 +55,7 @@ pub struct BuildImage {
 }
 
 /// One line of the NDJSON stream of a long image operation (pull, build, import).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ImageProgress {
     Progress {

@@ -1,5 +1,5 @@
 //! The moat daemon's REST API (v1): the JSON bodies of requests, responses, errors and streams.
-//! The daemon serves them, `moat-client` speaks them; docs/openapi.json describes them.
+//! The daemon serves them, `moat-client` speaks them; [`openapi`] describes them (docs/openapi.json).
 
 use serde::{Deserialize, Serialize};
 
@@ -9,6 +9,8 @@ mod exec;
 mod files;
 mod image;
 mod net;
+pub mod openapi;
+mod query;
 mod sandbox;
 mod snapshot;
 mod terminal;
@@ -22,9 +24,12 @@ pub use exec::{
 pub use files::{ChangeMode, Listing, MakeDir, RemovePath, RenamePath};
 pub use image::{BuildImage, ImageInfo, ImageProgress, PullImage};
 pub use net::{ChangeAllowlist, NetMode, NetSpec, PortForward, SecretSpec};
+pub use query::{
+    ArchiveQuery, AttachQuery, EventsQuery, ImportQuery, LogsQuery, PathQuery, RemoveQuery, WriteFileQuery,
+};
 pub use sandbox::{
-    validate_name, CreateSandbox, OnExpire, Phase, RenewLease, SandboxInfo, DEFAULT_DISK_MIB, DEFAULT_IMAGE,
-    DEFAULT_IMAGE_FROM, DEFAULT_IMAGE_PACKAGES, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
+    validate_name, CreateSandbox, OnExpire, Phase, PullPolicy, RegistryLogin, RenewLease, SandboxInfo,
+    DEFAULT_DISK_MIB, DEFAULT_IMAGE, DEFAULT_IMAGE_FROM, DEFAULT_IMAGE_PACKAGES, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
 };
 pub use snapshot::{CreateSnapshot, Fork, Forked, Revert, SnapshotInfo, SnapshotKind};
 pub use terminal::{escape_controls, ControlEscaper};
@@ -38,7 +43,7 @@ pub const PREFIX: &str = "/v1";
 pub const MAX_BODY: usize = 64 * 1024;
 
 /// `POST /v1/prune` and `POST /v1/gc`: what was removed.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Reclaimed {
     /// Sandboxes removed (ids).
     pub sandboxes: Vec<String>,
@@ -49,7 +54,7 @@ pub struct Reclaimed {
 }
 
 /// `GET /v1/health`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Health {
     pub version: String,
     pub pid: u32,

@@ -16,7 +16,7 @@ pub const DEFAULT_IMAGE_PACKAGES: &[&str] = &["python3", "python3-pip", "python3
 
 /// The phases of a sandbox's life. `creating → booting → running → stopping → stopped`, and from
 /// any live phase to `failed`; a lease running out ends in `expired` (or removal).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     Creating,
@@ -80,7 +80,7 @@ impl std::fmt::Display for Phase {
 }
 
 /// What happens when a sandbox's lease runs out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OnExpire {
     /// Stop the VM and keep its disk (phase `expired`); `moat start` brings it back.
@@ -91,33 +91,50 @@ pub enum OnExpire {
 }
 
 /// `POST /v1/sandboxes`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
-    /// Unique name; letters, digits, `-`, `_` and `.`, starting with a letter or digit.
+    /// Unique name: 1-63 letters, digits, `-`, `_` and `.`, starting with a letter or digit, and
+    /// not hex digits alone (those read as an id) [default: `sb-` and the id's start].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 63, pattern = r"^(?![0-9A-Fa-f]+$)[A-Za-z0-9][A-Za-z0-9._-]*$")]
     pub name: Option<String>,
+    /// The image to boot: a name in the store, or (see `pull`) a registry reference; lowercase
+    /// letters, digits and `._-:/@`, at most 255 [default: `default`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 255, pattern = r"^(?!(.*/)?\.{1,2}(/|$))[a-z0-9][a-z0-9._:/@-]*$")]
     pub image: Option<String>,
+    /// Virtual CPUs, 1 to 64 [default: 1].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 64)]
     pub vcpus: Option<u32>,
+    /// Memory in MiB, 64 MiB to 256 GiB [default: 512].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 64, maximum = 262144)]
     pub memory_mib: Option<u32>,
+    /// Root disk in MiB, 64 MiB to 16 TiB [default: 4096].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 64, maximum = 16777216)]
     pub disk_mib: Option<u64>,
-    /// Lease length; without it the sandbox lives until removed.
+    /// Lease length, 1 s to 10 years; without it the sandbox lives until removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 315360000)]
     pub ttl_secs: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_expire: Option<OnExpire>,
+    /// The guest's hostname: 1-63 letters, digits and `-`, not starting with `-` [default:
+    /// `moat-` and the id's start].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 63, pattern = r"^[A-Za-z0-9][A-Za-z0-9-]*$")]
     pub hostname: Option<String>,
-    /// Give up when the guest has not come up after this long [default: 90].
+    /// Give up when the guest has not come up after this long, 1 s to 1 h [default: 90].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 3600)]
     pub boot_timeout_secs: Option<u64>,
     /// Continue from this snapshot (`SANDBOX:NAME` or a snapshot id) instead of booting the
     /// image; image, vCPUs, memory and disk come from the snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 127, pattern = r"^[A-Za-z0-9._-]+(:[A-Za-z0-9._-]+)?$")]
     pub from: Option<String>,
     /// Start from the image's template (a saved, booted VM) when there is one, and make it when
     /// there is none [default: true, unless the daemon runs with templates off]. `false` boots.
@@ -127,10 +144,46 @@ pub struct CreateSandbox {
     /// the snapshot of `from` had].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<NetSpec>,
+    /// What to do when the image is not in the store [default: `missing`: the default image is
+    /// built from its recipe, any other name is pulled as a registry reference; progress is on
+    /// `GET /v1/events` as events of kind `image`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<PullPolicy>,
+    /// Registry credentials for that pull [default: anonymous].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_login: Option<RegistryLogin>,
+}
+
+/// When a create makes its image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PullPolicy {
+    /// Make the image when the store lacks it.
+    #[default]
+    Missing,
+    /// Never: an image that is not in the store is an error (`not_found`).
+    Never,
+}
+
+/// Credentials for a registry.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryLogin {
+    #[schema(min_length = 1)]
+    pub username: String,
+    #[schema(min_length = 1)]
+    pub password: String,
+}
+
+/// Never prints the password.
+impl std::fmt::Debug for RegistryLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryLogin").field("username", &self.username).finish_non_exhaustive()
+    }
 }
 
 /// Everything known about one sandbox (`GET /v1/sandboxes/{ref}`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SandboxInfo {
     pub id: String,
     pub name: String,
@@ -163,10 +216,11 @@ pub struct SandboxInfo {
 }
 
 /// `POST /v1/sandboxes/{ref}/lease`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RenewLease {
-    /// The new lease, counted from now.
+    /// The new lease, counted from now: 1 s to 10 years.
+    #[schema(minimum = 1, maximum = 315360000)]
     pub ttl_secs: u64,
 }
 

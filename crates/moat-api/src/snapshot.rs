@@ -5,16 +5,17 @@ use serde::{Deserialize, Serialize};
 use crate::SandboxInfo;
 
 /// `POST /v1/sandboxes/{ref}/snapshots`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSnapshot {
-    /// Unique among the sandbox's snapshots (default: `snap-<N>`).
+    /// Unique among the sandbox's snapshots; the rules of sandbox names [default: `snap-<N>`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 63, pattern = r"^(?![0-9A-Fa-f]+$)[A-Za-z0-9][A-Za-z0-9._-]*$")]
     pub name: Option<String>,
 }
 
 /// What a snapshot is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SnapshotKind {
     /// Taken by a user (`moat snapshot`, or implicitly by `moat fork`).
@@ -33,7 +34,7 @@ impl SnapshotKind {
 }
 
 /// A saved machine: memory, device state and disk (`GET /v1/snapshots`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SnapshotInfo {
     pub id: String,
     pub name: String,
@@ -74,31 +75,36 @@ impl SnapshotInfo {
 }
 
 /// `POST /v1/sandboxes/{ref}/revert`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Revert {
-    /// One of the sandbox's snapshots, by name or id.
+    /// One of the sandbox's snapshots: its name, `SANDBOX:NAME` or id.
+    #[schema(min_length = 1, max_length = 127, pattern = r"^[A-Za-z0-9._-]+(:[A-Za-z0-9._-]+)?$")]
     pub snapshot: String,
 }
 
 /// `POST /v1/sandboxes/{ref}/fork`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Fork {
-    /// How many sandboxes [default: 1, at most 64].
+    /// How many sandboxes, 1 to 64 [default: 1].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 64)]
     pub count: Option<u32>,
-    /// Names are `<prefix><N>` (default: `<sandbox>-fork-`).
+    /// Names are `<prefix><N>`, so the prefix follows the rules of sandbox names with room for
+    /// the number [default: `<sandbox>-fork-`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 61, pattern = r"^(?![0-9A-Fa-f]+$)[A-Za-z0-9][A-Za-z0-9._-]*$")]
     pub name_prefix: Option<String>,
     /// Fork from this snapshot of the sandbox; without it a snapshot of its current state is
-    /// taken first (named `fork-<unix time>`).
+    /// taken first (named `fork-<unix time>`), which needs the sandbox running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 127, pattern = r"^[A-Za-z0-9._-]+(:[A-Za-z0-9._-]+)?$")]
     pub snapshot: Option<String>,
 }
 
 /// The answer to a fork.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Forked {
     pub snapshot: SnapshotInfo,
     pub sandboxes: Vec<SandboxInfo>,

@@ -22,19 +22,37 @@ use crate::{Client, ClientError};
 pub enum CopyError {
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Host { what: String, source: std::io::Error },
-    /// SRC and DEST do not fit together (the message ends with a hint).
-    #[error("{0}")]
-    Placement(String),
+    /// SRC and DEST do not fit together.
+    #[error("{message}")]
+    Placement { message: String, hint: &'static str },
     /// The sandbox's archive held a member that a copy of SRC never holds; it was not written and
     /// the copy stopped there.
-    #[error(
-        "the sandbox sent an unexpected archive: the member {member:?} {why}; the copy stopped before writing it\n\
-         hint: a process in the sandbox, or its agent, may be tampering with copies; what was copied before it \
-         is in {dest}: do not trust it"
-    )]
+    #[error("the sandbox sent an unexpected archive: the member {member:?} {why}; the copy stopped before writing it")]
     UnexpectedArchive { member: String, why: &'static str, dest: String },
+}
+
+impl moat_hint::Hint for CopyError {
+    fn hint(&self) -> Option<std::borrow::Cow<'static, str>> {
+        match self {
+            CopyError::Client(e) => e.hint(),
+            CopyError::Host { .. } => None,
+            CopyError::Placement { hint, .. } => Some((*hint).into()),
+            CopyError::UnexpectedArchive { dest, .. } => Some(
+                format!(
+                    "a process in the sandbox, or its agent, may be tampering with copies; what was copied before it \
+                     is in {dest}: do not trust it"
+                )
+                .into(),
+            ),
+        }
+    }
+}
+
+/// SRC and DEST do not fit together: `message`, and what to do.
+fn misplaced(message: String, hint: &'static str) -> CopyError {
+    CopyError::Placement { message, hint }
 }
 
 fn host(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CopyError {
@@ -56,9 +74,10 @@ fn source_name(path: &str) -> Result<Option<String>, CopyError> {
     }
     match Path::new(path.trim_end_matches('/')).file_name() {
         Some(n) => Ok(Some(n.to_string_lossy().into_owned())),
-        None => Err(CopyError::Placement(format!(
-            "{path:?} names no file\nhint: give a file or directory, or `DIR/.` for what is inside DIR"
-        ))),
+        None => Err(misplaced(
+            format!("{path:?} names no file"),
+            "give a file or directory, or `DIR/.` for what is inside DIR",
+        )),
     }
 }
 
@@ -67,14 +86,16 @@ fn place(src: &str, src_is_dir: bool, dest: &str, dest_kind: Option<FileKind>) -
     let name = source_name(src)?;
     match dest_kind {
         Some(FileKind::Dir) => Ok(Placement { dir: dest.to_string(), name }),
-        Some(_) if src_is_dir => Err(CopyError::Placement(format!(
-            "cannot copy the directory {src} onto the file {dest}\nhint: give a directory as the destination"
-        ))),
+        Some(_) if src_is_dir => Err(misplaced(
+            format!("cannot copy the directory {src} onto the file {dest}"),
+            "give a directory as the destination",
+        )),
         Some(_) | None => {
             if dest.ends_with('/') {
-                return Err(CopyError::Placement(format!(
-                    "the directory {dest} does not exist\nhint: create it first, or drop the trailing `/` to copy as that name"
-                )));
+                return Err(misplaced(
+                    format!("the directory {dest} does not exist"),
+                    "create it first, or drop the trailing `/` to copy as that name",
+                ));
             }
             let dest_path = Path::new(dest);
             let parent = dest_path.parent().map(|p| p.to_string_lossy().into_owned()).filter(|p| !p.is_empty());
@@ -142,10 +163,7 @@ impl Client {
             PathBuf::from(&placement.dir)
         };
         if !target.is_dir() {
-            return Err(CopyError::Placement(format!(
-                "the directory {} does not exist\nhint: create it first",
-                target.display()
-            )));
+            return Err(misplaced(format!("the directory {} does not exist", target.display()), "create it first"));
         }
         // The archive's top entry is always named here, so the host knows what to expect; `.` for
         // what is inside SRC (`SRC/.`).
@@ -267,6 +285,36 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn every_error_keeps_its_cause_and_hint_out_of_its_message() {
+        let io = || std::io::Error::other("the io cause");
+        let api = |hint: &str| {
+            ClientError::Api(moat_api::ApiError {
+                code: ErrorCode::NotFound,
+                message: "no sandbox \"x\"".into(),
+                hint: hint.into(),
+            })
+        };
+        let client = [
+            (ClientError::Connect { path: "/s".into(), source: io() }, true),
+            (api("list sandboxes with `moat ps`"), true),
+            (api(""), false),
+            (ClientError::Transport("x".into()), true),
+        ];
+        for (e, hinted) in &client {
+            moat_hint::check(e, *hinted).unwrap();
+        }
+        let copy = [
+            (CopyError::Client(api("list sandboxes with `moat ps`")), true),
+            (CopyError::Host { what: "x".into(), source: io() }, false),
+            (misplaced("x".into(), "create it first"), true),
+            (CopyError::UnexpectedArchive { member: "x".into(), why: "is a link", dest: "/d".into() }, true),
+        ];
+        for (e, hinted) in &copy {
+            moat_hint::check(e, *hinted).unwrap();
+        }
+    }
+
     /// A member as a hostile agent could write it: any name (`..` included), type and mode.
     fn member(tar: &mut tar::Builder<Vec<u8>>, name: &str, kind: EntryType, mode: u32, data: &[u8]) {
         let mut h = tar::Header::new_gnu();
@@ -336,7 +384,7 @@ mod tests {
     fn attempt(members: &[(&str, EntryType, u32)]) -> (Option<String>, Vec<String>) {
         let s = Scratch::new();
         let result = unpack(&archive(members)[..], &s.dest(), Some(OsStr::new("name")));
-        (result.err().map(|e| e.to_string()), s.tree())
+        (result.err().map(|e| moat_hint::Report::new(&e).to_string()), s.tree())
     }
 
     #[test]
@@ -344,7 +392,7 @@ mod tests {
         let (err, tree) = attempt(&[("name", F, 0o644), ("other", F, 0o644)]);
         let err = err.expect("a member beside the copied name is refused");
         assert!(err.starts_with("the sandbox sent an unexpected archive: the member \"other\""), "{err}");
-        assert!(err.contains("\nhint: "), "{err}");
+        assert!(err.contains("\nhint: a process in the sandbox"), "{err}");
         assert_eq!(tree, ["dest", "dest/name"]);
 
         let (err, tree) = attempt(&[("name", D, 0o755), ("name/../x", F, 0o644)]);

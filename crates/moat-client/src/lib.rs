@@ -1,7 +1,9 @@
-//! Typed client of the moat daemon's REST API over its unix socket. The CLI, the MCP server and
-//! the tests all use it, so there is one way to talk to sandboxes.
+//! Typed client of the moat daemon's REST API over its unix socket, or in memory for a front the
+//! daemon serves itself. The CLI, the MCP server and the tests all use it, so there is one way to
+//! talk to sandboxes.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, Stream, StreamExt};
@@ -16,19 +18,30 @@ use moat_api::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 /// A failed API call.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the moat daemon at {path}: {source}\nhint: start it with `moat serve` (the CLI starts one on its own)")]
+    #[error("cannot reach the moat daemon at {path}")]
     Connect { path: String, source: std::io::Error },
-    /// The daemon answered with an error.
-    #[error("{}\nhint: {}", .0.message, .0.hint)]
+    /// The daemon answered with an error; its hint is the daemon's.
+    #[error("{}", .0.message)]
     Api(ApiError),
-    #[error("talking to the moat daemon failed: {0}\nhint: the daemon may have stopped; see $MOAT_HOME/daemon.log")]
+    #[error("talking to the moat daemon failed: {0}")]
     Transport(String),
+}
+
+impl moat_hint::Hint for ClientError {
+    fn hint(&self) -> Option<std::borrow::Cow<'static, str>> {
+        match self {
+            ClientError::Connect { .. } => Some("start it with `moat serve` (the CLI starts one on its own)".into()),
+            ClientError::Api(e) => (!e.hint.is_empty()).then(|| e.hint.clone().into()),
+            ClientError::Transport(_) => Some("the daemon may have stopped; see $MOAT_HOME/daemon.log".into()),
+        }
+    }
 }
 
 impl ClientError {
@@ -104,25 +117,55 @@ mod files;
 pub use copy::CopyError;
 pub use files::Download;
 
+/// A byte stream to the daemon's API.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// Opens a connection to a daemon in this process (see [`Client::in_process`]).
+pub type Connector = Arc<dyn Fn() -> Box<dyn Io> + Send + Sync>;
+
 /// A client of one daemon.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
-    socket: PathBuf,
+    target: Target,
+}
+
+#[derive(Clone)]
+enum Target {
+    Socket(PathBuf),
+    InProcess(Connector),
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.target {
+            Target::Socket(path) => f.debug_struct("Client").field("socket", path).finish(),
+            Target::InProcess(_) => f.debug_struct("Client").field("in_process", &true).finish(),
+        }
+    }
 }
 
 impl Client {
+    /// A client of the daemon listening on `socket`.
     pub fn new(socket: &Path) -> Client {
-        Client { socket: socket.to_path_buf() }
+        Client { target: Target::Socket(socket.to_path_buf()) }
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// A client of a daemon in this process: `connect` opens an in-memory connection that the
+    /// daemon serves with the same router as its socket (`moat_daemon::Door`), so a front mounted
+    /// in the daemon behaves exactly like one outside it, without going through a socket.
+    pub fn in_process(connect: Connector) -> Client {
+        Client { target: Target::InProcess(connect) }
     }
 
-    async fn connect(&self) -> Result<UnixStream, ClientError> {
-        UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ClientError::Connect { path: self.socket.display().to_string(), source })
+    async fn connect(&self) -> Result<Box<dyn Io>, ClientError> {
+        match &self.target {
+            Target::Socket(socket) => match UnixStream::connect(socket).await {
+                Ok(stream) => Ok(Box::new(stream)),
+                Err(source) => Err(ClientError::Connect { path: socket.display().to_string(), source }),
+            },
+            Target::InProcess(connect) => Ok(connect()),
+        }
     }
 
     /// One request; returns the status and the response body stream.
@@ -451,7 +494,7 @@ impl Client {
         Ok(ExecSession { ws: self.websocket(&url).await?, pid })
     }
 
-    async fn websocket(&self, path: &str) -> Result<tokio_tungstenite::WebSocketStream<UnixStream>, ClientError> {
+    async fn websocket(&self, path: &str) -> Result<Ws, ClientError> {
         let stream = self.connect().await?;
         let (ws, _) =
             tokio_tungstenite::client_async(format!("ws://moat{path}"), stream).await.map_err(|e| match e {
@@ -485,7 +528,7 @@ impl ExecOutput {
     }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<UnixStream>;
+type Ws = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
 
 /// A running process: read its output with [`ExecSession::next`]; send stdin and signals through
 /// an [`ExecInput`] from [`ExecSession::split`].

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moat_api::{Phase, SandboxInfo};
-use moat_sandbox::{discard_saved, Sandbox, SandboxSpec, SavedMachine};
+use moat_sandbox::{discard_saved, SandboxSpec, SavedMachine};
 use tokio::sync::OwnedMutexGuard;
 
 use crate::error::ServiceError;
-use crate::service::{kill_verified, remove_leftovers, Service};
+use crate::service::{remove_leftovers, Service};
 
 /// How long the agent of an adopted guest gets to answer. A running or just-resumed agent
 /// answers within a second; the rest is room for a loaded TCG host.
@@ -23,8 +23,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 const ADOPT_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the agent of a guest whose stop was cut short gets to answer before QEMU is killed.
 const STOP_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a killed QEMU may take to be gone.
-const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the next daemon makes of a sandbox an earlier one left live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,17 +85,24 @@ impl Service {
         let id = info.id.as_str();
         let dir = self.run_dir(id);
         let run_root = self.rt.config.run_dir();
-        let qemu = moat_vmm::find_qemus_under(&run_root).into_iter().find(|(_, d)| *d == dir).map(|(pid, _)| pid);
+        let qemu = self.launcher.find_qemus(&run_root).into_iter().find(|(_, d)| *d == dir).map(|(pid, _)| pid);
         let decision = takeover(info.phase, qemu, SavedMachine::of(&dir));
         tracing::info!(sandbox = %id, phase = %info.phase, ?qemu, ?decision, "taking over a sandbox after a restart");
         match decision {
             Takeover::Adopt(pid) => self.adopt(info, pid).await,
             Takeover::FinishStop(pid) => {
-                let spec = SandboxSpec { boot_timeout: STOP_HANDSHAKE_TIMEOUT, ..self.spec_of(info) };
-                match tokio::time::timeout(ADOPT_TIMEOUT, Sandbox::adopt(&self.rt, &spec, id, &dir, pid)).await {
+                let adopted = match self.spec_of(info) {
+                    Ok(spec) => {
+                        let spec = SandboxSpec { boot_timeout: STOP_HANDSHAKE_TIMEOUT, ..spec };
+                        let adopting = self.launcher.adopt(&self.rt, &spec, id, &dir, pid);
+                        tokio::time::timeout(ADOPT_TIMEOUT, adopting).await.ok().and_then(Result::ok)
+                    }
+                    Err(_) => None,
+                };
+                match adopted {
                     // As `stop` would have: the agent powers the guest off, QEMU is ended after.
-                    Ok(Ok(sandbox)) => sandbox.shutdown().await,
-                    _ => end_qemu(pid, &dir, &run_root).await,
+                    Some(sandbox) => sandbox.shutdown().await,
+                    None => self.launcher.end(pid, &dir, &run_root).await,
                 }
                 self.settle_at_rest(id, &dir, Phase::Stopped, "its stop, cut short by a daemon restart, was finished")
             }
@@ -109,7 +114,7 @@ impl Service {
             }
             Takeover::Fail(reason) => {
                 if let Some(pid) = qemu {
-                    end_qemu(pid, &dir, &run_root).await;
+                    self.launcher.end(pid, &dir, &run_root).await;
                 }
                 self.fail_adoption(id, &dir, &reason)
             }
@@ -120,15 +125,20 @@ impl Service {
     async fn adopt(self: &Arc<Self>, info: &SandboxInfo, pid: u32) -> Result<(), ServiceError> {
         let id = info.id.as_str();
         let dir = self.run_dir(id);
-        let spec = SandboxSpec { boot_timeout: HANDSHAKE_TIMEOUT, ..self.spec_of(info) };
-        let sandbox = match tokio::time::timeout(ADOPT_TIMEOUT, Sandbox::adopt(&self.rt, &spec, id, &dir, pid)).await {
-            Ok(Ok(sandbox)) => Arc::new(sandbox),
-            failed => {
-                let why = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => format!("it did not answer within {}s", ADOPT_TIMEOUT.as_secs()),
-                };
-                end_qemu(pid, &dir, &self.rt.config.run_dir()).await;
+        let adopted = match self.spec_of(info) {
+            Ok(spec) => {
+                let spec = SandboxSpec { boot_timeout: HANDSHAKE_TIMEOUT, ..spec };
+                match tokio::time::timeout(ADOPT_TIMEOUT, self.launcher.adopt(&self.rt, &spec, id, &dir, pid)).await {
+                    Ok(adopted) => adopted.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("it did not answer within {}s", ADOPT_TIMEOUT.as_secs())),
+                }
+            }
+            Err(e) => Err(e.message),
+        };
+        let sandbox = match adopted {
+            Ok(sandbox) => sandbox,
+            Err(why) => {
+                self.launcher.end(pid, &dir, &self.rt.config.run_dir()).await;
                 let reason = format!(
                     "after a daemon restart the VM could not be taken over, so its QEMU (pid {pid}) was ended: {why}"
                 );
@@ -145,7 +155,7 @@ impl Service {
             Ok(())
         })?;
         tracing::info!(sandbox = %id, pid, "adopted a running sandbox");
-        if let Err(e) = self.attach_net(info, &sandbox).await {
+        if let Err(e) = self.connect_net(info, &sandbox).await {
             tracing::warn!(sandbox = %id, error = %e.message, "the adopted sandbox has no network");
             self.db(|db| db.event(Some(id), "net", &format!("network not restored: {}", e.message)))?;
         }
@@ -202,18 +212,17 @@ impl Leftovers {
     }
 }
 
-/// SIGKILL a sandbox's QEMU (verified first) and wait, briefly, until it has exited.
-async fn end_qemu(pid: u32, dir: &Path, run_root: &Path) {
-    let Some(pidfd) = kill_verified(pid, dir, run_root) else { return };
-    if tokio::time::timeout(KILL_TIMEOUT, moat_vmm::ExitWatcher::new(pidfd).wait()).await.is_err() {
-        tracing::warn!(pid, "a killed QEMU has not exited yet");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::launcher::fake::{Call, Outcome, TestService};
+    use crate::service::Limits;
     use SavedMachine::*;
+
+    /// A restarted daemon's service: it claims and settles what the earlier one left.
+    async fn restart(t: &TestService) {
+        t.svc.claim_leftovers().await.expect("the leftovers are claimed").settle().await;
+    }
 
     #[test]
     fn a_running_guest_is_taken_over_whatever_was_saved() {
@@ -258,5 +267,87 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_running_sandbox_whose_qemu_runs_is_adopted_and_watched() {
+        let t = TestService::new(Limits::default());
+        let info = t.record("kept", Phase::Running);
+        let pid = t.vms.leave_qemu(&t.run_dir(&info.id));
+        restart(&t).await;
+
+        assert_eq!(t.vms.calls(), [Call::Adopt { id: info.id.clone(), pid }], "adopted, nothing killed");
+        let adopted = t.get(&info.id);
+        assert_eq!((adopted.phase, adopted.pid), (Phase::Running, Some(pid)));
+        assert_eq!(t.svc.live_count(), 1);
+        assert!(!t.svc.is_adopting(&info.id));
+        let events = t.svc.db(|db| db.events_after(0, 100)).unwrap();
+        assert!(events.iter().any(|e| e.kind == "adopted" && e.message.contains(&format!("QEMU pid {pid}"))));
+        // Its exit is watched as if this daemon had started it.
+        t.vms.crash(pid);
+        let failed = t.wait_for(&info.id, Phase::Failed).await;
+        assert!(failed.last_error.unwrap().contains("QEMU exited unexpectedly"));
+    }
+
+    #[tokio::test]
+    async fn a_running_sandbox_whose_qemu_is_gone_fails_saying_so() {
+        let t = TestService::new(Limits::default());
+        let info = t.record("lost", Phase::Running);
+        restart(&t).await;
+
+        assert_eq!(t.vms.calls(), [], "nothing to adopt or kill");
+        let lost = t.get(&info.id);
+        assert_eq!((lost.phase, lost.pid), (Phase::Failed, None));
+        assert!(lost.last_error.unwrap().contains("its QEMU ended while no daemon was running"));
+        assert_eq!(t.svc.live_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_does_not_answer_is_ended_and_fails() {
+        let t = TestService::new(Limits::default());
+        let info = t.record("hung", Phase::Running);
+        let pid = t.vms.leave_qemu(&t.run_dir(&info.id));
+        t.vms.script_adopt(Outcome::Silent);
+        restart(&t).await;
+
+        assert_eq!(t.vms.calls(), [Call::Adopt { id: info.id.clone(), pid }, Call::Kill { pid }]);
+        assert_eq!(t.vms.qemus(), []);
+        let hung = t.get(&info.id);
+        assert_eq!(hung.phase, Phase::Failed);
+        let why = hung.last_error.unwrap();
+        assert!(why.contains(&format!("its QEMU (pid {pid}) was ended")) && why.contains("did not answer"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn a_stop_cut_short_is_finished_and_a_whole_pause_is_kept() {
+        let t = TestService::new(Limits::default());
+        let stopping = t.record("stopping", Phase::Stopping);
+        let pid = t.vms.leave_qemu(&t.run_dir(&stopping.id));
+        let pausing = t.record("pausing", Phase::Stopping);
+        let saved = t.run_dir(&pausing.id);
+        std::fs::create_dir_all(&saved).unwrap();
+        for f in [moat_sandbox::STATE_FILE, moat_sandbox::MEM_FILE] {
+            std::fs::write(saved.join(f), b"saved").unwrap();
+        }
+        restart(&t).await;
+
+        let calls = t.vms.calls();
+        assert!(calls.contains(&Call::Adopt { id: stopping.id.clone(), pid }), "{calls:?}");
+        assert!(calls.contains(&Call::Shutdown { id: stopping.id.clone() }), "the agent powers it off: {calls:?}");
+        assert_eq!(t.vms.qemus(), []);
+        assert_eq!(t.get(&stopping.id).phase, Phase::Stopped);
+        assert_eq!(t.get(&pausing.id).phase, Phase::Paused);
+        assert_eq!(SavedMachine::of(&saved), Complete, "the saved machine stays for resume");
+    }
+
+    #[tokio::test]
+    async fn settling_ends_with_a_gc_of_qemus_nobody_owns() {
+        let t = TestService::new(Limits::default());
+        let stray = t.run_dir("0123456789ab");
+        let pid = t.vms.leave_qemu(&stray);
+        restart(&t).await;
+
+        assert_eq!(t.vms.calls(), [Call::Kill { pid }]);
+        assert_eq!(t.vms.qemus(), []);
     }
 }

@@ -23,7 +23,8 @@ pub(crate) fn raise_limit(max_sandboxes: usize) {
         tracing::warn!(
             descriptors = soft,
             max_sandboxes,
-            "the descriptor limit is too low to share between {max_sandboxes} sandboxes: a guest holding every flow it may can starve the others and the API\nhint: raise it (`ulimit -n`, or LimitNOFILE= in the service) or lower --max-sandboxes"
+            hint = "raise it (`ulimit -n`, or LimitNOFILE= in the service) or lower --max-sandboxes",
+            "the descriptor limit is too low to share between {max_sandboxes} sandboxes: a guest holding every flow it may can starve the others and the API"
         );
     } else if share.tcp < FlowLimits::default().tcp {
         tracing::info!(

@@ -7,15 +7,16 @@
 
 pub mod adoption;
 mod descriptors;
+mod door;
 mod error;
 mod guest_stream;
 pub mod http;
+pub mod launcher;
 pub mod listen;
 pub mod net;
 pub mod phase;
 mod secrets_store;
 pub mod service;
-pub mod snapshots;
 pub mod state;
 
 use std::future::IntoFuture;
@@ -29,6 +30,7 @@ use moat_sandbox::{Runtime, RuntimeConfig};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
+pub use door::Door;
 pub use error::ServiceError;
 pub use service::{Limits, Service};
 pub use state::{Db, StateError};
@@ -63,16 +65,30 @@ pub enum ServeError {
     State(#[from] StateError),
     #[error(transparent)]
     Runtime(#[from] moat_sandbox::SandboxError),
-    #[error("another moat daemon already serves {home}\nhint: use it (the CLI finds it on its own), or stop it first")]
+    #[error("another moat daemon already serves {home}")]
     AlreadyRunning { home: String },
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io { what: String, source: std::io::Error },
-    #[error("{0}")]
+    #[error(transparent)]
     Service(#[from] ServiceError),
     #[error(transparent)]
     Listen(#[from] listen::ListenError),
     #[error(transparent)]
     Home(#[from] moat_sandbox::HomeAccessError),
+}
+
+impl moat_hint::Hint for ServeError {
+    fn hint(&self) -> Option<std::borrow::Cow<'static, str>> {
+        match self {
+            ServeError::State(e) => e.hint(),
+            ServeError::Runtime(e) => e.hint(),
+            ServeError::AlreadyRunning { .. } => Some("use it (the CLI finds it on its own), or stop it first".into()),
+            ServeError::Io { .. } => None,
+            ServeError::Service(e) => e.hint(),
+            ServeError::Listen(e) => e.hint(),
+            ServeError::Home(e) => e.hint(),
+        }
+    }
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
@@ -115,8 +131,9 @@ pub fn token(home: &Path) -> Result<String, std::io::Error> {
 ///
 /// `fronts` are routes the binary mounts beside the REST API (the MCP endpoint): this crate
 /// depends on no front. They are served on the same listeners, behind the same socket
-/// permissions and TCP token, and count as activity for the idle exit.
-pub async fn serve(cfg: ServeConfig, fronts: axum::Router) -> Result<(), ServeError> {
+/// permissions and TCP token, and count as activity for the idle exit. A front calls the
+/// service through the [`Door`] it is given, in this process.
+pub async fn serve(cfg: ServeConfig, fronts: impl FnOnce(Door) -> axum::Router) -> Result<(), ServeError> {
     // Guest memory and disks go under the home: whatever the daemon, QEMU or qemu-img creates
     // there is the owner's alone.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
@@ -143,7 +160,7 @@ pub async fn serve(cfg: ServeConfig, fronts: axum::Router) -> Result<(), ServeEr
     // The state first: a damaged database must stop us before anything is touched.
     let db = Db::open(&home)?;
     let rt = Runtime::prepare(cfg.runtime.clone()).await?;
-    let svc = Service::new(rt, db, cfg.limits.clone());
+    let svc = Service::new(rt, db, cfg.limits.clone(), Arc::new(launcher::Qemu));
     // What an earlier daemon left live is taken over in the background, every sandbox at once
     // under its own lock and deadline, then gc reconciles; a guest that does not answer delays
     // nothing but itself. The API waits a moment for it, so that the first request after a
@@ -164,7 +181,8 @@ pub async fn serve(cfg: ServeConfig, fronts: axum::Router) -> Result<(), ServeEr
             }
         })
     };
-    let app = http::router(svc.clone()).merge(fronts).layer(activity);
+    let api = http::router(svc.clone());
+    let app = api.clone().merge(fronts(Door::new(api))).layer(activity);
 
     let sock = socket_path(&home);
     if std::os::unix::net::UnixStream::connect(&sock).is_ok() {

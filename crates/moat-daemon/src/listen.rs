@@ -29,22 +29,43 @@ pub const MAX_PENDING: usize = 256;
 /// Why the daemon cannot listen the way it was asked to.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
-    #[error("refusing to serve the API in clear text on {addr}, which is not a loopback address: the token and every secret sent to the API would cross the network readable\nhint: give the listener a certificate (--tls-cert CERT.pem --tls-key KEY.pem), listen on 127.0.0.1, or take the risk with --insecure-tcp")]
+    #[error("refusing to serve the API in clear text on {addr}, which is not a loopback address: the token and every secret sent to the API would cross the network readable")]
     Cleartext { addr: SocketAddr },
-    #[error(
-        "--tls-cert and --tls-key go together\nhint: give both, PEM files of the certificate chain and its private key"
-    )]
+    #[error("--tls-cert and --tls-key go together")]
     TlsHalf,
-    #[error("cannot use {} for TLS: {reason}\nhint: --tls-cert takes the PEM certificate chain (server first), --tls-key its PEM private key (PKCS#8, PKCS#1 or SEC1)", path.display())]
+    #[error("cannot use {} for TLS: {reason}", path.display())]
     TlsFile { path: PathBuf, reason: String },
-    #[error("there is no group {name}\nhint: create it (`groupadd {name}`) and add the users who may drive this daemon, or leave out --group")]
+    #[error("there is no group {name}")]
     NoGroup { name: String },
-    #[error("cannot hand {} to group {name}: {reason}\nhint: the daemon must run as root, or as a member of {name}", path.display())]
+    #[error("cannot hand {} to group {name}: {reason}", path.display())]
     Chgrp { path: PathBuf, name: String, reason: std::io::Error },
     #[error("cannot set the mode of {}: {reason}", path.display())]
     Chmod { path: PathBuf, reason: std::io::Error },
-    #[error("cannot listen on {addr}: {reason}\nhint: pick a free address and port with --tcp")]
+    #[error("cannot listen on {addr}: {reason}")]
     Bind { addr: SocketAddr, reason: std::io::Error },
+}
+
+impl moat_hint::Hint for ListenError {
+    fn hint(&self) -> Option<std::borrow::Cow<'static, str>> {
+        Some(match self {
+            ListenError::Cleartext { .. } => {
+                "give the listener a certificate (--tls-cert CERT.pem --tls-key KEY.pem), \
+                 listen on 127.0.0.1, or take the risk with --insecure-tcp"
+                    .into()
+            }
+            ListenError::TlsHalf => "give both, PEM files of the certificate chain and its private key".into(),
+            ListenError::TlsFile { .. } => "--tls-cert takes the PEM certificate chain (server first), --tls-key its \
+                 PEM private key (PKCS#8, PKCS#1 or SEC1)"
+                .into(),
+            ListenError::NoGroup { name } => format!(
+                "create it (`groupadd {name}`) and add the users who may drive this daemon, or leave out --group"
+            )
+            .into(),
+            ListenError::Chgrp { name, .. } => format!("the daemon must run as root, or as a member of {name}").into(),
+            ListenError::Chmod { .. } => return None,
+            ListenError::Bind { .. } => "pick a free address and port with --tcp".into(),
+        })
+    }
 }
 
 /// Who may use the unix socket (and so the whole daemon, secrets included).
@@ -330,8 +351,27 @@ mod tests {
         assert_eq!(access, SocketAccess::Group { name: "moat".into(), gid: 990 });
         assert_eq!((access.socket_mode(), access.home_mode()), (0o660, 0o710));
 
-        let missing = SocketAccess::decide(Some("nosuchgroup"), groups).unwrap_err().to_string();
-        assert!(missing.contains("there is no group nosuchgroup") && missing.contains("hint:"), "{missing}");
+        let missing = SocketAccess::decide(Some("nosuchgroup"), groups).unwrap_err();
+        let shown = moat_hint::Report::new(&missing).to_string();
+        assert!(shown.contains("there is no group nosuchgroup\nhint: create it"), "{shown}");
+    }
+
+    #[test]
+    fn every_error_keeps_its_cause_and_hint_out_of_its_message() {
+        let (addr, p, io) =
+            (|| SocketAddr::from(([0, 0, 0, 0], 80)), || PathBuf::from("/p"), || std::io::Error::other("x"));
+        let cases = [
+            (ListenError::Cleartext { addr: addr() }, true),
+            (ListenError::TlsHalf, true),
+            (ListenError::TlsFile { path: p(), reason: "x".into() }, true),
+            (ListenError::NoGroup { name: "g".into() }, true),
+            (ListenError::Chgrp { path: p(), name: "g".into(), reason: io() }, true),
+            (ListenError::Chmod { path: p(), reason: io() }, false),
+            (ListenError::Bind { addr: addr(), reason: io() }, true),
+        ];
+        for (e, hinted) in &cases {
+            moat_hint::check(e, *hinted).unwrap();
+        }
     }
 
     #[test]

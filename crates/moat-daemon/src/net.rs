@@ -189,14 +189,6 @@ pub fn guest_env(spec: &NetSpec) -> Vec<(String, String)> {
     env
 }
 
-/// A process's environment: the sandbox's (secret placeholders, where moat's CA is), then the
-/// caller's, which wins.
-pub(crate) fn with_net_env(info: &SandboxInfo, env: Vec<(String, String)>) -> Vec<(String, String)> {
-    let mut all = guest_env(&info.net);
-    all.extend(env);
-    all
-}
-
 /// The sandbox's CA, made on first use and kept in its run directory.
 fn load_or_make_ca(dir: &Path, name: &str) -> Result<Ca, ServiceError> {
     let (cert, key) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));

@@ -40,12 +40,28 @@ struct Stored<S: Ord> {
 pub enum SecretsError {
     #[error("the secret values of {} are missing: {} is gone or lacks them", names.join(", "), path.display())]
     Missing { path: PathBuf, names: Vec<String> },
-    #[error("reading the secret values in {}: {source}", path.display())]
+    #[error("reading the secret values in {}", path.display())]
     Read { path: PathBuf, source: std::io::Error },
     #[error("the secret values in {} are unreadable: {reason}", path.display())]
     Damaged { path: PathBuf, reason: String },
-    #[error("saving the secret values in {}: {source}", path.display())]
+    #[error("saving the secret values in {}", path.display())]
     Write { path: PathBuf, source: std::io::Error },
+}
+
+/// What to do, said without the sandbox's name and secrets; [`SecretsError::for_sandbox`] says it
+/// with them.
+impl moat_hint::Hint for SecretsError {
+    fn hint(&self) -> Option<std::borrow::Cow<'static, str>> {
+        Some(match self {
+            SecretsError::Missing { .. } | SecretsError::Damaged { .. } => {
+                "remove the sandbox (`moat rm`) and create it again with its secrets set in moat's environment".into()
+            }
+            SecretsError::Read { .. } => "check the permissions of the moat home".into(),
+            SecretsError::Write { .. } => {
+                "check the free space and permissions of the moat home, then create the sandbox again".into()
+            }
+        })
+    }
 }
 
 impl SecretsError {
@@ -59,18 +75,19 @@ impl SecretsError {
                 names.join(", ")
             )
         };
+        let message = moat_hint::one_line(&self);
         match self {
             SecretsError::Missing { .. } | SecretsError::Damaged { .. } => {
-                ServiceError::new(ErrorCode::BootFailed, self.to_string(), recreate())
+                ServiceError::new(ErrorCode::BootFailed, message, recreate())
             }
             SecretsError::Read { .. } => ServiceError::new(
                 ErrorCode::Internal,
-                self.to_string(),
+                message,
                 format!("check the permissions of the moat home; if the file is lost, {}", recreate()),
             ),
             SecretsError::Write { .. } => ServiceError::new(
                 ErrorCode::Internal,
-                self.to_string(),
+                message,
                 "check the free space and permissions of the moat home, then create the sandbox again",
             ),
         }
@@ -281,6 +298,22 @@ mod tests {
         save(&run, &net).unwrap();
         let mut none = NetSpec::default();
         load(&dir.path().join("elsewhere"), &mut none).expect("no secrets need no file");
+    }
+
+    #[test]
+    fn every_error_keeps_its_cause_and_hint_out_of_its_message() {
+        let (p, io) = (|| PathBuf::from("/p"), || std::io::Error::other("the io cause"));
+        let cases = [
+            SecretsError::Missing { path: p(), names: vec!["A".into()] },
+            SecretsError::Read { path: p(), source: io() },
+            SecretsError::Damaged { path: p(), reason: "x".into() },
+            SecretsError::Write { path: p(), source: io() },
+        ];
+        for e in &cases {
+            moat_hint::check(e, true).unwrap();
+        }
+        let e = SecretsError::Read { path: p(), source: io() }.for_sandbox("box", &net_with(&[("A", None)]));
+        assert_eq!(e.message, "reading the secret values in /p: the io cause");
     }
 
     #[test]

@@ -1,5 +1,19 @@
 //! The sandbox service: every lifecycle operation, recorded in the state database before it is
 //! acted on, plus leases, QEMU exit watching, adoption after a restart and garbage collection.
+//!
+//! This is the daemon's one door: every front (the REST handlers in [`crate::http`], and any
+//! in-process front) calls these operations and only translates their values and streams. The
+//! submodules hold the operations on a running sandbox, each an `impl Service` block.
+
+mod events;
+mod first_use;
+pub mod exec;
+pub mod files;
+mod health;
+mod images;
+mod logs;
+mod processes;
+mod snapshots;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -7,10 +21,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use moat_api::{CreateSandbox, ErrorCode, NetMode, NetSpec, OnExpire, Phase, Reclaimed, SandboxInfo};
-use moat_sandbox::{Runtime, Sandbox, SandboxSpec};
+use moat_hint::Hint;
+use moat_sandbox::{Runtime, Sandbox, SandboxSpec, Shape, ShapeError};
 use tokio::sync::Notify;
 
 use crate::error::{image_error, not_found, ServiceError};
+use crate::launcher::{Launcher, Machine};
 use crate::state::{now_secs, Db, StateError};
 
 /// Daemon settings that are not the host runtime's.
@@ -36,9 +52,11 @@ impl Default for Limits {
 pub struct Service {
     pub rt: Runtime,
     pub limits: Limits,
+    /// Where VMs come from: QEMU, or a test double.
+    pub(crate) launcher: Arc<dyn Launcher>,
     db: Mutex<Db>,
     /// Booted sandboxes with a QEMU and an agent link, by id.
-    live: Mutex<HashMap<String, Arc<Sandbox>>>,
+    live: Mutex<HashMap<String, Arc<dyn Machine>>>,
     /// One lifecycle operation at a time per sandbox.
     ops: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Woken whenever an event is recorded (for followers of `/v1/events`).
@@ -49,6 +67,8 @@ pub struct Service {
     pub(crate) saving: Arc<std::sync::atomic::AtomicUsize>,
     /// One template being made per template key; other creates boot meanwhile.
     pub(crate) template_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One maker per missing image name (see [`Service::ensure_image`]).
+    image_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The network stacks of running sandboxes with a NIC, by id.
     pub(crate) nets: Mutex<HashMap<String, Arc<crate::net::LiveNet>>>,
     /// Sandboxes an earlier daemon left live that are not settled yet (see [`crate::adoption`]).
@@ -65,10 +85,13 @@ impl Drop for BusyGuard {
 }
 
 impl Service {
-    pub fn new(rt: Runtime, db: Db, limits: Limits) -> Arc<Service> {
+    /// The service of the host `rt`, its state `db`, starting VMs with `launcher` (the daemon's is
+    /// [`crate::launcher::Qemu`]).
+    pub fn new(rt: Runtime, db: Db, limits: Limits, launcher: Arc<dyn Launcher>) -> Arc<Service> {
         Arc::new(Service {
             rt,
             limits,
+            launcher,
             db: Mutex::new(db),
             live: Mutex::new(HashMap::new()),
             ops: Mutex::new(HashMap::new()),
@@ -76,6 +99,7 @@ impl Service {
             busy: Arc::default(),
             saving: Arc::default(),
             template_locks: Mutex::default(),
+            image_locks: Mutex::default(),
             nets: Mutex::default(),
             adopting: Mutex::default(),
         })
@@ -94,19 +118,19 @@ impl Service {
         Ok(r?)
     }
 
-    pub(crate) fn live(&self, id: &str) -> Option<Arc<Sandbox>> {
+    pub(crate) fn live(&self, id: &str) -> Option<Arc<dyn Machine>> {
         self.live.lock().expect("no panics while held").get(id).cloned()
     }
 
     /// Take a sandbox out of the live set (its QEMU is about to end on purpose).
-    pub(crate) fn forget_live(&self, id: &str) -> Option<Arc<Sandbox>> {
+    pub(crate) fn forget_live(&self, id: &str) -> Option<Arc<dyn Machine>> {
         self.live.lock().expect("no panics while held").remove(id)
     }
 
     /// Put back a sandbox taken out with [`Service::forget_live`] whose QEMU runs on; the exit
     /// watcher started when it launched still watches it.
-    pub(crate) fn put_live(&self, sandbox: Arc<Sandbox>) {
-        self.live.lock().expect("no panics while held").insert(sandbox.id.clone(), sandbox);
+    pub(crate) fn put_live(&self, machine: Arc<dyn Machine>) {
+        self.live.lock().expect("no panics while held").insert(machine.id().to_string(), machine);
     }
 
     pub(crate) fn op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -140,13 +164,6 @@ impl Service {
 
     /// Create a sandbox and boot it; returns once it is running (or has failed).
     pub async fn create(self: &Arc<Self>, req: CreateSandbox) -> Result<SandboxInfo, ServiceError> {
-        let vcpus = req.vcpus.unwrap_or(moat_api::DEFAULT_VCPUS);
-        let memory_mib = req.memory_mib.unwrap_or(moat_api::DEFAULT_MEMORY_MIB);
-        let disk_mib = req.disk_mib.unwrap_or(moat_api::DEFAULT_DISK_MIB);
-        // vCPUs, memory and the hostname are checked with the rest of the spec below.
-        if !(64..=16 * 1024 * 1024).contains(&disk_mib) {
-            return Err(ServiceError::invalid(format!("a {disk_mib} MiB disk is out of range; use 64 MiB to 16 TiB")));
-        }
         if let Some(ttl) = req.ttl_secs {
             check_ttl(ttl)?;
         }
@@ -164,10 +181,16 @@ impl Service {
             Some(from) => Some(self.snapshot_for_create(from, &req)?),
             None => None,
         };
-        let (vcpus, memory_mib, disk_mib) = match &snapshot {
-            Some(s) => (s.vcpus, s.memory_mib, s.disk_mib),
-            None => (vcpus, memory_mib, disk_mib),
-        };
+        // A snapshot brings its machine; the request may only name the same sizes (checked above).
+        let shape = match &snapshot {
+            Some(s) => Shape::new(s.vcpus, s.memory_mib, s.disk_mib),
+            None => Shape::new(
+                req.vcpus.unwrap_or(moat_api::DEFAULT_VCPUS),
+                req.memory_mib.unwrap_or(moat_api::DEFAULT_MEMORY_MIB),
+                req.disk_mib.unwrap_or(moat_api::DEFAULT_DISK_MIB),
+            ),
+        }
+        .map_err(shape_error)?;
         let net = match (&req.net, &snapshot) {
             (Some(net), _) => net.clone(),
             (None, Some(s)) if !s.nic => NetSpec { mode: NetMode::None, ..NetSpec::default() },
@@ -197,9 +220,7 @@ impl Service {
             },
             // A snapshot's disk lies on the very image it was taken on, whatever its name says now.
             image_digest: snapshot.as_ref().map(|s| s.image_digest.clone()),
-            vcpus,
-            memory_mib,
-            disk_bytes: Some(disk_mib * 1024 * 1024),
+            shape,
             hostname: Some(hostname.clone()),
             boot_timeout,
             die_with_parent: false,
@@ -208,15 +229,18 @@ impl Service {
         moat_sandbox::validate(&spec).map_err(|e| ServiceError::invalid(e.to_string()))?;
         let image = match &spec.image_digest {
             Some(digest) => self.rt.images.by_digest(&spec.image, digest),
-            None => self.rt.images.resolve(&spec.image),
+            None => {
+                self.ensure_image(&spec.image, req.pull.unwrap_or_default(), req.registry_login.clone()).await?;
+                self.rt.images.resolve(&spec.image)
+            }
         };
         let image = image.map_err(|e| match e {
             moat_image::ImageError::NotFound { .. } if spec.image == moat_api::DEFAULT_IMAGE => ServiceError::new(
                 ErrorCode::NotFound,
                 "the default image has not been built yet",
                 format!(
-                    "`moat run` builds it on first use; or build it with `moat image build {} --from {} --packages {}` \
-                     (POST /v1/images/build), or name another image (`minimal` is built in)",
+                    "a create without `pull: never` builds it on first use; or build it with `moat image build {} \
+                     --from {} --packages {}` (POST /v1/images/build), or name another image (`minimal` is built in)",
                     moat_api::DEFAULT_IMAGE,
                     moat_api::DEFAULT_IMAGE_FROM,
                     moat_api::DEFAULT_IMAGE_PACKAGES.join(",")
@@ -233,9 +257,9 @@ impl Service {
             image: spec.image.clone(),
             image_digest: image.digest.clone(),
             accel: self.rt.accel.accel.to_string(),
-            vcpus,
-            memory_mib,
-            disk_mib,
+            vcpus: shape.vcpus(),
+            memory_mib: shape.memory_mib(),
+            disk_mib: shape.disk_mib(),
             hostname,
             created_at: now_secs(),
             expires_at: req.ttl_secs.map(|t| now_secs().saturating_add(t as i64)),
@@ -287,7 +311,7 @@ impl Service {
             }
             Launch::Suspended => moat_sandbox::Origin::Suspended,
         };
-        let mut booted = Sandbox::start(&self.rt, spec, &id, &dir, origin).await;
+        let mut booted = self.launcher.start(&self.rt, spec, &id, &dir, origin).await;
         // Under heavy load QEMU 7.2 has been seen to crash (SIGSEGV) while loading a saved state
         // that restores fine the next time (about one fork in ten while another VM boots). The
         // saved machine (a snapshot, or a paused sandbox's own) is unchanged by a restore that
@@ -295,12 +319,11 @@ impl Service {
         if let Err(moat_sandbox::SandboxError::Restore { reason, .. }) = &booted {
             if matches!(from, Launch::Snapshot(_) | Launch::Suspended) && reason.contains("signal") {
                 tracing::warn!(sandbox = %id, %reason, "QEMU crashed restoring a snapshot; trying once more");
-                booted = Sandbox::start(&self.rt, spec, &id, &dir, origin).await;
+                booted = self.launcher.start(&self.rt, spec, &id, &dir, origin).await;
             }
         }
         match booted {
             Ok(sandbox) => {
-                let sandbox = Arc::new(sandbox);
                 self.db(|db| {
                     db.set_pid(&id, Some(sandbox.pid()))?;
                     match from {
@@ -310,7 +333,7 @@ impl Service {
                         _ => Ok(()),
                     }
                 })?;
-                if let Err(e) = self.attach_net(info, &sandbox).await {
+                if let Err(e) = self.connect_net(info, &sandbox).await {
                     sandbox.shutdown().await;
                     self.db(|db| {
                         db.set_pid(&id, None)?;
@@ -331,39 +354,46 @@ impl Service {
         }
     }
 
+    /// Connect the network of a VM just started or adopted. Networks are not behind the launcher
+    /// seam: they need the guest's agent, which only a real VM has.
+    pub(crate) async fn connect_net(
+        self: &Arc<Self>,
+        info: &SandboxInfo,
+        machine: &Arc<dyn Machine>,
+    ) -> Result<(), ServiceError> {
+        match machine.clone().guest() {
+            Some(guest) => self.attach_net(info, &guest).await,
+            None if info.net.mode == NetMode::None => Ok(()),
+            None => Err(ServiceError::internal(format!("sandbox {} has no guest to attach a network to", info.name))),
+        }
+    }
+
     /// When QEMU exits while the sandbox is still live (nobody stopped it), mark it failed.
-    pub(crate) fn watch(self: &Arc<Self>, sandbox: Arc<Sandbox>) {
+    pub(crate) fn watch(self: &Arc<Self>, sandbox: Arc<dyn Machine>) {
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
-            match sandbox.exit_watcher().await {
-                Ok(watcher) => watcher.wait().await,
-                Err(e) => {
-                    tracing::warn!(sandbox = %sandbox.id, error = %e, "cannot watch QEMU's exit");
-                    return;
-                }
+            if let Err(e) = sandbox.exited().await {
+                tracing::warn!(sandbox = %sandbox.id(), error = %e, "cannot watch QEMU's exit");
+                return;
             }
             let Some(this) = this.upgrade() else { return };
-            this.detach_net(&sandbox.id, sandbox.pid());
-            let lock = this.op_lock(&sandbox.id);
+            let id = sandbox.id().to_string();
+            this.detach_net(&id, sandbox.pid());
+            let lock = this.op_lock(&id);
             let _guard = lock.lock().await;
-            let still_ours = this
-                .live
-                .lock()
-                .expect("no panics while held")
-                .get(&sandbox.id)
-                .is_some_and(|s| Arc::ptr_eq(s, &sandbox));
+            let still_ours =
+                this.live.lock().expect("no panics while held").get(&id).is_some_and(|s| Arc::ptr_eq(s, &sandbox));
             if !still_ours {
                 return; // Stopped or removed on purpose.
             }
-            this.live.lock().expect("no panics while held").remove(&sandbox.id);
+            this.live.lock().expect("no panics while held").remove(&id);
             let reason = format!(
                 "QEMU exited unexpectedly ({}); last console lines:\n{}",
                 sandbox.exit_description().await,
                 sandbox.console_tail(10).await
             );
-            tracing::warn!(sandbox = %sandbox.id, %reason, "sandbox failed");
+            tracing::warn!(sandbox = %id, %reason, "sandbox failed");
             sandbox.release().await;
-            let id = sandbox.id.clone();
             let _ = this.db(|db| {
                 db.set_pid(&id, None)?;
                 db.set_phase(&id, Phase::Failed, Some(&reason))
@@ -384,7 +414,7 @@ impl Service {
         if info.phase != Phase::Running {
             return Err(ServiceError::phase(&info, "running", "start it with `moat start`"));
         }
-        let sandbox = self.live(&info.id).ok_or_else(|| {
+        let sandbox = self.live(&info.id).and_then(|m| m.guest()).ok_or_else(|| {
             ServiceError::new(
                 ErrorCode::InvalidPhase,
                 format!("sandbox {} has no running VM", info.name),
@@ -446,7 +476,7 @@ impl Service {
         }
         // A sandbox whose secret values are lost says so before anything boots.
         self.fill_secrets(&info, &mut info.net.clone())?;
-        let spec = self.spec_of(&info);
+        let spec = self.spec_of(&info)?;
         if info.phase == Phase::Paused {
             return self.launch(&info, &spec, Launch::Suspended).await;
         }
@@ -466,18 +496,17 @@ impl Service {
         }))
     }
 
-    pub(crate) fn spec_of(&self, info: &SandboxInfo) -> SandboxSpec {
-        SandboxSpec {
+    /// The spec a recorded sandbox boots with.
+    pub(crate) fn spec_of(&self, info: &SandboxInfo) -> Result<SandboxSpec, ServiceError> {
+        Ok(SandboxSpec {
             image: info.image.clone(),
             image_digest: Some(info.image_digest.clone()).filter(|d| !d.is_empty()),
-            vcpus: info.vcpus,
-            memory_mib: info.memory_mib,
-            disk_bytes: Some(info.disk_mib * 1024 * 1024),
+            shape: Shape::new(info.vcpus, info.memory_mib, info.disk_mib).map_err(shape_error)?,
             hostname: Some(info.hostname.clone()),
             boot_timeout: self.limits.boot_timeout,
             die_with_parent: false,
             nic: info.net.mode != NetMode::None,
-        }
+        })
     }
 
     /// Remove a sandbox: its VM (only with `force` while it runs), its files and its record.
@@ -499,8 +528,8 @@ impl Service {
                 self.db(|db| db.set_phase(&info.id, Phase::Failed, Some("removed with --force")))?;
                 let run_root = self.rt.config.run_dir();
                 let dir = self.run_dir(&info.id);
-                for (pid, _) in moat_vmm::find_qemus_under(&run_root).into_iter().filter(|(_, d)| *d == dir) {
-                    let _ = kill_verified(pid, &dir, &run_root);
+                for (pid, _) in self.launcher.find_qemus(&run_root).into_iter().filter(|(_, d)| *d == dir) {
+                    self.launcher.kill(pid, &dir, &run_root);
                 }
             }
         }
@@ -600,13 +629,13 @@ impl Service {
         // Helper VMs of snapshots being written live in `run/save-*`.
         let saving = self.saving.load(std::sync::atomic::Ordering::SeqCst) > 0;
         let in_use = |id: &str| saving && id.starts_with(moat_sandbox::HELPER_PREFIX);
-        for (pid, dir) in moat_vmm::find_qemus_under(&run_root) {
+        for (pid, dir) in self.launcher.find_qemus(&run_root) {
             let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             if owner(&id).is_some_and(|s| s.phase.is_live()) || in_use(&id) {
                 continue;
             }
             tracing::info!(pid, dir = %dir.display(), "gc: killing a QEMU no live sandbox owns");
-            if kill_verified(pid, &dir, &run_root).is_some() {
+            if self.launcher.kill(pid, &dir, &run_root) {
                 out.processes.push(pid);
             }
         }
@@ -656,13 +685,10 @@ impl Service {
 
     /// Leave every running VM running (the next daemon adopts them) and drop the handles.
     pub fn detach_all(&self) {
-        let all: Vec<Arc<Sandbox>> = self.live.lock().expect("no panics while held").drain().map(|(_, s)| s).collect();
+        let all: Vec<Arc<dyn Machine>> =
+            self.live.lock().expect("no panics while held").drain().map(|(_, s)| s).collect();
         for s in all {
-            match Arc::try_unwrap(s) {
-                Ok(s) => s.detach(),
-                // Still used by a request in flight; forget it so no drop kills the VM.
-                Err(s) => std::mem::forget(s),
-            }
+            s.detach();
         }
     }
 
@@ -695,6 +721,12 @@ pub(crate) enum Launch<'a> {
     Suspended,
 }
 
+/// Sizes out of bounds, as a bad request whose hint gives the bounds.
+fn shape_error(e: ShapeError) -> ServiceError {
+    let hint = e.hint().unwrap_or_default();
+    ServiceError::new(ErrorCode::InvalidRequest, e.to_string(), hint)
+}
+
 /// Leases run from 1 s to 10 years.
 fn check_ttl(ttl_secs: u64) -> Result<(), ServiceError> {
     if ttl_secs == 0 || ttl_secs > 10 * 365 * 86400 {
@@ -720,15 +752,5 @@ pub(crate) fn remove_leftovers(dir: &Path, phase: Phase) -> Vec<String> {
     removed
 }
 
-/// SIGKILL a leaked QEMU, but only after pinning it with a pidfd and checking again that the
-/// pinned process is a moat QEMU of `dir` (the pid may have been reused since the scan). Returns
-/// the pidfd of the killed process, which turns readable once it has exited.
-pub(crate) fn kill_verified(pid: u32, dir: &Path, run_root: &Path) -> Option<std::os::fd::OwnedFd> {
-    use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
-    let fd = pidfd_open(Pid::from_raw(pid as i32)?, PidfdFlags::empty()).ok()?;
-    if !moat_vmm::find_qemus_under(run_root).iter().any(|(q, d)| *q == pid && d == dir) {
-        return None;
-    }
-    pidfd_send_signal(&fd, Signal::Kill).ok()?;
-    Some(fd)
-}
+#[cfg(test)]
+mod tests;

@@ -19,22 +19,24 @@ mod migrations;
 mod sandboxes;
 mod snapshots;
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use moat_api::Phase;
+use moat_hint::Hint;
 use rusqlite::Connection;
 
 pub use events::{EVENTS_MAX, EVENTS_MAX_AGE_MS, EVENTS_PER_SANDBOX};
 
-/// Errors of the state store. Each says what to do.
+/// Errors of the state store; [`Hint`] says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("the state database {} is missing, but {} says this home had one: sandboxes would be forgotten and leak\nhint: restore the file from a backup, or start afresh with `moat serve --reset-state` (running VMs of the lost state are then killed by gc); `moat doctor` explains", db.display(), marker.display())]
+    #[error("the state database {} is missing, but {} says this home had one: sandboxes would be forgotten and leak", db.display(), marker.display())]
     Missing { db: PathBuf, marker: PathBuf },
-    #[error("the state database {} is damaged: {reason}\nhint: restore it from a backup, or move it aside and start afresh with `moat serve --reset-state`; `moat doctor` explains", db.display())]
+    #[error("the state database {} is damaged: {reason}", db.display())]
     Corrupt { db: PathBuf, reason: String },
-    #[error("the state database {} was written by a newer moat (schema {found}, this moat knows {known})\nhint: run the newer moat, or start afresh with `moat serve --reset-state`", db.display())]
+    #[error("the state database {} was written by a newer moat (schema {found}, this moat knows {known})", db.display())]
     TooNew { db: PathBuf, found: i64, known: i64 },
     #[error("a sandbox named {0:?} already exists")]
     NameTaken(String),
@@ -44,10 +46,31 @@ pub enum StateError {
     NotFound(String),
     #[error("sandbox {id} cannot go from {from} to {to}")]
     Transition { id: String, from: Phase, to: Phase },
-    #[error("state database: {0}")]
+    #[error("the state database failed")]
     Sql(#[from] rusqlite::Error),
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io { what: String, source: std::io::Error },
+}
+
+impl Hint for StateError {
+    fn hint(&self) -> Option<Cow<'static, str>> {
+        Some(match self {
+            StateError::Missing { .. } => "restore the file from a backup, or start afresh with `moat serve \
+                 --reset-state` (running VMs of the lost state are then killed by gc); `moat doctor` explains"
+                .into(),
+            StateError::Corrupt { .. } => "restore it from a backup, or move it aside and start afresh with `moat \
+                 serve --reset-state`; `moat doctor` explains"
+                .into(),
+            StateError::TooNew { .. } => "run the newer moat, or start afresh with `moat serve --reset-state`".into(),
+            StateError::NameTaken(_) => "choose another name, or remove the old sandbox with `moat rm`".into(),
+            StateError::SnapshotNameTaken(_) => {
+                "choose another name, or remove the old snapshot with `moat snapshot rm`".into()
+            }
+            StateError::NotFound(_) => "list sandboxes with `moat ps`; names, ids and unique id prefixes work".into(),
+            StateError::Transition { .. } => "see the sandbox's phase with `moat inspect`".into(),
+            StateError::Sql(_) | StateError::Io { .. } => "see the daemon log; `moat doctor` checks the state".into(),
+        })
+    }
 }
 
 /// The open state database.
@@ -190,13 +213,32 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn every_error_keeps_its_cause_and_hint_out_of_its_message() {
+        let (s, p) = (|| "x".to_string(), || PathBuf::from("/p"));
+        let cases = [
+            StateError::Missing { db: p(), marker: p() },
+            StateError::Corrupt { db: p(), reason: s() },
+            StateError::TooNew { db: p(), found: 9, known: 8 },
+            StateError::NameTaken(s()),
+            StateError::SnapshotNameTaken(s()),
+            StateError::NotFound(s()),
+            StateError::Transition { id: s(), from: Phase::Stopped, to: Phase::Paused },
+            StateError::Sql(rusqlite::Error::InvalidQuery),
+            StateError::Io { what: s(), source: std::io::Error::other("the io cause") },
+        ];
+        for e in &cases {
+            moat_hint::check(e, true).unwrap();
+        }
+    }
+
+    #[test]
     fn a_deleted_database_is_refused_not_replaced() {
         let home = tempfile::tempdir().unwrap();
         Db::open(home.path()).unwrap();
         std::fs::remove_file(Db::db_path(home.path())).unwrap();
         let e = Db::open(home.path()).err().expect("refused");
         assert!(matches!(e, StateError::Missing { .. }), "{e}");
-        assert!(e.to_string().contains("--reset-state"), "{e}");
+        assert!(e.hint().is_some_and(|h| h.contains("--reset-state")), "{e}");
         Db::reset(home.path()).unwrap();
         Db::open(home.path()).expect("a reset starts afresh");
     }

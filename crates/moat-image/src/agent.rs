@@ -63,13 +63,13 @@ mod tests {
 
     #[test]
     fn dynamic_binaries_scripts_and_missing_files_are_refused_with_the_fix() {
-        let err = find_agent(Some(Path::new("/bin/sh"))).unwrap_err().to_string();
+        let err = crate::report(&find_agent(Some(Path::new("/bin/sh"))).unwrap_err());
         assert!(err.contains("dynamically linked") && err.contains("scripts/build-agent"), "{err}");
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("agent");
         std::fs::write(&f, b"#!/bin/sh\n").unwrap();
         assert!(find_agent(Some(&f)).unwrap_err().to_string().contains("not an ELF"));
-        let err = find_agent(Some(&dir.path().join("missing"))).unwrap_err().to_string();
+        let err = crate::report(&find_agent(Some(&dir.path().join("missing"))).unwrap_err());
         assert!(err.contains("missing") && err.contains("scripts/build-agent"), "{err}");
         assert_eq!(find_agent(Some(Path::new("/bin/busybox"))).unwrap(), Path::new("/bin/busybox"));
     }

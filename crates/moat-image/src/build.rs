@@ -438,7 +438,7 @@ mod tests {
         {
             let err = DebianRecipe::from_ref(from, &[]).unwrap_err();
             assert!(matches!(err, ImageError::InvalidRecipe { .. }), "{from}: {err}");
-            assert!(err.to_string().contains("hint:"), "{err}");
+            assert!(crate::report(&err).contains("hint:"), "{err}");
         }
         for package in ["python3,curl", "--keyring=/x", "a", "", "Python3", "py thon", "pkg:amd64", "x/y"] {
             let err = DebianRecipe::from_ref("debian:bookworm", &pkgs(&["curl", package])).unwrap_err();

@@ -212,10 +212,10 @@ mod tests {
 
     #[test]
     fn failures_carry_the_tools_stderr_and_missing_tools_name_their_package() {
-        let err = info(Path::new("/nonexistent/disk.qcow2")).unwrap_err().to_string();
+        let err = crate::report(&info(Path::new("/nonexistent/disk.qcow2")).unwrap_err());
         assert!(err.contains("qemu-img info") && err.contains("/nonexistent/disk.qcow2"), "{err}");
         assert!(err.contains("No such file"), "stderr is included: {err}");
-        let err = run(&mut Command::new("moat-no-such-tool"), "moat-no-such-package").unwrap_err().to_string();
+        let err = crate::report(&run(&mut Command::new("moat-no-such-tool"), "moat-no-such-package").unwrap_err());
         assert!(err.contains("apt-get install moat-no-such-package"), "{err}");
     }
 }

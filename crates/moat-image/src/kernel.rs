@@ -167,7 +167,7 @@ mod tests {
     #[test]
     fn missing_kernels_say_how_to_get_one() {
         let boot = fake_boot(&[]);
-        let err = find_kernel_in(None, boot.path(), Path::new("/m")).unwrap_err().to_string();
+        let err = crate::report(&find_kernel_in(None, boot.path(), Path::new("/m")).unwrap_err());
         assert!(
             err.contains("vmlinuz-*-cloud-amd64") && err.contains("apt-get install linux-image-cloud-amd64"),
             "{err}"
@@ -177,7 +177,7 @@ mod tests {
         let err =
             find_kernel_in(Some(Path::new("/nope/vmlinuz-1")), boot.path(), Path::new("/m")).unwrap_err().to_string();
         assert!(err.contains("/nope/vmlinuz-1"), "{err}");
-        let err = find_kernel_in(Some(boot.path()), boot.path(), Path::new("/m")).unwrap_err().to_string();
+        let err = crate::report(&find_kernel_in(Some(boot.path()), boot.path(), Path::new("/m")).unwrap_err());
         assert!(err.contains("directory"), "{err}");
     }
 

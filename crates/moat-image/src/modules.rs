@@ -235,7 +235,7 @@ kernel/n/failover.ko:
         assert!(err.contains("cycle"), "{err}");
 
         let none = Kernel { path: "/k".into(), release: "9.9".into(), modules_dir: dir.path().join("absent") };
-        let err = resolve_modules(&none, &["virtio_blk"]).unwrap_err().to_string();
+        let err = crate::report(&resolve_modules(&none, &["virtio_blk"]).unwrap_err());
         assert!(err.contains("modules.dep") && err.contains("linux-image-9.9"), "{err}");
     }
 
@@ -285,7 +285,7 @@ kernel/n/failover.ko:
         assert!(unpack("kernel/x.ko.xz").unwrap_err().to_string().contains("bad xz data"));
         std::fs::write(dir.path().join("kernel/t.ko"), b"text").unwrap();
         assert!(unpack("kernel/t.ko").unwrap_err().to_string().contains("not an ELF"));
-        let err = unpack("kernel/g.ko.gz").unwrap_err().to_string();
+        let err = crate::report(&unpack("kernel/g.ko.gz").unwrap_err());
         assert!(err.contains(".ko.xz and .ko.zst"), "{err}");
         let err = unpacked_module(&k, Path::new("/etc/passwd")).unwrap_err().to_string();
         assert!(err.contains("not a module file under"), "{err}");

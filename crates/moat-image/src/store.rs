@@ -492,7 +492,7 @@ mod tests {
     #[test]
     fn unknown_images_say_where_images_come_from() {
         let dir = tempfile::tempdir().unwrap();
-        let err = ImageStore::open(dir.path()).unwrap().resolve("debian:bookworm").unwrap_err().to_string();
+        let err = crate::report(&ImageStore::open(dir.path()).unwrap().resolve("debian:bookworm").unwrap_err());
         assert!(
             err.contains("debian:bookworm")
                 && err.contains("minimal")

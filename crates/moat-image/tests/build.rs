@@ -26,8 +26,8 @@ fn a_failed_build_says_why_and_registers_nothing() {
     let recipe = DebianRecipe::from_ref("debian:bookworm", &packages).unwrap();
     let err = build_debian(&store, "broken", &recipe, &mut |l| eprintln!("{l}")).unwrap_err();
     assert!(matches!(err, ImageError::DebootstrapFailed { .. }), "{err}");
-    let message = err.to_string();
-    assert!(message.contains("moat-no-such-package") && message.contains("hint:"), "{message}");
+    let message = moat_hint::Report::new(&err).to_string();
+    assert!(message.contains("moat-no-such-package") && message.contains("\nhint: "), "{message}");
     assert!(matches!(store.resolve("broken"), Err(ImageError::NotFound { .. })));
     assert!(store.list().unwrap().is_empty());
     assert!(staging_dirs(dir.path()).is_empty(), "the staging directory was removed");

@@ -2,11 +2,13 @@
 //! `isError` set (never as a protocol error), so it can correct itself and carry on.
 
 use moat_client::{ClientError, CopyError};
+use moat_hint::Hint;
 use rmcp::model::{ContentBlock, IntoContents};
 
-/// A failed tool call.
+/// A failed tool call: what failed and what to do, shown to the model together
+/// ([`IntoContents`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}\nhint: {hint}")]
+#[error("{message}")]
 pub struct ToolError {
     pub message: String,
     pub hint: String,
@@ -21,6 +23,17 @@ impl ToolError {
     pub fn invalid(message: impl Into<String>) -> ToolError {
         ToolError::new(message, "fix the argument and call the tool again; the tool's input schema lists the fields")
     }
+
+    /// A lower error: its message with its causes, and its hint or else `otherwise`.
+    fn of<E: std::error::Error + Hint + 'static>(e: &E, otherwise: &str) -> ToolError {
+        ToolError::new(moat_hint::one_line(e), e.hint().map_or_else(|| otherwise.to_string(), String::from))
+    }
+}
+
+impl Hint for ToolError {
+    fn hint(&self) -> Option<std::borrow::Cow<'static, str>> {
+        (!self.hint.is_empty()).then(|| self.hint.clone().into())
+    }
 }
 
 impl From<ClientError> for ToolError {
@@ -31,17 +44,7 @@ impl From<ClientError> for ToolError {
                 format!("{} ({})", moat_api::escape_controls(&e.message), code(e.code)),
                 moat_api::escape_controls(&e.hint),
             ),
-            e => {
-                // The client's own errors end with their hint.
-                let text = e.to_string();
-                match text.split_once("\nhint: ") {
-                    Some((m, h)) => ToolError::new(m, h),
-                    None => ToolError::new(
-                        text,
-                        "try again; if it keeps failing, ask the operator to check the moat daemon",
-                    ),
-                }
-            }
+            e => ToolError::of(&e, "try again; if it keeps failing, ask the operator to check the moat daemon"),
         }
     }
 }
@@ -50,33 +53,21 @@ impl From<CopyError> for ToolError {
     fn from(e: CopyError) -> ToolError {
         match e {
             CopyError::Client(e) => e.into(),
-            e => {
-                let text = e.to_string();
-                match text.split_once("\nhint: ") {
-                    Some((m, h)) => ToolError::new(m, h),
-                    None => ToolError::new(text, "check the host path and that its directory exists"),
-                }
-            }
+            e => ToolError::of(&e, "check the host path and that its directory exists"),
         }
     }
 }
 
 impl From<crate::policy::HostPathError> for ToolError {
     fn from(e: crate::policy::HostPathError) -> ToolError {
-        split_hint(&e.to_string())
+        ToolError::of(&e, "")
     }
 }
 
 impl From<crate::policy::PolicyError> for ToolError {
     fn from(e: crate::policy::PolicyError) -> ToolError {
-        split_hint(&e.to_string())
+        ToolError::of(&e, "")
     }
-}
-
-/// A policy error's text is `message\nhint: hint`.
-fn split_hint(text: &str) -> ToolError {
-    let (m, h) = text.split_once("\nhint: ").unwrap_or((text, ""));
-    ToolError::new(m, h)
 }
 
 /// The API's stable error code as the daemon spells it.
@@ -86,7 +77,7 @@ fn code(c: moat_api::ErrorCode) -> String {
 
 impl IntoContents for ToolError {
     fn into_contents(self) -> Vec<ContentBlock> {
-        vec![ContentBlock::text(self.to_string())]
+        vec![ContentBlock::text(moat_hint::Report::new(&self).to_string())]
     }
 }
 
@@ -130,6 +121,40 @@ mod tests {
     struct Args {
         sandbox: String,
         count: Option<u32>,
+    }
+
+    #[test]
+    fn lower_errors_become_a_message_with_their_causes_and_a_hint() {
+        let io = || std::io::Error::other("connection refused");
+        let e = ToolError::from(ClientError::Connect { path: "/run/moat.sock".into(), source: io() });
+        assert_eq!(e.message, "cannot reach the moat daemon at /run/moat.sock: connection refused");
+        assert!(e.hint.contains("moat serve"), "{e:?}");
+        moat_hint::check(&e, true).unwrap();
+        let api = moat_api::ApiError {
+            code: moat_api::ErrorCode::NotFound,
+            message: "no sandbox \"x\"".into(),
+            hint: "list sandboxes with `moat ps`".into(),
+        };
+        let e = ToolError::from(CopyError::Client(ClientError::Api(api)));
+        assert_eq!(
+            (e.message.as_str(), e.hint.as_str()),
+            ("no sandbox \"x\" (not_found)", "list sandboxes with `moat ps`")
+        );
+        let e = ToolError::from(CopyError::Host { what: "reading /x".into(), source: io() });
+        assert_eq!(
+            (e.message.as_str(), e.hint.as_str()),
+            ("reading /x: connection refused", "check the host path and that its directory exists")
+        );
+        let e = ToolError::from(crate::policy::HostPathError::Off("--host-dir".into()));
+        assert!(e.hint.contains("--host-dir") && !e.message.contains("--host-dir"), "{e:?}");
+        let shown = e.into_contents();
+        let text = serde_json::to_string(&shown).unwrap();
+        assert!(
+            text.contains("copying host files is off for this MCP server\\nhint: the operator allows it"),
+            "{text}"
+        );
+        moat_hint::check(&crate::McpError::Handshake("eof".into()), true).unwrap();
+        moat_hint::check(&ToolError::new("m", ""), false).unwrap();
     }
 
     #[test]

@@ -17,7 +17,6 @@ mod server;
 mod session;
 mod snapshots;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,8 +38,20 @@ pub const HTTP_SESSION_IDLE: Duration = Duration::from_secs(3600);
 /// The MCP server could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum McpError {
-    #[error("the MCP client did not complete the handshake on stdin/stdout: {0}\nhint: `moat mcp` is started by an MCP client (Claude Desktop, Claude Code, an MCP SDK) and speaks JSON-RPC on stdin/stdout; see docs/mcp.md")]
+    #[error("the MCP client did not complete the handshake on stdin/stdout: {0}")]
     Handshake(String),
+}
+
+impl moat_hint::Hint for McpError {
+    fn hint(&self) -> Option<std::borrow::Cow<'static, str>> {
+        match self {
+            McpError::Handshake(_) => Some(
+                "`moat mcp` is started by an MCP client (Claude Desktop, Claude Code, an MCP SDK) and speaks JSON-RPC \
+                 on stdin/stdout; see docs/mcp.md"
+                    .into(),
+            ),
+        }
+    }
 }
 
 /// Serve one MCP session on stdin and stdout until the client closes them (or `shutdown`
@@ -69,9 +80,8 @@ pub async fn serve_stdio(
 }
 
 /// The streamable-HTTP MCP endpoint, a tower service to mount on a router. Every session gets
-/// its own server, talking to the daemon at `socket`.
-pub fn http_service(socket: &Path, policy: Policy) -> StreamableHttpService<MoatMcp, LocalSessionManager> {
-    let client = Client::new(socket);
+/// its own server, talking to the daemon through `client`.
+pub fn http_service(client: Client, policy: Policy) -> StreamableHttpService<MoatMcp, LocalSessionManager> {
     let policy = Arc::new(policy);
     let mut sessions = LocalSessionManager::default();
     sessions.session_config.keep_alive = Some(HTTP_SESSION_IDLE);

@@ -108,10 +108,25 @@ pub const DEFAULT_MAX_DISK_MIB: u64 = 20480;
 /// A sandbox request the operator's MCP policy does not allow.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("{what} {asked} is over this MCP server's limit of {limit} per sandbox\nhint: ask for at most {limit}, or ask the operator to raise the limit with {flag}")]
+    #[error("{what} {asked} is over this MCP server's limit of {limit} per sandbox")]
     OverLimit { what: &'static str, asked: u64, limit: u64, flag: String },
-    #[error("the port forward {forward} would listen on {addr}, but this MCP server forwards ports on loopback only (127.0.0.1 or ::1)\nhint: leave the address out (it defaults to 127.0.0.1), or ask the operator to allow other addresses with {flag}")]
+    #[error("the port forward {forward} would listen on {addr}, but this MCP server forwards ports on loopback only (127.0.0.1 or ::1)")]
     PublicPort { forward: String, addr: String, flag: String },
+}
+
+impl moat_hint::Hint for PolicyError {
+    fn hint(&self) -> Option<std::borrow::Cow<'static, str>> {
+        Some(match self {
+            PolicyError::OverLimit { limit, flag, .. } => {
+                format!("ask for at most {limit}, or ask the operator to raise the limit with {flag}").into()
+            }
+            PolicyError::PublicPort { flag, .. } => format!(
+                "leave the address out (it defaults to 127.0.0.1), or ask the operator to allow other addresses \
+                 with {flag}"
+            )
+            .into(),
+        })
+    }
 }
 
 impl Policy {
@@ -151,14 +166,24 @@ impl Policy {
 /// A refused host path.
 #[derive(Debug, thiserror::Error)]
 pub enum HostPathError {
-    #[error(
-        "copying host files is off for this MCP server\nhint: the operator allows it under one directory with {0}"
-    )]
+    #[error("copying host files is off for this MCP server")]
     Off(String),
-    #[error("{path} is outside {root}, the only host directory this MCP server may copy from and to\nhint: use a path under {root}, or ask the operator to choose another directory with {flag}")]
+    #[error("{path} is outside {root}, the only host directory this MCP server may copy from and to")]
     Outside { path: String, root: String, flag: String },
-    #[error("cannot resolve the host path {path}: {source}\nhint: check that its directory exists")]
+    #[error("cannot resolve the host path {path}")]
     Resolve { path: String, source: std::io::Error },
+}
+
+impl moat_hint::Hint for HostPathError {
+    fn hint(&self) -> Option<std::borrow::Cow<'static, str>> {
+        Some(match self {
+            HostPathError::Off(flag) => format!("the operator allows it under one directory with {flag}").into(),
+            HostPathError::Outside { root, flag, .. } => {
+                format!("use a path under {root}, or ask the operator to choose another directory with {flag}").into()
+            }
+            HostPathError::Resolve { .. } => "check that its directory exists".into(),
+        })
+    }
 }
 
 impl HostFiles {
@@ -207,6 +232,31 @@ impl HostFiles {
 mod tests {
     use super::*;
 
+    /// The error as the model reads it: message, then hint.
+    fn shown<E: std::error::Error + moat_hint::Hint + 'static>(e: E) -> String {
+        moat_hint::Report::new(&e).to_string()
+    }
+
+    #[test]
+    fn every_error_keeps_its_cause_and_hint_out_of_its_message() {
+        let s = || "x".to_string();
+        let policy = [
+            PolicyError::OverLimit { what: "cpus", asked: 9, limit: 8, flag: s() },
+            PolicyError::PublicPort { forward: s(), addr: s(), flag: s() },
+        ];
+        for e in &policy {
+            moat_hint::check(e, true).unwrap();
+        }
+        let paths = [
+            HostPathError::Off(s()),
+            HostPathError::Outside { path: s(), root: s(), flag: s() },
+            HostPathError::Resolve { path: s(), source: std::io::Error::other("the io cause") },
+        ];
+        for e in &paths {
+            moat_hint::check(e, true).unwrap();
+        }
+    }
+
     #[test]
     fn host_paths_stay_under_the_allowed_directory() {
         let root = tempfile::tempdir().unwrap();
@@ -227,10 +277,10 @@ mod tests {
         // A symlink as the last component is not followed: it is copied, or replaced.
         assert_eq!(ok("link"), at("link"));
         for bad in ["../x", "/etc/passwd", "escape/passwd", "escape/.", "sub/../..", ".."] {
-            let e = files.resolve(bad, Flags::Stdio).unwrap_err().to_string();
+            let e = shown(files.resolve(bad, Flags::Stdio).unwrap_err());
             assert!(e.contains("outside") && e.contains("--host-dir"), "{bad}: {e}");
         }
-        let e = HostFiles::Off.resolve("a", Flags::Daemon).unwrap_err().to_string();
+        let e = shown(HostFiles::Off.resolve("a", Flags::Daemon).unwrap_err());
         assert!(e.contains("moat serve --mcp-host-dir") && e.contains("MOAT_MCP_HOST_DIR"), "{e}");
     }
 
@@ -239,12 +289,12 @@ mod tests {
         let p = Policy::default();
         p.check_size(None, None, None).unwrap();
         p.check_size(Some(4), Some(4096), Some(20480)).unwrap();
-        let e = p.check_size(None, Some(262_144), None).unwrap_err().to_string();
+        let e = shown(p.check_size(None, Some(262_144), None).unwrap_err());
         assert!(e.contains("memory_mib 262144 is over") && e.contains("`moat mcp --max-memory`"), "{e}");
-        let e = p.check_size(Some(64), None, None).unwrap_err().to_string();
+        let e = shown(p.check_size(Some(64), None, None).unwrap_err());
         assert!(e.contains("cpus 64") && e.contains("--max-cpus"), "{e}");
         let daemon = Policy { flags: Flags::Daemon, ..Policy::default() };
-        let e = daemon.check_size(None, None, Some(16 << 20)).unwrap_err().to_string();
+        let e = shown(daemon.check_size(None, None, Some(16 << 20)).unwrap_err());
         assert!(e.contains("moat serve --mcp-max-disk") && e.contains("MOAT_MCP_MAX_DISK"), "{e}");
 
         let forward = |s| moat_api::PortForward::parse(s).unwrap();
@@ -252,7 +302,7 @@ mod tests {
             p.check_forward(&forward(ok)).unwrap();
         }
         for public in ["0.0.0.0:0:80", "[::]:0:80", "192.168.1.5:8080:80", "localhost:0:80"] {
-            let e = p.check_forward(&forward(public)).unwrap_err().to_string();
+            let e = shown(p.check_forward(&forward(public)).unwrap_err());
             assert!(e.contains("loopback only") && e.contains("--allow-public-ports"), "{public}: {e}");
             Policy { allow_public_ports: true, ..Policy::default() }.check_forward(&forward(public)).unwrap();
         }

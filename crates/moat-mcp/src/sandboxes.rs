@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use moat_api::{BuildImage, CreateSandbox, ErrorCode, Fork, LogSource, OnExpire, PullImage, SandboxInfo};
+use moat_api::{CreateSandbox, Fork, LogSource, OnExpire, SandboxInfo};
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::{tool, tool_router};
 use schemars::JsonSchema;
@@ -58,33 +58,6 @@ impl MoatMcp {
         self.session().check_room(&self.policy, live + owned.pending, n)?;
         owned.pending += n;
         Ok(Reservation(self, n))
-    }
-
-    /// Make `image` if the store lacks it: the default image is built from its recipe, any other
-    /// name is pulled from its registry (anonymously).
-    async fn ensure_image(&self, image: &str) -> Result<(), ToolError> {
-        match self.client.image(image).await {
-            Ok(_) => return Ok(()),
-            Err(e) if e.code() == Some(ErrorCode::NotFound) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let made = if image == moat_api::DEFAULT_IMAGE {
-            let req = BuildImage {
-                name: image.to_string(),
-                from: moat_api::DEFAULT_IMAGE_FROM.to_string(),
-                packages: moat_api::DEFAULT_IMAGE_PACKAGES.iter().map(|p| p.to_string()).collect(),
-            };
-            self.client.build_image(&req, |_| {}).await
-        } else {
-            self.client.pull_image(&PullImage { reference: image.to_string(), ..PullImage::default() }, |_| {}).await
-        };
-        made.map(|_| ()).map_err(|e| {
-            let e = ToolError::from(e);
-            ToolError::new(
-                format!("the image {image:?} is not in the store and could not be made: {}", e.message),
-                format!("{}; or create the sandbox with image \"minimal\" (busybox, always there)", e.hint),
-            )
-        })
     }
 }
 
@@ -274,10 +247,8 @@ is removed when the session ends or after idle_timeout without use.",
             }
         };
         let _slot = self.reserve(1).await?;
+        // A missing image is pulled or built by the daemon on create.
         let image = p.image.clone().unwrap_or_else(|| self.policy.default_image.clone());
-        if from.is_none() {
-            self.ensure_image(&image).await?;
-        }
         let req = CreateSandbox {
             name: p.name,
             image: from.is_none().then_some(image),

@@ -163,13 +163,13 @@ mod tests {
         let policy = Policy { max_sandboxes: 2, exec_per_minute: 1, ..Policy::default() };
         let s = Session::new(&policy);
         s.check_room(&policy, 1, 1).unwrap();
-        let e = s.check_room(&policy, 1, 2).unwrap_err().to_string();
+        let e = moat_hint::Report::new(&s.check_room(&policy, 1, 2).unwrap_err()).to_string();
         assert!(e.contains("at most 2 sandboxes") && e.contains("`moat mcp --max-sandboxes`"), "{e}");
         s.start_command(&policy).unwrap();
-        let e = s.start_command(&policy).unwrap_err().to_string();
+        let e = moat_hint::Report::new(&s.start_command(&policy).unwrap_err()).to_string();
         assert!(e.contains("limit of 1 commands a minute") && e.contains("--exec-rate"), "{e}");
         let daemon = Policy { flags: Flags::Daemon, ..policy };
-        let e = s.check_room(&daemon, 2, 1).unwrap_err().to_string();
+        let e = moat_hint::Report::new(&s.check_room(&daemon, 2, 1).unwrap_err()).to_string();
         assert!(e.contains("moat serve --mcp-max-sandboxes") && e.contains("MOAT_MCP_MAX_SANDBOXES"), "{e}");
     }
 }

@@ -194,6 +194,7 @@ pub enum Request {
 
 /// A background process the agent keeps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct JobInfo {
     pub pid: u32,
     pub argv: Vec<String>,
@@ -237,6 +238,7 @@ pub enum FsReply {
 
 /// What kind of file a path is (not following symlinks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum FileKind {
     File,
@@ -247,6 +249,7 @@ pub enum FileKind {
 
 /// One file's metadata, as `lstat` sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct FileInfo {
     pub path: String,
     pub kind: FileKind,
@@ -264,6 +267,7 @@ pub struct FileInfo {
 
 /// A change seen by `Watch`, one JSON line each.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct FsEvent {
     /// `create`, `modify`, `delete`, `move_from`, `move_to`, `attrib`, or `overflow` (events were
     /// lost).
@@ -294,6 +298,7 @@ pub struct AgentError {
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct ExitStatus {
     /// Exit code when the process exited normally.
     pub code: Option<i32>,

@@ -31,11 +31,11 @@ const WRITE_QUEUE: usize = 256;
 /// Errors of the agent link.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("cannot connect to the agent socket {path}: {source}")]
+    #[error("cannot connect to the agent socket {path}")]
     Connect { path: String, source: std::io::Error },
-    #[error("the agent speaks protocol version {agent}, this host speaks {host}; rebuild the initramfs with the matching moat-agent (remove the cached initramfs)")]
+    #[error("the agent speaks protocol version {agent}, this host speaks {host}")]
     VersionMismatch { agent: u32, host: u32 },
-    #[error("the agent link broke: {0}")]
+    #[error("the agent link broke")]
     Frame(#[from] FrameError),
     #[error("the agent link is closed (the VM stopped or the agent died)")]
     Closed,
@@ -47,6 +47,21 @@ pub enum LinkError {
     Protocol { channel: u32, reason: String },
     #[error("the request is {size} bytes long; the agent link carries at most {MAX_PAYLOAD} bytes per message")]
     TooLarge { size: usize },
+}
+
+impl moat_hint::Hint for LinkError {
+    fn hint(&self) -> Option<std::borrow::Cow<'static, str>> {
+        match self {
+            LinkError::VersionMismatch { .. } => {
+                Some("rebuild the initramfs with the matching moat-agent (remove the cached initramfs)".into())
+            }
+            LinkError::Connect { .. } | LinkError::Frame(_) | LinkError::Closed => {
+                Some("the sandbox may have stopped; see `moat inspect` and `moat logs`".into())
+            }
+            LinkError::TooLarge { .. } => Some("send less per request, e.g. a large file in parts".into()),
+            LinkError::BadHandshake(_) | LinkError::Agent(_) | LinkError::Protocol { .. } => None,
+        }
+    }
 }
 
 /// What a channel has received so far. Guarded by a mutex; the reader fills it, the handle drains it.

@@ -77,27 +77,68 @@ pub struct Runtime {
     pub images: ImageStore,
 }
 
+/// What the runtime needs from the host, each looked for on its own: [`Runtime::prepare`] stops
+/// at the first that is missing, `moat doctor` reports them all.
+pub struct HostParts {
+    /// QEMU and its version.
+    pub qemu: Result<(PathBuf, String), SandboxError>,
+    pub kernel: Result<Kernel, SandboxError>,
+    /// The modules the agent loads, from the kernel's module tree; not looked for without a
+    /// kernel.
+    pub modules: Option<Result<Vec<PathBuf>, SandboxError>>,
+    pub agent: Result<PathBuf, SandboxError>,
+}
+
+impl HostParts {
+    pub fn find(config: &RuntimeConfig) -> HostParts {
+        let qemu = moat_vmm::find_qemu(config.qemu.as_deref())
+            .and_then(|q| moat_vmm::qemu_version(&q).map(|v| (q, v)))
+            .map_err(SandboxError::from);
+        let kernel = moat_image::find_kernel(config.kernel.as_deref()).map_err(SandboxError::from);
+        let modules = kernel
+            .as_ref()
+            .ok()
+            .map(|k| moat_image::resolve_modules(k, moat_image::AGENT_MODULES).map_err(SandboxError::from));
+        let agent = moat_image::find_agent(config.agent.as_deref()).map_err(SandboxError::from);
+        HostParts { qemu, kernel, modules, agent }
+    }
+}
+
+/// The initramfs (built, or reused from the cache) and the accelerator (a cached probe; a KVM
+/// probe boots a guest) for these parts.
+pub async fn initrd_and_accel(
+    config: &RuntimeConfig,
+    qemu: &Path,
+    kernel: &Kernel,
+    agent: &Path,
+    modules: &[PathBuf],
+) -> Result<(PathBuf, AccelDecision), SandboxError> {
+    create_private_dir(&config.cache_dir())?;
+    let initrd = moat_image::build_initramfs(&config.cache_dir(), kernel, agent, modules)?;
+    let accel = moat_vmm::choose_accel(
+        config.accel,
+        qemu,
+        &kernel.path,
+        &initrd,
+        &config.cache_dir().join("accel.json"),
+        config.probe_timeout,
+    )
+    .await?;
+    Ok((initrd, accel))
+}
+
 impl Runtime {
     /// Find QEMU, the kernel and the agent, build (or reuse) the initramfs and decide the accelerator.
     pub async fn prepare(config: RuntimeConfig) -> Result<Runtime, SandboxError> {
         for dir in [&config.home, &config.cache_dir(), &config.run_dir()] {
             create_private_dir(dir)?;
         }
-        let qemu = moat_vmm::find_qemu(config.qemu.as_deref())?;
-        let qemu_version = moat_vmm::qemu_version(&qemu)?;
-        let kernel = moat_image::find_kernel(config.kernel.as_deref())?;
-        let agent = moat_image::find_agent(config.agent.as_deref())?;
-        let modules = moat_image::resolve_modules(&kernel, moat_image::AGENT_MODULES)?;
-        let initrd = moat_image::build_initramfs(&config.cache_dir(), &kernel, &agent, &modules)?;
-        let accel = moat_vmm::choose_accel(
-            config.accel,
-            &qemu,
-            &kernel.path,
-            &initrd,
-            &config.cache_dir().join("accel.json"),
-            config.probe_timeout,
-        )
-        .await?;
+        let parts = HostParts::find(&config);
+        let (qemu, qemu_version) = parts.qemu?;
+        let kernel = parts.kernel?;
+        let agent = parts.agent?;
+        let modules = parts.modules.expect("modules are looked for whenever the kernel is found")?;
+        let (initrd, accel) = initrd_and_accel(&config, &qemu, &kernel, &agent, &modules).await?;
         let images = ImageStore::open(&config.images_dir())?;
         Ok(Runtime { config, qemu, qemu_version, kernel, initrd, accel, images })
     }
@@ -135,10 +176,20 @@ impl Loosened {
 
 /// Why `$MOAT_HOME` could not be made private.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot take group and other access away from {}: {reason}\nhint: the daemon's user must own everything under its home: `chown -R` it to that user, or remove what is not theirs", path.display())]
+#[error("cannot take group and other access away from {}: {reason}", path.display())]
 pub struct HomeAccessError {
     pub path: PathBuf,
     reason: std::io::Error,
+}
+
+impl moat_hint::Hint for HomeAccessError {
+    fn hint(&self) -> Option<std::borrow::Cow<'static, str>> {
+        Some(
+            "the daemon's user must own everything under its home: `chown -R` it to that user, or remove what is not \
+             theirs"
+                .into(),
+        )
+    }
 }
 
 /// Take every group and other permission away from the existing `home` and everything under it

@@ -13,7 +13,7 @@ use crate::runtime::{create_private_dir, Runtime};
 use crate::snapshot::{
     discard_saved, remove_if_exists, SavedMachine, DISK_FILE, FULL_STATE_FILE, MEM_FILE, STATE_FILE,
 };
-use crate::SandboxError;
+use crate::{SandboxError, Shape};
 
 /// What a sandbox should look like.
 #[derive(Debug, Clone)]
@@ -22,10 +22,8 @@ pub struct SandboxSpec {
     /// Boot this exact image, shown as `image`: a sandbox keeps the image it was made from when
     /// the name is later pointed elsewhere. `None`: whatever `image` names now.
     pub image_digest: Option<String>,
-    pub vcpus: u32,
-    pub memory_mib: u32,
-    /// Virtual size of the root disk; the image's size when absent.
-    pub disk_bytes: Option<u64>,
+    /// vCPUs, memory and root disk, checked when the shape was made.
+    pub shape: Shape,
     pub hostname: Option<String>,
     /// How long the guest may take from QEMU start until the agent answers.
     pub boot_timeout: Duration,
@@ -49,9 +47,7 @@ impl Default for SandboxSpec {
         SandboxSpec {
             image: "minimal".into(),
             image_digest: None,
-            vcpus: 1,
-            memory_mib: 512,
-            disk_bytes: None,
+            shape: Shape::default(),
             hostname: None,
             boot_timeout: Duration::from_secs(60),
             die_with_parent: true,
@@ -115,8 +111,8 @@ fn vm_config(rt: &Runtime, spec: &SandboxSpec, id: &str, dir: &Path) -> VmConfig
     VmConfig {
         qemu: rt.qemu.clone(),
         accel: rt.accel.accel,
-        vcpus: spec.vcpus,
-        memory_mib: spec.memory_mib,
+        vcpus: spec.shape.vcpus(),
+        memory_mib: spec.shape.memory_mib(),
         kernel: rt.kernel.path.clone(),
         initrd: rt.initrd.clone(),
         cmdline: format!("moat.root=/dev/vda moat.port=moat.agent moat.hostname={hostname}"),
@@ -163,7 +159,7 @@ impl Sandbox {
             Origin::Boot { fresh } => {
                 if fresh || !overlay.exists() {
                     remove_if_exists(&overlay)?;
-                    rt.images.create_overlay(&image, &overlay, spec.disk_bytes)?;
+                    rt.images.create_overlay(&image, &overlay, Some(spec.shape.disk_bytes()))?;
                 }
                 // Whatever an earlier run left in guest RAM is of no use to a boot.
                 remove_if_exists(&mem)?;
@@ -208,7 +204,7 @@ impl Sandbox {
             if let Err(e) = loaded {
                 let console = vm.console_tail(20);
                 vm.kill().await;
-                return Err(SandboxError::Restore { reason: e.to_string(), console });
+                return Err(SandboxError::Restore { reason: moat_hint::one_line(&e), console });
             }
             tracing::debug!(sandbox = %id, elapsed = ?started.elapsed(), "saved state loaded, guest running");
         }
@@ -240,14 +236,14 @@ impl Sandbox {
                 let console = vm.console_tail(20);
                 vm.kill().await;
                 return Err(match failed {
-                    Ok(Ok(Err(e))) => SandboxError::Boot { reason: e.to_string(), console },
+                    Ok(Ok(Err(e))) => SandboxError::Boot { reason: moat_hint::one_line(&e), console },
                     Ok(Err(_)) => SandboxError::BootTimeout { timeout: spec.boot_timeout, console },
                     Err(Ok(Some(status))) => SandboxError::Boot {
                         reason: format!("QEMU exited ({status}) before the agent answered"),
                         console,
                     },
                     Err(Ok(None)) => SandboxError::BootTimeout { timeout: spec.boot_timeout, console },
-                    Err(Err(e)) => SandboxError::Boot { reason: e.to_string(), console },
+                    Err(Err(e)) => SandboxError::Boot { reason: moat_hint::one_line(&e), console },
                     Ok(Ok(Ok(_))) => unreachable!("handled above"),
                 });
             }
@@ -358,7 +354,7 @@ impl Sandbox {
         match self.vm.lock().await.wait(Duration::from_millis(500)).await {
             Ok(Some(exit)) => exit.to_string(),
             Ok(None) => "still running".into(),
-            Err(e) => e.to_string(),
+            Err(e) => moat_hint::one_line(&e),
         }
     }
 
@@ -457,17 +453,8 @@ impl Sandbox {
     }
 }
 
-/// Check a spec's sizes and hostname.
+/// Check a spec's hostname; its sizes were checked when its [`Shape`] was made.
 pub fn validate(spec: &SandboxSpec) -> Result<(), SandboxError> {
-    if spec.vcpus == 0 || spec.vcpus > 64 {
-        return Err(SandboxError::InvalidSpec(format!("{} vCPUs is out of range; use 1 to 64", spec.vcpus)));
-    }
-    if spec.memory_mib < 64 || spec.memory_mib > 256 * 1024 {
-        return Err(SandboxError::InvalidSpec(format!(
-            "{} MiB of memory is out of range; use 64 MiB to 256 GiB",
-            spec.memory_mib
-        )));
-    }
     if let Some(h) = &spec.hostname {
         let ok = !h.is_empty()
             && h.len() <= 63
@@ -487,11 +474,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spec_limits_are_enforced() {
+    fn hostnames_are_checked() {
         let ok = SandboxSpec::default();
         assert!(validate(&ok).is_ok());
-        assert!(validate(&SandboxSpec { vcpus: 0, ..ok.clone() }).is_err());
-        assert!(validate(&SandboxSpec { memory_mib: 1, ..ok.clone() }).is_err());
         assert!(validate(&SandboxSpec { hostname: Some("a b".into()), ..ok.clone() }).is_err());
         assert!(validate(&SandboxSpec { hostname: Some("-x".into()), ..ok.clone() }).is_err());
         assert!(validate(&SandboxSpec { hostname: Some("box-1".into()), ..ok }).is_ok());

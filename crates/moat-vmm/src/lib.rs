@@ -9,7 +9,10 @@ mod identity;
 mod qmp;
 mod vm;
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
+
+use moat_hint::Hint;
 
 pub use accel::{
     choose_accel, Accel, AccelChoice, AccelChoiceError, AccelDecision, DEFAULT_PROBE_TIMEOUT, PROBE_MARKER,
@@ -23,37 +26,60 @@ pub use identity::{find_qemus_under, is_our_qemu};
 pub use qmp::{Qmp, QmpError, QmpEvent};
 pub use vm::Vm;
 
-/// Errors of the VMM layer. Messages are sentences that say what to do.
+/// Errors of the VMM layer. Messages are sentences; [`Hint`] says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
-    #[error("QEMU was not found: {0}\nhint: install it with `apt-get install qemu-system-x86`, or point MOAT_QEMU at qemu-system-x86_64")]
+    #[error("QEMU was not found: {0}")]
     QemuMissing(String),
-    #[error("cannot run {qemu}: {reason}\nhint: check that it is qemu-system-x86_64 and runs (`{qemu} --version`)")]
+    #[error("cannot run {qemu}: {reason}")]
     QemuBroken { qemu: String, reason: String },
     #[error("QEMU exited before the VM started ({status}): {stderr}")]
     QemuExited { status: String, stderr: String },
-    #[error("cannot start QEMU: {0}")]
-    Spawn(std::io::Error),
-    #[error(
-        "socket path {0} is too long for a unix socket (limit 107 bytes)\nhint: set MOAT_HOME to a shorter directory"
-    )]
+    #[error("cannot start QEMU")]
+    Spawn(#[source] std::io::Error),
+    #[error("socket path {0} is too long for a unix socket (limit 107 bytes)")]
     PathTooLong(String),
-    #[error("QEMU did not answer on its QMP socket within {0}s; it is killed\nhint: the host may be overloaded, see qemu.log in the run directory")]
+    #[error("QEMU did not answer on its QMP socket within {0}s; it is killed")]
     QmpTimeout(u64),
     #[error("the VM is not running (QEMU has exited or was stopped)")]
     NotRunning,
-    #[error("QMP: {0}")]
+    #[error(transparent)]
     Qmp(#[from] QmpError),
-    #[error("process {pid} is not this sandbox's QEMU: {reason}; it was left alone\nhint: the VM has probably exited and its pid was reused; treat the sandbox as stopped")]
+    #[error("process {pid} is not this sandbox's QEMU: {reason}; it was left alone")]
     NotOurProcess { pid: u32, reason: String },
-    #[error("QEMU {pid} is running but did not answer on its QMP socket {}: {reason}\nhint: the VM may be hung, or another process holds its QMP connection", socket.display())]
+    #[error("QEMU {pid} is running but did not answer on its QMP socket {}: {reason}", socket.display())]
     AdoptQmp { pid: u32, socket: PathBuf, reason: String },
-    #[error("{0}\nhint: see qemu.log in the run directory; `moat doctor` checks the host")]
+    #[error("{0}")]
     Migration(String),
-    #[error("KVM is not usable on this host: {reason}\nhint: {hint}")]
+    #[error("KVM is not usable on this host: {reason}")]
     KvmUnusable { reason: String, hint: String },
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io { what: String, source: std::io::Error },
+}
+
+impl Hint for VmmError {
+    fn hint(&self) -> Option<Cow<'static, str>> {
+        Some(match self {
+            VmmError::QemuMissing(_) => {
+                "install it with `apt-get install qemu-system-x86`, or point MOAT_QEMU at qemu-system-x86_64".into()
+            }
+            VmmError::QemuBroken { qemu, .. } => {
+                format!("check that it is qemu-system-x86_64 and runs (`{qemu} --version`)").into()
+            }
+            VmmError::QemuExited { .. } | VmmError::Spawn(_) => "`moat doctor` checks the host".into(),
+            VmmError::PathTooLong(_) => "set MOAT_HOME to a shorter directory".into(),
+            VmmError::QmpTimeout(_) => "the host may be overloaded, see qemu.log in the run directory".into(),
+            VmmError::NotRunning => "start the sandbox again (`moat start`)".into(),
+            VmmError::Qmp(e) => return e.hint(),
+            VmmError::NotOurProcess { .. } => {
+                "the VM has probably exited and its pid was reused; treat the sandbox as stopped".into()
+            }
+            VmmError::AdoptQmp { .. } => "the VM may be hung, or another process holds its QMP connection".into(),
+            VmmError::Migration(_) => "see qemu.log in the run directory; `moat doctor` checks the host".into(),
+            VmmError::KvmUnusable { hint, .. } => hint.clone().into(),
+            VmmError::Io { .. } => return None,
+        })
+    }
 }
 
 /// `explicit` (from configuration), else `$MOAT_QEMU`, else `qemu-system-x86_64` on `PATH`.
@@ -128,7 +154,47 @@ mod tests {
     #[test]
     fn a_configured_qemu_that_does_not_exist_says_how_to_install_one() {
         let err = super::find_qemu(Some(std::path::Path::new("/nonexistent/qemu"))).unwrap_err();
-        let msg = err.to_string();
-        assert!(msg.contains("/nonexistent/qemu") && msg.contains("apt-get install qemu-system-x86"), "{msg}");
+        assert!(err.to_string().contains("/nonexistent/qemu"), "{err}");
+        let hint = moat_hint::Hint::hint(&err).unwrap_or_default();
+        assert!(hint.contains("apt-get install qemu-system-x86"), "{hint}");
+    }
+
+    #[test]
+    fn every_error_keeps_its_cause_and_hint_out_of_its_message() {
+        use super::{QmpError, VmmError};
+        let io = || std::io::Error::other("the io cause");
+        let s = || "x".to_string();
+        let cases = [
+            (VmmError::QemuMissing(s()), true),
+            (VmmError::QemuBroken { qemu: s(), reason: s() }, true),
+            (VmmError::QemuExited { status: s(), stderr: s() }, true),
+            (VmmError::Spawn(io()), true),
+            (VmmError::PathTooLong(s()), true),
+            (VmmError::QmpTimeout(5), true),
+            (VmmError::NotRunning, true),
+            (VmmError::Qmp(QmpError::Io(io())), true),
+            (VmmError::Qmp(QmpError::Closed), true),
+            (VmmError::Qmp(QmpError::Command { command: s(), class: s(), desc: s() }), false),
+            (VmmError::NotOurProcess { pid: 1, reason: s() }, true),
+            (VmmError::AdoptQmp { pid: 1, socket: "/q".into(), reason: s() }, true),
+            (VmmError::Migration(s()), true),
+            (VmmError::KvmUnusable { reason: s(), hint: "load kvm".into() }, true),
+            (VmmError::Io { what: s(), source: io() }, false),
+        ];
+        for (e, hinted) in &cases {
+            moat_hint::check(e, *hinted).unwrap();
+        }
+        let json = serde_json::from_str::<serde_json::Value>("{").unwrap_err();
+        let qmp = [
+            (QmpError::Io(io()), true),
+            (QmpError::Closed, true),
+            (QmpError::LineTooLong, false),
+            (QmpError::Json(json), false),
+            (QmpError::Unexpected(s()), false),
+            (QmpError::Command { command: s(), class: s(), desc: s() }, false),
+        ];
+        for (e, hinted) in &qmp {
+            moat_hint::check(e, *hinted).unwrap();
+        }
     }
 }

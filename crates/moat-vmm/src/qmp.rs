@@ -25,18 +25,29 @@ pub const MAX_EVENTS: usize = 64;
 /// Errors of a QMP session.
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
-    #[error("QMP I/O failed: {0}")]
+    #[error("QMP I/O failed")]
     Io(#[from] std::io::Error),
     #[error("QEMU closed the QMP connection (it has probably exited)")]
     Closed,
     #[error("QMP sent a line longer than {MAX_LINE} bytes; the QMP socket is corrupted")]
     LineTooLong,
-    #[error("QMP sent invalid JSON: {0}")]
+    #[error("QMP sent invalid JSON")]
     Json(#[from] serde_json::Error),
     #[error("QMP sent an unexpected message: {0}")]
     Unexpected(String),
     #[error("QEMU refused `{command}`: {class}: {desc}")]
     Command { command: String, class: String, desc: String },
+}
+
+impl moat_hint::Hint for QmpError {
+    fn hint(&self) -> Option<std::borrow::Cow<'static, str>> {
+        match self {
+            QmpError::Io(_) | QmpError::Closed => {
+                Some("QEMU has probably exited; see qemu.log in the run directory".into())
+            }
+            QmpError::LineTooLong | QmpError::Json(_) | QmpError::Unexpected(_) | QmpError::Command { .. } => None,
+        }
+    }
 }
 
 /// An asynchronous QMP event such as `SHUTDOWN`, `STOP` or `RESUME`.

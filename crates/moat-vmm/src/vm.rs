@@ -597,7 +597,7 @@ pub(crate) mod tests {
         let deep = dir.path().join("x".repeat(120));
         let err = Vm::spawn(&config(&deep, "long", "/k".into(), "/i".into()), true).await.err().expect("fails");
         assert!(matches!(err, VmmError::PathTooLong(_)), "{err}");
-        assert!(err.to_string().contains("MOAT_HOME"), "{err}");
+        assert!(moat_hint::Hint::hint(&err).is_some_and(|h| h.contains("MOAT_HOME")), "{err}");
     }
 
     /// Without an initrd the kernel cannot mount a root and panics; `panic=-1` reboots at once and

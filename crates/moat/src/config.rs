@@ -78,16 +78,28 @@ pub fn source(env: &str) -> Source {
     }
 }
 
+/// A configuration file moat cannot use.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading {path}: {source}\nhint: fix its permissions, or remove it")]
+    #[error("reading {path}")]
     Read { path: String, source: std::io::Error },
-    #[error("{path} is not valid TOML: {message}\nhint: write one `key = value` per line; see docs/configuration.md")]
+    #[error("{path} is not valid TOML: {message}")]
     Syntax { path: String, message: String },
-    #[error("{path}: {key:?} is not a setting\nhint: the settings are {known}; see docs/configuration.md")]
+    #[error("{path}: {key:?} is not a setting")]
     Unknown { path: String, key: String, known: String },
-    #[error("{path}: {key} must be a string, a number, a boolean or a list of those\nhint: e.g. {key} = \"value\"")]
+    #[error("{path}: {key} must be a string, a number, a boolean or a list of those")]
     Type { path: String, key: String },
+}
+
+impl moat_hint::Hint for ConfigError {
+    fn hint(&self) -> Option<std::borrow::Cow<'static, str>> {
+        Some(match self {
+            ConfigError::Read { .. } => "fix its permissions, or remove it".into(),
+            ConfigError::Syntax { .. } => "write one `key = value` per line; see docs/configuration.md".into(),
+            ConfigError::Unknown { known, .. } => format!("the settings are {known}; see docs/configuration.md").into(),
+            ConfigError::Type { key, .. } => format!("e.g. {key} = \"value\"").into(),
+        })
+    }
 }
 
 /// Read the configuration file and put its settings into the environment where it has none.
@@ -180,12 +192,27 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_tables_are_refused_with_the_remedy() {
-        let unknown = parse(Path::new("c.toml"), "acel = \"tcg\"").unwrap_err().to_string();
+        let unknown = parse(Path::new("c.toml"), "acel = \"tcg\"").unwrap_err();
+        let unknown = moat_hint::Report::new(&unknown).to_string();
         assert!(unknown.contains("\"acel\" is not a setting") && unknown.contains("accel"), "{unknown}");
         let table = parse(Path::new("c.toml"), "[accel]\nx = 1").unwrap_err().to_string();
         assert!(table.contains("accel must be"), "{table}");
         assert!(parse(Path::new("c.toml"), "accel = ").unwrap_err().to_string().contains("not valid TOML"));
         assert!(parse(Path::new("c.toml"), "home = \"/x\"").is_err(), "the file cannot move the home it is in");
+    }
+
+    #[test]
+    fn every_error_keeps_its_cause_and_hint_out_of_its_message() {
+        let s = || "x".to_string();
+        let cases = [
+            ConfigError::Read { path: s(), source: std::io::Error::other("the io cause") },
+            ConfigError::Syntax { path: s(), message: s() },
+            ConfigError::Unknown { path: s(), key: s(), known: s() },
+            ConfigError::Type { path: s(), key: s() },
+        ];
+        for e in &cases {
+            moat_hint::check(e, true).unwrap();
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ fn main() {
     // Before clap reads the environment, and before any thread starts.
     let args: Vec<String> = std::env::args().collect();
     if let Err(e) = moat::config::load(&args) {
-        eprintln!("moat: error: {e}");
+        eprintln!("moat: error: {}", moat::error::render_error(&e));
         std::process::exit(2);
     }
     let cli = Cli::parse();
@@ -18,8 +18,7 @@ fn main() {
     let code = match runtime.block_on(moat::main(cli)) {
         Ok(code) => code,
         Err(e) => {
-            // Errors can quote the guest's console (a failed boot): no terminal controls.
-            eprintln!("moat: error: {}", moat_api::escape_controls(&format!("{e:#}")));
+            eprintln!("moat: error: {}", moat::error::render(&e));
             125
         }
     };

@@ -204,3 +204,49 @@ fn damaged_and_interrupted_pulls_register_nothing_and_resume() {
     assert!(sent < big_size + big_size / 2, "{sent} bytes for a {big_size}-byte layer pulled twice at once");
     assert!(files_in(&h.join("images/blobs/partial")).is_empty());
 }
+
+/// Image on first use is the daemon's: a create through the API (no CLI) pulls the missing image
+/// once for two creates at once, says so on the event stream, and `pull: never` refuses instead.
+#[test]
+fn a_create_through_the_api_pulls_its_missing_image_once_and_reports_it_as_events() {
+    use futures_util::StreamExt;
+    use moat_api::{CreateSandbox, ErrorCode, PullPolicy};
+
+    let home = OwnHome::new();
+    let h = home.path();
+    let registry = Registry::start(None);
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut layout = OciLayoutDir::create(&work.path().join("layout"));
+    let app = layout.add_image("app", &[Layer::gzip(&base_layer()), Layer::gzip(&app_layer())], CONFIG);
+    registry.push(layout.path(), "app", "moat/app:1");
+    let app_ref = format!("{}/moat/app:1", registry.addr());
+    moat_ok(h, &["image", "ls"]); // starts the daemon
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    rt.block_on(async {
+        let client = moat_client::Client::new(&moat_daemon::socket_path(h));
+        let create = |name: &str, pull: Option<PullPolicy>| CreateSandbox {
+            name: Some(name.to_string()),
+            image: Some(app_ref.clone()),
+            memory_mib: Some(256),
+            template: Some(false),
+            pull,
+            ..CreateSandbox::default()
+        };
+        let refused = client.create(&create("never", Some(PullPolicy::Never))).await.expect_err("pull: never");
+        assert_eq!(refused.code(), Some(ErrorCode::NotFound), "{refused}");
+
+        let (first, second) = (create("first", None), create("second", None));
+        let (a, b) = tokio::join!(client.create(&first), client.create(&second));
+        assert_eq!(a.expect("the first create pulls and boots").image_digest, app.config);
+        assert_eq!(b.expect("the second create waits for that pull").image_digest, app.config);
+
+        let events: Vec<moat_api::Event> =
+            client.events(0, false).await.expect("events").map(|e| e.expect("an event")).collect().await;
+        let said: Vec<&str> = events.iter().filter(|e| e.kind == "image").map(|e| e.message.as_str()).collect();
+        let pulls = said.iter().filter(|m| **m == format!("{app_ref}: not in the store; pulling it")).count();
+        assert_eq!(pulls, 1, "one pull for two creates: {said:?}");
+        assert!(said.contains(&format!("{app_ref}: ready ({})", app.config).as_str()), "{said:?}");
+    });
+    assert!(image_names(h).contains(&app_ref));
+}

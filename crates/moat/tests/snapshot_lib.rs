@@ -6,7 +6,7 @@ mod common;
 use std::time::Instant;
 
 use moat_proto::ExecRequest;
-use moat_sandbox::{Origin, Sandbox, SandboxSpec};
+use moat_sandbox::{Origin, Sandbox, SandboxSpec, Shape};
 
 async fn sh(sb: &Sandbox, script: &str) -> String {
     let exec = sb
@@ -21,7 +21,8 @@ async fn sh(sb: &Sandbox, script: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_snapshot_restores_memory_and_disk_and_a_restored_vm_saves_again() {
     let rt = common::runtime().await;
-    let spec = SandboxSpec { memory_mib: 256, ..SandboxSpec::default() };
+    let shape = Shape::new(1, 256, Shape::default().disk_mib()).expect("a small shape is valid");
+    let spec = SandboxSpec { shape, ..SandboxSpec::default() };
     let sb = Sandbox::boot(&rt, &spec).await.expect("boots");
     sh(&sb, "echo before > /root/file; mkdir -p /dev/shm; echo inmem > /dev/shm/x").await;
     let snaps = tempfile::tempdir().unwrap();

@@ -1,33 +1,19 @@
 //! Files in a running sandbox: metadata operations, file contents and tar archives streamed in
-//! both directions, and change events. Every byte moves under the agent link's credit, so a copy
-//! of any size holds a bounded amount in memory and never stalls other channels.
+//! both directions, and change events. The service moves the bytes; these handlers map query
+//! strings and bodies to its calls.
 
-use std::sync::Arc;
-
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::Response;
 use axum::Json;
-use futures_util::StreamExt;
-use moat_api::{ChangeMode, ErrorCode, FileInfo, Listing, MakeDir, RemovePath, RenamePath};
-use moat_proto::{FsReply, Request};
-use moat_sandbox::{Exec, ExecEvent, Sandbox};
+use moat_api::{ChangeMode, FileInfo, Listing, MakeDir, RemovePath, RenamePath};
 use serde::Deserialize;
 
 use super::extract::{query, JsonBody, Svc};
-use crate::error::{file_error, ServiceError};
-use crate::guest_stream::StderrTail;
-use crate::service::Service;
-
-fn sandbox(svc: &Service, reference: &str) -> Result<Arc<Sandbox>, ServiceError> {
-    Ok(svc.running(reference)?.1)
-}
-
-async fn op(svc: &Service, reference: &str, request: Request) -> Result<FsReply, ServiceError> {
-    sandbox(svc, reference)?.file_op(request).await.map_err(file_error)
-}
+use crate::error::ServiceError;
+use crate::service::files::{parse_mode, ByteStream, WriteOptions};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,16 +23,18 @@ pub struct PathQuery {
     recursive: bool,
 }
 
+/// Metadata operations answer `{}`.
+fn done(r: Result<(), ServiceError>) -> Result<Json<serde_json::Value>, ServiceError> {
+    r.map(|()| Json(serde_json::json!({})))
+}
+
 pub async fn stat(
     State(svc): Svc,
     Path(reference): Path<String>,
     q: Result<Query<PathQuery>, QueryRejection>,
 ) -> Result<Json<FileInfo>, ServiceError> {
     let q = query(q)?;
-    match op(&svc, &reference, Request::Stat { path: q.path }).await? {
-        FsReply::Stat { info } => Ok(Json(info)),
-        other => Err(unexpected(other)),
-    }
+    Ok(Json(svc.stat_path(&reference, q.path).await?))
 }
 
 pub async fn list(
@@ -55,20 +43,7 @@ pub async fn list(
     q: Result<Query<PathQuery>, QueryRejection>,
 ) -> Result<Json<Listing>, ServiceError> {
     let q = query(q)?;
-    match op(&svc, &reference, Request::List { path: q.path, recursive: q.recursive }).await? {
-        FsReply::List { entries } => Ok(Json(Listing { entries })),
-        other => Err(unexpected(other)),
-    }
-}
-
-fn unexpected(reply: FsReply) -> ServiceError {
-    ServiceError::new(ErrorCode::Internal, format!("the agent answered {reply:?}"), "report this as a bug")
-}
-
-/// Metadata operations answer `{}`.
-async fn done(svc: &Service, reference: &str, request: Request) -> Result<Json<serde_json::Value>, ServiceError> {
-    op(svc, reference, request).await?;
-    Ok(Json(serde_json::json!({})))
+    Ok(Json(svc.list_dir(&reference, q.path, q.recursive).await?))
 }
 
 pub async fn mkdir(
@@ -76,7 +51,7 @@ pub async fn mkdir(
     Path(reference): Path<String>,
     JsonBody(r): JsonBody<MakeDir>,
 ) -> Result<Json<serde_json::Value>, ServiceError> {
-    done(&svc, &reference, Request::Mkdir { path: r.path, parents: r.parents, mode: r.mode }).await
+    done(svc.make_dir(&reference, r).await)
 }
 
 pub async fn remove(
@@ -84,7 +59,7 @@ pub async fn remove(
     Path(reference): Path<String>,
     JsonBody(r): JsonBody<RemovePath>,
 ) -> Result<Json<serde_json::Value>, ServiceError> {
-    done(&svc, &reference, Request::Remove { path: r.path, recursive: r.recursive }).await
+    done(svc.remove_path(&reference, r).await)
 }
 
 pub async fn rename(
@@ -92,7 +67,7 @@ pub async fn rename(
     Path(reference): Path<String>,
     JsonBody(r): JsonBody<RenamePath>,
 ) -> Result<Json<serde_json::Value>, ServiceError> {
-    done(&svc, &reference, Request::Rename { from: r.from, to: r.to }).await
+    done(svc.rename_path(&reference, r).await)
 }
 
 pub async fn chmod(
@@ -100,78 +75,17 @@ pub async fn chmod(
     Path(reference): Path<String>,
     JsonBody(r): JsonBody<ChangeMode>,
 ) -> Result<Json<serde_json::Value>, ServiceError> {
-    done(&svc, &reference, Request::Chmod { path: r.path, mode: r.mode }).await
+    done(svc.change_mode(&reference, r).await)
 }
 
-/// A stream's stdout as a response body. A failure after the first byte can only cut the body
-/// short (the status is sent); it is logged with the agent's reason.
-fn body_of(svc: &Service, exec: Exec, content_type: &'static str, length: Option<u64>) -> Response {
-    // The daemon does not count as idle while the body streams (the guard lives in the state).
-    let state = (exec, StderrTail::default(), svc.hold());
-    let stream = futures_util::stream::unfold(state, |(mut exec, mut stderr, busy)| async move {
-        loop {
-            match exec.next_event().await {
-                Ok(ExecEvent::Stdout(d)) => return Some((Ok(Bytes::from(d)), (exec, stderr, busy))),
-                Ok(ExecEvent::Stderr(d)) => stderr.push(&d),
-                Ok(ExecEvent::Exit(s)) if s.code == Some(0) => return None,
-                Ok(ExecEvent::Exit(_)) => {
-                    let reason = stderr.text();
-                    tracing::warn!(%reason, "a file stream failed midway");
-                    return Some((Err(std::io::Error::other(reason)), (exec, StderrTail::default(), busy)));
-                }
-                Err(e) => {
-                    return Some((Err(std::io::Error::other(e.to_string())), (exec, StderrTail::default(), busy)))
-                }
-            }
-        }
-    });
+/// A streamed response body. A failure after the first byte can only cut the body short (the
+/// status is sent already).
+fn body_of(stream: ByteStream, content_type: &'static str, length: Option<u64>) -> Response {
     let mut builder = Response::builder().header(header::CONTENT_TYPE, content_type);
     if let Some(n) = length {
         builder = builder.header(header::CONTENT_LENGTH, n);
     }
     builder.body(Body::from_stream(stream)).expect("static headers are valid")
-}
-
-/// Feed the request body to a stream's stdin, then wait for the agent's verdict.
-async fn feed(svc: &Service, mut exec: Exec, body: Body) -> Result<(), ServiceError> {
-    let _busy = svc.hold();
-    let control = exec.control();
-    let mut data = body.into_data_stream();
-    // Small body chunks are gathered into whole frames: each frame costs the guest the same.
-    let mut pending: Vec<u8> = Vec::with_capacity(moat_proto::MAX_CHUNK);
-    let mut accepted = true;
-    while let Some(chunk) = data.next().await {
-        let chunk = chunk.map_err(|e| {
-            ServiceError::new(ErrorCode::InvalidRequest, format!("the upload broke off: {e}"), "send it again")
-        })?;
-        pending.extend_from_slice(&chunk);
-        if pending.len() >= moat_proto::MAX_CHUNK {
-            if control.write_stdin(&pending).await.is_err() {
-                accepted = false;
-                break; // The agent stopped taking input; its verdict says why.
-            }
-            pending.clear();
-        }
-    }
-    if accepted && !pending.is_empty() {
-        let _ = control.write_stdin(&pending).await;
-    }
-    let _ = control.close_stdin().await;
-    let mut stderr = StderrTail::default();
-    loop {
-        match exec.next_event().await.map_err(|e| file_error(e.into()))? {
-            ExecEvent::Stdout(_) => {}
-            ExecEvent::Stderr(d) => stderr.push(&d),
-            ExecEvent::Exit(s) if s.code == Some(0) => return Ok(()),
-            ExecEvent::Exit(_) => {
-                return Err(ServiceError::new(
-                    ErrorCode::InvalidRequest,
-                    stderr.text(),
-                    "check the destination in the sandbox and the data sent",
-                ))
-            }
-        }
-    }
 }
 
 pub async fn read_content(
@@ -180,13 +94,8 @@ pub async fn read_content(
     q: Result<Query<PathQuery>, QueryRejection>,
 ) -> Result<Response, ServiceError> {
     let q = query(q)?;
-    let sb = sandbox(&svc, &reference)?;
-    let size = match sb.file_op(Request::Stat { path: q.path.clone() }).await.map_err(file_error)? {
-        FsReply::Stat { info } => info.size,
-        other => return Err(unexpected(other)),
-    };
-    let exec = sb.file_stream(Request::ReadFile { path: q.path }).await.map_err(file_error)?;
-    Ok(body_of(&svc, exec, "application/octet-stream", Some(size)))
+    let content = svc.read_file(&reference, q.path).await?;
+    Ok(body_of(content.data, "application/octet-stream", Some(content.size)))
 }
 
 #[derive(Deserialize)]
@@ -208,24 +117,9 @@ pub async fn write_content(
     body: Body,
 ) -> Result<Json<FileInfo>, ServiceError> {
     let q = query(q)?;
-    let mode = match q.mode.as_deref().map(|m| u32::from_str_radix(m, 8)) {
-        None => None,
-        Some(Ok(m)) if m <= 0o7777 => Some(m),
-        Some(_) => {
-            return Err(ServiceError::new(
-                ErrorCode::InvalidRequest,
-                format!("mode {:?} is not an octal file mode", q.mode.unwrap_or_default()),
-                "give it in octal, e.g. mode=644",
-            ))
-        }
-    };
-    let sb = sandbox(&svc, &reference)?;
-    let request = Request::WriteFile { path: q.path.clone(), mode, atomic: q.atomic.unwrap_or(true) };
-    feed(&svc, sb.file_stream(request).await.map_err(file_error)?, body).await?;
-    match sb.file_op(Request::Stat { path: q.path }).await.map_err(file_error)? {
-        FsReply::Stat { info } => Ok(Json(info)),
-        other => Err(unexpected(other)),
-    }
+    let options =
+        WriteOptions { mode: q.mode.as_deref().map(parse_mode).transpose()?, atomic: q.atomic.unwrap_or(true) };
+    Ok(Json(svc.write_file(&reference, q.path, options, body.into_data_stream()).await?))
 }
 
 #[derive(Deserialize)]
@@ -244,11 +138,7 @@ pub async fn read_archive(
     q: Result<Query<ArchiveQuery>, QueryRejection>,
 ) -> Result<Response, ServiceError> {
     let q = query(q)?;
-    let exec = sandbox(&svc, &reference)?
-        .file_stream(Request::ReadTar { path: q.path, name: q.name })
-        .await
-        .map_err(file_error)?;
-    Ok(body_of(&svc, exec, "application/x-tar", None))
+    Ok(body_of(svc.read_archive(&reference, q.path, q.name).await?, "application/x-tar", None))
 }
 
 /// Unpack a tar archive into an existing directory.
@@ -259,9 +149,7 @@ pub async fn write_archive(
     body: Body,
 ) -> Result<Json<serde_json::Value>, ServiceError> {
     let q = query(q)?;
-    let exec = sandbox(&svc, &reference)?.file_stream(Request::WriteTar { path: q.path }).await.map_err(file_error)?;
-    feed(&svc, exec, body).await?;
-    Ok(Json(serde_json::json!({})))
+    done(svc.write_archive(&reference, q.path, body.into_data_stream()).await)
 }
 
 /// Changes under a directory as NDJSON [`moat_api::FsEvent`] lines, until the client leaves.
@@ -271,9 +159,5 @@ pub async fn watch(
     q: Result<Query<PathQuery>, QueryRejection>,
 ) -> Result<Response, ServiceError> {
     let q = query(q)?;
-    let exec = sandbox(&svc, &reference)?
-        .file_stream(Request::Watch { path: q.path, recursive: q.recursive })
-        .await
-        .map_err(file_error)?;
-    Ok(body_of(&svc, exec, "application/x-ndjson", None))
+    Ok(body_of(svc.watch_path(&reference, q.path, q.recursive).await?, "application/x-ndjson", None))
 }

@@ -146,6 +146,8 @@ mod tests {
             from: Some("box:clean".into()),
             template: Some(false),
             net: Some(moat_api::NetSpec::default()),
+            pull: Some(moat_api::PullPolicy::Never),
+            registry_login: Some(moat_api::RegistryLogin { username: "u".into(), password: "p".into() }),
         };
         assert_eq!(
             keys(&serde_json::to_value(create).unwrap()),

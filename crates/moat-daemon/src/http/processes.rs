@@ -1,6 +1,5 @@
 //! Background processes in a sandbox (`moat exec -d`): start, list, attach to their output
-//! (what they printed while nobody watched, then live), and signal them. The agent keeps them, so
-//! they survive the request that started them and daemon restarts.
+//! (what they printed while nobody watched, then live), and signal them.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
@@ -8,46 +7,23 @@ use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use axum::Json;
 use futures_util::{SinkExt, StreamExt};
-use moat_api::{ErrorCode, ExecServerMessage, JobInfo, KillProcess, ProcessStarted, StartProcess};
-use moat_proto::{ExecRequest, Request, Started};
+use moat_api::{ExecServerMessage, JobInfo, KillProcess, ProcessStarted, StartProcess};
 use serde::Deserialize;
 
-use super::exec_ws::{forward_exec, send_json};
+use super::exec_ws::{forward, send_json};
 use super::extract::{query, JsonBody, Svc};
-use crate::error::{process_error, ServiceError};
-use crate::net::with_net_env;
+use crate::error::ServiceError;
 
 pub async fn start(
     State(svc): Svc,
     Path(reference): Path<String>,
     JsonBody(req): JsonBody<StartProcess>,
 ) -> Result<Json<ProcessStarted>, ServiceError> {
-    let (info, sandbox) = svc.running(&reference)?;
-    if req.argv.is_empty() {
-        return Err(ServiceError::new(ErrorCode::InvalidRequest, "no command given", "give the command after `--`"));
-    }
-    let request = ExecRequest {
-        argv: req.argv,
-        env: with_net_env(&info, req.env),
-        cwd: req.cwd,
-        user: req.user,
-        detach: true,
-        ..Default::default()
-    };
-    let exec = sandbox.exec(request).await.map_err(|e| {
-        ServiceError::new(ErrorCode::ExecFailed, e.to_string(), "check the command, its working directory and user")
-    })?;
-    Ok(Json(ProcessStarted { pid: exec.pid() }))
+    Ok(Json(svc.start_process(&reference, req).await?))
 }
 
 pub async fn list(State(svc): Svc, Path(reference): Path<String>) -> Result<Json<Vec<JobInfo>>, ServiceError> {
-    let (_, sandbox) = svc.running(&reference)?;
-    match sandbox.request(Request::Jobs).await.map_err(process_error)? {
-        Started::Jobs { jobs } => Ok(Json(jobs)),
-        other => {
-            Err(ServiceError::new(ErrorCode::Internal, format!("the agent answered {other:?}"), "report this as a bug"))
-        }
-    }
+    Ok(Json(svc.processes(&reference).await?))
 }
 
 pub async fn kill(
@@ -55,8 +31,7 @@ pub async fn kill(
     Path((reference, pid)): Path<(String, u32)>,
     JsonBody(req): JsonBody<KillProcess>,
 ) -> Result<Json<serde_json::Value>, ServiceError> {
-    let (_, sandbox) = svc.running(&reference)?;
-    sandbox.request(Request::Kill { pid, signal: req.signal }).await.map_err(process_error)?;
+    svc.kill_process(&reference, pid, req.signal).await?;
     Ok(Json(serde_json::json!({})))
 }
 
@@ -77,14 +52,14 @@ pub async fn attach(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ServiceError> {
     let replay = query(q)?.replay.unwrap_or(true);
-    let (_, sandbox) = svc.running(&reference)?;
     // Opened before upgrading, so an unknown pid is a plain HTTP error.
-    let exec = sandbox.file_stream(Request::Attach { pid, replay }).await.map_err(process_error)?;
+    let mut session = svc.attach(&reference, pid, replay).await?;
     Ok(ws.max_message_size(1 << 20).on_upgrade(move |socket: WebSocket| async move {
         let (mut tx, rx) = socket.split();
-        if let Err(e) = forward_exec(exec, &mut tx, rx, None).await {
+        if let Err(e) = forward(&mut session, &mut tx, rx).await {
             let _ = send_json(&mut tx, &ExecServerMessage::Error { error: e.into() }).await;
         }
         let _ = tx.close().await;
+        session.finish().await;
     }))
 }

@@ -12,17 +12,7 @@ use serde::Deserialize;
 use super::extract::{query, ApiResult, JsonBody, Svc};
 
 pub async fn health(State(svc): Svc) -> Json<Health> {
-    Json(Health {
-        version: env!("CARGO_PKG_VERSION").into(),
-        pid: std::process::id(),
-        accel: svc.rt.accel.accel.to_string(),
-        accel_reason: svc.rt.accel.reason.clone(),
-        qemu_version: svc.rt.qemu_version.clone(),
-        kernel: svc.rt.kernel.release.clone(),
-        kernel_path: svc.rt.kernel.path.display().to_string(),
-        sandboxes: svc.live_count(),
-        max_sandboxes: svc.limits.max_sandboxes,
-    })
+    Json(svc.health())
 }
 
 pub async fn list(State(svc): Svc) -> ApiResult<impl IntoResponse> {
@@ -70,8 +60,7 @@ pub async fn renew(
 }
 
 pub async fn lifecycle(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<impl IntoResponse> {
-    let info = svc.resolve(&reference)?;
-    Ok(Json(svc.db(|db| db.lifecycle(&info.id))?))
+    Ok(Json(svc.lifecycle(&reference)?))
 }
 
 pub async fn pause(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<impl IntoResponse> {

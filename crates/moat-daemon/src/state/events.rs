@@ -45,6 +45,11 @@ impl Db {
         self.conn.last_insert_rowid()
     }
 
+    /// The sequence number of the newest event (0 when there is none).
+    pub fn newest_event_seq(&self) -> Result<i64, StateError> {
+        Ok(self.conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?)
+    }
+
     /// Events after `seq`, oldest first, at most `limit`.
     pub fn events_after(&self, seq: i64, limit: usize) -> Result<Vec<Event>, StateError> {
         let mut stmt = self

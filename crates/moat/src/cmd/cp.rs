@@ -2,10 +2,9 @@
 //! semantics (see `moat_client::copy` for the rules; the MCP server's upload and download use
 //! the same code).
 
-use anyhow::bail;
-
 use crate::cli::{CpArgs, HostArgs};
 use crate::cmd::daemon::connect;
+use crate::error::Hinted;
 
 /// One side of a copy: a host path, or a path in a sandbox (`box:/path`).
 #[derive(Debug, PartialEq, Eq)]
@@ -35,10 +34,12 @@ pub async fn cp(args: CpArgs, host: &HostArgs) -> anyhow::Result<i32> {
             client.copy_from_sandbox(&sandbox, &path, &dest).await?;
         }
         (Side::Host(_), Side::Host(_)) => {
-            bail!("neither side is in a sandbox\nhint: write the sandbox side as BOX:PATH, e.g. `moat cp ./src box:/work`")
+            let hint = "write the sandbox side as BOX:PATH, e.g. `moat cp ./src box:/work`";
+            return Err(Hinted::new("neither side is in a sandbox", hint).into());
         }
         (Side::Sandbox { .. }, Side::Sandbox { .. }) => {
-            bail!("both sides are in sandboxes\nhint: copy through the host: `moat cp a:/x ./x && moat cp ./x b:/x`")
+            let hint = "copy through the host: `moat cp a:/x ./x && moat cp ./x b:/x`";
+            return Err(Hinted::new("both sides are in sandboxes", hint).into());
         }
     }
     Ok(0)

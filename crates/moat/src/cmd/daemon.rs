@@ -9,6 +9,7 @@ use moat_client::{Client, ClientError};
 
 use crate::cli::{HostArgs, ServeArgs};
 use crate::cmd::{runtime_config, tcg_notice};
+use crate::error::Hinted;
 
 /// How long an auto-started daemon waits without sandboxes or requests before it exits
 /// (`MOAT_IDLE_EXIT` overrides it).
@@ -55,10 +56,12 @@ pub async fn serve(args: ServeArgs, host: &HostArgs) -> anyhow::Result<i32> {
         idle_exit: args.idle_exit,
         reset_state: args.reset_state,
     };
-    // The MCP endpoint is a client of the REST API through the daemon's own socket: exec and
-    // files exist only as HTTP handlers today, so that is the one way to reach them.
-    let mcp = moat_mcp::http_service(&moat_daemon::socket_path(&cfg.runtime.home), mcp);
-    let fronts = axum::Router::new().route_service("/mcp", mcp);
+    // The MCP endpoint calls the daemon in this process through its door: the same API a client
+    // outside gets, without a trip through the socket.
+    let fronts = |door: moat_daemon::Door| {
+        let client = Client::in_process(std::sync::Arc::new(move || Box::new(door.connect())));
+        axum::Router::new().route_service("/mcp", moat_mcp::http_service(client, mcp))
+    };
     moat_daemon::serve(cfg, fronts).await?;
     Ok(0)
 }
@@ -107,19 +110,29 @@ fn check_settings(host: &HostArgs, h: &moat_api::Health) -> anyhow::Result<()> {
         let wanted = std::fs::canonicalize(k).unwrap_or_else(|_| k.clone());
         let used = std::fs::canonicalize(&h.kernel_path).unwrap_or_else(|_| h.kernel_path.clone().into());
         if wanted != used {
-            bail!(
-                "the running daemon (pid {}) boots {}, not {}\nhint: the kernel is the daemon's setting: stop the daemon (`kill {}`) and run again, or use another MOAT_HOME",
-                h.pid, h.kernel_path, k.display(), h.pid
-            );
+            return Err(Hinted::new(
+                format!("the running daemon (pid {}) boots {}, not {}", h.pid, h.kernel_path, k.display()),
+                format!(
+                    "the kernel is the daemon's setting: stop the daemon (`kill {}`) and run again, or use another \
+                     MOAT_HOME",
+                    h.pid
+                ),
+            )
+            .into());
         }
     }
     let want_kvm = host.accel == moat_vmm::AccelChoice::Kvm;
     let want_tcg = host.accel == moat_vmm::AccelChoice::Tcg;
     if (want_kvm && h.accel != "kvm") || (want_tcg && h.accel != "tcg") {
-        bail!(
-            "the running daemon (pid {}) uses {}, not {}\nhint: the accelerator is the daemon's setting: stop the daemon (`kill {}`) and run again, or use another MOAT_HOME",
-            h.pid, h.accel, host.accel, h.pid
-        );
+        return Err(Hinted::new(
+            format!("the running daemon (pid {}) uses {}, not {}", h.pid, h.accel, host.accel),
+            format!(
+                "the accelerator is the daemon's setting: stop the daemon (`kill {}`) and run again, or use another \
+                 MOAT_HOME",
+                h.pid
+            ),
+        )
+        .into());
     }
     Ok(())
 }

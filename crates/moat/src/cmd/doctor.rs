@@ -5,6 +5,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use moat_hint::one_line;
 use moat_vmm::{Accel, AccelChoice};
 use serde::Serialize;
 
@@ -69,93 +70,64 @@ async fn run_checks(host: &HostArgs) -> anyhow::Result<Vec<Check>> {
     let config = runtime_config(host)?;
     let mut checks = Vec::new();
 
-    let qemu = match moat_vmm::find_qemu(config.qemu.as_deref()) {
-        Ok(q) => {
-            match moat_vmm::qemu_version(&q) {
-                Ok(v) => checks.push(Check::ok("qemu", format!("QEMU {v} at {}", q.display()))),
-                Err(e) => {
-                    checks.push(Check::fail("qemu", e.to_string(), "reinstall it: apt-get install qemu-system-x86"))
-                }
-            }
-            Some(q)
-        }
-        Err(e) => {
-            checks.push(Check::fail("qemu", e.to_string(), "moat setup (or: apt-get install qemu-system-x86)"));
-            None
-        }
-    };
+    // The same lookups the daemon's runtime makes, each reported on its own.
+    let parts = moat_sandbox::HostParts::find(&config);
+    match &parts.qemu {
+        Ok((q, v)) => checks.push(Check::ok("qemu", format!("QEMU {v} at {}", q.display()))),
+        Err(e) => checks.push(Check::fail("qemu", one_line(e), "moat setup (or: apt-get install qemu-system-x86)")),
+    }
     checks.push(tool_check("qemu-img", "qemu-utils"));
     checks.push(tool_check("mkfs.ext4", "e2fsprogs"));
-
-    let kernel = match moat_image::find_kernel(config.kernel.as_deref()) {
-        Ok(k) => {
-            checks.push(Check::ok("kernel", format!("{} ({})", k.path.display(), k.release)));
-            Some(k)
+    match &parts.kernel {
+        Ok(k) => checks.push(Check::ok("kernel", format!("{} ({})", k.path.display(), k.release))),
+        Err(e) => checks.push(Check::fail(
+            "kernel",
+            one_line(e),
+            "moat setup (or: apt-get install linux-image-cloud-amd64), or point MOAT_KERNEL at a kernel",
+        )),
+    }
+    match (&parts.kernel, &parts.modules) {
+        (Ok(k), Some(Ok(m))) => {
+            checks.push(Check::ok("modules", format!("{} modules from {}", m.len(), k.modules_dir.display())))
         }
+        (Ok(k), Some(Err(e))) => checks.push(Check::fail(
+            "modules",
+            one_line(e),
+            format!("install the module tree of kernel {} (the linux-image package that owns it)", k.release),
+        )),
+        _ => {}
+    }
+    match &parts.agent {
+        Ok(a) => checks.push(Check::ok("agent", a.display().to_string())),
         Err(e) => {
-            checks.push(Check::fail(
-                "kernel",
-                e.to_string(),
-                "moat setup (or: apt-get install linux-image-cloud-amd64), or point MOAT_KERNEL at a kernel",
-            ));
-            None
+            checks.push(Check::fail("agent", one_line(e), "build it with scripts/build-agent, or set MOAT_AGENT"))
         }
-    };
-    let modules = kernel.as_ref().and_then(|k| match moat_image::resolve_modules(k, moat_image::AGENT_MODULES) {
-        Ok(m) => {
-            checks.push(Check::ok("modules", format!("{} modules from {}", m.len(), k.modules_dir.display())));
-            Some(m)
-        }
-        Err(e) => {
-            checks.push(Check::fail(
-                "modules",
-                e.to_string(),
-                format!("install the module tree of kernel {} (the linux-image package that owns it)", k.release),
-            ));
-            None
-        }
-    });
-    let agent = match moat_image::find_agent(config.agent.as_deref()) {
-        Ok(a) => {
-            checks.push(Check::ok("agent", a.display().to_string()));
-            Some(a)
-        }
-        Err(e) => {
-            checks.push(Check::fail("agent", e.to_string(), "build it with scripts/build-agent, or set MOAT_AGENT"));
-            None
-        }
-    };
+    }
 
     checks.push(home_check(&config.home));
     checks.push(disk_check(&config.home));
 
-    match (qemu, kernel, modules, agent) {
-        (Some(qemu), Some(kernel), Some(modules), Some(agent)) => {
-            let accel = async {
-                std::fs::create_dir_all(config.cache_dir())?;
-                let initrd = moat_image::build_initramfs(&config.cache_dir(), &kernel, &agent, &modules)?;
-                let d = moat_vmm::choose_accel(
-                    config.accel,
-                    &qemu,
-                    &kernel.path,
-                    &initrd,
-                    &config.cache_dir().join("accel.json"),
-                    config.probe_timeout,
-                )
-                .await?;
-                anyhow::Ok(d)
-            }
-            .await;
+    match (&parts.qemu, &parts.kernel, &parts.modules, &parts.agent) {
+        (Ok((qemu, _)), Ok(kernel), Some(Ok(modules)), Ok(agent)) => {
+            let accel = moat_sandbox::initrd_and_accel(&config, qemu, kernel, agent, modules).await;
             checks.push(match accel {
-                Ok(d) if d.accel == Accel::Kvm => Check::ok("accel", format!("kvm ({})", d.reason)),
-                Ok(d) if config.accel == AccelChoice::Tcg => Check::ok("accel", format!("tcg, as configured ({})", d.reason)),
-                Ok(d) => Check {
+                Ok((_, d)) if d.accel == Accel::Kvm => Check::ok("accel", format!("kvm ({})", d.reason)),
+                Ok((_, d)) if config.accel == AccelChoice::Tcg => {
+                    Check::ok("accel", format!("tcg, as configured ({})", d.reason))
+                }
+                Ok((_, d)) => Check {
                     name: "accel",
                     status: Status::Degraded,
                     detail: format!("tcg: {}", d.reason),
-                    fix: Some("sandboxes work but boot slower; for KVM run on a host (or a VM with nested virtualization) where /dev/kvm works".into()),
+                    fix: Some(
+                        "sandboxes work but boot slower; for KVM run on a host (or a VM with nested virtualization) \
+                         where /dev/kvm works"
+                            .into(),
+                    ),
                 },
-                Err(e) => Check::fail("accel", format!("{e:#}"), "fix the kvm problem, or use --accel tcg / MOAT_ACCEL=tcg"),
+                Err(e) => {
+                    Check::fail("accel", one_line(&e), "fix the kvm problem, or use --accel tcg / MOAT_ACCEL=tcg")
+                }
             });
         }
         _ => checks.push(Check::fail(
@@ -179,7 +151,7 @@ fn state_check(home: &Path) -> Check {
         Ok(list) => Check::ok(NAME, format!("{} ({} sandboxes)", db.display(), list.len())),
         Err(e) => Check::fail(
             NAME,
-            e.to_string().lines().next().unwrap_or_default().to_string(),
+            one_line(&e).lines().next().unwrap_or_default().to_string(),
             "restore the database from a backup; or run `moat serve --reset-state`, which moves it aside \
              (kept as state.db.broken-*) and starts empty: sandboxes of the lost state are forgotten, and gc \
              kills their VMs and removes their disks",

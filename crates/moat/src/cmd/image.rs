@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::io::{IsTerminal, Read};
 
 use anyhow::Context;
+use futures_util::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use moat_api::{BuildImage, ErrorCode, ImageInfo, ImageProgress, PullImage};
+use moat_api::{BuildImage, CreateSandbox, ErrorCode, ImageInfo, ImageProgress, PullImage, RegistryLogin, SandboxInfo};
 use moat_client::Client;
 
 use crate::cli::{HostArgs, ImageCommand};
@@ -70,15 +71,17 @@ fn docker_credentials(reference: &str) -> anyhow::Result<Option<(String, String)
     let registry = moat_image::registry_of(reference)?;
     match docker_credential::get_credential(&registry) {
         Ok(DockerCredential::UsernamePassword(user, password)) => Ok(Some((user, password))),
-        Ok(DockerCredential::IdentityToken(_)) => anyhow::bail!(
-            "the Docker config holds an identity token for {registry}, which moat cannot use yet\n\
-             hint: pass `--username USER --password-stdin` with a password or access token"
-        ),
+        Ok(DockerCredential::IdentityToken(_)) => Err(crate::error::Hinted::new(
+            format!("the Docker config holds an identity token for {registry}, which moat cannot use yet"),
+            "pass `--username USER --password-stdin` with a password or access token",
+        )
+        .into()),
         Err(E::ConfigNotFound | E::ConfigReadError | E::NoCredentialConfigured) => Ok(None),
-        Err(e) => Err(anyhow::anyhow!(
-            "reading the credentials for {registry} from the Docker config failed: {e}\n\
-             hint: check ~/.docker/config.json (or $DOCKER_CONFIG) and its credential helper"
-        )),
+        Err(e) => Err(crate::error::Hinted::new(
+            format!("reading the credentials for {registry} from the Docker config failed: {e}"),
+            "check ~/.docker/config.json (or $DOCKER_CONFIG) and its credential helper",
+        )
+        .into()),
     }
 }
 
@@ -94,37 +97,48 @@ async fn pull(client: &Client, mut req: PullImage) -> anyhow::Result<ImageInfo> 
     Ok(client.pull_image(&req, |p| view.show(p)).await?)
 }
 
-/// The image `name` for a new sandbox, made first if it is missing: the default image is built
-/// from its recipe, any other name is pulled as a registry reference.
-pub async fn ensure_image(client: &Client, name: &str) -> anyhow::Result<()> {
+/// Create a sandbox. When its image is not in the store the daemon makes it first (the default
+/// image is built from its recipe, any other name pulled): say so, lend the daemon the Docker
+/// config's credentials for the registry, and show the daemon's progress events meanwhile.
+pub async fn create_showing_image(client: &Client, req: &CreateSandbox) -> anyhow::Result<SandboxInfo> {
+    let Some(name) = req.image.as_deref() else { return Ok(client.create(req).await?) };
     match client.image(name).await {
-        Ok(_) => return Ok(()),
+        Ok(_) => return Ok(client.create(req).await?),
         Err(e) if e.code() == Some(ErrorCode::NotFound) => {}
         Err(e) => return Err(e.into()),
     }
-    let mut view = ProgressView::new();
+    let mut req = req.clone();
     if name == moat_api::DEFAULT_IMAGE {
         eprintln!(
             "moat: building the default image ({} with {}) once; this takes a minute or two",
             moat_api::DEFAULT_IMAGE_FROM,
             moat_api::DEFAULT_IMAGE_PACKAGES.join(", ")
         );
-        let req = BuildImage {
-            name: name.to_string(),
-            from: moat_api::DEFAULT_IMAGE_FROM.to_string(),
-            packages: moat_api::DEFAULT_IMAGE_PACKAGES.iter().map(|p| p.to_string()).collect(),
-        };
-        client
-            .build_image(&req, |p| view.show(p))
-            .await
-            .context("building the default image failed; `--image minimal` runs without it (busybox, no Python)")?;
     } else {
         eprintln!("moat: image {name} is not in the store; pulling it");
-        pull(client, PullImage { reference: name.to_string(), ..PullImage::default() })
-            .await
-            .with_context(|| format!("image {name} is neither in the store (`moat image ls`) nor pullable"))?;
+        if req.registry_login.is_none() {
+            req.registry_login =
+                docker_credentials(name)?.map(|(username, password)| RegistryLogin { username, password });
+        }
     }
-    Ok(())
+    // From now on: the daemon's events about this image, until the create returns.
+    let events = client.events(-1, true).await?;
+    let prefix = format!("{name}: ");
+    let show = events.for_each(|e| {
+        if let Some(message) =
+            e.ok().filter(|e| e.kind == "image").and_then(|e| e.message.strip_prefix(&prefix).map(str::to_owned))
+        {
+            eprintln!("moat: {message}");
+        }
+        std::future::ready(())
+    });
+    let created = client.create(&req);
+    tokio::pin!(created);
+    let info = tokio::select! {
+        info = &mut created => info,
+        _ = show => created.await,
+    };
+    Ok(info?)
 }
 
 pub async fn image(cmd: ImageCommand, host: &HostArgs) -> anyhow::Result<i32> {
@@ -165,10 +179,8 @@ pub async fn image(cmd: ImageCommand, host: &HostArgs) -> anyhow::Result<i32> {
                 client.import_image(tokio::io::stdin(), name.as_deref(), |p| view.show(p)).await?
             } else {
                 let f = tokio::fs::File::open(&file).await.map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot open {}: {e}\nhint: give a docker-save or OCI archive, or `-` for stdin",
-                        file.display()
-                    )
+                    let hint = "give a docker-save or OCI archive, or `-` for stdin";
+                    crate::error::Hinted::new(format!("cannot open {}: {e}", file.display()), hint)
                 })?;
                 client.import_image(f, name.as_deref(), |p| view.show(p)).await?
             };
@@ -193,7 +205,7 @@ pub async fn image(cmd: ImageCommand, host: &HostArgs) -> anyhow::Result<i32> {
                 match client.remove_image(&n).await {
                     Ok(i) => println!("{}", i.name),
                     Err(e) => {
-                        eprintln!("moat: error: {n}: {e}");
+                        eprintln!("moat: error: {n}: {}", crate::error::render_error(&e));
                         failed += 1;
                     }
                 }

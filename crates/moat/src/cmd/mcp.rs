@@ -48,7 +48,8 @@ pub async fn mcp(args: McpArgs, host: &HostArgs) -> anyhow::Result<i32> {
                 tokio::time::sleep(KEEP_DAEMON_EVERY).await;
                 if let Err(ClientError::Connect { .. }) = client.health().await {
                     if let Err(e) = connect(&host).await {
-                        eprintln!("moat: the daemon is gone and could not be started again: {e:#}");
+                        let e = crate::error::render(&e);
+                        eprintln!("moat: the daemon is gone and could not be started again: {e}");
                     }
                 }
             }

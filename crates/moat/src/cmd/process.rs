@@ -1,13 +1,13 @@
 //! `moat ps BOX` / `top`, `attach`, `kill`, `wait`: background processes started with
 //! `moat exec -d`.
 
-use anyhow::bail;
 use moat_client::ExecOutput;
 use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::{HostArgs, ProcessRef};
 use crate::cmd::daemon::connect;
+use crate::error::Hinted;
 
 pub async fn list(sandbox: &str, json: bool, host: &HostArgs) -> anyhow::Result<i32> {
     let jobs = connect(host).await?.processes(sandbox).await?;
@@ -36,7 +36,7 @@ pub async fn list(sandbox: &str, json: bool, host: &HostArgs) -> anyhow::Result<
 
 /// `TERM`, `SIGTERM`, `term` or `15`.
 fn signal_number(s: &str) -> anyhow::Result<i32> {
-    moat_api::parse_signal(s).map_err(|e| anyhow::anyhow!("{e}\nhint: e.g. `moat kill BOX PID -s KILL`"))
+    Ok(moat_api::parse_signal(s).map_err(|e| Hinted::new(e.to_string(), "e.g. `moat kill BOX PID -s KILL`"))?)
 }
 
 pub async fn kill(p: ProcessRef, signal: &str, host: &HostArgs) -> anyhow::Result<i32> {
@@ -70,7 +70,7 @@ async fn follow(p: ProcessRef, replay: bool, print: bool, host: &HostArgs) -> an
                     stderr.flush().await?;
                 }
                 ExecOutput::Exit { code, signal, .. } => return Ok(ExecOutput::shell_code(code, signal)),
-                ExecOutput::Failed(e) => bail!("{}\nhint: {}", e.message, e.hint),
+                ExecOutput::Failed(e) => return Err(moat_client::ClientError::Api(e).into()),
                 _ => {}
             },
             _ = sigint.recv() => {
@@ -90,6 +90,7 @@ mod tests {
         assert_eq!(signal_number("TERM").unwrap(), 15);
         assert_eq!(signal_number("sigkill").unwrap(), 9);
         assert_eq!(signal_number("2").unwrap(), 2);
-        assert!(signal_number("0").is_err() && signal_number("BOGUS").unwrap_err().to_string().contains("hint"));
+        assert!(signal_number("0").is_err());
+        assert!(crate::error::render(&signal_number("BOGUS").unwrap_err()).contains("\nhint: e.g."));
     }
 }

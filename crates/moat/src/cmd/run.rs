@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use moat_api::{CreateSandbox, ExecStart, NetMode, NetSpec, OnExpire, PortForward, SecretSpec, TtySize};
 use moat_client::{Client, ExecInput, ExecOutput};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,6 +38,7 @@ pub fn create_request(c: &CreateArgs) -> anyhow::Result<CreateSandbox> {
         from: c.from.clone(),
         template: c.cold.then_some(false),
         net: net_spec(c)?,
+        ..CreateSandbox::default()
     })
 }
 
@@ -59,23 +60,35 @@ fn net_spec(c: &CreateArgs) -> anyhow::Result<Option<NetSpec>> {
         Some(m) if m.starts_with("allow=") => {
             (NetMode::Allow, m["allow=".len()..].split(',').filter(|h| !h.is_empty()).map(String::from).collect())
         }
-        Some(m) => bail!("--net {m:?} is not a network mode\nhint: use none, default or allow=HOST[,HOST…]"),
+        Some(m) => {
+            let hint = "use none, default or allow=HOST[,HOST…]";
+            return Err(crate::error::Hinted::new(format!("--net {m:?} is not a network mode"), hint).into());
+        }
     };
     let mut secrets = Vec::new();
     for s in &c.secret {
         let Some((name, hosts)) = s.split_once('@') else {
-            bail!("--secret {s:?} names no host\nhint: write NAME@HOST[,HOST…], e.g. OPENAI_API_KEY@api.openai.com");
+            let hint = "write NAME@HOST[,HOST…], e.g. OPENAI_API_KEY@api.openai.com";
+            return Err(crate::error::Hinted::new(format!("--secret {s:?} names no host"), hint).into());
         };
         // `+body`: no hostname has a `+`, so the suffix cannot be read as part of one.
         let (hosts, in_body) = match hosts.split_once('+') {
             None => (hosts, false),
             Some((hosts, "body")) => (hosts, true),
-            Some((_, other)) => bail!(
-                "--secret {s:?}: {other:?} is not a place for a secret\nhint: write NAME@HOST[,HOST…] (header values and the query) or NAME@HOST[,HOST…]+body (request bodies too)"
-            ),
+            Some((_, other)) => {
+                let hint = "write NAME@HOST[,HOST…] (header values and the query) or NAME@HOST[,HOST…]+body \
+                            (request bodies too)";
+                let message = format!("--secret {s:?}: {other:?} is not a place for a secret");
+                return Err(crate::error::Hinted::new(message, hint).into());
+            }
         };
         let value = std::env::var(name).map_err(|_| {
-            anyhow::anyhow!("--secret {s}: {name} is not set in moat's environment\nhint: export {name}=… first; moat reads the value from there so it never appears in the command line")
+            crate::error::Hinted::new(
+                format!("--secret {s}: {name} is not set in moat's environment"),
+                format!(
+                    "export {name}=… first; moat reads the value from there so it never appears in the command line"
+                ),
+            )
         })?;
         let hosts: Vec<String> = hosts.split(',').filter(|h| !h.is_empty()).map(String::from).collect();
         if let Some(wild) = hosts.iter().find(|h| h.starts_with("*.")) {
@@ -106,15 +119,13 @@ fn net_spec(c: &CreateArgs) -> anyhow::Result<Option<NetSpec>> {
 /// Returns the exit code `moat` should exit with: the command's.
 pub async fn run(args: RunArgs, host: &HostArgs) -> anyhow::Result<i32> {
     if args.detach && !args.command.is_empty() {
-        bail!("`moat run -d` creates a sandbox and takes no command\nhint: run `moat run -d --name box`, then `moat exec box -- CMD`");
+        let hint = "run `moat run -d --name box`, then `moat exec box -- CMD`";
+        return Err(crate::error::Hinted::new("`moat run -d` creates a sandbox and takes no command", hint).into());
     }
     let client = connect(host).await?;
-    if args.create.from.is_none() {
-        crate::cmd::image::ensure_image(&client, &args.create.image).await?;
-    }
     let mut req = create_request(&args.create)?;
     if args.detach {
-        let info = client.create(&req).await?;
+        let info = crate::cmd::image::create_showing_image(&client, &req).await?;
         println!("{}", info.name);
         return Ok(0);
     }
@@ -123,7 +134,7 @@ pub async fn run(args: RunArgs, host: &HostArgs) -> anyhow::Result<i32> {
     }
     // Checked before the sandbox exists, so a bad option (-t without a terminal) leaves nothing.
     let start = exec_start(&args.process, args.command, true)?;
-    let info = client.create(&req).await?;
+    let info = crate::cmd::image::create_showing_image(&client, &req).await?;
     let result = run_process(&client, &info.id, start).await;
     // The daemon removes the sandbox when the session ends; asking too waits until it is gone
     // (and covers a failure before the session began).
@@ -177,7 +188,8 @@ fn forward_stdin(p: &ProcessArgs) -> bool {
 fn exec_start(p: &ProcessArgs, argv: Vec<String>, remove_sandbox_after: bool) -> anyhow::Result<ExecStart> {
     let tty = if p.tty {
         if !std::io::stdin().is_terminal() {
-            bail!("-t needs standard input to be a terminal\nhint: drop -t to pipe input, or run moat from a terminal");
+            let hint = "drop -t to pipe input, or run moat from a terminal";
+            return Err(crate::error::Hinted::new("-t needs standard input to be a terminal", hint).into());
         }
         let ws = rustix::termios::tcgetwinsize(std::io::stdin()).context("reading the terminal's size")?;
         Some(TtySize { rows: ws.ws_row.max(1), cols: ws.ws_col.max(1) })
@@ -262,7 +274,7 @@ async fn run_process(client: &Client, sandbox: &str, start: ExecStart) -> anyhow
                     }
                     return Ok(ExecOutput::shell_code(code, signal));
                 }
-                ExecOutput::Failed(e) => bail!("{}\nhint: {}", e.message, e.hint),
+                ExecOutput::Failed(e) => return Err(moat_client::ClientError::Api(e).into()),
                 ExecOutput::Started(_) => {}
             },
             _ = sigint.recv() => {

@@ -147,7 +147,7 @@ where
         match op(r.clone()).await {
             Ok(name) => println!("{name}"),
             Err(e) => {
-                eprintln!("moat: error: {r}: {}", escape_controls(&e.to_string()));
+                eprintln!("moat: error: {r}: {}", crate::error::render_error(&e));
                 failed += 1;
             }
         }

@@ -3,11 +3,12 @@
 use std::path::Path;
 use std::process::Command;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 use crate::cli::{HostArgs, SetupArgs};
 use crate::cmd::doctor::which;
 use crate::cmd::prepare_runtime;
+use crate::error::Hinted;
 
 /// A Debian package moat needs and how to tell it is present.
 struct Prerequisite {
@@ -72,14 +73,21 @@ pub async fn setup(args: SetupArgs, host: &HostArgs) -> anyhow::Result<i32> {
 fn install(missing: &[&str]) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        bail!(
-            "missing host packages: {}\nhint: run `sudo moat setup`, or install them yourself: sudo apt-get install -y --no-install-recommends {}",
-            missing.join(" "),
-            missing.join(" ")
-        );
+        return Err(Hinted::new(
+            format!("missing host packages: {}", missing.join(" ")),
+            format!(
+                "run `sudo moat setup`, or install them yourself: sudo apt-get install -y --no-install-recommends {}",
+                missing.join(" ")
+            ),
+        )
+        .into());
     }
     if which("apt-get").is_none() {
-        bail!("missing host packages: {}\nhint: this host has no apt-get; install the equivalents with your package manager", missing.join(" "));
+        return Err(Hinted::new(
+            format!("missing host packages: {}", missing.join(" ")),
+            "this host has no apt-get; install the equivalents with your package manager",
+        )
+        .into());
     }
     eprintln!("moat: installing {}", missing.join(" "));
     apt(&["update", "-qq"])?;
@@ -91,11 +99,11 @@ fn install(missing: &[&str]) -> anyhow::Result<()> {
     }
     let still: Vec<&str> = PREREQUISITES.iter().filter(|p| !(p.present)()).map(|p| p.package).collect();
     if !still.is_empty() {
-        bail!(
-            "still missing after apt-get install: {}\nhint: run `apt-get install {}` and read apt's message",
-            still.join(" "),
-            still.join(" ")
-        );
+        return Err(Hinted::new(
+            format!("still missing after apt-get install: {}", still.join(" ")),
+            format!("run `apt-get install {}` and read apt's message", still.join(" ")),
+        )
+        .into());
     }
     Ok(())
 }
@@ -107,10 +115,11 @@ fn apt(args: &[&str]) -> anyhow::Result<()> {
         .status()
         .context("running apt-get")?;
     if !status.success() {
-        bail!(
-            "`apt-get {}` failed ({status})\nhint: fix apt's reported problem and run `moat setup` again",
-            args.join(" ")
-        );
+        return Err(Hinted::new(
+            format!("`apt-get {}` failed ({status})", args.join(" ")),
+            "fix apt's reported problem and run `moat setup` again",
+        )
+        .into());
     }
     Ok(())
 }

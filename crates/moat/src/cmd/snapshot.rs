@@ -1,6 +1,5 @@
 //! Snapshots, reverts, forks, pause and resume.
 
-use anyhow::bail;
 use moat_api::{Fork, SnapshotInfo};
 
 use crate::cli::{ForkArgs, HostArgs, RefsArgs, SnapshotArgs, SnapshotCommand};
@@ -31,9 +30,11 @@ pub async fn snapshot(args: SnapshotArgs, host: &HostArgs) -> anyhow::Result<i32
             println!("{}", s.reference());
             Ok(0)
         }
-        (None, None) => bail!(
-            "say which sandbox to snapshot\nhint: `moat snapshot BOX [--name NAME]`, `moat snapshot ls [BOX]`, `moat snapshot rm SNAPSHOT`"
-        ),
+        (None, None) => Err(crate::error::Hinted::new(
+            "say which sandbox to snapshot",
+            "`moat snapshot BOX [--name NAME]`, `moat snapshot ls [BOX]`, `moat snapshot rm SNAPSHOT`",
+        )
+        .into()),
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use moat_sandbox::{Runtime, RuntimeConfig, Sandbox, SandboxSpec};
+use moat_sandbox::{Runtime, RuntimeConfig, Sandbox, SandboxSpec, Shape};
 
 /// The state directory all end-to-end tests share, so the initramfs and image are built once.
 pub fn home() -> PathBuf {
@@ -104,7 +104,8 @@ pub async fn runtime() -> Runtime {
 }
 
 pub async fn boot(rt: &Runtime) -> Sandbox {
-    Sandbox::boot(rt, &SandboxSpec { memory_mib: 256, ..SandboxSpec::default() }).await.expect("sandbox boots")
+    let shape = Shape::new(1, 256, Shape::default().disk_mib()).expect("a small shape is valid");
+    Sandbox::boot(rt, &SandboxSpec { shape, ..SandboxSpec::default() }).await.expect("sandbox boots")
 }
 
 /// QEMU processes whose command line mentions `needle` (e.g. a sandbox run dir).

@@ -12,8 +12,8 @@ use moat_api::{CreateSandbox, ErrorCode, Fork, Forked, Phase, SandboxInfo, Snaps
 use moat_sandbox::{Fingerprint, SandboxSpec};
 use sha2::Digest;
 
+use super::{Launch, Service};
 use crate::error::{not_found, ServiceError};
-use crate::service::{Launch, Service};
 use crate::state::now_secs;
 
 /// At most this many sandboxes per fork request.
@@ -324,7 +324,7 @@ impl Service {
             let _ = std::fs::remove_file(self.run_dir(&info.id).join(f));
         }
         let info = self.db(|db| db.get(&info.id))?.ok_or_else(|| not_found(reference))?;
-        let reverted = self.launch(&info, &self.spec_of(&info), Launch::Snapshot(&s.id)).await?;
+        let reverted = self.launch(&info, &self.spec_of(&info)?, Launch::Snapshot(&s.id)).await?;
         self.db(|db| db.event(Some(&info.id), "revert", &format!("{} reverted to {}", info.name, label(&s))))?;
         Ok(reverted)
     }
@@ -447,7 +447,13 @@ impl Service {
         let f = Fingerprint::of(&self.rt);
         let text = format!(
             "{digest}|{}|{}|{disk_mib}|{}|{}|{}|{}|nic={}",
-            spec.vcpus, spec.memory_mib, f.qemu, f.accel, f.kernel, f.initramfs, spec.nic
+            spec.shape.vcpus(),
+            spec.shape.memory_mib(),
+            f.qemu,
+            f.accel,
+            f.kernel,
+            f.initramfs,
+            spec.nic
         );
         sha2::Sha256::digest(text.as_bytes())[..16].iter().map(|b| format!("{b:02x}")).collect()
     }

@@ -1,0 +1,99 @@
+//! Snapshots and templates: take, list, inspect and remove them; revert and fork a sandbox.
+
+#![allow(dead_code)] // The stubs exist for their `#[utoipa::path]`s.
+
+use super::params::{SandboxRef, SnapshotRef};
+use crate::{ApiError, CreateSnapshot, Fork, Forked, Revert, SandboxInfo, SnapshotInfo};
+
+#[utoipa::path(get, path = "/v1/sandboxes/{reference}/snapshots", tag = "snapshots",
+    operation_id = "listSandboxSnapshots",
+    summary = "The sandbox's snapshots",
+    params(SandboxRef),
+    responses(
+        (status = 200, description = "Its snapshots, oldest first", body = Vec<SnapshotInfo>),
+        (status = 400, description = "The reference is too long, or matches several sandboxes", body = ApiError),
+        (status = 404, description = "No such sandbox", body = ApiError),
+        (status = 500, description = "The state database failed", body = ApiError),
+    ))]
+pub fn list_sandbox_snapshots() {}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{reference}/snapshots", tag = "snapshots",
+    operation_id = "createSnapshot",
+    summary = "Snapshot a running sandbox: memory, device state and disk; it runs on after a short pause",
+    params(SandboxRef),
+    request_body(content = Option<CreateSnapshot>, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The snapshot", body = SnapshotInfo),
+        (status = 400, description = "A bad name, body or reference", body = ApiError),
+        (status = 404, description = "No such sandbox", body = ApiError),
+        (status = 409, description = "It is not running, or has a snapshot of that name", body = ApiError),
+        (status = 413, description = "The body is over 64 KiB", body = ApiError),
+        (status = 500, description = "Saving the VM failed", body = ApiError),
+    ))]
+pub fn create_snapshot() {}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{reference}/revert", tag = "snapshots", operation_id = "revertSandbox",
+    summary = "Throw away the sandbox's VM and disk and continue from one of its own snapshots",
+    params(SandboxRef),
+    request_body(content = Revert, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The running sandbox, as it was at the snapshot", body = SandboxInfo),
+        (status = 400, description = "The snapshot is another sandbox's, or the body or reference is bad",
+            body = ApiError),
+        (status = 404, description = "No such sandbox or snapshot", body = ApiError),
+        (status = 409, description = "The sandbox is busy, or the snapshot cannot be restored on this host",
+            body = ApiError),
+        (status = 413, description = "The body is over 64 KiB", body = ApiError),
+        (status = 429, description = "As many sandboxes are live as the daemon allows", body = ApiError),
+        (status = 500, description = "Restoring the snapshot failed", body = ApiError),
+    ))]
+pub fn revert_sandbox() {}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{reference}/fork", tag = "snapshots", operation_id = "forkSandbox",
+    summary = "New sandboxes restored from a snapshot of this one; all or nothing",
+    description = "Without `snapshot`, a new snapshot of the sandbox's current state is taken first.",
+    params(SandboxRef),
+    request_body(content = Option<Fork>, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The snapshot they build on and the new running sandboxes", body = Forked),
+        (status = 400, description = "The count or name prefix is out of range, or the body or reference is \
+            bad", body = ApiError),
+        (status = 404, description = "No such sandbox or snapshot", body = ApiError),
+        (status = 409, description = "A name is taken, the sandbox is not running, or the snapshot cannot be \
+            restored on this host", body = ApiError),
+        (status = 413, description = "The body is over 64 KiB", body = ApiError),
+        (status = 429, description = "The new sandboxes would pass the daemon's limit", body = ApiError),
+        (status = 500, description = "Saving or restoring a VM failed", body = ApiError),
+    ))]
+pub fn fork_sandbox() {}
+
+#[utoipa::path(get, path = "/v1/snapshots", tag = "snapshots", operation_id = "listSnapshots",
+    summary = "Every snapshot and image template",
+    responses(
+        (status = 200, description = "All ready snapshots, oldest first", body = Vec<SnapshotInfo>),
+        (status = 500, description = "The state database failed", body = ApiError),
+    ))]
+pub fn list_snapshots() {}
+
+#[utoipa::path(get, path = "/v1/snapshots/{reference}", tag = "snapshots", operation_id = "inspectSnapshot",
+    summary = "Inspect a snapshot or template",
+    params(SnapshotRef),
+    responses(
+        (status = 200, description = "The snapshot", body = SnapshotInfo),
+        (status = 400, description = "The reference is too long, or matches several snapshots", body = ApiError),
+        (status = 404, description = "No such snapshot", body = ApiError),
+        (status = 500, description = "The state database failed", body = ApiError),
+    ))]
+pub fn inspect_snapshot() {}
+
+#[utoipa::path(delete, path = "/v1/snapshots/{reference}", tag = "snapshots", operation_id = "removeSnapshot",
+    summary = "Remove a snapshot or template nothing builds on",
+    params(SnapshotRef),
+    responses(
+        (status = 200, description = "The removed snapshot", body = SnapshotInfo),
+        (status = 400, description = "The reference is too long, or matches several snapshots", body = ApiError),
+        (status = 404, description = "No such snapshot", body = ApiError),
+        (status = 409, description = "Sandboxes build on it (the message names them)", body = ApiError),
+        (status = 500, description = "Removing its files failed", body = ApiError),
+    ))]
+pub fn remove_snapshot() {}

@@ -1,0 +1,285 @@
+//! The lifecycle without QEMU: creates, failures, the cap, templates, stop/start and gc, against
+//! the recording launcher of [`crate::launcher::fake`].
+
+use std::time::Duration;
+
+use moat_api::{CreateSandbox, ErrorCode, NetMode, NetSpec, Phase, SecretSpec, SnapshotKind};
+use moat_sandbox::Shape;
+
+use crate::launcher::fake::{Call, Outcome, Source, TestService, IMAGE_DIGEST};
+use crate::service::Limits;
+
+fn limits() -> Limits {
+    Limits { templates: false, ..Limits::default() }
+}
+
+#[tokio::test]
+async fn a_create_is_recorded_booted_from_its_pinned_image_and_left_running() {
+    let t = TestService::new(limits());
+    let req = CreateSandbox { vcpus: Some(2), memory_mib: Some(256), ..TestService::request("one") };
+    let info = t.svc.create(req).await.expect("the create succeeds");
+
+    assert_eq!(info.phase, Phase::Running);
+    assert_eq!((info.vcpus, info.memory_mib, info.disk_mib), (2, 256, moat_api::DEFAULT_DISK_MIB));
+    assert_eq!(info.image_digest, IMAGE_DIGEST);
+    let pid = info.pid.expect("a running sandbox records its QEMU");
+    assert_eq!(t.vms.qemus(), [(pid, t.run_dir(&info.id))]);
+    assert_eq!(
+        t.vms.calls(),
+        [Call::Start {
+            id: info.id.clone(),
+            from: Source::Boot { fresh: true },
+            shape: Shape::new(2, 256, moat_api::DEFAULT_DISK_MIB).unwrap(),
+            image_digest: Some(IMAGE_DIGEST.into()),
+        }]
+    );
+    let phases: Vec<Phase> = t.svc.db(|db| db.lifecycle(&info.id)).unwrap().into_iter().map(|e| e.phase).collect();
+    assert_eq!(phases, [Phase::Creating, Phase::Booting, Phase::Running]);
+    let events = t.svc.db(|db| db.events_after(0, 100)).unwrap();
+    let said: Vec<&str> = events.iter().filter(|e| e.kind == "phase").map(|e| e.message.as_str()).collect();
+    assert_eq!(said, ["one created (creating)", "one creating -> booting", "one booting -> running"]);
+    assert_eq!(t.svc.live_count(), 1);
+}
+
+#[tokio::test]
+async fn a_boot_that_fails_leaves_a_failed_sandbox_that_says_why() {
+    for (outcome, why) in [(Outcome::Fails, "the fake guest panicked"), (Outcome::Silent, "did not come up within")] {
+        let t = TestService::new(limits());
+        t.vms.script_start(outcome);
+        let e = t.svc.create(TestService::request("broken")).await.expect_err("the boot fails");
+        assert_eq!(e.code, ErrorCode::BootFailed, "{outcome:?}: {}", e.message);
+        assert!(e.message.contains(why), "{outcome:?}: {}", e.message);
+
+        let info = t.svc.resolve("broken").expect("the record stays");
+        assert_eq!(info.phase, Phase::Failed, "{outcome:?}");
+        assert!(info.last_error.as_deref().is_some_and(|l| l.contains(why)), "{outcome:?}: {:?}", info.last_error);
+        assert_eq!(info.pid, None);
+        assert_eq!(t.svc.live_count(), 0);
+        assert_eq!(t.vms.qemus(), []);
+    }
+}
+
+#[tokio::test]
+async fn sizes_out_of_range_are_refused_before_anything_is_recorded_or_started() {
+    let t = TestService::new(limits());
+    let base = || TestService::request("big");
+    for (req, what) in [
+        (CreateSandbox { vcpus: Some(0), ..base() }, "0 vCPUs"),
+        (CreateSandbox { vcpus: Some(65), ..base() }, "65 vCPUs"),
+        (CreateSandbox { memory_mib: Some(32), ..base() }, "32 MiB of memory"),
+        (CreateSandbox { disk_mib: Some(1 << 40), ..base() }, "disk"),
+    ] {
+        let e = t.svc.create(req).await.expect_err(what);
+        assert_eq!(e.code, ErrorCode::InvalidRequest, "{what}");
+        assert!(e.message.contains(what) && e.message.contains("out of range"), "{}", e.message);
+        assert!(e.hint.starts_with("use "), "the hint gives the bounds: {}", e.hint);
+    }
+    assert_eq!(t.svc.list().unwrap(), []);
+    assert_eq!(t.vms.calls(), []);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cap_counts_live_sandboxes_and_parallel_creates_do_not_overshoot() {
+    let t = TestService::new(Limits { max_sandboxes: 3, ..limits() });
+    // Every start waits, so the creates that pass the cap are all in flight (booting) at once.
+    t.vms.hold_starts();
+    let mut creates = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let svc = t.svc.clone();
+        creates.spawn(async move { svc.create(TestService::request(&format!("box-{i}"))).await });
+    }
+    let mut refused = 0;
+    while refused < 5 {
+        let done = tokio::time::timeout(Duration::from_secs(10), creates.join_next()).await;
+        let r = done.expect("the creates over the cap are refused at once").expect("a create is left").unwrap();
+        let e = r.expect_err("only creates over the cap end while starts are held");
+        assert_eq!(e.code, ErrorCode::LimitReached, "{}", e.message);
+        refused += 1;
+    }
+    assert_eq!(t.vms.starts().len(), 3);
+    let live = t.svc.list().unwrap().into_iter().filter(|s| s.phase.is_live()).count();
+    assert_eq!(live, 3, "3 booting, none more");
+
+    t.vms.release_starts();
+    while let Some(r) = creates.join_next().await {
+        assert_eq!(r.unwrap().expect("a create under the cap boots").phase, Phase::Running);
+    }
+    let e = t.svc.create(TestService::request("late")).await.expect_err("still full");
+    assert_eq!(e.code, ErrorCode::LimitReached);
+    // A stopped sandbox does not count.
+    let running = t.svc.list().unwrap().into_iter().find(|s| s.phase == Phase::Running).unwrap();
+    t.svc.stop(&running.id).await.unwrap();
+    t.svc.create(TestService::request("late")).await.expect("room again after a stop");
+}
+
+#[tokio::test]
+async fn a_stopped_sandbox_starts_again_on_its_own_disk() {
+    let t = TestService::new(limits());
+    let info = t.svc.create(TestService::request("box")).await.unwrap();
+    let stopped = t.svc.stop("box").await.expect("it stops");
+    assert_eq!((stopped.phase, stopped.pid), (Phase::Stopped, None));
+    assert!(t.vms.calls().contains(&Call::Shutdown { id: info.id.clone() }));
+    assert_eq!(t.vms.qemus(), []);
+
+    let started = t.svc.start("box").await.expect("it starts");
+    assert_eq!(started.phase, Phase::Running);
+    let Some(Call::Start { from, .. }) = t.vms.starts().pop() else { panic!("a second start") };
+    assert_eq!(from, Source::Boot { fresh: false }, "the disk it had");
+}
+
+#[tokio::test]
+async fn a_qemu_that_dies_fails_its_sandbox_with_the_console() {
+    let t = TestService::new(limits());
+    let info = t.svc.create(TestService::request("box")).await.unwrap();
+    t.vms.crash(info.pid.unwrap());
+    let failed = t.wait_for(&info.id, Phase::Failed).await;
+    let why = failed.last_error.unwrap();
+    assert!(why.contains("QEMU exited unexpectedly") && why.contains("the fake console"), "{why}");
+    assert_eq!(failed.pid, None);
+    assert!(t.vms.calls().contains(&Call::Release { id: info.id.clone() }));
+    assert_eq!(t.svc.live_count(), 0);
+}
+
+/// The template of image [`IMAGE_DIGEST`] with default sizes, once one was made.
+fn templates(t: &TestService) -> Vec<moat_api::SnapshotInfo> {
+    let all = t.svc.snapshots(None).unwrap();
+    all.into_iter().filter(|s| s.kind == SnapshotKind::Template).collect()
+}
+
+#[tokio::test]
+async fn the_first_create_makes_the_template_and_the_next_restore_it() {
+    let t = TestService::new(Limits { templates: true, ..limits() });
+    let with_template = || CreateSandbox { template: None, ..TestService::request("") };
+
+    let first = t.svc.create(CreateSandbox { name: Some("first".into()), ..with_template() }).await.unwrap();
+    assert_eq!(first.phase, Phase::Running);
+    let [template] = &templates(&t)[..] else { panic!("one template: {:?}", templates(&t)) };
+    let dir = t.svc.snapshot_dir(&template.id);
+    assert!(t.vms.calls().contains(&Call::Snapshot { id: first.id.clone(), dest: dir.clone() }));
+    assert_eq!(t.vms.starts().len(), 1, "the first boots");
+
+    let second = t.svc.create(CreateSandbox { name: Some("second".into()), ..with_template() }).await.unwrap();
+    assert_eq!(second.phase, Phase::Running);
+    let Some(Call::Start { id, from, .. }) = t.vms.starts().pop() else { panic!("a second start") };
+    assert_eq!((id, from), (second.id.clone(), Source::Snapshot(dir.clone())));
+    assert_eq!(templates(&t).len(), 1, "no second template");
+
+    // A restore that crashes on a signal (seen under load) is tried once more.
+    t.vms.script_start(Outcome::CrashesRestoring);
+    let third = t.svc.create(CreateSandbox { name: Some("third".into()), ..with_template() }).await.unwrap();
+    assert_eq!(third.phase, Phase::Running);
+    let tries: Vec<Source> = t
+        .vms
+        .starts()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Start { id, from, .. } if id == third.id => Some(from),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tries, [Source::Snapshot(dir.clone()), Source::Snapshot(dir)]);
+}
+
+#[tokio::test]
+async fn a_template_that_does_not_restore_is_dropped_and_the_sandbox_boots() {
+    let t = TestService::new(Limits { templates: true, ..limits() });
+    let req = |name: &str| CreateSandbox { template: None, ..TestService::request(name) };
+    t.svc.create(req("first")).await.unwrap();
+    let [old] = &templates(&t)[..] else { panic!("one template") };
+
+    t.vms.script_start(Outcome::Fails);
+    let second = t.svc.create(req("second")).await.expect("it boots instead");
+    assert_eq!(second.phase, Phase::Running);
+    let froms: Vec<Source> = t
+        .vms
+        .starts()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Start { id, from, .. } if id == second.id => Some(from),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(froms, [Source::Snapshot(t.svc.snapshot_dir(&old.id)), Source::Boot { fresh: true }]);
+    let [new] = &templates(&t)[..] else { panic!("one template: {:?}", templates(&t)) };
+    assert_ne!(new.id, old.id, "the broken one is gone, the boot made a new one");
+}
+
+#[tokio::test]
+async fn no_template_is_used_or_made_when_turned_off_or_with_secrets() {
+    let t = TestService::new(Limits { templates: true, ..limits() });
+    t.svc.create(CreateSandbox { template: None, ..TestService::request("maker") }).await.unwrap();
+    assert_eq!(templates(&t).len(), 1);
+    let snapshots_before = t.vms.calls().iter().filter(|c| matches!(c, Call::Snapshot { .. })).count();
+
+    let off = t.svc.create(TestService::request("off")).await.unwrap();
+    let Some(Call::Start { id, from, .. }) = t.vms.starts().pop() else { panic!("a start") };
+    assert_eq!((id, from), (off.id, Source::Boot { fresh: true }));
+
+    // A sandbox with secrets trusts moat's CA, so it never comes from (or becomes) a template.
+    // Its network needs a real guest: with the fake it fails after the boot, which is enough
+    // to see where the boot came from.
+    let secret = SecretSpec {
+        name: "TOKEN".into(),
+        value: Some("s3cret".into()),
+        hosts: vec!["api.example.com".into()],
+        in_body: false,
+    };
+    let net = NetSpec {
+        mode: NetMode::Allow,
+        allow: vec!["api.example.com".into()],
+        secrets: vec![secret],
+        ..NetSpec::default()
+    };
+    let req = CreateSandbox { template: None, net: Some(net), ..TestService::request("secret") };
+    let _ = t.svc.create(req).await;
+    let secret = t.svc.resolve("secret").unwrap();
+    let Some(Call::Start { id, from, .. }) = t.vms.starts().pop() else { panic!("a start") };
+    assert_eq!((id, from), (secret.id, Source::Boot { fresh: true }));
+
+    let snapshots_after = t.vms.calls().iter().filter(|c| matches!(c, Call::Snapshot { .. })).count();
+    assert_eq!(snapshots_after, snapshots_before, "no template made of either");
+    assert_eq!(templates(&t).len(), 1);
+}
+
+#[tokio::test]
+async fn gc_reclaims_what_no_record_owns_and_leaves_live_sandboxes_alone() {
+    let t = TestService::new(limits());
+    let running = t.svc.create(TestService::request("running")).await.unwrap();
+    let stopped = t.svc.create(TestService::request("stopped")).await.unwrap();
+    t.svc.stop("stopped").await.unwrap();
+    // A crash left a QMP socket file in the stopped sandbox's directory, a directory nobody
+    // owns, and a QEMU in it.
+    let stopped_dir = t.run_dir(&stopped.id);
+    std::fs::write(stopped_dir.join(moat_vmm::run_files::QMP_SOCKET), b"").unwrap();
+    let orphan = t.run_dir("0123456789ab");
+    std::fs::create_dir_all(&orphan).unwrap();
+    let leaked = t.vms.leave_qemu(&orphan);
+
+    let reclaimed = t.svc.gc().await.expect("gc runs");
+    assert_eq!(reclaimed.processes, [leaked]);
+    assert!(t.vms.calls().contains(&Call::Kill { pid: leaked }));
+    assert!(!orphan.exists());
+    assert!(reclaimed.paths.contains(&orphan.display().to_string()), "{:?}", reclaimed.paths);
+    assert!(!stopped_dir.join(moat_vmm::run_files::QMP_SOCKET).exists());
+    assert!(stopped_dir.join(moat_sandbox::OVERLAY_FILE).exists(), "a stopped sandbox keeps its disk");
+    assert_eq!(t.vms.qemus(), [(running.pid.unwrap(), t.run_dir(&running.id))], "the running QEMU stays");
+    assert_eq!(t.get(&running.id).phase, Phase::Running);
+    assert!(t.run_dir(&running.id).join(moat_sandbox::OVERLAY_FILE).exists());
+
+    assert_eq!(t.svc.gc().await.unwrap(), Default::default(), "nothing left to reclaim");
+}
+
+#[tokio::test]
+async fn a_forced_remove_of_a_sandbox_a_crash_left_creating_kills_its_qemu() {
+    let t = TestService::new(limits());
+    let info = t.record("stuck", Phase::Creating);
+    let pid = t.vms.leave_qemu(&t.run_dir(&info.id));
+    let e = t.svc.remove("stuck", false).await.expect_err("it is live");
+    assert_eq!(e.code, ErrorCode::InvalidPhase);
+
+    t.svc.remove("stuck", true).await.expect("a forced remove");
+    assert!(t.vms.calls().contains(&Call::Kill { pid }));
+    assert_eq!(t.vms.qemus(), []);
+    assert_eq!(t.svc.list().unwrap(), []);
+    assert!(!t.run_dir(&info.id).exists());
+}
