@@ -22,12 +22,12 @@ pub const PROBE_MARKER: &str = "moat: probe ok";
 /// A failed init step; the agent reports it on the console and powers off.
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
-    #[error("mounting {fstype} on {target} failed: {source}")]
-    Mount { fstype: String, target: String, source: std::io::Error },
+    #[error("mounting {fstype} on {target} failed: {reason}")]
+    Mount { fstype: String, target: String, reason: std::io::Error },
     #[error("the root disk {device} did not appear within {}s; loaded modules: {modules}{}", ROOT_WAIT.as_secs(), failed_modules(.failed))]
     NoRootDevice { device: String, modules: String, failed: Vec<String> },
-    #[error("switching into the root disk failed at {step}: {source}")]
-    SwitchRoot { step: &'static str, source: std::io::Error },
+    #[error("switching into the root disk failed at {step}: {reason}")]
+    SwitchRoot { step: &'static str, reason: std::io::Error },
     #[error("the kernel command line or a path holds a NUL byte: {0:?}")]
     Nul(String),
 }
@@ -61,7 +61,7 @@ fn is_mount_point(path: &str) -> bool {
 }
 
 fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> Result<(), InitError> {
-    let failed = |source| InitError::Mount { fstype: fstype.into(), target: target.into(), source };
+    let failed = |source| InitError::Mount { fstype: fstype.into(), target: target.into(), reason: source };
     if is_mount_point(target) {
         return Ok(()); // Already mounted (by the kernel or an earlier attempt).
     }
@@ -168,7 +168,7 @@ fn switch_root(device: &str, module_errors: &[ModuleError]) -> Result<(), InitEr
     }
     mount(device, "/newroot", "ext4", 0, "")?;
     mount_api_filesystems("/newroot")?;
-    let step = |step: &'static str| move |source| InitError::SwitchRoot { step, source };
+    let step = |step: &'static str| move |source| InitError::SwitchRoot { step, reason: source };
     std::env::set_current_dir("/newroot").map_err(step("chdir /newroot"))?;
     let (dot, slash) = (c".", c"/");
     // SAFETY: mount(MS_MOVE) and chroot with valid NUL-terminated paths.

@@ -12,10 +12,10 @@ const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
 /// Why a module did not load.
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {
-    #[error("cannot open kernel module {path}: {source}")]
-    Open { path: String, source: std::io::Error },
-    #[error("the kernel refused module {name} ({path}) with parameters {params:?}: {source}")]
-    Load { name: String, path: String, params: String, source: std::io::Error },
+    #[error("cannot open kernel module {path}: {reason}")]
+    Open { path: String, reason: std::io::Error },
+    #[error("the kernel refused module {name} ({path}) with parameters {params:?}: {reason}")]
+    Load { name: String, path: String, params: String, reason: std::io::Error },
 }
 
 /// The name the kernel knows a module file by: the file name without `.ko[.xz|.zst|.gz]`, with
@@ -33,7 +33,7 @@ fn is_compressed(path: &str) -> bool {
 /// Load one module; a module that is already loaded (or built in) is fine.
 pub fn load(path: &str, cmdline: &Cmdline) -> Result<(), ModuleError> {
     let name = module_name(path);
-    let file = std::fs::File::open(path).map_err(|source| ModuleError::Open { path: path.into(), source })?;
+    let file = std::fs::File::open(path).map_err(|source| ModuleError::Open { path: path.into(), reason: source })?;
     let params = cmdline.module_params(&name);
     // Parameters come from the kernel command line, which cannot carry NUL bytes.
     let cparams = std::ffi::CString::new(params.clone()).unwrap_or_default();
@@ -44,7 +44,7 @@ pub fn load(path: &str, cmdline: &Cmdline) -> Result<(), ModuleError> {
     if rc != 0 {
         let source = std::io::Error::last_os_error();
         if source.raw_os_error() != Some(libc::EEXIST) {
-            return Err(ModuleError::Load { name, path: path.into(), params, source });
+            return Err(ModuleError::Load { name, path: path.into(), params, reason: source });
         }
     }
     Ok(())

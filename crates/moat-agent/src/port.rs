@@ -24,8 +24,8 @@ const HOST_POLL: Duration = Duration::from_millis(10);
 pub enum PortError {
     #[error("no virtio-serial port named {name:?} appeared within {}s (ports seen: {seen}); is virtio_console loaded and the port on the QEMU command line?", .waited.as_secs())]
     NotFound { name: String, waited: Duration, seen: String },
-    #[error("cannot open the agent port {path}: {source}")]
-    Open { path: String, source: std::io::Error },
+    #[error("cannot open the agent port {path}: {reason}")]
+    Open { path: String, reason: std::io::Error },
 }
 
 fn scan(name: &str) -> (Option<PathBuf>, Vec<String>) {
@@ -73,7 +73,7 @@ impl Port {
         use rustix::fs::{Mode, OFlags};
         let fd =
             rustix::fs::open(path, OFlags::RDWR | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY, Mode::empty())
-                .map_err(|e| PortError::Open { path: path.display().to_string(), source: e.into() })?;
+                .map_err(|e| PortError::Open { path: path.display().to_string(), reason: e.into() })?;
         Ok(Port { fd })
     }
 

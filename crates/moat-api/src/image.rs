@@ -30,8 +30,10 @@ pub struct ImageInfo {
 pub struct PullImage {
     /// `[REGISTRY/]REPOSITORY[:TAG][@DIGEST]`, as for `docker pull`.
     pub reference: String,
-    /// The name to give it in the store; the reference as written without one.
+    /// The name to give it in the store: lowercase letters, digits and `._-:/@` (default: the
+    /// reference as written).
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 255, pattern = r"^(?!(.*/)?\.{1,2}(/|$))[a-z0-9][a-z0-9._:/@-]*$")]
     pub name: Option<String>,
     /// Allow plain http to a registry that is not on loopback (loopback may always use http).
     #[serde(default)]
@@ -47,6 +49,8 @@ pub struct PullImage {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BuildImage {
+    /// The name to give it in the store: lowercase letters, digits and `._-:/@`.
+    #[schema(min_length = 1, max_length = 255, pattern = r"^(?!(.*/)?\.{1,2}(/|$))[a-z0-9][a-z0-9._:/@-]*$")]
     pub name: String,
     /// `debian:bookworm` (or `debian:12`, `bookworm`).
     pub from: String,

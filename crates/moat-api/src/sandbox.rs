@@ -100,7 +100,7 @@ pub struct CreateSandbox {
     #[schema(min_length = 1, max_length = 63, pattern = r"^(?![0-9A-Fa-f]+$)[A-Za-z0-9][A-Za-z0-9._-]*$")]
     pub name: Option<String>,
     /// The image to boot: a name in the store, or (see `pull`) a registry reference; lowercase
-    /// letters, digits and `._-:/@`, at most 255 [default: `default`].
+    /// letters, digits and `._-:/@`, at most 255 (default: `default`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(min_length = 1, max_length = 255, pattern = r"^(?!(.*/)?\.{1,2}(/|$))[a-z0-9][a-z0-9._:/@-]*$")]
     pub image: Option<String>,

@@ -8,7 +8,7 @@ use crate::SandboxInfo;
 #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSnapshot {
-    /// Unique among the sandbox's snapshots; the rules of sandbox names [default: `snap-<N>`].
+    /// Unique among the sandbox's snapshots; the rules of sandbox names (default: `snap-<N>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(min_length = 1, max_length = 63, pattern = r"^(?![0-9A-Fa-f]+$)[A-Za-z0-9][A-Za-z0-9._-]*$")]
     pub name: Option<String>,
@@ -92,7 +92,7 @@ pub struct Fork {
     #[schema(minimum = 1, maximum = 64)]
     pub count: Option<u32>,
     /// Names are `<prefix><N>`, so the prefix follows the rules of sandbox names with room for
-    /// the number [default: `<sandbox>-fork-`].
+    /// the number (default: `<sandbox>-fork-`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(min_length = 1, max_length = 61, pattern = r"^(?![0-9A-Fa-f]+$)[A-Za-z0-9][A-Za-z0-9._-]*$")]
     pub name_prefix: Option<String>,

@@ -56,65 +56,57 @@ const IN_PLACE_MASK: u8 = b'*';
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("generating the sandbox CA failed: {0}")]
-    CaGenerate(#[source] rcgen::Error),
-    #[error("the stored sandbox CA is unusable: {what}: {source}")]
+    CaGenerate(rcgen::Error),
+    #[error("the stored sandbox CA is unusable: {what}: {reason}")]
     CaLoad {
         what: &'static str,
-        #[source]
-        source: rcgen::Error,
+        reason: rcgen::Error,
     },
     #[error("the stored sandbox CA key does not sign certificates its CA certificate verifies ({0}); store the key that belongs to the certificate")]
-    CaMismatch(#[source] rustls::Error),
-    #[error("issuing a certificate for {host} failed: {source}")]
+    CaMismatch(rustls::Error),
+    #[error("issuing a certificate for {host} failed: {reason}")]
     Leaf {
         host: String,
-        #[source]
-        source: rcgen::Error,
+        reason: rcgen::Error,
     },
     #[error("{0:?} is not a host name a TLS certificate can be made for")]
     InvalidHost(String),
     #[error("building the TLS configuration failed: {0}")]
-    Config(#[source] rustls::Error),
-    #[error("TLS handshake with the guest for {host} failed: {source}")]
+    Config(rustls::Error),
+    #[error("TLS handshake with the guest for {host} failed: {reason}")]
     GuestHandshake {
         host: String,
-        #[source]
-        source: io::Error,
+        reason: io::Error,
     },
-    #[error("TLS handshake with {host} failed: {source}")]
+    #[error("TLS handshake with {host} failed: {reason}")]
     UpstreamHandshake {
         host: String,
-        #[source]
-        source: io::Error,
+        reason: io::Error,
     },
     #[error("TLS handshake for {host} did not finish within {HANDSHAKE_TIMEOUT:?}")]
     HandshakeTimeout { host: String },
-    #[error("HTTP from the guest to {host} failed: {source}")]
+    #[error("HTTP from the guest to {host} failed: {reason}")]
     Guest {
         host: String,
-        #[source]
-        source: hyper::Error,
+        reason: hyper::Error,
     },
-    #[error("HTTP to {host} failed: {source}")]
+    #[error("HTTP to {host} failed: {reason}")]
     Upstream {
         host: String,
-        #[source]
-        source: hyper::Error,
+        reason: hyper::Error,
     },
-    #[error("the relay task for {host} stopped: {source}")]
+    #[error("the relay task for {host} stopped: {reason}")]
     Task {
         host: String,
-        #[source]
-        source: tokio::task::JoinError,
+        reason: tokio::task::JoinError,
     },
-    #[error("relaying the upgraded connection (e.g. a WebSocket) with {host} failed: {source}")]
+    #[error("relaying the upgraded connection (e.g. a WebSocket) with {host} failed: {reason}")]
     Upgraded {
         host: String,
-        #[source]
-        source: io::Error,
+        reason: io::Error,
     },
     #[error("preparing the search for the secrets' values failed: {0}; bind fewer or shorter secrets to this host")]
-    Rewriter(#[source] aho_corasick::BuildError),
+    Rewriter(aho_corasick::BuildError),
 }
 
 /// The roots upstream servers are checked against: the host's trust store via
@@ -239,13 +231,13 @@ where
     let handshakes = async {
         tokio::try_join!(
             async {
-                acceptor.accept(guest).await.map_err(|source| TlsError::GuestHandshake { host: host.clone(), source })
+                acceptor.accept(guest).await.map_err(|source| TlsError::GuestHandshake { host: host.clone(), reason: source })
             },
             async {
                 connector
                     .connect(server_name, upstream)
                     .await
-                    .map_err(|source| TlsError::UpstreamHandshake { host: host.clone(), source })
+                    .map_err(|source| TlsError::UpstreamHandshake { host: host.clone(), reason: source })
             },
         )
     };
@@ -256,7 +248,7 @@ where
     let (sender, connection) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(upstream))
         .await
-        .map_err(|source| TlsError::Upstream { host: host.clone(), source })?;
+        .map_err(|source| TlsError::Upstream { host: host.clone(), reason: source })?;
     let mut upstream_conn = Task(tokio::spawn(connection.with_upgrades()));
 
     let relay = Arc::new(Relay {
@@ -289,13 +281,13 @@ where
         r = server.as_mut() => First::Guest(r),
         r = &mut upstream_conn.0 => First::Upstream(r),
     };
-    let guest_error = |source| TlsError::Guest { host: host.clone(), source };
+    let guest_error = |source| TlsError::Guest { host: host.clone(), reason: source };
     match first {
         First::Guest(r) => unless_hung_up(r).map_err(guest_error)?,
         First::Upstream(r) => {
             let upstream_result = match r {
-                Ok(r) => unless_hung_up(r).map_err(|source| TlsError::Upstream { host: host.clone(), source }),
-                Err(source) => Err(TlsError::Task { host: host.clone(), source }),
+                Ok(r) => unless_hung_up(r).map_err(|source| TlsError::Upstream { host: host.clone(), reason: source }),
+                Err(source) => Err(TlsError::Task { host: host.clone(), reason: source }),
             };
             // Let the guest finish reading the response in flight, then close; after a 101 the
             // upstream connection ends because it was handed over, not closed.
@@ -310,7 +302,7 @@ where
     if let Some(mut tunnel) = tunnel {
         match (&mut tunnel.0).await {
             Ok(r) => r?,
-            Err(source) => return Err(TlsError::Task { host, source }),
+            Err(source) => return Err(TlsError::Task { host, reason: source }),
         }
     }
     tracing::debug!(host, "intercepted connection closed");
@@ -380,11 +372,11 @@ impl Relay {
             let back = RewriteStream::new(self.rules.reflected_in_place.clone());
             let tunnel = tokio::spawn(async move {
                 let upgraded_error =
-                    |e: hyper::Error| TlsError::Upgraded { host: host.clone(), source: io::Error::other(e) };
+                    |e: hyper::Error| TlsError::Upgraded { host: host.clone(), reason: io::Error::other(e) };
                 let guest = guest_upgrade.await.map_err(upgraded_error)?;
                 let upstream = upstream_upgrade.await.map_err(upgraded_error)?;
                 match relay_upgraded(TokioIo::new(guest), TokioIo::new(upstream), back).await {
-                    Err(e) if !is_hang_up(&e) => Err(TlsError::Upgraded { host, source: e }),
+                    Err(e) if !is_hang_up(&e) => Err(TlsError::Upgraded { host, reason: e }),
                     _ => Ok(()),
                 }
             });

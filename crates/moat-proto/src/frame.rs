@@ -40,10 +40,17 @@ pub enum FrameError {
     UnknownStream(u8),
     #[error("malformed {kind} payload: {reason}")]
     Malformed { kind: &'static str, reason: String },
+    /// The I/O error is part of the message, not a separate source.
     #[error("agent link I/O failed: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("agent link closed")]
     Closed,
+}
+
+impl From<std::io::Error> for FrameError {
+    fn from(e: std::io::Error) -> FrameError {
+        FrameError::Io(e)
+    }
 }
 
 mod kind {

@@ -24,6 +24,7 @@ pub fn list_images() {}
             body = ImageProgress),
         (status = 400, description = "A bad name, suite or package", body = ApiError),
         (status = 413, description = "The body is over 64 KiB", body = ApiError),
+        (status = 500, description = "The image store could not be prepared", body = ApiError),
     ))]
 pub fn build_image() {}
 
@@ -35,8 +36,9 @@ pub fn build_image() {}
     responses(
         (status = 200, description = "A stream of ImageProgress lines", content_type = "application/x-ndjson",
             body = ImageProgress),
-        (status = 400, description = "A bad reference or name", body = ApiError),
+        (status = 400, description = "A bad reference, name or login", body = ApiError),
         (status = 413, description = "The body is over 64 KiB", body = ApiError),
+        (status = 500, description = "The image store could not be prepared", body = ApiError),
     ))]
 pub fn pull_image() {}
 
@@ -56,7 +58,8 @@ pub fn image_gc() {}
     responses(
         (status = 200, description = "A stream of ImageProgress lines", content_type = "application/x-ndjson",
             body = ImageProgress),
-        (status = 400, description = "A bad name or query", body = ApiError),
+        (status = 400, description = "A bad name or query, or the upload broke off", body = ApiError),
+        (status = 500, description = "The upload could not be stored", body = ApiError),
     ))]
 pub fn import_image() {}
 

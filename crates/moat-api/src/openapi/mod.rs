@@ -38,9 +38,10 @@ The moat daemon's REST API: JSON over HTTP/1.1 on the daemon's unix socket \
 (`$MOAT_HOME/moat.sock`, no token), and on TCP with `Authorization: Bearer <token>` (the token is \
 in `$MOAT_HOME/token`) when the daemon runs with `moat serve --tcp`.
 
-Errors carry an HTTP status and an `ApiError` body: a stable code, a message and a hint. Request \
-bodies of JSON endpoints are at most 64 KiB (larger ones are answered 413) and may be empty when \
-every field is optional. Unknown fields and query parameters are refused (400).
+Errors carry an HTTP status and an `ApiError` body: a stable code, a message and a hint. A JSON \
+request body is an object of at most 64 KiB (larger ones are answered 413), and may be left out \
+when every field is optional; a number without a fraction (`2.0`) is the integer it spells. \
+Unknown fields and query parameters are refused (400).
 
 Two endpoints are WebSockets (`exec` and `processes/{pid}/attach`: 101 Switching Protocols), and \
 several answer with a stream: `GET /v1/events` and `files/watch` send NDJSON lines, \
@@ -109,7 +110,7 @@ HTTP).";
     ),
     // The exec WebSocket's messages: no operation names them as a body.
     components(schemas(ExecStart, ExecClientMessage, ExecServerMessage)),
-    modifiers(&BearerToken, &NetModes, &OptionalBodies),
+    modifiers(&BearerToken, &NetModes, &OptionalBodies, &ErrorStatuses),
     security(("bearer" = [])),
     tags(
         (name = "sandboxes", description = "Sandboxes and their lifecycle"),
@@ -181,7 +182,125 @@ impl Modify for OptionalBodies {
     }
 }
 
+/// Each error code's HTTP status, from [`crate::ErrorCode::http_status`], in the code's
+/// description.
+struct ErrorStatuses;
+
+impl Modify for ErrorStatuses {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::schema::Schema;
+        let Some(RefOr::T(Schema::Object(codes))) = doc
+            .components
+            .as_mut()
+            .and_then(|c| c.schemas.get_mut(<crate::ErrorCode as utoipa::ToSchema>::name().as_ref()))
+        else {
+            return;
+        };
+        let statuses: Vec<String> = codes
+            .enum_values
+            .iter()
+            .flatten()
+            .filter_map(|v| {
+                Some(format!(
+                    "`{}` {}",
+                    v.as_str()?,
+                    serde_json::from_value::<crate::ErrorCode>(v.clone()).ok()?.http_status()
+                ))
+            })
+            .collect();
+        let about = codes.description.take().unwrap_or_default();
+        codes.description = Some(format!("{about} The statuses: {}.", statuses.join(", ")));
+    }
+}
+
 /// A `$ref` to the component schema of `T`.
 fn ref_to<T: utoipa::ToSchema>() -> utoipa::openapi::Ref {
     utoipa::openapi::Ref::from_schema_name(T::name())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn doc() -> Value {
+        serde_json::to_value(document()).expect("the document is JSON")
+    }
+
+    fn pattern(v: &Value) -> regex::Regex {
+        regex::Regex::new(v["pattern"].as_str().expect("a pattern")).expect("the pattern compiles")
+    }
+
+    #[test]
+    fn every_operation_answers_401_without_the_token() {
+        let d = doc();
+        for (path, item) in d["paths"].as_object().expect("paths") {
+            for (method, op) in item.as_object().expect("an item") {
+                assert!(op["responses"]["401"].is_object(), "{method} {path}");
+            }
+        }
+        assert_eq!(d["security"][0]["bearer"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn bodies_with_only_optional_fields_may_be_left_out() {
+        let d = doc();
+        let body = &d["paths"]["/v1/sandboxes"]["post"]["requestBody"];
+        assert_eq!(body["required"], false);
+        assert_eq!(body["content"]["application/json"]["schema"]["$ref"], "#/components/schemas/CreateSandbox");
+        assert_eq!(d["paths"]["/v1/sandboxes/{reference}/lease"]["post"]["requestBody"]["required"], true);
+    }
+
+    #[test]
+    fn names_follow_validate_name() {
+        let d = doc();
+        let name = &d["components"]["schemas"]["CreateSandbox"]["properties"]["name"];
+        // The lookahead refuses hex digits alone; `regex` has none, so the two halves are checked
+        // apart.
+        let (hex, rest) = (r"^[0-9A-Fa-f]+$", r"^[A-Za-z0-9][A-Za-z0-9._-]*$");
+        assert_eq!(name["pattern"], format!("^(?!{}){}", &hex[1..], &rest[1..]));
+        let (hex, rest) = (regex::Regex::new(hex).unwrap(), regex::Regex::new(rest).unwrap());
+        let max = name["maxLength"].as_u64().unwrap() as usize;
+        for n in ["box", "web-1.test_a", "", "-x", ".x", "a b", "ab/c", "deadbeef", "DEADBEEF", "g", &"x".repeat(63)]
+            .into_iter()
+            .map(String::from)
+            .chain([&"x".repeat(64)].into_iter().cloned())
+        {
+            let schema_valid = rest.is_match(&n) && !hex.is_match(&n) && n.len() <= max;
+            assert_eq!(schema_valid, crate::validate_name(&n).is_ok(), "{n:?}");
+        }
+    }
+
+    #[test]
+    fn network_lists_take_what_the_daemon_documents() {
+        let d = doc();
+        let net = &d["components"]["schemas"]["NetSpec"]["allOf"][0]["properties"];
+        let allow = pattern(&net["allow"]["items"]);
+        for ok in ["pypi.org", "*.pythonhosted.org", "a_b.example", "localhost"] {
+            assert!(allow.is_match(ok), "{ok}");
+        }
+        for bad in ["*.org", "1.2.3.4", "-x.org", "pypi.org.", "a..b", "*", "", "x y"] {
+            assert!(!allow.is_match(bad), "{bad}");
+        }
+        let cidrs = pattern(&net["allow_cidrs"]["items"]);
+        assert!(cidrs.is_match("10.1.0.0/16") && cidrs.is_match("127.0.0.1"));
+        assert!(!cidrs.is_match("10.1.0.0/33") && !cidrs.is_match("010.1.0.0") && !cidrs.is_match("::1/128"));
+        let hosts = pattern(&net["hosts"]["items"]);
+        assert!(hosts.is_match("db.internal:10.0.0.5"));
+        assert!(!hosts.is_match("10.0.0.1:10.0.0.5") && !hosts.is_match("db:300.0.0.1") && !hosts.is_match("db"));
+        let dns = pattern(&net["dns"]["items"]["anyOf"][0]);
+        assert!(dns.is_match("1.1.1.1") && dns.is_match("1.1.1.1:53") && dns.is_match("1.1.1.1:65535"));
+        assert!(!dns.is_match("1.1.1.1:65536") && !dns.is_match("1.1.1.1:053") && !dns.is_match("one.one"));
+    }
+
+    #[test]
+    fn streams_say_they_stream() {
+        let d = doc();
+        let events = &d["paths"]["/v1/events"]["get"];
+        assert!(events["responses"]["200"]["content"]["application/x-ndjson"].is_object());
+        assert!(events["description"].as_str().unwrap().contains("never ends"));
+        for ws in ["/v1/sandboxes/{reference}/exec", "/v1/sandboxes/{reference}/processes/{pid}/attach"] {
+            assert!(d["paths"][ws]["get"]["responses"]["101"].is_object(), "{ws}");
+        }
+    }
 }

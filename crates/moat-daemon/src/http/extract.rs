@@ -61,9 +61,9 @@ fn whole_numbers_as_integers(value: &mut serde_json::Value) {
             // 2^63 and 2^64 are exact as f64; every whole float below them is an exact integer.
             let integer = if f.fract() != 0.0 {
                 None
-            } else if f >= 0.0 && f < 18_446_744_073_709_551_616.0 {
+            } else if (0.0..18_446_744_073_709_551_616.0).contains(&f) {
                 Some(Number::from(f as u64))
-            } else if f < 0.0 && f >= -9_223_372_036_854_775_808.0 {
+            } else if (-9_223_372_036_854_775_808.0..0.0).contains(&f) {
                 Some(Number::from(f as i64))
             } else {
                 None
@@ -76,6 +76,21 @@ fn whole_numbers_as_integers(value: &mut serde_json::Value) {
         Value::Object(fields) => fields.values_mut().for_each(whole_numbers_as_integers),
         _ => {}
     }
+}
+
+/// The service, as the router's state.
+pub type Svc = State<Arc<Service>>;
+pub type ApiResult<T> = Result<T, ServiceError>;
+
+/// A query string the endpoint does not take is a clear error, not a plain-text rejection.
+pub fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ServiceError> {
+    q.map(|q| q.0).map_err(|e| {
+        ServiceError::new(
+            ErrorCode::InvalidRequest,
+            format!("bad query string: {e}"),
+            "see /openapi.json for the parameters",
+        )
+    })
 }
 
 #[cfg(test)]
@@ -117,19 +132,4 @@ mod tests {
         whole_numbers_as_integers(&mut v);
         assert_eq!(<Mode as serde::Deserialize>::deserialize(v).unwrap().mode, 420);
     }
-}
-
-/// The service, as the router's state.
-pub type Svc = State<Arc<Service>>;
-pub type ApiResult<T> = Result<T, ServiceError>;
-
-/// A query string the endpoint does not take is a clear error, not a plain-text rejection.
-pub fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ServiceError> {
-    q.map(|q| q.0).map_err(|e| {
-        ServiceError::new(
-            ErrorCode::InvalidRequest,
-            format!("bad query string: {e}"),
-            "see /openapi.json for the parameters",
-        )
-    })
 }

@@ -207,37 +207,36 @@ async fn a_template_that_does_not_restore_is_dropped_and_the_sandbox_boots() {
 #[tokio::test]
 async fn no_template_is_used_or_made_when_turned_off_or_with_secrets() {
     let t = TestService::new(Limits { templates: true, ..limits() });
-    t.svc.create(CreateSandbox { template: None, ..TestService::request("maker") }).await.unwrap();
-    assert_eq!(templates(&t).len(), 1);
-    let snapshots_before = t.vms.calls().iter().filter(|c| matches!(c, Call::Snapshot { .. })).count();
+    // Machines with a network device: the double runs them without a network.
+    let net = || NetSpec { mode: NetMode::Allow, allow: vec!["api.example.com".into()], ..NetSpec::default() };
+    let req = |name: &str| CreateSandbox { template: None, net: Some(net()), ..TestService::request(name) };
+    t.svc.create(req("maker")).await.unwrap();
+    let [template] = &templates(&t)[..] else { panic!("one template") };
+    let dir = t.svc.snapshot_dir(&template.id);
+    t.svc.create(req("user")).await.unwrap();
+    let Some(Call::Start { from, .. }) = t.vms.starts().pop() else { panic!("a start") };
+    assert_eq!(from, Source::Snapshot(dir), "the same machine comes from the template");
+    let made = || t.vms.calls().iter().filter(|c| matches!(c, Call::Snapshot { .. })).count();
+    assert_eq!(made(), 1);
 
-    let off = t.svc.create(TestService::request("off")).await.unwrap();
+    let off = t.svc.create(CreateSandbox { template: Some(false), ..req("off") }).await.unwrap();
     let Some(Call::Start { id, from, .. }) = t.vms.starts().pop() else { panic!("a start") };
     assert_eq!((id, from), (off.id, Source::Boot { fresh: true }));
 
-    // A sandbox with secrets trusts moat's CA, so it never comes from (or becomes) a template.
-    // Its network needs a real guest: with the fake it fails after the boot, which is enough
-    // to see where the boot came from.
+    // A sandbox with secrets trusts moat's CA: it never comes from, or becomes, a template.
     let secret = SecretSpec {
         name: "TOKEN".into(),
         value: Some("s3cret".into()),
         hosts: vec!["api.example.com".into()],
         in_body: false,
     };
-    let net = NetSpec {
-        mode: NetMode::Allow,
-        allow: vec!["api.example.com".into()],
-        secrets: vec![secret],
-        ..NetSpec::default()
-    };
-    let req = CreateSandbox { template: None, net: Some(net), ..TestService::request("secret") };
-    let _ = t.svc.create(req).await;
-    let secret = t.svc.resolve("secret").unwrap();
+    let with_secret = NetSpec { secrets: vec![secret], ..net() };
+    let secret = t.svc.create(CreateSandbox { net: Some(with_secret), ..req("secret") }).await.unwrap();
+    assert_eq!(secret.phase, Phase::Running);
     let Some(Call::Start { id, from, .. }) = t.vms.starts().pop() else { panic!("a start") };
     assert_eq!((id, from), (secret.id, Source::Boot { fresh: true }));
 
-    let snapshots_after = t.vms.calls().iter().filter(|c| matches!(c, Call::Snapshot { .. })).count();
-    assert_eq!(snapshots_after, snapshots_before, "no template made of either");
+    assert_eq!(made(), 1, "no template made of either");
     assert_eq!(templates(&t).len(), 1);
 }
 
@@ -282,4 +281,25 @@ async fn a_forced_remove_of_a_sandbox_a_crash_left_creating_kills_its_qemu() {
     assert_eq!(t.vms.qemus(), []);
     assert_eq!(t.svc.list().unwrap(), []);
     assert!(!t.run_dir(&info.id).exists());
+}
+
+/// The API document states the bounds the service enforces: those of [`Shape`].
+#[test]
+fn the_api_document_gives_the_bounds_of_the_shape() {
+    let doc: serde_json::Value = serde_json::from_str(&moat_api::openapi::to_json()).expect("the document is JSON");
+    let create = &doc["components"]["schemas"]["CreateSandbox"]["properties"];
+    let bounds = |field: &str| (create[field]["minimum"].as_u64(), create[field]["maximum"].as_u64());
+    let of = |r: std::ops::RangeInclusive<u64>| (Some(*r.start()), Some(*r.end()));
+    let (v, m) = (Shape::VCPUS, Shape::MEMORY_MIB);
+    assert_eq!(bounds("vcpus"), of(u64::from(*v.start())..=u64::from(*v.end())));
+    assert_eq!(bounds("memory_mib"), of(u64::from(*m.start())..=u64::from(*m.end())));
+    assert_eq!(bounds("disk_mib"), of(Shape::DISK_MIB));
+    for (field, default) in [
+        ("vcpus", u64::from(moat_api::DEFAULT_VCPUS)),
+        ("memory_mib", u64::from(moat_api::DEFAULT_MEMORY_MIB)),
+        ("disk_mib", moat_api::DEFAULT_DISK_MIB),
+    ] {
+        let (min, max) = bounds(field);
+        assert!(min <= Some(default) && Some(default) <= max, "the default {field} is within the bounds");
+    }
 }

@@ -76,9 +76,9 @@ impl Ca {
     /// The CA stored by [`Ca::cert_pem`] and [`Ca::key_pem`]. Fails if the key is not the
     /// certificate's.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, TlsError> {
-        let key = KeyPair::from_pem(key_pem).map_err(|source| TlsError::CaLoad { what: "reading its key", source })?;
+        let key = KeyPair::from_pem(key_pem).map_err(|source| TlsError::CaLoad { what: "reading its key", reason: source })?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
-            .map_err(|source| TlsError::CaLoad { what: "reading its certificate", source })?;
+            .map_err(|source| TlsError::CaLoad { what: "reading its certificate", reason: source })?;
         let ca = Ca {
             cert_pem: cert_pem.to_owned(),
             key_pem: key_pem.to_owned(),
@@ -129,7 +129,7 @@ impl Ca {
     }
 
     fn issue(&self, host: &str) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), TlsError> {
-        let leaf_error = |source| TlsError::Leaf { host: host.to_owned(), source };
+        let leaf_error = |reason| TlsError::Leaf { host: host.to_owned(), reason };
         // rcgen takes any IA5 string as a DNS name; a guest must not get a leaf for "a b".
         ServerName::try_from(host).map_err(|_| TlsError::InvalidHost(host.to_owned()))?;
         let san = match host.parse::<std::net::IpAddr>() {
