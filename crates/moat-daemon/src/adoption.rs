@@ -129,7 +129,7 @@ impl Service {
             Ok(spec) => {
                 let spec = SandboxSpec { boot_timeout: HANDSHAKE_TIMEOUT, ..spec };
                 match tokio::time::timeout(ADOPT_TIMEOUT, self.launcher.adopt(&self.rt, &spec, id, &dir, pid)).await {
-                    Ok(adopted) => adopted.map_err(|e| e.to_string()),
+                    Ok(adopted) => adopted.map_err(|e| moat_hint::one_line(&e)),
                     Err(_) => Err(format!("it did not answer within {}s", ADOPT_TIMEOUT.as_secs())),
                 }
             }

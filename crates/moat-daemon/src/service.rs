@@ -6,9 +6,9 @@
 //! submodules hold the operations on a running sandbox, each an `impl Service` block.
 
 mod events;
-mod first_use;
 pub mod exec;
 pub mod files;
+mod first_use;
 mod health;
 mod images;
 mod logs;

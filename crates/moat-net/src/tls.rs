@@ -58,53 +58,29 @@ pub enum TlsError {
     #[error("generating the sandbox CA failed: {0}")]
     CaGenerate(rcgen::Error),
     #[error("the stored sandbox CA is unusable: {what}: {reason}")]
-    CaLoad {
-        what: &'static str,
-        reason: rcgen::Error,
-    },
+    CaLoad { what: &'static str, reason: rcgen::Error },
     #[error("the stored sandbox CA key does not sign certificates its CA certificate verifies ({0}); store the key that belongs to the certificate")]
     CaMismatch(rustls::Error),
     #[error("issuing a certificate for {host} failed: {reason}")]
-    Leaf {
-        host: String,
-        reason: rcgen::Error,
-    },
+    Leaf { host: String, reason: rcgen::Error },
     #[error("{0:?} is not a host name a TLS certificate can be made for")]
     InvalidHost(String),
     #[error("building the TLS configuration failed: {0}")]
     Config(rustls::Error),
     #[error("TLS handshake with the guest for {host} failed: {reason}")]
-    GuestHandshake {
-        host: String,
-        reason: io::Error,
-    },
+    GuestHandshake { host: String, reason: io::Error },
     #[error("TLS handshake with {host} failed: {reason}")]
-    UpstreamHandshake {
-        host: String,
-        reason: io::Error,
-    },
+    UpstreamHandshake { host: String, reason: io::Error },
     #[error("TLS handshake for {host} did not finish within {HANDSHAKE_TIMEOUT:?}")]
     HandshakeTimeout { host: String },
     #[error("HTTP from the guest to {host} failed: {reason}")]
-    Guest {
-        host: String,
-        reason: hyper::Error,
-    },
+    Guest { host: String, reason: hyper::Error },
     #[error("HTTP to {host} failed: {reason}")]
-    Upstream {
-        host: String,
-        reason: hyper::Error,
-    },
+    Upstream { host: String, reason: hyper::Error },
     #[error("the relay task for {host} stopped: {reason}")]
-    Task {
-        host: String,
-        reason: tokio::task::JoinError,
-    },
+    Task { host: String, reason: tokio::task::JoinError },
     #[error("relaying the upgraded connection (e.g. a WebSocket) with {host} failed: {reason}")]
-    Upgraded {
-        host: String,
-        reason: io::Error,
-    },
+    Upgraded { host: String, reason: io::Error },
     #[error("preparing the search for the secrets' values failed: {0}; bind fewer or shorter secrets to this host")]
     Rewriter(aho_corasick::BuildError),
 }
@@ -231,7 +207,10 @@ where
     let handshakes = async {
         tokio::try_join!(
             async {
-                acceptor.accept(guest).await.map_err(|source| TlsError::GuestHandshake { host: host.clone(), reason: source })
+                acceptor
+                    .accept(guest)
+                    .await
+                    .map_err(|source| TlsError::GuestHandshake { host: host.clone(), reason: source })
             },
             async {
                 connector

@@ -64,12 +64,9 @@ impl Session {
             return Ok(marker);
         }
         loop {
-            let event = self.exec.next_event().await.map_err(|e| {
-                ServiceError::new(
-                    ErrorCode::ExecFailed,
-                    e.to_string(),
-                    "the sandbox may have stopped; see `moat inspect`",
-                )
+            let event = self.exec.next_event().await.map_err(|e| ServiceError {
+                hint: "the sandbox may have stopped; see `moat inspect`".into(),
+                ..ServiceError::from(SandboxError::Link(e))
             })?;
             let output = match event {
                 ExecEvent::Stdout(d) => Output::Stdout(d),
@@ -136,7 +133,7 @@ impl SessionInput {
 }
 
 fn gone(e: LinkError) -> ServiceError {
-    ServiceError::new(ErrorCode::ExecFailed, e.to_string(), "the process has ended or closed its input")
+    ServiceError::new(ErrorCode::ExecFailed, moat_hint::one_line(&e), "the process has ended or closed its input")
 }
 
 fn check_signal(signal: i32) -> Result<(), ServiceError> {
@@ -240,7 +237,7 @@ fn exec_request(info: &SandboxInfo, image: &ImageConfig, start: ExecStart) -> Re
 }
 
 /// Why the agent would not start a command.
-fn start_error(e: SandboxError) -> ServiceError {
+pub(super) fn start_error(e: SandboxError) -> ServiceError {
     match e {
         // The arguments and the environment, the image's included, travel in one agent message.
         SandboxError::Link(LinkError::TooLarge { size }) => ServiceError::new(
@@ -252,9 +249,8 @@ fn start_error(e: SandboxError) -> ServiceError {
             ),
             "pass large data on stdin or in a file (`moat cp`), not in arguments or the environment",
         ),
-        e => {
-            ServiceError::new(ErrorCode::ExecFailed, e.to_string(), "check the command, its working directory and user")
-        }
+        // What the agent refused (a NUL in an argument, an empty program) is the request's fault.
+        e => ServiceError { hint: "check the command, its working directory and user".into(), ..ServiceError::from(e) },
     }
 }
 

@@ -28,9 +28,7 @@ impl Service {
     /// Start a background process in a running sandbox.
     pub async fn start_process(&self, reference: &str, req: StartProcess) -> Result<ProcessStarted, ServiceError> {
         let (info, sandbox) = self.running(reference)?;
-        let exec = sandbox.exec(process_request(&info, req)?).await.map_err(|e| {
-            ServiceError::new(ErrorCode::ExecFailed, e.to_string(), "check the command, its working directory and user")
-        })?;
+        let exec = sandbox.exec(process_request(&info, req)?).await.map_err(super::exec::start_error)?;
         Ok(ProcessStarted { pid: exec.pid() })
     }
 

@@ -410,6 +410,7 @@ impl Service {
                 db.set_phase(&info.id, Phase::Paused, None)
             }),
             Err(e) if sandbox.is_running().await => {
+                let e = moat_hint::one_line(&e);
                 self.put_live(sandbox);
                 self.db(|db| db.set_phase(&info.id, Phase::Running, Some(&format!("pausing failed: {e}"))))?;
                 Err(ServiceError::new(

@@ -76,7 +76,8 @@ impl Ca {
     /// The CA stored by [`Ca::cert_pem`] and [`Ca::key_pem`]. Fails if the key is not the
     /// certificate's.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, TlsError> {
-        let key = KeyPair::from_pem(key_pem).map_err(|source| TlsError::CaLoad { what: "reading its key", reason: source })?;
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|source| TlsError::CaLoad { what: "reading its key", reason: source })?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
             .map_err(|source| TlsError::CaLoad { what: "reading its certificate", reason: source })?;
         let ca = Ca {
