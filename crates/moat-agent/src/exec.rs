@@ -8,68 +8,15 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use moat_proto::{
-    AgentError, ErrorCode, ExecRequest, ExitStatus, Message, Started, Stream, TtySize, INITIAL_WINDOW, MAX_CHUNK,
-};
-use tokio::io::unix::AsyncFd;
-use tokio::sync::{mpsc, watch, Notify};
+use moat_proto::{AgentError, ErrorCode, ExecRequest, Message, Started, Stream, TtySize, INITIAL_WINDOW, MAX_CHUNK};
+use tokio::sync::{mpsc, watch};
 
-use crate::link::Outbox;
+use crate::channel::{async_fd, exit_status, kill_group, readable, Credit, Ctl, Fd, Outbox};
 use crate::reaper::{Ended, Reaper};
 use crate::users::{self, Identity};
 
-/// After the process exits, output is still forwarded while it flows; a pipe that stays open
-/// (a background child holds it) but silent for this long is treated as ended.
-pub const DRAIN_GRACE: Duration = Duration::from_millis(200);
-
 /// PATH of every process unless the request sets its own.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// What the link forwards to a running exec.
-#[derive(Debug)]
-pub enum Ctl {
-    Stdin(Vec<u8>),
-    StdinEof,
-    Credit(Stream, u32),
-    Signal(i32),
-    Resize(TtySize),
-    /// The host abandoned the channel, or the link went away: kill and forget.
-    Close,
-}
-
-/// Bytes the host allows us to send on one output stream.
-pub(crate) struct Credit {
-    avail: Mutex<u32>,
-    notify: Notify,
-}
-
-impl Credit {
-    pub(crate) fn new() -> Arc<Credit> {
-        Arc::new(Credit { avail: Mutex::new(INITIAL_WINDOW), notify: Notify::new() })
-    }
-
-    /// Wait for credit and take up to `max` bytes of it.
-    pub(crate) async fn take(&self, max: u32) -> u32 {
-        loop {
-            let notified = self.notify.notified();
-            {
-                let mut a = self.avail.lock().expect("the credit lock is never held across a panic");
-                if *a > 0 {
-                    let n = (*a).min(max);
-                    *a -= n;
-                    return n;
-                }
-            }
-            notified.await;
-        }
-    }
-
-    pub(crate) fn give(&self, n: u32) {
-        let mut a = self.avail.lock().expect("the credit lock is never held across a panic");
-        *a = a.saturating_add(n);
-        self.notify.notify_waiters();
-    }
-}
 
 fn refuse(code: ErrorCode, message: String) -> AgentError {
     AgentError { code, message }
@@ -212,19 +159,6 @@ fn prepare(req: &ExecRequest, etc: &Path, tty: Option<&OwnedFd>) -> Result<Comma
         });
     }
     Ok(cmd)
-}
-
-pub(crate) fn kill_group(pid: i32, sig: i32) {
-    // SAFETY: kill with a negative pid signals a process group; an error (already gone) is fine.
-    unsafe { libc::kill(-pid, sig) };
-}
-
-/// Decode what the reaper reported into the protocol's exit status.
-pub(crate) fn exit_status(ended: Ended, timed_out: bool) -> ExitStatus {
-    match ended {
-        Ended::Exited(code) => ExitStatus { code: Some(code), signal: None, timed_out },
-        Ended::Signaled(sig) => ExitStatus { code: None, signal: Some(sig), timed_out },
-    }
 }
 
 /// Run one exec channel to its end: answer the request, stream, report the exit, close.
@@ -387,18 +321,6 @@ pub async fn run(
     out.send(id, Message::Close).await;
 }
 
-/// A non-blocking file descriptor registered with the runtime: a pipe end or a terminal
-/// controller, shared by the tasks that read and write it.
-pub(crate) type Fd = Arc<AsyncFd<OwnedFd>>;
-
-pub(crate) fn async_fd(fd: OwnedFd) -> std::io::Result<Fd> {
-    rustix::io::ioctl_fionbio(&fd, true)?;
-    // SAFETY: an OwnedFd is a valid open descriptor, and the AsyncFd owns it from here on, so it
-    // stays open and the same file until the AsyncFd is dropped.
-    let registered = unsafe { AsyncFd::register(fd) }.map_err(std::io::Error::from)?;
-    Ok(Arc::new(registered))
-}
-
 /// Forward one output (pipe or terminal) under credit, then send its Eof.
 async fn pump(
     id: u32,
@@ -428,23 +350,6 @@ async fn pump(
     }
     out.send(id, Message::Eof { stream }).await;
     let _ = done.send(());
-}
-
-/// Wait until `fd` has data or its end. Once the process exited, a descriptor silent for the
-/// drain grace counts as ended: a background child of the process holds it open.
-pub(crate) async fn readable<'a>(
-    fd: &'a Fd,
-    exited: &mut watch::Receiver<bool>,
-) -> Option<tokio::io::unix::AsyncFdReadyGuard<'a, OwnedFd>> {
-    loop {
-        if *exited.borrow() {
-            return tokio::time::timeout(DRAIN_GRACE, fd.readable()).await.ok().and_then(Result::ok);
-        }
-        tokio::select! {
-            r = fd.readable() => return r.ok(),
-            r = exited.changed() => if r.is_err() { return None },
-        }
-    }
 }
 
 /// Write all of `data` to a non-blocking descriptor.

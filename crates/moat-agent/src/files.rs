@@ -13,11 +13,10 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use moat_proto::{AgentError, ErrorCode, FsEvent, Message, Request, Started};
+use moat_proto::{AgentError, ErrorCode, Message, Request, Started};
 use tokio::sync::mpsc;
 
-use crate::exec::Ctl;
-use crate::link::Outbox;
+use crate::channel::{Ctl, Outbox};
 use archive::{read_tar, write_tar};
 use metadata::metadata_op;
 use stream::{stream_in, stream_out};
@@ -243,13 +242,6 @@ fn rand_suffix() -> u32 {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     nanos ^ NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed).rotate_left(16)
-}
-
-/// Write one event as a JSON line, at once; false once the host stopped listening.
-pub fn emit(sink: &mut dyn Write, event: &FsEvent) -> bool {
-    let mut line = serde_json::to_vec(event).expect("events serialize");
-    line.push(b'\n');
-    sink.write_all(&line).and_then(|()| sink.flush()).is_ok()
 }
 
 #[cfg(test)]

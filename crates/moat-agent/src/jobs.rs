@@ -9,8 +9,7 @@ use std::sync::{Arc, Mutex};
 use moat_proto::{AgentError, ErrorCode, ExitStatus, JobInfo, Message, Started, Stream, MAX_CHUNK};
 use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::exec::{async_fd, exit_status, kill_group, readable, Credit, Ctl, Fd};
-use crate::link::Outbox;
+use crate::channel::{async_fd, exit_status, kill_group, readable, Credit, Ctl, Fd, Outbox};
 use crate::reaper::Ended;
 
 /// Output kept per background process for later attaches; older output is dropped (and counted).

@@ -7,6 +7,7 @@
 // PID 1 has no log but the console: what the agent has to say goes to stderr there.
 #![allow(clippy::print_stderr)]
 
+pub mod channel;
 pub mod clock;
 pub mod cmdline;
 pub mod entropy;

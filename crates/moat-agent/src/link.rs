@@ -10,9 +10,10 @@ use moat_proto::{
     CONTROL_CHANNEL, PROTOCOL_VERSION, SYNC_MARKER,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use crate::exec::{self, Ctl};
+use crate::channel::{Ctl, Out, Outbox};
+use crate::exec;
 use crate::reaper::Reaper;
 
 /// Frames queued for the writer before senders wait; memory stays bounded by credit anyway.
@@ -20,47 +21,6 @@ const OUT_QUEUE: usize = 256;
 
 /// How long a shutdown waits for its answer to reach the host before the machine goes away.
 const SHUTDOWN_FLUSH: Duration = Duration::from_millis(500);
-
-/// What the writer task puts on the wire.
-#[derive(Debug)]
-enum Out {
-    Raw(&'static [u8]),
-    Frame(Frame),
-    /// Signalled once everything queued before it has been written.
-    Flush(oneshot::Sender<()>),
-}
-
-/// The sending side of one host session, shared by every channel's task.
-///
-/// A host may reconnect without the guest ever seeing the port hang up (virtio-serial coalesces a
-/// quick close and reopen), so a new hello on a live connection starts a new session. Channel
-/// numbers restart with every session, so frames still queued by the old session's channels must
-/// never reach the new host: each outbox carries its session number and the writer drops frames
-/// of any session but the current one.
-#[derive(Clone)]
-pub struct Outbox {
-    tx: mpsc::Sender<(u64, Out)>,
-    session: u64,
-}
-
-impl Outbox {
-    /// Queue `message` on `channel`; false once the connection is gone.
-    pub async fn send(&self, channel: u32, message: Message) -> bool {
-        self.tx.send((self.session, Out::Frame(Frame::new(channel, message)))).await.is_ok()
-    }
-
-    async fn raw(&self, bytes: &'static [u8]) -> bool {
-        self.tx.send((self.session, Out::Raw(bytes))).await.is_ok()
-    }
-
-    /// Wait until everything queued so far is written, up to `limit`.
-    async fn flush(&self, limit: Duration) {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send((self.session, Out::Flush(tx))).await.is_ok() {
-            let _ = tokio::time::timeout(limit, rx).await;
-        }
-    }
-}
 
 /// What the agent may do to the machine it runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -137,10 +137,17 @@ impl Watcher {
                 let _ = self.add(&d);
             }
             for event in &events {
-                if !crate::files::emit(sink, event) {
+                if !emit(sink, event) {
                     return Ok(());
                 }
             }
         }
     }
+}
+
+/// Write one event as a JSON line, at once; false once the host stopped listening.
+pub fn emit(sink: &mut dyn Write, event: &FsEvent) -> bool {
+    let mut line = serde_json::to_vec(event).expect("events serialize");
+    line.push(b'\n');
+    sink.write_all(&line).and_then(|()| sink.flush()).is_ok()
 }

@@ -93,7 +93,20 @@ fn digest(busybox: &[u8]) -> String {
 }
 
 /// The minimal image, built into `store` unless this recipe with this busybox already is.
-pub(crate) fn resolve(store: &ImageStore) -> Result<Image, ImageError> {
+impl ImageStore {
+    /// The image called `name`. The built-in `minimal` image is built on first use (a few
+    /// seconds, no network) and rebuilt when its recipe or the host's busybox changes. It is
+    /// defined here, beside the one image the store makes itself, so the store never imports
+    /// this module.
+    pub fn resolve(&self, name: &str) -> Result<Image, ImageError> {
+        if name == MINIMAL {
+            return resolve(self);
+        }
+        self.lookup(name)
+    }
+}
+
+fn resolve(store: &ImageStore) -> Result<Image, ImageError> {
     let busybox_path = Path::new(BUSYBOX);
     let unusable = |why: String| ImageError::BusyboxUnusable { path: busybox_path.to_path_buf(), why };
     match elf::check_static(busybox_path) {

@@ -130,12 +130,9 @@ impl ImageStore {
         &self.root
     }
 
-    /// The image called `name`. The built-in `minimal` image is built on first use (a few
-    /// seconds, no network) and rebuilt when its recipe or the host's busybox changes.
-    pub fn resolve(&self, name: &str) -> Result<Image, ImageError> {
-        if name == MINIMAL {
-            return crate::minimal::resolve(self);
-        }
+    /// The image the index names `name` (`resolve`, in `minimal.rs`, also knows the built-in
+    /// image).
+    pub(crate) fn lookup(&self, name: &str) -> Result<Image, ImageError> {
         let index = self.read_index()?;
         let digest = index.names.get(name).ok_or_else(|| ImageError::NotFound { name: name.to_string() })?;
         let mut image = self.load(digest)?.ok_or_else(|| ImageError::NotFound { name: name.to_string() })?;

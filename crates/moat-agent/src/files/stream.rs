@@ -7,8 +7,7 @@ use moat_proto::{ExitStatus, Message, Stream, INITIAL_WINDOW, MAX_CHUNK};
 use tokio::sync::mpsc;
 
 use super::{Consumer, Producer};
-use crate::exec::{Credit, Ctl};
-use crate::link::Outbox;
+use crate::channel::{Credit, Ctl, Outbox};
 
 /// Chunks queued between the blocking worker and the channel.
 const QUEUE: usize = 4;
