@@ -230,6 +230,11 @@ impl Service {
         let image = match &spec.image_digest {
             Some(digest) => self.rt.images.by_digest(&spec.image, digest),
             None => {
+                // Refused before the image is made: a pull or build is the expensive step. The
+                // cap is checked again, under the lock, when the record goes in.
+                if let Some(full) = self.db(|db| self.over_capacity(db))? {
+                    return Err(full);
+                }
                 self.ensure_image(&spec.image, req.pull.unwrap_or_default(), req.registry_login.clone()).await?;
                 self.rt.images.resolve(&spec.image)
             }

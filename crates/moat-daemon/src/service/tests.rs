@@ -308,3 +308,16 @@ fn the_api_document_gives_the_bounds_of_the_shape() {
         assert!(min <= Some(default) && Some(default) <= max, "the default {field} is within the bounds");
     }
 }
+
+/// A create that cannot be admitted is refused before its missing image is pulled or built.
+#[tokio::test]
+async fn a_create_over_the_cap_is_refused_before_its_missing_image_is_made() {
+    let t = TestService::new(Limits { max_sandboxes: 1, ..limits() });
+    t.svc.create(TestService::request("one")).await.expect("the first fits");
+    // On loopback, closed: were it pulled, the pull would fail here and never leave the host.
+    let missing = CreateSandbox { image: Some("127.0.0.1:9/app:1".into()), ..TestService::request("two") };
+    let e = t.svc.create(missing).await.expect_err("over the cap");
+    assert_eq!(e.code, ErrorCode::LimitReached, "{}", e.message);
+    let events = t.svc.db(|db| db.events_after(0, 100)).unwrap();
+    assert!(events.iter().all(|e| e.kind != "image"), "nothing was made: {events:?}");
+}
