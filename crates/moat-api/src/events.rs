@@ -26,6 +26,12 @@ pub struct Event {
     pub message: String,
 }
 
+/// The kind of the events a create records while it makes a missing image. Each message is
+/// `IMAGE: text`; the first one's text starts with [`IMAGE_MISSING`].
+pub const IMAGE_EVENT: &str = "image";
+/// How the first event of a missing image's making begins (after `IMAGE: `).
+pub const IMAGE_MISSING: &str = "not in the store;";
+
 /// Which log `GET /v1/sandboxes/{ref}/logs` returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]

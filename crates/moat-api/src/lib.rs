@@ -16,7 +16,7 @@ mod snapshot;
 mod terminal;
 
 pub use error::{ApiError, ErrorCode};
-pub use events::{Event, LifecycleEntry, LogSource};
+pub use events::{Event, LifecycleEntry, LogSource, IMAGE_EVENT, IMAGE_MISSING};
 pub use exec::{
     parse_signal, ExecClientMessage, ExecServerMessage, ExecStart, KillProcess, ProcessStarted, StartProcess, TtySize,
     STDERR_TAG, STDOUT_TAG,

@@ -196,3 +196,22 @@ fn the_default_image_is_built_on_first_use_and_runs_python() {
     let source = &list.iter().find(|i| i.name == "py").expect("listed").source;
     assert!(source.starts_with("build debian:bookworm +ca-certificates,curl,python3"), "{source}");
 }
+
+/// A request the daemon refuses is refused before the missing default image is built, and the
+/// CLI says nothing of building it.
+#[test]
+fn a_bad_size_is_refused_before_the_default_image_is_built() {
+    let home = OwnHome::new();
+    let out = moat_in(home.path())
+        .env_remove("MOAT_IMAGE")
+        .args(["run", "--memory", "99999999", "--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("moat runs");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains("out of range") && !stderr.contains("building"), "{stderr}");
+    let images: Vec<moat_api::ImageInfo> =
+        serde_json::from_str(&moat_ok(home.path(), &["image", "ls", "--json"])).expect("image ls --json");
+    assert!(images.iter().all(|i| i.name != moat_api::DEFAULT_IMAGE), "nothing was built: {images:?}");
+}

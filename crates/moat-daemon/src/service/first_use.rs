@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{Stream, StreamExt};
-use moat_api::{BuildImage, ImageProgress, PullImage, PullPolicy, RegistryLogin};
+use moat_api::{BuildImage, ImageProgress, PullImage, PullPolicy, RegistryLogin, IMAGE_EVENT, IMAGE_MISSING};
 
 use super::Service;
 use crate::error::ServiceError;
@@ -16,9 +16,6 @@ use crate::error::ServiceError;
 /// Layer progress is recorded at most this often (and when a layer is done): the event log is a
 /// log, not a progress bar.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
-
-/// The event kind of image progress.
-pub const IMAGE_EVENT: &str = "image";
 
 impl Service {
     /// Make `name` if the store lacks it and `pull` allows. Parallel creates of one missing image
@@ -51,7 +48,7 @@ impl Service {
             let req = PullImage { reference: name.to_string(), username, password, ..PullImage::default() };
             ("pulling it", Box::pin(self.pull_image(req)?))
         };
-        self.image_event(name, &format!("not in the store; {how}"));
+        self.image_event(name, &format!("{IMAGE_MISSING} {how}"));
         self.follow_making(name, made).await
     }
 

@@ -108,27 +108,37 @@ pub async fn create_showing_image(client: &Client, req: &CreateSandbox) -> anyho
         Err(e) => return Err(e.into()),
     }
     let mut req = req.clone();
-    if name == moat_api::DEFAULT_IMAGE {
-        eprintln!(
+    let announce = if name == moat_api::DEFAULT_IMAGE {
+        format!(
             "moat: building the default image ({} with {}) once; this takes a minute or two",
             moat_api::DEFAULT_IMAGE_FROM,
             moat_api::DEFAULT_IMAGE_PACKAGES.join(", ")
-        );
+        )
     } else {
-        eprintln!("moat: image {name} is not in the store; pulling it");
         if req.registry_login.is_none() {
             req.registry_login =
                 docker_credentials(name)?.map(|(username, password)| RegistryLogin { username, password });
         }
-    }
-    // From now on: the daemon's events about this image, until the create returns.
+        format!("moat: image {name} is not in the store; pulling it")
+    };
+    // From now on: the daemon's events about this image, until the create returns. The notice
+    // waits for the first of them, so a request the daemon refuses at once shows only its error.
     let events = client.events(-1, true).await?;
     let prefix = format!("{name}: ");
+    let mut announced = false;
     let show = events.for_each(|e| {
-        if let Some(message) =
-            e.ok().filter(|e| e.kind == "image").and_then(|e| e.message.strip_prefix(&prefix).map(str::to_owned))
+        if let Some(message) = e
+            .ok()
+            .filter(|e| e.kind == moat_api::IMAGE_EVENT)
+            .and_then(|e| e.message.strip_prefix(&prefix).map(str::to_owned))
         {
-            eprintln!("moat: {message}");
+            if !announced {
+                announced = true;
+                eprintln!("{announce}");
+            }
+            if !message.starts_with(moat_api::IMAGE_MISSING) {
+                eprintln!("moat: {message}");
+            }
         }
         std::future::ready(())
     });
