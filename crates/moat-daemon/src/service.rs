@@ -58,7 +58,7 @@ pub struct Service {
     /// Booted sandboxes with a QEMU and an agent link, by id.
     live: Mutex<HashMap<String, Arc<dyn Machine>>>,
     /// One lifecycle operation at a time per sandbox.
-    ops: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    ops: KeyedLocks,
     /// Woken whenever an event is recorded (for followers of `/v1/events`).
     pub events: Notify,
     /// Long operations in flight that outlive their request (image builds and imports).
@@ -66,13 +66,29 @@ pub struct Service {
     /// Snapshots being written: gc leaves unfinished snapshots and helper VMs alone meanwhile.
     pub(crate) saving: Arc<std::sync::atomic::AtomicUsize>,
     /// One template being made per template key; other creates boot meanwhile.
-    pub(crate) template_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(crate) template_locks: KeyedLocks,
     /// One maker per missing image name (see [`Service::ensure_image`]).
-    image_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    image_locks: KeyedLocks,
     /// The network stacks of running sandboxes with a NIC, by id.
     pub(crate) nets: Mutex<HashMap<String, Arc<crate::net::LiveNet>>>,
     /// Sandboxes an earlier daemon left live that are not settled yet (see [`crate::adoption`]).
     pub(crate) adopting: Mutex<HashSet<String>>,
+}
+
+/// One async lock per key (a sandbox id, a template key, an image name), made on first use.
+#[derive(Default)]
+pub(crate) struct KeyedLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl KeyedLocks {
+    /// The lock of `key`.
+    pub(crate) fn of(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.0.lock().expect("no panics while held").entry(key.to_string()).or_default().clone()
+    }
+
+    /// Drop the lock of a key that is gone (holders keep theirs).
+    pub(crate) fn forget(&self, key: &str) {
+        self.0.lock().expect("no panics while held").remove(key);
+    }
 }
 
 /// Marks the daemon busy (not idle) while it lives.
@@ -94,12 +110,12 @@ impl Service {
             launcher,
             db: Mutex::new(db),
             live: Mutex::new(HashMap::new()),
-            ops: Mutex::new(HashMap::new()),
+            ops: KeyedLocks::default(),
             events: Notify::new(),
             busy: Arc::default(),
             saving: Arc::default(),
-            template_locks: Mutex::default(),
-            image_locks: Mutex::default(),
+            template_locks: KeyedLocks::default(),
+            image_locks: KeyedLocks::default(),
             nets: Mutex::default(),
             adopting: Mutex::default(),
         })
@@ -134,7 +150,7 @@ impl Service {
     }
 
     pub(crate) fn op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.ops.lock().expect("no panics while held").entry(id.to_string()).or_default().clone()
+        self.ops.of(id)
     }
 
     pub(crate) fn run_dir(&self, id: &str) -> PathBuf {
@@ -541,7 +557,7 @@ impl Service {
         self.remove_files(&info.id)?;
         self.release_snapshots(&info.id)?;
         self.db(|db| db.delete(&info.id))?;
-        self.ops.lock().expect("no panics while held").remove(&info.id);
+        self.ops.forget(&info.id);
         Ok(info)
     }
 

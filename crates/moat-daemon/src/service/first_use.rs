@@ -31,7 +31,7 @@ impl Service {
         if pull == PullPolicy::Never || !missing() {
             return Ok(());
         }
-        let lock = self.image_locks.lock().expect("no panics while held").entry(name.to_string()).or_default().clone();
+        let lock = self.image_locks.of(name);
         let _making = lock.lock().await;
         if !missing() {
             return Ok(());

@@ -482,7 +482,7 @@ impl Service {
             }
         }
         let booted = self.launch(info, spec, Launch::Boot { fresh: true }).await?;
-        let lock = self.template_locks.lock().expect("no panics while held").entry(key.clone()).or_default().clone();
+        let lock = self.template_locks.of(&key);
         let Ok(_making) = lock.try_lock() else { return Ok(booted) };
         if self.db(|db| db.template(&key))?.is_some() {
             return Ok(booted);
