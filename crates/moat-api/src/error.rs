@@ -32,8 +32,12 @@ pub enum ErrorCode {
     PermissionDenied,
     /// Something still depends on what was to be removed (the message says what).
     InUse,
-    /// A snapshot cannot be restored on this host as it is now (the message says why).
+    /// A snapshot cannot be restored, or a sandbox started, on this host as it is now (the
+    /// message says why).
     Incompatible,
+    /// The host has not the memory or disk left for what was asked, within the daemon's
+    /// overcommit ratios (the message gives the numbers).
+    InsufficientResources,
     Internal,
 }
 
@@ -52,6 +56,7 @@ impl ErrorCode {
             ErrorCode::LimitReached => 429,
             ErrorCode::BootFailed | ErrorCode::ExecFailed | ErrorCode::Internal => 500,
             ErrorCode::RegistryFailed => 502,
+            ErrorCode::InsufficientResources => 507,
         }
     }
 }

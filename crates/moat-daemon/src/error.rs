@@ -121,7 +121,8 @@ fn vmm_code(e: &VmmError) -> ErrorCode {
         | VmmError::PathTooLong(_)
         | VmmError::QmpTimeout(_)
         | VmmError::AdoptQmp { .. }
-        | VmmError::KvmUnusable { .. } => ErrorCode::BootFailed,
+        | VmmError::KvmUnusable { .. }
+        | VmmError::Jail(_) => ErrorCode::BootFailed,
         // The VM is gone: the request does not fit the sandbox as it really is.
         VmmError::NotRunning | VmmError::NotOurProcess { .. } => ErrorCode::InvalidPhase,
         VmmError::Qmp(_) | VmmError::Migration(_) | VmmError::Io { .. } => ErrorCode::Internal,

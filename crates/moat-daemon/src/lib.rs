@@ -160,6 +160,10 @@ pub async fn serve(cfg: ServeConfig, fronts: impl FnOnce(Door) -> axum::Router) 
     // The state first: a damaged database must stop us before anything is touched.
     let db = Db::open(&home)?;
     let rt = Runtime::prepare(cfg.runtime.clone()).await?;
+    // An operator who needs the hardware boundary learns at once that this host cannot give it.
+    if let Some(refused) = service::admission::kvm_refusal(&cfg.limits, &rt.accel) {
+        return Err(refused.into());
+    }
     let svc = Service::new(rt, db, cfg.limits.clone(), Arc::new(launcher::Qemu));
     // What an earlier daemon left live is taken over in the background, every sandbox at once
     // under its own lock and deadline, then gc reconciles; a guest that does not answer delays

@@ -5,6 +5,7 @@
 //! in-process front) calls these operations and only translates their values and streams. The
 //! submodules hold the operations on a running sandbox, each an `impl Service` block.
 
+pub mod admission;
 mod events;
 pub mod exec;
 pub mod files;
@@ -40,11 +41,28 @@ pub struct Limits {
     /// Addresses that reach this host from outside although no interface has them (a cloud's
     /// 1:1 NAT public address): guests are refused them like the host's own.
     pub host_addresses: Vec<std::net::Ipv4Addr>,
+    /// Memory live sandboxes may commit (guest RAM plus QEMU's overhead), times the host's RAM.
+    pub memory_overcommit: f64,
+    /// Growth sandbox disks may still claim, times the free space under the home.
+    pub disk_overcommit: f64,
+    /// Refuse to start sandboxes unless they run under KVM.
+    pub require_kvm: bool,
+    /// Where admission control reads the host's memory and free disk.
+    pub host: admission::HostProbe,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits { max_sandboxes: 32, boot_timeout: Duration::from_secs(90), templates: true, host_addresses: Vec::new() }
+        Limits {
+            max_sandboxes: 32,
+            boot_timeout: Duration::from_secs(90),
+            templates: true,
+            host_addresses: Vec::new(),
+            memory_overcommit: admission::DEFAULT_MEMORY_OVERCOMMIT,
+            disk_overcommit: admission::DEFAULT_DISK_OVERCOMMIT,
+            require_kvm: false,
+            host: admission::HostProbe::Measured,
+        }
     }
 }
 
@@ -59,6 +77,8 @@ pub struct Service {
     live: Mutex<HashMap<String, Arc<dyn Machine>>>,
     /// One lifecycle operation at a time per sandbox.
     ops: KeyedLocks,
+    /// Starts admitted whose records are still at rest (see [`admission`]).
+    starting: admission::Starting,
     /// Woken whenever an event is recorded (for followers of `/v1/events`).
     pub events: Notify,
     /// Long operations in flight that outlive their request (image builds and imports).
@@ -111,6 +131,7 @@ impl Service {
             db: Mutex::new(db),
             live: Mutex::new(HashMap::new()),
             ops: KeyedLocks::default(),
+            starting: admission::Starting::default(),
             events: Notify::new(),
             busy: Arc::default(),
             saving: Arc::default(),
@@ -243,14 +264,13 @@ impl Service {
             nic: net.mode != NetMode::None,
         };
         moat_sandbox::validate(&spec).map_err(|e| ServiceError::invalid(e.to_string()))?;
+        let ask = admission::Ask::new_sandbox(shape.memory_mib(), shape.disk_mib(), snapshot.is_some());
         let image = match &spec.image_digest {
             Some(digest) => self.rt.images.by_digest(&spec.image, digest),
             None => {
-                // Refused before the image is made: a pull or build is the expensive step. The
-                // cap is checked again, under the lock, when the record goes in.
-                if let Some(full) = self.db(|db| self.over_capacity(db))? {
-                    return Err(full);
-                }
+                // Refused before the image is made: a pull or build is the expensive step.
+                // Admission is checked again, under the lock, when the record goes in.
+                self.db(|db| Ok(self.admit(db, &ask)))??;
                 self.ensure_image(&spec.image, req.pull.unwrap_or_default(), req.registry_login.clone()).await?;
                 self.rt.images.resolve(&spec.image)
             }
@@ -294,13 +314,8 @@ impl Service {
         // Held from before the record exists, so no other operation sees it half made.
         let lock = self.op_lock(&id);
         let _guard = lock.lock().await;
-        // The cap check and the insert happen under one lock, so parallel creates cannot overshoot.
-        self.db(|db| {
-            Ok(match self.over_capacity(db)? {
-                Some(full) => Err(full),
-                None => db.insert(&info).map(Ok)?,
-            })
-        })??;
+        // Admission and the insert happen under one lock, so parallel creates cannot overshoot.
+        self.db(|db| Ok(self.admit(db, &ask).and_then(|()| Ok(db.insert(&info)?))))??;
         self.keep_secrets(&info)?;
         if let Some(snapshot) = snapshot {
             return self.launch(&info, &spec, Launch::Snapshot(&snapshot.id)).await;
@@ -489,9 +504,8 @@ impl Service {
                 "it is already up; see `moat inspect`",
             ));
         }
-        if let Some(full) = self.db(|db| self.over_capacity(db))? {
-            return Err(full);
-        }
+        // Counted as live from here until its phase says so.
+        let _admitted = self.admit_start(&info)?;
         if info.expires_at.is_some_and(|t| t <= now_secs()) {
             self.db(|db| db.set_expiry(&info.id, None))?;
         }
@@ -503,18 +517,6 @@ impl Service {
         }
         let fresh = !self.run_dir(&info.id).join(moat_sandbox::OVERLAY_FILE).exists();
         self.launch(&info, &spec, Launch::Boot { fresh }).await
-    }
-
-    /// The error to answer when no further sandbox may go live, if so.
-    pub(crate) fn over_capacity(&self, db: &Db) -> Result<Option<ServiceError>, StateError> {
-        let live = db.list()?.iter().filter(|s| s.phase.is_live()).count();
-        Ok((live >= self.limits.max_sandboxes).then(|| {
-            ServiceError::new(
-                ErrorCode::LimitReached,
-                format!("{live} sandboxes are live, the limit is {}", self.limits.max_sandboxes),
-                "stop or remove sandboxes (`moat ps`, `moat rm`), or raise `moat serve --max-sandboxes`",
-            )
-        }))
     }
 
     /// The spec a recorded sandbox boots with.

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use moat_image::{ImageStore, Kernel};
-use moat_vmm::{AccelChoice, AccelDecision};
+use moat_vmm::{AccelChoice, AccelDecision, Jail, JailIds};
 
 use crate::SandboxError;
 
@@ -20,6 +20,9 @@ pub struct RuntimeConfig {
     pub accel: AccelChoice,
     /// How long a KVM probe guest may take to boot before KVM is judged unusable.
     pub probe_timeout: Duration,
+    /// Run each QEMU in a jail (`MOAT_JAIL=off` turns it off, for comparison and for hosts that
+    /// cannot have one).
+    pub jail: bool,
 }
 
 impl RuntimeConfig {
@@ -50,6 +53,13 @@ impl RuntimeConfig {
             agent: var("MOAT_AGENT"),
             accel,
             probe_timeout: Duration::from_secs(8),
+            jail: match std::env::var("MOAT_JAIL").as_deref() {
+                Ok("off") => false,
+                Ok("on") | Ok("") | Err(_) => true,
+                Ok(other) => {
+                    return Err(SandboxError::Config(format!("MOAT_JAIL: {other:?} is neither `on` nor `off`")))
+                }
+            },
         })
     }
 
@@ -64,6 +74,11 @@ impl RuntimeConfig {
     pub fn images_dir(&self) -> PathBuf {
         self.home.join("images")
     }
+
+    /// Saved machines: snapshots and templates.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.home.join("snapshots")
+    }
 }
 
 /// Everything needed to boot sandboxes, resolved once.
@@ -75,6 +90,8 @@ pub struct Runtime {
     pub initrd: PathBuf,
     pub accel: AccelDecision,
     pub images: ImageStore,
+    /// How QEMUs are jailed; `None` when `jail` is off.
+    pub jail: Option<Jail>,
 }
 
 /// What the runtime needs from the host, each looked for on its own: [`Runtime::prepare`] stops
@@ -140,8 +157,51 @@ impl Runtime {
         let modules = parts.modules.expect("modules are looked for whenever the kernel is found")?;
         let (initrd, accel) = initrd_and_accel(&config, &qemu, &kernel, &agent, &modules).await?;
         let images = ImageStore::open(&config.images_dir())?;
-        Ok(Runtime { config, qemu, qemu_version, kernel, initrd, accel, images })
+        let jail = if config.jail { Some(jail_for(&config)?) } else { None };
+        Ok(Runtime { config, qemu, qemu_version, kernel, initrd, accel, images, jail })
     }
+}
+
+/// The jail for this host: a uid of its own per QEMU for a root daemon, a user namespace with
+/// the daemon's ids otherwise.
+pub fn jail_for(config: &RuntimeConfig) -> Result<Jail, SandboxError> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let ids = if unsafe { libc::geteuid() } == 0 {
+        JailIds::Range { base: moat_vmm::DEFAULT_UID_BASE, count: moat_vmm::DEFAULT_UID_COUNT }
+    } else {
+        JailIds::Own
+    };
+    let mut read_roots = Vec::new();
+    for dir in [config.images_dir(), config.snapshots_dir()] {
+        create_private_dir(&dir)?;
+        read_roots.push(
+            std::fs::canonicalize(&dir)
+                .map_err(|e| SandboxError::Io { what: format!("resolving {}", dir.display()), source: e })?,
+        );
+    }
+    Ok(Jail { helper: find_jail_helper()?, ids, read_roots })
+}
+
+/// The moat binary, which is also the jail helper: the running program when it is moat, else
+/// `moat` beside it or one directory up (tests and benchmarks run from `target/<profile>/deps`
+/// and `target/<profile>`).
+fn find_jail_helper() -> Result<PathBuf, SandboxError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| SandboxError::Io { what: "locating the running binary".into(), source: e })?;
+    if exe.file_name().is_some_and(|n| n == "moat") {
+        return Ok(exe);
+    }
+    let dir = exe.parent().unwrap_or(Path::new("/"));
+    [dir.join("moat"), dir.join("../moat")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            SandboxError::Config(format!(
+                "the moat binary, which jails QEMU, is not next to {}; build it (`cargo build --release -p moat`) or \
+                 set MOAT_JAIL=off",
+                exe.display()
+            ))
+        })
 }
 
 /// Create a directory (and parents) readable only by its owner.

@@ -123,6 +123,7 @@ fn vm_config(rt: &Runtime, spec: &SandboxSpec, id: &str, dir: &Path) -> VmConfig
         memory: Some(Memory::Own(dir.join(MEM_FILE))),
         incoming: false,
         nic: spec.nic,
+        jail: rt.jail.clone(),
     }
 }
 

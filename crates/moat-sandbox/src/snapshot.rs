@@ -148,7 +148,14 @@ impl Sandbox {
             materialize(rt, &self.cfg, dest, &dest.join(DISK_FILE)).await?;
         }
         let dest = dest.to_path_buf();
-        blocking(move || sync_dir(&dest)).await
+        let shared_gid = rt.jail.as_ref().and_then(|j| j.ids.shared_gid());
+        blocking(move || {
+            let mem = dest.join(MEM_FILE);
+            moat_vmm::seal_snapshot_ram(&mem, shared_gid)
+                .map_err(|e| SandboxError::Io { what: format!("sealing {}", mem.display()), source: e })?;
+            sync_dir(&dest)
+        })
+        .await
     }
 
     /// Save the machine into its run directory and end QEMU: the sandbox holds no memory until

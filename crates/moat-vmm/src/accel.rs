@@ -206,6 +206,7 @@ async fn probe_kvm(qemu: &Path, kernel: &Path, initrd: &Path, timeout: Duration)
         memory: None,
         incoming: false,
         nic: false,
+        jail: None,
     };
     let result = async {
         let mut vm = Vm::spawn(&cfg, true).await.map_err(|e| format!("QEMU could not start a KVM guest: {e}"))?;

@@ -32,6 +32,9 @@ pub struct VmConfig {
     /// Give the guest a NIC (virtio-net) whose frames go over a stream socket QEMU listens on at
     /// [`VmConfig::net_socket`], where moat's network stack connects.
     pub nic: bool,
+    /// Run QEMU in a jail ([`crate::Jail`]); `None` runs it as the daemon's own user, with the
+    /// host's whole filesystem in view.
+    pub jail: Option<crate::Jail>,
 }
 
 /// Guest RAM backed by a file, which is what makes snapshots cheap.
@@ -66,11 +69,13 @@ pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet loglevel=4
 pub const SECCOMP_POLICY: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// The names of the files QEMU's side of a sandbox keeps in its run directory, defined once.
+/// QEMU creates its sockets in `sock/` (`crate::jail::SOCKET_DIR`), the only directory of the
+/// run directory it may write to.
 pub mod run_files {
-    pub const QMP_SOCKET: &str = "qmp.sock";
-    pub const AGENT_SOCKET: &str = "agent.sock";
+    pub const QMP_SOCKET: &str = "sock/qmp.sock";
+    pub const AGENT_SOCKET: &str = "sock/agent.sock";
     /// The NIC's stream netdev, which moat's network stack connects to.
-    pub const NET_SOCKET: &str = "net.sock";
+    pub const NET_SOCKET: &str = "sock/net.sock";
     pub const CONSOLE_LOG: &str = "console.log";
     pub const PID_FILE: &str = "qemu.pid";
     /// QEMU's own stderr (start-up errors, warnings).
@@ -150,6 +155,10 @@ fn measure_tsc_khz() -> Option<u32> {
     None
 }
 
+/// TCG with its translation cache capped (QEMU's default lets it grow to 1 GiB per VM): the cap
+/// is part of the memory QEMU needs beside guest RAM (`cgroup::QEMU_OVERHEAD_MIB`).
+const TCG: &str = "tcg,tb-size=64";
+
 /// The full argv (without the program) for QEMU on this host.
 pub fn command_line(cfg: &VmConfig) -> Vec<OsString> {
     command_line_for(cfg, HostFacts::get())
@@ -173,24 +182,27 @@ pub fn command_line_for(cfg: &VmConfig, host: HostFacts) -> Vec<OsString> {
             push(&["-M", machine, "-accel", "kvm", "-cpu", "max"]);
         }
         (Accel::Tcg, Some(khz)) => {
-            push(&["-M", &format!("{machine},pit=off,pic=off"), "-accel", "tcg", "-cpu", "max"]);
+            push(&["-M", &format!("{machine},pit=off,pic=off"), "-accel", TCG, "-cpu", "max"]);
             kernel_args.push_str(&format!(" tsc_early_khz={khz}"));
         }
         (Accel::Tcg, None) => {
-            push(&["-M", machine, "-accel", "tcg", "-cpu", "max"]);
+            push(&["-M", machine, "-accel", TCG, "-cpu", "max"]);
         }
     }
     push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-display", "none"]);
     push(&["-smp", &cfg.vcpus.to_string(), "-m", &format!("{}M", cfg.memory_mib)]);
     if let Some(memory) = &cfg.memory {
+        // QEMU 7.2 opens the file read-write even to map it private (`readonly=on` would make
+        // guest RAM read-only, and `rom=off` came with QEMU 8.2): a jail protects a snapshot's
+        // RAM file with a seal instead (crate::jail).
         let (path, share) = match memory {
-            Memory::Own(path) => (path, "on"),
-            Memory::Snapshot(path) => (path, "off"),
+            Memory::Own(path) => (path, "share=on"),
+            Memory::Snapshot(path) => (path, "share=off"),
         };
         push(&[
             "-object",
             &format!(
-                "memory-backend-file,id=ram,size={}M,mem-path={},share={share}",
+                "memory-backend-file,id=ram,size={}M,mem-path={},{share}",
                 cfg.memory_mib,
                 opt_value(&p(path))
             ),
@@ -276,6 +288,7 @@ mod tests {
             memory: None,
             incoming: false,
             nic: false,
+            jail: None,
         }
     }
 

@@ -135,6 +135,7 @@ mod tests {
             memory: None,
             incoming: false,
             nic: false,
+            jail: None,
         }
     }
 

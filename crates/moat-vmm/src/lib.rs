@@ -2,10 +2,12 @@
 //! supervised QEMU process.
 
 mod accel;
+mod cgroup;
 mod command;
 mod console;
 mod exit;
 mod identity;
+mod jail;
 mod qmp;
 mod vm;
 
@@ -17,12 +19,18 @@ use moat_hint::Hint;
 pub use accel::{
     choose_accel, Accel, AccelChoice, AccelChoiceError, AccelDecision, DEFAULT_PROBE_TIMEOUT, PROBE_MARKER,
 };
+pub use cgroup::{
+    sandbox_cgroups, CgroupError, CgroupHost, CgroupLimits, CgroupStats, CgroupVersion, SandboxCgroup, Unusable,
+    QEMU_OVERHEAD_MIB,
+};
 pub use command::{
     command_line, command_line_for, run_files, HostFacts, Memory, VmConfig, BASE_CMDLINE, SECCOMP_POLICY,
 };
 pub use console::{rotated_path as rotated_console_log, CONSOLE_LOG_CAP};
 pub use exit::{Exit, ExitWatcher};
 pub use identity::{find_qemus_under, is_our_qemu};
+pub use jail::{qcow2_backing, seal_snapshot_ram, Jail, JailError, JailIds, DEFAULT_UID_BASE, DEFAULT_UID_COUNT, JAIL_ARG};
+pub use jail::main as jail_main;
 pub use qmp::{Qmp, QmpError, QmpEvent};
 pub use vm::Vm;
 
@@ -53,6 +61,8 @@ pub enum VmmError {
     Migration(String),
     #[error("KVM is not usable on this host: {reason}")]
     KvmUnusable { reason: String, hint: String },
+    #[error(transparent)]
+    Jail(#[from] JailError),
     #[error("{what}")]
     Io { what: String, source: std::io::Error },
 }
@@ -77,6 +87,7 @@ impl Hint for VmmError {
             VmmError::AdoptQmp { .. } => "the VM may be hung, or another process holds its QMP connection".into(),
             VmmError::Migration(_) => "see qemu.log in the run directory; `moat doctor` checks the host".into(),
             VmmError::KvmUnusable { hint, .. } => hint.clone().into(),
+            VmmError::Jail(e) => return e.hint(),
             VmmError::Io { .. } => return None,
         })
     }

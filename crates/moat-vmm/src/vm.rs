@@ -53,6 +53,8 @@ pub struct Vm {
     ram_shared: bool,
     /// Keeps `console.log` under its cap while this handle lives.
     console_cap: tokio::task::JoinHandle<()>,
+    /// The uid a jailed QEMU this process started runs as, held while it runs.
+    uid: Option<crate::jail::UidLease>,
 }
 
 /// How long saving or loading a VM's state may take. Streams without RAM take milliseconds; one
@@ -77,26 +79,50 @@ impl Vm {
                 return Err(VmmError::PathTooLong(sock.display().to_string()));
             }
         }
-        std::fs::create_dir_all(&cfg.run_dir).map_err(|e| VmmError::Io {
-            what: format!("cannot create run directory {}", cfg.run_dir.display()),
+        let sockets = cfg.run_dir.join(crate::jail::SOCKET_DIR);
+        std::fs::create_dir_all(&sockets).map_err(|e| VmmError::Io {
+            what: format!("cannot create run directory {}", sockets.display()),
             source: e,
         })?;
         // QEMU appends to the console log (so it can be cut under it): each boot starts afresh.
         let console = cfg.console_log();
-        for stale in [cfg.qmp_socket(), cfg.agent_socket(), cfg.pid_file(), rotated_path(&console), console] {
+        for stale in [cfg.qmp_socket(), cfg.agent_socket(), cfg.net_socket(), cfg.pid_file(), rotated_path(&console), console] {
             let _ = std::fs::remove_file(stale);
         }
         let qemu_log = cfg.qemu_log();
         let log = std::fs::File::create(&qemu_log)
             .map_err(|e| VmmError::Io { what: format!("cannot create {}", qemu_log.display()), source: e })?;
-        let mut cmd = Command::new(&cfg.qemu);
+        let (mut cmd, lease) = match &cfg.jail {
+            Some(jail) => {
+                let (spec, lease) = crate::jail::prepare(cfg, jail)?;
+                let spec = serde_json::to_string(&spec).expect("a jail spec serialises");
+                let mut cmd = Command::new(&jail.helper);
+                cmd.arg(crate::jail::JAIL_ARG).arg(spec).arg(&cfg.qemu).stdout(Stdio::piped());
+                (cmd, lease)
+            }
+            None => {
+                let mut cmd = Command::new(&cfg.qemu);
+                cmd.stdout(Stdio::null());
+                (cmd, None)
+            }
+        };
         // No `kill_on_drop`: `Vm`'s own drop kills, so that `detach` can leave QEMU running.
-        cmd.args(command_line(cfg)).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        cmd.args(command_line(cfg)).stdin(Stdio::null()).stderr(log);
         let parent = std::process::id() as libc::pid_t;
+        let cgroup_procs = cgroup_procs_files(cfg)?;
         // SAFETY: the closure runs in the forked child before exec and only calls async-signal-safe
-        // functions (setsid, prctl, getppid), touching no memory shared with the parent.
+        // functions (setsid, prctl, getppid, open, write, close) on memory prepared before the
+        // fork, touching nothing shared with the parent.
         unsafe {
             cmd.pre_exec(move || {
+                // Into the sandbox's cgroup first, so everything after counts against its limits.
+                for procs in &cgroup_procs {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
+                }
                 // Own session: a Ctrl-C at the user's terminal goes to moat, which decides what the
                 // guest gets, and not straight to QEMU.
                 if libc::setsid() < 0 {
@@ -115,8 +141,19 @@ impl Vm {
             });
         }
         let mut child = cmd.spawn().map_err(VmmError::Spawn)?;
-        let pid = child.id().expect("a just-spawned child has a pid");
-        // The child is not reaped before we wait for it, so its pid cannot have been reused yet.
+        let pid = match qemu_pid(&mut child, cfg.jail.is_some()).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(e.unwrap_or_else(|| VmmError::QemuExited {
+                    status: "the jail helper ended before QEMU started".into(),
+                    stderr: tail(&qemu_log, 20),
+                }));
+            }
+        };
+        // The child is not reaped before we wait for it, so its pid cannot have been reused yet;
+        // a jailed QEMU dies with the helper, our child.
         let pidfd = match open_pidfd(pid).and_then(|fd| watch(fd).map_err(std::io::Error::from)) {
             Ok(fd) => fd,
             Err(e) => {
@@ -127,6 +164,7 @@ impl Vm {
         };
         tracing::debug!(pid, name = %cfg.name, accel = %cfg.accel, "QEMU started");
         let mut vm = Vm::new(Process::Spawned(child), pidfd, pid, cfg);
+        vm.uid = lease;
         match vm.connect_qmp().await {
             Ok(qmp) => {
                 vm.qmp = Some(qmp);
@@ -195,6 +233,7 @@ impl Vm {
             exited: None,
             ram_shared: cfg.memory.as_ref().is_some_and(Memory::is_shared),
             console_cap: keep_under_cap(cfg.console_log()),
+            uid: None,
         }
     }
 
@@ -475,6 +514,8 @@ impl Vm {
         if self.exited.is_none() {
             match &mut self.process {
                 Process::Spawned(child) => {
+                    // QEMU itself: when jailed, our child is the helper, which then exits as QEMU did.
+                    let _ = rustix::process::pidfd_send_signal(self.pidfd.get_ref(), rustix::process::Signal::Kill);
                     let _ = child.start_kill();
                     if let Ok(status) = child.wait().await {
                         self.exited = Some(Exit::Status(status));
@@ -508,10 +549,35 @@ impl Drop for Vm {
         if let Process::Spawned(child) = &mut self.process {
             if self.exited.is_none() && matches!(child.try_wait(), Ok(None)) {
                 tracing::debug!(pid = self.pid, "Vm dropped while QEMU runs; killing it");
+                let _ = rustix::process::pidfd_send_signal(self.pidfd.get_ref(), rustix::process::Signal::Kill);
                 let _ = child.start_kill();
             }
         }
     }
+}
+
+/// QEMU's pid: our child's, or the one the jail helper reports on its stdout (the helper forks
+/// QEMU into a new PID namespace). `Err(None)` when the helper ended without reporting one.
+async fn qemu_pid(child: &mut Child, jailed: bool) -> Result<u32, Option<VmmError>> {
+    use tokio::io::AsyncBufReadExt;
+    let own = child.id().expect("a just-spawned child has a pid");
+    if !jailed {
+        return Ok(own);
+    }
+    let out = child.stdout.take().expect("the helper's stdout is piped");
+    let mut line = String::new();
+    // A pid is a few digits: a longer line is not the helper's.
+    let mut reader = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(out, 32));
+    match tokio::time::timeout(QMP_TIMEOUT, reader.read_line(&mut line)).await {
+        Ok(Ok(_)) => line.trim().parse().map_err(|_| None),
+        Ok(Err(e)) => Err(Some(VmmError::Io { what: format!("cannot read from the jail helper {own}"), source: e })),
+        Err(_) => Err(Some(VmmError::QmpTimeout(QMP_TIMEOUT.as_secs()))),
+    }
+}
+
+/// The `cgroup.procs` files QEMU joins before it starts, as C strings made before the fork.
+fn cgroup_procs_files(_cfg: &VmConfig) -> Result<Vec<std::ffi::CString>, VmmError> {
+    Ok(Vec::new())
 }
 
 /// Capabilities and parameters both ends of a migration must agree on. The VM is paused, so the
@@ -574,6 +640,7 @@ pub(crate) mod tests {
             memory: None,
             incoming: false,
             nic: false,
+            jail: None,
         }
     }
 

@@ -183,6 +183,14 @@ fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// An overcommit ratio: a number above 0 and at most 100.
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 && r <= 100.0 => Ok(r),
+        _ => Err(format!("{s:?} is not a ratio; use a number above 0 and at most 100, e.g. 1.5")),
+    }
+}
+
 /// What a new sandbox looks like.
 #[derive(Debug, Args)]
 pub struct CreateArgs {
@@ -557,6 +565,20 @@ pub struct ServeArgs {
     /// Most sandboxes that may be live at once.
     #[arg(long, env = "MOAT_MAX_SANDBOXES", default_value_t = 32)]
     pub max_sandboxes: usize,
+    /// Refuse a sandbox when the memory of live sandboxes (guest RAM plus QEMU's overhead) would
+    /// pass the host's RAM times R.
+    #[arg(long, value_name = "R", env = "MOAT_MEMORY_OVERCOMMIT", value_parser = parse_ratio,
+          default_value_t = moat_daemon::service::admission::DEFAULT_MEMORY_OVERCOMMIT)]
+    pub memory_overcommit: f64,
+    /// Refuse a sandbox when what sandbox disks may still grow by would pass the free space
+    /// under the home times R (disks are thin: they take space only as the guest writes).
+    #[arg(long, value_name = "R", env = "MOAT_DISK_OVERCOMMIT", value_parser = parse_ratio,
+          default_value_t = moat_daemon::service::admission::DEFAULT_DISK_OVERCOMMIT)]
+    pub disk_overcommit: f64,
+    /// Refuse to start unless sandboxes run under KVM: without it (TCG) QEMU is the only
+    /// boundary between a guest and the host.
+    #[arg(long, env = "MOAT_REQUIRE_KVM")]
+    pub require_kvm: bool,
     /// Exit after this long without sandboxes or requests.
     #[arg(long, value_parser = parse_duration)]
     pub idle_exit: Option<Duration>,

@@ -2,6 +2,12 @@ use clap::Parser;
 use moat::cli::Cli;
 
 fn main() {
+    // The daemon starts every QEMU through `moat __jail …`: a small single-threaded helper that
+    // builds the jail and never reaches the CLI.
+    let mut raw = std::env::args_os();
+    if raw.nth(1).is_some_and(|a| a == moat_vmm::JAIL_ARG) {
+        moat_vmm::jail_main(raw.collect());
+    }
     // Before clap reads the environment, and before any thread starts.
     let args: Vec<String> = std::env::args().collect();
     if let Err(e) = moat::config::load(&args) {

@@ -665,8 +665,17 @@ async fn the_cli_drives_a_detached_sandbox() {
     let (_, table, _) = moat(&["ps"]);
     let mut lines = table.lines();
     let (header, row) = (lines.next().expect("a header"), lines.next().expect("a row"));
-    for (col, value) in [("PHASE", "running"), ("IMAGE", "minimal")] {
+    for (col, value) in [("PHASE", "running"), ("IMAGE", "minimal"), ("ACCEL", sb.accel.as_str())] {
         assert_eq!(header.find(col), row.find(value), "{col} column aligned:\n{table}");
+    }
+    // Software emulation says what it means for isolation.
+    let (_, shown, _) = moat(&["inspect", "box"]);
+    let accel = shown.lines().find(|l| l.starts_with("accel:")).unwrap_or_default();
+    match sb.accel.as_str() {
+        "tcg" => {
+            assert!(accel.ends_with("tcg (software emulation: QEMU is the only boundary, not a hardware one)"), "{accel}")
+        }
+        other => assert!(accel.ends_with(other), "{accel}"),
     }
 
     let (code, _, err) = moat(&["stop", "box"]);
@@ -685,4 +694,67 @@ async fn the_cli_drives_a_detached_sandbox() {
     assert!(ps().is_empty());
     assert!(home.qemus().is_empty());
     assert_eq!(home.run_entries(), Vec::<String>::new());
+}
+
+/// A daemon whose memory budget is a sliver of the host refuses `moat run` before anything boots,
+/// and the error gives the numbers and the flag that changes the ratio.
+#[tokio::test]
+async fn a_run_past_the_memory_budget_is_refused_with_the_numbers_and_boots_nothing() {
+    let mut home = Home::new();
+    let client = home.serve(&["--memory-overcommit", "0.0001"]).await;
+    let out = moat_in(home.path()).args(["run", "--", "true"]).stdin(Stdio::null()).output().expect("moat runs");
+    let err = text(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("not enough memory: this sandbox asks for 512 MiB + 160 MiB QEMU overhead; 0 MiB of the"),
+        "{err}"
+    );
+    assert!(
+        err.contains("RAM × 0.0001) is committed to 0 live sandboxes;") && err.contains("free on the host"),
+        "{err}"
+    );
+    assert!(err.contains("`moat serve --memory-overcommit R` (config `memory_overcommit`)"), "{err}");
+    assert!(client.list().await.expect("the daemon lists").is_empty(), "nothing was recorded");
+    assert!(home.qemus().is_empty(), "no VM was booted");
+    assert_eq!(home.run_entries(), Vec::<String>::new());
+}
+
+/// `moat serve --require-kvm` runs sandboxes under KVM or not at all: where KVM is unusable (as
+/// on hosts without nested virtualisation) it refuses to start, saying why.
+#[tokio::test]
+async fn serve_with_require_kvm_starts_only_where_kvm_works() {
+    let mut home = Home::new();
+    // Contradicting settings and ratios out of range stop it before anything is touched.
+    let (status, log) = home.serve_refused(&["--require-kvm", "--accel", "tcg"]).await;
+    assert!(!status.success() && log.contains("--require-kvm and --accel tcg contradict each other"), "{log}");
+    for bad in ["0", "-1", "NaN", "inf", "101"] {
+        let (status, log) = home.serve_refused(&[&format!("--disk-overcommit={bad}")]).await;
+        assert!(!status.success() && log.contains("a number above 0 and at most 100"), "{bad}: {log}");
+    }
+
+    let pid = home.spawn_daemon(&["--require-kvm"], "daemon.log");
+    let client = home.client();
+    let deadline = Deadline::new("the daemon to answer or refuse", DAEMON_START);
+    loop {
+        if let Some(status) = home.daemon(pid).try_wait().expect("child state readable") {
+            let log = home.log("daemon.log");
+            assert!(!status.success(), "{log}");
+            assert!(
+                log.contains(
+                    "KVM is required (--require-kvm), and sandboxes on this host would run under TCG: kvm unusable: "
+                ),
+                "the refusal says why KVM is unusable: {log}"
+            );
+            assert!(log.contains("drop --require-kvm (config `require_kvm`)"), "{log}");
+            assert!(home.qemus().is_empty());
+            return;
+        }
+        match client.health().await {
+            Ok(h) => {
+                assert_eq!(h.accel, "kvm", "a daemon that requires KVM runs only with it: {}", h.accel_reason);
+                return;
+            }
+            Err(e) => deadline.tick(&e).await,
+        }
+    }
 }

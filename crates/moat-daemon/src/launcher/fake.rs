@@ -311,6 +311,7 @@ impl TestService {
             agent: None,
             accel: moat_vmm::AccelChoice::Tcg,
             probe_timeout: std::time::Duration::from_secs(1),
+            jail: false,
         };
         for dir in [config.run_dir(), config.cache_dir()] {
             std::fs::create_dir_all(dir).expect("the home's directories");
@@ -328,6 +329,7 @@ impl TestService {
             initrd: config.cache_dir().join("initrd-fake.img"),
             accel: moat_vmm::AccelDecision { accel: moat_vmm::Accel::Tcg, reason: "fake".into(), from_cache: true },
             images,
+            jail: None,
             config,
         };
         let db = Db::open(home.path()).expect("a state database");

@@ -308,6 +308,11 @@ impl Service {
         let info = self.db(|db| db.get(&info.id))?.ok_or_else(|| not_found(reference))?;
         let s = self.own_snapshot(&info, snapshot)?;
         self.check_restorable(&s)?;
+        // A sandbox at rest must fit the host again; a running one hands its own memory over.
+        let _admitted = match info.phase {
+            p if p.is_at_rest() => self.admit_start(&info)?,
+            _ => self.keep_counted(&info.id),
+        };
         match info.phase {
             Phase::Running | Phase::Booting => {
                 self.stop_locked(&info.id, Phase::Stopped).await?;
@@ -358,6 +363,8 @@ impl Service {
         let mut net = self.db(|db| db.net_spec(&info.id))?;
         self.fill_secrets(&info, &mut net)?;
         net.ports.clear();
+        // All of them must fit before the source is saved; each create checks itself again.
+        self.db(|db| Ok(self.admit(db, &super::admission::Ask::forks(count, &info))))??;
         let snapshot = match &req.snapshot {
             Some(s) => {
                 let s = self.own_snapshot(&info, s)?;

@@ -7,10 +7,28 @@ use moat_api::{CreateSandbox, ErrorCode, NetMode, NetSpec, Phase, SecretSpec, Sn
 use moat_sandbox::Shape;
 
 use crate::launcher::fake::{Call, Outcome, Source, TestService, IMAGE_DIGEST};
+use crate::service::admission::{HostProbe, HostResources};
 use crate::service::Limits;
 
+const MIB: u64 = 1 << 20;
+
+/// A host of `memory_mib` RAM and `disk_mib` free under the home, whatever machine runs the test.
+fn host(memory_mib: u64, disk_mib: u64) -> HostProbe {
+    HostProbe::Fixed(HostResources {
+        memory_bytes: memory_mib * MIB,
+        available_memory_bytes: memory_mib * MIB / 2,
+        disk_free_bytes: disk_mib * MIB,
+    })
+}
+
 fn limits() -> Limits {
-    Limits { templates: false, ..Limits::default() }
+    Limits { templates: false, host: host(64 << 10, 1 << 20), ..Limits::default() }
+}
+
+/// Room for exactly `n` sandboxes of the default size (512 MiB + 160 MiB of QEMU) at a ratio of 1.
+fn room_for(n: u64) -> Limits {
+    let memory = n * (u64::from(moat_api::DEFAULT_MEMORY_MIB) + 160) + 100;
+    Limits { memory_overcommit: 1.0, host: host(memory, 1 << 20), ..limits() }
 }
 
 #[tokio::test]
@@ -320,4 +338,146 @@ async fn a_create_over_the_cap_is_refused_before_its_missing_image_is_made() {
     assert_eq!(e.code, ErrorCode::LimitReached, "{}", e.message);
     let events = t.svc.db(|db| db.events_after(0, 100)).unwrap();
     assert!(events.iter().all(|e| e.kind != "image"), "nothing was made: {events:?}");
+}
+
+/// A create past the memory budget is refused with the numbers and the flag, before its missing
+/// image is pulled and before any QEMU starts; a stop makes room again.
+#[tokio::test]
+async fn a_create_over_the_memory_budget_is_refused_with_the_numbers_before_anything_is_made() {
+    let t = TestService::new(Limits { memory_overcommit: 1.5, host: host(4096, 1 << 20), ..limits() });
+    let big = |name: &str| CreateSandbox { memory_mib: Some(2048), ..TestService::request(name) };
+    t.svc.create(big("first")).await.expect("2208 MiB of a 6144 MiB budget fits");
+    t.svc.create(big("second")).await.expect("4416 MiB fits");
+    // On loopback, closed: were it pulled, the pull would fail here and never leave the host.
+    let missing = CreateSandbox { image: Some("127.0.0.1:9/app:1".into()), ..big("third") };
+    let e = t.svc.create(missing).await.expect_err("6624 MiB does not fit");
+    assert_eq!(e.code, ErrorCode::InsufficientResources, "{}", e.message);
+    assert_eq!(
+        e.message,
+        "not enough memory: this sandbox asks for 2048 MiB + 160 MiB QEMU overhead; 4.3 GiB of the 6.0 GiB \
+         budget (4.0 GiB RAM × 1.5) is committed to 2 live sandboxes; 2.0 GiB is free on the host"
+    );
+    assert_eq!(
+        e.hint,
+        "stop or remove a sandbox, ask for less (--memory), or raise the ratio with `moat serve \
+         --memory-overcommit R` (config `memory_overcommit`)"
+    );
+    assert_eq!(t.vms.starts().len(), 2, "no QEMU for the refused one");
+    let events = t.svc.db(|db| db.events_after(0, 100)).unwrap();
+    assert!(events.iter().all(|e| e.kind != "image"), "nothing was pulled: {events:?}");
+    assert_eq!(t.svc.list().unwrap().len(), 2, "nothing was recorded");
+
+    // A stopped sandbox holds no memory.
+    t.svc.stop("first").await.unwrap();
+    t.svc.create(big("third")).await.expect("room again after a stop");
+    // Starting the stopped one again would pass the budget: refused, its record left at rest.
+    let e = t.svc.start("first").await.expect_err("no room to start it");
+    assert_eq!(e.code, ErrorCode::InsufficientResources);
+    assert!(e.message.starts_with("not enough memory: sandbox first asks for 2048 MiB"), "{}", e.message);
+    assert!(!e.hint.contains("--memory)"), "a start cannot ask for less: {}", e.hint);
+    assert_eq!(t.svc.resolve("first").unwrap().phase, Phase::Stopped);
+    assert_eq!(t.vms.starts().len(), 3);
+}
+
+/// A fork of n is refused when the n together do not fit, before the source is saved.
+#[tokio::test]
+async fn a_fork_whose_clones_together_pass_the_budget_is_refused_before_the_source_is_saved() {
+    let t = TestService::new(room_for(3));
+    t.svc.create(TestService::request("source")).await.unwrap();
+    let fork = |n| moat_api::Fork { count: Some(n), ..Default::default() };
+    let e = t.svc.fork("source", fork(3)).await.expect_err("4 sandboxes do not fit where 3 do");
+    assert_eq!(e.code, ErrorCode::InsufficientResources, "{}", e.message);
+    assert!(
+        e.message.starts_with(
+            "not enough memory: these 3 sandboxes ask for 3 × (512 MiB + 160 MiB QEMU overhead) = 2.0 GiB; \
+             672 MiB of the"
+        ),
+        "{}",
+        e.message
+    );
+    assert!(e.hint.contains("fork fewer (-n)") && e.hint.contains("--memory-overcommit"), "{}", e.hint);
+    assert!(!t.vms.calls().iter().any(|c| matches!(c, Call::Snapshot { .. })), "the source was not saved");
+    assert_eq!(t.vms.starts().len(), 1);
+    assert_eq!(t.svc.snapshots(None).unwrap(), []);
+
+    let forked = t.svc.fork("source", fork(2)).await.expect("3 sandboxes fit");
+    assert_eq!(forked.sandboxes.len(), 2);
+    assert!(forked.sandboxes.iter().all(|s| s.phase == Phase::Running));
+}
+
+/// Creates and starts in parallel: the check and what makes the ask count happen under one lock,
+/// so no two pass on the same free memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_creates_and_starts_cannot_pass_on_the_same_memory() {
+    let t = TestService::new(room_for(3));
+    // Every start waits, so the creates that pass are all in flight (booting) at once.
+    t.vms.hold_starts();
+    let mut creates = tokio::task::JoinSet::new();
+    for i in 0..6 {
+        let svc = t.svc.clone();
+        creates.spawn(async move { svc.create(TestService::request(&format!("box-{i}"))).await });
+    }
+    for _ in 0..3 {
+        let done = tokio::time::timeout(Duration::from_secs(10), creates.join_next()).await;
+        let r = done.expect("the creates that do not fit are refused at once").expect("a create is left").unwrap();
+        let e = r.expect_err("only refused creates end while starts are held");
+        assert_eq!(e.code, ErrorCode::InsufficientResources, "{}", e.message);
+    }
+    t.vms.release_starts();
+    let mut running = Vec::new();
+    while let Some(r) = creates.join_next().await {
+        running.push(r.unwrap().expect("a create that fits boots").name);
+    }
+    assert_eq!(running.len(), 3);
+    assert_eq!(t.vms.starts().len(), 3);
+
+    // Two stopped, one new in their room: the two cannot both start again. A start counts from
+    // its admission on, before its record leaves the phase it rests in.
+    for name in &running[..2] {
+        t.svc.stop(name).await.unwrap();
+    }
+    t.svc.create(TestService::request("newcomer")).await.unwrap();
+    let first = t.svc.resolve(&running[0]).unwrap();
+    let admitted = t.svc.admit_start(&first).expect("one more fits");
+    assert_eq!(t.get(&first.id).phase, Phase::Stopped);
+    let e = t.svc.start(&running[1]).await.expect_err("the admitted start holds the room");
+    assert_eq!(e.code, ErrorCode::InsufficientResources, "{}", e.message);
+    drop(admitted);
+    t.svc.start(&running[1]).await.expect("the room is free again");
+    assert_eq!(t.vms.starts().len(), 5);
+}
+
+/// Disks are thin: their growth is admitted against the free space times the ratio.
+#[tokio::test]
+async fn a_create_whose_disk_would_pass_the_free_space_is_refused_with_the_numbers() {
+    let t = TestService::new(Limits { disk_overcommit: 2.0, host: host(64 << 10, 3072), ..limits() });
+    let disk = |name: &str, mib| CreateSandbox { disk_mib: Some(mib), ..TestService::request(name) };
+    t.svc.create(disk("first", 4096)).await.expect("4 GiB of 6 GiB fits");
+    let e = t.svc.create(disk("second", 4096)).await.expect_err("the first's disk may still grow to 4 GiB");
+    assert_eq!(e.code, ErrorCode::InsufficientResources, "{}", e.message);
+    let home = t.svc.rt.config.home.display().to_string();
+    assert!(
+        e.message.starts_with("not enough disk: this sandbox asks for a disk of 4.0 GiB; the disks of 1 sandbox may")
+            && e.message.ends_with(&format!("3.0 GiB is free under {home}, and disks may claim 6.0 GiB (3.0 GiB × 2)")),
+        "{}",
+        e.message
+    );
+    assert!(e.hint.contains("--disk)") && e.hint.contains("`moat serve --disk-overcommit R`"), "{}", e.hint);
+    assert_eq!(t.vms.starts().len(), 1);
+    // A stopped sandbox's disk can grow again when it starts: it still counts.
+    t.svc.stop("first").await.unwrap();
+    t.svc.create(disk("second", 4096)).await.expect_err("the stopped disk counts");
+    t.svc.create(disk("second", 2048)).await.expect("a smaller disk fits");
+}
+
+/// With `require_kvm`, a daemon whose sandboxes would run under TCG refuses them, saying why.
+#[tokio::test]
+async fn without_kvm_a_daemon_that_requires_it_starts_nothing() {
+    let t = TestService::new(Limits { require_kvm: true, ..limits() });
+    let e = t.svc.create(TestService::request("box")).await.expect_err("this host runs TCG");
+    assert_eq!(e.code, ErrorCode::Incompatible);
+    assert_eq!(e.message, "KVM is required (--require-kvm), and sandboxes on this host would run under TCG: fake");
+    assert!(e.hint.contains("drop --require-kvm (config `require_kvm`)"), "{}", e.hint);
+    assert_eq!(t.vms.calls(), []);
+    assert_eq!(t.svc.list().unwrap(), []);
 }

@@ -18,6 +18,13 @@ const AUTO_IDLE_EXIT: &str = "10m";
 const START_TIMEOUT: Duration = Duration::from_secs(180);
 
 pub async fn serve(args: ServeArgs, host: &HostArgs) -> anyhow::Result<i32> {
+    if args.require_kvm && host.accel == moat_vmm::AccelChoice::Tcg {
+        return Err(Hinted::new(
+            "--require-kvm and --accel tcg contradict each other",
+            "drop one of them: --accel auto (or kvm) with --require-kvm runs sandboxes only under KVM",
+        )
+        .into());
+    }
     let mcp = moat_mcp::Policy {
         all_sandboxes: args.mcp_all_sandboxes,
         max_sandboxes: args.mcp_max_sandboxes,
@@ -42,6 +49,9 @@ pub async fn serve(args: ServeArgs, host: &HostArgs) -> anyhow::Result<i32> {
             max_sandboxes: args.max_sandboxes,
             templates: !args.no_templates,
             host_addresses: args.host_address,
+            memory_overcommit: args.memory_overcommit,
+            disk_overcommit: args.disk_overcommit,
+            require_kvm: args.require_kvm,
             ..Default::default()
         },
         tcp: match args.tcp {

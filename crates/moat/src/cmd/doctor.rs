@@ -137,7 +137,40 @@ async fn run_checks(host: &HostArgs) -> anyhow::Result<Vec<Check>> {
         )),
     }
     checks.push(state_check(&config.home));
+    checks.push(cgroup_check());
     Ok(checks)
+}
+
+/// Per-sandbox limits: the cgroup version, and each controller moat limits with, usable or not.
+/// Sandboxes run without the limits they cannot have, so a gap is degraded, not a failure.
+fn cgroup_check() -> Check {
+    const NAME: &str = "cgroups";
+    let degraded = |detail: String, fix: String| Check { name: NAME, status: Status::Degraded, detail, fix: Some(fix) };
+    let host = match moat_vmm::CgroupHost::detect() {
+        Ok(host) => host,
+        Err(e) => {
+            let fix = moat_hint::Hint::hint(&e).map(String::from);
+            return degraded(
+                format!("sandboxes run without limits: {}", one_line(&e)),
+                fix.unwrap_or_else(|| "mount cgroup2 at /sys/fs/cgroup".into()),
+            );
+        }
+    };
+    let controllers = host.controllers();
+    let usable: Vec<&str> = controllers.iter().filter(|(_, u)| u.is_ok()).map(|(name, _)| *name).collect();
+    let unusable: Vec<_> = controllers.iter().filter_map(|(name, u)| u.as_ref().err().map(|u| (*name, u))).collect();
+    let limited = if usable.is_empty() { "no limits".to_string() } else { format!("{} limited", usable.join(", ")) };
+    if unusable.is_empty() {
+        return Check::ok(NAME, format!("{}: {limited} per sandbox", host.version()));
+    }
+    let why: Vec<String> = unusable.iter().map(|(name, u)| format!("{name} ({})", u.reason)).collect();
+    let mut fixes: Vec<&str> = Vec::new();
+    for (_, u) in &unusable {
+        if !fixes.contains(&u.fix.as_str()) {
+            fixes.push(&u.fix);
+        }
+    }
+    degraded(format!("{}: {limited}; not usable: {}", host.version(), why.join("; ")), fixes.join("; "))
 }
 
 /// The daemon's state database: present and sound, or what to do to recover.

@@ -38,18 +38,19 @@ pub async fn ps(args: PsArgs, host: &HostArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     println!(
-        "{:<12}  {:<20}  {:<9}  {:<10}  {:>4}  {:>7}  {:<10}  EXPIRES",
-        "ID", "NAME", "PHASE", "IMAGE", "CPUS", "MEMORY", "CREATED"
+        "{:<12}  {:<20}  {:<9}  {:<10}  {:>4}  {:>7}  {:<5}  {:<10}  EXPIRES",
+        "ID", "NAME", "PHASE", "IMAGE", "CPUS", "MEMORY", "ACCEL", "CREATED"
     );
     for s in list {
         println!(
-            "{:<12}  {:<20}  {:<9}  {:<10}  {:>4}  {:>6}M  {:<10}  {}",
+            "{:<12}  {:<20}  {:<9}  {:<10}  {:>4}  {:>6}M  {:<5}  {:<10}  {}",
             s.id,
             s.name,
             s.phase,
             s.image,
             s.vcpus,
             s.memory_mib,
+            s.accel,
             ago_or_in(s.created_at),
             s.expires_at.map(ago_or_in).unwrap_or_else(|| "-".into())
         );
@@ -82,7 +83,10 @@ fn print_info(s: &SandboxInfo) {
     println!("name:        {}", s.name);
     println!("phase:       {}", s.phase);
     println!("image:       {} ({})", s.image, s.image_digest);
-    println!("accel:       {}", s.accel);
+    match s.accel.as_str() {
+        "tcg" => println!("accel:       tcg (software emulation: QEMU is the only boundary, not a hardware one)"),
+        accel => println!("accel:       {accel}"),
+    }
     println!("vcpus:       {}", s.vcpus);
     println!("memory:      {} MiB", s.memory_mib);
     println!("disk:        {} MiB", s.disk_mib);

@@ -1,0 +1,706 @@
+//! The jail every QEMU runs in. Firecracker's jailer is the model: a uid of its own, its own
+//! mount, PID, IPC, UTS and network namespaces, and a root that holds only what QEMU needs.
+//!
+//! Under TCG QEMU itself is the only boundary between the guest and the host, so what an escape
+//! from QEMU gets must be as little as possible:
+//! - **a uid that owns nothing else** (root daemons): each VM gets a uid from a range no user
+//!   has, with the same number as its gid, and one shared group that the read-only files all
+//!   VMs use (image bases, snapshot layers and RAM, the initramfs) are readable by;
+//! - **a root of its own**: a small read-only tmpfs with `/usr` (QEMU and its libraries), four
+//!   device nodes, and exactly the VM's files bound in at their host paths (so the command line
+//!   is the same in and out of the jail): the kernel, the initramfs, the disk and its backing
+//!   chain, the RAM file, its console log and pidfile, and a directory for its sockets. The
+//!   daemon's state, secrets, other sandboxes and the host's files are not there at all;
+//! - **namespaces**: PID (QEMU is PID 1 of its own: it cannot see or signal any other process),
+//!   IPC, UTS, network (no network at all: its NIC and agent are unix sockets, which are files)
+//!   and mount;
+//! - no capabilities, `no_new_privs`, and QEMU's own seccomp filter (`-sandbox on`).
+//!
+//! The jail is set up by a small helper: the moat binary started as `moat __jail SPEC QEMU ARGS…`
+//! ([`JAIL_ARG`], [`main`]). It enters the namespaces, forks QEMU as PID 1 of the new PID
+//! namespace, prints QEMU's host pid on stdout, and stays as its parent: it waits for QEMU and
+//! exits as QEMU did, and QEMU dies with it (`PR_SET_PDEATHSIG`). A separate program rather than
+//! a `pre_exec` hook, because a process only enters a new PID namespace by being forked into it,
+//! and because the setup (mounts, error messages) is ordinary single-threaded code there.
+//!
+//! A daemon that is not root cannot give QEMU another uid: it uses a user namespace that maps its
+//! own ids ([`JailIds::Own`]), and keeps every other layer.
+
+use std::collections::HashSet;
+use std::ffi::{CString, OsStr, OsString};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{Memory, VmConfig};
+
+/// The first argument that makes the moat binary the jail helper.
+pub const JAIL_ARG: &str = "__jail";
+
+/// Where jailed QEMUs' uids come from by default: 65536 ids at 0x6d6f0000 ("mo"), inside the
+/// range systemd leaves to containers and far from users' and subordinate ids.
+pub const DEFAULT_UID_BASE: u32 = 0x6d6f_0000;
+pub const DEFAULT_UID_COUNT: u32 = 65536;
+
+/// How QEMUs are jailed on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Jail {
+    /// The program that sets the jail up: the moat binary (run as `HELPER __jail …`).
+    pub helper: PathBuf,
+    pub ids: JailIds,
+    /// The only directories a disk's backing files may be in (the image store, the snapshot and
+    /// template directories). A QEMU that escaped could rewrite its own disk's header to name any
+    /// host file as its backing file; such a disk is refused, never bound into a jail.
+    pub read_roots: Vec<PathBuf>,
+}
+
+/// Which ids a jailed QEMU runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JailIds {
+    /// A root daemon: QEMU runs as a uid (and gid) of its own from `base + 1 .. base + count`,
+    /// with the supplementary group `base`, which the files QEMUs share read-only belong to.
+    Range { base: u32, count: u32 },
+    /// A daemon without root: a user namespace maps the daemon's own ids, so QEMU keeps the
+    /// daemon's uid on the host (and every other layer of the jail).
+    Own,
+}
+
+impl JailIds {
+    /// The group of the files all jailed QEMUs read, when there is one.
+    pub fn shared_gid(&self) -> Option<u32> {
+        match self {
+            JailIds::Range { base, .. } => Some(*base),
+            JailIds::Own => None,
+        }
+    }
+}
+
+/// Why a QEMU could not be jailed. Messages are sentences.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error("the disk {} names {} as its backing file, which is outside the image and snapshot stores", disk.display(), backing.display())]
+    UntrustedBacking { disk: PathBuf, backing: PathBuf },
+    #[error("cannot read the disk header of {}: {reason}", path.display())]
+    BadDisk { path: PathBuf, reason: String },
+    #[error("all {0} uids of the jail range are in use")]
+    NoFreeUid(u32),
+    #[error("{} is not readable by jailed QEMUs (mode {mode:o}, outside moat's home)", path.display())]
+    Unreadable { path: PathBuf, mode: u32 },
+    #[error("the saved RAM file {} was written to after it was saved", path.display())]
+    Tampered { path: PathBuf },
+    #[error("cannot prepare {} for the jail", path.display())]
+    Prepare { path: PathBuf, source: std::io::Error },
+}
+
+impl moat_hint::Hint for JailError {
+    fn hint(&self) -> Option<std::borrow::Cow<'static, str>> {
+        Some(match self {
+            JailError::UntrustedBacking { .. } => {
+                "the disk was changed behind moat's back; remove the sandbox (`moat rm -f`) and create it again".into()
+            }
+            JailError::BadDisk { .. } => "the disk is damaged; remove the sandbox and create it again".into(),
+            JailError::Tampered { .. } => {
+                "a sandbox restored from it may have changed it; remove the snapshot (templates are made again)".into()
+            }
+            JailError::NoFreeUid(_) => "stop some sandboxes, or widen the range (`jail.uid_count`)".into(),
+            JailError::Unreadable { .. } => "make it world-readable (`chmod o+r`), or point moat at a copy that is".into(),
+            JailError::Prepare { .. } => return None,
+        })
+    }
+}
+
+/// What the helper needs to build one jail, passed to it as JSON.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Spec {
+    /// An empty directory the jail's root (a tmpfs) is mounted on, in the jail's own mount
+    /// namespace only.
+    pub root: PathBuf,
+    pub hostname: String,
+    /// uid, gid and supplementary group to run QEMU as; `None`: a user namespace with the
+    /// helper's own ids.
+    pub ids: Option<(u32, u32, u32)>,
+    /// Host paths bound into the jail at the same path.
+    pub binds: Vec<Bind>,
+    /// Symbolic links to recreate in the jail (`/lib` → `usr/lib` on merged-/usr hosts).
+    pub links: Vec<(PathBuf, PathBuf)>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Bind {
+    pub path: PathBuf,
+    pub writable: bool,
+}
+
+/// Files and directories in the run directory that QEMU creates itself are created there
+/// beforehand: QEMU gets no write access to the run directory, where the daemon keeps its own
+/// files. Its sockets go into [`SOCKET_DIR`], the one directory it may write.
+pub const SOCKET_DIR: &str = "sock";
+/// The mount point of the jail's root, an empty directory in the run directory.
+const ROOT_DIR: &str = "jail";
+
+/// The uids this process has handed to QEMUs that still run, so two VMs started at the same time
+/// never get the same one. QEMUs of earlier daemons are found through `/proc`.
+static TAKEN: Mutex<Option<HashSet<u32>>> = Mutex::new(None);
+
+/// A uid given to one VM; given back when dropped.
+#[derive(Debug)]
+pub(crate) struct UidLease(pub u32);
+
+impl Drop for UidLease {
+    fn drop(&mut self) {
+        if let Some(taken) = TAKEN.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            taken.remove(&self.0);
+        }
+    }
+}
+
+/// A uid of the range that no process has and no other VM of this process was given.
+fn lease_uid(base: u32, count: u32) -> Result<UidLease, JailError> {
+    let running: HashSet<u32> = std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().as_bytes().iter().all(u8::is_ascii_digit))
+                .filter_map(|e| e.metadata().ok().map(|m| m.uid()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut taken = TAKEN.lock().unwrap_or_else(|e| e.into_inner());
+    let taken = taken.get_or_insert_with(HashSet::new);
+    let slots = count.saturating_sub(1).max(1);
+    let start = rand_u32() % slots;
+    for i in 0..slots {
+        let uid = base + 1 + (start + i) % slots;
+        if !taken.contains(&uid) && !running.contains(&uid) {
+            taken.insert(uid);
+            return Ok(UidLease(uid));
+        }
+    }
+    Err(JailError::NoFreeUid(slots))
+}
+
+fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`. Should it fail, a zero start
+    // is as good as any.
+    unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    u32::from_ne_bytes(b)
+}
+
+/// Everything the helper needs for `cfg`'s QEMU, with the VM's files made accessible to the
+/// uid it will run as. Returns the spec and the uid lease (none for [`JailIds::Own`]).
+pub(crate) fn prepare(cfg: &VmConfig, jail: &Jail) -> Result<(Spec, Option<UidLease>), JailError> {
+    let lease = match jail.ids {
+        JailIds::Range { base, count } => Some(lease_uid(base, count)?),
+        JailIds::Own => None,
+    };
+    let ids = lease.as_ref().zip(jail.ids.shared_gid()).map(|(l, shared)| (l.0, l.0, shared));
+    let owner = ids.map(|(uid, gid, _)| (uid, gid));
+    let shared = jail.ids.shared_gid();
+    let mut binds = Vec::new();
+    let writable = |path: PathBuf, binds: &mut Vec<Bind>| -> Result<(), JailError> {
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(prep(&path))?;
+        }
+        binds.push(Bind { path, writable: true });
+        Ok(())
+    };
+    // The run directory stays the daemon's; QEMU writes only these, made for it here.
+    let root = cfg.run_dir.join(ROOT_DIR);
+    std::fs::create_dir_all(&root).map_err(prep(&root))?;
+    let sockets = cfg.run_dir.join(SOCKET_DIR);
+    std::fs::create_dir_all(&sockets).map_err(prep(&sockets))?;
+    std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o700)).map_err(prep(&sockets))?;
+    writable(sockets, &mut binds)?;
+    for file in [cfg.console_log(), cfg.pid_file()] {
+        create_private_file(&file).map_err(prep(&file))?;
+        writable(file, &mut binds)?;
+    }
+    let mut shared_reads = vec![cfg.initrd.clone()];
+    if let Some(disk) = &cfg.root_disk {
+        shared_reads.extend(backing_chain(disk, &jail.read_roots)?);
+        writable(disk.clone(), &mut binds)?;
+    }
+    match &cfg.memory {
+        Some(Memory::Own(mem)) => {
+            if !mem.exists() {
+                create_private_file(mem).map_err(prep(mem))?;
+            }
+            writable(mem.clone(), &mut binds)?;
+        }
+        Some(Memory::Snapshot(mem)) => {
+            if let Some(gid) = shared {
+                check_seal(mem, gid)?;
+            }
+            binds.push(Bind { path: mem.clone(), writable: true });
+        }
+        None => {}
+    }
+    for path in shared_reads {
+        if let Some(gid) = shared {
+            share_read_only(&path, gid).map_err(prep(&path))?;
+        }
+        binds.push(Bind { path, writable: false });
+    }
+    // The kernel is the host's (/boot), not moat's to change: it must be readable as it is.
+    let meta = std::fs::metadata(&cfg.kernel).map_err(prep(&cfg.kernel))?;
+    if shared.is_some() && meta.mode() & 0o004 == 0 {
+        return Err(JailError::Unreadable { path: cfg.kernel.clone(), mode: meta.mode() & 0o7777 });
+    }
+    binds.push(Bind { path: cfg.kernel.clone(), writable: false });
+    if !cfg.qemu.starts_with("/usr/") {
+        binds.push(Bind { path: cfg.qemu.clone(), writable: false });
+    }
+    binds.push(Bind { path: "/usr".into(), writable: false });
+    for dev in ["/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"] {
+        binds.push(Bind { path: dev.into(), writable: true });
+    }
+    if cfg.accel == crate::Accel::Kvm {
+        binds.push(Bind { path: "/dev/kvm".into(), writable: true });
+    }
+    let mut links = Vec::new();
+    for top in ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"] {
+        match std::fs::read_link(top) {
+            Ok(target) => links.push((PathBuf::from(top), target)),
+            Err(_) if Path::new(top).is_dir() => binds.push(Bind { path: top.into(), writable: false }),
+            Err(_) => {}
+        }
+    }
+    let spec = Spec { root, hostname: format!("moat-{}", cfg.name), ids, binds, links };
+    Ok((spec, lease))
+}
+
+fn prep(path: &Path) -> impl FnOnce(std::io::Error) -> JailError {
+    let path = path.to_path_buf();
+    move |source| JailError::Prepare { path, source }
+}
+
+/// An empty file only its owner may read and write (replacing any earlier one).
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map(drop)
+}
+
+/// Give a file moat keeps for several VMs to the jails' shared group, readable and nothing more.
+fn share_read_only(path: &Path, gid: u32) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    if meta.gid() != gid {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+    }
+    let mode = (meta.mode() & 0o700) | 0o040;
+    if meta.mode() & 0o7777 != mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
+/// Where the seal of a snapshot's RAM file is kept: beside it, the daemon's.
+fn seal_path(mem: &Path) -> PathBuf {
+    let mut name = mem.as_os_str().to_owned();
+    name.push(".seal");
+    PathBuf::from(name)
+}
+
+/// What identifies one unchanged state of a file: any write to it, or any change of its owner
+/// or mode, moves its ctime, which no one can set back.
+fn seal_of(meta: &std::fs::Metadata) -> String {
+    format!("{} {} {} {}.{:09}\n", meta.dev(), meta.ino(), meta.len(), meta.ctime(), meta.ctime_nsec())
+}
+
+/// Make a snapshot's RAM file usable by jailed QEMUs and seal it.
+///
+/// QEMU 7.2 opens the RAM file it restores from read-write even though it maps it private, so
+/// every jailed QEMU restored from the file could write to it: the file belongs to the jails'
+/// shared group, read-write. What protects the snapshot (and every later sandbox restored from
+/// it) from a QEMU that escaped and wrote to it is the seal taken here: its ctime, checked
+/// before each restore ([`prepare`]), which any write changes for good.
+/// `shared_gid` is [`JailIds::shared_gid`]; the file goes back to the daemon's own uid (a helper
+/// VM may have written it).
+pub fn seal_snapshot_ram(mem: &Path, shared_gid: Option<u32>) -> std::io::Result<()> {
+    if let Some(gid) = shared_gid {
+        std::os::unix::fs::chown(mem, Some(rustix::process::geteuid().as_raw()), Some(gid))?;
+        std::fs::set_permissions(mem, std::fs::Permissions::from_mode(0o660))?;
+    }
+    let seal = seal_of(&std::fs::metadata(mem)?);
+    let path = seal_path(mem);
+    std::fs::write(&path, seal)
+}
+
+/// Refuse a snapshot RAM file that changed since [`seal_snapshot_ram`]. A file without a seal
+/// (saved by a moat before jails) is sealed now.
+fn check_seal(mem: &Path, gid: u32) -> Result<(), JailError> {
+    let path = seal_path(mem);
+    match std::fs::read_to_string(&path) {
+        Ok(seal) => {
+            let now = std::fs::metadata(mem).map_err(prep(mem))?;
+            if seal != seal_of(&now) {
+                return Err(JailError::Tampered { path: mem.to_path_buf() });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => seal_snapshot_ram(mem, Some(gid)).map_err(prep(mem)),
+        Err(e) => Err(prep(&path)(e)),
+    }
+}
+
+/// The backing files below `disk`, each checked to be a regular file inside `roots`.
+fn backing_chain(disk: &Path, roots: &[PathBuf]) -> Result<Vec<PathBuf>, JailError> {
+    /// moat's chains are two deep (overlay, saved layer, base); anything deeper was not made by it.
+    const MAX_DEPTH: usize = 8;
+    let mut chain = Vec::new();
+    let mut current = disk.to_path_buf();
+    while let Some(backing) = qcow2_backing(&current)? {
+        let backing = if backing.is_absolute() { backing } else { current.with_file_name(backing) };
+        let real = std::fs::canonicalize(&backing).ok();
+        let trusted = real.as_ref().is_some_and(|r| {
+            r == &backing && roots.iter().any(|root| r.starts_with(root)) && std::fs::metadata(r).is_ok_and(|m| m.is_file())
+        });
+        if !trusted || chain.len() >= MAX_DEPTH {
+            return Err(JailError::UntrustedBacking { disk: current, backing });
+        }
+        chain.push(backing.clone());
+        current = backing;
+    }
+    Ok(chain)
+}
+
+/// The backing file a qcow2 disk's header names, if any; raw files have none. Reads at most a
+/// few KiB: the header is untrusted (QEMU writes the file).
+pub fn qcow2_backing(path: &Path) -> Result<Option<PathBuf>, JailError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let bad = |reason: String| JailError::BadDisk { path: path.to_path_buf(), reason };
+    let mut file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let mut header = [0u8; 20];
+    if file.read_exact(&mut header).is_err() || &header[..4] != b"QFI\xfb" {
+        return Ok(None);
+    }
+    let offset = u64::from_be_bytes(header[8..16].try_into().expect("8 bytes"));
+    let len = u32::from_be_bytes(header[16..20].try_into().expect("4 bytes")) as usize;
+    if offset == 0 || len == 0 {
+        return Ok(None);
+    }
+    // qcow2 limits the name to 1023 bytes.
+    if len > 1023 {
+        return Err(bad(format!("its backing file name is {len} bytes long")));
+    }
+    let mut name = vec![0u8; len];
+    file.seek(SeekFrom::Start(offset)).and_then(|_| file.read_exact(&mut name)).map_err(|e| bad(e.to_string()))?;
+    if name.contains(&0) {
+        return Err(bad("its backing file name has a NUL byte".into()));
+    }
+    Ok(Some(PathBuf::from(OsStr::from_bytes(&name))))
+}
+
+/// The helper's entry point: `moat __jail SPEC QEMU ARGS…` (without the program and
+/// [`JAIL_ARG`]). Never returns. Errors go to stderr, which is QEMU's log.
+pub fn main(args: Vec<OsString>) -> ! {
+    let code = match helper(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("moat jail: {e}");
+            125
+        }
+    };
+    std::process::exit(code)
+}
+
+fn helper(args: Vec<OsString>) -> Result<i32, String> {
+    let mut args = args.into_iter();
+    let spec = args.next().ok_or("no jail spec given")?;
+    let spec: Spec = serde_json::from_slice(spec.as_bytes()).map_err(|e| format!("bad jail spec: {e}"))?;
+    let qemu = args.next().ok_or("no program given")?;
+    let argv: Vec<CString> = std::iter::once(qemu.clone())
+        .chain(args)
+        .map(|a| CString::new(a.into_vec()).map_err(|_| "an argument has a NUL byte".to_string()))
+        .collect::<Result<_, _>>()?;
+    let qemu = CString::new(qemu.into_vec()).map_err(|_| "the program has a NUL byte")?;
+    let devnull = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").map_err(|e| e.to_string())?;
+
+    use rustix::thread::UnshareFlags as F;
+    let mut flags = F::NEWNS | F::NEWPID | F::NEWIPC | F::NEWUTS | F::NEWNET;
+    if spec.ids.is_none() {
+        let (uid, gid) = (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw());
+        rustix::thread::unshare(F::NEWUSER).map_err(|e| format!("cannot create a user namespace: {e}"))?;
+        std::fs::write("/proc/self/setgroups", "deny").map_err(|e| format!("cannot deny setgroups: {e}"))?;
+        std::fs::write("/proc/self/uid_map", format!("{uid} {uid} 1")).map_err(|e| format!("cannot map the uid: {e}"))?;
+        std::fs::write("/proc/self/gid_map", format!("{gid} {gid} 1")).map_err(|e| format!("cannot map the gid: {e}"))?;
+        flags -= F::NEWUSER;
+    }
+    rustix::thread::unshare(flags).map_err(|e| format!("cannot create the namespaces: {e}"))?;
+    // SAFETY: this process is single-threaded (the helper starts no threads), so the child may
+    // do anything the parent could.
+    match unsafe { libc::fork() } {
+        -1 => Err(format!("cannot fork: {}", std::io::Error::last_os_error())),
+        0 => {
+            let e = child(&spec, &qemu, &argv, &devnull);
+            eprintln!("moat jail: {e}");
+            // SAFETY: _exit is always safe; nothing of the parent's must be flushed here.
+            unsafe { libc::_exit(125) }
+        }
+        pid => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{pid}").and_then(|_| out.flush()).map_err(|e| format!("cannot report the pid: {e}"))?;
+            drop(out);
+            // The daemon reads one line; nothing else of ours goes there.
+            let _ = rustix::stdio::dup2_stdout(&devnull);
+            Ok(wait_for(pid))
+        }
+    }
+}
+
+/// Wait for QEMU and exit as it did: with its code, or by the signal that ended it.
+fn wait_for(pid: libc::pid_t) -> i32 {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes only into `status`.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            break;
+        }
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return 125;
+        }
+    }
+    if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        // SAFETY: resetting a disposition and raising a signal at ourselves.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+        return 128 + sig;
+    }
+    libc::WEXITSTATUS(status)
+}
+
+/// In the new namespaces, as PID 1: build the root, drop privileges, exec QEMU. Returns only on
+/// failure.
+fn child(spec: &Spec, qemu: &CString, argv: &[CString], devnull: &std::fs::File) -> String {
+    match build_and_exec(spec, qemu, argv, devnull) {
+        Err(e) => e,
+        Ok(never) => match never {},
+    }
+}
+
+fn build_and_exec(
+    spec: &Spec,
+    qemu: &CString,
+    argv: &[CString],
+    devnull: &std::fs::File,
+) -> Result<std::convert::Infallible, String> {
+    use rustix::mount::{MountFlags as M, MountPropagationFlags as P};
+    // SAFETY: prctl with these arguments only sets a flag of this process.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } < 0 {
+        return Err(format!("cannot tie QEMU to its parent: {}", std::io::Error::last_os_error()));
+    }
+    let err = |what: &str, path: &Path| {
+        let path = path.display().to_string();
+        let what = what.to_string();
+        move |e: rustix::io::Errno| format!("cannot {what} {path}: {e}")
+    };
+    // The jail's directories must be enterable by QEMU's uid (the daemon's umask is 077); what
+    // QEMU itself creates is private again.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
+    rustix::mount::mount_change("/", P::REC | P::PRIVATE).map_err(err("make private", Path::new("/")))?;
+    let root = &spec.root;
+    rustix::mount::mount("tmpfs", root, "tmpfs", M::NOSUID | M::NODEV, "mode=0755,size=1m")
+        .map_err(err("mount the jail's root on", root))?;
+    for bind in &spec.binds {
+        bind_into(root, bind)?;
+    }
+    for (link, target) in &spec.links {
+        let at = inside(root, link);
+        std::os::unix::fs::symlink(target, &at).map_err(|e| format!("cannot link {}: {e}", at.display()))?;
+    }
+    rustix::system::sethostname(spec.hostname.as_bytes()).map_err(err("set the hostname", Path::new("")))?;
+    rustix::process::chdir(root).map_err(err("enter", root))?;
+    // The old root ends up stacked under the new one, and is detached at once.
+    rustix::process::pivot_root(".", ".").map_err(err("pivot into", root))?;
+    rustix::mount::unmount(".", rustix::mount::UnmountFlags::DETACH).map_err(err("detach the old root", root))?;
+    rustix::process::chdir("/").map_err(err("enter", Path::new("/")))?;
+    rustix::mount::mount_remount("/", M::BIND | M::RDONLY | M::NOSUID | M::NODEV, "")
+        .map_err(err("make read-only", Path::new("/")))?;
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    if let Some((uid, gid, shared)) = spec.ids {
+        drop_to(uid, gid, shared)?;
+    }
+    // SAFETY: prctl with these arguments only sets a flag of this process.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
+        return Err(format!("cannot set no_new_privs: {}", std::io::Error::last_os_error()));
+    }
+    rustix::stdio::dup2_stdin(devnull).map_err(|e| format!("cannot redirect stdin: {e}"))?;
+    rustix::stdio::dup2_stdout(devnull).map_err(|e| format!("cannot redirect stdout: {e}"))?;
+    let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    // Nothing of the helper's but stdio goes to QEMU.
+    // SAFETY: close_range only closes descriptors.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    // SAFETY: `ptrs` is a NULL-terminated array of pointers into `argv`, which outlives the call.
+    unsafe { libc::execv(qemu.as_ptr(), ptrs.as_ptr()) };
+    Err(format!("cannot run {}: {}", qemu.to_string_lossy(), std::io::Error::last_os_error()))
+}
+
+/// `path` inside the jail's root.
+fn inside(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// Bind the host's `bind.path` at the same path in the jail. The source is opened without
+/// following a final symbolic link and bound through its descriptor, so what is checked is what
+/// is bound.
+fn bind_into(root: &Path, bind: &Bind) -> Result<(), String> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    use rustix::mount::MountFlags as M;
+    let path = &bind.path;
+    let fail = |what: &str, e: &dyn std::fmt::Display| format!("cannot {what} {}: {e}", path.display());
+    let src: OwnedFd = rustix::fs::open(path, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| fail("open", &e))?;
+    let stat = rustix::fs::fstat(&src).map_err(|e| fail("inspect", &e))?;
+    let kind = FileType::from_raw_mode(stat.st_mode);
+    let target = inside(root, path);
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| fail("make the parent of", &e))?;
+    }
+    match kind {
+        FileType::Directory => std::fs::create_dir(&target).map_err(|e| fail("make the mount point of", &e))?,
+        FileType::RegularFile | FileType::CharacterDevice => {
+            std::fs::File::create(&target).map_err(|e| fail("make the mount point of", &e))?;
+        }
+        other => return Err(fail("bind", &format!("it is a {other:?}"))),
+    }
+    let source = format!("/proc/self/fd/{}", src.as_raw_fd());
+    rustix::mount::mount_recursive_bind(source.as_str(), &target).map_err(|e| fail("bind", &e))?;
+    // Keep what the host's mount already enforces (a user namespace may not clear it), and add
+    // read-only, nosuid and (but for device nodes) nodev.
+    let host = rustix::fs::fstatvfs(&src).map_err(|e| fail("inspect the mount of", &e))?;
+    let mut flags = M::BIND | M::NOSUID;
+    use rustix::fs::StatVfsMountFlags as V;
+    let keep = [(V::RDONLY, M::RDONLY), (V::NODEV, M::NODEV), (V::NOEXEC, M::NOEXEC), (V::NOATIME, M::NOATIME)];
+    for (vfs, mount) in keep {
+        if host.f_flag.contains(vfs) {
+            flags |= mount;
+        }
+    }
+    if !bind.writable {
+        flags |= M::RDONLY;
+    }
+    if kind != FileType::CharacterDevice {
+        flags |= M::NODEV;
+    }
+    rustix::mount::mount_remount(&target, flags, "").map_err(|e| fail("restrict the bind of", &e))?;
+    Ok(())
+}
+
+/// Become `uid`/`gid` with only the `shared` group, keeping no capability.
+fn drop_to(uid: u32, gid: u32, shared: u32) -> Result<(), String> {
+    let os = || std::io::Error::last_os_error();
+    // SAFETY: plain system calls on this (single-threaded) process's credentials.
+    unsafe {
+        for cap in 0..64 {
+            libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
+        }
+        if libc::setgroups(1, &shared) < 0 {
+            return Err(format!("cannot set the groups: {}", os()));
+        }
+        if libc::setresgid(gid, gid, gid) < 0 {
+            return Err(format!("cannot become gid {gid}: {}", os()));
+        }
+        if libc::setresuid(uid, uid, uid) < 0 {
+            return Err(format!("cannot become uid {uid}: {}", os()));
+        }
+        if libc::geteuid() != uid || libc::setuid(0) == 0 {
+            return Err("the uid change did not hold".into());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qcow2(dir: &Path, name: &str, backing: Option<&Path>) -> PathBuf {
+        let path = dir.join(name);
+        let mut cmd = std::process::Command::new("qemu-img");
+        cmd.args(["create", "-q", "-f", "qcow2"]);
+        if let Some(b) = backing {
+            cmd.args(["-F", "qcow2", "-b"]).arg(b);
+        }
+        let ok = cmd.arg(&path).arg("1M").status().expect("qemu-img runs (apt-get install qemu-utils)").success();
+        assert!(ok);
+        path
+    }
+
+    #[test]
+    fn a_backing_chain_is_followed_only_inside_the_stores() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path().join("images");
+        std::fs::create_dir(&store).unwrap();
+        let store = std::fs::canonicalize(&store).unwrap();
+        let base = qcow2(&store, "base.qcow2", None);
+        let layer = qcow2(&store, "layer.qcow2", Some(&base));
+        let top = qcow2(tmp.path(), "top.qcow2", Some(&layer));
+        assert_eq!(qcow2_backing(&base).unwrap(), None);
+        assert_eq!(backing_chain(&top, &[store.clone()]).unwrap(), [layer.clone(), base.clone()]);
+
+        // A header rewritten to name a host file outside the stores is refused.
+        let secret = tmp.path().join("state.db");
+        std::fs::write(&secret, b"secrets").unwrap();
+        let evil = qcow2(tmp.path(), "evil.qcow2", Some(&secret));
+        let err = backing_chain(&evil, &[store.clone()]).unwrap_err();
+        assert!(matches!(err, JailError::UntrustedBacking { .. }), "{err}");
+        // So is a symbolic link inside the store that points out of it.
+        let link = store.join("link.qcow2");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        let via_link = qcow2(tmp.path(), "via-link.qcow2", Some(&base));
+        rewrite_backing(&via_link, &link);
+        assert!(backing_chain(&via_link, &[store.clone()]).is_err());
+        // And a raw file has no chain at all.
+        assert_eq!(backing_chain(&secret, &[store]).unwrap(), Vec::<PathBuf>::new());
+    }
+
+    /// Point a qcow2 header at `to` without looking at it, as a hostile QEMU could.
+    fn rewrite_backing(disk: &Path, to: &Path) {
+        let ok = std::process::Command::new("qemu-img")
+            .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(to)
+            .arg(disk)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    #[test]
+    fn a_header_with_an_oversized_name_is_an_error_not_a_huge_read() {
+        use std::io::{Seek, SeekFrom, Write};
+        let tmp = tempfile::tempdir().unwrap();
+        let disk = qcow2(tmp.path(), "d.qcow2", None);
+        let mut f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.seek(SeekFrom::Start(8)).unwrap();
+        f.write_all(&512u64.to_be_bytes()).unwrap();
+        f.write_all(&u32::MAX.to_be_bytes()).unwrap();
+        drop(f);
+        let err = qcow2_backing(&disk).unwrap_err();
+        assert!(err.to_string().contains("bytes long"), "{err}");
+    }
+
+    #[test]
+    fn leased_uids_are_distinct_and_given_back() {
+        // A range of its own, so VMs other tests start cannot take these.
+        const BASE: u32 = 0x7a00_0000;
+        let a = lease_uid(BASE, 3).unwrap();
+        let b = lease_uid(BASE, 3).unwrap();
+        assert_ne!(a.0, b.0);
+        assert!((BASE + 1..BASE + 3).contains(&a.0));
+        assert!(matches!(lease_uid(BASE, 3), Err(JailError::NoFreeUid(2))));
+        drop(a);
+        lease_uid(BASE, 3).expect("a uid given back is free again");
+    }
+}
