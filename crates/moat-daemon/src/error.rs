@@ -122,7 +122,8 @@ fn vmm_code(e: &VmmError) -> ErrorCode {
         | VmmError::QmpTimeout(_)
         | VmmError::AdoptQmp { .. }
         | VmmError::KvmUnusable { .. }
-        | VmmError::Jail(_) => ErrorCode::BootFailed,
+        | VmmError::Jail(_)
+        | VmmError::Cgroup(_) => ErrorCode::BootFailed,
         // The VM is gone: the request does not fit the sandbox as it really is.
         VmmError::NotRunning | VmmError::NotOurProcess { .. } => ErrorCode::InvalidPhase,
         VmmError::Qmp(_) | VmmError::Migration(_) | VmmError::Io { .. } => ErrorCode::Internal,

@@ -146,7 +146,8 @@ pub async fn serve(cfg: ServeConfig, fronts: impl FnOnce(Door) -> axum::Router) 
     };
     moat_sandbox::create_private_dir(&home)?;
     let _lock = lock_home(&home)?;
-    let opened = moat_sandbox::make_home_private(&home, access.home_mode())?;
+    let shared_gid = cfg.runtime.jail.then(|| moat_sandbox::jail_ids().shared_gid()).flatten();
+    let opened = moat_sandbox::make_home_private(&home, access.home_mode(), shared_gid)?;
     if !opened.is_empty() {
         let opened = moat_sandbox::Loosened::list(&opened);
         tracing::warn!("other users could read or enter these paths; they are private now: {opened}");

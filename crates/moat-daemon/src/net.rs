@@ -261,8 +261,9 @@ impl Service {
         let limits = moat_net::FlowLimits::for_process(self.limits.max_sandboxes);
         let host_addresses = self.limits.host_addresses.clone();
         let config = StackConfig { policy: policy.clone(), dns, on_refused, secrets, limits, host_addresses };
-        let stack = Stack::connect(&dir.join(moat_vmm::run_files::NET_SOCKET), config)
-            .await
+        let nic = moat_vmm::connect_vm_socket(&dir.join(moat_vmm::run_files::NET_SOCKET)).await;
+        let stack = nic
+            .and_then(|nic| Stack::over(nic, config))
             .map_err(|e| ServiceError::internal(format!("connecting the network stack to QEMU's NIC socket: {e}")))?;
         let live = LiveNet { pid: sandbox.pid(), stack, policy, forwards: Mutex::new(HashMap::new()) };
         self.nets.lock().expect("no panics while held").insert(info.id.clone(), Arc::new(live));

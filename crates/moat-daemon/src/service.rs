@@ -662,6 +662,19 @@ impl Service {
                 out.processes.push(pid);
             }
         }
+        if let Some(host) = &self.rt.cgroups {
+            for name in moat_vmm::sandbox_cgroups(host) {
+                if owner(&name).is_some_and(|s| s.phase.is_live()) || in_use(&name) {
+                    continue;
+                }
+                let Some(cgroup) = moat_vmm::SandboxCgroup::open(host, &name) else { continue };
+                let dirs: Vec<String> = cgroup.dirs().iter().map(|d| d.display().to_string()).collect();
+                // A cgroup still holding processes is refused by the kernel: it stays.
+                if let Ok(Ok(())) = tokio::task::spawn_blocking(move || cgroup.remove()).await {
+                    out.paths.extend(dirs);
+                }
+            }
+        }
         if let Ok(entries) = std::fs::read_dir(&run_root) {
             for entry in entries.flatten() {
                 let id = entry.file_name().to_string_lossy().into_owned();

@@ -19,7 +19,6 @@ use moat_proto::{
 use rand::RngCore;
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixStream;
 use tokio::sync::{mpsc, Notify};
 
 /// How much of the stream before the agent's sync marker we are willing to skip.
@@ -163,7 +162,7 @@ impl AgentLink {
     /// Connect to the agent's unix socket and complete the handshake. Waits as long as the agent
     /// takes to come up; the caller bounds it with a timeout.
     pub async fn connect(path: &Path, identity: Option<Identity>) -> Result<AgentLink, LinkError> {
-        let stream = UnixStream::connect(path)
+        let stream = moat_vmm::connect_vm_socket(path)
             .await
             .map_err(|source| LinkError::Connect { path: path.display().to_string(), source })?;
         let (r, w) = stream.into_split();

@@ -14,7 +14,7 @@ use moat_hint::Hint;
 
 pub use agent_link::{AgentLink, Exec, ExecControl, ExecEvent, LinkError};
 pub use runtime::{
-    create_private_dir, initrd_and_accel, make_home_private, HomeAccessError, HostParts, Loosened, Runtime,
+    create_private_dir, initrd_and_accel, jail_ids, make_home_private, HomeAccessError, HostParts, Loosened, Runtime,
     RuntimeConfig,
 };
 pub use sandbox::{new_id, validate, Origin, Sandbox, SandboxSpec, OVERLAY_FILE};
@@ -106,7 +106,7 @@ mod tests {
         for (e, hinted) in &link {
             moat_hint::check(e, *hinted).unwrap();
         }
-        let home = make_home_private(std::path::Path::new("/nonexistent/moat-home"), 0o700).unwrap_err();
+        let home = make_home_private(std::path::Path::new("/nonexistent/moat-home"), 0o700, None).unwrap_err();
         moat_hint::check(&home, true).unwrap();
     }
 }

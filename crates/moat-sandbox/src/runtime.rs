@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use moat_image::{ImageStore, Kernel};
-use moat_vmm::{AccelChoice, AccelDecision, Jail, JailIds};
+use moat_vmm::{AccelChoice, AccelDecision, CgroupHost, Jail, JailIds};
 
 use crate::SandboxError;
 
@@ -92,6 +92,9 @@ pub struct Runtime {
     pub images: ImageStore,
     /// How QEMUs are jailed; `None` when `jail` is off.
     pub jail: Option<Jail>,
+    /// Where each QEMU's cgroup goes; `None` when this host offers no usable controller (then
+    /// nothing limits a sandbox beyond its RAM and vCPUs, and `moat doctor` says why).
+    pub cgroups: Option<CgroupHost>,
 }
 
 /// What the runtime needs from the host, each looked for on its own: [`Runtime::prepare`] stops
@@ -158,19 +161,15 @@ impl Runtime {
         let (initrd, accel) = initrd_and_accel(&config, &qemu, &kernel, &agent, &modules).await?;
         let images = ImageStore::open(&config.images_dir())?;
         let jail = if config.jail { Some(jail_for(&config)?) } else { None };
-        Ok(Runtime { config, qemu, qemu_version, kernel, initrd, accel, images, jail })
+        let cgroups = usable_cgroups().map(|host| host.scoped(&home_tag(&config.home)));
+        Ok(Runtime { config, qemu, qemu_version, kernel, initrd, accel, images, jail, cgroups })
     }
 }
 
 /// The jail for this host: a uid of its own per QEMU for a root daemon, a user namespace with
 /// the daemon's ids otherwise.
 pub fn jail_for(config: &RuntimeConfig) -> Result<Jail, SandboxError> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let ids = if unsafe { libc::geteuid() } == 0 {
-        JailIds::Range { base: moat_vmm::DEFAULT_UID_BASE, count: moat_vmm::DEFAULT_UID_COUNT }
-    } else {
-        JailIds::Own
-    };
+    let ids = jail_ids();
     let mut read_roots = Vec::new();
     for dir in [config.images_dir(), config.snapshots_dir()] {
         create_private_dir(&dir)?;
@@ -180,6 +179,39 @@ pub fn jail_for(config: &RuntimeConfig) -> Result<Jail, SandboxError> {
         );
     }
     Ok(Jail { helper: find_jail_helper()?, ids, read_roots })
+}
+
+/// A short tag of the home, which names its sandboxes' cgroups apart from other homes'.
+fn home_tag(home: &Path) -> String {
+    use sha2::Digest;
+    let home = std::fs::canonicalize(home).unwrap_or_else(|_| home.to_path_buf());
+    let hash = sha2::Sha256::digest(home.as_os_str().as_encoded_bytes());
+    hash[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// This host's cgroups, when at least one controller can limit sandboxes.
+fn usable_cgroups() -> Option<CgroupHost> {
+    match CgroupHost::detect() {
+        Ok(host) if host.controllers().iter().any(|(_, usable)| usable.is_ok()) => Some(host),
+        Ok(_) => {
+            tracing::warn!("no cgroup controller can limit sandboxes on this host; `moat doctor` says why");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cgroups cannot be used; sandboxes run without limits");
+            None
+        }
+    }
+}
+
+/// The ids jailed QEMUs get from a daemon running as this user.
+pub fn jail_ids() -> JailIds {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        JailIds::Range { base: moat_vmm::DEFAULT_UID_BASE, count: moat_vmm::DEFAULT_UID_COUNT }
+    } else {
+        JailIds::Own
+    }
 }
 
 /// The moat binary, which is also the jail helper: the running program when it is moat, else
@@ -254,8 +286,14 @@ impl moat_hint::Hint for HomeAccessError {
 
 /// Take every group and other permission away from the existing `home` and everything under it
 /// (guest memory and disks are in there), and say what was open. `home_mode` is what the home
-/// itself may keep: 0o710 lets a socket group reach the socket and nothing else.
-pub fn make_home_private(home: &Path, home_mode: u32) -> Result<Vec<Loosened>, HomeAccessError> {
+/// itself may keep: 0o710 lets a socket group reach the socket and nothing else. Files of the
+/// jails' `shared_gid` keep their group's read and write bits: jailed QEMUs use them (image
+/// bases, snapshot RAM; see `moat_vmm::Jail`), and nobody else can reach them in a private home.
+pub fn make_home_private(
+    home: &Path,
+    home_mode: u32,
+    shared_gid: Option<u32>,
+) -> Result<Vec<Loosened>, HomeAccessError> {
     use rustix::fs::{Mode, OFlags};
     let dir = rustix::fs::open(home, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
         .map_err(denied(home))?;
@@ -266,7 +304,7 @@ pub fn make_home_private(home: &Path, home_mode: u32) -> Result<Vec<Loosened>, H
         rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode & keep)).map_err(denied(home))?;
         loosened.push(Loosened { path: home.to_path_buf(), mode });
     }
-    make_private_under(&dir, home, &mut loosened)?;
+    make_private_under(&dir, home, shared_gid, &mut loosened)?;
     Ok(loosened)
 }
 
@@ -281,6 +319,7 @@ fn denied(path: &Path) -> impl FnOnce(rustix::io::Errno) -> HomeAccessError {
 fn make_private_under(
     dir: &std::os::fd::OwnedFd,
     path: &Path,
+    shared_gid: Option<u32>,
     loosened: &mut Vec<Loosened>,
 ) -> Result<(), HomeAccessError> {
     use std::os::unix::ffi::OsStrExt;
@@ -309,8 +348,9 @@ fn make_private_under(
                     rustix::fs::fchmod(&sub, Mode::from_raw_mode(mode & !0o077)).map_err(denied(&child))?;
                     loosened.push(Loosened { path: child.clone(), mode });
                 }
-                make_private_under(&sub, &child, loosened)?;
+                make_private_under(&sub, &child, shared_gid, loosened)?;
             }
+            FileType::RegularFile if Some(stat.st_gid) == shared_gid && mode & 0o017 == 0 => {}
             _ if mode & 0o077 != 0 => {
                 rustix::fs::chmodat(dir, name, Mode::from_raw_mode(mode & !0o077), AtFlags::empty())
                     .map_err(denied(&child))?;
@@ -353,7 +393,7 @@ mod tests {
         chmod(&home.join("snapshots/abc/mem"), 0o644);
         chmod(&home.join("state.db"), 0o600);
 
-        let mut open: Vec<_> = make_home_private(&home, 0o700).unwrap().into_iter().map(|l| l.path).collect();
+        let mut open: Vec<_> = make_home_private(&home, 0o700, None).unwrap().into_iter().map(|l| l.path).collect();
         open.sort();
         let want = [&home, &home.join("snapshots"), &home.join("snapshots/abc"), &home.join("snapshots/abc/mem")];
         assert_eq!(open, want.map(|p| p.to_path_buf()));
@@ -363,16 +403,34 @@ mod tests {
         // Links are not followed out of the home.
         assert_eq!(mode(&outside), 0o644);
         // A private home has nothing to report.
-        assert_eq!(make_home_private(&home, 0o700).unwrap(), []);
+        assert_eq!(make_home_private(&home, 0o700, None).unwrap(), []);
+    }
+
+    #[test]
+    fn files_of_the_jails_group_keep_its_read_and_write_bits_and_nothing_more() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (shared, other, open) = (tmp.path().join("mem"), tmp.path().join("other"), tmp.path().join("open"));
+        for (f, mode) in [(&shared, 0o660), (&other, 0o660), (&open, 0o664)] {
+            std::fs::write(f, b"x").unwrap();
+            std::os::unix::fs::chown(f, None, Some(4242)).unwrap();
+            chmod(f, mode);
+        }
+        std::os::unix::fs::chown(&other, None, Some(4243)).unwrap();
+        chmod(tmp.path(), 0o700);
+        let loosened: Vec<_> = make_home_private(tmp.path(), 0o700, Some(4242)).unwrap().into_iter().map(|l| l.path).collect();
+        assert_eq!(mode(&shared), 0o660);
+        assert_eq!(mode(&other), 0o600, "another group's bits go");
+        assert_eq!(mode(&open), 0o600, "a file others may read loses its group bits too");
+        assert_eq!(loosened.len(), 2, "{loosened:?}");
     }
 
     #[test]
     fn a_socket_group_may_keep_entering_the_home_and_nothing_more() {
         let tmp = tempfile::tempdir().unwrap();
         chmod(tmp.path(), 0o775);
-        let open = make_home_private(tmp.path(), 0o710).unwrap();
+        let open = make_home_private(tmp.path(), 0o710, None).unwrap();
         assert_eq!(open, [Loosened { path: tmp.path().to_path_buf(), mode: 0o775 }]);
         assert_eq!(mode(tmp.path()), 0o710);
-        assert_eq!(make_home_private(tmp.path(), 0o710).unwrap(), []);
+        assert_eq!(make_home_private(tmp.path(), 0o710, None).unwrap(), []);
     }
 }

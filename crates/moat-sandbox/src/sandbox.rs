@@ -124,6 +124,7 @@ fn vm_config(rt: &Runtime, spec: &SandboxSpec, id: &str, dir: &Path) -> VmConfig
         incoming: false,
         nic: spec.nic,
         jail: rt.jail.clone(),
+        cgroups: rt.cgroups.clone(),
     }
 }
 

@@ -176,9 +176,19 @@ struct Place {
 pub struct CgroupHost {
     version: CgroupVersion,
     places: Vec<Place>,
+    /// Put before every sandbox's name (with a `-`), so daemons with different homes on one host
+    /// never touch each other's cgroups; empty for none.
+    scope: String,
 }
 
 impl CgroupHost {
+    /// The same host, with the sandboxes' cgroups named `<scope>-<name>`: only those are this
+    /// daemon's ([`sandbox_cgroups`] lists no other).
+    pub fn scoped(mut self, scope: &str) -> CgroupHost {
+        self.scope = format!("{scope}-");
+        self
+    }
+
     /// Reads `/proc/self/mountinfo` and `/proc/self/cgroup` and looks at the hierarchies.
     pub fn detect() -> Result<CgroupHost, CgroupError> {
         let read = |p: &str| {
@@ -191,8 +201,8 @@ impl CgroupHost {
     /// they name are looked at on disk.
     fn from_tables(mountinfo: &str, self_cgroup: &str) -> Result<CgroupHost, CgroupError> {
         let mounts = parse_mountinfo(mountinfo);
-        let v1_kinds = [Kind::Memory, Kind::Cpu, Kind::Pids, Kind::Io];
-        let has_v1 = mounts.iter().any(|m| v1_kinds.iter().any(|k| m.controllers.iter().any(|c| c == k.v1_name())));
+        let has_v1 =
+            mounts.iter().any(|m| Kind::LIMITING.iter().any(|k| m.controllers.iter().any(|c| c == k.v1_name())));
         if has_v1 {
             let mut places: Vec<Place> = Kind::LIMITING
                 .iter()
@@ -205,13 +215,13 @@ impl CgroupHost {
                     places.push(Place { kind: Kind::CpuAcct, parent: Ok(acct) });
                 }
             }
-            return Ok(CgroupHost { version: CgroupVersion::V1, places });
+            return Ok(CgroupHost { version: CgroupVersion::V1, places, scope: String::new() });
         }
         let mount = mounts.iter().find(|m| m.fstype == "cgroup2").ok_or(CgroupError::NotMounted)?;
         let base = v2_base(mount, self_cgroup);
         let places =
             Kind::LIMITING.iter().map(|&kind| Place { kind, parent: base.clone().and_then(|b| v2_usable(&b, kind)) });
-        Ok(CgroupHost { version: CgroupVersion::V2, places: places.collect() })
+        Ok(CgroupHost { version: CgroupVersion::V2, places: places.collect(), scope: String::new() })
     }
 
     pub fn version(&self) -> CgroupVersion {
@@ -295,7 +305,7 @@ impl SandboxCgroup {
     fn layout(host: &CgroupHost, name: &str) -> SandboxCgroup {
         let mut dirs: Vec<(Vec<Kind>, PathBuf)> = Vec::new();
         for (kind, parent) in host.usable() {
-            let dir = parent.join(MOAT_DIR).join(name);
+            let dir = parent.join(MOAT_DIR).join(format!("{}{name}", host.scope));
             match dirs.iter_mut().find(|(_, d)| *d == dir) {
                 Some((kinds, _)) => kinds.push(kind),
                 None => dirs.push((vec![kind], dir)),
@@ -353,6 +363,7 @@ pub fn sandbox_cgroups(host: &CgroupHost) -> Vec<String> {
         .flat_map(|entries| entries.filter_map(Result::ok))
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|n| n.strip_prefix(host.scope.as_str()).map(str::to_string))
         .filter(|n| check_name(n).is_ok())
         .collect();
     names.sort();

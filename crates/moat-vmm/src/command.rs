@@ -35,6 +35,10 @@ pub struct VmConfig {
     /// Run QEMU in a jail ([`crate::Jail`]); `None` runs it as the daemon's own user, with the
     /// host's whole filesystem in view.
     pub jail: Option<crate::Jail>,
+    /// Put QEMU in a cgroup of its own (`<parent>/moat/<name>`) limited to guest RAM plus
+    /// [`crate::QEMU_OVERHEAD_MIB`], `vcpus` CPUs and [`crate::CgroupLimits::DEFAULT_PIDS`] tasks;
+    /// `None` leaves it in the daemon's.
+    pub cgroups: Option<crate::CgroupHost>,
 }
 
 /// Guest RAM backed by a file, which is what makes snapshots cheap.
@@ -289,6 +293,7 @@ mod tests {
             incoming: false,
             nic: false,
             jail: None,
+            cgroups: None,
         }
     }
 

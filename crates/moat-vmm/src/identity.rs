@@ -136,6 +136,7 @@ mod tests {
             incoming: false,
             nic: false,
             jail: None,
+            cgroups: None,
         }
     }
 

@@ -299,6 +299,22 @@ fn share_read_only(path: &Path, gid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Connect to one of a VM's sockets in its [`SOCKET_DIR`]. A jailed QEMU may write that
+/// directory, so it could swap a socket for a symbolic link to any socket of the host (the
+/// daemon's own API, say): the last component is opened without following links, checked to be
+/// a socket, and connected to through that very descriptor.
+pub async fn connect_vm_socket(path: &Path) -> std::io::Result<tokio::net::UnixStream> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    let fd = rustix::fs::open(path, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+    if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != FileType::Socket {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a socket", path.display()),
+        ));
+    }
+    tokio::net::UnixStream::connect(format!("/proc/self/fd/{}", fd.as_raw_fd())).await
+}
+
 /// Where the seal of a snapshot's RAM file is kept: beside it, the daemon's.
 fn seal_path(mem: &Path) -> PathBuf {
     let mut name = mem.as_os_str().to_owned();
@@ -402,11 +418,17 @@ pub fn main(args: Vec<OsString>) -> ! {
     let code = match helper(args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("moat jail: {e}");
+            report(&e);
             125
         }
     };
     std::process::exit(code)
+}
+
+/// Say why the jail failed on stderr, which is QEMU's log: the daemon shows its tail.
+fn report(e: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "moat jail: {e}");
 }
 
 fn helper(args: Vec<OsString>) -> Result<i32, String> {
@@ -437,8 +459,7 @@ fn helper(args: Vec<OsString>) -> Result<i32, String> {
     match unsafe { libc::fork() } {
         -1 => Err(format!("cannot fork: {}", std::io::Error::last_os_error())),
         0 => {
-            let e = child(&spec, &qemu, &argv, &devnull);
-            eprintln!("moat jail: {e}");
+            report(&child(&spec, &qemu, &argv, &devnull));
             // SAFETY: _exit is always safe; nothing of the parent's must be flushed here.
             unsafe { libc::_exit(125) }
         }
@@ -647,20 +668,20 @@ mod tests {
         let layer = qcow2(&store, "layer.qcow2", Some(&base));
         let top = qcow2(tmp.path(), "top.qcow2", Some(&layer));
         assert_eq!(qcow2_backing(&base).unwrap(), None);
-        assert_eq!(backing_chain(&top, &[store.clone()]).unwrap(), [layer.clone(), base.clone()]);
+        assert_eq!(backing_chain(&top, std::slice::from_ref(&store)).unwrap(), [layer.clone(), base.clone()]);
 
         // A header rewritten to name a host file outside the stores is refused.
         let secret = tmp.path().join("state.db");
         std::fs::write(&secret, b"secrets").unwrap();
         let evil = qcow2(tmp.path(), "evil.qcow2", Some(&secret));
-        let err = backing_chain(&evil, &[store.clone()]).unwrap_err();
+        let err = backing_chain(&evil, std::slice::from_ref(&store)).unwrap_err();
         assert!(matches!(err, JailError::UntrustedBacking { .. }), "{err}");
         // So is a symbolic link inside the store that points out of it.
         let link = store.join("link.qcow2");
         std::os::unix::fs::symlink(&secret, &link).unwrap();
         let via_link = qcow2(tmp.path(), "via-link.qcow2", Some(&base));
         rewrite_backing(&via_link, &link);
-        assert!(backing_chain(&via_link, &[store.clone()]).is_err());
+        assert!(backing_chain(&via_link, std::slice::from_ref(&store)).is_err());
         // And a raw file has no chain at all.
         assert_eq!(backing_chain(&secret, &[store]).unwrap(), Vec::<PathBuf>::new());
     }

@@ -29,7 +29,7 @@ pub use command::{
 pub use console::{rotated_path as rotated_console_log, CONSOLE_LOG_CAP};
 pub use exit::{Exit, ExitWatcher};
 pub use identity::{find_qemus_under, is_our_qemu};
-pub use jail::{qcow2_backing, seal_snapshot_ram, Jail, JailError, JailIds, DEFAULT_UID_BASE, DEFAULT_UID_COUNT, JAIL_ARG};
+pub use jail::{connect_vm_socket, qcow2_backing, seal_snapshot_ram, Jail, JailError, JailIds, DEFAULT_UID_BASE, DEFAULT_UID_COUNT, JAIL_ARG};
 pub use jail::main as jail_main;
 pub use qmp::{Qmp, QmpError, QmpEvent};
 pub use vm::Vm;
@@ -63,6 +63,8 @@ pub enum VmmError {
     KvmUnusable { reason: String, hint: String },
     #[error(transparent)]
     Jail(#[from] JailError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
     #[error("{what}")]
     Io { what: String, source: std::io::Error },
 }
@@ -88,6 +90,7 @@ impl Hint for VmmError {
             VmmError::Migration(_) => "see qemu.log in the run directory; `moat doctor` checks the host".into(),
             VmmError::KvmUnusable { hint, .. } => hint.clone().into(),
             VmmError::Jail(e) => return e.hint(),
+            VmmError::Cgroup(e) => return e.hint(),
             VmmError::Io { .. } => return None,
         })
     }

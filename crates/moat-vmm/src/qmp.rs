@@ -86,7 +86,7 @@ pub struct Qmp {
 impl Qmp {
     /// Connect, read the greeting and enter command mode.
     pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
-        Qmp::handshake(UnixStream::connect(path).await?).await
+        Qmp::handshake(crate::jail::connect_vm_socket(path).await?).await
     }
 
     /// Read the greeting on an open stream and negotiate `qmp_capabilities`.

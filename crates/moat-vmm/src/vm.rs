@@ -15,6 +15,7 @@ use crate::console::{console_tail, keep_under_cap, rotated_path, tail};
 use crate::exit::{has_exited, open_pidfd, wait_readable, watch, Exit, ExitWatcher};
 use crate::identity::is_our_qemu;
 use crate::qmp::Qmp;
+use crate::{CgroupLimits, SandboxCgroup};
 use crate::VmmError;
 
 /// How long QEMU may take to open its QMP socket and greet.
@@ -55,6 +56,8 @@ pub struct Vm {
     console_cap: tokio::task::JoinHandle<()>,
     /// The uid a jailed QEMU this process started runs as, held while it runs.
     uid: Option<crate::jail::UidLease>,
+    /// The VM's cgroup, removed once QEMU has ended.
+    cgroup: Option<SandboxCgroup>,
 }
 
 /// How long saving or loading a VM's state may take. Streams without RAM take milliseconds; one
@@ -109,7 +112,11 @@ impl Vm {
         // No `kill_on_drop`: `Vm`'s own drop kills, so that `detach` can leave QEMU running.
         cmd.args(command_line(cfg)).stdin(Stdio::null()).stderr(log);
         let parent = std::process::id() as libc::pid_t;
-        let cgroup_procs = cgroup_procs_files(cfg)?;
+        let cgroup = match &cfg.cgroups {
+            Some(host) => Some(SandboxCgroup::create(host, &cfg.name, &CgroupLimits::for_vm(cfg.memory_mib, cfg.vcpus))?),
+            None => None,
+        };
+        let cgroup_procs = procs_files(cgroup.as_ref());
         // SAFETY: the closure runs in the forked child before exec and only calls async-signal-safe
         // functions (setsid, prctl, getppid, open, write, close) on memory prepared before the
         // fork, touching nothing shared with the parent.
@@ -165,6 +172,7 @@ impl Vm {
         tracing::debug!(pid, name = %cfg.name, accel = %cfg.accel, "QEMU started");
         let mut vm = Vm::new(Process::Spawned(child), pidfd, pid, cfg);
         vm.uid = lease;
+        vm.cgroup = cgroup;
         match vm.connect_qmp().await {
             Ok(qmp) => {
                 vm.qmp = Some(qmp);
@@ -215,6 +223,7 @@ impl Vm {
         tracing::info!(pid, name = %cfg.name, "adopted a running QEMU");
         let mut vm = Vm::new(Process::Adopted, pidfd, pid, cfg);
         vm.qmp = Some(qmp);
+        vm.cgroup = cfg.cgroups.as_ref().and_then(|host| SandboxCgroup::open(host, &cfg.name));
         Ok(vm)
     }
 
@@ -234,6 +243,7 @@ impl Vm {
             ram_shared: cfg.memory.as_ref().is_some_and(Memory::is_shared),
             console_cap: keep_under_cap(cfg.console_log()),
             uid: None,
+            cgroup: None,
         }
     }
 
@@ -379,7 +389,7 @@ impl Vm {
             if let Some(err) = self.exited_early(Duration::ZERO).await? {
                 return Err(err);
             }
-            if let Ok(stream) = tokio::net::UnixStream::connect(&self.qmp_socket).await {
+            if let Ok(stream) = crate::jail::connect_vm_socket(&self.qmp_socket).await {
                 let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
                 return match tokio::time::timeout(left, Qmp::handshake(stream)).await {
                     Ok(Ok(qmp)) => Ok(qmp),
@@ -506,6 +516,7 @@ impl Vm {
         }
         self.qmp = None;
         self.remove_files();
+        remove_cgroup(self.cgroup.take()).await;
         Ok(())
     }
 
@@ -514,8 +525,10 @@ impl Vm {
         if self.exited.is_none() {
             match &mut self.process {
                 Process::Spawned(child) => {
-                    // QEMU itself: when jailed, our child is the helper, which then exits as QEMU did.
+                    // QEMU itself first: when jailed, our child is the helper, which reaps QEMU
+                    // and exits as it did.
                     let _ = rustix::process::pidfd_send_signal(self.pidfd.get_ref(), rustix::process::Signal::Kill);
+                    let _ = tokio::time::timeout(QUIT_TIMEOUT, wait_readable(&self.pidfd)).await;
                     let _ = child.start_kill();
                     if let Ok(status) = child.wait().await {
                         self.exited = Some(Exit::Status(status));
@@ -532,6 +545,9 @@ impl Vm {
             }
         }
         self.qmp = None;
+        if self.exited.is_some() {
+            remove_cgroup(self.cgroup.take()).await;
+        }
     }
 
     fn remove_files(&self) {
@@ -576,8 +592,23 @@ async fn qemu_pid(child: &mut Child, jailed: bool) -> Result<u32, Option<VmmErro
 }
 
 /// The `cgroup.procs` files QEMU joins before it starts, as C strings made before the fork.
-fn cgroup_procs_files(_cfg: &VmConfig) -> Result<Vec<std::ffi::CString>, VmmError> {
-    Ok(Vec::new())
+fn procs_files(cgroup: Option<&SandboxCgroup>) -> Vec<std::ffi::CString> {
+    use std::os::unix::ffi::OsStringExt;
+    let files = cgroup.map(SandboxCgroup::procs_files).unwrap_or_default();
+    // Paths made from a cgroup mount point and a checked name: no NUL byte.
+    files.into_iter().filter_map(|f| std::ffi::CString::new(f.into_os_string().into_vec()).ok()).collect()
+}
+
+/// Remove a VM's cgroup once QEMU is gone (the kernel may report it busy for a moment).
+async fn remove_cgroup(cgroup: Option<SandboxCgroup>) {
+    if let Some(cgroup) = cgroup {
+        let name = cgroup.name().to_string();
+        match tokio::task::spawn_blocking(move || cgroup.remove()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(vm = %name, error = %e, "cannot remove the VM's cgroup; gc will"),
+            Err(_) => {}
+        }
+    }
 }
 
 /// Capabilities and parameters both ends of a migration must agree on. The VM is paused, so the
@@ -641,6 +672,7 @@ pub(crate) mod tests {
             incoming: false,
             nic: false,
             jail: None,
+            cgroups: None,
         }
     }
 

@@ -673,7 +673,10 @@ async fn the_cli_drives_a_detached_sandbox() {
     let accel = shown.lines().find(|l| l.starts_with("accel:")).unwrap_or_default();
     match sb.accel.as_str() {
         "tcg" => {
-            assert!(accel.ends_with("tcg (software emulation: QEMU is the only boundary, not a hardware one)"), "{accel}")
+            assert!(
+                accel.ends_with("tcg (software emulation: QEMU is the only boundary, not a hardware one)"),
+                "{accel}"
+            )
         }
         other => assert!(accel.ends_with(other), "{accel}"),
     }

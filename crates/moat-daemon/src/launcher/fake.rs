@@ -330,6 +330,7 @@ impl TestService {
             accel: moat_vmm::AccelDecision { accel: moat_vmm::Accel::Tcg, reason: "fake".into(), from_cache: true },
             images,
             jail: None,
+            cgroups: None,
             config,
         };
         let db = Db::open(home.path()).expect("a state database");

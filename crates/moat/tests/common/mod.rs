@@ -114,8 +114,10 @@ pub fn qemu_processes_mentioning(needle: &str) -> Vec<u32> {
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        // QEMU itself, not the `moat __jail` helper that started it (its arguments name QEMU too).
+        let program = text(cmdline.split(|b| *b == 0).next().unwrap_or_default());
         let cmdline = text(&cmdline);
-        if cmdline.contains("qemu-system") && cmdline.contains(needle) {
+        if program.contains("qemu-system") && cmdline.contains(needle) {
             pids.push(pid);
         }
     }

@@ -1,0 +1,209 @@
+//! Host isolation with real VMs: every QEMU runs jailed (a uid of its own, its own namespaces, a
+//! root holding only its files, no capabilities, seccomp), and an escaped QEMU could not open the
+//! daemon's state even when it asks QEMU to.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{moat_ok, OwnHome};
+use moat_vmm::{Accel, Jail, JailIds, Vm, VmConfig};
+use serde_json::{json, Value};
+
+fn inspect(h: &Path, name: &str) -> Value {
+    serde_json::from_str(&moat_ok(h, &["inspect", name, "--json"])).expect("inspect prints JSON")
+}
+
+/// `Key:\tvalue` of /proc/<pid>/status.
+fn status(pid: u32, key: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process runs");
+    let line = text.lines().find(|l| l.starts_with(&format!("{key}:"))).unwrap_or_else(|| panic!("{key} in {text}"));
+    line.split_once(':').map(|(_, v)| v.trim().to_string()).unwrap_or_default()
+}
+
+/// Every path in the jail's root (as the host sees it through /proc/<pid>/root), but the
+/// host's read-only /usr, relative to that root.
+fn jail_tree(pid: u32) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())).flatten() {
+            let path = entry.path();
+            let rel = format!("/{}", path.strip_prefix(root).expect("under the root").display());
+            if rel == "/usr" {
+                out.push(rel);
+                continue;
+            }
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            out.push(rel);
+            if is_dir {
+                walk(root, &path, out);
+            }
+        }
+    }
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let mut out = Vec::new();
+    walk(&root, &root, &mut out);
+    out.sort();
+    out
+}
+
+#[test]
+fn a_sandboxs_qemu_runs_jailed_as_a_uid_of_its_own_and_sees_only_its_files() {
+    let h = OwnHome::new();
+    moat_ok(h.path(), &["run", "-d", "--name", "one"]);
+    moat_ok(h.path(), &["run", "-d", "--name", "two"]);
+    let one = inspect(h.path(), "one");
+    let two = inspect(h.path(), "two");
+    let pid = one["pid"].as_u64().expect("a running sandbox has a QEMU") as u32;
+    let other = two["pid"].as_u64().expect("a running sandbox has a QEMU") as u32;
+    let daemon = common::daemon_pid(h.path()).expect("the daemon runs") as u32;
+
+    // Its uid is neither root nor the daemon's, and no other sandbox shares it.
+    let uids = status(pid, "Uid");
+    let uid: u32 = uids.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(uids.split_whitespace().all(|u| u == uid.to_string()), "real, effective, saved, fs uid: {uids}");
+    assert_ne!(uid, 0);
+    assert_ne!(uids, status(daemon, "Uid"));
+    assert_ne!(uids, status(other, "Uid"), "each sandbox has a uid of its own");
+    assert_eq!(status(pid, "CapEff"), "0000000000000000");
+    assert_eq!(status(pid, "CapBnd"), "0000000000000000");
+    assert_eq!(status(pid, "NoNewPrivs"), "1");
+    assert_eq!(status(pid, "Seccomp"), "2", "QEMU's own seccomp filter (-sandbox on) is on");
+    // PID 1 of a PID namespace of its own.
+    assert_eq!(status(pid, "NSpid").split_whitespace().last(), Some("1"));
+    for ns in ["mnt", "pid", "net", "ipc", "uts"] {
+        let of = |p: u32| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).expect("namespace link");
+        assert_ne!(of(pid), of(daemon), "{ns} namespace");
+        assert_ne!(of(pid), of(other), "{ns} namespace");
+    }
+
+    // Its root holds its own files and nothing of the daemon's or the other sandbox's.
+    let home = std::fs::canonicalize(h.path()).unwrap();
+    let tree = jail_tree(pid);
+    let home_s = home.display().to_string();
+    let id = one["id"].as_str().unwrap();
+    let other_id = two["id"].as_str().unwrap();
+    for present in [
+        format!("{home_s}/run/{id}/root.qcow2"),
+        format!("{home_s}/run/{id}/console.log"),
+        format!("{home_s}/run/{id}/sock"),
+        "/dev/null".to_string(),
+        "/usr".to_string(),
+    ] {
+        assert!(tree.contains(&present), "{present} is in the jail: {tree:#?}");
+    }
+    let places = [
+        format!("{home_s}/run/{id}"),
+        format!("{home_s}/images"),
+        format!("{home_s}/snapshots"),
+        format!("{home_s}/cache"),
+        "/dev".to_string(),
+        "/boot/vmlinuz".to_string(),
+    ];
+    for line in &tree {
+        // A place, something in it, or a directory on the way to it.
+        let allowed = ["/usr", "/lib", "/lib64", "/bin", "/sbin"].contains(&line.as_str())
+            || places.iter().any(|p| line.starts_with(p.as_str()) || p.starts_with(&format!("{line}/")));
+        assert!(allowed, "{line} should not be in the jail: {tree:#?}");
+        assert!(!line.contains(other_id), "the other sandbox's files are not there: {line}");
+        if line.starts_with(&format!("{home_s}/cache/")) {
+            assert!(line.contains("/cache/initramfs-"), "only the initramfs of the cache: {line}");
+        }
+    }
+    for absent in ["state.db", "secrets.json", "daemon.log", "moat.sock"] {
+        assert!(!Path::new(&format!("/proc/{pid}/root{home_s}/{absent}")).exists(), "{absent} is not in the jail");
+    }
+    assert!(!Path::new(&format!("/proc/{pid}/root/etc")).exists(), "no /etc in the jail");
+    assert!(!Path::new(&format!("/proc/{pid}/root/proc")).exists(), "no /proc in the jail");
+
+    // In its mount namespace, even root finds nothing of the host's: what the process sees.
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--mount=/proc/{pid}/ns/mnt"))
+        .args(["--", "/usr/bin/cat"])
+        .arg(home.join("state.db"))
+        .output()
+        .expect("nsenter runs (util-linux)");
+    assert!(!out.status.success(), "state.db is readable in the jail's mount namespace");
+    assert!(common::text(&out.stderr).contains("No such file"), "{}", common::text(&out.stderr));
+
+    // The files QEMU may write are its uid's; the run directory stays the daemon's.
+    use std::os::unix::fs::MetadataExt;
+    let run = home.join("run").join(id);
+    assert_eq!(std::fs::metadata(&run).unwrap().uid(), 0);
+    assert_eq!(std::fs::metadata(run.join("root.qcow2")).unwrap().uid(), uid);
+    assert_eq!(std::fs::metadata(run.join("sock")).unwrap().uid(), uid);
+
+    // And the sandbox works: exec, a file round trip.
+    assert_eq!(moat_ok(h.path(), &["exec", "one", "--", "echo", "jailed"]).trim(), "jailed");
+}
+
+/// A QEMU started the way the daemon starts it, asked over QMP to open a host file: jailed, the
+/// file is not there; without the jail (the control) the same command opens it.
+#[tokio::test]
+async fn a_jailed_qemu_asked_to_open_a_host_file_cannot() {
+    common::require_host();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(tmp.path()).unwrap();
+    let secret = dir.join("state.db");
+    std::fs::write(&secret, b"the daemon's secrets").unwrap();
+    let empty = dir.join("empty.cpio");
+    std::fs::write(&empty, b"").unwrap();
+    let kernel = moat_image::find_kernel(None).expect("a guest kernel (apt-get install linux-image-cloud-amd64)");
+    let config = |name: &str, jail: Option<Jail>| VmConfig {
+        qemu: moat_vmm::find_qemu(None).expect("QEMU (apt-get install qemu-system-x86)"),
+        accel: Accel::Tcg,
+        vcpus: 1,
+        memory_mib: 64,
+        kernel: kernel.path.clone(),
+        initrd: empty.clone(),
+        cmdline: "panic=0".into(),
+        root_disk: None,
+        run_dir: dir.join(name),
+        seccomp: true,
+        name: format!("{name}-{}", std::process::id()),
+        memory: None,
+        incoming: false,
+        nic: false,
+        jail,
+        cgroups: None,
+    };
+    let jail = Jail {
+        helper: env!("CARGO_BIN_EXE_moat").into(),
+        ids: JailIds::Range { base: moat_vmm::DEFAULT_UID_BASE, count: moat_vmm::DEFAULT_UID_COUNT },
+        read_roots: vec![dir.clone()],
+    };
+    let open = json!({ "driver": "file", "node-name": "stolen", "filename": secret, "read-only": true });
+
+    let mut jailed = Vm::spawn(&config("jailed", Some(jail)), true).await.expect("a jailed QEMU starts");
+    let err = jailed.qmp().unwrap().execute("blockdev-add", Some(open.clone())).await.expect_err("refused");
+    assert!(err.to_string().contains("No such file or directory"), "{err}");
+    jailed.kill().await;
+
+    let mut free = Vm::spawn(&config("free", None), true).await.expect("an unjailed QEMU starts");
+    free.qmp().unwrap().execute("blockdev-add", Some(open)).await.expect("without a jail QEMU opens any file");
+    free.kill().await;
+}
+
+/// A QEMU that rewrote its own disk's header to name a host file as the backing file (what an
+/// escape could do before the next start) is refused before it starts, with the remedy.
+#[test]
+fn a_disk_whose_backing_file_was_pointed_at_a_host_file_is_refused() {
+    let h = OwnHome::new();
+    moat_ok(h.path(), &["run", "-d", "--name", "box"]);
+    let id = inspect(h.path(), "box")["id"].as_str().unwrap().to_string();
+    moat_ok(h.path(), &["stop", "box"]);
+    let disk = h.path().join("run").join(&id).join("root.qcow2");
+    let ok = std::process::Command::new("qemu-img")
+        .args(["rebase", "-u", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(h.path().join("state.db"))
+        .arg(&disk)
+        .status()
+        .expect("qemu-img runs")
+        .success();
+    assert!(ok);
+    let out = common::moat_in(h.path()).args(["start", "box"]).output().expect("moat runs");
+    let err = common::text(&out.stderr);
+    assert!(!out.status.success(), "a disk backed by state.db must not start");
+    assert!(err.contains("outside the image and snapshot stores") && err.contains("state.db"), "{err}");
+    assert!(err.contains("moat rm"), "the remedy is named: {err}");
+    assert!(common::qemu_processes_mentioning(&id).is_empty(), "no QEMU was left running");
+}
