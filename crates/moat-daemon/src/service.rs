@@ -778,8 +778,8 @@ pub(crate) fn remove_leftovers(dir: &Path, phase: Phase) -> Vec<String> {
     let mut removed: Vec<String> =
         moat_sandbox::discard_saved(dir, paused).iter().map(|p| p.display().to_string()).collect();
     let ram: &[&str] = if paused { &[] } else { &[moat_sandbox::MEM_FILE] };
-    use moat_vmm::run_files::{AGENT_SOCKET, PID_FILE, QMP_SOCKET};
-    for name in [QMP_SOCKET, AGENT_SOCKET, PID_FILE].iter().chain(ram) {
+    use moat_vmm::run_files::{AGENT_SOCKET, NET_SOCKET, PID_FILE, QMP_SOCKET};
+    for name in [QMP_SOCKET, AGENT_SOCKET, NET_SOCKET, PID_FILE].iter().chain(ram) {
         let p = dir.join(name);
         if p.exists() && std::fs::remove_file(&p).is_ok() {
             removed.push(p.display().to_string());

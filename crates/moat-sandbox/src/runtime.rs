@@ -170,14 +170,9 @@ impl Runtime {
 /// the daemon's ids otherwise.
 pub fn jail_for(config: &RuntimeConfig) -> Result<Jail, SandboxError> {
     let ids = jail_ids();
-    let mut read_roots = Vec::new();
-    for dir in [config.images_dir(), config.snapshots_dir()] {
-        create_private_dir(&dir)?;
-        read_roots.push(
-            std::fs::canonicalize(&dir)
-                .map_err(|e| SandboxError::Io { what: format!("resolving {}", dir.display()), source: e })?,
-        );
-    }
+    // Canonical, as backing file names are; a home not made yet (doctor) is taken as it is.
+    let home = std::fs::canonicalize(&config.home).unwrap_or_else(|_| config.home.clone());
+    let read_roots = vec![home.join("images"), home.join("snapshots")];
     Ok(Jail { helper: find_jail_helper()?, ids, read_roots })
 }
 
@@ -224,16 +219,13 @@ fn find_jail_helper() -> Result<PathBuf, SandboxError> {
         return Ok(exe);
     }
     let dir = exe.parent().unwrap_or(Path::new("/"));
-    [dir.join("moat"), dir.join("../moat")]
-        .into_iter()
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            SandboxError::Config(format!(
-                "the moat binary, which jails QEMU, is not next to {}; build it (`cargo build --release -p moat`) or \
+    [dir.join("moat"), dir.join("../moat")].into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        SandboxError::Config(format!(
+            "the moat binary, which jails QEMU, is not next to {}; build it (`cargo build --release -p moat`) or \
                  set MOAT_JAIL=off",
-                exe.display()
-            ))
-        })
+            exe.display()
+        ))
+    })
 }
 
 /// Create a directory (and parents) readable only by its owner.
@@ -417,7 +409,8 @@ mod tests {
         }
         std::os::unix::fs::chown(&other, None, Some(4243)).unwrap();
         chmod(tmp.path(), 0o700);
-        let loosened: Vec<_> = make_home_private(tmp.path(), 0o700, Some(4242)).unwrap().into_iter().map(|l| l.path).collect();
+        let loosened: Vec<_> =
+            make_home_private(tmp.path(), 0o700, Some(4242)).unwrap().into_iter().map(|l| l.path).collect();
         assert_eq!(mode(&shared), 0o660);
         assert_eq!(mode(&other), 0o600, "another group's bits go");
         assert_eq!(mode(&open), 0o600, "a file others may read loses its group bits too");

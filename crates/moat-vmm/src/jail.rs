@@ -107,7 +107,9 @@ impl moat_hint::Hint for JailError {
                 "a sandbox restored from it may have changed it; remove the snapshot (templates are made again)".into()
             }
             JailError::NoFreeUid(_) => "stop some sandboxes, or widen the range (`jail.uid_count`)".into(),
-            JailError::Unreadable { .. } => "make it world-readable (`chmod o+r`), or point moat at a copy that is".into(),
+            JailError::Unreadable { .. } => {
+                "make it world-readable (`chmod o+r`), or point moat at a copy that is".into()
+            }
             JailError::Prepare { .. } => return None,
         })
     }
@@ -255,13 +257,21 @@ pub(crate) fn prepare(cfg: &VmConfig, jail: &Jail) -> Result<(Spec, Option<UidLe
     if !cfg.qemu.starts_with("/usr/") {
         binds.push(Bind { path: cfg.qemu.clone(), writable: false });
     }
-    binds.push(Bind { path: "/usr".into(), writable: false });
     for dev in ["/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"] {
         binds.push(Bind { path: dev.into(), writable: true });
     }
     if cfg.accel == crate::Accel::Kvm {
         binds.push(Bind { path: "/dev/kvm".into(), writable: true });
     }
+    let links = system_dirs(&mut binds);
+    let spec = Spec { root, hostname: format!("moat-{}", cfg.name), ids, binds, links };
+    Ok((spec, lease))
+}
+
+/// `/usr`, and the top-level library and program directories beside it: links into `/usr` on
+/// merged-/usr hosts (returned, to be made again in the jail), else bound read-only.
+fn system_dirs(binds: &mut Vec<Bind>) -> Vec<(PathBuf, PathBuf)> {
+    binds.push(Bind { path: "/usr".into(), writable: false });
     let mut links = Vec::new();
     for top in ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"] {
         match std::fs::read_link(top) {
@@ -270,8 +280,33 @@ pub(crate) fn prepare(cfg: &VmConfig, jail: &Jail) -> Result<(Spec, Option<UidLe
             Err(_) => {}
         }
     }
-    let spec = Spec { root, hostname: format!("moat-{}", cfg.name), ids, binds, links };
-    Ok((spec, lease))
+    links
+}
+
+/// Build a jail the way [`crate::Vm::spawn`] does, around `/usr/bin/true` instead of QEMU, in
+/// the empty directory `scratch`: `Ok` when this host can jail QEMU, else what the helper said.
+pub fn probe(jail: &Jail, scratch: &Path) -> Result<(), String> {
+    let lease = match jail.ids {
+        JailIds::Range { base, count } => Some(lease_uid(base, count).map_err(|e| e.to_string())?),
+        JailIds::Own => None,
+    };
+    let ids = lease.as_ref().zip(jail.ids.shared_gid()).map(|(l, shared)| (l.0, l.0, shared));
+    let mut binds = vec![Bind { path: "/dev/null".into(), writable: true }];
+    let links = system_dirs(&mut binds);
+    let spec = Spec { root: scratch.to_path_buf(), hostname: "moat-probe".into(), ids, binds, links };
+    let spec = serde_json::to_string(&spec).expect("a jail spec serialises");
+    let out = std::process::Command::new(&jail.helper)
+        .arg(JAIL_ARG)
+        .arg(spec)
+        .arg("/usr/bin/true")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", jail.helper.display()))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let said = String::from_utf8_lossy(&out.stderr);
+    Err(said.lines().last().unwrap_or("the jail helper failed without saying why").trim().to_string())
 }
 
 fn prep(path: &Path) -> impl FnOnce(std::io::Error) -> JailError {
@@ -374,7 +409,9 @@ fn backing_chain(disk: &Path, roots: &[PathBuf]) -> Result<Vec<PathBuf>, JailErr
         let backing = if backing.is_absolute() { backing } else { current.with_file_name(backing) };
         let real = std::fs::canonicalize(&backing).ok();
         let trusted = real.as_ref().is_some_and(|r| {
-            r == &backing && roots.iter().any(|root| r.starts_with(root)) && std::fs::metadata(r).is_ok_and(|m| m.is_file())
+            r == &backing
+                && roots.iter().any(|root| r.starts_with(root))
+                && std::fs::metadata(r).is_ok_and(|m| m.is_file())
         });
         if !trusted || chain.len() >= MAX_DEPTH {
             return Err(JailError::UntrustedBacking { disk: current, backing });
@@ -449,8 +486,10 @@ fn helper(args: Vec<OsString>) -> Result<i32, String> {
         let (uid, gid) = (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw());
         rustix::thread::unshare(F::NEWUSER).map_err(|e| format!("cannot create a user namespace: {e}"))?;
         std::fs::write("/proc/self/setgroups", "deny").map_err(|e| format!("cannot deny setgroups: {e}"))?;
-        std::fs::write("/proc/self/uid_map", format!("{uid} {uid} 1")).map_err(|e| format!("cannot map the uid: {e}"))?;
-        std::fs::write("/proc/self/gid_map", format!("{gid} {gid} 1")).map_err(|e| format!("cannot map the gid: {e}"))?;
+        std::fs::write("/proc/self/uid_map", format!("{uid} {uid} 1"))
+            .map_err(|e| format!("cannot map the uid: {e}"))?;
+        std::fs::write("/proc/self/gid_map", format!("{gid} {gid} 1"))
+            .map_err(|e| format!("cannot map the gid: {e}"))?;
         flags -= F::NEWUSER;
     }
     rustix::thread::unshare(flags).map_err(|e| format!("cannot create the namespaces: {e}"))?;

@@ -226,12 +226,12 @@ impl Service {
             ));
         }
         let host = self.limits.host.read(&self.rt.config.home)?;
-        let per_sandbox = |memory_mib: u32| u64::from(memory_mib + QEMU_OVERHEAD_MIB) * MIB;
+        let per_sandbox = |memory_mib: u32| (u64::from(memory_mib) + u64::from(QEMU_OVERHEAD_MIB)) * MIB;
         let committed: u64 = live.iter().map(|s| per_sandbox(s.memory_mib)).sum();
         let asked = per_sandbox(ask.memory_mib) * u64::from(ask.count);
         let ratio = self.limits.memory_overcommit;
         let budget = times(host.memory_bytes, ratio);
-        if committed + asked > budget {
+        if committed.saturating_add(asked) > budget {
             let each = format!("{} MiB + {QEMU_OVERHEAD_MIB} MiB QEMU overhead", ask.memory_mib);
             let asks = match ask.count {
                 1 => format!("{} asks for {each}", ask.who()),
@@ -262,21 +262,26 @@ impl Service {
         // What each disk may still grow by: its size less what its overlay already holds.
         let growth = |s: &SandboxInfo| {
             let overlay = self.run_dir(&s.id).join(moat_sandbox::OVERLAY_FILE);
-            (s.disk_mib * MIB).saturating_sub(used_bytes(&overlay))
+            s.disk_mib.saturating_mul(MIB).saturating_sub(used_bytes(&overlay))
         };
-        let outstanding: u64 = others.iter().map(|s| growth(s)).sum();
+        let outstanding = others.iter().fold(0u64, |sum, s| sum.saturating_add(growth(s)));
         let asked = match ask.existing {
             Some(s) => growth(s),
-            None => ask.disk_mib * MIB * u64::from(ask.count),
+            None => ask.disk_mib.saturating_mul(MIB).saturating_mul(u64::from(ask.count)),
         };
         let ratio = self.limits.disk_overcommit;
         let allowed = times(host.disk_free_bytes, ratio);
-        if outstanding + asked > allowed {
+        if outstanding.saturating_add(asked) > allowed {
             let asks = match (ask.existing, ask.count) {
                 (Some(_), _) => format!("the disk of {} may still grow by {}", ask.who(), size(asked)),
                 (None, 1) => format!("{} asks for a disk of {}", ask.who(), size(asked)),
                 (None, n) => {
-                    format!("{} ask for {n} disks of {} = {}", ask.who(), size(ask.disk_mib * MIB), size(asked))
+                    format!(
+                        "{} ask for {n} disks of {} = {}",
+                        ask.who(),
+                        size(ask.disk_mib.saturating_mul(MIB)),
+                        size(asked)
+                    )
                 }
             };
             let home = self.rt.config.home.display();

@@ -81,7 +81,7 @@ fn disk_usage(dir: &std::path::Path) -> u64 {
 
 impl Service {
     pub(crate) fn snapshots_root(&self) -> PathBuf {
-        self.rt.config.home.join("snapshots")
+        self.rt.config.snapshots_dir()
     }
 
     pub(crate) fn snapshot_dir(&self, id: &str) -> PathBuf {

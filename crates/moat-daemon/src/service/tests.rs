@@ -272,7 +272,9 @@ async fn gc_reclaims_what_no_record_owns_and_leaves_live_sandboxes_alone() {
     // A crash left a QMP socket file in the stopped sandbox's directory, a directory nobody
     // owns, and a QEMU in it.
     let stopped_dir = t.run_dir(&stopped.id);
-    std::fs::write(stopped_dir.join(moat_vmm::run_files::QMP_SOCKET), b"").unwrap();
+    let qmp = stopped_dir.join(moat_vmm::run_files::QMP_SOCKET);
+    std::fs::create_dir_all(qmp.parent().unwrap()).unwrap();
+    std::fs::write(&qmp, b"").unwrap();
     let orphan = t.run_dir("0123456789ab");
     std::fs::create_dir_all(&orphan).unwrap();
     let leaked = t.vms.leave_qemu(&orphan);

@@ -137,12 +137,55 @@ async fn run_checks(host: &HostArgs) -> anyhow::Result<Vec<Check>> {
         )),
     }
     checks.push(state_check(&config.home));
+    checks.push(jail_check(&config));
     checks.push(cgroup_check());
     Ok(checks)
 }
 
 /// Per-sandbox limits: the cgroup version, and each controller moat limits with, usable or not.
 /// Sandboxes run without the limits they cannot have, so a gap is degraded, not a failure.
+/// Whether QEMU can be jailed here, found by building a jail around `/usr/bin/true`; which
+/// layers a daemon of this user gets.
+fn jail_check(config: &moat_sandbox::RuntimeConfig) -> Check {
+    const NAME: &str = "jail";
+    if !config.jail {
+        return Check {
+            name: NAME,
+            status: Status::Degraded,
+            detail: "off (MOAT_JAIL=off): QEMU runs as the daemon's user and sees the host's files".into(),
+            fix: Some("unset MOAT_JAIL".into()),
+        };
+    }
+    let jail = match moat_sandbox::jail_for(config) {
+        Ok(jail) => jail,
+        Err(e) => return Check::fail(NAME, one_line(&e), "build moat (`cargo build --release -p moat`)"),
+    };
+    let scratch = std::env::temp_dir().join(format!("moat-jail-probe-{}", std::process::id()));
+    let probed = std::fs::create_dir_all(&scratch)
+        .map_err(|e| e.to_string())
+        .and_then(|()| moat_vmm::probe_jail(&jail, &scratch));
+    let _ = std::fs::remove_dir(&scratch);
+    let root = matches!(jail.ids, moat_vmm::JailIds::Range { .. });
+    let layers =
+        "its own mount, PID, IPC, UTS and network namespaces, a root of only its files, no capabilities, seccomp";
+    match probed {
+        Ok(()) if root => Check::ok(NAME, format!("each QEMU runs as a uid of its own, with {layers}")),
+        Ok(()) => Check {
+            name: NAME,
+            status: Status::Degraded,
+            detail: format!("each QEMU runs with {layers}, but as the daemon's uid (the daemon is not root)"),
+            fix: Some("run the daemon as root (`sudo moat serve`) to give each QEMU a uid of its own".into()),
+        },
+        Err(e) if root => Check::fail(NAME, format!("QEMU cannot be jailed: {e}"), "see docs/troubleshooting.md (jail)"),
+        Err(e) => Check::fail(
+            NAME,
+            format!("QEMU cannot be jailed without root: {e}"),
+            "allow unprivileged user namespaces (`sysctl -w kernel.unprivileged_userns_clone=1 user.max_user_namespaces=10000`), \
+             run the daemon as root, or set MOAT_JAIL=off to run QEMU unjailed",
+        ),
+    }
+}
+
 fn cgroup_check() -> Check {
     const NAME: &str = "cgroups";
     let degraded = |detail: String, fix: String| Check { name: NAME, status: Status::Degraded, detail, fix: Some(fix) };
