@@ -13,6 +13,8 @@
 //! - snapshots: a sandbox restored from its image's template next to a cold boot (each to its
 //!   first exec done, median of at least 10), `moat fork` into K (`--forks`, 10) next to K cold
 //!   boots, and the host memory (PSS of QEMU) of the K forks next to K cold-booted sandboxes.
+//! - the jail: template restore, cold boot (each to the first exec) and `moat fork` into K with
+//!   the QEMU jail on, next to the same with `MOAT_JAIL=off` on a second daemon.
 //! - network: a guest downloading from a server on the host's loopback through moat's stack, and
 //!   the rate of small sequential requests, next to the same busybox client on the host and next
 //!   to the guest's own loopback; then the same for default egress, allowlist mode and secret
@@ -28,6 +30,7 @@ use moat_sandbox::{Runtime, RuntimeConfig, Sandbox, SandboxSpec};
 
 mod files;
 mod images;
+mod jail;
 mod lab;
 mod net;
 mod snapshots;
@@ -44,7 +47,7 @@ fn ms(d: Duration) -> String {
 const USAGE: &str = "\
 usage: bench/run [OPTIONS]
 
-  --only PART       run one part: files, images, snapshots or net
+  --only PART       run one part: files, images, snapshots, jail or net
   --runs N          samples of each timed step; medians are printed (5)
   --execs N         exec round trips in one VM (100)
   --requests N      daemon API requests of each kind (1000)
@@ -92,8 +95,9 @@ async fn main() -> anyhow::Result<()> {
         Some("files") => return files::bench(&moat, &home, arg("--copy-mib", 256)).await,
         Some("images") => return images::bench(&moat, &home, runs, arg("--layer-mib", 256)).await,
         Some("snapshots") => return snapshots::bench(&moat, &home, runs, forks).await,
+        Some("jail") => return jail::bench(&moat, &home, runs, forks).await,
         Some("net") => return net::bench(&moat, &home, runs, arg("--net-mib", 64), arg("--conns", 200)).await,
-        Some(other) => bail!("--only takes `files`, `images`, `snapshots` or `net`, not {other:?}"),
+        Some(other) => bail!("--only takes `files`, `images`, `snapshots`, `jail` or `net`, not {other:?}"),
         None => {}
     }
     let mut walls = Vec::new();
@@ -133,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
     files::bench(&moat, &home, arg("--copy-mib", 256)).await?;
     images::bench(&moat, &home, runs, arg("--layer-mib", 256)).await?;
     snapshots::bench(&moat, &home, runs, forks).await?;
+    jail::bench(&moat, &home, runs, forks).await?;
     net::bench(&moat, &home, runs, arg("--net-mib", 64), arg("--conns", 200)).await
 }
 

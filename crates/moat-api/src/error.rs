@@ -53,10 +53,9 @@ impl ErrorCode {
             | ErrorCode::InUse
             | ErrorCode::Incompatible => 409,
             ErrorCode::BodyTooLarge => 413,
-            ErrorCode::LimitReached => 429,
+            ErrorCode::LimitReached | ErrorCode::InsufficientResources => 429,
             ErrorCode::BootFailed | ErrorCode::ExecFailed | ErrorCode::Internal => 500,
             ErrorCode::RegistryFailed => 502,
-            ErrorCode::InsufficientResources => 507,
         }
     }
 }

@@ -28,7 +28,8 @@ pub use query::{
     ArchiveQuery, AttachQuery, EventsQuery, ImportQuery, LogsQuery, PathQuery, RemoveQuery, WriteFileQuery,
 };
 pub use sandbox::{
-    validate_name, CreateSandbox, OnExpire, Phase, PullPolicy, RegistryLogin, RenewLease, SandboxInfo,
+    validate_name, CgroupUsage, CreateSandbox, Isolation, OnExpire, Phase, PullPolicy, RegistryLogin, RenewLease,
+    SandboxInfo,
     DEFAULT_DISK_MIB, DEFAULT_IMAGE, DEFAULT_IMAGE_FROM, DEFAULT_IMAGE_PACKAGES, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
 };
 pub use snapshot::{CreateSnapshot, Fork, Forked, Revert, SnapshotInfo, SnapshotKind};

@@ -213,6 +213,38 @@ pub struct SandboxInfo {
     /// The network, without secret values.
     #[serde(default)]
     pub net: NetSpec,
+    /// How the sandbox's QEMU is confined on the host, while it runs (`GET` of one sandbox only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<Isolation>,
+}
+
+/// How a running sandbox's QEMU is confined on the host.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Isolation {
+    /// The uid QEMU runs as; 0 or the daemon's own when it has none of its own.
+    pub uid: u32,
+    /// Whether the uid is QEMU's own (a jailed QEMU of a root daemon).
+    pub own_uid: bool,
+    /// The namespaces QEMU does not share with the daemon: some of `mnt`, `pid`, `net`, `ipc`,
+    /// `uts`, `user`.
+    pub namespaces: Vec<String>,
+    /// The sandbox's cgroup, absent when the host offers none that can limit it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<CgroupUsage>,
+}
+
+/// A sandbox's cgroup: its version, limits and what is used of them. Absent values could not
+/// be read; `u64::MAX` means no limit.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CgroupUsage {
+    /// `v1` or `v2`.
+    pub version: String,
+    pub memory_bytes: Option<u64>,
+    pub memory_limit_bytes: Option<u64>,
+    pub pids: Option<u64>,
+    pub pids_limit: Option<u64>,
+    /// CPU time used, in microseconds.
+    pub cpu_usage_us: Option<u64>,
 }
 
 /// `POST /v1/sandboxes/{ref}/lease`.

@@ -12,6 +12,7 @@ pub mod files;
 mod first_use;
 mod health;
 mod images;
+mod isolation;
 mod logs;
 mod processes;
 mod snapshots;
@@ -309,6 +310,7 @@ impl Service {
             last_error: None,
             version: 1,
             snapshot_id: None,
+            isolation: None,
             net,
         };
         // Held from before the record exists, so no other operation sees it half made.

@@ -200,6 +200,7 @@ pub(crate) mod tests {
             last_error: None,
             version: 1,
             snapshot_id: None,
+            isolation: None,
             net: NetSpec::default(),
         }
     }

@@ -207,7 +207,7 @@ async fn probe_kvm(qemu: &Path, kernel: &Path, initrd: &Path, timeout: Duration)
         incoming: false,
         nic: false,
         jail: None,
-            cgroups: None,
+        cgroups: None,
     };
     let result = async {
         let mut vm = Vm::spawn(&cfg, true).await.map_err(|e| format!("QEMU could not start a KVM guest: {e}"))?;

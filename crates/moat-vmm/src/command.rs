@@ -205,11 +205,7 @@ pub fn command_line_for(cfg: &VmConfig, host: HostFacts) -> Vec<OsString> {
         };
         push(&[
             "-object",
-            &format!(
-                "memory-backend-file,id=ram,size={}M,mem-path={},{share}",
-                cfg.memory_mib,
-                opt_value(&p(path))
-            ),
+            &format!("memory-backend-file,id=ram,size={}M,mem-path={},{share}", cfg.memory_mib, opt_value(&p(path))),
         ]);
         push(&["-machine", "memory-backend=ram"]);
     }
@@ -318,7 +314,7 @@ mod tests {
     fn a_tcg_microvm_with_disk_agent_port_and_seccomp() {
         let a = args(&cfg(), HOST);
         assert_eq!(value(&a, "-M"), "microvm,x-option-roms=off,isa-serial=on,rtc=on,pit=off,pic=off");
-        assert_eq!(value(&a, "-accel"), "tcg");
+        assert_eq!(value(&a, "-accel"), "tcg,tb-size=64");
         assert_eq!(value(&a, "-cpu"), "max");
         assert_eq!(value(&a, "-smp"), "2");
         assert_eq!(value(&a, "-m"), "512M");

@@ -15,8 +15,8 @@ use crate::console::{console_tail, keep_under_cap, rotated_path, tail};
 use crate::exit::{has_exited, open_pidfd, wait_readable, watch, Exit, ExitWatcher};
 use crate::identity::is_our_qemu;
 use crate::qmp::Qmp;
-use crate::{CgroupLimits, SandboxCgroup};
 use crate::VmmError;
+use crate::{CgroupLimits, SandboxCgroup};
 
 /// How long QEMU may take to open its QMP socket and greet.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -89,7 +89,9 @@ impl Vm {
         })?;
         // QEMU appends to the console log (so it can be cut under it): each boot starts afresh.
         let console = cfg.console_log();
-        for stale in [cfg.qmp_socket(), cfg.agent_socket(), cfg.net_socket(), cfg.pid_file(), rotated_path(&console), console] {
+        for stale in
+            [cfg.qmp_socket(), cfg.agent_socket(), cfg.net_socket(), cfg.pid_file(), rotated_path(&console), console]
+        {
             let _ = std::fs::remove_file(stale);
         }
         let qemu_log = cfg.qemu_log();
@@ -113,7 +115,9 @@ impl Vm {
         cmd.args(command_line(cfg)).stdin(Stdio::null()).stderr(log);
         let parent = std::process::id() as libc::pid_t;
         let cgroup = match &cfg.cgroups {
-            Some(host) => Some(SandboxCgroup::create(host, &cfg.name, &CgroupLimits::for_vm(cfg.memory_mib, cfg.vcpus))?),
+            Some(host) => {
+                Some(SandboxCgroup::create(host, &cfg.name, &CgroupLimits::for_vm(cfg.memory_mib, cfg.vcpus))?)
+            }
             None => None,
         };
         let cgroup_procs = procs_files(cgroup.as_ref());

@@ -10,6 +10,13 @@ use common::{moat_ok, OwnHome};
 use moat_vmm::{Accel, Jail, JailIds, Vm, VmConfig};
 use serde_json::{json, Value};
 
+/// The tests here run one at a time: one of them measures how responsive a sandbox stays, which
+/// other tests' boots would disturb.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn inspect(h: &Path, name: &str) -> Value {
     serde_json::from_str(&moat_ok(h, &["inspect", name, "--json"])).expect("inspect prints JSON")
 }
@@ -48,6 +55,7 @@ fn jail_tree(pid: u32) -> Vec<String> {
 
 #[test]
 fn a_sandboxs_qemu_runs_jailed_as_a_uid_of_its_own_and_sees_only_its_files() {
+    let _serial = serial();
     let h = OwnHome::new();
     moat_ok(h.path(), &["run", "-d", "--name", "one"]);
     moat_ok(h.path(), &["run", "-d", "--name", "two"]);
@@ -138,8 +146,14 @@ fn a_sandboxs_qemu_runs_jailed_as_a_uid_of_its_own_and_sees_only_its_files() {
 
 /// A QEMU started the way the daemon starts it, asked over QMP to open a host file: jailed, the
 /// file is not there; without the jail (the control) the same command opens it.
-#[tokio::test]
-async fn a_jailed_qemu_asked_to_open_a_host_file_cannot() {
+#[test]
+fn a_jailed_qemu_asked_to_open_a_host_file_cannot() {
+    let _serial = serial();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    rt.block_on(ask_qemus_to_open_a_host_file());
+}
+
+async fn ask_qemus_to_open_a_host_file() {
     common::require_host();
     let tmp = tempfile::tempdir().unwrap();
     let dir = std::fs::canonicalize(tmp.path()).unwrap();
@@ -187,6 +201,7 @@ async fn a_jailed_qemu_asked_to_open_a_host_file_cannot() {
 /// escape could do before the next start) is refused before it starts, with the remedy.
 #[test]
 fn a_disk_whose_backing_file_was_pointed_at_a_host_file_is_refused() {
+    let _serial = serial();
     let h = OwnHome::new();
     moat_ok(h.path(), &["run", "-d", "--name", "box"]);
     let id = inspect(h.path(), "box")["id"].as_str().unwrap().to_string();
@@ -206,4 +221,101 @@ fn a_disk_whose_backing_file_was_pointed_at_a_host_file_is_refused() {
     assert!(err.contains("outside the image and snapshot stores") && err.contains("state.db"), "{err}");
     assert!(err.contains("moat rm"), "the remedy is named: {err}");
     assert!(common::qemu_processes_mentioning(&id).is_empty(), "no QEMU was left running");
+}
+
+/// A control file of the cgroup holding `pid`: in the v1 hierarchy of `controller` when there is
+/// one, else in the unified (v2) hierarchy.
+fn cgroup_value(pid: u32, controller: &str, v1: &str, v2: &str) -> String {
+    let table = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("the process runs");
+    let v1_path = table.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers.split(',').any(|c| c == controller).then(|| format!("/sys/fs/cgroup/{controller}{path}/{v1}"))
+    });
+    let path = v1_path.unwrap_or_else(|| {
+        let path = table.lines().find_map(|l| l.strip_prefix("0::")).expect("a cgroup");
+        format!("/sys/fs/cgroup{path}/{v2}")
+    });
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}")).trim().to_string()
+}
+
+/// Median time of `moat exec NAME -- true`, over `n` round trips.
+fn exec_round_trip(h: &Path, name: &str, n: usize) -> std::time::Duration {
+    let mut times: Vec<std::time::Duration> = (0..n)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            moat_ok(h, &["exec", name, "--", "true"]);
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[n / 2]
+}
+
+/// One sandbox does its worst to the host — a fork bomb, a memory hog, a disk-filling loop and a
+/// console flood at once — and hits its own limits, while another sandbox's exec round trip stays
+/// within 2x of what it was when the host was idle.
+#[test]
+fn a_guest_exhausting_its_sandbox_leaves_its_neighbour_responsive() {
+    let _serial = serial();
+    let h = OwnHome::new();
+    moat_ok(h.path(), &["run", "-d", "--name", "calm", "--memory", "256"]);
+    moat_ok(h.path(), &["run", "-d", "--name", "hog", "--memory", "256", "--disk", "512"]);
+    let hog = inspect(h.path(), "hog");
+    let pid = hog["pid"].as_u64().expect("hog runs") as u32;
+
+    // The limits are in place: RAM + QEMU's overhead, one CPU for one vCPU, bounded tasks.
+    let memory: u64 = cgroup_value(pid, "memory", "memory.limit_in_bytes", "memory.max").parse().unwrap();
+    assert_eq!(memory, (256 + u64::from(moat_vmm::QEMU_OVERHEAD_MIB)) << 20);
+    let quota = cgroup_value(pid, "cpu", "cpu.cfs_quota_us", "cpu.max");
+    assert!(quota == "100000" || quota == "100000 100000", "one CPU: {quota}");
+    assert_eq!(cgroup_value(pid, "pids", "pids.max", "pids.max"), moat_vmm::CgroupLimits::DEFAULT_PIDS.to_string());
+
+    exec_round_trip(h.path(), "calm", 3);
+    let idle = exec_round_trip(h.path(), "calm", 11);
+
+    let attack = "for job in 'yes flood > /dev/console' 'dd if=/dev/zero of=/fill bs=1M' \
+                  'head -c 1000M /dev/zero | tail' 'b() { b | b & }; b'; do \
+                  setsid sh -c \"$job\" </dev/null >/dev/null 2>&1 & done; echo started";
+    assert_eq!(moat_ok(h.path(), &["exec", "hog", "--", "sh", "-c", attack]).trim(), "started");
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let loaded = exec_round_trip(h.path(), "calm", 11);
+    eprintln!("calm's exec round trip: idle {idle:?}, while hog attacks {loaded:?}");
+    assert!(loaded <= idle * 2, "the neighbour slowed from {idle:?} to {loaded:?}");
+
+    // The hog stayed inside its limits, and its QEMU is still the one it was.
+    let used: u64 = cgroup_value(pid, "memory", "memory.max_usage_in_bytes", "memory.peak").parse().unwrap();
+    assert!(used <= memory, "{used} bytes used under a limit of {memory}");
+    let console = std::fs::metadata(h.path().join("run").join(hog["id"].as_str().unwrap()).join("console.log"));
+    assert!(console.map(|m| m.len()).unwrap_or(0) <= 2 * moat_vmm::CONSOLE_LOG_CAP, "the console log stays capped");
+    assert_eq!(inspect(h.path(), "hog")["pid"].as_u64(), Some(u64::from(pid)));
+    moat_ok(h.path(), &["rm", "-f", "hog"]);
+    assert_eq!(moat_ok(h.path(), &["exec", "calm", "--", "echo", "fine"]).trim(), "fine");
+}
+
+/// A daemon that is not root keeps every layer but the uid: its helper builds the jail in a user
+/// namespace that maps only its own ids. Here the helper runs as `nobody`, as such a daemon's
+/// would, around a command that reports what it sees.
+#[test]
+fn without_root_the_jail_is_built_in_a_user_namespace_of_its_own() {
+    use std::os::unix::fs::PermissionsExt;
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, report) = (tmp.path().join("root"), tmp.path().join("report"));
+    std::fs::create_dir(&root).unwrap();
+    for dir in [tmp.path(), root.as_path()] {
+        std::os::unix::fs::chown(dir, Some(65534), Some(65534)).unwrap();
+    }
+    let helper = tmp.path().join("as-nobody");
+    let script = format!(
+        "#!/bin/sh\nexec setpriv --reuid=65534 --regid=65534 --clear-groups {} \"$@\" 2>{}\n",
+        env!("CARGO_BIN_EXE_moat"),
+        report.display()
+    );
+    std::fs::write(&helper, script).unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let jail = Jail { helper, ids: JailIds::Own, read_roots: Vec::new() };
+    moat_vmm::probe_jail(&jail, &root).unwrap_or_else(|e| {
+        panic!("{e}: {}", std::fs::read_to_string(&report).unwrap_or_default())
+    });
 }

@@ -25,7 +25,9 @@ async fn a_snapshot_restores_memory_and_disk_and_a_restored_vm_saves_again() {
     let spec = SandboxSpec { shape, ..SandboxSpec::default() };
     let sb = Sandbox::boot(&rt, &spec).await.expect("boots");
     sh(&sb, "echo before > /root/file; mkdir -p /dev/shm; echo inmem > /dev/shm/x").await;
-    let snaps = tempfile::tempdir().unwrap();
+    // In the home's snapshot store: a jailed QEMU is given backing files from there only.
+    std::fs::create_dir_all(rt.config.snapshots_dir()).unwrap();
+    let snaps = tempfile::tempdir_in(rt.config.snapshots_dir()).unwrap();
     let one = snaps.path().join("one");
     std::fs::create_dir(&one).unwrap();
     let t = Instant::now();

@@ -40,7 +40,7 @@ pub fn list_sandboxes() {}
         (status = 409, description = "The name is taken, or the snapshot of `from` cannot be restored on \
             this host", body = ApiError),
         (status = 413, description = "The body is over 64 KiB", body = ApiError),
-        (status = 429, description = "As many sandboxes are live as the daemon allows", body = ApiError),
+        (status = 429, description = "As many sandboxes are live as the daemon allows, or the host has not the memory or disk left (`insufficient_resources`)", body = ApiError),
         (status = 500, description = "The sandbox failed to boot", body = ApiError),
     ))]
 pub fn create_sandbox() {}
@@ -88,7 +88,7 @@ pub fn stop_sandbox() {}
         (status = 400, description = "The reference is too long, or matches several sandboxes", body = ApiError),
         (status = 404, description = "No such sandbox, or its image is gone", body = ApiError),
         (status = 409, description = "It is live already", body = ApiError),
-        (status = 429, description = "As many sandboxes are live as the daemon allows", body = ApiError),
+        (status = 429, description = "As many sandboxes are live as the daemon allows, or the host has not the memory or disk left (`insufficient_resources`)", body = ApiError),
         (status = 500, description = "It failed to boot", body = ApiError),
     ))]
 pub fn start_sandbox() {}
@@ -140,7 +140,7 @@ pub fn pause_sandbox() {}
         (status = 404, description = "No such sandbox", body = ApiError),
         (status = 409, description = "It is not paused, or its saved VM cannot be restored on this host",
             body = ApiError),
-        (status = 429, description = "As many sandboxes are live as the daemon allows", body = ApiError),
+        (status = 429, description = "As many sandboxes are live as the daemon allows, or the host has not the memory or disk left (`insufficient_resources`)", body = ApiError),
         (status = 500, description = "Restoring it failed", body = ApiError),
     ))]
 pub fn resume_sandbox() {}

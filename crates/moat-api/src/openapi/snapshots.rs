@@ -44,7 +44,7 @@ pub fn create_snapshot() {}
         (status = 409, description = "The sandbox is busy, or the snapshot cannot be restored on this host",
             body = ApiError),
         (status = 413, description = "The body is over 64 KiB", body = ApiError),
-        (status = 429, description = "As many sandboxes are live as the daemon allows", body = ApiError),
+        (status = 429, description = "As many sandboxes are live as the daemon allows, or the host has not the memory or disk left (`insufficient_resources`)", body = ApiError),
         (status = 500, description = "Restoring the snapshot failed", body = ApiError),
     ))]
 pub fn revert_sandbox() {}
@@ -62,7 +62,7 @@ pub fn revert_sandbox() {}
         (status = 409, description = "A name is taken, the sandbox is not running, or the snapshot cannot be \
             restored on this host", body = ApiError),
         (status = 413, description = "The body is over 64 KiB", body = ApiError),
-        (status = 429, description = "The new sandboxes would pass the daemon's limit", body = ApiError),
+        (status = 429, description = "The new sandboxes would pass the daemon's limit, or the host's memory or disk (`insufficient_resources`)", body = ApiError),
         (status = 500, description = "Saving or restoring a VM failed", body = ApiError),
     ))]
 pub fn fork_sandbox() {}

@@ -24,7 +24,7 @@ pub async fn create(State(svc): Svc, JsonBody(req): JsonBody<CreateSandbox>) -> 
 }
 
 pub async fn inspect(State(svc): Svc, Path(reference): Path<String>) -> ApiResult<impl IntoResponse> {
-    Ok(Json(svc.resolve(&reference)?))
+    Ok(Json(svc.inspect(&reference)?))
 }
 
 #[derive(Deserialize)]

@@ -198,6 +198,7 @@ fn row_to_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxInfo> {
         pid: r.get(14)?,
         last_error: r.get(15)?,
         snapshot_id: r.get(16)?,
+        isolation: None,
         net: redacted(parse_net(r.get::<_, Option<String>>(17)?.as_deref())),
     })
 }

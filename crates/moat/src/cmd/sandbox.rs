@@ -78,6 +78,30 @@ pub async fn inspect(args: InspectArgs, host: &HostArgs) -> anyhow::Result<i32> 
     Ok(0)
 }
 
+fn describe_isolation(iso: &moat_api::Isolation) -> String {
+    let uid =
+        if iso.own_uid { format!("uid {} (its own)", iso.uid) } else { format!("uid {} (the daemon's)", iso.uid) };
+    if iso.namespaces.is_empty() {
+        return format!("{uid}, not jailed (MOAT_JAIL=off)");
+    }
+    format!("{uid}, jailed; namespaces of its own: {}", iso.namespaces.join(", "))
+}
+
+fn describe_cgroup(cg: &moat_api::CgroupUsage) -> String {
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / 1048576.0);
+    let of = |used: Option<u64>, limit: Option<u64>, show: &dyn Fn(u64) -> String| match (used, limit) {
+        (Some(u), Some(l)) if l != u64::MAX => format!("{} of {}", show(u), show(l)),
+        (Some(u), _) => format!("{} (no limit)", show(u)),
+        _ => "unknown".to_string(),
+    };
+    format!(
+        "cgroup {}: memory {}, tasks {}",
+        cg.version,
+        of(cg.memory_bytes, cg.memory_limit_bytes, &mib),
+        of(cg.pids, cg.pids_limit, &|n| n.to_string())
+    )
+}
+
 fn print_info(s: &SandboxInfo) {
     println!("id:          {}", s.id);
     println!("name:        {}", s.name);
@@ -98,6 +122,13 @@ fn print_info(s: &SandboxInfo) {
     }
     if let Some(pid) = s.pid {
         println!("qemu pid:    {pid}");
+    }
+    if let Some(iso) = &s.isolation {
+        println!("isolation:   {}", describe_isolation(iso));
+        match &iso.cgroup {
+            Some(cg) => println!("limits:      {}", describe_cgroup(cg)),
+            None => println!("limits:      none (no usable cgroup on this host; see moat doctor)"),
+        }
     }
     if let Some(id) = &s.snapshot_id {
         println!("from:        snapshot {id}");
