@@ -29,8 +29,8 @@ pub use query::{
 };
 pub use sandbox::{
     validate_name, CgroupUsage, CreateSandbox, Isolation, OnExpire, Phase, PullPolicy, RegistryLogin, RenewLease,
-    SandboxInfo,
-    DEFAULT_DISK_MIB, DEFAULT_IMAGE, DEFAULT_IMAGE_FROM, DEFAULT_IMAGE_PACKAGES, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
+    SandboxInfo, DEFAULT_DISK_MIB, DEFAULT_IMAGE, DEFAULT_IMAGE_FROM, DEFAULT_IMAGE_PACKAGES, DEFAULT_MEMORY_MIB,
+    DEFAULT_VCPUS,
 };
 pub use snapshot::{CreateSnapshot, Fork, Forked, Revert, SnapshotInfo, SnapshotKind};
 pub use terminal::{escape_controls, ControlEscaper};

@@ -14,8 +14,8 @@ use moat_hint::Hint;
 
 pub use agent_link::{AgentLink, Exec, ExecControl, ExecEvent, LinkError};
 pub use runtime::{
-    create_private_dir, initrd_and_accel, jail_for, jail_ids, make_home_private, HomeAccessError, HostParts, Loosened, Runtime,
-    RuntimeConfig,
+    create_private_dir, initrd_and_accel, jail_for, jail_ids, make_home_private, HomeAccessError, HostParts, Loosened,
+    Runtime, RuntimeConfig,
 };
 pub use sandbox::{new_id, validate, Origin, Sandbox, SandboxSpec, OVERLAY_FILE};
 pub use shape::{Shape, ShapeError};

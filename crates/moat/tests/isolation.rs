@@ -315,7 +315,6 @@ fn without_root_the_jail_is_built_in_a_user_namespace_of_its_own() {
     std::fs::write(&helper, script).unwrap();
     std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
     let jail = Jail { helper, ids: JailIds::Own, read_roots: Vec::new() };
-    moat_vmm::probe_jail(&jail, &root).unwrap_or_else(|e| {
-        panic!("{e}: {}", std::fs::read_to_string(&report).unwrap_or_default())
-    });
+    moat_vmm::probe_jail(&jail, &root)
+        .unwrap_or_else(|e| panic!("{e}: {}", std::fs::read_to_string(&report).unwrap_or_default()));
 }
