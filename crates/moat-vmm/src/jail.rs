@@ -334,7 +334,7 @@ fn share_read_only(path: &Path, gid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Connect to one of a VM's sockets in its [`SOCKET_DIR`]. A jailed QEMU may write that
+/// Connect to one of a VM's sockets in its socket directory (`sock/`). A jailed QEMU may write that
 /// directory, so it could swap a socket for a symbolic link to any socket of the host (the
 /// daemon's own API, say): the last component is opened without following links, checked to be
 /// a socket, and connected to through that very descriptor.
@@ -369,7 +369,7 @@ fn seal_of(meta: &std::fs::Metadata) -> String {
 /// every jailed QEMU restored from the file could write to it: the file belongs to the jails'
 /// shared group, read-write. What protects the snapshot (and every later sandbox restored from
 /// it) from a QEMU that escaped and wrote to it is the seal taken here: its ctime, checked
-/// before each restore ([`prepare`]), which any write changes for good.
+/// before each restore (when the jail is prepared), which any write changes for good.
 /// `shared_gid` is [`JailIds::shared_gid`]; the file goes back to the daemon's own uid (a helper
 /// VM may have written it).
 pub fn seal_snapshot_ram(mem: &Path, shared_gid: Option<u32>) -> std::io::Result<()> {

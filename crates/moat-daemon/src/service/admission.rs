@@ -6,7 +6,7 @@
 //!
 //! The check runs under the database lock and the records are the reservations: a create inserts
 //! its record (live from then on) in the same critical section as its check, and a start marks its
-//! sandbox as starting ([`Starting`]) there, so two requests can never both pass on the same free
+//! sandbox as starting (`Starting`) there, so two requests can never both pass on the same free
 //! memory.
 
 use std::collections::HashSet;
