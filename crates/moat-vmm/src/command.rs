@@ -19,7 +19,7 @@ pub struct VmConfig {
     pub cmdline: String,
     /// qcow2 root disk, attached as virtio-blk (`/dev/vda` in the guest).
     pub root_disk: Option<PathBuf>,
-    /// Holds `qmp.sock`, `agent.sock`, `console.log`, `qemu.pid`.
+    /// Holds `console.log`, `qemu.pid`, and the sockets in `sock/`.
     pub run_dir: PathBuf,
     /// Enable QEMU's seccomp sandbox.
     pub seccomp: bool,
@@ -329,7 +329,7 @@ mod tests {
         let chardevs = values(&a, "-chardev");
         assert!(chardevs.contains(&"file,id=console,path=/run/x/console.log,append=on".to_string()), "{chardevs:?}");
         assert!(
-            chardevs.contains(&"socket,id=agent,path=/run/x/agent.sock,server=on,wait=off".to_string()),
+            chardevs.contains(&"socket,id=agent,path=/run/x/sock/agent.sock,server=on,wait=off".to_string()),
             "{chardevs:?}"
         );
         let devices = values(&a, "-device");
@@ -340,7 +340,7 @@ mod tests {
             value(&a, "-drive"),
             "file=/run/x/root.qcow2,if=none,id=root,format=qcow2,discard=unmap,detect-zeroes=unmap,cache=writeback"
         );
-        assert_eq!(value(&a, "-qmp"), "unix:/run/x/qmp.sock,server=on,wait=off");
+        assert_eq!(value(&a, "-qmp"), "unix:/run/x/sock/qmp.sock,server=on,wait=off");
         assert_eq!(value(&a, "-pidfile"), "/run/x/qemu.pid");
         assert_eq!(value(&a, "-sandbox"), SECCOMP_POLICY);
         let append = value(&a, "-append");
@@ -393,7 +393,7 @@ mod tests {
     fn commas_in_paths_are_escaped_in_option_strings() {
         let c = VmConfig { run_dir: "/tmp/a,b".into(), root_disk: Some("/tmp/a,b/root.qcow2".into()), ..cfg() };
         let a = args(&c, HOST);
-        assert_eq!(value(&a, "-qmp"), "unix:/tmp/a,,b/qmp.sock,server=on,wait=off");
+        assert_eq!(value(&a, "-qmp"), "unix:/tmp/a,,b/sock/qmp.sock,server=on,wait=off");
         assert!(value(&a, "-drive").starts_with("file=/tmp/a,,b/root.qcow2,if=none"));
     }
 

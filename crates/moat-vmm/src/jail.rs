@@ -712,7 +712,8 @@ mod tests {
         // A header rewritten to name a host file outside the stores is refused.
         let secret = tmp.path().join("state.db");
         std::fs::write(&secret, b"secrets").unwrap();
-        let evil = qcow2(tmp.path(), "evil.qcow2", Some(&secret));
+        let evil = qcow2(tmp.path(), "evil.qcow2", Some(&base));
+        rewrite_backing(&evil, &secret);
         let err = backing_chain(&evil, std::slice::from_ref(&store)).unwrap_err();
         assert!(matches!(err, JailError::UntrustedBacking { .. }), "{err}");
         // So is a symbolic link inside the store that points out of it.
@@ -728,7 +729,7 @@ mod tests {
     /// Point a qcow2 header at `to` without looking at it, as a hostile QEMU could.
     fn rewrite_backing(disk: &Path, to: &Path) {
         let ok = std::process::Command::new("qemu-img")
-            .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .args(["rebase", "-u", "-f", "qcow2", "-F", "raw", "-b"])
             .arg(to)
             .arg(disk)
             .status()

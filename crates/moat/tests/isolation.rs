@@ -318,3 +318,34 @@ fn without_root_the_jail_is_built_in_a_user_namespace_of_its_own() {
     moat_vmm::probe_jail(&jail, &root)
         .unwrap_or_else(|e| panic!("{e}: {}", std::fs::read_to_string(&report).unwrap_or_default()));
 }
+
+/// Every QEMU restored from a template maps its RAM file, and QEMU 7.2 opens it read-write: a
+/// QEMU that escaped could write to it and so reach every later sandbox. A write breaks the
+/// template's seal, and the next create refuses it, drops it and boots instead.
+#[test]
+fn a_template_written_to_after_it_was_saved_is_refused_and_dropped() {
+    let _serial = serial();
+    let h = OwnHome::new();
+    moat_ok(h.path(), &["run", "-d", "--name", "first", "--memory", "256"]);
+    let templates: Vec<PathBuf> = std::fs::read_dir(h.path().join("snapshots"))
+        .expect("the template is saved")
+        .flatten()
+        .map(|e| e.path().join("mem"))
+        .filter(|m| m.exists())
+        .collect();
+    let [mem] = templates.as_slice() else { panic!("one template: {templates:?}") };
+    // The same byte back where it was: the content is unchanged, the file was still written.
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(mem).unwrap();
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, 4096).unwrap();
+        file.write_all_at(&byte, 4096).unwrap();
+    }
+    moat_ok(h.path(), &["run", "-d", "--name", "second", "--memory", "256"]);
+    let second = inspect(h.path(), "second");
+    assert!(second["snapshot_id"].is_null(), "booted, not restored from the written template: {second}");
+    let log = std::fs::read_to_string(h.path().join("daemon.log")).unwrap();
+    assert!(log.contains("was written to after it was saved"), "the reason is logged:\n{log}");
+    assert!(!mem.exists(), "the template is dropped");
+}
