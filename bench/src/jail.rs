@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use crate::files::moat;
+use crate::snapshots::first_exec;
 use crate::{median, ms};
 
 const BOX: &str = "bench-jail";
@@ -60,21 +61,6 @@ impl Drop for Unjailed {
     }
 }
 
-/// Create `BOX` (from the template, or `--cold`), run `true` in it, remove it: the time to the
-/// exec's end.
-fn first_exec(moat_bin: &Path, home: &Path, cold: bool) -> anyhow::Result<Duration> {
-    let mut run = vec!["run", "-d", "--name", BOX, "--image", "minimal", "--memory", "256"];
-    if cold {
-        run.push("--cold");
-    }
-    let t = Instant::now();
-    moat(moat_bin, home, &run)?;
-    moat(moat_bin, home, &["exec", BOX, "--", "true"])?;
-    let took = t.elapsed();
-    moat(moat_bin, home, &["rm", "-f", BOX])?;
-    Ok(took)
-}
-
 /// `moat fork SOURCE -n forks`, then the forks removed.
 fn fork(moat_bin: &Path, home: &Path, forks: usize) -> anyhow::Result<Duration> {
     let n = forks.to_string();
@@ -92,14 +78,14 @@ pub async fn bench(moat_bin: &Path, home: &Path, runs: usize, forks: usize) -> a
     let homes = [home, off.home.as_path()];
     for h in homes {
         // The first create of an image saves its template; the samples restore it.
-        first_exec(moat_bin, h, false)?;
+        first_exec(moat_bin, h, BOX, false)?;
         moat(moat_bin, h, &["run", "-d", "--name", SOURCE, "--image", "minimal", "--memory", "256"])?;
     }
     let mut samples: [[Vec<Duration>; 2]; 3] = Default::default();
     for _ in 0..runs {
         for (side, h) in homes.iter().enumerate() {
-            samples[0][side].push(first_exec(moat_bin, h, false)?);
-            samples[1][side].push(first_exec(moat_bin, h, true)?);
+            samples[0][side].push(first_exec(moat_bin, h, BOX, false)?);
+            samples[1][side].push(first_exec(moat_bin, h, BOX, true)?);
         }
     }
     // A fork of K is long and steady: fewer samples.

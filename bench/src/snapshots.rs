@@ -98,7 +98,7 @@ fn measure(moat_bin: &Path, home: &Path, runs: usize, forks: usize) -> anyhow::R
 }
 
 /// `moat run -d` then the first `moat exec -- true`, timed together; the sandbox is removed after.
-fn first_exec(moat_bin: &Path, home: &Path, name: &str, cold: bool) -> anyhow::Result<Duration> {
+pub(crate) fn first_exec(moat_bin: &Path, home: &Path, name: &str, cold: bool) -> anyhow::Result<Duration> {
     let mut run = vec!["run", "-d", "--name", name, "--image", "minimal", "--memory", "256"];
     if cold {
         run.push("--cold");

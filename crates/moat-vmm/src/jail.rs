@@ -424,7 +424,7 @@ fn backing_chain(disk: &Path, roots: &[PathBuf]) -> Result<Vec<PathBuf>, JailErr
 
 /// The backing file a qcow2 disk's header names, if any; raw files have none. Reads at most a
 /// few KiB: the header is untrusted (QEMU writes the file).
-pub fn qcow2_backing(path: &Path) -> Result<Option<PathBuf>, JailError> {
+fn qcow2_backing(path: &Path) -> Result<Option<PathBuf>, JailError> {
     use std::io::{Read, Seek, SeekFrom};
     let bad = |reason: String| JailError::BadDisk { path: path.to_path_buf(), reason };
     let mut file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
