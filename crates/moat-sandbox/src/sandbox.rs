@@ -162,6 +162,7 @@ impl Sandbox {
                 if fresh || !overlay.exists() {
                     remove_if_exists(&overlay)?;
                     rt.images.create_overlay(&image, &overlay, Some(spec.shape.disk_bytes()))?;
+                    moat_vmm::note_backing(&overlay).map_err(moat_vmm::VmmError::from)?;
                 }
                 // Whatever an earlier run left in guest RAM is of no use to a boot.
                 remove_if_exists(&mem)?;
@@ -170,6 +171,7 @@ impl Sandbox {
             Origin::Snapshot(snapshot) => {
                 remove_if_exists(&overlay)?;
                 rt.images.overlay_on_layer(&snapshot.join(DISK_FILE), &overlay)?;
+                moat_vmm::note_backing(&overlay).map_err(moat_vmm::VmmError::from)?;
                 remove_if_exists(&mem)?;
                 cfg.memory = Some(Memory::Snapshot(snapshot.join(MEM_FILE)));
                 Some((snapshot.join(STATE_FILE), true))

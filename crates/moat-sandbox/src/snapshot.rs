@@ -125,7 +125,13 @@ impl Sandbox {
             let (mem, overlay) = (self.dir.join(MEM_FILE), self.dir.join(crate::OVERLAY_FILE));
             let (dest, image) = (dest.to_path_buf(), self.image.clone());
             let images = rt.images.clone();
+            let roots = rt.jail.as_ref().map(|j| j.read_roots.clone());
             blocking(move || {
+                // A jailed QEMU writes its disk's header: what it names is read only once it
+                // checks out (qemu-img below would read it as the daemon's user).
+                if let Some(roots) = roots {
+                    moat_vmm::check_disk(&overlay, &roots).map_err(moat_vmm::VmmError::from)?;
+                }
                 if ram_in_file {
                     copy_sparse(&mem, &dest.join(MEM_FILE))?;
                 }

@@ -84,6 +84,8 @@ impl JailIds {
 pub enum JailError {
     #[error("the disk {} names {} as its backing file, which is outside the image and snapshot stores", disk.display(), backing.display())]
     UntrustedBacking { disk: PathBuf, backing: PathBuf },
+    #[error("the disk {} names {} as its backing file, but moat made it on {}", disk.display(), backing.display(), noted.display())]
+    BackingChanged { disk: PathBuf, backing: PathBuf, noted: PathBuf },
     #[error("cannot read the disk header of {}: {reason}", path.display())]
     BadDisk { path: PathBuf, reason: String },
     #[error("all {0} uids of the jail range are in use")]
@@ -99,7 +101,7 @@ pub enum JailError {
 impl moat_hint::Hint for JailError {
     fn hint(&self) -> Option<std::borrow::Cow<'static, str>> {
         Some(match self {
-            JailError::UntrustedBacking { .. } => {
+            JailError::UntrustedBacking { .. } | JailError::BackingChanged { .. } => {
                 "the disk was changed behind moat's back; remove the sandbox (`moat rm -f`) and create it again".into()
             }
             JailError::BadDisk { .. } => "the disk is damaged; remove the sandbox and create it again".into(),
@@ -224,7 +226,7 @@ pub(crate) fn prepare(cfg: &VmConfig, jail: &Jail) -> Result<(Spec, Option<UidLe
     }
     let mut shared_reads = vec![cfg.initrd.clone()];
     if let Some(disk) = &cfg.root_disk {
-        shared_reads.extend(backing_chain(disk, &jail.read_roots)?);
+        shared_reads.extend(check_disk(disk, &jail.read_roots)?);
         writable(disk.clone(), &mut binds)?;
     }
     match &cfg.memory {
@@ -397,6 +399,41 @@ fn check_seal(mem: &Path, gid: u32) -> Result<(), JailError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => seal_snapshot_ram(mem, Some(gid)).map_err(prep(mem)),
         Err(e) => Err(prep(&path)(e)),
     }
+}
+
+/// Where moat notes the backing file it made a disk on: beside the disk, in the run directory,
+/// which only the daemon may write.
+fn backing_note(disk: &Path) -> PathBuf {
+    let mut name = disk.as_os_str().to_owned();
+    name.push(".backing");
+    PathBuf::from(name)
+}
+
+/// Note the backing file of `disk`, a qcow2 file moat has just made (so its header is still
+/// moat's): later, a header that names anything else is refused ([`check_disk`]).
+pub fn note_backing(disk: &Path) -> Result<(), JailError> {
+    let note = backing_note(disk);
+    let backing = qcow2_backing(disk)?.unwrap_or_default();
+    std::fs::write(&note, backing.as_os_str().as_bytes()).map_err(prep(&note))
+}
+
+/// The backing files below `disk`, a disk a jailed QEMU may have written to: its own backing
+/// file must be the one moat made it on ([`note_backing`]; disks from before the note only need
+/// to be in `roots`), and each file of the chain a regular file inside `roots`. Used before a
+/// jail is built and before a disk is copied into a snapshot, where `qemu-img` would otherwise
+/// read whatever the header names, as root.
+pub fn check_disk(disk: &Path, roots: &[PathBuf]) -> Result<Vec<PathBuf>, JailError> {
+    if let Ok(noted) = std::fs::read(backing_note(disk)) {
+        let named = qcow2_backing(disk)?.unwrap_or_default();
+        if named.as_os_str().as_bytes() != noted.as_slice() {
+            return Err(JailError::BackingChanged {
+                disk: disk.to_path_buf(),
+                backing: named,
+                noted: PathBuf::from(OsStr::from_bytes(&noted)),
+            });
+        }
+    }
+    backing_chain(disk, roots)
 }
 
 /// The backing files below `disk`, each checked to be a regular file inside `roots`.

@@ -30,7 +30,8 @@ pub use console::{rotated_path as rotated_console_log, CONSOLE_LOG_CAP};
 pub use exit::{Exit, ExitWatcher};
 pub use identity::{find_qemus_under, is_our_qemu};
 pub use jail::{
-    connect_vm_socket, seal_snapshot_ram, Jail, JailError, JailIds, DEFAULT_UID_BASE, DEFAULT_UID_COUNT, JAIL_ARG,
+    check_disk, connect_vm_socket, note_backing, seal_snapshot_ram, Jail, JailError, JailIds, DEFAULT_UID_BASE,
+    DEFAULT_UID_COUNT, JAIL_ARG,
 };
 pub use jail::{main as jail_main, probe as probe_jail};
 pub use qmp::{Qmp, QmpError, QmpEvent};

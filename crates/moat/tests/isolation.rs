@@ -197,29 +197,58 @@ async fn ask_qemus_to_open_a_host_file() {
     free.kill().await;
 }
 
-/// A QEMU that rewrote its own disk's header to name a host file as the backing file (what an
-/// escape could do before the next start) is refused before it starts, with the remedy.
-#[test]
-fn a_disk_whose_backing_file_was_pointed_at_a_host_file_is_refused() {
-    let _serial = serial();
-    let h = OwnHome::new();
-    moat_ok(h.path(), &["run", "-d", "--name", "box"]);
-    let id = inspect(h.path(), "box")["id"].as_str().unwrap().to_string();
-    moat_ok(h.path(), &["stop", "box"]);
-    let disk = h.path().join("run").join(&id).join("root.qcow2");
+/// Point a qcow2 header at `to` without looking at it, as a QEMU that escaped could.
+fn rewrite_backing(disk: &Path, to: &Path, format: &str) {
     let ok = std::process::Command::new("qemu-img")
-        .args(["rebase", "-u", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(h.path().join("state.db"))
-        .arg(&disk)
+        .args(["rebase", "-u", "-f", "qcow2", "-F", format, "-b"])
+        .arg(to)
+        .arg(disk)
         .status()
         .expect("qemu-img runs")
         .success();
     assert!(ok);
-    let out = common::moat_in(h.path()).args(["start", "box"]).output().expect("moat runs");
+}
+
+/// `moat start NAME` must fail: its stderr.
+fn start_fails(h: &Path, name: &str) -> String {
+    let out = common::moat_in(h).args(["start", name]).output().expect("moat runs");
     let err = common::text(&out.stderr);
-    assert!(!out.status.success(), "a disk backed by state.db must not start");
-    assert!(err.contains("outside the image and snapshot stores") && err.contains("state.db"), "{err}");
+    assert!(!out.status.success(), "{name} must not start: {err}");
     assert!(err.contains("moat rm"), "the remedy is named: {err}");
+    err
+}
+
+/// A QEMU that rewrote its own disk's header to name another file as the backing file (what an
+/// escape could do, for the next start to bind that file in) is refused before it starts: another
+/// sandbox's snapshot in the store, because moat noted what it made the disk on; a host file,
+/// even for a disk from before that note, because it is outside the stores.
+#[test]
+fn a_disk_whose_backing_file_was_changed_is_refused() {
+    let _serial = serial();
+    let h = OwnHome::new();
+    moat_ok(h.path(), &["run", "-d", "--name", "box"]);
+    moat_ok(h.path(), &["run", "-d", "--name", "other"]);
+    moat_ok(h.path(), &["snapshot", "other", "--name", "theirs"]);
+    let id = inspect(h.path(), "box")["id"].as_str().unwrap().to_string();
+    moat_ok(h.path(), &["stop", "box"]);
+    let disk = h.path().join("run").join(&id).join("root.qcow2");
+    let theirs = std::fs::read_dir(h.path().join("snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("disk.qcow2"))
+        .find(|d| d.exists())
+        .expect("the snapshot's disk");
+    let theirs = std::fs::canonicalize(theirs).unwrap();
+
+    rewrite_backing(&disk, &theirs, "qcow2");
+    let err = start_fails(h.path(), "box");
+    assert!(err.contains("but moat made it on") && err.contains(&theirs.display().to_string()), "{err}");
+
+    // A disk made before moat noted its backing file.
+    std::fs::remove_file(h.path().join("run").join(&id).join("root.qcow2.backing")).unwrap();
+    rewrite_backing(&disk, &h.path().join("state.db"), "raw");
+    let err = start_fails(h.path(), "box");
+    assert!(err.contains("outside the image and snapshot stores") && err.contains("state.db"), "{err}");
     assert!(common::qemu_processes_mentioning(&id).is_empty(), "no QEMU was left running");
 }
 
