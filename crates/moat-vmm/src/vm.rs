@@ -151,12 +151,19 @@ impl Vm {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(VmmError::Spawn)?;
+        let mut child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                remove_cgroup(cgroup).await;
+                return Err(VmmError::Spawn(e));
+            }
+        };
         let pid = match qemu_pid(&mut child, cfg.jail.is_some()).await {
             Ok(pid) => pid,
             Err(e) => {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
+                remove_cgroup(cgroup).await;
                 return Err(e.unwrap_or_else(|| VmmError::QemuExited {
                     status: "the jail helper ended before QEMU started".into(),
                     stderr: tail(&qemu_log, 20),
@@ -170,6 +177,7 @@ impl Vm {
             Err(e) => {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
+                remove_cgroup(cgroup).await;
                 return Err(VmmError::Io { what: format!("cannot open a pidfd for QEMU {pid}"), source: e });
             }
         };

@@ -34,7 +34,8 @@ fn open_to_others(dir: &Path) -> Vec<String> {
             // Files of the jailed QEMUs' shared group (image bases, snapshot RAM, the initramfs)
             // are theirs to read; no local user has that group, and the home keeps everyone
             // else out.
-            let jails_only = meta.is_file() && meta.gid() == moat_vmm::DEFAULT_UID_BASE && meta.mode() & 0o017 == 0;
+            let jails_only =
+                meta.is_file() && Some(meta.gid()) == moat_sandbox::jail_ids().shared_gid() && meta.mode() & 0o017 == 0;
             if meta.permissions().mode() & 0o077 != 0 && !jails_only {
                 open.push(format!("{} {:o}", path.display(), meta.permissions().mode() & 0o7777));
             }
