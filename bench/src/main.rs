@@ -15,6 +15,8 @@
 //!   boots, and the host memory (PSS of QEMU) of the K forks next to K cold-booted sandboxes.
 //! - the jail: template restore, cold boot (each to the first exec) and `moat fork` into K with
 //!   the QEMU jail on, next to the same with `MOAT_JAIL=off` on a second daemon.
+//! - the E2B front: `Sandbox.create()` + `commands.run("true")` + `kill()` through the `e2b`
+//!   Python SDK next to `moat run -- true` on the same daemon (needs PyPI for the SDK once).
 //! - network: a guest downloading from a server on the host's loopback through moat's stack, and
 //!   the rate of small sequential requests, next to the same busybox client on the host and next
 //!   to the guest's own loopback; then the same for default egress, allowlist mode and secret
@@ -28,6 +30,7 @@ use anyhow::{bail, Context};
 use moat_proto::ExecRequest;
 use moat_sandbox::{Runtime, RuntimeConfig, Sandbox, SandboxSpec};
 
+mod e2b;
 mod files;
 mod images;
 mod jail;
@@ -47,7 +50,7 @@ fn ms(d: Duration) -> String {
 const USAGE: &str = "\
 usage: bench/run [OPTIONS]
 
-  --only PART       run one part: files, images, snapshots, jail or net
+  --only PART       run one part: files, images, snapshots, jail, e2b or net
   --runs N          samples of each timed step; medians are printed (5)
   --execs N         exec round trips in one VM (100)
   --requests N      daemon API requests of each kind (1000)
@@ -96,8 +99,9 @@ async fn main() -> anyhow::Result<()> {
         Some("images") => return images::bench(&moat, &home, runs, arg("--layer-mib", 256)).await,
         Some("snapshots") => return snapshots::bench(&moat, &home, runs, forks).await,
         Some("jail") => return jail::bench(&moat, &home, runs, forks).await,
+        Some("e2b") => return e2b::bench(&moat, &home, runs).await,
         Some("net") => return net::bench(&moat, &home, runs, arg("--net-mib", 64), arg("--conns", 200)).await,
-        Some(other) => bail!("--only takes `files`, `images`, `snapshots`, `jail` or `net`, not {other:?}"),
+        Some(other) => bail!("--only takes `files`, `images`, `snapshots`, `jail`, `e2b` or `net`, not {other:?}"),
         None => {}
     }
     let mut walls = Vec::new();
@@ -138,6 +142,7 @@ async fn main() -> anyhow::Result<()> {
     images::bench(&moat, &home, runs, arg("--layer-mib", 256)).await?;
     snapshots::bench(&moat, &home, runs, forks).await?;
     jail::bench(&moat, &home, runs, forks).await?;
+    e2b::bench(&moat, &home, runs).await?;
     net::bench(&moat, &home, runs, arg("--net-mib", 64), arg("--conns", 200)).await
 }
 

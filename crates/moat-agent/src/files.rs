@@ -92,13 +92,15 @@ pub async fn run(id: u32, request: Request, out: Outbox, ctl: mpsc::UnboundedRec
             Ok(p) => start(id, &out, Ok(())).await.map(|()| Job::In(Box::new(move |r| write_tar(&p, r)))),
             Err(e) => Err(e),
         },
-        Request::WriteFile { path, mode, atomic } => match checked(&path).and_then(|p| writable_target(&p).map(|()| p))
-        {
-            Ok(p) => {
-                start(id, &out, Ok(())).await.map(|()| Job::In(Box::new(move |r| write_file(&p, mode, atomic, r))))
+        Request::WriteFile { path, mode, atomic, owner } => {
+            let target = checked(&path).and_then(|p| writable_target(&p).map(|()| p));
+            match target.and_then(|p| Ok((p, owner_ids(owner.as_deref(), Path::new("/etc"))?))) {
+                Ok((p, ids)) => start(id, &out, Ok(()))
+                    .await
+                    .map(|()| Job::In(Box::new(move |r| write_file(&p, mode, atomic, ids, r)))),
+                Err(e) => Err(e),
             }
-            Err(e) => Err(e),
-        },
+        }
         Request::Watch { path, recursive } => {
             match checked(&path).and_then(|p| crate::watch::Watcher::new(&p, recursive)) {
                 Ok(w) => start(id, &out, Ok(())).await.map(|()| Job::Out(Box::new(move |sink| w.run(sink)))),
@@ -208,24 +210,52 @@ fn writable_target(path: &Path) -> Result<(), AgentError> {
     Ok(())
 }
 
-fn write_file(path: &Path, mode: Option<u32>, atomic: bool, r: &mut dyn Read) -> Result<(), String> {
+/// A user and group id pair that owns what a request makes.
+pub(crate) type Owner = (u32, u32);
+
+/// The uid and primary gid of `owner` (a name, a uid or `user:group`, as exec's `user`) from the
+/// passwd and group files in `etc`.
+pub(crate) fn owner_ids(owner: Option<&str>, etc: &Path) -> Result<Option<Owner>, AgentError> {
+    let Some(owner) = owner else { return Ok(None) };
+    let identity = crate::users::resolve(owner, etc)
+        .map_err(|e| err(ErrorCode::BadRequest, format!("Cannot give files to the owner {owner:?}: {e}.")))?;
+    Ok(Some((identity.uid, identity.gid)))
+}
+
+fn write_file(
+    path: &Path,
+    mode: Option<u32>,
+    atomic: bool,
+    owner: Option<Owner>,
+    r: &mut dyn Read,
+) -> Result<(), String> {
+    use std::os::unix::fs::fchown;
     let fail = |e: std::io::Error| io_err(path, e).message;
     if !atomic {
         let mut f = std::fs::File::create(path).map_err(fail)?;
         std::io::copy(r, &mut f).map_err(fail)?;
+        // Before the mode: a change of owner clears the set-id bits.
+        if let Some((uid, gid)) = owner {
+            fchown(&f, Some(uid), Some(gid)).map_err(fail)?;
+        }
         if let Some(mode) = mode {
             f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777)).map_err(fail)?;
         }
         return f.sync_all().map_err(fail);
     }
-    // Beside the target, so the rename is atomic; an existing file's mode is kept unless given.
+    // Beside the target, so the rename is atomic; an existing file's mode and owner are kept
+    // unless given, as a write in place keeps them.
     let dir = path.parent().unwrap_or(Path::new("/"));
     let base = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{base}.moat-{:08x}", rand_suffix()));
     let result = (|| {
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         std::io::copy(r, &mut f)?;
-        let mode = mode.or_else(|| std::fs::metadata(path).ok().map(|m| m.mode())).unwrap_or(0o644);
+        let existing = std::fs::metadata(path).ok();
+        if let Some((uid, gid)) = owner.or_else(|| existing.as_ref().map(|m| (m.uid(), m.gid()))) {
+            fchown(&f, Some(uid), Some(gid))?;
+        }
+        let mode = mode.or_else(|| existing.map(|m| m.mode())).unwrap_or(0o644);
         f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
@@ -264,10 +294,47 @@ mod tests {
         let path = dir.join("f");
         std::fs::write(&path, b"old").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
-        write_file(&path, None, true, &mut &b"new contents"[..]).unwrap();
+        write_file(&path, None, true, None, &mut &b"new contents"[..]).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"new contents");
         assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o640);
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no temporary file left");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn owners_resolve_from_the_guests_passwd_and_unknown_ones_are_named() {
+        let etc = tempdir();
+        std::fs::write(etc.join("passwd"), "root:x:0:0::/root:/bin/sh\nbob:x:1000:1001::/home/bob:/bin/sh\n").unwrap();
+        std::fs::write(etc.join("group"), "wheel:x:10:bob\n").unwrap();
+        assert_eq!(owner_ids(None, &etc), Ok(None));
+        assert_eq!(owner_ids(Some("bob"), &etc), Ok(Some((1000, 1001))), "the primary group");
+        assert_eq!(owner_ids(Some("bob:wheel"), &etc), Ok(Some((1000, 10))));
+        assert_eq!(owner_ids(Some("4242"), &etc), Ok(Some((4242, 4242))));
+        let e = owner_ids(Some("carol"), &etc).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert!(e.message.contains("\"carol\"") && e.message.contains("/etc/passwd"), "{}", e.message);
+        std::fs::remove_dir_all(&etc).unwrap();
+    }
+
+    /// A written file goes to its owner; an atomic rewrite without one keeps the file's owner,
+    /// as a write in place does.
+    #[test]
+    fn written_files_get_their_owner_and_rewrites_keep_it() {
+        if !rustix::process::geteuid().is_root() {
+            return; // Only root gives files away.
+        }
+        let dir = tempdir();
+        let owner_of = |p: &Path| std::fs::metadata(p).map(|m| (m.uid(), m.gid())).unwrap();
+        for atomic in [true, false] {
+            let path = dir.join(format!("f-{atomic}"));
+            write_file(&path, Some(0o4755), atomic, Some((1000, 1001)), &mut &b"mine"[..]).unwrap();
+            assert_eq!(owner_of(&path), (1000, 1001), "atomic: {atomic}");
+            assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o7777, 0o4755, "the mode is set after the owner");
+            write_file(&path, None, atomic, None, &mut &b"again"[..]).unwrap();
+            assert_eq!(owner_of(&path), (1000, 1001), "atomic: {atomic}");
+        }
+        write_file(&dir.join("new"), None, true, None, &mut &b"x"[..]).unwrap();
+        assert_eq!(owner_of(&dir.join("new")), (0, 0));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

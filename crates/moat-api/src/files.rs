@@ -18,6 +18,11 @@ pub struct MakeDir {
     #[serde(default)]
     #[schema(minimum = 0, maximum = 4095)]
     pub mode: Option<u32>,
+    /// A guest user to own the directories this creates (not those already there), with its
+    /// primary group: a name from the sandbox's /etc/passwd, a uid, or `user:group` [default: root].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 256)]
+    pub owner: Option<String>,
 }
 
 /// `POST /v1/sandboxes/{ref}/files/remove`.

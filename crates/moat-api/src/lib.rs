@@ -8,6 +8,7 @@ mod events;
 mod exec;
 mod files;
 mod image;
+mod labels;
 mod net;
 pub mod openapi;
 mod query;
@@ -23,14 +24,17 @@ pub use exec::{
 };
 pub use files::{ChangeMode, Listing, MakeDir, RemovePath, RenamePath};
 pub use image::{BuildImage, ImageInfo, ImageProgress, PullImage};
+pub use labels::{
+    parse_label, validate_label_key, validate_labels, LabelSelector, MAX_LABELS, MAX_LABEL_KEY, MAX_LABEL_VALUE,
+};
 pub use net::{ChangeAllowlist, NetMode, NetSpec, PortForward, SecretSpec};
 pub use query::{
-    ArchiveQuery, AttachQuery, EventsQuery, ImportQuery, LogsQuery, PathQuery, RemoveQuery, WriteFileQuery,
+    ArchiveQuery, AttachQuery, EventsQuery, ImportQuery, ListQuery, LogsQuery, PathQuery, RemoveQuery, WriteFileQuery,
 };
 pub use sandbox::{
-    validate_name, CgroupUsage, CreateSandbox, Isolation, OnExpire, Phase, PullPolicy, RegistryLogin, RenewLease,
-    SandboxInfo, DEFAULT_DISK_MIB, DEFAULT_IMAGE, DEFAULT_IMAGE_FROM, DEFAULT_IMAGE_PACKAGES, DEFAULT_MEMORY_MIB,
-    DEFAULT_VCPUS,
+    validate_env, validate_name, CgroupUsage, CreateSandbox, Isolation, OnExpire, Phase, PullPolicy, RegistryLogin,
+    RenewLease, SandboxInfo, DEFAULT_DISK_MIB, DEFAULT_IMAGE, DEFAULT_IMAGE_FROM, DEFAULT_IMAGE_PACKAGES,
+    DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_SANDBOX_ENV,
 };
 pub use snapshot::{CreateSnapshot, Fork, Forked, Revert, SnapshotInfo, SnapshotKind};
 pub use terminal::{escape_controls, ControlEscaper};

@@ -5,6 +5,18 @@ use utoipa::IntoParams;
 
 use crate::LogSource;
 
+/// `GET /v1/sandboxes`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only sandboxes with this label: `KEY=VALUE`, or `KEY` for any value. Repeat it for
+    /// several; a sandbox must match them all.
+    #[serde(default)]
+    #[param(explode, style = Form, min_length = 1)]
+    pub label: Vec<String>,
+}
+
 /// `DELETE /v1/sandboxes/{ref}`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -82,6 +94,11 @@ pub struct WriteFileQuery {
     /// Write beside the file and rename it into place [default: true].
     #[serde(default)]
     pub atomic: Option<bool>,
+    /// A guest user to own the file, with its primary group: a name from the sandbox's
+    /// /etc/passwd, a uid, or `user:group` [default: root for a new file].
+    #[serde(default)]
+    #[param(min_length = 1, max_length = 256)]
+    pub owner: Option<String>,
 }
 
 /// `GET /v1/sandboxes/{ref}/archive`.

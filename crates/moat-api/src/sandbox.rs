@@ -1,5 +1,7 @@
 //! Sandboxes: their defaults, phases, lease, the create request and what the daemon says of one.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::NetSpec;
@@ -152,6 +154,17 @@ pub struct CreateSandbox {
     /// Registry credentials for that pull [default: anonymous].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry_login: Option<RegistryLogin>,
+    /// Labels to find the sandbox by (`GET /v1/sandboxes?label=KEY=VALUE`): at most 64; keys of
+    /// 1-128 bytes without `=` or control characters, values of at most 1024 bytes without
+    /// control characters. A fork has its parent's; a sandbox made `from` a snapshot only these.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(schema_with = crate::labels::schema)]
+    pub labels: BTreeMap<String, String>,
+    /// The environment every command in the sandbox starts with (execs and background
+    /// processes), under the command's own: at most 1024 variables. A fork has its parent's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(schema_with = crate::openapi::schemas::environment)]
+    pub env: Vec<(String, String)>,
 }
 
 /// When a create makes its image.
@@ -216,6 +229,13 @@ pub struct SandboxInfo {
     /// How the sandbox's QEMU is confined on the host, while it runs (`GET` of one sandbox only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub isolation: Option<Isolation>,
+    /// The labels it was created with (or inherited from the sandbox it was forked from).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The environment every command in it starts with, under the command's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(schema_with = crate::openapi::schemas::env_pairs)]
+    pub env: Vec<(String, String)>,
 }
 
 /// How a running sandbox's QEMU is confined on the host.
@@ -273,9 +293,42 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Most variables of a sandbox's default environment.
+pub const MAX_SANDBOX_ENV: usize = 1024;
+
+/// An environment as the agent takes it: names not empty, without `=` or NUL; values without
+/// NUL. For a sandbox's default environment, at most [`MAX_SANDBOX_ENV`] variables.
+pub fn validate_env(env: &[(String, String)]) -> Result<(), String> {
+    if env.len() > MAX_SANDBOX_ENV {
+        return Err(format!("{} environment variables given; at most {MAX_SANDBOX_ENV} are allowed", env.len()));
+    }
+    for (k, v) in env {
+        let shown: String = k.chars().take(64).collect();
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(format!("the environment variable name {shown:?} is empty or contains '=' or a NUL byte"));
+        }
+        if v.contains('\0') {
+            return Err(format!("the value of environment variable {shown} contains a NUL byte"));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn environments_are_checked_as_the_agent_would() {
+        let env = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+        assert!(validate_env(&env("PATH", "/bin:/usr/bin")).is_ok());
+        assert!(validate_env(&env("EMPTY", "")).is_ok());
+        for (k, v) in [("", "x"), ("A=B", "x"), ("A\0", "x"), ("A", "x\0y")] {
+            assert!(validate_env(&env(k, v)).is_err(), "{k:?}={v:?}");
+        }
+        let many: Vec<_> = (0..=MAX_SANDBOX_ENV).map(|i| (format!("V{i}"), String::new())).collect();
+        assert!(validate_env(&many).expect_err("too many").contains("at most 1024"));
+    }
 
     #[test]
     fn names_are_checked() {

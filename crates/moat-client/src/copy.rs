@@ -121,7 +121,7 @@ impl Client {
         let Placement { dir, name } = match place(src, meta.is_dir(), dest, dest_kind)? {
             // `SRC/.` to a new DEST: make DEST, then unpack the contents into it.
             p if p.dir.is_empty() => {
-                let made = moat_api::MakeDir { path: dest.to_string(), parents: false, mode: None };
+                let made = moat_api::MakeDir { path: dest.to_string(), parents: false, mode: None, owner: None };
                 self.mkdir(sandbox, &made).await?;
                 Placement { dir: dest.to_string(), name: None }
             }

@@ -92,9 +92,26 @@ impl Client {
         atomic: bool,
         body: impl tokio::io::AsyncRead + Send + Sync + 'static,
     ) -> Result<FileInfo, ClientError> {
+        self.write_file_as(reference, path, mode, atomic, None, body).await
+    }
+
+    /// Write `body` to a file as [`Client::write_file`] does, owned by the guest user `owner`
+    /// (its uid and primary group) when given; the directories the write creates are too.
+    pub async fn write_file_as(
+        &self,
+        reference: &str,
+        path: &str,
+        mode: Option<u32>,
+        atomic: bool,
+        owner: Option<&str>,
+        body: impl tokio::io::AsyncRead + Send + Sync + 'static,
+    ) -> Result<FileInfo, ClientError> {
         let mut url = format!("{}&atomic={atomic}", files(reference, "content", path));
         if let Some(m) = mode {
             url += &format!("&mode={m:o}");
+        }
+        if let Some(o) = owner {
+            url += &format!("&owner={}", segment(o));
         }
         self.json_upload(&url, "application/octet-stream", body).await
     }

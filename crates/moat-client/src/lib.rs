@@ -218,6 +218,21 @@ impl Client {
         self.call(Method::GET, "/v1/sandboxes", None::<&()>).await
     }
 
+    /// The sandboxes that carry every one of `labels` (`KEY`, `VALUE` pairs), oldest first.
+    pub async fn list_labeled(&self, labels: &[(String, String)]) -> Result<Vec<SandboxInfo>, ClientError> {
+        let selectors: Vec<moat_api::LabelSelector> =
+            labels.iter().map(|(k, v)| moat_api::LabelSelector { key: k.clone(), value: Some(v.clone()) }).collect();
+        self.list_selected(&selectors).await
+    }
+
+    /// The sandboxes that match every selector (a label with a given value, or with any value).
+    pub async fn list_selected(&self, selectors: &[moat_api::LabelSelector]) -> Result<Vec<SandboxInfo>, ClientError> {
+        let query: Vec<String> = selectors.iter().map(|s| format!("label={}", segment(&s.to_string()))).collect();
+        let url =
+            if query.is_empty() { "/v1/sandboxes".to_string() } else { format!("/v1/sandboxes?{}", query.join("&")) };
+        self.call(Method::GET, &url, None::<&()>).await
+    }
+
     pub async fn inspect(&self, reference: &str) -> Result<SandboxInfo, ClientError> {
         self.call(Method::GET, &format!("/v1/sandboxes/{}", segment(reference)), None::<&()>).await
     }
@@ -298,6 +313,36 @@ impl Client {
 
     pub async fn remove_port(&self, reference: &str, host_port: u16) -> Result<NetSpec, ClientError> {
         self.call(Method::DELETE, &format!("/v1/sandboxes/{}/ports/{host_port}", segment(reference)), None::<&()>).await
+    }
+
+    /// One TCP connection to `guest_port` in a running sandbox, carried over a connection to the
+    /// daemon (no port opens on the host). Errors (not running, no network, port not open) come
+    /// back here; the stream ends when either side closes.
+    pub async fn connect_port(&self, reference: &str, guest_port: u16) -> Result<Box<dyn Io>, ClientError> {
+        let stream = self.connect().await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(transport)?;
+        // The connection task must run for the upgrade to complete; it ends with it.
+        tokio::spawn(conn.with_upgrades());
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(format!("/v1/sandboxes/{}/ports/{guest_port}/connect", segment(reference)))
+            .header("host", "moat")
+            .header(hyper::header::CONNECTION, "upgrade")
+            .header(hyper::header::UPGRADE, "tcp")
+            .body(Full::new(Bytes::new()))
+            .map_err(transport)?;
+        let resp = sender.send_request(req).await.map_err(transport)?;
+        let status = resp.status();
+        if status != StatusCode::SWITCHING_PROTOCOLS {
+            let bytes = resp.into_body().collect().await.map_err(transport)?.to_bytes();
+            return Err(match serde_json::from_slice::<ApiError>(&bytes) {
+                Ok(e) => ClientError::Api(e),
+                Err(_) => transport(format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes))),
+            });
+        }
+        let upgraded = hyper::upgrade::on(resp).await.map_err(transport)?;
+        Ok(Box::new(TokioIo::new(upgraded)))
     }
 
     pub async fn prune(&self) -> Result<Reclaimed, ClientError> {

@@ -187,7 +187,8 @@ pub async fn serve(cfg: ServeConfig, fronts: impl FnOnce(Door) -> axum::Router) 
         })
     };
     let api = http::router(svc.clone());
-    let app = api.clone().merge(fronts(Door::new(api))).layer(activity);
+    // What fronts do through the door is activity too (the E2B API has a listener of its own).
+    let app = api.clone().merge(fronts(Door::new(api.layer(activity.clone())))).layer(activity);
 
     let sock = socket_path(&home);
     if std::os::unix::net::UnixStream::connect(&sock).is_ok() {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use moat_api::{ChangeAllowlist, ErrorCode, NetMode, NetSpec, PortForward, SandboxInfo};
 use moat_net::tls::{Ca, Secret};
-use moat_net::{HostPattern, Policy, Stack, StackConfig};
+use moat_net::{ConnectGuestError, GuestStream, HostPattern, Policy, Stack, StackConfig};
 use moat_proto::Request;
 use moat_sandbox::{ExecEvent, LinkError, Sandbox, SandboxError};
 use tokio::task::JoinHandle;
@@ -297,13 +297,7 @@ impl Service {
     /// the port picked.
     async fn open_forward(&self, id: &str, p: &mut PortForward) -> Result<(), ServiceError> {
         let ip = check_port(p)?;
-        let net = self.nets.lock().expect("no panics while held").get(id).cloned().ok_or_else(|| {
-            ServiceError::new(
-                ErrorCode::InvalidPhase,
-                "the sandbox has no network device",
-                "port forwards need a network: create the sandbox without `--net none`",
-            )
-        })?;
+        let net = self.live_net(id)?;
         let listener = tokio::net::TcpListener::bind((ip, p.host_port)).await.map_err(|e| {
             ServiceError::new(
                 ErrorCode::InUse,
@@ -315,6 +309,52 @@ impl Service {
         let task = net.stack.forward(listener, p.guest_port);
         net.forwards.lock().expect("no panics while held").insert(p.host_port, task);
         Ok(())
+    }
+
+    /// The network stack of running sandbox `id`.
+    fn live_net(&self, id: &str) -> Result<Arc<LiveNet>, ServiceError> {
+        self.nets.lock().expect("no panics while held").get(id).cloned().ok_or_else(|| {
+            ServiceError::new(
+                ErrorCode::InvalidPhase,
+                "the sandbox has no network device",
+                "ports need a network: create the sandbox without `--net none`",
+            )
+        })
+    }
+
+    /// `GET /v1/sandboxes/{ref}/ports/{guest_port}/connect`: one TCP connection to a port of a
+    /// running sandbox, made inside the daemon: unlike a port forward it opens no host port, so a
+    /// front can serve the sandbox's ports behind its own authentication.
+    pub async fn connect_port(&self, reference: &str, guest_port: u16) -> Result<GuestStream, ServiceError> {
+        if guest_port == 0 {
+            return Err(invalid("guest port 0 is not a port: use 1 to 65535"));
+        }
+        let (info, _) = self.running(reference)?;
+        let net = self.live_net(&info.id)?;
+        net.stack.connect_guest(guest_port).await.map_err(|e| match e {
+            ConnectGuestError::Refused(_) => ServiceError::new(
+                ErrorCode::InvalidPhase,
+                format!("port {guest_port} is not open in the sandbox"),
+                format!(
+                    "start a server listening on port {guest_port} in {} (on 0.0.0.0, not only 127.0.0.1)",
+                    info.name
+                ),
+            ),
+            ConnectGuestError::NoAnswer { wait, .. } => ServiceError::new(
+                ErrorCode::InvalidPhase,
+                format!("port {guest_port} in the sandbox did not answer within {}s", wait.as_secs()),
+                format!(
+                    "the guest may be overloaded, or a firewall in it drops connections; see `moat logs {}`",
+                    info.name
+                ),
+            ),
+            ConnectGuestError::Limit(n) => ServiceError::new(
+                ErrorCode::LimitReached,
+                format!("the sandbox's network has {n} connections open, the most it may hold"),
+                "close some connections to or from the sandbox and try again",
+            ),
+            ConnectGuestError::Unaddressable(_) => invalid(format!("port {guest_port} cannot be connected to")),
+        })
     }
 
     /// `POST /v1/sandboxes/{ref}/ports`: forward a host port to a running sandbox.
@@ -480,7 +520,9 @@ async fn install_ca(sandbox: &Sandbox, ca: &Ca) -> Result<(), InstallCaError> {
 
 async fn put_ca(sandbox: &Sandbox, ca: &Ca) -> Result<(), InstallCaError> {
     let cert = ca.cert_pem().to_string();
-    let _ = sandbox.file_op(Request::Mkdir { path: "/etc/moat".into(), parents: true, mode: Some(0o755) }).await;
+    let _ = sandbox
+        .file_op(Request::Mkdir { path: "/etc/moat".into(), parents: true, mode: Some(0o755), owner: None })
+        .await;
     let system = read_guest_bundle(sandbox).await?.unwrap_or_default();
     write_guest_file(sandbox, GUEST_CA, cert.as_bytes()).await?;
     let mut bundle = system.clone();
@@ -518,7 +560,7 @@ async fn read_guest_bundle(sandbox: &Sandbox) -> Result<Option<Vec<u8>>, Install
 
 async fn write_guest_file(sandbox: &Sandbox, path: &'static str, data: &[u8]) -> Result<(), InstallCaError> {
     let fail = |reason: String| InstallCaError::Write { path, reason };
-    let request = Request::WriteFile { path: path.into(), mode: Some(0o644), atomic: true };
+    let request = Request::WriteFile { path: path.into(), mode: Some(0o644), atomic: true, owner: None };
     let mut exec = sandbox.file_stream(request).await.map_err(|e| fail(agent_reason(e)))?;
     let control = exec.control();
     control.write_stdin(data).await.map_err(|e| fail(agent_reason(e.into())))?;

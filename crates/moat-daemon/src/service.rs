@@ -13,6 +13,7 @@ mod first_use;
 mod health;
 mod images;
 mod isolation;
+pub mod labels;
 mod logs;
 mod processes;
 mod snapshots;
@@ -215,6 +216,7 @@ impl Service {
         if let Some(name) = &req.name {
             moat_api::validate_name(name).map_err(ServiceError::invalid)?;
         }
+        labels::check_create(&req)?;
         let snapshot = match &req.from {
             Some(from) => Some(self.snapshot_for_create(from, &req)?),
             None => None,
@@ -312,6 +314,8 @@ impl Service {
             snapshot_id: None,
             isolation: None,
             net,
+            labels: req.labels.clone(),
+            env: req.env.clone(),
         };
         // Held from before the record exists, so no other operation sees it half made.
         let lock = self.op_lock(&id);

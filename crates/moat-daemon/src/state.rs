@@ -202,6 +202,8 @@ pub(crate) mod tests {
             snapshot_id: None,
             isolation: None,
             net: NetSpec::default(),
+            labels: Default::default(),
+            env: Vec::new(),
         }
     }
 

@@ -251,7 +251,7 @@ are created). For changes to part of an existing file use sandbox_file_edit.",
         };
         let info = self.sandbox(&p.sandbox).await?;
         if let Some(parent) = std::path::Path::new(&p.path).parent().filter(|d| d != &std::path::Path::new("/")) {
-            let mkdir = MakeDir { path: parent.display().to_string(), parents: true, mode: None };
+            let mkdir = MakeDir { path: parent.display().to_string(), parents: true, mode: None, owner: None };
             self.client.mkdir(&info.id, &mkdir).await?;
         }
         let n = data.len();

@@ -35,7 +35,7 @@ mod flow;
 mod limits;
 mod udp;
 
-use flow::GuestStream;
+pub use flow::GuestStream;
 pub use limits::FlowLimits;
 
 /// The stack's own MAC address (locally administered).
@@ -217,24 +217,43 @@ impl Stack {
         let inner = self.inner.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((conn, _)) = listener.accept().await else {
+                let Ok((mut conn, _)) = listener.accept().await else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
-                let Some(handle) = inner.connect_to_guest(guest_port) else {
-                    drop(conn);
-                    continue;
-                };
-                let mut guest = GuestStream { inner: inner.clone(), handle };
+                let inner = inner.clone();
                 tokio::spawn(async move {
-                    if guest.established().await {
-                        let mut conn = conn;
+                    // A refused or silent guest port closes the host connection: all a listener can say.
+                    if let Ok(mut guest) = inner.connect_guest(guest_port).await {
                         let _ = tokio::io::copy_bidirectional(&mut guest, &mut conn).await;
                     }
                 });
             }
         })
     }
+
+    /// One TCP connection from the gateway to `guest_port` on the guest, once the guest has
+    /// accepted it; no host socket is involved. Waits at most 10 s for the guest's answer.
+    pub async fn connect_guest(&self, guest_port: u16) -> Result<GuestStream, ConnectGuestError> {
+        self.inner.connect_guest(guest_port).await
+    }
+}
+
+/// Why a connection to a guest port was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectGuestError {
+    /// The guest answered the SYN with a reset: nothing listens on the port.
+    #[error("the guest refused the connection to port {0}")]
+    Refused(u16),
+    /// No answer within the connect timeout (a stuck or paused guest, or a firewall dropping it).
+    #[error("the guest did not answer a connection to port {port} within {}s", .wait.as_secs())]
+    NoAnswer { port: u16, wait: Duration },
+    /// The sandbox's network holds as many connections as it may.
+    #[error("the sandbox's network has {0} connections open, the most it may hold")]
+    Limit(usize),
+    /// smoltcp would not start the connection (port 0).
+    #[error("port {0} cannot be connected to")]
+    Unaddressable(u16),
 }
 
 impl Drop for Stack {
@@ -464,13 +483,14 @@ impl Inner {
         });
     }
 
-    /// A socket connecting from the gateway to `port` on the guest (a port forward).
-    fn connect_to_guest(&self, port: u16) -> Option<SocketHandle> {
+    /// A connection from the gateway to `port` on the guest (a port forward, or a client of the
+    /// daemon), once the guest has accepted it, within [`CONNECT_TIMEOUT`].
+    async fn connect_guest(self: &Arc<Self>, port: u16) -> Result<GuestStream, ConnectGuestError> {
         let handle = {
             let mut guard = self.core.lock().unwrap_or_else(|e| e.into_inner());
             let core = &mut *guard;
             if core.sockets.iter().count() >= self.cfg.limits.tcp {
-                return None;
+                return Err(ConnectGuestError::Limit(self.cfg.limits.tcp));
             }
             let local_port = core.next_port;
             core.next_port = if local_port == u16::MAX { 49152 } else { local_port + 1 };
@@ -479,12 +499,18 @@ impl Inner {
             let local = IpListenEndpoint { addr: Some(IpAddress::Ipv4(HOST_IP)), port: local_port };
             if core.sockets.get_mut::<tcp::Socket>(handle).connect(core.iface.context(), remote, local).is_err() {
                 core.sockets.remove(handle);
-                return None;
+                return Err(ConnectGuestError::Unaddressable(port));
             }
             handle
         };
         self.wake.notify_one();
-        Some(handle)
+        // From here on, dropping the stream closes the socket (and the poll loop removes it).
+        let guest = GuestStream { inner: self.clone(), handle };
+        match tokio::time::timeout(CONNECT_TIMEOUT, guest.established()).await {
+            Ok(true) => Ok(guest),
+            Ok(false) => Err(ConnectGuestError::Refused(port)),
+            Err(_) => Err(ConnectGuestError::NoAnswer { port, wait: CONNECT_TIMEOUT }),
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use frames::{dns_answer, dns_query, ethernet, ip_frame, GUEST_MAC};
 use moat_net::dns::Dns;
-use moat_net::{Policy, Stack, StackConfig, DNS_IP, GUEST_IP, HOST_IP};
+use moat_net::{ConnectGuestError, Policy, Stack, StackConfig, DNS_IP, GUEST_IP, HOST_IP};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, IpAddress, IpProtocol,
@@ -21,7 +21,7 @@ use tokio::net::UnixStream;
 struct Guest {
     stream: UnixStream,
     refused: Arc<Mutex<Vec<String>>>,
-    _stack: Stack,
+    stack: Arc<Stack>,
 }
 
 fn start(policy: Policy) -> Guest {
@@ -37,7 +37,7 @@ fn start(policy: Policy) -> Guest {
         limits: Default::default(),
         host_addresses: Vec::new(),
     };
-    Guest { stream: ours, refused, _stack: Stack::over(theirs, cfg).unwrap() }
+    Guest { stream: ours, refused, stack: Arc::new(Stack::over(theirs, cfg).unwrap()) }
 }
 
 impl Guest {
@@ -194,4 +194,84 @@ async fn garbage_frames_never_wedge_the_stack() {
     assert_eq!(g.expect("DNS answer after garbage", dns_answer).await, [HOST_IP]);
     g.send(&arp_request(DNS_IP)).await;
     g.expect("ARP reply after garbage", arp_reply_for(DNS_IP)).await;
+}
+
+/// A segment from the guest's `port` to the gateway's `to_port`.
+fn tcp_from_guest(
+    port: u16,
+    to_port: u16,
+    control: TcpControl,
+    seq: TcpSeqNumber,
+    ack: TcpSeqNumber,
+    payload: &[u8],
+) -> Vec<u8> {
+    let tcp = TcpRepr {
+        src_port: port,
+        dst_port: to_port,
+        control,
+        seq_number: seq,
+        ack_number: Some(ack),
+        window_len: 64240,
+        window_scale: None,
+        max_seg_size: (control == TcpControl::Syn).then_some(1460),
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload,
+    };
+    ip_frame(HOST_IP, IpProtocol::Tcp, tcp.buffer_len(), |p| {
+        tcp.emit(
+            &mut TcpPacket::new_unchecked(p),
+            &IpAddress::Ipv4(GUEST_IP),
+            &IpAddress::Ipv4(HOST_IP),
+            &ChecksumCapabilities::default(),
+        )
+    })
+}
+
+/// A segment to the guest: (gateway port, guest port, SYN, sequence number, payload).
+fn tcp_to_guest(frame: &[u8]) -> Option<(u16, u16, bool, TcpSeqNumber, Vec<u8>)> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    if ip.next_header() != IpProtocol::Tcp || ip.dst_addr() != GUEST_IP {
+        return None;
+    }
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    Some((tcp.src_port(), tcp.dst_port(), tcp.syn(), tcp.seq_number(), tcp.payload().to_vec()))
+}
+
+#[tokio::test]
+async fn the_host_connects_to_guest_ports_and_a_closed_one_is_refused() {
+    let mut g = start(Policy::default());
+    g.send(&arp_request(HOST_IP)).await;
+    g.expect("ARP reply", arp_reply_for(HOST_IP)).await;
+
+    // Nothing listens: the guest answers the SYN with a reset.
+    let stack = g.stack.clone();
+    let closed = tokio::spawn(async move { stack.connect_guest(8081).await });
+    let (from, to, syn, seq, _) = g.expect("SYN to the guest", tcp_to_guest).await;
+    assert_eq!((to, syn), (8081, true));
+    g.send(&tcp_from_guest(8081, from, TcpControl::Rst, TcpSeqNumber(0), seq + 1, &[])).await;
+    let refused = tokio::time::timeout(Duration::from_secs(5), closed).await.expect("an answer in time").unwrap();
+    assert!(matches!(refused, Err(ConnectGuestError::Refused(8081))), "{:?}", refused.err());
+
+    // A server: the handshake, then bytes both ways.
+    let stack = g.stack.clone();
+    let open = tokio::spawn(async move { stack.connect_guest(8080).await });
+    let (from, to, syn, seq, _) = g.expect("SYN to the guest", tcp_to_guest).await;
+    assert_eq!((to, syn), (8080, true));
+    let ours = TcpSeqNumber(5000);
+    g.send(&tcp_from_guest(8080, from, TcpControl::Syn, ours, seq + 1, &[])).await;
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), open)
+        .await
+        .expect("connected in time")
+        .unwrap()
+        .expect("the guest accepted");
+    stream.write_all(b"ping").await.unwrap();
+    let sent = g.expect("data to the guest", |f| tcp_to_guest(f).filter(|s| !s.4.is_empty())).await;
+    assert_eq!((sent.3, sent.4.as_slice()), (seq + 1, &b"ping"[..]));
+    g.send(&tcp_from_guest(8080, from, TcpControl::Psh, ours + 1, seq + 5, b"pong")).await;
+    let mut answer = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut answer)).await.unwrap().unwrap();
+    assert_eq!(&answer, b"pong");
 }

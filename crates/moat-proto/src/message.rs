@@ -145,6 +145,9 @@ pub enum Request {
         path: String,
         mode: Option<u32>,
         atomic: bool,
+        /// A guest user (name, uid or user:group, as exec's `user`) to own the file.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
     },
     Stat {
         path: String,
@@ -158,6 +161,9 @@ pub enum Request {
         path: String,
         parents: bool,
         mode: Option<u32>,
+        /// A guest user to own the directories this request creates (not those already there).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
     },
     /// A file, symlink or empty directory; with `recursive`, a whole tree.
     Remove {

@@ -117,6 +117,10 @@ pub enum Command {
     /// (Claude Desktop, Claude Code, MCP SDKs). The sandboxes a session creates are its own and
     /// are removed when it ends. See docs/mcp.md.
     Mcp(McpArgs),
+    /// The E2B-compatible API (`moat serve --e2b ADDR`): the unmodified `e2b` SDKs drive moat
+    /// sandboxes. See docs/e2b.md.
+    #[command(subcommand)]
+    E2b(E2bCommand),
     /// Check that this host can run sandboxes, and say how to fix what is missing.
     Doctor(DoctorArgs),
     /// The configuration: `moat config show` prints every setting, its value and where it came
@@ -257,6 +261,9 @@ pub struct CreateArgs {
     /// host port 0 picks a free one.
     #[arg(short = 'p', long = "publish", value_name = "[ADDR:]HOSTPORT:GUESTPORT")]
     pub publish: Vec<String>,
+    /// Label the sandbox (repeatable), to find it by with `moat ps --label`.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = moat_api::parse_label)]
+    pub labels: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -266,6 +273,8 @@ pub enum OnExpireArg {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("env", |a| a.help("Set an environment variable in the command's environment (repeatable); \
+    with -d, in the sandbox's default environment, which every later command starts with")))]
 pub struct RunArgs {
     #[command(flatten)]
     pub create: CreateArgs,
@@ -317,6 +326,9 @@ pub struct ShellArgs {
 pub struct PsArgs {
     /// List the background processes of this sandbox instead of the sandboxes.
     pub sandbox: Option<String>,
+    /// Only sandboxes with this label, with this value or any (repeatable; all must match).
+    #[arg(long = "label", value_name = "KEY[=VALUE]", conflicts_with = "sandbox")]
+    pub labels: Vec<moat_api::LabelSelector>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -622,6 +634,29 @@ pub struct ServeArgs {
     /// MCP endpoint: largest root disk of one sandbox, in MiB.
     #[arg(long, value_name = "MIB", env = "MOAT_MCP_MAX_DISK", default_value_t = moat_mcp::DEFAULT_MAX_DISK_MIB)]
     pub mcp_max_disk: u64,
+    /// Also serve the E2B-compatible API on this address: both of E2B's planes on one listener,
+    /// for the unmodified `e2b` SDKs (`moat e2b env` prints their settings). See docs/e2b.md.
+    #[arg(long, value_name = "ADDR", env = "MOAT_E2B_LISTEN")]
+    pub e2b: Option<std::net::SocketAddr>,
+    /// E2B API: the domain told to the SDKs; `Sandbox.get_host(port)` is `<port>-<id>.<domain>`,
+    /// which the E2B listener routes to that guest port [default: `localhost:<port of --e2b>`].
+    #[arg(long, value_name = "DOMAIN", env = "MOAT_E2B_DOMAIN")]
+    pub e2b_domain: Option<String>,
+    /// E2B API: the image behind E2B's default template `base` (other templates are image names).
+    #[arg(long, value_name = "IMAGE", env = "MOAT_E2B_IMAGE", default_value = moat_api::DEFAULT_IMAGE)]
+    pub e2b_image: String,
+    /// E2B API: serve --e2b on a non-loopback address although it is plain HTTP: anyone on the
+    /// network path can read the API key and every command and file.
+    #[arg(long)]
+    pub e2b_insecure: bool,
+}
+
+/// `moat e2b …`.
+#[derive(Debug, Subcommand)]
+pub enum E2bCommand {
+    /// Print the environment the `e2b` SDKs need to use this home's daemon (E2B_API_URL,
+    /// E2B_SANDBOX_URL, E2B_API_KEY), as shell `export` lines: `eval "$(moat e2b env)"`.
+    Env,
 }
 
 /// What an MCP session may do (`moat mcp`).

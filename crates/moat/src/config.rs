@@ -41,6 +41,9 @@ pub const SETTINGS: &[Setting] = &[
     Setting { env: "MOAT_MCP_MAX_CPUS", about: "most vCPUs of an MCP session's sandbox" },
     Setting { env: "MOAT_MCP_MAX_MEMORY", about: "most memory (MiB) of an MCP session's sandbox" },
     Setting { env: "MOAT_MCP_MAX_DISK", about: "largest disk (MiB) of an MCP session's sandbox" },
+    Setting { env: "MOAT_E2B_LISTEN", about: "address of the E2B-compatible API" },
+    Setting { env: "MOAT_E2B_DOMAIN", about: "domain the E2B API gives the SDKs for get_host" },
+    Setting { env: "MOAT_E2B_IMAGE", about: "image behind the E2B template `base`" },
 ];
 
 /// A setting's key in the file.
@@ -135,7 +138,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<(&'static str, String)>, Con
         .parse()
         .map_err(|e: toml::de::Error| ConfigError::Syntax { path: display.clone(), message: e.to_string() })?;
     let mut out = Vec::new();
-    for (k, v) in table {
+    // A table groups settings: `[e2b] listen = …` (or `e2b.listen = …`) is `e2b_listen`.
+    let entries = table.into_iter().flat_map(|(k, v)| match v {
+        toml::Value::Table(t) => t.into_iter().map(|(sub, v)| (format!("{k}_{sub}"), v)).collect::<Vec<_>>(),
+        v => vec![(k, v)],
+    });
+    for (k, v) in entries {
         let Some(setting) = SETTINGS.iter().find(|s| key(s.env) == k) else {
             let known = SETTINGS.iter().map(|s| key(s.env)).collect::<Vec<_>>().join(", ");
             return Err(ConfigError::Unknown { path: display, key: k, known });
@@ -194,12 +202,22 @@ mod tests {
     }
 
     #[test]
+    fn a_table_groups_settings() {
+        let parsed = parse(Path::new("c.toml"), "[e2b]\nlisten = \"127.0.0.1:3000\"\n").unwrap();
+        assert_eq!(parsed, [("MOAT_E2B_LISTEN", "127.0.0.1:3000".to_string())]);
+        let dotted = parse(Path::new("c.toml"), "e2b.image = \"base\"\n").unwrap();
+        assert_eq!(dotted, [("MOAT_E2B_IMAGE", "base".to_string())]);
+    }
+
+    #[test]
     fn unknown_keys_and_tables_are_refused_with_the_remedy() {
         let unknown = parse(Path::new("c.toml"), "acel = \"tcg\"").unwrap_err();
         let unknown = moat_hint::Report::new(&unknown).to_string();
         assert!(unknown.contains("\"acel\" is not a setting") && unknown.contains("accel"), "{unknown}");
         let table = parse(Path::new("c.toml"), "[accel]\nx = 1").unwrap_err().to_string();
-        assert!(table.contains("accel must be"), "{table}");
+        assert!(table.contains("\"accel_x\" is not a setting"), "{table}");
+        let nested = parse(Path::new("c.toml"), "[e2b.listen]\nx = 1").unwrap_err().to_string();
+        assert!(nested.contains("e2b_listen must be"), "{nested}");
         assert!(parse(Path::new("c.toml"), "accel = ").unwrap_err().to_string().contains("not valid TOML"));
         assert!(parse(Path::new("c.toml"), "home = \"/x\"").is_err(), "the file cannot move the home it is in");
     }

@@ -45,6 +45,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Image(cmd) => cmd::image::image(cmd, host).await,
         Command::Serve(args) => cmd::daemon::serve(args, host).await,
         Command::Mcp(args) => cmd::mcp::mcp(args, host).await,
+        Command::E2b(crate::cli::E2bCommand::Env) => cmd::e2b::env(host).await,
         Command::Doctor(args) => cmd::doctor::doctor(args, host).await,
         Command::Config(crate::cli::ConfigCommand::Show { json }) => cmd::config::show(json),
         Command::Setup(args) => cmd::setup::setup(args, host).await,

@@ -154,7 +154,7 @@ async fn the_file_api_reads_writes_lists_and_watches() {
     let c = Client::new(&moat_daemon::socket_path(&h));
     let code = |r: Result<(), moat_client::ClientError>| r.expect_err("refused").code();
 
-    c.mkdir("api", &MakeDir { path: "/work/a/b".into(), parents: true, mode: None }).await.unwrap();
+    c.mkdir("api", &MakeDir { path: "/work/a/b".into(), parents: true, mode: None, owner: None }).await.unwrap();
     let info = c.write_file("api", "/work/a/f.txt", Some(0o640), true, &b"first"[..]).await.unwrap();
     assert_eq!((info.kind, info.size, info.mode), (FileKind::File, 5, 0o640));
     // An atomic rewrite keeps the mode and leaves no temporary file beside it.
@@ -177,7 +177,8 @@ async fn the_file_api_reads_writes_lists_and_watches() {
     assert!(e.to_string().contains("not a regular file"), "{e}");
     let e = c.write_file("api", "/work/a", None, true, &b"x"[..]).await.unwrap_err();
     assert!(e.to_string().contains("is a directory"), "{e}");
-    let e = c.mkdir("api", &MakeDir { path: "/work/a/g.txt/sub".into(), parents: false, mode: None }).await;
+    let e =
+        c.mkdir("api", &MakeDir { path: "/work/a/g.txt/sub".into(), parents: false, mode: None, owner: None }).await;
     assert!(e.unwrap_err().to_string().contains("not a directory"));
     assert_eq!(
         code(c.remove_path("api", &RemovePath { path: "/work".into(), recursive: false }).await),

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use moat_proto::{AgentError, ErrorCode, FileInfo, FileKind, FsReply, Request};
 
-use super::{checked, err, io_err};
+use super::{checked, err, io_err, owner_ids, Owner};
 
 /// JSON bytes a listing may take: its answer must fit one frame, or the host would end the link.
 /// Room is left for the envelope around the entries. A larger tree is an error asking for a
@@ -67,12 +67,10 @@ pub(super) fn metadata_op(request: Request) -> Result<FsReply, AgentError> {
             entries.sort_by(|a, b| a.path.cmp(&b.path));
             Ok(FsReply::List { entries })
         }
-        Request::Mkdir { path, parents, mode } => {
+        Request::Mkdir { path, parents, mode, owner } => {
             let p = checked(&path)?;
-            let mut b = std::fs::DirBuilder::new();
-            b.recursive(parents);
-            std::os::unix::fs::DirBuilderExt::mode(&mut b, mode.unwrap_or(0o755));
-            b.create(&p).map_err(|e| io_err(&p, e))?;
+            let owner = owner_ids(owner.as_deref(), Path::new("/etc"))?;
+            make_dir(&p, parents, mode.unwrap_or(0o755), owner)?;
             Ok(FsReply::Done)
         }
         Request::Remove { path, recursive } => {
@@ -104,6 +102,28 @@ pub(super) fn metadata_op(request: Request) -> Result<FsReply, AgentError> {
         }
         _ => Err(err(ErrorCode::Unsupported, "This request is not a file operation.")),
     }
+}
+
+/// `mkdir` (`-p` with `parents`); with an owner, each directory made here is given to it, and
+/// those that were already there are left as they are.
+fn make_dir(p: &Path, parents: bool, mode: u32, owner: Option<Owner>) -> Result<(), AgentError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut b = std::fs::DirBuilder::new();
+    b.mode(mode);
+    let Some((uid, gid)) = owner else {
+        return b.recursive(parents).create(p).map_err(|e| io_err(p, e));
+    };
+    // One level at a time, top down, so what this call made is known exactly.
+    let levels: Vec<&Path> =
+        if parents { p.ancestors().collect::<Vec<_>>().into_iter().rev().collect() } else { vec![p] };
+    for dir in levels {
+        match b.create(dir) {
+            Ok(()) => std::os::unix::fs::lchown(dir, Some(uid), Some(gid)).map_err(|e| io_err(dir, e))?,
+            Err(e) if parents && e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+            Err(e) => return Err(io_err(dir, e)),
+        }
+    }
+    Ok(())
 }
 
 /// Why a listing stopped.
@@ -147,7 +167,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("moat-files-{}", std::process::id()));
         let d = dir.to_string_lossy().into_owned();
         let op = |r: Request| metadata_op(r);
-        assert_eq!(op(Request::Mkdir { path: format!("{d}/a/b"), parents: true, mode: None }), Ok(FsReply::Done));
+        assert_eq!(
+            op(Request::Mkdir { path: format!("{d}/a/b"), parents: true, mode: None, owner: None }),
+            Ok(FsReply::Done)
+        );
         std::fs::write(dir.join("a/f"), b"hi").unwrap();
         std::os::unix::fs::symlink("f", dir.join("a/l")).unwrap();
         let Ok(FsReply::List { entries }) = op(Request::List { path: d.clone(), recursive: true }) else { panic!() };
@@ -170,11 +193,34 @@ mod tests {
         let e = op(Request::Stat { path: format!("{d}/missing") }).unwrap_err();
         assert_eq!(e.code, ErrorCode::NotFound);
         assert!(e.message.ends_with("does not exist."), "{}", e.message);
-        let e = op(Request::Mkdir { path: format!("{d}/a/f/x"), parents: false, mode: None }).unwrap_err();
+        let e = op(Request::Mkdir { path: format!("{d}/a/f/x"), parents: false, mode: None, owner: None }).unwrap_err();
         assert!(e.message.contains("not a directory"), "{}", e.message);
         assert_eq!(op(Request::Rename { from: format!("{d}/a/f"), to: format!("{d}/g") }), Ok(FsReply::Done));
         assert_eq!(op(Request::Remove { path: d.clone(), recursive: true }), Ok(FsReply::Done));
         assert!(!dir.exists());
+    }
+
+    /// With an owner, the directories a mkdir makes are given to it; those already there are not.
+    #[test]
+    fn made_directories_and_only_those_get_the_owner() {
+        if !rustix::process::geteuid().is_root() {
+            return; // Only root gives files away.
+        }
+        let dir = tempdir();
+        let owner_of = |p: &std::path::Path| std::fs::metadata(p).map(|m| (m.uid(), m.gid())).unwrap();
+        std::fs::create_dir(dir.join("old")).unwrap();
+        super::make_dir(&dir.join("old/a/b"), true, 0o750, Some((1000, 1001))).unwrap();
+        assert_eq!(owner_of(&dir.join("old")), (0, 0));
+        assert_eq!(owner_of(&dir.join("old/a")), (1000, 1001));
+        assert_eq!(owner_of(&dir.join("old/a/b")), (1000, 1001));
+        super::make_dir(&dir.join("old/a/b"), true, 0o750, Some((2000, 2000))).expect("-p: it exists");
+        assert_eq!(owner_of(&dir.join("old/a/b")), (1000, 1001), "an existing directory keeps its owner");
+        let e = super::make_dir(&dir.join("old/a/b"), false, 0o750, Some((2000, 2000))).unwrap_err();
+        assert!(e.message.ends_with("already exists."), "{}", e.message);
+        std::fs::write(dir.join("file"), b"").unwrap();
+        let e = super::make_dir(&dir.join("file/x"), true, 0o750, Some((1000, 1001))).unwrap_err();
+        assert!(e.message.contains("not a directory") || e.message.contains("already exists"), "{}", e.message);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// Every answer must fit one frame: a tree too large to list is an error, not a frame the host

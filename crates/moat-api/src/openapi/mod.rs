@@ -43,8 +43,9 @@ request body is an object of at most 64 KiB (larger ones are answered 413), and 
 when every field is optional; a number without a fraction (`2.0`) is the integer it spells. \
 Unknown fields and query parameters are refused (400).
 
-Two endpoints are WebSockets (`exec` and `processes/{pid}/attach`: 101 Switching Protocols), and \
-several answer with a stream: `GET /v1/events` and `files/watch` send NDJSON lines, \
+Two endpoints are WebSockets (`exec` and `processes/{pid}/attach`: 101 Switching Protocols), \
+`ports/{guest_port}/connect` turns the connection into a TCP stream to the guest (101, `Upgrade: \
+tcp`), and several answer with a stream: `GET /v1/events` and `files/watch` send NDJSON lines, \
 `logs?follow=true` and `events?follow=true` stay open until the client leaves, and the image \
 operations stream their progress. `/mcp` serves the same sandboxes to MCP clients (streamable \
 HTTP).";
@@ -74,6 +75,7 @@ HTTP).";
         net::list_ports,
         net::add_port,
         net::remove_port,
+        net::connect_port,
         snapshots::list_snapshots,
         snapshots::inspect_snapshot,
         snapshots::remove_snapshot,
@@ -299,7 +301,11 @@ mod tests {
         let events = &d["paths"]["/v1/events"]["get"];
         assert!(events["responses"]["200"]["content"]["application/x-ndjson"].is_object());
         assert!(events["description"].as_str().unwrap().contains("never ends"));
-        for ws in ["/v1/sandboxes/{reference}/exec", "/v1/sandboxes/{reference}/processes/{pid}/attach"] {
+        for ws in [
+            "/v1/sandboxes/{reference}/exec",
+            "/v1/sandboxes/{reference}/processes/{pid}/attach",
+            "/v1/sandboxes/{reference}/ports/{guest_port}/connect",
+        ] {
             assert!(d["paths"][ws]["get"]["responses"]["101"].is_object(), "{ws}");
         }
     }

@@ -1,8 +1,9 @@
-//! A sandbox's network: its spec, live allowlist changes and port forwards.
+//! A sandbox's network: its spec, live allowlist changes, port forwards and connections to a
+//! guest port.
 
 #![allow(dead_code)] // The stubs exist for their `#[utoipa::path]`s.
 
-use super::params::{PortRef, SandboxRef};
+use super::params::{GuestPortRef, PortRef, SandboxRef, TcpUpgrade};
 use crate::{ApiError, ChangeAllowlist, NetSpec, PortForward};
 
 #[utoipa::path(get, path = "/v1/sandboxes/{reference}/net", tag = "network", operation_id = "sandboxNet",
@@ -75,3 +76,27 @@ pub fn add_port() {}
         (status = 500, description = "The state database failed", body = ApiError),
     ))]
 pub fn remove_port() {}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{reference}/ports/{guest_port}/connect", tag = "network",
+    operation_id = "connectPort",
+    summary = "One TCP connection to a port of a running sandbox, over this HTTP connection (upgrade)",
+    description = "Connects to the guest port first; once the guest has accepted, answers 101 and the \
+        connection carries the TCP stream's bytes both ways until either side closes. Unlike a port \
+        forward it opens no port on the host, so a front can serve a sandbox's ports behind its own \
+        authentication. The guest sees the connection come from the gateway (10.0.2.2), so a server \
+        listening only on the guest's 127.0.0.1 is not reached.",
+    params(GuestPortRef, TcpUpgrade),
+    responses(
+        (status = 101, description = "Switching to the guest port's TCP stream"),
+        (status = 400, description = "Not an upgrade to `tcp`, port 0, or a port that is not a number from 0 to \
+            65535 (plain text), or a reference that is too long or matches several sandboxes", content(
+            (ApiError = "application/json"),
+            (String = "text/plain"),
+        )),
+        (status = 404, description = "No such sandbox", body = ApiError),
+        (status = 409, description = "It is not running or has no network, or the port is not open in the \
+            guest, or the guest did not answer within 10 s", body = ApiError),
+        (status = 429, description = "The sandbox's network holds as many connections as it may", body = ApiError),
+        (status = 500, description = "The state database failed", body = ApiError),
+    ))]
+pub fn connect_port() {}

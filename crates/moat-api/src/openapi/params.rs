@@ -48,6 +48,19 @@ pub struct PortRef {
     host_port: u16,
 }
 
+/// A port in a sandbox's guest.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct GuestPortRef {
+    /// The sandbox's name, id or a unique prefix of its id.
+    #[param(min_length = 1, max_length = 63, pattern = r"^[A-Za-z0-9._-]+$")]
+    reference: String,
+    /// The TCP port in the guest.
+    #[param(minimum = 1, maximum = 65535)]
+    guest_port: u16,
+}
+
 /// An image, by name (which may hold `/` and `:`).
 #[derive(IntoParams)]
 #[into_params(parameter_in = Path)]
@@ -74,6 +87,19 @@ pub struct WebSocketHandshake {
     /// The client's nonce (base64 of 16 random bytes).
     #[param(rename = "Sec-WebSocket-Key", min_length = 1)]
     sec_websocket_key: String,
+}
+
+/// The headers that ask for an HTTP/1.1 connection to become a plain TCP stream; a request
+/// without them is refused (400) before the sandbox is looked at.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct TcpUpgrade {
+    /// Must list `upgrade`.
+    #[param(rename = "Connection", pattern = "^[Uu][Pp][Gg][Rr][Aa][Dd][Ee]$")]
+    connection: String,
+    #[param(rename = "Upgrade", pattern = "^[Tt][Cc][Pp]$")]
+    upgrade: String,
 }
 
 /// The MCP endpoint's headers (streamable HTTP transport).

@@ -6,7 +6,7 @@
 use super::params::{McpSession, SandboxRef};
 use super::schemas::JsonRpcMessage;
 use crate::{ApiError, CreateSandbox, Event, EventsQuery, Health, LifecycleEntry, Reclaimed, RemoveQuery, RenewLease};
-use crate::{SandboxInfo, MAX_BODY};
+use crate::{ListQuery, SandboxInfo, MAX_BODY};
 
 const _: () = assert!(MAX_BODY == 64 * 1024, "the 413 descriptions say 64 KiB");
 
@@ -21,9 +21,12 @@ pub fn openapi() {}
 pub fn health() {}
 
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes", operation_id = "listSandboxes",
-    summary = "List sandboxes",
+    summary = "List sandboxes, or those with some labels",
+    params(ListQuery),
     responses(
-        (status = 200, description = "All sandboxes, oldest first", body = Vec<SandboxInfo>),
+        (status = 200, description = "All sandboxes (with `label`, those that match), oldest first",
+            body = Vec<SandboxInfo>),
+        (status = 400, description = "A bad label selector or query", body = ApiError),
         (status = 500, description = "The state database failed", body = ApiError),
     ))]
 pub fn list_sandboxes() {}

@@ -108,6 +108,9 @@ pub struct WriteQuery {
     /// Write beside the file and rename it into place [default: true].
     #[serde(default)]
     atomic: Option<bool>,
+    /// A guest user to own the file.
+    #[serde(default)]
+    owner: Option<String>,
 }
 
 pub async fn write_content(
@@ -117,8 +120,11 @@ pub async fn write_content(
     body: Body,
 ) -> Result<Json<FileInfo>, ServiceError> {
     let q = query(q)?;
-    let options =
-        WriteOptions { mode: q.mode.as_deref().map(parse_mode).transpose()?, atomic: q.atomic.unwrap_or(true) };
+    let options = WriteOptions {
+        mode: q.mode.as_deref().map(parse_mode).transpose()?,
+        atomic: q.atomic.unwrap_or(true),
+        owner: q.owner,
+    };
     Ok(Json(svc.write_file(&reference, q.path, options, body.into_data_stream()).await?))
 }
 

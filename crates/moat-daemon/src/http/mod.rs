@@ -57,6 +57,7 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/v1/sandboxes/{reference}/net/allow", post(net::change_allowlist))
         .route("/v1/sandboxes/{reference}/ports", get(net::ports).post(net::add_port))
         .route("/v1/sandboxes/{reference}/ports/{host_port}", delete(net::remove_port))
+        .route("/v1/sandboxes/{reference}/ports/{guest_port}/connect", get(net::connect_port))
         .route("/v1/snapshots", get(snapshots::snapshots))
         .route("/v1/snapshots/{reference}", get(snapshots::inspect_snapshot).delete(snapshots::remove_snapshot))
         .route("/v1/sandboxes/{reference}/exec", get(exec_ws::exec))
@@ -148,6 +149,8 @@ mod tests {
             net: Some(moat_api::NetSpec::default()),
             pull: Some(moat_api::PullPolicy::Never),
             registry_login: Some(moat_api::RegistryLogin { username: "u".into(), password: "p".into() }),
+            labels: [("k".to_string(), "v".to_string())].into(),
+            env: vec![("K".into(), "v".into())],
         };
         assert_eq!(
             keys(&serde_json::to_value(create).unwrap()),

@@ -6,17 +6,40 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use moat_api::{CreateSandbox, Health, RenewLease};
+use moat_api::{CreateSandbox, ErrorCode, Health, RenewLease};
 use serde::Deserialize;
 
 use super::extract::{query, ApiResult, JsonBody, Svc};
+use crate::error::ServiceError;
+use crate::service::labels::parse_selectors;
 
 pub async fn health(State(svc): Svc) -> Json<Health> {
     Json(svc.health())
 }
 
-pub async fn list(State(svc): Svc) -> ApiResult<impl IntoResponse> {
-    Ok(Json(svc.list()?))
+/// `GET /v1/sandboxes`, with `label` selectors repeated (serde's query structs take a
+/// parameter once, so the pairs are read as they come).
+pub async fn list(
+    State(svc): Svc,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let pairs = query(q)?;
+    if let Some((unknown, _)) = pairs.iter().find(|(k, _)| k != "label") {
+        return Err(ServiceError::new(
+            ErrorCode::InvalidRequest,
+            format!("unknown query parameter {:?}", unknown.chars().take(64).collect::<String>()),
+            "this endpoint takes only label=KEY=VALUE (or label=KEY), repeated",
+        ));
+    }
+    if pairs.len() > moat_api::MAX_LABELS {
+        return Err(ServiceError::new(
+            ErrorCode::InvalidRequest,
+            format!("{} label selectors given", pairs.len()),
+            format!("select with at most {} labels", moat_api::MAX_LABELS),
+        ));
+    }
+    let selectors = parse_selectors(pairs.iter().map(|(_, v)| v.as_str()))?;
+    Ok(Json(svc.list_labeled(&selectors)?))
 }
 
 pub async fn create(State(svc): Svc, JsonBody(req): JsonBody<CreateSandbox>) -> ApiResult<impl IntoResponse> {

@@ -1,7 +1,7 @@
 //! Running a command in a sandbox: an exec session hands a front the command's output (capped if
 //! asked) and takes its stdin, signals and terminal resizes. The service decides what runs: the
 //! image's Entrypoint and Cmd when no command is given, and the sandbox's environment (secret
-//! placeholders, where moat's CA is) under the caller's.
+//! placeholders, where moat's CA is, its default environment) under the caller's.
 
 use std::sync::Arc;
 
@@ -10,9 +10,9 @@ use moat_image::ImageConfig;
 use moat_proto::{ExecRequest, TtySize};
 use moat_sandbox::{Exec, ExecControl, ExecEvent, LinkError, SandboxError};
 
+use super::labels::process_env;
 use super::Service;
 use crate::error::ServiceError;
-use crate::net::guest_env;
 
 /// Signals a front may send to a session's process group.
 const SIGNALS: std::ops::RangeInclusive<i32> = 1..=64;
@@ -198,14 +198,6 @@ impl OutputBudget {
     }
 }
 
-/// A process's environment: the sandbox's (secret placeholders, where moat's CA is), then the
-/// caller's, which wins.
-pub(super) fn with_net_env(info: &SandboxInfo, env: Vec<(String, String)>) -> Vec<(String, String)> {
-    let mut all = guest_env(&info.net);
-    all.extend(env);
-    all
-}
-
 /// What the agent is asked to run for `start` in sandbox `info` whose image is configured so.
 fn exec_request(info: &SandboxInfo, image: &ImageConfig, start: ExecStart) -> Result<ExecRequest, ServiceError> {
     let argv = if start.argv.is_empty() {
@@ -226,7 +218,7 @@ fn exec_request(info: &SandboxInfo, image: &ImageConfig, start: ExecStart) -> Re
     }
     Ok(ExecRequest {
         argv,
-        env: with_net_env(info, start.env),
+        env: process_env(info, start.env),
         cwd: start.cwd,
         user: start.user,
         timeout_ms: start.timeout_ms,
@@ -379,7 +371,7 @@ mod tests {
             hosts: vec!["api.example.com".into()],
             ..Default::default()
         }];
-        let env = with_net_env(&info, vec![("TOKEN".into(), "mine".into())]);
+        let env = process_env(&info, vec![("TOKEN".into(), "mine".into())]);
         let tokens: Vec<&str> = env.iter().filter(|(k, _)| k == "TOKEN").map(|(_, v)| v.as_str()).collect();
         assert_eq!(tokens.len(), 2);
         assert_eq!(tokens[1], "mine");

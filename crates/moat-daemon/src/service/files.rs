@@ -24,12 +24,30 @@ pub struct FileContent {
     pub data: ByteStream,
 }
 
-/// How a file is written: its permission bits (kept as they are without), and whether it is
-/// written beside the file and renamed into place.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a file is written: its permission bits (kept as they are without), whether it is
+/// written beside the file and renamed into place, and the guest user who owns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriteOptions {
     pub mode: Option<u32>,
     pub atomic: bool,
+    pub owner: Option<String>,
+}
+
+/// Longest owner accepted (the agent refuses longer user specs too).
+const MAX_OWNER: usize = 256;
+
+/// An owner for written files and made directories: a user name, uid or `user:group`, resolved
+/// by the agent against the sandbox's own /etc/passwd.
+pub fn check_owner(owner: Option<&str>) -> Result<(), ServiceError> {
+    let Some(owner) = owner else { return Ok(()) };
+    if owner.is_empty() || owner.len() > MAX_OWNER || owner.chars().any(char::is_control) {
+        return Err(ServiceError::new(
+            ErrorCode::InvalidRequest,
+            format!("the owner {:?} is not a user", owner.chars().take(64).collect::<String>()),
+            format!("give a user name from the sandbox's /etc/passwd, a uid or user:group, at most {MAX_OWNER} bytes"),
+        ));
+    }
+    Ok(())
 }
 
 /// Permission bits given in octal, e.g. `644`.
@@ -42,6 +60,16 @@ pub fn parse_mode(text: &str) -> Result<u32, ServiceError> {
             "give it in octal, e.g. mode=644",
         )),
     }
+}
+
+/// A refused request that named an owner may have been refused for the owner.
+fn owner_hint(e: ServiceError, owned: bool) -> ServiceError {
+    if !owned || e.code != ErrorCode::InvalidRequest {
+        return e;
+    }
+    let hint = "check the path, and that the owner is a user of the sandbox's /etc/passwd (`moat exec BOX -- cat \
+                /etc/passwd`), a uid or user:group";
+    ServiceError { hint: hint.into(), ..e }
 }
 
 fn unexpected(reply: FsReply) -> ServiceError {
@@ -74,7 +102,10 @@ impl Service {
     }
 
     pub async fn make_dir(&self, reference: &str, r: MakeDir) -> Result<(), ServiceError> {
-        self.file_op(reference, Request::Mkdir { path: r.path, parents: r.parents, mode: r.mode }).await.map(drop)
+        check_owner(r.owner.as_deref())?;
+        let owned = r.owner.is_some();
+        let request = Request::Mkdir { path: r.path, parents: r.parents, mode: r.mode, owner: r.owner };
+        self.file_op(reference, request).await.map(drop).map_err(|e| owner_hint(e, owned))
     }
 
     pub async fn remove_path(&self, reference: &str, r: RemovePath) -> Result<(), ServiceError> {
@@ -112,8 +143,12 @@ impl Service {
         if let Some(mode) = options.mode.filter(|m| *m > 0o7777) {
             return Err(parse_mode(&format!("{mode:o}")).expect_err("a mode above 0o7777 is refused"));
         }
-        let request = Request::WriteFile { path: path.clone(), mode: options.mode, atomic: options.atomic };
-        self.feed(self.file_stream(reference, request).await?, data).await?;
+        check_owner(options.owner.as_deref())?;
+        let owned = options.owner.is_some();
+        let request =
+            Request::WriteFile { path: path.clone(), mode: options.mode, atomic: options.atomic, owner: options.owner };
+        let stream = self.file_stream(reference, request).await.map_err(|e| owner_hint(e, owned))?;
+        self.feed(stream, data).await?;
         self.stat_path(reference, path).await
     }
 
@@ -227,6 +262,19 @@ mod tests {
             let e = parse_mode(bad).expect_err(bad);
             assert_eq!(e.code, ErrorCode::InvalidRequest);
             assert_eq!(e.message, format!("mode {bad:?} is not an octal file mode"));
+        }
+    }
+
+    #[test]
+    fn owners_are_bounded_user_specs() {
+        for good in [None, Some("nobody"), Some("1000"), Some("bob:wheel")] {
+            assert!(check_owner(good).is_ok(), "{good:?}");
+        }
+        let long = "u".repeat(MAX_OWNER + 1);
+        for bad in ["", "a\nb", "a\0b", long.as_str()] {
+            let e = check_owner(Some(bad)).expect_err(bad);
+            assert_eq!(e.code, ErrorCode::InvalidRequest);
+            assert!(e.hint.contains("/etc/passwd"), "{e:?}");
         }
     }
 }

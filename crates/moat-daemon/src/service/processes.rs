@@ -5,7 +5,7 @@
 use moat_api::{ErrorCode, JobInfo, ProcessStarted, SandboxInfo, StartProcess};
 use moat_proto::{ExecRequest, Request, Started};
 
-use super::exec::with_net_env;
+use super::labels::process_env;
 use super::Service;
 use crate::error::{process_error, ServiceError};
 
@@ -16,7 +16,7 @@ fn process_request(info: &SandboxInfo, req: StartProcess) -> Result<ExecRequest,
     }
     Ok(ExecRequest {
         argv: req.argv,
-        env: with_net_env(info, req.env),
+        env: process_env(info, req.env),
         cwd: req.cwd,
         user: req.user,
         detach: true,

@@ -380,6 +380,8 @@ impl Service {
                     from: Some(snapshot.id.clone()),
                     boot_timeout_secs: None,
                     net: Some(net.clone()),
+                    labels: info.labels.clone(),
+                    env: info.env.clone(),
                     ..Default::default()
                 };
                 let this = self.clone();

@@ -74,6 +74,12 @@ ALTER TABLE snapshots ADD COLUMN nic INTEGER NOT NULL DEFAULT 0;
 "#,
     // No schema change: secret values move out of `net` into files of their own (code below).
     "",
+    // Labels (a JSON object of strings) and the default environment (JSON `[name, value]`
+    // pairs); NULL for sandboxes made before them, which have neither.
+    r#"
+ALTER TABLE sandboxes ADD COLUMN labels TEXT;
+ALTER TABLE sandboxes ADD COLUMN env TEXT;
+"#,
 ];
 
 /// The migration that moves secret values out of the database
@@ -102,5 +108,33 @@ impl Db {
             tx.commit()?;
         }
         crate::secrets_store::scrub_if_pending(&self.conn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::state::tests::sample;
+    use crate::state::Db;
+
+    /// A database from before labels and default environments opens, and its sandboxes have none.
+    #[test]
+    fn sandboxes_recorded_before_labels_upgrade_without_any() {
+        let home = tempfile::tempdir().unwrap();
+        let mut db = Db::open(home.path()).unwrap();
+        db.insert(&sample("abc000000001", "old")).unwrap();
+        db.conn
+            .execute_batch("ALTER TABLE sandboxes DROP COLUMN labels; ALTER TABLE sandboxes DROP COLUMN env;")
+            .unwrap();
+        db.conn.pragma_update(None, "user_version", 4).unwrap();
+        drop(db);
+        let mut db = Db::open(home.path()).unwrap();
+        let old = db.get("abc000000001").unwrap().expect("kept");
+        assert!(old.labels.is_empty() && old.env.is_empty(), "{old:?}");
+        let mut new = sample("abc000000002", "new");
+        new.labels = [("team".to_string(), "ml".to_string())].into();
+        new.env = vec![("A".into(), "1".into()), ("B".into(), "x=y".into())];
+        db.insert(&new).unwrap();
+        let got = db.get("abc000000002").unwrap().expect("recorded");
+        assert_eq!((got.labels, got.env), (new.labels, new.env));
     }
 }

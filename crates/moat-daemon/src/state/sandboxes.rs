@@ -19,8 +19,8 @@ impl Db {
         }
         tx.execute(
             "INSERT INTO sandboxes (id, name, phase, version, image, image_digest, accel, vcpus, memory_mib,
-                disk_mib, hostname, created_at, expires_at, on_expire, pid, last_error, net)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                disk_mib, hostname, created_at, expires_at, on_expire, pid, last_error, net, labels, env)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
             params![
                 s.id,
                 s.name,
@@ -39,6 +39,8 @@ impl Db {
                 s.pid,
                 s.last_error,
                 net_json(&s.net),
+                serde_json::to_string(&s.labels).expect("labels always serialize"),
+                serde_json::to_string(&s.env).expect("an environment always serializes"),
             ],
         )?;
         append_lifecycle(&tx, &s.id, s.version, s.phase, None)?;
@@ -153,7 +155,7 @@ impl Db {
 }
 
 const COLUMNS: &str = "id, name, phase, version, image, image_digest, accel, vcpus, memory_mib, disk_mib, hostname, \
-                       created_at, expires_at, on_expire, pid, last_error, snapshot_id, net";
+                       created_at, expires_at, on_expire, pid, last_error, snapshot_id, net, labels, env";
 
 fn get(conn: &Connection, id: &str) -> Result<Option<SandboxInfo>, StateError> {
     Ok(conn.query_row(&format!("SELECT {COLUMNS} FROM sandboxes WHERE id = ?1"), [id], row_to_info).optional()?)
@@ -200,6 +202,17 @@ fn row_to_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxInfo> {
         snapshot_id: r.get(16)?,
         isolation: None,
         net: redacted(parse_net(r.get::<_, Option<String>>(17)?.as_deref())),
+        labels: parse_json(r.get::<_, Option<String>>(18)?.as_deref(), "labels"),
+        env: parse_json(r.get::<_, Option<String>>(19)?.as_deref(), "default environment"),
+    })
+}
+
+/// A JSON column; empty when NULL (a sandbox made before the column existed).
+fn parse_json<T: serde::de::DeserializeOwned + Default>(raw: Option<&str>, what: &str) -> T {
+    let Some(raw) = raw else { return T::default() };
+    serde_json::from_str(raw).unwrap_or_else(|e| {
+        tracing::warn!("unreadable {what} in the state database ({e}); treating them as none");
+        T::default()
     })
 }
 

@@ -177,10 +177,16 @@ async fn read_first(guest: &mut GuestStream, buf: &mut Vec<u8>, wait: Duration) 
     }
 }
 
-/// One TCP socket of the stack as a tokio stream.
-pub(super) struct GuestStream {
+/// One TCP connection with the guest as a tokio stream; dropping it closes the connection.
+pub struct GuestStream {
     pub(super) inner: Arc<Inner>,
     pub(super) handle: SocketHandle,
+}
+
+impl std::fmt::Debug for GuestStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestStream").field("handle", &self.handle).finish_non_exhaustive()
+    }
 }
 
 impl GuestStream {

@@ -25,6 +25,7 @@ pub async fn serve(args: ServeArgs, host: &HostArgs) -> anyhow::Result<i32> {
         )
         .into());
     }
+    let e2b = crate::cmd::e2b::Listener::bind(&args, &runtime_config(host)?.home)?;
     let mcp = moat_mcp::Policy {
         all_sandboxes: args.mcp_all_sandboxes,
         max_sandboxes: args.mcp_max_sandboxes,
@@ -66,13 +67,19 @@ pub async fn serve(args: ServeArgs, host: &HostArgs) -> anyhow::Result<i32> {
         idle_exit: args.idle_exit,
         reset_state: args.reset_state,
     };
-    // The MCP endpoint calls the daemon in this process through its door: the same API a client
-    // outside gets, without a trip through the socket.
+    // The MCP endpoint and the E2B API call the daemon in this process through its door: the
+    // same API a client outside gets, without a trip through the socket.
+    let mut announced = None;
     let fronts = |door: moat_daemon::Door| {
         let client = Client::in_process(std::sync::Arc::new(move || Box::new(door.connect())));
+        announced = e2b.map(|e2b| e2b.serve(client.clone()));
         axum::Router::new().route_service("/mcp", moat_mcp::http_service(client, mcp))
     };
-    moat_daemon::serve(cfg, fronts).await?;
+    let served = moat_daemon::serve(cfg, fronts).await;
+    if let Some(file) = announced {
+        let _ = std::fs::remove_file(file);
+    }
+    served?;
     Ok(0)
 }
 

@@ -5,6 +5,7 @@ pub mod cp;
 pub mod daemon;
 pub mod doctor;
 pub mod image;
+pub mod e2b;
 pub mod mcp;
 pub mod net;
 pub mod process;

@@ -38,6 +38,7 @@ pub fn create_request(c: &CreateArgs) -> anyhow::Result<CreateSandbox> {
         from: c.from.clone(),
         template: c.cold.then_some(false),
         net: net_spec(c)?,
+        labels: c.labels.iter().cloned().collect(),
         ..CreateSandbox::default()
     })
 }
@@ -125,6 +126,8 @@ pub async fn run(args: RunArgs, host: &HostArgs) -> anyhow::Result<i32> {
     let client = connect(host).await?;
     let mut req = create_request(&args.create)?;
     if args.detach {
+        // No command to give them to: they are every later command's.
+        req.env = args.process.env.clone();
         let info = crate::cmd::image::create_showing_image(&client, &req).await?;
         println!("{}", info.name);
         return Ok(0);

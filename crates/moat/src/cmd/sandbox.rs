@@ -32,7 +32,7 @@ pub(crate) fn ago_or_in(t: i64) -> String {
 }
 
 pub async fn ps(args: PsArgs, host: &HostArgs) -> anyhow::Result<i32> {
-    let list = connect(host).await?.list().await?;
+    let list = connect(host).await?.list_selected(&args.labels).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(0);
@@ -132,6 +132,18 @@ fn print_info(s: &SandboxInfo) {
     }
     if let Some(id) = &s.snapshot_id {
         println!("from:        snapshot {id}");
+    }
+    if !s.labels.is_empty() {
+        println!("labels:");
+        for (k, v) in &s.labels {
+            println!("  {}={}", escape_controls(k), escape_controls(v));
+        }
+    }
+    if !s.env.is_empty() {
+        println!("environment:");
+        for (k, v) in &s.env {
+            println!("  {}={}", escape_controls(k), escape_controls(v));
+        }
     }
     println!("network:");
     for line in crate::cmd::net::describe(&s.net).lines() {

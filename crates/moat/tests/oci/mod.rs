@@ -46,6 +46,19 @@ impl Tar {
         self
     }
 
+    /// A directory with an owner and a mode of the test's choosing (the sticky bit included).
+    pub fn dir_owned(mut self, path: &str, mode: u32, uid: u64, gid: u64) -> Tar {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        h.set_mode(mode);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        h.set_mtime(1_700_000_000);
+        h.set_entry_type(tar::EntryType::Directory);
+        self.0.append_data(&mut h, path, &[][..]).expect("in-memory tar");
+        self
+    }
+
     pub fn symlink(mut self, path: &str, target: &str) -> Tar {
         let mut h = tar::Header::new_gnu();
         h.set_size(0);
