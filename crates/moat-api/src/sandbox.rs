@@ -90,6 +90,9 @@ pub enum OnExpire {
     /// Stop the VM and remove the sandbox.
     #[default]
     Remove,
+    /// Pause the VM (phase `paused`: its memory is saved to disk and it holds none) and clear
+    /// the lease; `moat resume` continues it. One that cannot be paused is stopped (`expired`).
+    Pause,
 }
 
 /// `POST /v1/sandboxes`.

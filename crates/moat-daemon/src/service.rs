@@ -14,6 +14,7 @@ mod health;
 mod images;
 mod isolation;
 pub mod labels;
+mod lease;
 mod logs;
 mod processes;
 mod snapshots;
@@ -23,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use moat_api::{CreateSandbox, ErrorCode, NetMode, NetSpec, OnExpire, Phase, Reclaimed, SandboxInfo};
+use moat_api::{CreateSandbox, ErrorCode, NetMode, NetSpec, Phase, Reclaimed, SandboxInfo};
 use moat_hint::Hint;
 use moat_sandbox::{Runtime, Sandbox, SandboxSpec, Shape, ShapeError};
 use tokio::sync::Notify;
@@ -204,7 +205,7 @@ impl Service {
     /// Create a sandbox and boot it; returns once it is running (or has failed).
     pub async fn create(self: &Arc<Self>, req: CreateSandbox) -> Result<SandboxInfo, ServiceError> {
         if let Some(ttl) = req.ttl_secs {
-            check_ttl(ttl)?;
+            lease::check_ttl(ttl)?;
         }
         let boot_timeout = match req.boot_timeout_secs {
             None => self.limits.boot_timeout,
@@ -582,58 +583,6 @@ impl Service {
         }
     }
 
-    /// Renew a running sandbox's lease: it now ends `ttl` from now.
-    pub async fn renew(&self, reference: &str, ttl_secs: u64) -> Result<SandboxInfo, ServiceError> {
-        check_ttl(ttl_secs)?;
-        let info = self.resolve(reference)?;
-        let lock = self.op_lock(&info.id);
-        let _guard = lock.lock().await;
-        let info = self.db(|db| db.get(&info.id))?.ok_or_else(|| not_found(reference))?;
-        if info.phase == Phase::Expired || info.expires_at.is_some_and(|t| t <= now_secs()) {
-            return Err(ServiceError::new(
-                ErrorCode::LeaseExpired,
-                format!("the lease of sandbox {} has expired", info.name),
-                "`moat start` brings it back without a lease; then `moat lease renew` sets a new one",
-            ));
-        }
-        if info.phase != Phase::Running {
-            return Err(ServiceError::phase(&info, "running", "start it with `moat start` first"));
-        }
-        let until = now_secs().saturating_add(ttl_secs as i64);
-        self.db(|db| {
-            db.set_expiry(&info.id, Some(until))?;
-            db.get(&info.id)
-        })?
-        .ok_or_else(|| not_found(reference))
-    }
-
-    /// Drop the lease of a sandbox whose lifetime an exec session now owns.
-    pub fn clear_lease(&self, id: &str) -> Result<(), ServiceError> {
-        self.db(|db| db.set_expiry(id, None))
-    }
-
-    /// Stop or remove every running sandbox whose lease has run out.
-    pub async fn reap_expired(&self) {
-        let now = now_secs();
-        let Ok(all) = self.list() else { return };
-        for s in all.into_iter().filter(|s| s.phase == Phase::Running && s.expires_at.is_some_and(|t| t <= now)) {
-            tracing::info!(sandbox = %s.id, name = %s.name, "lease expired");
-            let lock = self.op_lock(&s.id);
-            let guard = lock.lock().await;
-            let result = self.stop_locked(&s.id, Phase::Expired).await;
-            drop(guard);
-            if let Err(e) = result {
-                tracing::warn!(sandbox = %s.id, error = %e, "stopping an expired sandbox failed");
-                continue;
-            }
-            if s.on_expire == OnExpire::Remove {
-                if let Err(e) = self.remove(&s.id, false).await {
-                    tracing::warn!(sandbox = %s.id, error = %e, "removing an expired sandbox failed");
-                }
-            }
-        }
-    }
-
     /// Remove every stopped, failed or expired sandbox.
     pub async fn prune(&self) -> Result<Reclaimed, ServiceError> {
         let mut out = Reclaimed::default();
@@ -767,14 +716,6 @@ pub(crate) enum Launch<'a> {
 fn shape_error(e: ShapeError) -> ServiceError {
     let hint = e.hint().unwrap_or_default();
     ServiceError::new(ErrorCode::InvalidRequest, e.to_string(), hint)
-}
-
-/// Leases run from 1 s to 10 years.
-fn check_ttl(ttl_secs: u64) -> Result<(), ServiceError> {
-    if ttl_secs == 0 || ttl_secs > 10 * 365 * 86400 {
-        return Err(ServiceError::invalid(format!("a TTL of {ttl_secs} s is out of range; use 1 s to 10 years")));
-    }
-    Ok(())
 }
 
 /// What a sandbox at rest in `phase` no longer needs in its run directory: QEMU's sockets and

@@ -80,7 +80,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for StreamRequest<T> {
 
     async fn from_request(req: Request, _: &S) -> Result<Self, RpcError> {
         let (deadline, keepalive) = (deadline(req.headers())?, keepalive(req.headers()));
-        let mut envelopes = Envelopes::from_request(req)?;
+        // The whole body, not just its first envelope: a connection closed with request bytes
+        // unread is reset, and the reset can destroy response bytes the client has not read.
+        let (parts, body) = req.into_parts();
+        let body = read_bounded(body, MAX_MESSAGE_BYTES + 2 * HEADER + 2).await?;
+        let mut envelopes = Envelopes::from_request(Request::from_parts(parts, Body::from(body)))?;
         let message = match envelopes.next().await {
             Some(m) => m?,
             None => return Err(RpcError(Failure::invalid("the stream carried no request message"))),

@@ -10,7 +10,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use moat_api::{CreateSandbox, ErrorCode, NetMode, NetSpec, OnExpire, Phase, SandboxInfo};
+use moat_api::{CreateSandbox, ErrorCode, NetMode, NetSpec, OnExpire, Phase, PullPolicy, SandboxInfo};
 use moat_client::ClientError;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -88,7 +88,11 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for JsonBody<
     type Rejection = ApiFailure;
 
     async fn from_request(req: Request, _: &S) -> Result<Self, ApiFailure> {
-        let bytes = read_bounded(req.into_body(), MAX_BODY_BYTES).await?;
+        let bytes = read_bounded(req.into_body(), MAX_BODY_BYTES).await.map_err(|f| match f.code {
+            // Not 429: the SDK would retry it.
+            crate::error::Code::ResourceExhausted => ApiFailure(StatusCode::PAYLOAD_TOO_LARGE, f.message),
+            _ => f.into(),
+        })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(JsonBody(T::default()));
         }
@@ -269,9 +273,6 @@ fn check_timeout(secs: u64) -> Result<u64, ApiFailure> {
 /// What moat makes of an E2B create request.
 fn create_request(front: &Front, req: NewSandbox) -> Result<CreateSandbox, ApiFailure> {
     let unsupported = |what: &str| invalid(format!("{what} is not supported by moat's E2B API; leave it out"));
-    if req.auto_pause {
-        return Err(unsupported("autoPause (pausing at the end of the timeout)"));
-    }
     if req.auto_resume.is_some_and(|a| a.enabled) {
         return Err(unsupported("autoResume"));
     }
@@ -289,15 +290,20 @@ fn create_request(front: &Front, req: NewSandbox) -> Result<CreateSandbox, ApiFa
         return Err(invalid("templateID is required: `base` or the name of a moat image"));
     }
     let image = if template == "base" { front.cfg.default_image.clone() } else { template.to_string() };
+    // A template is an image in the store (the default one is built when missing); only a
+    // registry reference (`registry.example.com/team/image:tag`) is pulled.
+    let pull = if template == "base" || template.contains('/') { PullPolicy::Missing } else { PullPolicy::Never };
     let mut labels = req.metadata;
     labels.insert(TEMPLATE_LABEL.into(), template.to_string());
     Ok(CreateSandbox {
         image: Some(image),
         ttl_secs: Some(check_timeout(req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS))?),
-        on_expire: Some(OnExpire::Remove),
+        // E2B's autoPause: paused at the end of the timeout, and `connect` resumes it.
+        on_expire: Some(if req.auto_pause { OnExpire::Pause } else { OnExpire::Remove }),
         net: net_spec(req.allow_internet_access, req.network.unwrap_or_default())?,
         labels,
         env: req.env_vars.into_iter().collect(),
+        pull: Some(pull),
         ..Default::default()
     })
 }
@@ -342,7 +348,11 @@ struct ListQuery {
     order: Option<String>,
 }
 
-async fn list(State(front): State<Shared>, Query(q): Query<ListQuery>) -> Result<Response, ApiFailure> {
+async fn list(
+    State(front): State<Shared>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiFailure> {
+    let Query(q) = q.map_err(|e| invalid(format!("the query is not valid: {}", e.body_text())))?;
     let states: Vec<&str> = match &q.state {
         Some(s) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).collect(),
         None => vec!["running", "paused"],
@@ -399,9 +409,11 @@ fn cursor(s: &SandboxInfo) -> String {
     format!("{}.{}", s.created_at, s.id)
 }
 
-/// `k=v&k2=v2` (the SDK quotes keys and values once more inside the query value).
+/// The `metadata` filter: the SDK sends `urlencode({quote(k): quote(v)})` as one query value,
+/// so after the query's own decoding each pair is form-encoded, and each key and value quoted.
 fn form_pairs(s: &str) -> Vec<(String, String)> {
-    form_urlencoded::parse(s.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect()
+    let unquote = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+    form_urlencoded::parse(s.as_bytes()).map(|(k, v)| (unquote(&k), unquote(&v))).collect()
 }
 
 async fn detail(State(front): State<Shared>, Path(id): Path<String>) -> Result<Response, ApiFailure> {
@@ -479,8 +491,8 @@ mod tests {
     #[test]
     fn metadata_filters_decode_the_sdks_double_quoting() {
         // urlencode({quote("a b"): quote("x/y")}) after the query layer decoded it once.
-        assert_eq!(form_pairs("a%2520b=x%252Fy"), vec![("a%20b".into(), "x%2Fy".into())]);
-        assert_eq!(form_pairs("a%20b=x%2Fy&k=v"), vec![("a b".into(), "x/y".into()), ("k".into(), "v".into())]);
+        assert_eq!(form_pairs("a%2520b=x%252Fy%2526z%253D"), vec![("a b".into(), "x/y&z=".into())]);
+        assert_eq!(form_pairs("k=v&k2=%25C3%25A9"), vec![("k".into(), "v".into()), ("k2".into(), "é".into())]);
         assert_eq!(form_pairs(""), vec![]);
         assert_eq!(form_pairs("%zz=%"), vec![("%zz".into(), "%".into())]);
     }

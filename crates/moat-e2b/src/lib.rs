@@ -126,6 +126,10 @@ pub fn router(client: Client, cfg: Config) -> Router {
             .merge(process::routes())
             .merge(filesystem::routes())
             .merge(files::routes())
+            .fallback(|uri: axum::http::Uri| async move {
+                let what = format!("envd has no {}: see docs/e2b.md for what moat serves", uri.path());
+                connect::RpcError(Failure::new(error::Code::Unimplemented, what))
+            })
             .with_state(front.clone()),
         front,
     });

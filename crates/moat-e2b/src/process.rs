@@ -41,7 +41,8 @@ const MAX_PER_SANDBOX: usize = 256;
 const MAX_TAG_BYTES: usize = 1024;
 /// How long input, a signal or a resize may wait for the process to take it, at most.
 const INPUT_WAIT: Duration = Duration::from_secs(60);
-/// How long past its deadline a `Start` stream waits for the end of the process moat killed then.
+/// How long past a `Start` call's deadline moat kills its process: the stream ends first, at
+/// the deadline, with deadline_exceeded (what the SDK turns into `TimeoutException`).
 const START_GRACE: Duration = Duration::from_secs(5);
 /// The terminal size of a `pty` request without one.
 const DEFAULT_TERMINAL: (u16, u16) = (24, 80);
@@ -240,12 +241,12 @@ async fn start(
     let (input, output) = session.split();
     let info = ProcessInfo { config, pid, tag: message.tag };
     let stream = front.processes.launch(slot, info, tty.is_some(), stdin, Box::new(input), output);
-    let until = deadline.and_then(|d| Instant::now().checked_add(d.saturating_add(START_GRACE)));
+    let until = deadline.and_then(|d| Instant::now().checked_add(d));
     Ok(events(pid, stream, until, keepalive))
 }
 
 /// Open the exec of a `Start`: as the user, in the directory asked (relative to the home) or
-/// the home, with the timeout of the call.
+/// the home, killed [`START_GRACE`] after the call's deadline.
 async fn open(
     front: &crate::Front,
     sandbox: &str,
@@ -264,7 +265,7 @@ async fn open(
         env: config.envs.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         cwd: Some(cwd.clone()),
         user: Some(user.name.clone()),
-        timeout_ms: deadline.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        timeout_ms: deadline.map(|d| u64::try_from(d.saturating_add(START_GRACE).as_millis()).unwrap_or(u64::MAX)),
         stdin,
         tty: tty.map(|(rows, cols)| TtySize { rows, cols }),
         ..Default::default()

@@ -33,7 +33,9 @@ const DROPPED: &[&str] = &[
 
 pub(crate) async fn forward(front: &Front, sandbox: &Sandbox, port: u16, req: Request) -> Response {
     let not_open = |why: String| {
-        json_error(StatusCode::BAD_GATEWAY, &format!("port {port} is not open in sandbox {}: {why}", sandbox.id))
+        // The SDK recognises a closed port by "port is not open".
+        let message = format!("port is not open: nothing answers on port {port} of sandbox {} ({why})", sandbox.id);
+        json_error(StatusCode::BAD_GATEWAY, &message)
     };
     let stream = match front.client.connect_port(&sandbox.id, port).await {
         Ok(s) => s,

@@ -268,8 +268,11 @@ pub struct CreateArgs {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum OnExpireArg {
+    /// Stop it and keep its disk; `moat start` boots it again.
     Stop,
     Remove,
+    /// Pause it (memory saved to disk); `moat resume` continues it.
+    Pause,
 }
 
 #[derive(Debug, Args)]

@@ -32,7 +32,7 @@ const JS_SDK: &str = "2.51.0";
 /// The template (a moat image) the SDKs create sandboxes from.
 const TEMPLATE: &str = "e2b-test";
 /// No script may take longer than this: a hang fails the test.
-const SCRIPT_LIMIT: Duration = Duration::from_secs(420);
+const SCRIPT_LIMIT: Duration = Duration::from_secs(300);
 
 static ONE_TEST: Mutex<()> = Mutex::new(());
 
@@ -161,9 +161,7 @@ fn start_front() -> Front {
         .spawn()
         .expect("moat serve starts");
     let pid = daemon.id();
-    if let Some((_, slot)) = AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-        *slot = Some(daemon);
-    }
+    *AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()) = Some((home.clone(), Some(daemon)));
     let serve_log = || std::fs::read_to_string(home.join("serve.log")).unwrap_or_default();
     let exited = || {
         let mut left = AT_EXIT.lock().unwrap_or_else(|e| e.into_inner());
@@ -209,7 +207,11 @@ fn start_front() -> Front {
         .output()
         .expect("moat runs");
     let said = text(&out.stdout);
-    assert!(out.status.success() && said.starts_with("bash ") && said.ends_with("\n1000\n"), "the template: {said}{}", text(&out.stderr));
+    assert!(
+        out.status.success() && said.starts_with("bash ") && said.ends_with("\n1000\n"),
+        "the template: {said}{}",
+        text(&out.stderr)
+    );
     eprintln!("the shared daemon (pid {pid}) serves E2B at {addr}; ready in {:?}", started.elapsed());
     Front { home, pid, env, addr, key }
 }
@@ -408,11 +410,12 @@ fn run_script(front: &Front, mut cmd: Command, what: &str) {
     let status = child.wait().expect("the child is reaped");
     let out = Output { status, stdout: stdout.join().unwrap_or_default(), stderr: stderr.join().unwrap_or_default() };
     let log = format!("--- stdout ---\n{}--- stderr ---\n{}", text(&out.stdout), text(&out.stderr));
-    eprintln!("{what} took {:?}\n{log}", started.elapsed());
     assert!(!timed_out, "{what} did not finish within {SCRIPT_LIMIT:?}:\n{log}");
     if !out.status.success() || !text(&out.stdout).trim_end().ends_with("ok") {
-        panic!("{what} failed ({}):\n{log}--- the daemon's log, last lines ---\n{}", out.status, front.log_tail());
+        let (status, took, daemon) = (out.status, started.elapsed(), front.log_tail());
+        panic!("{what} failed ({status}, after {took:?}):\n{log}--- the daemon's log, last lines ---\n{daemon}");
     }
+    eprintln!("{what} passed in {:?}\n{log}", started.elapsed());
 }
 
 fn python_sdk_drives_sandboxes(version: &str) {

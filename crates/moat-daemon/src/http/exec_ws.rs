@@ -116,19 +116,42 @@ async fn send_data(tx: &mut SplitSink<WebSocket, WsMessage>, tag: u8, data: Vec<
 /// Forward stdin, signals and resizes from the client; tell the session when the client is gone.
 /// What the process no longer takes (it has ended, or closed its stdin) and control messages that
 /// are unknown or out of range are ignored: the client may still send a signal or the close.
+/// Stdin messages (each at most the WebSocket's message limit) queued ahead of the process.
+const STDIN_QUEUE: usize = 8;
+
 async fn pump_client(mut rx: SplitStream<WebSocket>, input: SessionInput, gone: tokio::sync::oneshot::Sender<()>) {
+    // Stdin goes through a queue of its own: a process that stops reading its input must not
+    // hold up a signal or a resize sent after the stdin it does not read.
+    let (stdin, mut queued) = tokio::sync::mpsc::channel::<Option<axum::body::Bytes>>(STDIN_QUEUE);
+    let writer = {
+        let input = input.clone();
+        tokio::spawn(async move {
+            while let Some(data) = queued.recv().await {
+                let written = match data {
+                    Some(data) => input.write(&data).await,
+                    None => input.close().await,
+                };
+                if written.is_err() {
+                    break;
+                }
+            }
+        })
+    };
     while let Some(Ok(msg)) = rx.next().await {
         let _ = match msg {
-            WsMessage::Binary(data) => input.write(&data).await,
+            WsMessage::Binary(data) => stdin.send(Some(data)).await.map_err(|_| ()),
             WsMessage::Text(t) => match serde_json::from_str::<ExecClientMessage>(&t) {
-                Ok(ExecClientMessage::Signal { signal }) => input.signal(signal).await,
-                Ok(ExecClientMessage::StdinEof) => input.close().await,
-                Ok(ExecClientMessage::Resize { rows, cols }) => input.resize(rows, cols).await,
+                Ok(ExecClientMessage::Signal { signal }) => input.signal(signal).await.map_err(|_| ()),
+                Ok(ExecClientMessage::StdinEof) => stdin.send(None).await.map_err(|_| ()),
+                Ok(ExecClientMessage::Resize { rows, cols }) => input.resize(rows, cols).await.map_err(|_| ()),
                 _ => Ok(()),
             },
             WsMessage::Close(_) => break,
             _ => Ok(()),
         };
     }
+    // What was queued is still written; the writer ends with the queue.
+    drop(stdin);
+    drop(writer);
     let _ = gone.send(());
 }

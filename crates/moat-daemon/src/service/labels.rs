@@ -98,15 +98,7 @@ mod tests {
     #[tokio::test]
     async fn labels_select_sandboxes_and_forks_inherit_them() {
         use crate::launcher::fake::TestService;
-        let t = TestService::new(crate::service::Limits {
-            templates: false,
-            host: crate::service::admission::HostProbe::Fixed(crate::service::admission::HostResources {
-                memory_bytes: 64 << 30,
-                available_memory_bytes: 32 << 30,
-                disk_free_bytes: 1 << 40,
-            }),
-            ..Default::default()
-        });
+        let t = TestService::new(crate::service::tests::limits());
         let labeled = |name: &str, labels: &[(&str, &str)]| CreateSandbox {
             labels: pairs(labels).into_iter().collect(),
             env: pairs(&[("GREETING", name)]),

@@ -21,7 +21,8 @@ fn host(memory_mib: u64, disk_mib: u64) -> HostProbe {
     })
 }
 
-fn limits() -> Limits {
+/// A host with room for any test's sandboxes, and templates off.
+pub(crate) fn limits() -> Limits {
     Limits { templates: false, host: host(64 << 10, 1 << 20), ..Limits::default() }
 }
 

@@ -175,6 +175,7 @@ fn on_expire_str(o: OnExpire) -> &'static str {
     match o {
         OnExpire::Stop => "stop",
         OnExpire::Remove => "remove",
+        OnExpire::Pause => "pause",
     }
 }
 
@@ -196,7 +197,11 @@ fn row_to_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxInfo> {
         hostname: r.get(10)?,
         created_at: r.get(11)?,
         expires_at: r.get(12)?,
-        on_expire: if on_expire == "stop" { OnExpire::Stop } else { OnExpire::Remove },
+        on_expire: match on_expire.as_str() {
+            "stop" => OnExpire::Stop,
+            "pause" => OnExpire::Pause,
+            _ => OnExpire::Remove,
+        },
         pid: r.get(14)?,
         last_error: r.get(15)?,
         snapshot_id: r.get(16)?,

@@ -32,6 +32,7 @@ pub fn create_request(c: &CreateArgs) -> anyhow::Result<CreateSandbox> {
         on_expire: Some(match c.on_expire {
             OnExpireArg::Stop => OnExpire::Stop,
             OnExpireArg::Remove => OnExpire::Remove,
+            OnExpireArg::Pause => OnExpire::Pause,
         }),
         hostname: c.hostname.clone(),
         boot_timeout_secs: Some(c.boot_timeout.as_secs().max(1)),

@@ -85,6 +85,19 @@ fn plain_error(case: &str, r: &Reply, statuses: &[u16]) {
     );
 }
 
+/// Every case runs, and the test fails at the end with the list of those that failed (each
+/// failure's message is printed as it happens): one run shows the server's author all of them.
+#[derive(Default)]
+struct Cases(Vec<String>);
+
+impl Cases {
+    fn check(&mut self, name: &str, case: impl FnOnce()) {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(case)).is_err() {
+            self.0.push(name.to_string());
+        }
+    }
+}
+
 /// Standard base64 (with or without padding), for the stdout of process events.
 fn base64_decode(s: &str) -> Vec<u8> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -118,23 +131,29 @@ fn bytes_no_sdk_sends_get_clean_errors_and_the_daemon_lives_on() {
     let _remove = RemoveAfter(front, vec![a.id.clone(), b.id.clone()]);
     assert_ne!(a.token, b.token, "each sandbox has its own access token");
 
-    well_formed_requests_work(front, &a);
-    broken_connect_requests(front, &a);
-    wrong_headers_and_tokens(front, &a, &b);
-    control_plane_garbage(front, &a);
+    let mut cases = Cases::default();
+    cases.check("well-formed requests", || well_formed_requests_work(front, &a));
+    broken_connect_requests(&mut cases, front, &a);
+    wrong_headers_and_tokens(&mut cases, front, &a, &b);
+    control_plane_garbage(&mut cases, front, &a);
 
     // The daemon is the same one and serves all of its doors.
     assert_eq!(common::daemon_pid(&front.home), Some(front.pid as i32), "the daemon died:\n{}", front.log_tail());
     assert!(front.sandboxes().len() >= 2, "moat ps lists the sandboxes");
-    well_formed_requests_work(front, &a);
+    cases.check("well-formed requests, after all that", || well_formed_requests_work(front, &a));
     for made in [&a, &b] {
         let key = [("X-API-KEY", front.key.as_str())];
         let gone = request(front.addr, "DELETE", &format!("/sandboxes/{}", made.id), &key, b"");
         assert_eq!(gone.status, 204, "kill {}: {gone}", made.id);
         let r = request(front.addr, "GET", &format!("/sandboxes/{}", made.id), &key, b"");
-        plain_error("a killed sandbox's info", &r, &[404]);
+        cases.check("a killed sandbox's info", || plain_error("a killed sandbox's info", &r, &[404]));
     }
     front.assert_healthy_and_empty();
+    assert!(
+        cases.0.is_empty(),
+        "these requests got no clean error (see each one's message above):\n  {}",
+        cases.0.join("\n  ")
+    );
 }
 
 /// The requests an SDK sends, by hand: the wire format is as documented.
@@ -165,11 +184,12 @@ fn well_formed_requests_work(front: &Front, a: &Made) {
     }
 }
 
-fn broken_connect_requests(front: &Front, a: &Made) {
+fn broken_connect_requests(cases: &mut Cases, front: &Front, a: &Made) {
     let token = Some(a.token.as_str());
-    let stream = |case: &str, headers: &[(&str, &str)], body: &[u8]| {
-        let r = envd(front, &a.id, token, "/process.Process/Start", headers, body);
-        connect_error(case, &r)
+    let mut stream = |case: &str, headers: &[(&str, &str)], body: &[u8]| {
+        cases.check(case, || {
+            connect_error(case, &envd(front, &a.id, token, "/process.Process/Start", headers, body));
+        })
     };
     let mut past_the_body = vec![0, 0, 0, 0, 100];
     past_the_body.extend_from_slice(b"{}");
@@ -178,161 +198,197 @@ fn broken_connect_requests(front: &Front, a: &Made) {
     let mut four_gib = vec![0, 0xff, 0xff, 0xff, 0xff];
     four_gib.extend_from_slice(b"{}");
     stream("a frame header of 4 GiB", &[STREAM], &four_gib);
-    stream("the same, chunked", &[STREAM, ("Transfer-Encoding", "chunked")], &chunked(&four_gib));
+    stream("a frame header of 4 GiB, chunked", &[STREAM, ("Transfer-Encoding", "chunked")], &chunked(&four_gib));
     stream("a truncated frame header", &[STREAM], &[0, 0, 0]);
     stream("an empty streaming request", &[STREAM], b"");
     stream("a compressed frame, no compression negotiated", &[STREAM], &envelope(1, b"{}"));
     stream("a frame that is not JSON", &[STREAM], &envelope(0, b"{\"process\":"));
     stream("a streaming RPC sent as unary JSON", &[JSON], b"{}");
 
-    let unary = |case: &str, path: &str, headers: &[(&str, &str)], body: &[u8]| {
-        let r = envd(front, &a.id, token, path, headers, body);
-        connect_error(case, &r)
+    let mut unary = |case: &str, path: &str, headers: &[(&str, &str)], body: &[u8], codes: &[&str]| {
+        cases.check(case, || {
+            let (code, _) = connect_error(case, &envd(front, &a.id, token, path, headers, body));
+            assert!(
+                codes.is_empty() || codes.contains(&code.as_str()),
+                "{case}: code {code}, expected one of {codes:?}"
+            );
+        })
     };
-    let (code, _) = unary("an unknown method", "/process.Process/Nope", &[JSON], b"{}");
-    assert!(["not_found", "unimplemented", "404", "501"].contains(&code.as_str()), "{code}");
-    unary("an unknown service", "/nope.Nope/Call", &[JSON], b"{}");
-    unary(
-        "a unary RPC with content type text/plain",
-        "/process.Process/List",
-        &[("Content-Type", "text/plain")],
-        b"{}",
-    );
-    unary("a unary RPC with no content type", "/process.Process/List", &[], b"{}");
-    let (code, _) = unary("unary JSON that does not parse", "/filesystem.Filesystem/Stat", &[JSON], b"{\"path\":");
-    assert!(["invalid_argument", "400"].contains(&code.as_str()), "{code}");
-    unary("unary JSON of the wrong shape", "/filesystem.Filesystem/Stat", &[JSON], br#"{"path":5}"#);
-    unary("a unary message that is an array", "/process.Process/SendSignal", &[JSON], b"[1,2]");
-    unary(
-        "a signal to a pid that never was",
-        "/process.Process/SendSignal",
-        &[JSON],
-        br#"{"process":{"pid":999999},"signal":"SIGNAL_SIGKILL"}"#,
-    );
+    let not_there = &["not_found", "unimplemented", "404", "501"];
+    unary("an unknown method", "/process.Process/Nope", &[JSON], b"{}", not_there);
+    unary("an unknown service", "/nope.Nope/Call", &[JSON], b"{}", not_there);
+    let list = "/process.Process/List";
+    unary("a unary RPC with content type text/plain", list, &[("Content-Type", "text/plain")], b"{}", &[]);
+    unary("a unary RPC with no content type", list, &[], b"{}", &[]);
+    let stat = "/filesystem.Filesystem/Stat";
+    let invalid = &["invalid_argument", "400"];
+    unary("unary JSON that does not parse", stat, &[JSON], b"{\"path\":", invalid);
+    unary("unary JSON of the wrong shape", stat, &[JSON], br#"{"path":5}"#, invalid);
+    unary("a unary message that is an array", "/process.Process/SendSignal", &[JSON], b"[1,2]", invalid);
+    let kill = br#"{"process":{"pid":999999},"signal":"SIGNAL_SIGKILL"}"#;
+    unary("a signal to a pid that never was", "/process.Process/SendSignal", &[JSON], kill, &["not_found", "404"]);
 
     // A body far larger than any message, declared and then streamed: refused before it ends.
-    let head = format!(
-        "POST /filesystem.Filesystem/Stat HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\n\
-         Connect-Protocol-Version: 1\r\nE2b-Sandbox-Id: {}\r\nE2b-Sandbox-Port: 49983\r\nX-Access-Token: {}\r\n\
-         Content-Length: 1073741824\r\n\r\n{{\"path\":\"",
-        front.addr, a.id, a.token
-    );
-    let r = request_streaming_body(front.addr, &head, b'a', 64 << 20);
-    connect_error("a 1 GiB unary body", &r);
+    cases.check("a 1 GiB unary body", || {
+        let head = format!(
+            "POST /filesystem.Filesystem/Stat HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nConnect-Protocol-Version: 1\r\nE2b-Sandbox-Id: {}\r\n\
+             E2b-Sandbox-Port: 49983\r\nX-Access-Token: {}\r\nContent-Length: 1073741824\r\n\r\n{{\"path\":\"",
+            front.addr, a.id, a.token
+        );
+        connect_error("a 1 GiB unary body", &request_streaming_body(front.addr, &head, b'a', 64 << 20));
+    });
 }
 
-fn wrong_headers_and_tokens(front: &Front, a: &Made, b: &Made) {
+fn wrong_headers_and_tokens(cases: &mut Cases, front: &Front, a: &Made, b: &Made) {
     let list = "/process.Process/List";
     let unauthenticated = |case: &str, r: &Reply| {
         let (code, _) = connect_error(case, r);
         assert_eq!(r.status, 401, "{case}: {r}");
         assert!(["unauthenticated", "401"].contains(&code.as_str()), "{case}: {code}");
     };
-    unauthenticated("no X-Access-Token", &envd(front, &a.id, None, list, &[JSON], b"{}"));
-    unauthenticated("the access token of another sandbox", &envd(front, &a.id, Some(&b.token), list, &[JSON], b"{}"));
-    unauthenticated("an empty access token", &envd(front, &a.id, Some(""), list, &[JSON], b"{}"));
-    let start = envelope(0, br#"{"process":{"cmd":"/bin/bash","args":["-l","-c","echo pwned > /tmp/pwned"]}}"#);
-    let r = envd(front, &a.id, Some(&b.token), "/process.Process/Start", &[STREAM], &start);
-    unauthenticated("Start with another sandbox's token", &r);
-    let files = |token: &str| {
-        let headers = [("E2b-Sandbox-Id", a.id.as_str()), ("E2b-Sandbox-Port", "49983"), ("X-Access-Token", token)];
-        request(front.addr, "GET", "/files?path=/etc/passwd", &headers, b"")
-    };
-    assert_eq!(files(&a.token).status, 200, "reading a file with the right token");
-    plain_error("GET /files with another sandbox's token", &files(&b.token), &[401]);
-    // Routed by Host (what get_host gives), to another port of the sandbox.
-    let host = format!("8080-{}.localhost:{}", a.id, front.addr.port());
-    let r = request(front.addr, "GET", "/", &[("Host", &host), ("X-Access-Token", &b.token)], b"");
-    plain_error("a guest port with another sandbox's token", &r, &[401]);
-    let r = request(
-        front.addr,
-        "GET",
-        "/files?path=/tmp/pwned",
-        &[("E2b-Sandbox-Id", a.id.as_str()), ("E2b-Sandbox-Port", "49983"), ("X-Access-Token", a.token.as_str())],
-        b"",
-    );
-    plain_error("the command sent with another sandbox's token never ran", &r, &[404]);
+    cases.check("no X-Access-Token", || {
+        unauthenticated("no X-Access-Token", &envd(front, &a.id, None, list, &[JSON], b"{}"))
+    });
+    cases.check("the access token of another sandbox", || {
+        let r = envd(front, &a.id, Some(&b.token), list, &[JSON], b"{}");
+        unauthenticated("the access token of another sandbox", &r)
+    });
+    cases.check("an empty access token", || {
+        unauthenticated("an empty access token", &envd(front, &a.id, Some(""), list, &[JSON], b"{}"))
+    });
+    let a_envd =
+        [("E2b-Sandbox-Id", a.id.as_str()), ("E2b-Sandbox-Port", "49983"), ("X-Access-Token", a.token.as_str())];
+    cases.check("Start with another sandbox's token", || {
+        let start = envelope(0, br#"{"process":{"cmd":"/bin/bash","args":["-l","-c","echo pwned > /tmp/pwned"]}}"#);
+        let r = envd(front, &a.id, Some(&b.token), "/process.Process/Start", &[STREAM], &start);
+        unauthenticated("Start with another sandbox's token", &r);
+        let r = request(front.addr, "GET", "/files?path=/tmp/pwned", &a_envd, b"");
+        plain_error("... and the command it carried never ran", &r, &[404]);
+    });
+    cases.check("GET /files with another sandbox's token", || {
+        let files = |token: &str| {
+            let headers = [("E2b-Sandbox-Id", a.id.as_str()), ("E2b-Sandbox-Port", "49983"), ("X-Access-Token", token)];
+            request(front.addr, "GET", "/files?path=/etc/passwd", &headers, b"")
+        };
+        assert_eq!(files(&a.token).status, 200, "reading a file with the right token");
+        plain_error("GET /files with another sandbox's token", &files(&b.token), &[401]);
+    });
+    cases.check("a guest port with another sandbox's token", || {
+        // Routed by Host (what get_host gives), to another port of the sandbox.
+        let host = format!("8080-{}.localhost:{}", a.id, front.addr.port());
+        let r = request(front.addr, "GET", "/", &[("Host", &host), ("X-Access-Token", &b.token)], b"");
+        plain_error("a guest port with another sandbox's token", &r, &[401]);
+    });
     // Nothing says which sandbox, or a sandbox that is not there.
-    let r = request(front.addr, "POST", list, &[JSON, ("X-Access-Token", "0123456789abcdef")], b"{}");
-    connect_error("an unknown access token and no sandbox header", &r);
-    let r = request(front.addr, "POST", list, &[JSON], b"{}");
-    connect_error("no sandbox header and no token", &r);
-    let (_, message) = connect_error(
-        "a sandbox that does not exist",
-        &envd(front, "inosuchbox", Some(&a.token), list, &[JSON], b"{}"),
-    );
-    assert!(message.contains("was not found"), "the SDK reads `was not found` as a dead sandbox: {message}");
-    let headers =
-        [("E2b-Sandbox-Id", a.id.as_str()), ("E2b-Sandbox-Port", "http"), ("X-Access-Token", a.token.as_str()), JSON];
-    connect_error("E2b-Sandbox-Port that is not a port", &request(front.addr, "POST", list, &headers, b"{}"));
-    let long = "x".repeat(64 << 10);
-    let r = request(
-        front.addr,
-        "POST",
-        list,
-        &[("E2b-Sandbox-Id", long.as_str()), ("X-Access-Token", &a.token), JSON],
-        b"{}",
-    );
-    assert!((400..600).contains(&r.status), "a 64 KiB sandbox id: {r}");
+    cases.check("an unknown access token and no sandbox header", || {
+        let r = request(front.addr, "POST", list, &[JSON, ("X-Access-Token", "0123456789abcdef")], b"{}");
+        connect_error("an unknown access token and no sandbox header", &r);
+    });
+    cases.check("no sandbox header and no token", || {
+        connect_error("no sandbox header and no token", &request(front.addr, "POST", list, &[JSON], b"{}"));
+    });
+    cases.check("a sandbox that does not exist", || {
+        let r = envd(front, "inosuchbox", Some(&a.token), list, &[JSON], b"{}");
+        let (_, message) = connect_error("a sandbox that does not exist", &r);
+        assert!(message.contains("was not found"), "the SDK reads `was not found` as a dead sandbox: {message}");
+    });
+    cases.check("E2b-Sandbox-Port that is not a port", || {
+        let headers =
+            [("E2b-Sandbox-Id", a.id.as_str()), ("E2b-Sandbox-Port", "http"), ("X-Access-Token", &a.token), JSON];
+        connect_error("E2b-Sandbox-Port that is not a port", &request(front.addr, "POST", list, &headers, b"{}"));
+    });
+    cases.check("a 64 KiB sandbox id", || {
+        let long = "x".repeat(64 << 10);
+        let r =
+            request(front.addr, "POST", list, &[("E2b-Sandbox-Id", &long), ("X-Access-Token", &a.token), JSON], b"{}");
+        assert!((400..600).contains(&r.status), "a 64 KiB sandbox id: {r}");
+        eprintln!("{:<58} -> {}", "a 64 KiB sandbox id", r.status);
+    });
     // /files, malformed.
-    let a_headers = |ct: &'static str| {
-        vec![
-            ("E2b-Sandbox-Id", a.id.clone()),
-            ("E2b-Sandbox-Port", "49983".to_string()),
-            ("X-Access-Token", a.token.clone()),
-            ("Content-Type", ct.to_string()),
-        ]
+    let mut files = |case: &str, method: &str, path: &str, content_type: &str, body: &[u8], statuses: &[u16]| {
+        cases.check(case, || {
+            let mut headers = a_envd.to_vec();
+            headers.push(("Content-Type", content_type));
+            plain_error(case, &request(front.addr, method, path, &headers, body), statuses);
+        })
     };
-    let send = |method: &str, path: &str, headers: Vec<(&str, String)>, body: &[u8]| {
-        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        request(front.addr, method, path, &headers, body)
-    };
-    let r = send("GET", "/files", a_headers("text/plain"), b"");
-    plain_error("GET /files without a path", &r, &[400]);
-    let r = send("POST", "/files?path=/tmp/x", a_headers("multipart/form-data; boundary=XYZ"), b"--XYZ\r\nbroken");
-    plain_error("POST /files with a broken multipart body", &r, &[400]);
-    let r = send("POST", "/files?path=/tmp/x", a_headers("multipart/form-data"), b"--\r\n");
-    plain_error("POST /files, multipart without a boundary", &r, &[400]);
-    let r = send("GET", "/files?path=/etc/passwd&username=nobody-here", a_headers("text/plain"), b"");
-    plain_error("GET /files as a user the guest does not have", &r, &[400, 401]);
+    files("GET /files without a path", "GET", "/files", "text/plain", b"", &[400]);
+    let broken = b"--XYZ\r\nbroken";
+    files(
+        "POST /files, a broken multipart body",
+        "POST",
+        "/files?path=/tmp/x",
+        "multipart/form-data; boundary=XYZ",
+        broken,
+        &[400],
+    );
+    files(
+        "POST /files, multipart without a boundary",
+        "POST",
+        "/files?path=/tmp/x",
+        "multipart/form-data",
+        b"--\r\n",
+        &[400],
+    );
+    let nobody = "/files?path=/etc/passwd&username=nobody-here";
+    files("GET /files as a user the guest does not have", "GET", nobody, "text/plain", b"", &[400, 401]);
+    files("GET /files of a directory", "GET", "/files?path=/etc", "text/plain", b"", &[400]);
 }
 
-fn control_plane_garbage(front: &Front, a: &Made) {
+fn control_plane_garbage(cases: &mut Cases, front: &Front, a: &Made) {
     let key = front.key.as_str();
     let wrong = format!("e2b_{}", "0".repeat(32));
-    let r = request(front.addr, "GET", "/v2/sandboxes", &[("X-API-KEY", &wrong)], b"");
-    plain_error("a wrong API key", &r, &[401]);
-    let r = request(front.addr, "GET", "/v2/sandboxes", &[("X-API-KEY", "")], b"");
-    plain_error("an empty API key", &r, &[401]);
-    let r = request(front.addr, "DELETE", &format!("/sandboxes/{}", a.id), &[("X-API-KEY", &wrong)], b"");
-    plain_error("kill with a wrong API key", &r, &[401]);
-    let r = request(front.addr, "GET", &format!("/sandboxes/{}", a.id), &[("X-API-KEY", key)], b"");
-    assert_eq!(r.status, 200, "the sandbox is still there: {r}");
-    let create = |case: &str, body: &[u8], statuses: &[u16]| {
-        let r = request(front.addr, "POST", "/v2/sandboxes", &[("X-API-KEY", key), JSON], body);
-        plain_error(case, &r, statuses);
+    let mut send = |case: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8], statuses: &[u16]| {
+        cases.check(case, || plain_error(case, &request(front.addr, method, path, headers, body), statuses))
     };
-    create("create with JSON that does not parse", b"{\"templateID\":", &[400]);
-    create("create without a templateID", b"{}", &[400]);
-    create("create with a timeout that is not a number", br#"{"templateID":"e2b-test","timeout":"soon"}"#, &[400]);
-    create("create from a template that does not exist", br#"{"templateID":"no-such-template-here"}"#, &[400, 404]);
-    let r = request(front.addr, "POST", "/v2/sandboxes", &[("X-API-KEY", key), ("Content-Type", "text/plain")], b"{}");
-    plain_error("create with content type text/plain", &r, &[400, 415]);
-    let r =
-        request(front.addr, "POST", "/sandboxes/nosuchbox/timeout", &[("X-API-KEY", key), JSON], br#"{"timeout":60}"#);
-    plain_error("set_timeout of a sandbox that does not exist", &r, &[404]);
-    let r = request(front.addr, "GET", "/no/such/route", &[("X-API-KEY", key)], b"");
-    plain_error("an unknown control-plane route", &r, &[404, 405]);
-    let r = request(front.addr, "GET", "/v2/sandboxes?limit=abc", &[("X-API-KEY", key)], b"");
-    plain_error("list with a limit that is not a number", &r, &[400]);
-    let r = request(front.addr, "GET", "/v2/sandboxes?nextToken=%ff%fe", &[("X-API-KEY", key)], b"");
-    assert!(r.status == 200 || (400..500).contains(&r.status), "list with a garbage next token: {r}");
-    // A huge JSON body: refused before all of it arrives.
-    let head = format!(
-        "POST /v2/sandboxes HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nX-API-KEY: {key}\r\n\
-         Content-Type: application/json\r\nContent-Length: 1073741824\r\n\r\n{{\"templateID\":\"e2b-test\",\"metadata\":{{\"k\":\"",
-        front.addr
+    send("a wrong API key", "GET", "/v2/sandboxes", &[("X-API-KEY", &wrong)], b"", &[401]);
+    send("an empty API key", "GET", "/v2/sandboxes", &[("X-API-KEY", "")], b"", &[401]);
+    send("kill with a wrong API key", "DELETE", &format!("/sandboxes/{}", a.id), &[("X-API-KEY", &wrong)], b"", &[401]);
+    let with_key = [("X-API-KEY", key), JSON];
+    send("create with JSON that does not parse", "POST", "/v2/sandboxes", &with_key, b"{\"templateID\":", &[400]);
+    send("create without a templateID", "POST", "/v2/sandboxes", &with_key, b"{}", &[400]);
+    let soon = br#"{"templateID":"e2b-test","timeout":"soon"}"#;
+    send("create with a timeout that is not a number", "POST", "/v2/sandboxes", &with_key, soon, &[400]);
+    let missing = br#"{"templateID":"no-such-template-here"}"#;
+    send("create from a template that does not exist", "POST", "/v2/sandboxes", &with_key, missing, &[400, 404]);
+    let text_plain = [("X-API-KEY", key), ("Content-Type", "text/plain")];
+    send("create with content type text/plain", "POST", "/v2/sandboxes", &text_plain, b"{}", &[400, 415]);
+    let timeout = br#"{"timeout":60}"#;
+    send(
+        "set_timeout of a sandbox that does not exist",
+        "POST",
+        "/sandboxes/nosuchbox/timeout",
+        &with_key,
+        timeout,
+        &[404],
     );
-    let r = request_streaming_body(front.addr, &head, b'm', 64 << 20);
-    plain_error("create with a 1 GiB JSON body", &r, &[400, 413]);
+    send("an unknown control-plane route", "GET", "/no/such/route", &[("X-API-KEY", key)], b"", &[404, 405]);
+    send(
+        "list with a limit that is not a number",
+        "GET",
+        "/v2/sandboxes?limit=abc",
+        &[("X-API-KEY", key)],
+        b"",
+        &[400],
+    );
+    cases.check("the sandbox is still there", || {
+        let r = request(front.addr, "GET", &format!("/sandboxes/{}", a.id), &[("X-API-KEY", key)], b"");
+        assert_eq!(r.status, 200, "the sandbox is still there: {r}");
+    });
+    cases.check("list with a garbage next token", || {
+        let r = request(front.addr, "GET", "/v2/sandboxes?nextToken=%ff%fe", &[("X-API-KEY", key)], b"");
+        assert!(r.status == 200 || (400..500).contains(&r.status), "list with a garbage next token: {r}");
+    });
+    // A huge JSON body: refused before all of it arrives.
+    cases.check("create with a 1 GiB JSON body", || {
+        let head = format!(
+            "POST /v2/sandboxes HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nX-API-KEY: {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: 1073741824\r\n\r\n\
+             {{\"templateID\":\"e2b-test\",\"metadata\":{{\"k\":\"",
+            front.addr
+        );
+        let r = request_streaming_body(front.addr, &head, b'm', 64 << 20);
+        plain_error("create with a 1 GiB JSON body", &r, &[400, 413]);
+    });
 }

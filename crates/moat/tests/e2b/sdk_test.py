@@ -61,11 +61,24 @@ def available(feature, present, why):
     return False
 
 
+# The steps that failed: a failed step is reported and the script goes on with the next one,
+# so that one run shows every failure; the script exits non-zero at the end.
+FAILED = []
+
+
 @contextmanager
-def step(name):
+def step(name, fatal=False):
     print(f"--- {name}", flush=True)
     start = time.monotonic()
-    yield
+    try:
+        yield
+    except Exception:  # noqa: BLE001 — printed, recorded, and fails the script at the end
+        traceback.print_exc(file=sys.stdout)
+        print(f"    FAILED: {name}", flush=True)
+        FAILED.append(name)
+        if fatal:
+            raise
+        return
     print(f"    ok in {(time.monotonic() - start) * 1000:.0f} ms", flush=True)
 
 
@@ -108,7 +121,7 @@ def seconds_left(end_at):
 
 
 def create_main(template, run_id, made):
-    with step("Sandbox.create(template, timeout, metadata, envs) and get_info"):
+    with step("Sandbox.create(template, timeout, metadata, envs) and get_info", fatal=True):
         s = Sandbox.create(
             template=template,
             timeout=300,
@@ -133,11 +146,19 @@ def create_main(template, run_id, made):
     return s
 
 
-def list_and_paginate(template, run_id, s, made):
-    with step("a second sandbox; Sandbox.list with a metadata filter and pagination"):
-        note = "a b&c=d/é"  # characters the metadata filter must carry through its encoding
-        s2 = Sandbox.create(template=template, timeout=300, metadata={"suite": run_id, "role": "second", "note": note})
+# Characters the metadata filter must carry through its encoding (the SDK quotes twice).
+NOTE = "a b&c=d/é"
+
+
+def create_second(template, run_id, made):
+    with step("a second sandbox"):
+        s2 = Sandbox.create(template=template, timeout=300, metadata={"suite": run_id, "role": "second", "note": NOTE})
         made.append(s2.sandbox_id)
+        return s2
+
+
+def list_and_paginate(run_id, s, s2):
+    with step("Sandbox.list with a metadata filter and pagination"):
 
         def pages(query, limit=None):
             paginator = Sandbox.list(query=query, limit=limit)
@@ -156,10 +177,12 @@ def list_and_paginate(template, run_id, s, made):
         assert all(len(p) <= 1 for p in one_each), [len(p) for p in one_each]
         assert {i.sandbox_id for p in one_each for i in p} == {s.sandbox_id, s2.sandbox_id}, one_each
         assert len([p for p in one_each if p]) == 2, one_each
-        only = pages(SandboxQuery(metadata={"suite": run_id, "note": note}))
+        only = pages(SandboxQuery(metadata={"suite": run_id, "role": "second"}))
         assert [i.sandbox_id for p in only for i in p] == [s2.sandbox_id], only
+        assert listed[s2.sandbox_id].metadata["note"] == NOTE, listed[s2.sandbox_id].metadata
         assert pages(SandboxQuery(metadata={"suite": run_id, "role": "nobody"})) in ([], [[]])
-    return s2
+        only = pages(SandboxQuery(metadata={"suite": run_id, "note": NOTE}))
+        assert [i.sandbox_id for p in only for i in p] == [s2.sandbox_id], f"filtering by note={NOTE!r}: {only}"
 
 
 def pause_and_resume(s2):
@@ -183,7 +206,7 @@ def pause_and_resume(s2):
 
 
 def kill(s):
-    with step("kill, and what a killed sandbox answers"):
+    with step(f"kill {s.sandbox_id}, and what a killed sandbox answers"):
         assert s.kill() is True
         assert not s.is_running()
         raises(NotFoundException, Sandbox.get_info, s.sandbox_id)
@@ -243,6 +266,16 @@ def commands(s):
         r = run("seq 1 100000", on_stdout=chunks.append)
         assert r.stdout == "".join(f"{i}\n" for i in range(1, 100001)), r.stdout[-200:]
         assert "".join(chunks) == r.stdout
+    with step("commands.run: a slow reader loses nothing (the command waits for it)"):
+        stalls = []
+
+        def slow(chunk):
+            if len(stalls) < 60:  # about 3 s, long enough for seq to be done many times over
+                stalls.append(chunk)
+                time.sleep(0.05)
+
+        r = run("seq 1 200000", on_stdout=slow)
+        assert r.stdout == "".join(f"{i}\n" for i in range(1, 200001)), (len(r.stdout), r.stdout[-100:])
     with step("commands.run: envs, cwd, user"):
         assert run("echo $FROM_CREATE").stdout == "create-env\n"
         r = run('echo "$ONE $FROM_CREATE"', envs={"ONE": "1", "FROM_CREATE": "overridden"})
@@ -314,8 +347,12 @@ def survives_disconnect(s):
         pid = int(child.stdout.strip().splitlines()[-1])
 
         def count():
-            return int(s.files.read("/tmp/alive").strip() or "0")
+            try:
+                return int(s.files.read("/tmp/alive").strip() or "0")
+            except NotFoundException:  # not written yet
+                return 0
 
+        wait_until("the orphaned command to start counting", lambda: count() >= 1)
         first = count()
         wait_until("the orphaned command to keep counting", lambda: count() >= first + 3)
         assert pid in {p.pid for p in s.commands.list()}
@@ -531,16 +568,15 @@ def main(template):
     print(f"e2b {SDK}; API {os.environ['E2B_API_URL']}; sandboxes {os.environ['E2B_SANDBOX_URL']}", flush=True)
     run_id = uuid.uuid4().hex[:12]
     made = []
-    failed = []
 
     def section(check, *args):
-        """Run one group of checks; a failure is reported and the next group still runs."""
+        """Run one group of checks; what fails outside its steps is reported like a failed step."""
         try:
             return check(*args)
-        except Exception:  # noqa: BLE001 — every failure is printed and fails the script
-            traceback.print_exc()
+        except Exception:  # noqa: BLE001 — printed, recorded, and fails the script at the end
+            traceback.print_exc(file=sys.stdout)
             sys.stdout.flush()
-            failed.append(check.__name__)
+            FAILED.append(check.__name__)
             return None
 
     try:
@@ -549,8 +585,9 @@ def main(template):
         for check in [commands, survives_disconnect, pty, files, watch_polling, watch_streaming, guest_server,
                       envd_errors]:
             section(check, s)
-        s2 = section(list_and_paginate, template, run_id, s, made)
+        s2 = section(create_second, template, run_id, made)
         if s2 is not None:
+            section(list_and_paginate, run_id, s, s2)
             section(pause_and_resume, s2)
             section(kill, s2)
         section(kill, s)
@@ -560,8 +597,8 @@ def main(template):
                 Sandbox.kill(sandbox_id)
             except Exception as e:  # noqa: BLE001 — best effort; the test reports leftovers
                 print(f"cleanup: killing {sandbox_id} failed: {e!r}", flush=True)
-    if failed:
-        print(f"FAILED with e2b {SDK}: {', '.join(failed)}", flush=True)
+    if FAILED:
+        print(f"FAILED with e2b {SDK}:\n  " + "\n  ".join(FAILED), flush=True)
         sys.exit(1)
     print("ok", flush=True)
 
