@@ -21,7 +21,7 @@ pub struct MakeDir {
     /// A guest user to own the directories this creates (not those already there), with its
     /// primary group: a name from the sandbox's /etc/passwd, a uid, or `user:group` [default: root].
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(min_length = 1, max_length = 256)]
+    #[schema(pattern = r"^[^\u0000-\u001f\u007f-\u009f]{1,64}$")]
     pub owner: Option<String>,
 }
 

@@ -13,7 +13,7 @@ pub struct ListQuery {
     /// Only sandboxes with this label: `KEY=VALUE`, or `KEY` for any value. Repeat it for
     /// several; a sandbox must match them all.
     #[serde(default)]
-    #[param(explode, style = Form, min_length = 1)]
+    #[param(explode, style = Form, pattern = r"^[^=\u0000-\u001f\u007f-\u009f]{1,32}(=[^\u0000-\u001f\u007f-\u009f]{0,256})?$")]
     pub label: Vec<String>,
 }
 
@@ -97,7 +97,7 @@ pub struct WriteFileQuery {
     /// A guest user to own the file, with its primary group: a name from the sandbox's
     /// /etc/passwd, a uid, or `user:group` [default: root for a new file].
     #[serde(default)]
-    #[param(min_length = 1, max_length = 256)]
+    #[param(pattern = r"^[^\u0000-\u001f\u007f-\u009f]{1,64}$")]
     pub owner: Option<String>,
 }
 
