@@ -1,6 +1,7 @@
 //! What the E2B front costs: `Sandbox.create()` + `commands.run("true")` + `kill()` through the
-//! unmodified `e2b` Python SDK, next to `moat run -- true` (create, exec, remove) through moat's
-//! own CLI, on the same daemon and image, samples interleaved. The SDK side is timed inside
+//! unmodified `e2b` Python SDK, next to the same through moat's own CLI, `moat run -- bash -l -c
+//! true` (create, exec, remove: the SDK runs every command as `/bin/bash -l -c CMD`), on the
+//! same daemon and image, samples interleaved. The SDK side is timed inside
 //! Python, so the interpreter's start is not counted; the CLI side is the whole process.
 
 use std::path::{Path, PathBuf};
@@ -87,8 +88,8 @@ fn python(moat_bin: &Path) -> anyhow::Result<PathBuf> {
         return Ok(python);
     }
     let made = Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv).status()?;
-    let installed = made.success()
-        && Command::new(&python).args(["-m", "pip", "install", "--quiet", SDK]).status()?.success();
+    let installed =
+        made.success() && Command::new(&python).args(["-m", "pip", "install", "--quiet", SDK]).status()?.success();
     if !installed || !ok(&python) {
         bail!("could not install {SDK} into {}: apt-get install -y python3-venv python3-pip", venv.display());
     }
@@ -102,13 +103,13 @@ pub async fn bench(moat_bin: &Path, home: &Path, runs: usize) -> anyhow::Result<
     let cli = || -> anyhow::Result<Duration> {
         let t = Instant::now();
         let status = Command::new(moat_bin)
-            .args(["run", "--", "true"])
+            .args(["run", "--", "/bin/bash", "-l", "-c", "true"])
             .env("MOAT_HOME", &served.home)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .status()?;
         if !status.success() {
-            bail!("`moat run -- true` failed: {status}");
+            bail!("`moat run -- bash -l -c true` failed: {status}");
         }
         Ok(t.elapsed())
     };
@@ -129,8 +130,8 @@ pub async fn bench(moat_bin: &Path, home: &Path, runs: usize) -> anyhow::Result<
         sdk_t.push(sdk()?);
     }
     let (c, s) = (median(cli_t), median(sdk_t));
-    println!("\nE2B front: create + run `true` + remove, default image (median of {runs})");
-    println!("  `moat run -- true` (baseline)  {:>10}", ms(c));
+    println!("\nE2B front: create, run `bash -l -c true`, remove; default image (median of {runs})");
+    println!("  moat run (baseline)            {:>10}", ms(c));
     println!("  e2b SDK through the front      {:>10}", ms(s));
     println!("  ratio                          {:>10.2}x", s.as_secs_f64() / c.as_secs_f64());
     Ok(())

@@ -193,7 +193,10 @@ pub(crate) fn decode_frame(buf: &[u8], max: usize) -> Result<Option<Frame<'_>>, 
         return Err(Failure::new(Code::Unimplemented, "compressed messages are not supported: send identity"));
     }
     if len > max {
-        return Err(Failure::new(Code::ResourceExhausted, format!("a message of {len} bytes is over the limit of {max}")));
+        return Err(Failure::new(
+            Code::ResourceExhausted,
+            format!("a message of {len} bytes is over the limit of {max}"),
+        ));
     }
     Ok(buf.get(HEADER..HEADER + len).map(|payload| Frame { flags, payload, len: HEADER + len }))
 }
@@ -320,10 +323,7 @@ mod tests {
     }
 
     async fn envelopes(body: Vec<u8>) -> Vec<Result<serde_json::Value, Code>> {
-        let req = Request::builder()
-            .header("content-type", "application/connect+json")
-            .body(Body::from(body))
-            .unwrap();
+        let req = Request::builder().header("content-type", "application/connect+json").body(Body::from(body)).unwrap();
         let mut e = Envelopes::from_request(req).unwrap();
         let mut out = Vec::new();
         while let Some(m) = e.next::<serde_json::Value>().await {
@@ -334,8 +334,9 @@ mod tests {
 
     #[tokio::test]
     async fn request_streams_decode_until_the_end_envelope() {
-        let body = [encode_frame(0, b"{\"a\":1}"), encode_frame(0, b"{}"), encode_frame(2, b"{}"), encode_frame(0, b"1")]
-            .concat();
+        let body =
+            [encode_frame(0, b"{\"a\":1}"), encode_frame(0, b"{}"), encode_frame(2, b"{}"), encode_frame(0, b"1")]
+                .concat();
         assert_eq!(envelopes(body).await, vec![Ok(serde_json::json!({"a":1})), Ok(serde_json::json!({}))]);
         assert_eq!(envelopes(vec![0, 0, 0, 0, 9, b'{']).await, vec![Err(Code::InvalidArgument)]);
         assert_eq!(envelopes(encode_frame(0, b"not json").to_vec()).await, vec![Err(Code::InvalidArgument)]);

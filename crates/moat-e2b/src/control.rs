@@ -44,7 +44,10 @@ pub(crate) fn routes() -> Router<Shared> {
         .route("/sandboxes/{id}/pause", post(pause))
         .route("/sandboxes/{id}/metrics", get(|| async { Json(Vec::<serde_json::Value>::new()) }))
         .fallback(|| async {
-            json_error(StatusCode::NOT_FOUND, "moat's E2B API has no such endpoint (see docs/e2b.md for what it serves)")
+            json_error(
+                StatusCode::NOT_FOUND,
+                "moat's E2B API has no such endpoint (see docs/e2b.md for what it serves)",
+            )
         })
 }
 
@@ -137,10 +140,10 @@ struct Network {
     deny_out: Vec<String>,
 }
 
-/// E2B's `Sandbox` (create, connect, resume).
+/// What every E2B answer about a sandbox says of it.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct Created {
+struct Identity {
     #[serde(rename = "templateID")]
     template_id: String,
     alias: String,
@@ -149,25 +152,27 @@ struct Created {
     #[serde(rename = "clientID")]
     client_id: &'static str,
     envd_version: &'static str,
+    domain: String,
+}
+
+/// E2B's `Sandbox` (create, connect, resume).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Created {
+    #[serde(flatten)]
+    identity: Identity,
     envd_access_token: String,
     traffic_access_token: String,
-    domain: String,
 }
 
 /// E2B's `SandboxDetail` and `ListedSandbox`.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Listed {
-    #[serde(rename = "templateID")]
-    template_id: String,
-    alias: String,
-    #[serde(rename = "sandboxID")]
-    sandbox_id: String,
-    #[serde(rename = "clientID")]
-    client_id: &'static str,
+    #[serde(flatten)]
+    identity: Identity,
     started_at: String,
     end_at: String,
-    envd_version: &'static str,
     cpu_count: u32,
     #[serde(rename = "memoryMB")]
     memory_mb: u32,
@@ -177,21 +182,26 @@ struct Listed {
     metadata: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     envd_access_token: Option<String>,
-    domain: String,
 }
 
 impl Front {
-    fn created(&self, s: &SandboxInfo) -> Created {
-        let template = template_of(s);
-        Created {
+    fn identity(&self, s: &SandboxInfo) -> Identity {
+        let template = s.labels.get(TEMPLATE_LABEL).cloned().unwrap_or_else(|| s.image.clone());
+        Identity {
             alias: template.clone(),
             template_id: template,
             sandbox_id: s.id.clone(),
             client_id: "moat",
             envd_version: ENVD_VERSION,
+            domain: self.cfg.domain.clone(),
+        }
+    }
+
+    fn created(&self, s: &SandboxInfo) -> Created {
+        Created {
+            identity: self.identity(s),
             envd_access_token: self.envd_token(&s.id),
             traffic_access_token: self.traffic_token(&s.id),
-            domain: self.cfg.domain.clone(),
         }
     }
 
@@ -203,24 +213,23 @@ impl Front {
             Phase::Paused => "paused",
             _ => return None,
         };
-        let template = template_of(s);
         // No lease: E2B has no "forever", so the end is far off.
         let end = s.expires_at.unwrap_or(s.created_at.saturating_add(10 * 365 * 86400));
         Some(Listed {
-            alias: template.clone(),
-            template_id: template,
-            sandbox_id: s.id.clone(),
-            client_id: "moat",
+            identity: self.identity(s),
             started_at: rfc3339(s.created_at),
             end_at: rfc3339(end),
-            envd_version: ENVD_VERSION,
             cpu_count: s.vcpus,
             memory_mb: s.memory_mib,
             disk_size_mb: s.disk_mib,
             state,
-            metadata: s.labels.iter().filter(|(k, _)| !k.starts_with(RESERVED_PREFIX)).map(clone_pair).collect(),
+            metadata: s
+                .labels
+                .iter()
+                .filter(|(k, _)| !k.starts_with(RESERVED_PREFIX))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             envd_access_token: with_token.then(|| self.envd_token(&s.id)),
-            domain: self.cfg.domain.clone(),
         })
     }
 
@@ -246,14 +255,6 @@ impl Front {
         }
         Ok(())
     }
-}
-
-fn clone_pair((k, v): (&String, &String)) -> (String, String) {
-    (k.clone(), v.clone())
-}
-
-fn template_of(s: &SandboxInfo) -> String {
-    s.labels.get(TEMPLATE_LABEL).cloned().unwrap_or_else(|| s.image.clone())
 }
 
 fn rfc3339(unix: i64) -> String {
@@ -448,7 +449,11 @@ async fn set_timeout(
 
 /// Connect: a paused sandbox is resumed (201), a running one answered as it is (200); the
 /// timeout only ever lengthens the sandbox's life.
-async fn connect(State(front): State<Shared>, Path(id): Path<String>, JsonBody(t): JsonBody<Timeout>) -> Result<Response, ApiFailure> {
+async fn connect(
+    State(front): State<Shared>,
+    Path(id): Path<String>,
+    JsonBody(t): JsonBody<Timeout>,
+) -> Result<Response, ApiFailure> {
     let s = front.visible(&id).await?;
     let (s, status) = match s.phase {
         Phase::Paused => (front.client.resume(&s.id).await?, StatusCode::CREATED),
@@ -460,7 +465,11 @@ async fn connect(State(front): State<Shared>, Path(id): Path<String>, JsonBody(t
     Ok((status, Json(front.created(&s))).into_response())
 }
 
-async fn resume(State(front): State<Shared>, Path(id): Path<String>, JsonBody(t): JsonBody<Timeout>) -> Result<Response, ApiFailure> {
+async fn resume(
+    State(front): State<Shared>,
+    Path(id): Path<String>,
+    JsonBody(t): JsonBody<Timeout>,
+) -> Result<Response, ApiFailure> {
     let s = front.visible(&id).await?;
     if s.phase != Phase::Paused {
         return Err(ApiFailure(StatusCode::CONFLICT, format!("sandbox {id} is already running")));
@@ -472,7 +481,11 @@ async fn resume(State(front): State<Shared>, Path(id): Path<String>, JsonBody(t)
     Ok((StatusCode::CREATED, Json(front.created(&s))).into_response())
 }
 
-async fn pause(State(front): State<Shared>, Path(id): Path<String>, _: JsonBody<serde_json::Value>) -> Result<StatusCode, ApiFailure> {
+async fn pause(
+    State(front): State<Shared>,
+    Path(id): Path<String>,
+    _: JsonBody<serde_json::Value>,
+) -> Result<StatusCode, ApiFailure> {
     let s = front.visible(&id).await?;
     if s.phase == Phase::Paused {
         return Err(ApiFailure(StatusCode::CONFLICT, format!("sandbox {id} is already paused")));
@@ -501,7 +514,10 @@ mod tests {
     fn egress_settings_map_to_moat_networks() {
         assert_eq!(net_spec(None, Network::default()).ok().flatten(), None);
         assert_eq!(net_spec(Some(false), Network::default()).ok().flatten().map(|n| n.mode), Some(NetMode::None));
-        let n = Network { allow_out: vec!["example.com".into(), "10.0.0.0/8".into(), "192.0.2.1".into()], deny_out: vec!["0.0.0.0/0".into()] };
+        let n = Network {
+            allow_out: vec!["example.com".into(), "10.0.0.0/8".into(), "192.0.2.1".into()],
+            deny_out: vec!["0.0.0.0/0".into()],
+        };
         let spec = net_spec(None, n).ok().flatten().unwrap();
         assert_eq!(spec.mode, NetMode::Allow);
         assert_eq!(spec.allow, vec!["example.com".to_string()]);

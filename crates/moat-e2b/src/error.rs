@@ -151,10 +151,9 @@ impl From<ClientError> for Failure {
                 ErrorCode::AmbiguousRef | ErrorCode::InvalidRequest | ErrorCode::BodyTooLarge => Code::InvalidArgument,
                 ErrorCode::NameTaken => Code::AlreadyExists,
                 ErrorCode::PermissionDenied => Code::PermissionDenied,
-                ErrorCode::InvalidPhase
-                | ErrorCode::LeaseExpired
-                | ErrorCode::InUse
-                | ErrorCode::Incompatible => Code::FailedPrecondition,
+                ErrorCode::InvalidPhase | ErrorCode::LeaseExpired | ErrorCode::InUse | ErrorCode::Incompatible => {
+                    Code::FailedPrecondition
+                }
                 ErrorCode::LimitReached | ErrorCode::InsufficientResources => Code::ResourceExhausted,
                 ErrorCode::BootFailed | ErrorCode::ExecFailed | ErrorCode::RegistryFailed | ErrorCode::Internal => {
                     Code::Internal

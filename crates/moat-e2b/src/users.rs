@@ -106,8 +106,9 @@ impl Users {
                 return Ok(t.clone());
             }
         }
-        let passwd = read_table(client, sandbox, "/etc/passwd").await?;
-        let group = read_table(client, sandbox, "/etc/group").await.unwrap_or_default();
+        let (passwd, group) =
+            tokio::join!(read_table(client, sandbox, "/etc/passwd"), read_table(client, sandbox, "/etc/group"));
+        let (passwd, group) = (passwd?, group.unwrap_or_default());
         let tables = Arc::new(Tables::parse(&passwd, &group));
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= MAX_CACHED {

@@ -59,7 +59,9 @@ impl Listener {
     /// file to remove when the daemon exits.
     pub fn serve(self, client: moat_client::Client) -> PathBuf {
         let announced = Announced { pid: std::process::id(), url: self.url };
-        if let Err(e) = serde_json::to_vec(&announced).map_err(std::io::Error::from).and_then(|b| std::fs::write(&self.file, b)) {
+        if let Err(e) =
+            serde_json::to_vec(&announced).map_err(std::io::Error::from).and_then(|b| std::fs::write(&self.file, b))
+        {
             eprintln!("moat: writing {}: {e}; `moat e2b env` will not find the E2B API", self.file.display());
         }
         let router = moat_e2b::router(client, self.cfg);
