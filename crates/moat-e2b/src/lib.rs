@@ -3,10 +3,10 @@
 //!
 //! One HTTP listener serves both of E2B's planes (see `docs/e2b.md`):
 //! - the control plane (`X-API-KEY`): sandboxes are created, listed, paused, resumed, timed
-//!   out and killed ([`control`]);
+//!   out and killed (`control.rs`);
 //! - the sandbox plane, envd's API, which E2B runs inside each VM and which moat answers on the
-//!   host: Connect RPCs for processes ([`process`]) and the filesystem ([`filesystem`]), plain
-//!   HTTP for file contents ([`files`]) and a reverse proxy to other guest ports ([`proxy`]).
+//!   host: Connect RPCs for processes (`process.rs`) and the filesystem (`filesystem.rs`), plain
+//!   HTTP for file contents (`files.rs`) and a reverse proxy to other guest ports (`proxy.rs`).
 //!
 //! The front is a client of the daemon's API, like the CLI and the MCP server: every operation
 //! is one of the daemon's, called through a [`moat_client::Client`] (in the daemon's process,

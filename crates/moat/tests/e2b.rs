@@ -352,7 +352,7 @@ fn python(version: &str) -> PathBuf {
 
 /// A directory whose node_modules holds the JavaScript `e2b` package, with the test script.
 fn node_project() -> PathBuf {
-    let install = "install Node.js >= 20.18.1 with npm (e.g. from https://deb.nodesource.com: \
+    let install = "install Node.js >= 20.18.1 with npm (the distribution's nodejs package when new enough: \
                    sudo apt-get install -y nodejs)";
     let node = Command::new("node").arg("--version").output();
     let node = node.unwrap_or_else(|e| panic!("the JavaScript E2B test needs node ({e}); {install}"));
