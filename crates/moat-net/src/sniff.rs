@@ -64,6 +64,22 @@ mod tests {
     }
 
     #[test]
+    fn an_oversized_hello_reads_as_unfinished_within_max_sniff() {
+        // A 40 KiB ClientHello in 16 KiB records, as a client would send it.
+        let len = 40 << 10;
+        let mut message = vec![1u8, (len >> 16) as u8, (len >> 8) as u8, len as u8];
+        message.extend(std::iter::repeat_n(0x41, len));
+        let mut hello = Vec::new();
+        for record in message.chunks(16 * 1024) {
+            hello.extend_from_slice(&[0x16, 0x03, 0x01, (record.len() >> 8) as u8, record.len() as u8]);
+            hello.extend_from_slice(record);
+        }
+        for n in (1..=hello.len()).step_by(509) {
+            assert_eq!(sniff(&hello[..n.min(MAX_SNIFF)]), Sniffed::NeedMore, "after {n} bytes");
+        }
+    }
+
+    #[test]
     fn garbage_never_panics() {
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         let hello = client_hello("x.test");

@@ -170,7 +170,10 @@ async fn read_first(guest: &mut GuestStream, buf: &mut Vec<u8>, wait: Duration) 
             return Ok(if buf.is_empty() { First::Closed } else { First::Silent });
         }
         buf.extend_from_slice(&chunk[..n]);
-        match sniff(buf) {
+        // Only the first MAX_SNIFF bytes are judged: what a read brought past them must not turn
+        // "too long" into "invalid" (rustls refuses more than one record's worth at once), as it
+        // would depending on how the guest's segments happened to arrive.
+        match sniff(&buf[..buf.len().min(MAX_SNIFF)]) {
             Sniffed::NeedMore if buf.len() < MAX_SNIFF => continue,
             found => return Ok(First::Sniffed(found)),
         }
