@@ -3,7 +3,7 @@
 //! `Start` opens an exec in the sandbox and hands its session to the front's registry
 //! ([`Processes`]), keyed by the guest pid: the process belongs to the front, not to the RPC, so
 //! it outlives the stream that started it. Only `SendSignal`, the deadline of its `Start` call
-//! (moat's exec timeout) or the end of its sandbox stop it. `Connect` attaches more streams,
+//! (moat's exec timeout, [`START_GRACE`] after it) or the end of its sandbox stop it. `Connect` attaches more streams,
 //! the unary calls feed it input, signals and terminal sizes.
 
 mod messages;
