@@ -19,6 +19,7 @@ mod files;
 mod filesystem;
 mod process;
 mod proxy;
+mod signed;
 mod users;
 
 use std::sync::Arc;
@@ -156,7 +157,8 @@ async fn dispatch(State(planes): State<Arc<Planes>>, req: Request) -> Response {
         }
         return forward(planes.control.clone(), req).await;
     }
-    let (sandbox, port) = match target(front, req.headers()).await {
+    let signed = signed::Signed::of(req.method(), req.uri());
+    let (sandbox, port) = match target(front, req.headers(), signed.as_ref()).await {
         Ok(Some(t)) => t,
         Ok(None) => {
             return error::json_error(
@@ -166,7 +168,9 @@ async fn dispatch(State(planes): State<Arc<Planes>>, req: Request) -> Response {
         }
         Err(f) => return f.http_response(),
     };
-    if let Err(f) = authorize(front, &sandbox, port, req.uri().path(), req.headers()) {
+    let by_signature =
+        port == ENVD_PORT && signed.is_some_and(|s| s.made_by(&front.envd_token(&sandbox.id), signed::now()));
+    if let Err(f) = authorize(front, &sandbox, port, req.uri().path(), req.headers(), by_signature) {
         return f.http_response();
     }
     if port == ENVD_PORT {
@@ -187,7 +191,11 @@ async fn forward(router: Router, req: Request) -> Response {
 
 /// The sandbox and port a sandbox-plane request is for; `None` when it names none. The sandbox
 /// must exist and run.
-async fn target(front: &Front, headers: &HeaderMap) -> Result<Option<(Sandbox, u16)>, Failure> {
+async fn target(
+    front: &Front,
+    headers: &HeaderMap,
+    signed: Option<&signed::Signed>,
+) -> Result<Option<(Sandbox, u16)>, Failure> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
     let named = if let Some(id) = header("e2b-sandbox-id") {
         let port = match header("e2b-sandbox-port") {
@@ -201,6 +209,10 @@ async fn target(front: &Front, headers: &HeaderMap) -> Result<Option<(Sandbox, u
         // Older SDKs send no sandbox header after `Sandbox.connect()`: the token says which.
         let list = front.client.list().await?;
         list.into_iter().find(|s| same(token, &front.envd_token(&s.id))).map(|s| (s.id, ENVD_PORT))
+    } else if let Some(signed) = signed {
+        // A signed URL names no sandbox: the one whose token made the signature is meant.
+        let list = front.client.list().await?;
+        signed.find(front, list.into_iter().map(|s| s.id)).map(|id| (id, ENVD_PORT))
     } else {
         None
     };
@@ -233,11 +245,18 @@ fn host_target(host: &str, domain: &str) -> Option<(String, u16)> {
     (!id.is_empty() && !id.contains('.')).then(|| (id.to_string(), port))
 }
 
-/// envd's API needs the sandbox's access token (except `/health`); other ports take it or the
-/// traffic token.
-fn authorize(front: &Front, sandbox: &Sandbox, port: u16, path: &str, headers: &HeaderMap) -> Result<(), Failure> {
+/// envd's API needs the sandbox's access token (except `/health`; a signed `/files` URL stands
+/// for it); other ports take it or the traffic token.
+fn authorize(
+    front: &Front,
+    sandbox: &Sandbox,
+    port: u16,
+    path: &str,
+    headers: &HeaderMap,
+    by_signature: bool,
+) -> Result<(), Failure> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let envd = header("x-access-token").is_some_and(|t| same(t, &front.envd_token(&sandbox.id)));
+    let envd = by_signature || header("x-access-token").is_some_and(|t| same(t, &front.envd_token(&sandbox.id)));
     let ok = if port == ENVD_PORT {
         envd || path == "/health"
     } else {

@@ -475,6 +475,39 @@ def files(s):
         fs.remove(f"{HOME}/tree")
         assert not fs.exists(f"{HOME}/tree")
 
+    with step("files: signed download_url and upload_url work without any header"):
+        import urllib.request
+        import urllib.error
+        fs.write(f"{HOME}/signed.txt", "signed bytes")
+        with urllib.request.urlopen(s.download_url(f"{HOME}/signed.txt"), timeout=30) as r:
+            assert r.read() == b"signed bytes"
+        with urllib.request.urlopen(s.download_url(f"{HOME}/signed.txt", use_signature_expiration=60), timeout=30) as r:
+            assert r.read() == b"signed bytes"
+        boundary = "moat-test-boundary"
+        body = (
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"up.txt\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\nuploaded\r\n--{boundary}--\r\n"
+        ).encode()
+        req = urllib.request.Request(
+            s.upload_url(f"{HOME}/up.txt"), data=body, method="POST",
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200
+        assert fs.read(f"{HOME}/up.txt") == "uploaded"
+        # A download URL does not upload, an expired one does nothing, a forged one names no sandbox.
+        def refused(url, **kw):
+            try:
+                urllib.request.urlopen(urllib.request.Request(url, **kw), timeout=30)
+            except urllib.error.HTTPError as e:
+                return e.code
+            raise AssertionError(f"{url} was accepted")
+        assert refused(s.download_url(f"{HOME}/up.txt"), data=body, method="POST",
+                       headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}) in (401, 404)
+        assert refused(s.download_url(f"{HOME}/signed.txt", use_signature_expiration=-10)) in (401, 404)
+        forged = s.download_url(f"{HOME}/signed.txt").replace("signature=v1_", "signature=v1_x")
+        assert refused(forged) in (401, 404)
+
 
 def watch_polling(s):
     with step("files.watch_dir (sync: polling)"):
