@@ -248,7 +248,7 @@ impl Front {
     /// Push the sandbox's end to now + `secs`; with `only_later`, never bring it closer.
     async fn extend(&self, s: &SandboxInfo, secs: u64, only_later: bool) -> Result<(), ApiFailure> {
         let secs = check_timeout(secs)?;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let now = crate::unix_now();
         let later = s.expires_at.is_none_or(|end| end < now.saturating_add(secs as i64));
         if !only_later || (later && s.expires_at.is_some()) {
             self.client.renew(&s.id, secs).await?;

@@ -106,6 +106,11 @@ impl Front {
     }
 }
 
+/// Seconds since the Unix epoch.
+pub(crate) fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
 /// Compare secrets in constant time (the caller may be another local user guessing).
 pub(crate) fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -169,7 +174,7 @@ async fn dispatch(State(planes): State<Arc<Planes>>, req: Request) -> Response {
         Err(f) => return f.http_response(),
     };
     let by_signature =
-        port == ENVD_PORT && signed.is_some_and(|s| s.made_by(&front.envd_token(&sandbox.id), signed::now()));
+        port == ENVD_PORT && signed.is_some_and(|s| s.made_by(&front.envd_token(&sandbox.id), unix_now()));
     if let Err(f) = authorize(front, &sandbox, port, req.uri().path(), req.headers(), by_signature) {
         return f.http_response();
     }

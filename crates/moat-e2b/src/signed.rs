@@ -60,13 +60,9 @@ impl Signed {
 
     /// The sandbox among `ids` whose token made this signature.
     pub(crate) fn find(&self, front: &Front, ids: impl IntoIterator<Item = String>) -> Option<String> {
-        let now = now();
+        let now = crate::unix_now();
         ids.into_iter().find(|id| self.made_by(&front.envd_token(id), now))
     }
-}
-
-pub(crate) fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 #[cfg(test)]
