@@ -17,6 +17,8 @@
 //!   the QEMU jail on, next to the same with `MOAT_JAIL=off` on a second daemon.
 //! - the E2B front: `Sandbox.create()` + `commands.run("true")` + `kill()` through the `e2b`
 //!   Python SDK next to `moat run -- true` on the same daemon (needs PyPI for the SDK once).
+//! - volumes: sequential write and read and an untar + `find` of small files in a named volume
+//!   and in a host directory mount, next to the same on the root disk of the same sandbox.
 //! - network: a guest downloading from a server on the host's loopback through moat's stack, and
 //!   the rate of small sequential requests, next to the same busybox client on the host and next
 //!   to the guest's own loopback; then the same for default egress, allowlist mode and secret
@@ -37,6 +39,7 @@ mod jail;
 mod lab;
 mod net;
 mod snapshots;
+mod volumes;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -50,7 +53,7 @@ fn ms(d: Duration) -> String {
 const USAGE: &str = "\
 usage: bench/run [OPTIONS]
 
-  --only PART       run one part: files, images, snapshots, jail, e2b or net
+  --only PART       run one part: files, images, snapshots, jail, e2b, volumes or net
   --runs N          samples of each timed step; medians are printed (5)
   --execs N         exec round trips in one VM (100)
   --requests N      daemon API requests of each kind (1000)
@@ -59,6 +62,8 @@ usage: bench/run [OPTIONS]
   --forks N         sandboxes `moat fork` makes, next to as many boots (10)
   --net-mib N       size of each network download, HTTP and HTTPS (64)
   --conns N         small sequential requests per network route, split into --runs batches (200)
+  --seq-mib N       size of the volumes part's sequential write and read (64)
+  --small-files N   files in the volumes part's untarred tree (500)
 
 The network part also measures default egress, allowlist mode (--net allow=bench.test) and secret
 interception (--secret BENCH_TOKEN@bench.test) side by side, in network namespaces it creates and
@@ -100,8 +105,13 @@ async fn main() -> anyhow::Result<()> {
         Some("snapshots") => return snapshots::bench(&moat, &home, runs, forks).await,
         Some("jail") => return jail::bench(&moat, &home, runs, forks).await,
         Some("e2b") => return e2b::bench(&moat, &home, runs).await,
+        Some("volumes") => {
+            return volumes::bench(&moat, &home, runs, arg("--seq-mib", 64), arg("--small-files", 500)).await
+        }
         Some("net") => return net::bench(&moat, &home, runs, arg("--net-mib", 64), arg("--conns", 200)).await,
-        Some(other) => bail!("--only takes `files`, `images`, `snapshots`, `jail`, `e2b` or `net`, not {other:?}"),
+        Some(other) => {
+            bail!("--only takes `files`, `images`, `snapshots`, `jail`, `e2b`, `volumes` or `net`, not {other:?}")
+        }
         None => {}
     }
     let mut walls = Vec::new();

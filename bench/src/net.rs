@@ -313,7 +313,11 @@ fn guest_seconds(moat_bin: &Path, home: &Path, script: &str) -> anyhow::Result<f
 
 /// Seconds a shell snippet takes inside `sandbox`, by the guest's clock (no exec round trip in
 /// it); `moat` runs the CLI with the given arguments and returns its stdout.
-fn timed_in(moat: &dyn Fn(&[&str]) -> anyhow::Result<String>, sandbox: &str, script: &str) -> anyhow::Result<f64> {
+pub(crate) fn timed_in(
+    moat: &dyn Fn(&[&str]) -> anyhow::Result<String>,
+    sandbox: &str,
+    script: &str,
+) -> anyhow::Result<f64> {
     let timed = format!("read s _ < /proc/uptime; {script} || exit 1; read e _ < /proc/uptime; echo $s $e");
     let out = moat(&["exec", sandbox, "--", "sh", "-c", &timed])?;
     let t: Vec<f64> = out.split_whitespace().filter_map(|x| x.parse().ok()).collect();

@@ -12,6 +12,8 @@ use crate::power;
 
 /// Where the initramfs lists the modules to load, in order.
 pub const MODULE_LIST: &str = "/moat/modules";
+/// Where it lists the modules loaded on first use, by group ([`modules::load_group`]).
+pub const LATER_MODULE_LIST: &str = "/moat/modules.later";
 
 /// How long to wait for the root disk's device node after the modules are loaded.
 const ROOT_WAIT: Duration = Duration::from_secs(10);
@@ -220,6 +222,11 @@ pub fn boot() -> Result<Booted, InitError> {
     let list = std::fs::read_to_string(MODULE_LIST).unwrap_or_default();
     let module_errors = modules::load_all(&list, &cmdline);
     for e in &module_errors {
+        eprintln!("moat-agent: {e}");
+    }
+    // Before the root switch hides the initramfs.
+    let later = std::fs::read_to_string(LATER_MODULE_LIST).unwrap_or_default();
+    for e in modules::keep_later(&later, &cmdline) {
         eprintln!("moat-agent: {e}");
     }
     if let Some(root) = cmdline.get("moat.root") {

@@ -13,6 +13,7 @@ pub mod cmdline;
 pub mod entropy;
 pub mod exec;
 pub mod files;
+pub mod hostfs;
 pub mod init;
 pub mod jobs;
 pub mod link;
@@ -22,6 +23,7 @@ pub mod port;
 pub mod power;
 pub mod reaper;
 pub mod users;
+pub mod volumes;
 pub mod watch;
 
 use std::time::Duration;

@@ -52,6 +52,8 @@ pub struct Agent {
     mode: Mode,
     /// Background processes outlive connections, so they live here, not in `serve`.
     jobs: Arc<crate::jobs::Jobs>,
+    /// Host directory mounts outlive connections (and snapshots) too.
+    host_mounts: Arc<crate::hostfs::HostMounts>,
 }
 
 /// A live channel of this connection.
@@ -61,7 +63,7 @@ struct Live {
 
 impl Agent {
     pub fn new(reaper: Arc<Reaper>, mode: Mode) -> Agent {
-        Agent { reaper, mode, jobs: Arc::default() }
+        Agent { reaper, mode, jobs: Arc::default(), host_mounts: Arc::default() }
     }
 
     /// Serve one connection until the host goes away, breaks the protocol or (in host mode) asks
@@ -196,6 +198,34 @@ impl Agent {
                         tokio::spawn(async move {
                             let session = out.session;
                             crate::files::run(id, file_op, out, rx).await;
+                            let _ = finished.send((session, id));
+                        });
+                    }
+                    Request::MountVolume { serial, path, readonly, owner } => {
+                        let answer = match crate::volumes::mount(&serial, &path, readonly, owner.as_deref()).await {
+                            Ok(()) => Message::Started(Started::Done),
+                            Err(e) => Message::Error(e),
+                        };
+                        if !(out.send(id, answer).await && out.send(id, Message::Close).await) {
+                            return Some(LinkEnd::HostGone);
+                        }
+                    }
+                    Request::UnmountVolume { path } => {
+                        let answer = match crate::volumes::unmount(&path).await {
+                            Ok(()) => Message::Started(Started::Done),
+                            Err(e) => Message::Error(e),
+                        };
+                        if !(out.send(id, answer).await && out.send(id, Message::Close).await) {
+                            return Some(LinkEnd::HostGone);
+                        }
+                    }
+                    Request::HostMount { path, readonly } => {
+                        let (ctl, rx) = mpsc::unbounded_channel();
+                        channels.insert(id, Live { ctl });
+                        let (mounts, out, finished) = (self.host_mounts.clone(), out.clone(), finished.clone());
+                        tokio::spawn(async move {
+                            let session = out.session;
+                            mounts.serve(id, path, readonly, out, rx).await;
                             let _ = finished.send((session, id));
                         });
                     }

@@ -24,6 +24,7 @@ pub fn power_off() -> ! {
     }
     // SAFETY: sync takes no arguments.
     unsafe { libc::sync() };
+    unmount_data();
     let root = c"/";
     // SAFETY: remount / read-only so ext4 is clean; pointers are valid or NULL as mount(2)
     // allows for a remount. Failure is harmless after sync.
@@ -37,6 +38,29 @@ pub fn power_off() -> ! {
         );
     }
     reboot()
+}
+
+/// Unmount volumes and host directories (everything ext4 or FUSE but the root), deepest first,
+/// so a volume is left clean and needs no journal replay on its next mount. Nothing is running
+/// any more, so nothing holds them; a failure leaves the volume to its journal.
+fn unmount_data() {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let (point, fstype) = (*f.get(1)?, *f.get(2)?);
+            (point != "/" && (fstype == "ext4" || fstype.starts_with("fuse"))).then_some(point)
+        })
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for point in points {
+        // /proc/mounts escapes spaces and the like as octal; such paths are simply skipped.
+        if let Ok(path) = std::ffi::CString::new(point) {
+            // SAFETY: a NUL-terminated path; umount only detaches a file system.
+            unsafe { libc::umount(path.as_ptr()) };
+        }
+    }
 }
 
 /// Reboot at once (the accelerator probe and fatal errors). Never returns.

@@ -9,12 +9,14 @@ mod exec;
 mod files;
 mod image;
 mod labels;
+mod mount;
 mod net;
 pub mod openapi;
 mod query;
 mod sandbox;
 mod snapshot;
 mod terminal;
+mod volume;
 
 pub use error::{ApiError, ErrorCode};
 pub use events::{Event, LifecycleEntry, LogSource, IMAGE_EVENT, IMAGE_MISSING};
@@ -27,6 +29,7 @@ pub use image::{BuildImage, ImageInfo, ImageProgress, PullImage};
 pub use labels::{
     parse_label, validate_label_key, validate_labels, LabelSelector, MAX_LABELS, MAX_LABEL_KEY, MAX_LABEL_VALUE,
 };
+pub use mount::{validate_mounts, validate_target, Mount, MountType, MAX_MOUNTS};
 pub use net::{ChangeAllowlist, NetMode, NetSpec, PortForward, SecretSpec};
 pub use query::{
     ArchiveQuery, AttachQuery, EventsQuery, ImportQuery, ListQuery, LogsQuery, PathQuery, RemoveQuery, WriteFileQuery,
@@ -36,8 +39,12 @@ pub use sandbox::{
     RenewLease, SandboxInfo, DEFAULT_DISK_MIB, DEFAULT_IMAGE, DEFAULT_IMAGE_FROM, DEFAULT_IMAGE_PACKAGES,
     DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_SANDBOX_ENV,
 };
-pub use snapshot::{CreateSnapshot, Fork, Forked, Revert, SnapshotInfo, SnapshotKind};
+pub use snapshot::{CreateSnapshot, Fork, ForkVolumes, Forked, Revert, SnapshotInfo, SnapshotKind};
 pub use terminal::{escape_controls, ControlEscaper};
+pub use volume::{
+    validate_volume_name, CreateVolume, RemoveVolumeQuery, VolumeInfo, VolumeUser, DEFAULT_VOLUME_BYTES,
+    MAX_VOLUME_BYTES, MIN_VOLUME_BYTES, VOLUME_SIZE_STEP,
+};
 
 pub use moat_proto::{FileInfo, FileKind, FsEvent, JobInfo};
 

@@ -168,6 +168,11 @@ pub struct CreateSandbox {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(schema_with = crate::openapi::schemas::environment)]
     pub env: Vec<(String, String)>,
+    /// Volumes and host directories to mount (at most 16). A fork has its parent's (with
+    /// `volumes: copy` for read-write volumes); a sandbox made `from` a snapshot has the host
+    /// directories the snapshot was taken with, plus these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<crate::Mount>,
 }
 
 /// When a create makes its image.
@@ -239,6 +244,9 @@ pub struct SandboxInfo {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(schema_with = crate::openapi::schemas::env_pairs)]
     pub env: Vec<(String, String)>,
+    /// Its volumes and host directories.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<crate::Mount>,
 }
 
 /// How a running sandbox's QEMU is confined on the host.

@@ -60,6 +60,10 @@ pub struct SnapshotInfo {
     /// Whether the machine has a NIC: a restore must ask for a network (or `none`) to match.
     #[serde(default)]
     pub nic: bool,
+    /// The host directories its guest had mounted: every restore serves them again (volumes
+    /// are never part of a snapshot).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_mounts: Vec<crate::Mount>,
     /// Sandboxes restored from it (their disks build on it): it cannot be removed before them.
     pub dependents: Vec<String>,
 }
@@ -101,6 +105,21 @@ pub struct Fork {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(min_length = 1, max_length = 127, pattern = r"^[A-Za-z0-9._-]+(:[A-Za-z0-9._-]+)?$")]
     pub snapshot: Option<String>,
+    /// What forks do with the sandbox's read-write volumes [default: `refuse`: a read-write
+    /// volume is in one running sandbox at a time, so such a fork is refused].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<ForkVolumes>,
+}
+
+/// `Fork.volumes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ForkVolumes {
+    #[default]
+    Refuse,
+    /// Each fork gets its own copy of each read-write volume as it was at the fork, a new volume
+    /// named `<fork>-<volume>` (copied sparse, by reflink where the host's file system can).
+    Copy,
 }
 
 /// The answer to a fork.

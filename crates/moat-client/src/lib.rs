@@ -276,6 +276,25 @@ impl Client {
         self.call(Method::DELETE, &format!("/v1/snapshots/{}", segment(reference)), None::<&()>).await
     }
 
+    /// Every volume, by name.
+    pub async fn volumes(&self) -> Result<Vec<moat_api::VolumeInfo>, ClientError> {
+        self.call(Method::GET, "/v1/volumes", None::<&()>).await
+    }
+
+    /// A volume by name, id or unique id prefix.
+    pub async fn volume(&self, reference: &str) -> Result<moat_api::VolumeInfo, ClientError> {
+        self.call(Method::GET, &format!("/v1/volumes/{}", segment(reference)), None::<&()>).await
+    }
+
+    pub async fn create_volume(&self, req: &moat_api::CreateVolume) -> Result<moat_api::VolumeInfo, ClientError> {
+        self.call(Method::POST, "/v1/volumes", Some(req)).await
+    }
+
+    /// Remove a volume and its data; `force` removes one that sandboxes at rest still mount.
+    pub async fn remove_volume(&self, reference: &str, force: bool) -> Result<moat_api::VolumeInfo, ClientError> {
+        self.call(Method::DELETE, &format!("/v1/volumes/{}?force={force}", segment(reference)), None::<&()>).await
+    }
+
     pub async fn revert(&self, reference: &str, snapshot: &str) -> Result<SandboxInfo, ClientError> {
         let body = Revert { snapshot: snapshot.to_string() };
         self.call(Method::POST, &format!("/v1/sandboxes/{}/revert", segment(reference)), Some(&body)).await

@@ -159,6 +159,12 @@ impl Service {
             tracing::warn!(sandbox = %id, error = %e.message, "the adopted sandbox has no network");
             self.db(|db| db.event(Some(id), "net", &format!("network not restored: {}", e.message)))?;
         }
+        if let Some(guest) = sandbox.clone().guest() {
+            if let Err(e) = self.serve_host_dirs(info, &guest).await {
+                tracing::warn!(sandbox = %id, error = %e.message, "the adopted sandbox's host directories are not served");
+                self.db(|db| db.event(Some(id), "mount", &format!("host directories not served: {}", e.message)))?;
+            }
+        }
         self.put_live(sandbox.clone());
         self.db(|db| db.event(Some(id), "adopted", &format!("{} adopted (QEMU pid {pid})", info.name)))?;
         self.watch(sandbox);

@@ -108,7 +108,7 @@ fn sandbox_code(e: &SandboxError) -> ErrorCode {
             ErrorCode::BootFailed
         }
         SandboxError::Restore { .. } => ErrorCode::Incompatible,
-        SandboxError::Config(_) | SandboxError::Io { .. } => ErrorCode::Internal,
+        SandboxError::Config(_) | SandboxError::Io { .. } | SandboxError::AgentTimeout { .. } => ErrorCode::Internal,
     }
 }
 
@@ -126,7 +126,8 @@ fn vmm_code(e: &VmmError) -> ErrorCode {
         | VmmError::Cgroup(_) => ErrorCode::BootFailed,
         // The VM is gone: the request does not fit the sandbox as it really is.
         VmmError::NotRunning | VmmError::NotOurProcess { .. } => ErrorCode::InvalidPhase,
-        VmmError::Qmp(_) | VmmError::Migration(_) | VmmError::Io { .. } => ErrorCode::Internal,
+        VmmError::Volume(moat_vmm::VolumeError::SlotBusy(_)) => ErrorCode::InUse,
+        VmmError::Qmp(_) | VmmError::Migration(_) | VmmError::Volume(_) | VmmError::Io { .. } => ErrorCode::Internal,
     }
 }
 
@@ -150,6 +151,7 @@ fn agent_code(code: moat_proto::ErrorCode) -> ErrorCode {
         Agent::PermissionDenied => ErrorCode::PermissionDenied,
         Agent::BadRequest | Agent::Unsupported => ErrorCode::InvalidRequest,
         Agent::SpawnFailed | Agent::Internal => ErrorCode::ExecFailed,
+        Agent::Busy => ErrorCode::InUse,
     }
 }
 

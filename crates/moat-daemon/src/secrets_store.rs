@@ -382,7 +382,11 @@ mod tests {
         let conn = Connection::open(Db::db_path(home.path())).unwrap();
         // Three migrations came before the move; the columns of later ones go too (first: that
         // rewrites the table, which would take the free pages the test looks into with it).
-        conn.execute_batch("ALTER TABLE sandboxes DROP COLUMN labels; ALTER TABLE sandboxes DROP COLUMN env;").unwrap();
+        conn.execute_batch(
+            "ALTER TABLE sandboxes DROP COLUMN labels; ALTER TABLE sandboxes DROP COLUMN env; \
+                 ALTER TABLE sandboxes DROP COLUMN mounts; ALTER TABLE snapshots DROP COLUMN host_mounts;",
+        )
+        .unwrap();
         for (id, net) in [("abc000000001", &kept), ("abc000000002", &gone)] {
             let json = serde_json::to_string(net).unwrap();
             conn.execute("UPDATE sandboxes SET net = ?2 WHERE id = ?1", params![id, json]).unwrap();

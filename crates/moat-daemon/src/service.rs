@@ -16,8 +16,10 @@ mod isolation;
 pub mod labels;
 mod lease;
 mod logs;
+mod mounts;
 mod processes;
 mod snapshots;
+mod volumes;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -96,6 +98,14 @@ pub struct Service {
     pub(crate) nets: Mutex<HashMap<String, Arc<crate::net::LiveNet>>>,
     /// Sandboxes an earlier daemon left live that are not settled yet (see [`crate::adoption`]).
     pub(crate) adopting: Mutex<HashSet<String>>,
+    /// Held while a volume is checked and plugged in, so two starts never both take it.
+    volume_claims: tokio::sync::Mutex<()>,
+    /// One lock per volume id: held by a create from before its row is written until its file
+    /// is made, and by a remove from its users check until its file is gone; gc skips a volume
+    /// whose lock is held.
+    volume_locks: KeyedLocks,
+    /// The tasks serving running sandboxes' host directories.
+    pub(crate) host_servers: mounts::HostServers,
 }
 
 /// One async lock per key (a sandbox id, a template key, an image name), made on first use.
@@ -142,6 +152,9 @@ impl Service {
             image_locks: KeyedLocks::default(),
             nets: Mutex::default(),
             adopting: Mutex::default(),
+            volume_claims: tokio::sync::Mutex::default(),
+            volume_locks: KeyedLocks::default(),
+            host_servers: mounts::HostServers::default(),
         })
     }
 
@@ -251,6 +264,10 @@ impl Service {
                 "restore it with a network mode that matches (leave --net out to take the snapshot's)",
             ));
         }
+        // A restored guest has the snapshot's host directories mounted: they are served again.
+        let mut mounts = snapshot.as_ref().map(|s| s.host_mounts.clone()).unwrap_or_default();
+        mounts.extend(req.mounts.iter().cloned());
+        let mounts = self.resolve_mounts(&mounts)?;
         let id = moat_sandbox::new_id();
         let name = req.name.clone().unwrap_or_else(|| format!("sb-{}", &id[..8]));
         let hostname = req.hostname.clone().unwrap_or_else(|| format!("moat-{}", &id[..8]));
@@ -317,6 +334,7 @@ impl Service {
             net,
             labels: req.labels.clone(),
             env: req.env.clone(),
+            mounts,
         };
         // Held from before the record exists, so no other operation sees it half made.
         let lock = self.op_lock(&id);
@@ -376,7 +394,12 @@ impl Service {
                         _ => Ok(()),
                     }
                 })?;
-                if let Err(e) = self.connect_net(info, &sandbox).await {
+                let attached = match self.connect_net(info, &sandbox).await {
+                    Ok(()) => self.connect_mounts(info, &sandbox).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = attached {
+                    self.host_servers.stop(&id);
                     sandbox.shutdown().await;
                     self.db(|db| {
                         db.set_pid(&id, None)?;
@@ -411,6 +434,19 @@ impl Service {
         }
     }
 
+    /// Attach the mounts of a VM just started or restored (behind the launcher seam like
+    /// [`Service::connect_net`]).
+    pub(crate) async fn connect_mounts(
+        self: &Arc<Self>,
+        info: &SandboxInfo,
+        machine: &Arc<dyn Machine>,
+    ) -> Result<(), ServiceError> {
+        match machine.clone().guest() {
+            Some(guest) => self.attach_mounts(info, &guest).await,
+            None => Ok(()),
+        }
+    }
+
     /// When QEMU exits while the sandbox is still live (nobody stopped it), mark it failed.
     pub(crate) fn watch(self: &Arc<Self>, sandbox: Arc<dyn Machine>) {
         let this = Arc::downgrade(self);
@@ -422,6 +458,7 @@ impl Service {
             let Some(this) = this.upgrade() else { return };
             let id = sandbox.id().to_string();
             this.detach_net(&id, sandbox.pid());
+            this.host_servers.stop(&id);
             let lock = this.op_lock(&id);
             let _guard = lock.lock().await;
             let still_ours =
@@ -489,6 +526,7 @@ impl Service {
         }
         self.db(|db| db.set_phase(id, Phase::Stopping, None))?;
         let sandbox = self.live.lock().expect("no panics while held").remove(id);
+        self.host_servers.stop(id);
         if let Some(sandbox) = sandbox {
             sandbox.shutdown().await;
         }
@@ -654,6 +692,7 @@ impl Service {
             }
         }
         out.paths.extend(self.snapshot_gc()?);
+        out.paths.extend(self.volume_gc());
         match self.image_gc() {
             Ok(paths) => out.paths.extend(paths),
             Err(e) => tracing::warn!(error = %e.message, "gc: cleaning the image store failed"),

@@ -18,6 +18,7 @@ mod events;
 mod migrations;
 mod sandboxes;
 mod snapshots;
+mod volumes;
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -204,6 +205,7 @@ pub(crate) mod tests {
             net: NetSpec::default(),
             labels: Default::default(),
             env: Vec::new(),
+            mounts: Vec::new(),
         }
     }
 

@@ -6,7 +6,9 @@
 //! /dev/console                             char 5:1, so the kernel can open it before devtmpfs
 //! /dev /proc /sys /tmp /newroot /moat      mount points and moat's own files
 //! /lib/modules/<release>/kernel/….ko       the modules, uncompressed
-//! /moat/modules                            their paths, one per line, in load order
+//! /moat/modules                            paths of the boot modules, one per line, in load order
+//! /moat/modules.later                      `group: path path …` per line: modules loaded on first
+//!                                          use, each group in load order
 //! ```
 //! The archive is plain newc without compression: the kernel takes it as is and unpacking it is
 //! faster than decompressing under TCG.
@@ -19,34 +21,55 @@ use cpio::newc::{trailer, Builder};
 use sha2::{Digest, Sha256};
 
 use crate::kernel::Kernel;
-use crate::modules::unpacked_module;
+use crate::modules::{unpacked_module, AgentModules};
 use crate::ImageError;
 
 /// Part of the cache key: bump it whenever the layout above changes, so archives are rebuilt.
-const FORMAT_VERSION: &str = "moat-initramfs-2";
+const FORMAT_VERSION: &str = "moat-initramfs-3";
 
 const S_IFDIR: u32 = 0o040000;
 const S_IFREG: u32 = 0o100000;
 const S_IFCHR: u32 = 0o020000;
 
 /// Build the initramfs for `kernel` with `agent` as `/init` and `modules` (from
-/// [`resolve_modules`](crate::resolve_modules), in load order), or return the cached one.
+/// [`resolve_agent_modules`](crate::resolve_agent_modules)), or return the cached one.
 ///
 /// The archive is cached in `cache_dir` as `initramfs-<sha256>.cpio`, keyed by the agent, the
-/// kernel release and the modules' names and contents. It is written to a temporary file and
-/// renamed into place, so a crash never leaves a half-written archive under the cached name.
+/// kernel release, the modules' contents and both module lists. It is written to a temporary
+/// file and renamed into place, so a crash never leaves a half-written archive under the cached
+/// name.
 pub fn build_initramfs(
     cache_dir: &Path,
     kernel: &Kernel,
     agent: &Path,
-    modules: &[PathBuf],
+    modules: &AgentModules,
 ) -> Result<PathBuf, ImageError> {
     let agent_bytes = std::fs::read(agent).map_err(ImageError::io(format!("reading the agent {}", agent.display())))?;
-    let mut files = Vec::with_capacity(modules.len());
-    for module in modules {
-        files.push(unpacked_module(kernel, module)?);
+    let mut files: Vec<(String, Vec<u8>)> = Vec::with_capacity(modules.len());
+    let mut archive_name = |module: &PathBuf| -> Result<String, ImageError> {
+        let (name, data) = unpacked_module(kernel, module)?;
+        if !files.iter().any(|(n, _)| *n == name) {
+            files.push((name.clone(), data));
+        }
+        Ok(format!("/{name}"))
+    };
+    let mut boot_list = String::new();
+    for module in &modules.boot {
+        boot_list.push_str(&archive_name(module)?);
+        boot_list.push('\n');
     }
-    let key = cache_key(&kernel.release, &agent_bytes, &files);
+    let mut later_list = String::new();
+    for (group, group_files) in &modules.later {
+        later_list.push_str(group);
+        later_list.push(':');
+        for module in group_files {
+            later_list.push(' ');
+            later_list.push_str(&archive_name(module)?);
+        }
+        later_list.push('\n');
+    }
+    let lists = ModuleLists { boot: boot_list, later: later_list };
+    let key = cache_key(&kernel.release, &agent_bytes, &files, &lists);
     let path = cache_dir.join(format!("initramfs-{key}.cpio"));
     if path.is_file() {
         tracing::debug!(path = %path.display(), "initramfs cache hit");
@@ -59,7 +82,7 @@ pub fn build_initramfs(
         .tempfile_in(cache_dir)
         .map_err(ImageError::io(format!("creating a temporary file in {}", cache_dir.display())))?;
     let write_err = ImageError::io(format!("writing {}", tmp.path().display()));
-    let out = write_archive(BufWriter::new(tmp.as_file()), &agent_bytes, &files)
+    let out = write_archive(BufWriter::new(tmp.as_file()), &agent_bytes, &files, &lists)
         .and_then(|mut w| w.flush())
         .and_then(|()| tmp.as_file().sync_all());
     out.map_err(write_err)?;
@@ -71,8 +94,14 @@ pub fn build_initramfs(
     Ok(path)
 }
 
+/// The texts of `/moat/modules` and `/moat/modules.later`.
+struct ModuleLists {
+    boot: String,
+    later: String,
+}
+
 /// Length-prefixed fields, so no two different inputs hash alike.
-fn cache_key(release: &str, agent: &[u8], files: &[(String, Vec<u8>)]) -> String {
+fn cache_key(release: &str, agent: &[u8], files: &[(String, Vec<u8>)], lists: &ModuleLists) -> String {
     let mut h = Sha256::new();
     let mut field = |b: &[u8]| {
         h.update((b.len() as u64).to_le_bytes());
@@ -85,10 +114,17 @@ fn cache_key(release: &str, agent: &[u8], files: &[(String, Vec<u8>)]) -> String
         field(name.as_bytes());
         field(data);
     }
+    field(lists.boot.as_bytes());
+    field(lists.later.as_bytes());
     hex::encode(h.finalize())
 }
 
-fn write_archive<W: Write>(out: W, agent: &[u8], modules: &[(String, Vec<u8>)]) -> std::io::Result<W> {
+fn write_archive<W: Write>(
+    out: W,
+    agent: &[u8],
+    modules: &[(String, Vec<u8>)],
+    lists: &ModuleLists,
+) -> std::io::Result<W> {
     let mut archive = Archive { out, ino: 0 };
     for dir in ["dev", "proc", "sys", "newroot", "moat"] {
         archive.entry(dir, S_IFDIR | 0o755, None, &[])?;
@@ -102,14 +138,11 @@ fn write_archive<W: Write>(out: W, agent: &[u8], modules: &[(String, Vec<u8>)]) 
     for dir in dirs {
         archive.entry(dir, S_IFDIR | 0o755, None, &[])?;
     }
-    let mut list = String::new();
     for (name, data) in modules {
         archive.entry(name, S_IFREG | 0o644, None, data)?;
-        list.push('/');
-        list.push_str(name);
-        list.push('\n');
     }
-    archive.entry("moat/modules", S_IFREG | 0o644, None, list.as_bytes())?;
+    archive.entry("moat/modules", S_IFREG | 0o644, None, lists.boot.as_bytes())?;
+    archive.entry("moat/modules.later", S_IFREG | 0o644, None, lists.later.as_bytes())?;
     trailer(archive.out)
 }
 
@@ -175,24 +208,36 @@ mod tests {
         }
     }
 
-    fn fixture() -> (tempfile::TempDir, Kernel, PathBuf, Vec<PathBuf>) {
+    /// Two boot modules and two later groups, one sharing a file with the other, one empty.
+    fn fixture() -> (tempfile::TempDir, Kernel, PathBuf, AgentModules) {
         let dir = tempfile::tempdir().unwrap();
         let mods = dir.path().join("lib/modules/6.1-test");
-        std::fs::create_dir_all(mods.join("kernel/drivers/virtio")).unwrap();
-        std::fs::create_dir_all(mods.join("kernel/drivers/block")).unwrap();
+        for d in ["virtio", "block", "scsi"] {
+            std::fs::create_dir_all(mods.join("kernel/drivers").join(d)).unwrap();
+        }
         std::fs::write(mods.join("kernel/drivers/virtio/virtio.ko"), b"\x7fELF-virtio").unwrap();
         std::fs::write(mods.join("kernel/drivers/block/virtio_blk.ko"), b"\x7fELF-blk!").unwrap();
+        std::fs::write(mods.join("kernel/drivers/scsi/scsi_mod.ko"), b"\x7fELF-scsi").unwrap();
+        std::fs::write(mods.join("kernel/drivers/scsi/sd_mod.ko"), b"\x7fELF-sd").unwrap();
         let agent = dir.path().join("moat-agent");
         std::fs::write(&agent, b"\x7fELF-agent").unwrap();
         let kernel = Kernel { path: "/k".into(), release: "6.1-test".into(), modules_dir: mods.clone() };
-        let list = vec![mods.join("kernel/drivers/virtio/virtio.ko"), mods.join("kernel/drivers/block/virtio_blk.ko")];
-        (dir, kernel, agent, list)
+        let (scsi, sd) = (mods.join("kernel/drivers/scsi/scsi_mod.ko"), mods.join("kernel/drivers/scsi/sd_mod.ko"));
+        let modules = AgentModules {
+            boot: vec![mods.join("kernel/drivers/virtio/virtio.ko"), mods.join("kernel/drivers/block/virtio_blk.ko")],
+            later: vec![
+                ("volumes".into(), vec![scsi.clone(), sd]),
+                ("tape".into(), vec![scsi]),
+                ("fuse".into(), vec![]),
+            ],
+        };
+        (dir, kernel, agent, modules)
     }
 
     #[test]
     fn the_archive_holds_init_console_modules_and_their_load_order() {
-        let (dir, kernel, agent, list) = fixture();
-        let path = build_initramfs(&dir.path().join("cache"), &kernel, &agent, &list).unwrap();
+        let (dir, kernel, agent, modules) = fixture();
+        let path = build_initramfs(&dir.path().join("cache"), &kernel, &agent, &modules).unwrap();
         let entries = parse(&std::fs::read(&path).unwrap());
         let get = |n: &str| entries.iter().find(|e| e.name == n).unwrap_or_else(|| panic!("{n} in the archive"));
 
@@ -203,9 +248,16 @@ mod tests {
         }
         assert_eq!(get("tmp").mode, 0o041777);
         assert_eq!(get("lib/modules/6.1-test/kernel/drivers/block/virtio_blk.ko").data, b"\x7fELF-blk!");
+        assert_eq!(get("lib/modules/6.1-test/kernel/drivers/scsi/sd_mod.ko").data, b"\x7fELF-sd");
         assert_eq!(
             String::from_utf8(get("moat/modules").data.clone()).unwrap(),
             "/lib/modules/6.1-test/kernel/drivers/virtio/virtio.ko\n/lib/modules/6.1-test/kernel/drivers/block/virtio_blk.ko\n"
+        );
+        assert_eq!(
+            String::from_utf8(get("moat/modules.later").data.clone()).unwrap(),
+            "volumes: /lib/modules/6.1-test/kernel/drivers/scsi/scsi_mod.ko /lib/modules/6.1-test/kernel/drivers/scsi/sd_mod.ko\n\
+             tape: /lib/modules/6.1-test/kernel/drivers/scsi/scsi_mod.ko\n\
+             fuse:\n"
         );
         // Every entry's parent directory comes before it, so the kernel can create it.
         for (i, e) in entries.iter().enumerate() {
@@ -216,29 +268,37 @@ mod tests {
         }
         let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
         let unique: BTreeSet<&str> = names.iter().copied().collect();
-        assert_eq!(unique.len(), names.len(), "no duplicate entries: {names:?}");
+        assert_eq!(unique.len(), names.len(), "no duplicate entries, even of a module in two groups: {names:?}");
     }
 
     #[test]
     fn the_same_inputs_hit_the_cache_and_changed_inputs_do_not() {
-        let (dir, kernel, agent, list) = fixture();
+        let (dir, kernel, agent, modules) = fixture();
         let cache = dir.path().join("cache");
-        let first = build_initramfs(&cache, &kernel, &agent, &list).unwrap();
+        let first = build_initramfs(&cache, &kernel, &agent, &modules).unwrap();
         // Mark the cached file: a rebuild would replace it.
         std::fs::write(&first, b"cached").unwrap();
-        assert_eq!(build_initramfs(&cache, &kernel, &agent, &list).unwrap(), first);
+        assert_eq!(build_initramfs(&cache, &kernel, &agent, &modules).unwrap(), first);
         assert_eq!(std::fs::read(&first).unwrap(), b"cached", "the cached archive was not rebuilt");
 
-        let reordered = build_initramfs(&cache, &kernel, &agent, &[list[1].clone(), list[0].clone()]).unwrap();
-        assert_ne!(reordered, first, "the load order is part of the key");
-        std::fs::write(&list[0], b"\x7fELF-virtio-v2").unwrap();
+        let mut reordered = modules.clone();
+        reordered.boot.reverse();
+        assert_ne!(build_initramfs(&cache, &kernel, &agent, &reordered).unwrap(), first, "the load order counts");
+        let mut regrouped = modules.clone();
+        regrouped.later[2].0 = "fuse3".into();
+        assert_ne!(build_initramfs(&cache, &kernel, &agent, &regrouped).unwrap(), first, "the groups count");
+        let mut moved = modules.clone();
+        let sd = moved.later[0].1.pop().unwrap();
+        moved.boot.push(sd);
+        assert_ne!(build_initramfs(&cache, &kernel, &agent, &moved).unwrap(), first, "boot or later counts");
+        std::fs::write(&modules.boot[0], b"\x7fELF-virtio-v2").unwrap();
         assert_ne!(
-            build_initramfs(&cache, &kernel, &agent, &list).unwrap(),
+            build_initramfs(&cache, &kernel, &agent, &modules).unwrap(),
             first,
             "module contents are part of the key"
         );
         std::fs::write(&agent, b"\x7fELF-agent-2").unwrap();
-        let rebuilt = build_initramfs(&cache, &kernel, &agent, &list).unwrap();
+        let rebuilt = build_initramfs(&cache, &kernel, &agent, &modules).unwrap();
         assert_eq!(
             parse(&std::fs::read(&rebuilt).unwrap()).iter().find(|e| e.name == "init").unwrap().data,
             b"\x7fELF-agent-2"
@@ -255,13 +315,16 @@ mod tests {
     #[test]
     fn the_real_agent_modules_pack_uncompressed_into_the_archive() {
         let kernel = crate::find_kernel(None).expect("a kernel is installed");
-        let modules = crate::resolve_modules(&kernel, crate::AGENT_MODULES).unwrap();
+        let modules = crate::resolve_agent_modules(&kernel).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = build_initramfs(dir.path(), &kernel, Path::new("/bin/busybox"), &modules).unwrap();
         let entries = parse(&std::fs::read(&path).unwrap());
-        let list = String::from_utf8(entries.iter().find(|e| e.name == "moat/modules").unwrap().data.clone()).unwrap();
-        assert_eq!(list.lines().count(), modules.len());
-        for line in list.lines() {
+        let text = |n: &str| String::from_utf8(entries.iter().find(|e| e.name == n).unwrap().data.clone()).unwrap();
+        let (boot, later) = (text("moat/modules"), text("moat/modules.later"));
+        assert_eq!(boot.lines().count(), modules.boot.len());
+        assert!(later.lines().any(|l| l.starts_with("volumes: ")), "{later}");
+        let later_files = later.lines().flat_map(|l| l.split_whitespace().skip(1));
+        for line in boot.lines().chain(later_files) {
             let e = entries
                 .iter()
                 .find(|e| format!("/{}", e.name) == line)

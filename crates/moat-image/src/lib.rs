@@ -32,7 +32,7 @@ pub use import::import_archive;
 pub use initramfs::build_initramfs;
 pub use kernel::{find_kernel, find_kernel_in, Kernel};
 pub use layer::{apply_layer, LayerStats};
-pub use modules::{resolve_modules, AGENT_MODULES};
+pub use modules::{resolve_agent_modules, resolve_modules, AgentModules, AGENT_MODULES, LATER_MODULES};
 pub use pull::{pull, registry_of, PullOptions, PullProgress};
 pub use store::{Image, ImageConfig, ImageStore, MINIMAL};
 

@@ -11,6 +11,58 @@ use crate::ImageError;
 /// virtio-serial port of the agent link, the NIC (their dependencies come along).
 pub const AGENT_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "virtio_console", "virtio_net"];
 
+/// Modules the agent loads only when something first needs them, by group, so boots do not pay
+/// for them: `volumes` for disks hot-plugged on virtio-scsi, `fuse` for host directory mounts.
+/// The agent asks for a group by these names (`moat_agent::modules::group`).
+pub const LATER_MODULES: &[(&str, &[&str])] = &[("volumes", &["virtio_scsi", "sd_mod"]), ("fuse", &["fuse"])];
+
+/// The module files the initramfs carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentModules {
+    /// Loaded at boot ([`AGENT_MODULES`]), in load order.
+    pub boot: Vec<PathBuf>,
+    /// Loaded on first use ([`LATER_MODULES`]): each group's name and its files in load order,
+    /// leaving out what boot has loaded already. A group whose modules this kernel lacks is
+    /// absent (the agent then says it cannot load it).
+    pub later: Vec<(String, Vec<PathBuf>)>,
+}
+
+impl AgentModules {
+    /// How many module files there are.
+    pub fn len(&self) -> usize {
+        let mut all: HashSet<&PathBuf> = self.boot.iter().collect();
+        all.extend(self.later.iter().flat_map(|(_, files)| files));
+        all.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The agent's modules for `kernel`: [`AGENT_MODULES`] at boot, [`LATER_MODULES`] on demand.
+pub fn resolve_agent_modules(kernel: &Kernel) -> Result<AgentModules, ImageError> {
+    resolve_groups(kernel, AGENT_MODULES, LATER_MODULES)
+}
+
+fn resolve_groups(kernel: &Kernel, boot: &[&str], later: &[(&str, &[&str])]) -> Result<AgentModules, ImageError> {
+    let boot = resolve_modules(kernel, boot)?;
+    let mut groups = Vec::with_capacity(later.len());
+    for (group, names) in later {
+        match resolve_modules(kernel, names) {
+            Ok(files) => {
+                groups.push((group.to_string(), files.into_iter().filter(|f| !boot.contains(f)).collect()));
+            }
+            // Optional: a kernel without FUSE still runs sandboxes, just without that feature.
+            Err(e @ ImageError::UnknownModule { .. }) => {
+                tracing::warn!(group, error = %e, "the guest kernel lacks a module group; its feature is unavailable");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(AgentModules { boot, later: groups })
+}
+
 /// Module names treat `-` and `_` alike (`virtio-rng` is `virtio_rng`), as modprobe does.
 fn normalize(name: &str) -> String {
     name.replace('-', "_")
@@ -250,6 +302,46 @@ kernel/n/failover.ko:
         }
         assert!(at("failover") < at("net_failover") && at("net_failover") < at("virtio_net"), "order: {names:?}");
         assert_eq!(names.len(), 8, "exactly the eight modules: {names:?}");
+    }
+
+    #[test]
+    fn later_groups_leave_out_what_boot_loads_and_groups_the_kernel_lacks() {
+        let (_dir, k) = fake_tree(DEP, "kernel/fs/fuse/fuse.ko\n");
+        let later: &[(&str, &[&str])] = &[("net", &["virtio_net"]), ("none", &["nosuch"]), ("fuse", &["fuse"])];
+        let m = resolve_groups(&k, &["virtio_blk"], later).unwrap();
+        assert_eq!(rel(&k, &m.boot), ["kernel/v/virtio_ring.ko", "kernel/v/virtio.ko", "kernel/b/virtio-blk.ko"]);
+        let groups: Vec<(&str, Vec<String>)> = m.later.iter().map(|(g, f)| (g.as_str(), rel(&k, f))).collect();
+        assert_eq!(
+            groups,
+            [
+                (
+                    "net",
+                    vec![
+                        "kernel/n/failover.ko".to_string(),
+                        "kernel/n/net_failover.ko".into(),
+                        "kernel/n/virtio_net.ko".into()
+                    ]
+                ),
+                ("fuse", vec![]),
+            ],
+            "a built-in group is empty, a missing one absent"
+        );
+        assert_eq!(m.len(), 6);
+        assert!(resolve_groups(&k, &["nosuch"], &[]).is_err(), "boot modules are not optional");
+    }
+
+    #[test]
+    fn the_installed_kernel_has_the_volume_and_fuse_groups() {
+        let k = crate::find_kernel(None).expect("a kernel is installed (apt-get install linux-image-cloud-amd64)");
+        let m = resolve_agent_modules(&k).unwrap();
+        let group = |g: &str| -> Vec<String> {
+            let (_, files) = m.later.iter().find(|(n, _)| n == g).unwrap_or_else(|| panic!("group {g}"));
+            files.iter().map(|p| module_name(&p.to_string_lossy())).collect()
+        };
+        let volumes = group("volumes");
+        assert!(volumes.ends_with(&["virtio_scsi".to_string(), "sd_mod".to_string()]), "{volumes:?}");
+        assert!(volumes.contains(&"scsi_mod".to_string()) && !volumes.contains(&"virtio".to_string()), "{volumes:?}");
+        assert!(group("fuse").iter().all(|n| n == "fuse"));
     }
 
     // Made by the real tools with the kernel's own module compression settings:

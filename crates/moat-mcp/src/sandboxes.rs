@@ -1,6 +1,7 @@
 //! Tools for sandboxes themselves: create, list, info, stop, start, destroy, snapshot, revert,
 //! fork and the console log.
 
+use std::path::Path;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -104,6 +105,11 @@ pub struct CreateParams {
     /// 127.0.0.1; others than loopback only where the operator allows them.
     #[serde(default)]
     pub ports: Vec<String>,
+    /// Mounts, "SOURCE:/path" or "SOURCE:/path:ro": a volume by name (made with `moat volume
+    /// create`; a read-write one is in one running sandbox at a time), or a host directory
+    /// ("./dir" or an absolute path), only under the directory the operator allowed.
+    #[serde(default)]
+    pub mounts: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -132,6 +138,32 @@ pub struct PortsParams {
     /// Stop forwarding this host port.
     #[serde(default)]
     pub remove: Option<u16>,
+}
+
+/// The mounts of a create request: host directories must lie (symlinks followed) under the
+/// operator's `--host-dir`.
+fn mounts(p: &CreateParams, policy: &Policy) -> Result<Vec<moat_api::Mount>, ToolError> {
+    let root = match &policy.host_files {
+        crate::policy::HostFiles::Under(root) => root.clone(),
+        crate::policy::HostFiles::Off => std::path::PathBuf::from("/"),
+    };
+    p.mounts
+        .iter()
+        .map(|spec| {
+            let mut m = moat_api::Mount::parse(spec, &root).map_err(|e| ToolError::invalid(format!("mounts: {e}")))?;
+            if m.kind == moat_api::MountType::Host {
+                let given = spec.split(':').next().unwrap_or_default();
+                let path = policy.host_files.resolve(given, policy.flags)?;
+                // The mount follows a final symlink, so it must stay inside too.
+                let dir = Path::new(&path)
+                    .canonicalize()
+                    .map_err(|e| ToolError::invalid(format!("mounts: host directory {given}: {e}")))?;
+                policy.host_files.resolve(&dir.to_string_lossy(), policy.flags)?;
+                m.source = dir.to_string_lossy().into_owned();
+            }
+            Ok(m)
+        })
+        .collect()
 }
 
 /// The network part of a create request, from the tool's arguments.
@@ -246,6 +278,7 @@ is removed when the session ends or after idle_timeout without use.",
                 None
             }
         };
+        let mounts = mounts(&p, &self.policy)?;
         let _slot = self.reserve(1).await?;
         // A missing image is pulled or built by the daemon on create.
         let image = p.image.clone().unwrap_or_else(|| self.policy.default_image.clone());
@@ -259,6 +292,7 @@ is removed when the session ends or after idle_timeout without use.",
             on_expire: Some(OnExpire::Remove),
             from,
             net,
+            mounts,
             ..CreateSandbox::default()
         };
         let info = self.client.create(&req).await?;
@@ -455,7 +489,7 @@ several approaches side by side. The forks belong to this session.",
             None => None,
         };
         let _slots = self.reserve(count as usize).await?;
-        let req = Fork { count: Some(count), name_prefix: p.name_prefix, snapshot };
+        let req = Fork { count: Some(count), name_prefix: p.name_prefix, snapshot, volumes: None };
         let forked = self.client.fork(&info.id, &req).await?;
         // Forks of a sandbox the session owns inherit its idle timeout.
         let ttl = self.session().owned().ttl(&info.id).unwrap_or(self.policy.idle_ttl);

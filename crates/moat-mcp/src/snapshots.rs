@@ -104,6 +104,7 @@ mod tests {
             kernel: String::new(),
             initramfs: String::new(),
             nic: true,
+            host_mounts: Vec::new(),
             dependents: Vec::new(),
         }
     }

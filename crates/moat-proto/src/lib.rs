@@ -6,6 +6,7 @@
 //! ([`INITIAL_WINDOW`]), so a slow consumer on one channel never stalls the others.
 
 mod frame;
+pub mod hostfs;
 mod message;
 pub mod net;
 

@@ -196,6 +196,29 @@ pub enum Request {
         pid: u32,
         signal: i32,
     },
+    /// Mount the volume disk whose SCSI serial is `serial` (it may take a moment to appear after
+    /// the host plugged it) at `path`, creating the directory. A fresh volume's root (empty,
+    /// owned by root) is given to `owner` first (a guest user as exec's `user`). Answered with
+    /// `Done` once mounted; mounting what is already mounted there is `Done` too.
+    MountVolume {
+        serial: String,
+        path: String,
+        readonly: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
+    },
+    /// Flush and unmount the volume at `path` so its disk can be unplugged. Refused (`busy`),
+    /// naming the processes, while any process has a file, directory or mapping in it.
+    UnmountVolume {
+        path: String,
+    },
+    /// Serve the host directory mount at `path` over this channel (see [`crate::hostfs`]):
+    /// mounted on first use, taken over again by a later channel after a reconnect or restore.
+    /// `Started(Stream)`, then calls on stdout and answers on stdin until either side closes.
+    HostMount {
+        path: String,
+        readonly: bool,
+    },
 }
 
 /// A background process the agent keeps.
@@ -293,6 +316,8 @@ pub enum ErrorCode {
     SpawnFailed,
     Unsupported,
     Internal,
+    /// Something in the guest still uses it (a volume that cannot be unmounted yet).
+    Busy,
 }
 
 /// An error reported by the agent on a channel; it closes the channel.

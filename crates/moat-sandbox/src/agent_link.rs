@@ -424,6 +424,11 @@ impl Exec {
         self.pid
     }
 
+    /// The link channel this runs on.
+    pub fn channel(&self) -> u32 {
+        self.id
+    }
+
     /// The next piece of output, or the exit status once all output has been read. Returns the
     /// data it hands out to the guest as credit, so the guest never gets further ahead than one window.
     pub async fn next_event(&mut self) -> Result<ExecEvent, LinkError> {
@@ -447,6 +452,12 @@ impl Exec {
                 } else if let Some(reason) = st.failed.clone() {
                     self.done = true;
                     return Err(LinkError::Protocol { channel: self.id, reason });
+                } else if st.closed {
+                    // Closed without an exit (a host mount's channel ends so): nothing more comes.
+                    self.done = true;
+                    drop(st);
+                    self.link.shared.remove(self.id);
+                    return Err(LinkError::Closed);
                 } else {
                     (None, None)
                 }

@@ -2,10 +2,12 @@
 //! ([`Sandbox`]), and run processes in it over the agent link ([`AgentLink`], [`Exec`]).
 
 pub mod agent_link;
+pub mod host_mount;
 mod runtime;
 mod sandbox;
 mod shape;
 mod snapshot;
+mod volumes;
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -44,6 +46,8 @@ pub enum SandboxError {
     AdoptTimeout { timeout: Duration, console: String },
     #[error("restoring the saved VM failed: {reason}\n{console}")]
     Restore { reason: String, console: String },
+    #[error("the agent did not finish {what} within {}s", timeout.as_secs())]
+    AgentTimeout { what: String, timeout: Duration },
 }
 
 impl Hint for SandboxError {
@@ -62,6 +66,9 @@ impl Hint for SandboxError {
             }
             SandboxError::Restore { .. } => {
                 Some("the saved state may be damaged; remove it (`moat snapshot rm`) and take a new one".into())
+            }
+            SandboxError::AgentTimeout { .. } => {
+                Some("the guest may be hung or overloaded; see `moat logs`, or stop the sandbox".into())
             }
         }
     }
@@ -89,6 +96,7 @@ mod tests {
             (SandboxError::Boot { reason: s(), console: s() }, true),
             (SandboxError::AdoptTimeout { timeout: t, console: s() }, true),
             (SandboxError::Restore { reason: s(), console: s() }, true),
+            (SandboxError::AgentTimeout { what: s(), timeout: t }, true),
         ];
         for (e, hinted) in &cases {
             moat_hint::check(e, *hinted).unwrap();

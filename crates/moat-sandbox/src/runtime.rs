@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use moat_image::{ImageStore, Kernel};
+use moat_image::{AgentModules, ImageStore, Kernel};
 use moat_vmm::{AccelChoice, AccelDecision, CgroupHost, Jail, JailIds};
 
 use crate::SandboxError;
@@ -79,6 +79,11 @@ impl RuntimeConfig {
     pub fn snapshots_dir(&self) -> PathBuf {
         self.home.join("snapshots")
     }
+
+    /// Named volumes: one sparse ext4 file `<id>.img` each.
+    pub fn volumes_dir(&self) -> PathBuf {
+        self.home.join("volumes")
+    }
 }
 
 /// Everything needed to boot sandboxes, resolved once.
@@ -105,7 +110,7 @@ pub struct HostParts {
     pub kernel: Result<Kernel, SandboxError>,
     /// The modules the agent loads, from the kernel's module tree; not looked for without a
     /// kernel.
-    pub modules: Option<Result<Vec<PathBuf>, SandboxError>>,
+    pub modules: Option<Result<AgentModules, SandboxError>>,
     pub agent: Result<PathBuf, SandboxError>,
 }
 
@@ -115,10 +120,7 @@ impl HostParts {
             .and_then(|q| moat_vmm::qemu_version(&q).map(|v| (q, v)))
             .map_err(SandboxError::from);
         let kernel = moat_image::find_kernel(config.kernel.as_deref()).map_err(SandboxError::from);
-        let modules = kernel
-            .as_ref()
-            .ok()
-            .map(|k| moat_image::resolve_modules(k, moat_image::AGENT_MODULES).map_err(SandboxError::from));
+        let modules = kernel.as_ref().ok().map(|k| moat_image::resolve_agent_modules(k).map_err(SandboxError::from));
         let agent = moat_image::find_agent(config.agent.as_deref()).map_err(SandboxError::from);
         HostParts { qemu, kernel, modules, agent }
     }
@@ -131,7 +133,7 @@ pub async fn initrd_and_accel(
     qemu: &Path,
     kernel: &Kernel,
     agent: &Path,
-    modules: &[PathBuf],
+    modules: &AgentModules,
 ) -> Result<(PathBuf, AccelDecision), SandboxError> {
     create_private_dir(&config.cache_dir())?;
     let initrd = moat_image::build_initramfs(&config.cache_dir(), kernel, agent, modules)?;

@@ -159,6 +159,9 @@ fn measure_tsc_khz() -> Option<u32> {
     None
 }
 
+/// The id of the virtio-scsi controller volumes are plugged into; its bus is `<id>.0`.
+pub(crate) const VOLUME_CONTROLLER: &str = "vols";
+
 /// TCG with its translation cache capped (QEMU's default lets it grow to 1 GiB per VM): the cap
 /// is part of the memory QEMU needs beside guest RAM (`cgroup::QEMU_OVERHEAD_MIB`).
 const TCG: &str = "tcg,tb-size=64";
@@ -247,6 +250,10 @@ pub fn command_line_for(cfg: &VmConfig, host: HostFacts) -> Vec<OsString> {
         ]);
         push(&["-device", "virtio-blk-device,drive=root"]);
     }
+    // The bus volumes are hot-plugged on (crate::volume): virtio-mmio has no hotplug, a SCSI bus
+    // does. Plugged only while mounted, a volume never ends up in a snapshot. After the other
+    // devices, so they keep their virtio-mmio slots.
+    push(&["-device", &format!("virtio-scsi-device,id={VOLUME_CONTROLLER}")]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", opt_value(&p(&cfg.qmp_socket())))]);
     push(&["-pidfile", &p(&cfg.pid_file())]);
     if cfg.seccomp {
@@ -336,6 +343,7 @@ mod tests {
         assert!(devices.contains(&"virtio-serial-device,max_ports=2".to_string()));
         assert!(devices.contains(&"virtserialport,chardev=agent,name=moat.agent".to_string()));
         assert!(devices.contains(&"virtio-blk-device,drive=root".to_string()));
+        assert_eq!(devices.last().map(String::as_str), Some("virtio-scsi-device,id=vols"), "the volume bus comes last");
         assert_eq!(
             value(&a, "-drive"),
             "file=/run/x/root.qcow2,if=none,id=root,format=qcow2,discard=unmap,detect-zeroes=unmap,cache=writeback"
@@ -369,6 +377,7 @@ mod tests {
         let c = VmConfig { root_disk: None, seccomp: false, cmdline: String::new(), ..cfg() };
         let a = args(&c, HOST);
         assert!(!a.iter().any(|x| x.contains("virtio-blk") || x == "-drive"), "{a:?}");
+        assert!(values(&a, "-device").contains(&"virtio-scsi-device,id=vols".to_string()), "every VM can take volumes");
         assert!(!a.iter().any(|x| x == "-sandbox"));
         assert!(value(&a, "-append").ends_with("tsc_early_khz=2500000"));
     }

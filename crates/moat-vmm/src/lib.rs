@@ -10,6 +10,7 @@ mod identity;
 mod jail;
 mod qmp;
 mod vm;
+mod volume;
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,7 @@ pub use jail::{
 pub use jail::{main as jail_main, probe as probe_jail};
 pub use qmp::{Qmp, QmpError, QmpEvent};
 pub use vm::Vm;
+pub use volume::{VolumeError, MAX_VOLUMES, VOLUME_SERIAL_PREFIX};
 
 /// Errors of the VMM layer. Messages are sentences; [`Hint`] says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +70,8 @@ pub enum VmmError {
     Jail(#[from] JailError),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
     #[error("{what}")]
     Io { what: String, source: std::io::Error },
 }
@@ -94,6 +98,7 @@ impl Hint for VmmError {
             VmmError::KvmUnusable { hint, .. } => hint.clone().into(),
             VmmError::Jail(e) => return e.hint(),
             VmmError::Cgroup(e) => return e.hint(),
+            VmmError::Volume(e) => return e.hint(),
             VmmError::Io { .. } => return None,
         })
     }

@@ -111,6 +111,9 @@ pub enum Command {
     /// Manage images: list, import, build, inspect, remove.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Manage named volumes: disks of their own that outlive sandboxes (`moat run -v NAME:/path`).
+    #[command(subcommand)]
+    Volume(VolumeCommand),
     /// Run the daemon (the CLI starts one on its own when none is running).
     Serve(ServeArgs),
     /// Serve MCP (Model Context Protocol) on stdin and stdout: sandboxes as tools for AI agents
@@ -173,7 +176,7 @@ pub struct ProcessArgs {
     pub max_output: Option<u64>,
 }
 
-/// `4096`, `64K`, `10M`, `1G` (powers of 1024).
+/// `4096`, `64K`, `10M`, `1G`, `2T` (powers of 1024).
 fn parse_size(s: &str) -> Result<u64, String> {
     let (digits, unit) = s.trim().split_at(s.trim().find(|c: char| !c.is_ascii_digit()).unwrap_or(s.trim().len()));
     let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size; write e.g. 4096, 64K or 10M"))?;
@@ -182,7 +185,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
         "K" | "KB" | "KIB" => 10,
         "M" | "MB" | "MIB" => 20,
         "G" | "GB" | "GIB" => 30,
-        _ => return Err(format!("{s:?} has an unknown unit; use K, M or G")),
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(format!("{s:?} has an unknown unit; use K, M, G or T")),
     };
     n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
@@ -264,6 +268,11 @@ pub struct CreateArgs {
     /// Label the sandbox (repeatable), to find it by with `moat ps --label`.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = moat_api::parse_label)]
     pub labels: Vec<(String, String)>,
+    /// Mount a volume (`NAME:/path`, see `moat volume`) or a host directory (`./dir:/path`,
+    /// `/abs/dir:/path`; live both ways) in the sandbox (repeatable); `:ro` at the end makes it
+    /// read-only. A read-write volume is in one running sandbox at a time.
+    #[arg(short = 'v', long = "volume", value_name = "SOURCE:PATH[:ro]")]
+    pub volumes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -402,9 +411,19 @@ pub struct ForkArgs {
     /// Fork from this snapshot of the sandbox instead of a new one of its current state.
     #[arg(long)]
     pub snapshot: Option<String>,
+    /// Read-write volumes: `refuse` the fork, or `copy` them, one new volume `FORK-VOLUME` per
+    /// fork, as they are now (read-only volumes and host directories are shared as they are).
+    #[arg(long, value_name = "refuse|copy", default_value = "refuse")]
+    pub volumes: ForkVolumesArg,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ForkVolumesArg {
+    Refuse,
+    Copy,
 }
 
 #[derive(Debug, Args)]
@@ -526,6 +545,44 @@ pub enum ImageCommand {
     Rm {
         #[arg(required = true)]
         names: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume: an empty ext4 file system in a sparse file, which takes only what is
+    /// written to it.
+    Create {
+        /// Name of the volume (the rules of sandbox names).
+        name: String,
+        /// Size of its file system, 16M to 16T (e.g. 512M, 10G, 1T) [default: 10G].
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        size: Option<u64>,
+    },
+    /// List volumes.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a volume's sizes and the sandboxes that mount it.
+    Inspect {
+        /// Volume name, id or unique id prefix.
+        volume: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove volumes and their data. Refused while sandboxes mount one; with --force, only while
+    /// a running sandbox does.
+    Rm {
+        /// Remove a volume that stopped sandboxes still mount (they do not start again until
+        /// their mount of it is gone).
+        #[arg(short, long)]
+        force: bool,
+        /// Volume names, ids or unique id prefixes.
+        #[arg(required = true)]
+        volumes: Vec<String>,
     },
 }
 

@@ -12,6 +12,7 @@ mod processes;
 mod sandboxes;
 pub(crate) mod schemas;
 mod snapshots;
+mod volumes;
 
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
@@ -79,6 +80,10 @@ HTTP).";
         snapshots::list_snapshots,
         snapshots::inspect_snapshot,
         snapshots::remove_snapshot,
+        volumes::list_volumes,
+        volumes::create_volume,
+        volumes::inspect_volume,
+        volumes::remove_volume,
         processes::exec,
         processes::sandbox_logs,
         processes::list_processes,
@@ -117,6 +122,7 @@ HTTP).";
     tags(
         (name = "sandboxes", description = "Sandboxes and their lifecycle"),
         (name = "snapshots", description = "Snapshots, templates, revert and fork"),
+        (name = "volumes", description = "Named volumes: disks that outlive sandboxes"),
         (name = "network", description = "A sandbox's network: allowlist and port forwards"),
         (name = "processes", description = "Running commands in a sandbox, and its logs"),
         (name = "files", description = "Files in a running sandbox"),

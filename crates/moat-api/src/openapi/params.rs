@@ -22,6 +22,16 @@ pub struct SnapshotRef {
     reference: String,
 }
 
+/// A volume.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct VolumeRef {
+    /// The volume's name, id or a unique prefix of its id.
+    #[param(min_length = 1, max_length = 63, pattern = r"^[A-Za-z0-9._-]+$")]
+    reference: String,
+}
+
 /// A background process of a sandbox.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Path)]

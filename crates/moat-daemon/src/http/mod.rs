@@ -13,6 +13,7 @@ mod net;
 mod processes;
 mod sandboxes;
 mod snapshots;
+mod volumes;
 
 use std::sync::Arc;
 
@@ -60,6 +61,8 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/v1/sandboxes/{reference}/ports/{guest_port}/connect", get(net::connect_port))
         .route("/v1/snapshots", get(snapshots::snapshots))
         .route("/v1/snapshots/{reference}", get(snapshots::inspect_snapshot).delete(snapshots::remove_snapshot))
+        .route("/v1/volumes", get(volumes::list).post(volumes::create))
+        .route("/v1/volumes/{reference}", get(volumes::inspect).delete(volumes::remove))
         .route("/v1/sandboxes/{reference}/exec", get(exec_ws::exec))
         .route("/v1/sandboxes/{reference}/logs", get(logs::logs))
         .route("/v1/sandboxes/{reference}/processes", get(processes::list).post(processes::start))
@@ -151,6 +154,12 @@ mod tests {
             registry_login: Some(moat_api::RegistryLogin { username: "u".into(), password: "p".into() }),
             labels: [("k".to_string(), "v".to_string())].into(),
             env: vec![("K".into(), "v".into())],
+            mounts: vec![moat_api::Mount {
+                kind: moat_api::MountType::Volume,
+                source: "work".into(),
+                target: "/work".into(),
+                readonly: true,
+            }],
         };
         assert_eq!(
             keys(&serde_json::to_value(create).unwrap()),

@@ -180,12 +180,25 @@ impl Service {
             kernel: f.kernel,
             initramfs: f.initramfs,
             nic: info.net.mode != moat_api::NetMode::None,
+            host_mounts: match kind {
+                SnapshotKind::Snapshot => {
+                    info.mounts.iter().filter(|m| m.kind == moat_api::MountType::Host).cloned().collect()
+                }
+                SnapshotKind::Template => Vec::new(),
+            },
             dependents: Vec::new(),
         }
     }
 
-    /// Save the running sandbox `id` (its operation lock held) as `snapshot`.
-    async fn save(&self, id: &str, snapshot: SnapshotInfo, key: Option<&str>) -> Result<SnapshotInfo, ServiceError> {
+    /// Save the running sandbox `id` (its operation lock held) as `snapshot`. Its volumes are
+    /// unplugged meanwhile; `copies` (volume, new volume) are made of them then, whole and still.
+    async fn save(
+        &self,
+        id: &str,
+        snapshot: SnapshotInfo,
+        key: Option<&str>,
+        copies: &[(String, String)],
+    ) -> Result<SnapshotInfo, ServiceError> {
         let sandbox = self.live(id).ok_or_else(|| {
             ServiceError::new(
                 ErrorCode::InvalidPhase,
@@ -194,6 +207,36 @@ impl Service {
             )
         })?;
         let _saving = Saving::new(self);
+        let info = self.db(|db| db.get(id))?.ok_or_else(|| not_found(id))?;
+        let guest = sandbox.clone().guest();
+        if let Some(guest) = &guest {
+            self.unplug_volumes(&info, guest).await?;
+        }
+        let mut saved = self.save_unplugged(&sandbox, &snapshot, key).await;
+        if saved.is_ok() {
+            for (from, to) in copies {
+                if let Err(e) = self.copy_volume(from, to).await {
+                    saved = Err(e);
+                    break;
+                }
+            }
+        }
+        if let Some(guest) = &guest {
+            if let Err(e) = self.replug_volumes(&info, guest, info.mounts.len()).await {
+                tracing::warn!(sandbox = %id, error = %e.message, "plugging volumes in again after a save failed");
+            }
+        }
+        saved
+    }
+
+    /// [`Service::save`] once the volumes are out.
+    async fn save_unplugged(
+        &self,
+        sandbox: &Arc<dyn crate::launcher::Machine>,
+        snapshot: &SnapshotInfo,
+        key: Option<&str>,
+    ) -> Result<SnapshotInfo, ServiceError> {
+        let snapshot = snapshot.clone();
         self.db(|db| db.insert_snapshot(&snapshot, key))?;
         let dir = self.snapshot_dir(&snapshot.id);
         let saved = match std::fs::create_dir_all(&dir) {
@@ -217,6 +260,16 @@ impl Service {
     /// `moat snapshot BOX [--name N]`: save a running sandbox's memory, devices and disk; it runs
     /// on after a short pause.
     pub async fn snapshot(&self, reference: &str, name: Option<String>) -> Result<SnapshotInfo, ServiceError> {
+        self.snapshot_copying(reference, name, &[]).await
+    }
+
+    /// [`Service::snapshot`], copying volumes (volume, new volume) while they are unplugged.
+    async fn snapshot_copying(
+        &self,
+        reference: &str,
+        name: Option<String>,
+        copies: &[(String, String)],
+    ) -> Result<SnapshotInfo, ServiceError> {
         if let Some(n) = &name {
             moat_api::validate_name(n)
                 .map_err(|e| ServiceError::invalid(e.replacen("sandbox name", "snapshot name", 1)))?;
@@ -241,7 +294,7 @@ impl Service {
             None => (1..).map(|i| format!("snap-{i}")).find(|n| !existing.contains(n)).expect("names run out never"),
         };
         let snapshot = self.new_snapshot(&info, name, SnapshotKind::Snapshot);
-        self.save(&info.id, snapshot, None).await
+        self.save(&info.id, snapshot, None, copies).await
     }
 
     /// Ready snapshots: of one sandbox, or every snapshot and template.
@@ -365,37 +418,48 @@ impl Service {
         net.ports.clear();
         // All of them must fit before the source is saved; each create checks itself again.
         self.db(|db| Ok(self.admit(db, &super::admission::Ask::forks(count, &info))))??;
+        let (fork_mounts, copies) = self.fork_volumes(&info, &names, req.volumes.unwrap_or_default())?;
         let snapshot = match &req.snapshot {
             Some(s) => {
                 let s = self.own_snapshot(&info, s)?;
                 self.check_restorable(&s)?;
+                if !copies.is_empty() {
+                    return Err(ServiceError::invalid(
+                        "--volumes copy copies the volumes as they are now, so it forks from the current state;                          leave --snapshot out",
+                    ));
+                }
                 s
             }
-            None => self.snapshot(&info.id, Some(format!("fork-{}", crate::state::now_ms()))).await?,
+            None => self.snapshot_copying(&info.id, Some(format!("fork-{}", crate::state::now_ms())), &copies).await?,
         };
-        let results: Vec<Result<SandboxInfo, ServiceError>> = futures_util::stream::iter(names)
-            .map(|name| {
-                let req = CreateSandbox {
-                    name: Some(name),
-                    from: Some(snapshot.id.clone()),
-                    boot_timeout_secs: None,
-                    net: Some(net.clone()),
-                    labels: info.labels.clone(),
-                    env: info.env.clone(),
-                    ..Default::default()
-                };
-                let this = self.clone();
-                async move { this.create(req).await }
-            })
-            .buffered(FORK_PARALLELISM)
-            .collect()
-            .await;
+        let results: Vec<Result<SandboxInfo, ServiceError>> =
+            futures_util::stream::iter(names.into_iter().zip(fork_mounts))
+                .map(|(name, mounts)| {
+                    let req = CreateSandbox {
+                        name: Some(name),
+                        from: Some(snapshot.id.clone()),
+                        boot_timeout_secs: None,
+                        net: Some(net.clone()),
+                        labels: info.labels.clone(),
+                        env: info.env.clone(),
+                        mounts,
+                        ..Default::default()
+                    };
+                    let this = self.clone();
+                    async move { this.create(req).await }
+                })
+                .buffered(FORK_PARALLELISM)
+                .collect()
+                .await;
         let (ok, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
         let sandboxes: Vec<SandboxInfo> = ok.into_iter().flatten().collect();
         if let Some(Err(e)) = failed.into_iter().next() {
             // All or nothing: a partial fork is harder to use than none.
             for s in &sandboxes {
                 let _ = self.remove(&s.id, true).await;
+            }
+            for (_, copy) in &copies {
+                let _ = self.remove_volume(copy, true).await;
             }
             return Err(e);
         }
@@ -410,16 +474,24 @@ impl Service {
         let _guard = lock.lock().await;
         let (info, sandbox) = self.running(&info.id)?;
         let _saving = Saving::new(self);
+        // A paused machine holds no volume: resume plugs them in again.
+        self.unplug_volumes(&info, &sandbox).await?;
         self.db(|db| db.set_phase(&info.id, Phase::Stopping, None))?;
         // Out of the live set first, so the exit watcher does not take the end of QEMU for a crash.
         self.forget_live(&info.id);
         match sandbox.suspend(&self.rt).await {
-            Ok(()) => self.db(|db| {
-                db.set_pid(&info.id, None)?;
-                db.set_phase(&info.id, Phase::Paused, None)
-            }),
+            Ok(()) => {
+                self.host_servers.stop(&info.id);
+                self.db(|db| {
+                    db.set_pid(&info.id, None)?;
+                    db.set_phase(&info.id, Phase::Paused, None)
+                })
+            }
             Err(e) if sandbox.is_running().await => {
                 let e = moat_hint::one_line(&e);
+                if let Err(e) = self.replug_volumes(&info, &sandbox, info.mounts.len()).await {
+                    tracing::warn!(sandbox = %info.id, error = %e.message, "plugging volumes in again failed");
+                }
                 self.put_live(sandbox);
                 self.db(|db| db.set_phase(&info.id, Phase::Running, Some(&format!("pausing failed: {e}"))))?;
                 Err(ServiceError::new(
@@ -490,19 +562,34 @@ impl Service {
                 }
             }
         }
-        let booted = self.launch(info, spec, Launch::Boot { fresh: true }).await?;
-        let lock = self.template_locks.of(&key);
-        let Ok(_making) = lock.try_lock() else { return Ok(booted) };
-        if self.db(|db| db.template(&key))?.is_some() {
-            return Ok(booted);
-        }
-        let template = self.new_snapshot(&booted, "template".into(), SnapshotKind::Template);
-        match self.save(&booted.id, template, Some(&key)).await {
-            Ok(t) => tracing::info!(template = %t.id, image = %t.image, "template saved"),
-            Err(e) => tracing::warn!(error = %e.message, "saving the template failed; sandboxes of this image boot"),
+        // The template is the image booted, without this sandbox's mounts: they come after.
+        let bare = SandboxInfo { mounts: Vec::new(), ..info.clone() };
+        let booted = self.launch(&bare, spec, Launch::Boot { fresh: true }).await?;
+        self.save_template(&booted, &key).await;
+        if let Some(machine) = self.live(&booted.id) {
+            if let Err(e) = self.connect_mounts(info, &machine).await {
+                self.stop_locked(&info.id, Phase::Stopped).await?;
+                self.db(|db| db.set_phase(&info.id, Phase::Failed, Some(&e.message)))?;
+                return Err(e);
+            }
         }
         // Fetched again: it is running as before, and its version moved with the pause.
         Ok(self.db(|db| db.get(&booted.id))?.unwrap_or(booted))
+    }
+
+    /// Save a sandbox just booted as the template of `key`, unless another create is making it
+    /// or it exists by now.
+    async fn save_template(&self, booted: &SandboxInfo, key: &str) {
+        let lock = self.template_locks.of(key);
+        let Ok(_making) = lock.try_lock() else { return };
+        if self.db(|db| db.template(key)).ok().flatten().is_some() {
+            return;
+        }
+        let template = self.new_snapshot(booted, "template".into(), SnapshotKind::Template);
+        match self.save(&booted.id, template, Some(key), &[]).await {
+            Ok(t) => tracing::info!(template = %t.id, image = %t.image, "template saved"),
+            Err(e) => tracing::warn!(error = %e.message, "saving the template failed; sandboxes of this image boot"),
+        }
     }
 
     /// Remove what a crash or a change of host left of snapshots: directories without a row,

@@ -80,6 +80,23 @@ ALTER TABLE snapshots ADD COLUMN nic INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sandboxes ADD COLUMN labels TEXT;
 ALTER TABLE sandboxes ADD COLUMN env TEXT;
 "#,
+    // Mounts (JSON of `Vec<moat_api::Mount>`), NULL for sandboxes made before them; a snapshot
+    // records the host directories its guest had mounted, which every restore serves again.
+    r#"
+ALTER TABLE sandboxes ADD COLUMN mounts TEXT;
+ALTER TABLE snapshots ADD COLUMN host_mounts TEXT;
+"#,
+    // Named volumes: one row per file `volumes/<id>.img`, written before the file and removed
+    // before it, so gc tells a crash's leftovers from volumes. (`IF NOT EXISTS`: tests that wind
+    // `user_version` back to replay older migrations keep the table.)
+    r#"
+CREATE TABLE IF NOT EXISTS volumes (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    size_bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+"#,
 ];
 
 /// The migration that moves secret values out of the database
@@ -123,7 +140,10 @@ mod tests {
         let mut db = Db::open(home.path()).unwrap();
         db.insert(&sample("abc000000001", "old")).unwrap();
         db.conn
-            .execute_batch("ALTER TABLE sandboxes DROP COLUMN labels; ALTER TABLE sandboxes DROP COLUMN env;")
+            .execute_batch(
+                "ALTER TABLE sandboxes DROP COLUMN labels; ALTER TABLE sandboxes DROP COLUMN env; \
+                 ALTER TABLE sandboxes DROP COLUMN mounts; ALTER TABLE snapshots DROP COLUMN host_mounts;",
+            )
             .unwrap();
         db.conn.pragma_update(None, "user_version", 4).unwrap();
         drop(db);

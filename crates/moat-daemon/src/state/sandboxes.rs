@@ -19,8 +19,8 @@ impl Db {
         }
         tx.execute(
             "INSERT INTO sandboxes (id, name, phase, version, image, image_digest, accel, vcpus, memory_mib,
-                disk_mib, hostname, created_at, expires_at, on_expire, pid, last_error, net, labels, env)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+                disk_mib, hostname, created_at, expires_at, on_expire, pid, last_error, net, labels, env, mounts)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
             params![
                 s.id,
                 s.name,
@@ -41,6 +41,7 @@ impl Db {
                 net_json(&s.net),
                 serde_json::to_string(&s.labels).expect("labels always serialize"),
                 serde_json::to_string(&s.env).expect("an environment always serializes"),
+                serde_json::to_string(&s.mounts).expect("mounts always serialize"),
             ],
         )?;
         append_lifecycle(&tx, &s.id, s.version, s.phase, None)?;
@@ -155,7 +156,7 @@ impl Db {
 }
 
 const COLUMNS: &str = "id, name, phase, version, image, image_digest, accel, vcpus, memory_mib, disk_mib, hostname, \
-                       created_at, expires_at, on_expire, pid, last_error, snapshot_id, net, labels, env";
+                       created_at, expires_at, on_expire, pid, last_error, snapshot_id, net, labels, env, mounts";
 
 fn get(conn: &Connection, id: &str) -> Result<Option<SandboxInfo>, StateError> {
     Ok(conn.query_row(&format!("SELECT {COLUMNS} FROM sandboxes WHERE id = ?1"), [id], row_to_info).optional()?)
@@ -209,6 +210,7 @@ fn row_to_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxInfo> {
         net: redacted(parse_net(r.get::<_, Option<String>>(17)?.as_deref())),
         labels: parse_json(r.get::<_, Option<String>>(18)?.as_deref(), "labels"),
         env: parse_json(r.get::<_, Option<String>>(19)?.as_deref(), "default environment"),
+        mounts: parse_json(r.get::<_, Option<String>>(20)?.as_deref(), "mounts"),
     })
 }
 

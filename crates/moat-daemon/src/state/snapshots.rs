@@ -23,8 +23,8 @@ impl Db {
         }
         tx.execute(
             "INSERT INTO snapshots (id, name, kind, sandbox_id, sandbox_name, template_key, ready, image, image_digest,
-                vcpus, memory_mib, disk_mib, size_bytes, created_at, qemu, accel, kernel, initramfs, nic)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                vcpus, memory_mib, disk_mib, size_bytes, created_at, qemu, accel, kernel, initramfs, nic, host_mounts)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
             params![
                 s.id,
                 s.name,
@@ -43,7 +43,8 @@ impl Db {
                 s.accel,
                 s.kernel,
                 s.initramfs,
-                s.nic
+                s.nic,
+                serde_json::to_string(&s.host_mounts).expect("mounts always serialize"),
             ],
         )?;
         tx.commit()?;
@@ -151,7 +152,7 @@ impl Db {
 }
 
 const SNAPSHOT_COLUMNS: &str = "id, name, kind, sandbox_id, sandbox_name, image, image_digest, vcpus, memory_mib, \
-                                disk_mib, size_bytes, created_at, qemu, accel, kernel, initramfs, nic";
+                                disk_mib, size_bytes, created_at, qemu, accel, kernel, initramfs, nic, host_mounts";
 
 fn row_to_snapshot(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotInfo> {
     let kind: String = r.get(2)?;
@@ -175,6 +176,12 @@ fn row_to_snapshot(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotInfo> {
         kernel: r.get(14)?,
         initramfs: r.get(15)?,
         nic: r.get(16)?,
+        host_mounts: r
+            .get::<_, Option<String>>(17)?
+            .and_then(|j| {
+                serde_json::from_str(&j).map_err(|e| tracing::warn!(error = %e, "unreadable host mounts")).ok()
+            })
+            .unwrap_or_default(),
         dependents: Vec::new(),
     })
 }

@@ -13,6 +13,7 @@ pub mod run;
 pub mod sandbox;
 pub mod setup;
 pub mod snapshot;
+pub mod volume;
 
 use moat_sandbox::{Runtime, RuntimeConfig};
 

@@ -40,8 +40,15 @@ pub fn create_request(c: &CreateArgs) -> anyhow::Result<CreateSandbox> {
         template: c.cold.then_some(false),
         net: net_spec(c)?,
         labels: c.labels.iter().cloned().collect(),
+        mounts: mounts(&c.volumes)?,
         ..CreateSandbox::default()
     })
+}
+
+/// `-v SOURCE:PATH[:ro]` flags; host directories are made absolute against this directory.
+fn mounts(specs: &[String]) -> anyhow::Result<Vec<moat_api::Mount>> {
+    let cwd = std::env::current_dir()?;
+    specs.iter().map(|s| moat_api::Mount::parse(s, &cwd).map_err(anyhow::Error::msg)).collect()
 }
 
 /// The network flags as a [`NetSpec`]; `None` when none is given (the daemon's default, or the

@@ -145,6 +145,17 @@ fn print_info(s: &SandboxInfo) {
             println!("  {}={}", escape_controls(k), escape_controls(v));
         }
     }
+    if !s.mounts.is_empty() {
+        println!("mounts:");
+        for m in &s.mounts {
+            let kind = match m.kind {
+                moat_api::MountType::Volume => "volume",
+                moat_api::MountType::Host => "host",
+            };
+            let ro = if m.readonly { " (read-only)" } else { "" };
+            println!("  {} {kind} {}{ro}", escape_controls(&m.target), escape_controls(&m.source));
+        }
+    }
     println!("network:");
     for line in crate::cmd::net::describe(&s.net).lines() {
         println!("  {line}");

@@ -2,7 +2,7 @@
 
 use moat_api::{Fork, SnapshotInfo};
 
-use crate::cli::{ForkArgs, HostArgs, RefsArgs, SnapshotArgs, SnapshotCommand};
+use crate::cli::{ForkArgs, ForkVolumesArg, HostArgs, RefsArgs, SnapshotArgs, SnapshotCommand};
 use crate::cmd::daemon::connect;
 use crate::cmd::sandbox::{ago_or_in, each};
 
@@ -65,7 +65,16 @@ pub async fn revert(sandbox: &str, snapshot: &str, host: &HostArgs) -> anyhow::R
 }
 
 pub async fn fork(args: ForkArgs, host: &HostArgs) -> anyhow::Result<i32> {
-    let req = Fork { count: Some(args.count), name_prefix: args.name_prefix, snapshot: args.snapshot };
+    let volumes = match args.volumes {
+        ForkVolumesArg::Refuse => moat_api::ForkVolumes::Refuse,
+        ForkVolumesArg::Copy => moat_api::ForkVolumes::Copy,
+    };
+    let req = Fork {
+        count: Some(args.count),
+        name_prefix: args.name_prefix,
+        snapshot: args.snapshot,
+        volumes: Some(volumes),
+    };
     let forked = connect(host).await?.fork(&args.sandbox, &req).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&forked)?);
