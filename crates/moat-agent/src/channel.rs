@@ -129,6 +129,47 @@ pub(crate) fn async_fd(fd: OwnedFd) -> std::io::Result<Fd> {
     Ok(Arc::new(registered))
 }
 
+/// Read at most `len` bytes from `fd`, which `ready` says is readable, on a blocking thread and
+/// never on the runtime's own. A guest process that splices a file of a host mount into this
+/// pipe (busybox `cat` uses sendfile) holds the pipe's lock until the host answers the FUSE
+/// read, and that answer comes through the runtime: a read here would wait for the lock, even
+/// non-blocking, and the link would stop. Readiness is cleared when nothing was there.
+pub(crate) async fn read_off_thread(
+    fd: &Fd,
+    mut ready: tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>,
+    mut buf: Vec<u8>,
+    len: usize,
+) -> (Result<usize, rustix::io::Errno>, Vec<u8>) {
+    let f = fd.clone();
+    let (read, buf) = tokio::task::spawn_blocking(move || {
+        let n = len.min(buf.len());
+        (rustix::io::read(f.get_ref(), &mut buf[..n]), buf)
+    })
+    .await
+    .unwrap_or_else(|_| (Err(rustix::io::Errno::IO), vec![0; len]));
+    if read == Err(rustix::io::Errno::AGAIN) {
+        ready.clear_ready();
+    }
+    (read, buf)
+}
+
+/// Write a prefix of `data` to `fd`, which `ready` says is writable, on a blocking thread, for
+/// the reason [`read_off_thread`] gives (a process splicing from this pipe into a host mount).
+pub(crate) async fn write_off_thread(
+    fd: &Fd,
+    mut ready: tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>,
+    data: Vec<u8>,
+) -> (Result<usize, rustix::io::Errno>, Vec<u8>) {
+    let f = fd.clone();
+    let (written, data) = tokio::task::spawn_blocking(move || (rustix::io::write(f.get_ref(), &data), data))
+        .await
+        .unwrap_or_else(|_| (Err(rustix::io::Errno::IO), Vec::new()));
+    if written == Err(rustix::io::Errno::AGAIN) {
+        ready.clear_ready();
+    }
+    (written, data)
+}
+
 /// Wait until `fd` has data or its end. Once the process exited, a descriptor silent for the
 /// drain grace counts as ended: a background child of the process holds it open.
 pub(crate) async fn readable<'a>(

@@ -11,7 +11,7 @@ use std::time::Duration;
 use moat_proto::{AgentError, ErrorCode, ExecRequest, Message, Started, Stream, TtySize, INITIAL_WINDOW, MAX_CHUNK};
 use tokio::sync::{mpsc, watch};
 
-use crate::channel::{async_fd, exit_status, kill_group, readable, Credit, Ctl, Fd, Outbox};
+use crate::channel::{async_fd, exit_status, kill_group, read_off_thread, readable, write_off_thread, Credit, Ctl, Fd, Outbox};
 use crate::reaper::{Ended, Reaper};
 use crate::users::{self, Identity};
 
@@ -183,17 +183,28 @@ pub async fn run(
             return;
         }
     };
-    let spawned = prepare(&req, Path::new("/etc"), pty.as_ref().map(|p| &p.replica)).and_then(|mut cmd| {
-        reaper.spawn(&mut cmd).map_err(|e| {
-            let program = &req.argv[0];
-            let code = match e.kind() {
-                std::io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
-                std::io::ErrorKind::NotFound => ErrorCode::NotFound,
-                _ => ErrorCode::SpawnFailed,
-            };
-            refuse(code, format!("Starting {program} failed: {e}."))
+    // Off the runtime's thread: the checks and the child's chdir and exec may touch a host mount
+    // (a working directory or program in it), whose FUSE calls this thread must forward, and a
+    // spawn waits for the child's exec.
+    let (spawned, pty) = {
+        let (req, reaper) = (req.clone(), reaper.clone());
+        tokio::task::spawn_blocking(move || {
+            let spawned = prepare(&req, Path::new("/etc"), pty.as_ref().map(|p| &p.replica)).and_then(|mut cmd| {
+                reaper.spawn(&mut cmd).map_err(|e| {
+                    let program = &req.argv[0];
+                    let code = match e.kind() {
+                        std::io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
+                        std::io::ErrorKind::NotFound => ErrorCode::NotFound,
+                        _ => ErrorCode::SpawnFailed,
+                    };
+                    refuse(code, format!("Starting {program} failed: {e}."))
+                })
+            });
+            (spawned, pty)
         })
-    });
+        .await
+        .unwrap_or_else(|e| (Err(refuse(ErrorCode::Internal, format!("Starting the process failed: {e}."))), None))
+    };
     let (mut child, mut exited) = match spawned {
         Ok(s) => s,
         Err(e) => {
@@ -332,20 +343,22 @@ async fn pump(
     done: mpsc::UnboundedSender<()>,
 ) {
     let mut buf = vec![0u8; MAX_CHUNK];
-    while let Some(mut ready) = readable(&fd, &mut exited).await {
+    while let Some(ready) = readable(&fd, &mut exited).await {
         let n = credit.take(MAX_CHUNK as u32).await;
-        match ready.try_io(|f| Ok(rustix::io::read(f.get_ref(), &mut buf[..n as usize])?)) {
-            Ok(Ok(0)) => break,
-            Ok(Ok(r)) => {
+        let (read, back) = read_off_thread(&fd, ready, buf, n as usize).await;
+        buf = back;
+        match read {
+            Ok(0) => break,
+            Ok(r) => {
                 credit.give(n - r as u32);
                 if !out.send(id, Message::Data { stream, data: buf[..r].to_vec() }).await {
                     break;
                 }
             }
             // Not ready after all: readiness was cleared; wait again.
-            Err(_would_block) => credit.give(n),
+            Err(rustix::io::Errno::AGAIN) => credit.give(n),
             // EIO is how a terminal controller reports that every replica is closed.
-            Ok(Err(_)) => break,
+            Err(_) => break,
         }
     }
     out.send(id, Message::Eof { stream }).await;
@@ -353,13 +366,18 @@ async fn pump(
 }
 
 /// Write all of `data` to a non-blocking descriptor.
-async fn write_all(fd: &Fd, mut data: &[u8]) -> std::io::Result<()> {
-    while !data.is_empty() {
-        let mut guard = fd.writable().await?;
-        match guard.try_io(|f| Ok(rustix::io::write(f.get_ref(), data)?)) {
-            Ok(Ok(n)) => data = &data[n..],
-            Ok(Err(e)) => return Err(e),
-            Err(_would_block) => {}
+async fn write_all(fd: &Fd, data: &[u8]) -> std::io::Result<()> {
+    let mut rest = data.to_vec();
+    while !rest.is_empty() {
+        let ready = fd.writable().await?;
+        let (written, back) = write_off_thread(fd, ready, rest).await;
+        rest = back;
+        match written {
+            Ok(n) => {
+                rest.drain(..n);
+            }
+            Err(rustix::io::Errno::AGAIN) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())

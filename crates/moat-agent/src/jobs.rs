@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use moat_proto::{AgentError, ErrorCode, ExitStatus, JobInfo, Message, Started, Stream, MAX_CHUNK};
 use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::channel::{async_fd, exit_status, kill_group, readable, Credit, Ctl, Fd, Outbox};
+use crate::channel::{async_fd, exit_status, kill_group, read_off_thread, readable, Credit, Ctl, Fd, Outbox};
 use crate::reaper::Ended;
 
 /// Output kept per background process for later attaches; older output is dropped (and counted).
@@ -250,11 +250,14 @@ async fn send(
 /// Read one output pipe of a background process into its buffer until it ends.
 async fn record(job: Arc<Job>, stream: Stream, fd: Fd, mut exited: watch::Receiver<bool>) {
     let mut buf = vec![0u8; MAX_CHUNK];
-    while let Some(mut ready) = readable(&fd, &mut exited).await {
-        match ready.try_io(|f| Ok(rustix::io::read(f.get_ref(), &mut buf)?)) {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => job.record(stream, &buf[..n]),
-            Err(_would_block) => {}
+    while let Some(ready) = readable(&fd, &mut exited).await {
+        let (read, back) = read_off_thread(&fd, ready, buf, MAX_CHUNK).await;
+        buf = back;
+        match read {
+            Ok(0) => break,
+            Ok(n) => job.record(stream, &buf[..n]),
+            Err(rustix::io::Errno::AGAIN) => {}
+            Err(_) => break,
         }
     }
 }

@@ -268,6 +268,10 @@ impl Service {
         let mut mounts = snapshot.as_ref().map(|s| s.host_mounts.clone()).unwrap_or_default();
         mounts.extend(req.mounts.iter().cloned());
         let mounts = self.resolve_mounts(&mounts)?;
+        // Checked again when each is plugged in; here so a taken volume costs nothing.
+        for m in &mounts {
+            self.check_volume_free("", m)?;
+        }
         let id = moat_sandbox::new_id();
         let name = req.name.clone().unwrap_or_else(|| format!("sb-{}", &id[..8]));
         let hostname = req.hostname.clone().unwrap_or_else(|| format!("moat-{}", &id[..8]));

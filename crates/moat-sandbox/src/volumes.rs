@@ -48,6 +48,11 @@ impl Sandbox {
         Ok(())
     }
 
+    /// The volume slots that hold a disk now (asked of QEMU, so also right for an adopted VM).
+    pub async fn plugged_volumes(&self) -> Result<Vec<u8>, SandboxError> {
+        Ok(self.vm.lock().await.plugged_volumes().await?)
+    }
+
     async fn volume_request(&self, request: Request, path: &str) -> Result<(), SandboxError> {
         let what = match request {
             Request::MountVolume { .. } => format!("mounting the volume at {path}"),

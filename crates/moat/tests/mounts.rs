@@ -8,7 +8,9 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{moat_in, moat_ok, text, OwnHome};
+use std::time::Duration;
+
+use common::{moat_in, moat_ok, text, wait_for, OwnHome};
 
 /// Run `moat args`; it must fail. Its stderr.
 fn moat_fails(h: &Path, args: &[&str]) -> String {
@@ -48,53 +50,53 @@ fn a_volume_outlives_its_sandboxes_and_a_revert_never_rolls_it_back() {
     let home = OwnHome::new();
     let h = home.path();
     moat_ok(h, &["volume", "create", "work", "--size", "64M"]);
-    moat_ok(h, &["run", "-d", "--name", "a", "--memory", "256", "-v", "work:/work"]);
+    moat_ok(h, &["run", "-d", "--name", "box", "--memory", "256", "-v", "work:/work"]);
     // A fresh volume's root belongs to the image's user (root in the minimal image).
-    sh(h, "a", "echo one > /work/f").unwrap();
+    sh(h, "box", "echo one > /work/f").unwrap();
 
     // write, snapshot, write more, revert: the later data is there, the disk checks clean.
-    moat_ok(h, &["snapshot", "a", "--name", "s1"]);
-    assert_eq!(sh(h, "a", "cat /work/f").unwrap(), "one\n", "the volume is back after the snapshot");
-    sh(h, "a", "echo two >> /work/f; echo root-disk > /root-file").unwrap();
-    moat_ok(h, &["revert", "a", "s1"]);
-    assert!(sh(h, "a", "cat /root-file").is_err(), "the root disk is rolled back");
-    assert_eq!(sh(h, "a", "cat /work/f").unwrap(), "one\ntwo\n", "the volume is not");
-    sh(h, "a", "echo three >> /work/f").unwrap();
+    moat_ok(h, &["snapshot", "box", "--name", "s1"]);
+    assert_eq!(sh(h, "box", "cat /work/f").unwrap(), "one\n", "the volume is back after the snapshot");
+    sh(h, "box", "echo two >> /work/f; echo root-disk > /root-file").unwrap();
+    moat_ok(h, &["revert", "box", "s1"]);
+    assert!(sh(h, "box", "cat /root-file").is_err(), "the root disk is rolled back");
+    assert_eq!(sh(h, "box", "cat /work/f").unwrap(), "one\ntwo\n", "the volume is not");
+    sh(h, "box", "echo three >> /work/f").unwrap();
 
     // A fork needs its own copy of a read-write volume.
-    let e = moat_fails(h, &["fork", "a"]);
+    let e = moat_fails(h, &["fork", "box"]);
     assert!(e.contains("read-write") && e.contains("--volumes copy"), "{e}");
-    moat_ok(h, &["fork", "a", "--volumes", "copy", "--name-prefix", "f"]);
-    assert_eq!(sh(h, "f1", "cat /work/f").unwrap(), "one\ntwo\nthree\n");
-    sh(h, "f1", "echo fork >> /work/f").unwrap();
-    assert_eq!(sh(h, "a", "cat /work/f").unwrap(), "one\ntwo\nthree\n", "the fork wrote its own copy");
-    let info = moat_ok(h, &["volume", "inspect", "f1-work"]);
-    assert!(info.contains("f1"), "{info}");
+    moat_ok(h, &["fork", "box", "--volumes", "copy", "--name-prefix", "fork"]);
+    assert_eq!(sh(h, "fork1", "cat /work/f").unwrap(), "one\ntwo\nthree\n");
+    sh(h, "fork1", "echo fork >> /work/f").unwrap();
+    assert_eq!(sh(h, "box", "cat /work/f").unwrap(), "one\ntwo\nthree\n", "the fork wrote its own copy");
+    let info = moat_ok(h, &["volume", "inspect", "fork1-work"]);
+    assert!(info.contains("fork1"), "{info}");
 
     // One running sandbox has it read-write; nobody else gets it meanwhile, not even read-only.
-    let e = moat_fails(h, &["run", "-d", "--name", "b", "--memory", "256", "-v", "work:/w"]);
-    assert!(e.contains("volume work") && e.contains("running sandbox a"), "{e}");
-    let e = moat_fails(h, &["run", "-d", "--name", "b", "--memory", "256", "-v", "work:/w:ro"]);
+    let e = moat_fails(h, &["run", "-d", "--name", "other", "--memory", "256", "-v", "work:/w"]);
+    assert!(e.contains("volume work") && e.contains("running sandbox box"), "{e}");
+    let e = moat_fails(h, &["run", "-d", "--name", "other", "--memory", "256", "-v", "work:/w:ro"]);
     assert!(e.contains("read-write"), "{e}");
     let inspect = moat_ok(h, &["volume", "inspect", "work"]);
-    assert!(inspect.contains("a") && inspect.contains("/work"), "{inspect}");
+    assert!(inspect.contains("box") && inspect.contains("/work"), "{inspect}");
 
     // Removing every sandbox keeps the data, cleanly unmounted.
-    moat_ok(h, &["rm", "-f", "a", "f1"]);
+    moat_ok(h, &["rm", "-f", "box", "fork1"]);
     assert_fs_clean(&volume_file(h, "work"));
     assert!(moat_ok(h, &["volume", "ls"]).contains("work"));
     moat_ok(h, &["gc"]);
 
     // Read-only in several sandboxes at once; writes fail.
-    for sb in ["r1", "r2"] {
+    for sb in ["reader1", "reader2"] {
         moat_ok(h, &["run", "-d", "--name", sb, "--memory", "256", "-v", "work:/data:ro"]);
         assert_eq!(sh(h, sb, "cat /data/f").unwrap(), "one\ntwo\nthree\n");
     }
-    assert!(sh(h, "r1", "echo x > /data/g").is_err(), "a read-only volume takes no writes");
+    assert!(sh(h, "reader1", "echo x > /data/g").is_err(), "a read-only volume takes no writes");
     let e = moat_fails(h, &["volume", "rm", "work"]);
-    assert!(e.contains("r1") || e.contains("in use"), "{e}");
-    moat_ok(h, &["rm", "-f", "r1", "r2"]);
-    moat_ok(h, &["volume", "rm", "work", "f1-work"]);
+    assert!(e.contains("reader1") || e.contains("in use"), "{e}");
+    moat_ok(h, &["rm", "-f", "reader1", "reader2"]);
+    moat_ok(h, &["volume", "rm", "work", "fork1-work"]);
     assert!(!moat_ok(h, &["volume", "ls"]).contains("work"));
 }
 
@@ -103,15 +105,16 @@ fn a_busy_volume_refuses_the_snapshot_and_names_who_holds_it() {
     let home = OwnHome::new();
     let h = home.path();
     moat_ok(h, &["volume", "create", "busy", "--size", "32M"]);
-    moat_ok(h, &["run", "-d", "--name", "b", "--memory", "256", "-v", "busy:/busy"]);
-    moat_ok(h, &["exec", "-d", "b", "--", "sh", "-c", "cd /busy && exec sleep 600"]);
-    let e = moat_fails(h, &["snapshot", "b"]);
+    moat_ok(h, &["run", "-d", "--name", "holder", "--memory", "256", "-v", "busy:/busy"]);
+    moat_ok(h, &["exec", "-d", "holder", "--", "sh", "-c", "cd /busy && touch ready && exec sleep 600"]);
+    wait_for("the process to settle in /busy", Duration::from_secs(30), || sh(h, "holder", "test -f /busy/ready").is_ok());
+    let e = moat_fails(h, &["snapshot", "holder"]);
     assert!(e.contains("/busy") && e.contains("sleep"), "{e}");
     // The sandbox runs on with its volume.
-    sh(h, "b", "echo still > /busy/x && cat /busy/x").unwrap();
-    sh(h, "b", "pkill sleep || killall sleep").unwrap();
-    moat_ok(h, &["snapshot", "b"]);
-    assert_eq!(sh(h, "b", "cat /busy/x").unwrap(), "still\n");
+    sh(h, "holder", "echo still > /busy/x && cat /busy/x").unwrap();
+    sh(h, "holder", "pkill sleep || killall sleep").unwrap();
+    moat_ok(h, &["snapshot", "holder"]);
+    assert_eq!(sh(h, "holder", "cat /busy/x").unwrap(), "still\n");
 }
 
 /// A host directory owned by `nobody`, with an outside file only root may read hard-linked in,
@@ -144,18 +147,38 @@ fn a_host_directory_is_live_both_ways_and_the_guest_cannot_leave_it() {
     let dir = host_dir(tmp.path());
     let rw = format!("{}:/src", dir.display());
     let ro = format!("{}:/ro:ro", dir.display());
-    moat_ok(h, &["run", "-d", "--name", "m", "--memory", "256", "-v", &rw, "-v", &ro]);
+    moat_ok(h, &["run", "-d", "--name", "mnt", "--memory", "256", "-v", &rw, "-v", &ro]);
 
-    assert_eq!(sh(h, "m", "cat /src/hello.txt").unwrap(), "from the host\n");
-    sh(h, "m", "echo from the guest > /src/new.txt && mkdir -p /src/d/e && echo deep > /src/d/e/f").unwrap();
+    // busybox cat splices the file into its stdout pipe while the agent reads that pipe, and a
+    // program and working directory in the mount are used while the agent spawns: none of it
+    // may stall the agent that forwards the mount's calls.
+    assert_eq!(sh(h, "mnt", "cat /src/hello.txt").unwrap(), "from the host\n");
+    std::fs::write(dir.join("run.sh"), "#!/bin/sh\necho ran in $(pwd)\n").unwrap();
+    std::fs::set_permissions(dir.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ran = moat_ok(h, &["exec", "-w", "/src", "mnt", "--", "/src/run.sh"]);
+    assert_eq!(ran, "ran in /src\n");
+    let out = moat_in(h)
+        .args(["exec", "-i", "mnt", "--", "sh", "-c", "cat > /src/piped.txt"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().expect("piped").write_all(&vec![b'x'; 1 << 20])?;
+            child.wait_with_output()
+        })
+        .expect("moat exec -i runs");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(std::fs::metadata(dir.join("piped.txt")).unwrap().len(), 1 << 20);
+    sh(h, "mnt", "echo from the guest > /src/new.txt && mkdir -p /src/d/e && echo deep > /src/d/e/f").unwrap();
     assert_eq!(std::fs::read_to_string(dir.join("new.txt")).unwrap(), "from the guest\n");
     assert_eq!(std::fs::read_to_string(dir.join("d/e/f")).unwrap(), "deep\n");
     std::fs::write(dir.join("later.txt"), "written on the host\n").unwrap();
-    assert_eq!(sh(h, "m", "cat /src/later.txt").unwrap(), "written on the host\n");
-    sh(h, "m", "mv /src/d /src/moved && test -f /src/moved/e/f && rm -r /src/moved").unwrap();
+    assert_eq!(sh(h, "mnt", "cat /src/later.txt").unwrap(), "written on the host\n");
+    sh(h, "mnt", "mv /src/d /src/moved && test -f /src/moved/e/f && rm -r /src/moved").unwrap();
     assert!(!dir.join("d").exists() && !dir.join("moved").exists());
     // What the directory's owner owns is the image's user's in the guest (root in minimal).
-    let owner = sh(h, "m", "stat -c %u /src/hello.txt").unwrap();
+    let owner = sh(h, "mnt", "stat -c %u /src/hello.txt").unwrap();
     assert_eq!(owner.trim(), "0", "{owner}");
     // Files the guest makes belong to the directory's owner on the host.
     use std::os::unix::fs::MetadataExt;
@@ -163,28 +186,28 @@ fn a_host_directory_is_live_both_ways_and_the_guest_cannot_leave_it() {
 
     // Nothing outside: symlinks resolve in the guest, a hard link keeps the owner's rights, a
     // fifo is never opened on the host, `..` stops at the guest's root.
-    let guest_secret = sh(h, "m", "cat /src/symlink /src/relative 2>&1; cat /src/../secret 2>&1; true").unwrap();
+    let guest_secret = sh(h, "mnt", "cat /src/symlink /src/relative 2>&1; cat /src/../secret 2>&1; true").unwrap();
     assert!(!guest_secret.contains("host secret"), "{guest_secret}");
-    let e = sh(h, "m", "cat /src/hardlink").unwrap_err();
+    let e = sh(h, "mnt", "cat /src/hardlink").unwrap_err();
     assert!(!e.contains("host secret") && e.contains("denied"), "{e}");
-    let e = sh(h, "m", "timeout 5 cat /src/fifo || echo refused").unwrap();
+    let e = sh(h, "mnt", "timeout 5 cat /src/fifo || echo refused").unwrap();
     assert!(e.contains("refused"), "{e}");
-    assert!(sh(h, "m", "mknod /src/dev c 1 3").is_err(), "no device files");
+    assert!(sh(h, "mnt", "mknod /src/dev c 1 3").is_err(), "no device files");
     assert!(!dir.join("dev").exists());
 
     // Read-only is the host's doing: even remounted read-write in the guest, writes fail.
-    assert!(sh(h, "m", "echo x > /ro/x").is_err());
-    let _ = sh(h, "m", "mount -o remount,rw /ro");
-    assert!(sh(h, "m", "echo x > /ro/x; rm /ro/hello.txt").is_err());
+    assert!(sh(h, "mnt", "echo x > /ro/x").is_err());
+    let _ = sh(h, "mnt", "mount -o remount,rw /ro");
+    assert!(sh(h, "mnt", "echo x > /ro/x; rm /ro/hello.txt").is_err());
     assert!(!dir.join("x").exists() && dir.join("hello.txt").exists());
 
     // A snapshot keeps the mount; a revert sees the host's files as they are now.
-    moat_ok(h, &["snapshot", "m", "--name", "s"]);
+    moat_ok(h, &["snapshot", "mnt", "--name", "s"]);
     std::fs::write(dir.join("after.txt"), "after the snapshot\n").unwrap();
     std::fs::write(dir.join("hello.txt"), "changed\n").unwrap();
-    moat_ok(h, &["revert", "m", "s"]);
-    assert_eq!(sh(h, "m", "cat /src/after.txt /src/hello.txt").unwrap(), "after the snapshot\nchanged\n");
-    moat_ok(h, &["rm", "-f", "m"]);
+    moat_ok(h, &["revert", "mnt", "s"]);
+    assert_eq!(sh(h, "mnt", "cat /src/after.txt /src/hello.txt").unwrap(), "after the snapshot\nchanged\n");
+    moat_ok(h, &["rm", "-f", "mnt"]);
     assert_eq!(std::fs::read_to_string(dir.join("hello.txt")).unwrap(), "changed\n", "the directory stays");
 }
 

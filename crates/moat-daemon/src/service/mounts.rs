@@ -91,11 +91,14 @@ impl Service {
 
     /// Refuse a read-write volume another live sandbox has, or one this sandbox would have
     /// read-write while others have it at all.
-    fn check_volume_free(&self, info: &SandboxInfo, mount: &Mount) -> Result<(), ServiceError> {
+    pub(crate) fn check_volume_free(&self, id: &str, mount: &Mount) -> Result<(), ServiceError> {
+        if mount.kind != MountType::Volume {
+            return Ok(());
+        }
         let holders = self
             .db(|db| db.list())?
             .into_iter()
-            .filter(|s| s.id != info.id && matches!(s.phase, Phase::Booting | Phase::Running | Phase::Stopping));
+            .filter(|s| s.id != id && matches!(s.phase, Phase::Booting | Phase::Running | Phase::Stopping));
         for other in holders {
             if let Some(theirs) = other.mounts.iter().find(|o| o.kind == MountType::Volume && o.source == mount.source)
             {
@@ -169,7 +172,7 @@ impl Service {
     ) -> Result<(), ServiceError> {
         // One check-and-plug at a time, so two starts cannot both take a read-write volume.
         let _claiming = self.volume_claims.lock().await;
-        self.check_volume_free(info, mount)?;
+        self.check_volume_free(&info.id, mount)?;
         let (_, file) = self.open_volume(&mount.source, mount.readonly)?;
         sandbox
             .plug_volume(slot as u8, file, &mount.target, mount.readonly, Some(&user.name))
@@ -205,32 +208,47 @@ impl Service {
         Ok(())
     }
 
-    /// Unmount and unplug `info`'s volumes before its VM is saved: the save must hold neither.
-    pub(crate) async fn unplug_volumes(&self, info: &SandboxInfo, sandbox: &Arc<Sandbox>) -> Result<(), ServiceError> {
-        for (slot, mount) in info.mounts.iter().enumerate().filter(|(_, m)| m.kind == MountType::Volume) {
+    /// Unmount and unplug `info`'s plugged volumes before its VM is saved: the save must hold
+    /// none. Returns the slots unplugged, for [`Service::replug_volumes`] after the save.
+    pub(crate) async fn unplug_volumes(
+        &self,
+        info: &SandboxInfo,
+        sandbox: &Arc<Sandbox>,
+    ) -> Result<Vec<usize>, ServiceError> {
+        let plugged = sandbox.plugged_volumes().await.map_err(ServiceError::from)?;
+        let mut done = Vec::new();
+        for (slot, mount) in info.mounts.iter().enumerate() {
+            if mount.kind != MountType::Volume || !plugged.contains(&(slot as u8)) {
+                continue;
+            }
             if let Err(e) = sandbox.unplug_volume(slot as u8, &mount.target).await {
                 let e = ServiceError::from(e);
                 // What was unplugged goes back in, so the sandbox runs on as it was.
-                let _ = self.replug_volumes(info, sandbox, slot).await;
+                let _ = self.replug_volumes(info, sandbox, &done).await;
                 return Err(ServiceError::new(
                     e.code,
                     format!("cannot unmount volume {} at {}: {}", mount.source, mount.target, e.message),
-                    "volumes are unmounted for a snapshot or pause; end the processes using it and try again",
+                    "volumes are unmounted for a snapshot, fork or pause; end the processes using it and try again",
                 ));
             }
+            done.push(slot);
         }
-        Ok(())
+        Ok(done)
     }
 
-    /// Plug the volumes among the first `upto` mounts in again after a save.
+    /// Plug in and mount again the volumes in `slots` after a save.
     pub(crate) async fn replug_volumes(
         &self,
         info: &SandboxInfo,
         sandbox: &Arc<Sandbox>,
-        upto: usize,
+        slots: &[usize],
     ) -> Result<(), ServiceError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
         let user = self.guest_user(sandbox).await;
-        for (slot, mount) in info.mounts.iter().enumerate().take(upto).filter(|(_, m)| m.kind == MountType::Volume) {
+        for &slot in slots {
+            let Some(mount) = info.mounts.get(slot) else { continue };
             let (_, file) = self.open_volume(&mount.source, mount.readonly)?;
             sandbox
                 .plug_volume(slot as u8, file, &mount.target, mount.readonly, Some(&user.name))

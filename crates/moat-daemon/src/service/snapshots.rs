@@ -209,9 +209,10 @@ impl Service {
         let _saving = Saving::new(self);
         let info = self.db(|db| db.get(id))?.ok_or_else(|| not_found(id))?;
         let guest = sandbox.clone().guest();
-        if let Some(guest) = &guest {
-            self.unplug_volumes(&info, guest).await?;
-        }
+        let unplugged = match &guest {
+            Some(guest) => self.unplug_volumes(&info, guest).await?,
+            None => Vec::new(),
+        };
         let mut saved = self.save_unplugged(&sandbox, &snapshot, key).await;
         if saved.is_ok() {
             for (from, to) in copies {
@@ -222,7 +223,7 @@ impl Service {
             }
         }
         if let Some(guest) = &guest {
-            if let Err(e) = self.replug_volumes(&info, guest, info.mounts.len()).await {
+            if let Err(e) = self.replug_volumes(&info, guest, &unplugged).await {
                 tracing::warn!(sandbox = %id, error = %e.message, "plugging volumes in again after a save failed");
             }
         }
@@ -475,7 +476,7 @@ impl Service {
         let (info, sandbox) = self.running(&info.id)?;
         let _saving = Saving::new(self);
         // A paused machine holds no volume: resume plugs them in again.
-        self.unplug_volumes(&info, &sandbox).await?;
+        let unplugged = self.unplug_volumes(&info, &sandbox).await?;
         self.db(|db| db.set_phase(&info.id, Phase::Stopping, None))?;
         // Out of the live set first, so the exit watcher does not take the end of QEMU for a crash.
         self.forget_live(&info.id);
@@ -489,7 +490,7 @@ impl Service {
             }
             Err(e) if sandbox.is_running().await => {
                 let e = moat_hint::one_line(&e);
-                if let Err(e) = self.replug_volumes(&info, &sandbox, info.mounts.len()).await {
+                if let Err(e) = self.replug_volumes(&info, &sandbox, &unplugged).await {
                     tracing::warn!(sandbox = %info.id, error = %e.message, "plugging volumes in again failed");
                 }
                 self.put_live(sandbox);
@@ -568,8 +569,14 @@ impl Service {
         self.save_template(&booted, &key).await;
         if let Some(machine) = self.live(&booted.id) {
             if let Err(e) = self.connect_mounts(info, &machine).await {
-                self.stop_locked(&info.id, Phase::Stopped).await?;
-                self.db(|db| db.set_phase(&info.id, Phase::Failed, Some(&e.message)))?;
+                // As a failed launch: the VM goes, the sandbox stays failed with the reason.
+                self.forget_live(&info.id);
+                self.host_servers.stop(&info.id);
+                machine.shutdown().await;
+                self.db(|db| {
+                    db.set_pid(&info.id, None)?;
+                    db.set_phase(&info.id, Phase::Failed, Some(&e.message))
+                })?;
                 return Err(e);
             }
         }
