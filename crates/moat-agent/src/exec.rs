@@ -11,7 +11,9 @@ use std::time::Duration;
 use moat_proto::{AgentError, ErrorCode, ExecRequest, Message, Started, Stream, TtySize, INITIAL_WINDOW, MAX_CHUNK};
 use tokio::sync::{mpsc, watch};
 
-use crate::channel::{async_fd, exit_status, kill_group, read_off_thread, readable, write_off_thread, Credit, Ctl, Fd, Outbox};
+use crate::channel::{
+    async_fd, exit_status, kill_group, read_off_thread, readable, write_off_thread, Credit, Ctl, Fd, Outbox,
+};
 use crate::reaper::{Ended, Reaper};
 use crate::users::{self, Identity};
 

@@ -529,3 +529,35 @@ failed to start or behaves oddly; command output comes from sandbox_exec instead
         Ok(if out.is_empty() { "(the console log is empty)".into() } else { out })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Flags, HostFiles};
+
+    fn params(mounts: &[&str]) -> CreateParams {
+        serde_json::from_value(json!({ "mounts": mounts })).expect("valid parameters")
+    }
+
+    /// Volumes mount as asked; host directories only under the operator's `--host-dir`, with
+    /// symlinks followed before the check.
+    #[test]
+    fn host_directory_mounts_stay_under_the_allowed_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path().canonicalize().unwrap();
+        std::fs::create_dir(r.join("src")).unwrap();
+        std::os::unix::fs::symlink("/etc", r.join("escape")).unwrap();
+        let allowed = Policy { host_files: HostFiles::Under(r.clone()), ..Policy::default() };
+        let got = mounts(&params(&["work:/work:ro", "./src:/src"]), &allowed).unwrap();
+        assert_eq!(got[0].kind, moat_api::MountType::Volume);
+        assert!(got[0].readonly);
+        assert_eq!(got[1].source, r.join("src").display().to_string());
+        for bad in ["./escape:/x", "/etc:/x", "../:/x", "./missing:/x"] {
+            assert!(mounts(&params(&[bad]), &allowed).is_err(), "{bad}");
+        }
+        let off = Policy { host_files: HostFiles::Off, flags: Flags::Daemon, ..Policy::default() };
+        let e = mounts(&params(&["./src:/src"]), &off).unwrap_err();
+        assert!(format!("{e:?}").contains("host-dir"), "{e:?}");
+        assert!(mounts(&params(&["work:/work"]), &off).is_ok(), "volumes need no host directory");
+    }
+}

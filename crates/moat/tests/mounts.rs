@@ -107,7 +107,9 @@ fn a_busy_volume_refuses_the_snapshot_and_names_who_holds_it() {
     moat_ok(h, &["volume", "create", "busy", "--size", "32M"]);
     moat_ok(h, &["run", "-d", "--name", "holder", "--memory", "256", "-v", "busy:/busy"]);
     moat_ok(h, &["exec", "-d", "holder", "--", "sh", "-c", "cd /busy && touch ready && exec sleep 600"]);
-    wait_for("the process to settle in /busy", Duration::from_secs(30), || sh(h, "holder", "test -f /busy/ready").is_ok());
+    wait_for("the process to settle in /busy", Duration::from_secs(30), || {
+        sh(h, "holder", "test -f /busy/ready").is_ok()
+    });
     let e = moat_fails(h, &["snapshot", "holder"]);
     assert!(e.contains("/busy") && e.contains("sleep"), "{e}");
     // The sandbox runs on with its volume.
@@ -115,6 +117,13 @@ fn a_busy_volume_refuses_the_snapshot_and_names_who_holds_it() {
     sh(h, "holder", "pkill sleep || killall sleep").unwrap();
     moat_ok(h, &["snapshot", "holder"]);
     assert_eq!(sh(h, "holder", "cat /busy/x").unwrap(), "still\n");
+
+    // A restarted daemon finds the volume plugged in, and unplugs it for the next snapshot.
+    common::stop_daemon(h);
+    let limit = Duration::from_secs(60);
+    common::moat_ok_through_adoption(h, &["exec", "holder", "--", "sh", "-c", "echo again >> /busy/x"], limit);
+    moat_ok(h, &["snapshot", "holder"]);
+    assert_eq!(sh(h, "holder", "cat /busy/x").unwrap(), "still\nagain\n");
 }
 
 /// A host directory owned by `nobody`, with an outside file only root may read hard-linked in,
@@ -207,6 +216,12 @@ fn a_host_directory_is_live_both_ways_and_the_guest_cannot_leave_it() {
     std::fs::write(dir.join("hello.txt"), "changed\n").unwrap();
     moat_ok(h, &["revert", "mnt", "s"]);
     assert_eq!(sh(h, "mnt", "cat /src/after.txt /src/hello.txt").unwrap(), "after the snapshot\nchanged\n");
+
+    // A restarted daemon serves the directory again to the VM it adopts.
+    common::stop_daemon(h);
+    let limit = Duration::from_secs(60);
+    let seen = common::moat_ok_through_adoption(h, &["exec", "mnt", "--", "cat", "/src/after.txt"], limit);
+    assert_eq!(seen, "after the snapshot\n");
     moat_ok(h, &["rm", "-f", "mnt"]);
     assert_eq!(std::fs::read_to_string(dir.join("hello.txt")).unwrap(), "changed\n", "the directory stays");
 }
