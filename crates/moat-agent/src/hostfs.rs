@@ -7,7 +7,7 @@
 //! channel for the same path; that channel gets every call still waiting, sent again.
 //!
 //! Threads: the FUSE session runs on its own thread and never waits for the host (each reply
-//! waits with its call in [`shared::Shared`]); the channel task sends calls and completes
+//! waits with its call in `shared::Shared`); the channel task sends calls and completes
 //! replies as answers come.
 
 mod calls;
