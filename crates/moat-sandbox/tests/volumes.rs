@@ -166,17 +166,3 @@ async fn a_volume_is_plugged_mounted_written_held_busy_and_unplugged_clean() {
     assert_eq!(String::from_utf8_lossy(&cat.stdout), "hello\n", "the guest's write reached the host file");
     eprintln!("first plug + mount {first_mount:?}, unmount + unplug {unplug:?}");
 }
-
-#[tokio::test]
-#[ignore = "a measurement: boot times with the volume bus and the later modules"]
-async fn boot_times() {
-    let rt = runtime().await;
-    let mut times = Vec::new();
-    for _ in 0..8 {
-        let sb = boot(&rt).await;
-        times.push(sb.boot_time);
-        sb.destroy().await.unwrap();
-    }
-    times.sort();
-    eprintln!("boot times (sorted): {times:?}");
-}
