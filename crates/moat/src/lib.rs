@@ -50,5 +50,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Doctor(args) => cmd::doctor::doctor(args, host).await,
         Command::Config(crate::cli::ConfigCommand::Show { json }) => cmd::config::show(json),
         Command::Setup(args) => cmd::setup::setup(args, host).await,
+        Command::Daemon(command) => cmd::daemon::daemon(command, host).await,
+        Command::Df(args) => cmd::df::df(args, host).await,
+        Command::State(command) => cmd::state::state(command, host).await,
     }
 }

@@ -200,3 +200,8 @@ fn log_tail(log: &Path) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
+
+/// `moat daemon …`.
+pub async fn daemon(_command: crate::cli::DaemonCommand, _host: &HostArgs) -> anyhow::Result<i32> {
+    anyhow::bail!("moat daemon is not built yet")
+}

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod cp;
 pub mod daemon;
+pub mod df;
 pub mod doctor;
 pub mod e2b;
 pub mod image;
@@ -13,6 +14,7 @@ pub mod run;
 pub mod sandbox;
 pub mod setup;
 pub mod snapshot;
+pub mod state;
 pub mod volume;
 
 use moat_sandbox::{Runtime, RuntimeConfig};

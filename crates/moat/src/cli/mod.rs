@@ -1,10 +1,22 @@
 //! Command-line arguments.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use moat_vmm::AccelChoice;
+
+mod diagnose;
+mod host;
+mod ops;
+mod serve;
+mod state;
+mod store;
+
+pub use diagnose::{DfArgs, DoctorArgs};
+pub use host::HostArgs;
+pub use ops::{DaemonCommand, SetupArgs};
+pub use serve::{E2bCommand, McpArgs, ServeArgs};
+pub use state::StateCommand;
+pub use store::{ImageCommand, VolumeCommand};
 
 /// Run untrusted code in lightweight virtual machines.
 #[derive(Debug, Parser)]
@@ -132,21 +144,15 @@ pub enum Command {
     Config(ConfigCommand),
     /// Install missing host packages (with apt) and prepare the kernel, initramfs and default image.
     Setup(SetupArgs),
-}
-
-/// Where state lives and how VMs boot. The accelerator and kernel are the daemon's: they apply
-/// when this command starts the daemon.
-#[derive(Debug, Args, Clone)]
-pub struct HostArgs {
-    /// Accelerator: auto (KVM if a probe guest really boots under it, else TCG), kvm or tcg.
-    #[arg(long, global = true, env = "MOAT_ACCEL", default_value = "auto")]
-    pub accel: AccelChoice,
-    /// State directory [default: /var/lib/moat as root, else ~/.local/share/moat].
-    #[arg(long, global = true, env = "MOAT_HOME")]
-    pub home: Option<PathBuf>,
-    /// Guest kernel [default: the newest /boot/vmlinuz-*-cloud-amd64].
-    #[arg(long, global = true, env = "MOAT_KERNEL")]
-    pub kernel: Option<PathBuf>,
+    /// The daemon: its status; stop, restart, logs.
+    #[command(subcommand)]
+    Daemon(DaemonCommand),
+    /// Disk use by images, snapshots, templates, sandboxes and volumes, and what `moat gc` and
+    /// `moat prune` would free.
+    Df(DfArgs),
+    /// The daemon's state database: backups.
+    #[command(subcommand)]
+    State(StateCommand),
 }
 
 /// How a process runs in a sandbox.
@@ -177,7 +183,7 @@ pub struct ProcessArgs {
 }
 
 /// `4096`, `64K`, `10M`, `1G`, `2T` (powers of 1024).
-fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let (digits, unit) = s.trim().split_at(s.trim().find(|c: char| !c.is_ascii_digit()).unwrap_or(s.trim().len()));
     let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size; write e.g. 4096, 64K or 10M"))?;
     let shift = match unit.to_ascii_uppercase().as_str() {
@@ -192,7 +198,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// An overcommit ratio: a number above 0 and at most 100.
-fn parse_ratio(s: &str) -> Result<f64, String> {
+pub(crate) fn parse_ratio(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(r) if r.is_finite() && r > 0.0 && r <= 100.0 => Ok(r),
         _ => Err(format!("{s:?} is not a ratio; use a number above 0 and at most 100, e.g. 1.5")),
@@ -489,103 +495,6 @@ pub struct PortForwardArgs {
     pub json: bool,
 }
 
-#[derive(Debug, Subcommand)]
-pub enum ImageCommand {
-    /// List images.
-    Ls {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Pull an image from a registry (Docker Hub, GHCR, a private registry).
-    ///
-    /// Credentials come from the Docker config (`docker login`, credential helpers) unless given
-    /// here. Plain http is used only for registries on localhost, or with --insecure.
-    Pull {
-        /// [REGISTRY/]REPOSITORY[:TAG][@DIGEST], e.g. debian:bookworm-slim or ghcr.io/org/app:1.2.
-        reference: String,
-        /// Name of the image in the store [default: the reference as written].
-        #[arg(long)]
-        name: Option<String>,
-        /// Allow plain http to a registry that is not on localhost.
-        #[arg(long)]
-        insecure: bool,
-        /// Registry user; the password is read from standard input (see --password-stdin).
-        #[arg(long, requires = "password_stdin")]
-        username: Option<String>,
-        /// Read the registry password (or token) from standard input.
-        #[arg(long, requires = "username")]
-        password_stdin: bool,
-    },
-    /// Import a `docker save` tarball or an OCI image-layout archive (`-` reads standard input).
-    Import {
-        /// The archive, or `-` for standard input.
-        file: PathBuf,
-        /// Name of the image [default: the archive's first tag].
-        #[arg(long)]
-        name: Option<String>,
-    },
-    /// Build an image from Debian packages with debootstrap (no registry needed).
-    Build {
-        /// Name of the new image.
-        name: String,
-        /// Base: debian:bookworm (or debian:12, bookworm).
-        #[arg(long, default_value = "debian:bookworm")]
-        from: String,
-        /// Packages to install, comma-separated (e.g. python3,git).
-        #[arg(long, value_delimiter = ',')]
-        packages: Vec<String>,
-    },
-    /// Show an image's digest, size and config.
-    Inspect { name: String },
-    /// Remove cached layers, interrupted pulls and builds, and image files that no image name
-    /// and no sandbox needs.
-    Gc,
-    /// Remove images (refused while a sandbox uses one).
-    Rm {
-        #[arg(required = true)]
-        names: Vec<String>,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum VolumeCommand {
-    /// Create a volume: an empty ext4 file system in a sparse file, which takes only what is
-    /// written to it.
-    Create {
-        /// Name of the volume (the rules of sandbox names).
-        name: String,
-        /// Size of its file system, 16M to 16T (e.g. 512M, 10G, 1T) [default: 10G].
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-        size: Option<u64>,
-    },
-    /// List volumes.
-    Ls {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Show a volume's sizes and the sandboxes that mount it.
-    Inspect {
-        /// Volume name, id or unique id prefix.
-        volume: String,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Remove volumes and their data. Refused while sandboxes mount one; with --force, only while
-    /// a running sandbox does.
-    Rm {
-        /// Remove a volume that stopped sandboxes still mount (they do not start again until
-        /// their mount of it is gone).
-        #[arg(short, long)]
-        force: bool,
-        /// Volume names, ids or unique id prefixes.
-        #[arg(required = true)]
-        volumes: Vec<String>,
-    },
-}
-
 #[derive(Debug, Args)]
 pub struct LogsArgs {
     /// Sandbox name, id or unique id prefix.
@@ -614,154 +523,6 @@ pub struct EventsArgs {
     pub json: bool,
 }
 
-#[derive(Debug, Args)]
-pub struct ServeArgs {
-    /// Also serve the API on this TCP address (bearer token from $MOAT_HOME/token). Anything but
-    /// a loopback address needs --tls-cert and --tls-key, or --insecure-tcp.
-    #[arg(long, value_name = "ADDR")]
-    pub tcp: Option<std::net::SocketAddr>,
-    /// Serve --tcp over TLS with this certificate chain (PEM, the server's certificate first).
-    #[arg(long, value_name = "PEM", requires_all = ["tcp", "tls_key"])]
-    pub tls_cert: Option<PathBuf>,
-    /// The private key of --tls-cert (PEM).
-    #[arg(long, value_name = "PEM", requires_all = ["tcp", "tls_cert"])]
-    pub tls_key: Option<PathBuf>,
-    /// Serve --tcp in clear text even on a non-loopback address: anyone on the network path can
-    /// read the token and every secret sent to the API.
-    #[arg(long, requires = "tcp")]
-    pub insecure_tcp: bool,
-    /// Let the members of this group use the daemon's socket, and so every sandbox and secret it
-    /// holds [default: the daemon's user alone].
-    #[arg(long, value_name = "NAME")]
-    pub group: Option<String>,
-    /// Most sandboxes that may be live at once.
-    #[arg(long, env = "MOAT_MAX_SANDBOXES", default_value_t = 32)]
-    pub max_sandboxes: usize,
-    /// Refuse a sandbox when the memory of live sandboxes (guest RAM plus QEMU's overhead) would
-    /// pass the host's RAM times R.
-    #[arg(long, value_name = "R", env = "MOAT_MEMORY_OVERCOMMIT", value_parser = parse_ratio,
-          default_value_t = moat_daemon::service::admission::DEFAULT_MEMORY_OVERCOMMIT)]
-    pub memory_overcommit: f64,
-    /// Refuse a sandbox when what sandbox disks may still grow by would pass the free space
-    /// under the home times R (disks are thin: they take space only as the guest writes).
-    #[arg(long, value_name = "R", env = "MOAT_DISK_OVERCOMMIT", value_parser = parse_ratio,
-          default_value_t = moat_daemon::service::admission::DEFAULT_DISK_OVERCOMMIT)]
-    pub disk_overcommit: f64,
-    /// Refuse to start unless sandboxes run under KVM: without it (TCG) QEMU is the only
-    /// boundary between a guest and the host.
-    #[arg(long, env = "MOAT_REQUIRE_KVM")]
-    pub require_kvm: bool,
-    /// Exit after this long without sandboxes or requests.
-    #[arg(long, value_parser = parse_duration)]
-    pub idle_exit: Option<Duration>,
-    /// An address that reaches this host although none of its interfaces has it, such as a
-    /// cloud's public address behind 1:1 NAT: sandboxes are refused it like the host's own
-    /// addresses (repeat, or comma-separate in the variable).
-    #[arg(long, value_name = "IP", env = "MOAT_HOST_ADDRESSES", value_delimiter = ',')]
-    pub host_address: Vec<std::net::Ipv4Addr>,
-    /// Move a damaged or missing state database aside and start with an empty one.
-    #[arg(long)]
-    pub reset_state: bool,
-    /// Always boot new sandboxes instead of keeping a template (a saved, booted VM) per image
-    /// and restoring it.
-    #[arg(long, env = "MOAT_NO_TEMPLATES")]
-    pub no_templates: bool,
-    /// MCP endpoint (`/mcp`): let every session see and use every sandbox, not only its own.
-    #[arg(long, env = "MOAT_MCP_ALL_SANDBOXES")]
-    pub mcp_all_sandboxes: bool,
-    /// MCP endpoint: most sandboxes one session may own at once.
-    #[arg(long, value_name = "N", env = "MOAT_MCP_MAX_SANDBOXES", default_value_t = 8)]
-    pub mcp_max_sandboxes: usize,
-    /// MCP endpoint: most commands one session may start per minute.
-    #[arg(long, value_name = "N", env = "MOAT_MCP_EXEC_RATE", default_value_t = 120)]
-    pub mcp_exec_rate: u32,
-    /// MCP endpoint: the host directory that the upload and download tools may read and write
-    /// [default: none, the tools are off].
-    #[arg(long, value_name = "DIR", env = "MOAT_MCP_HOST_DIR")]
-    pub mcp_host_dir: Option<PathBuf>,
-    /// MCP endpoint: image of new sandboxes when the agent names none.
-    #[arg(long, env = "MOAT_MCP_IMAGE", default_value = moat_api::DEFAULT_IMAGE)]
-    pub mcp_image: String,
-    /// MCP endpoint: let port forwards listen on any host address, not only on loopback.
-    #[arg(long, env = "MOAT_MCP_ALLOW_PUBLIC_PORTS")]
-    pub mcp_allow_public_ports: bool,
-    /// MCP endpoint: most virtual CPUs of one sandbox.
-    #[arg(long, value_name = "N", env = "MOAT_MCP_MAX_CPUS", default_value_t = moat_mcp::DEFAULT_MAX_CPUS)]
-    pub mcp_max_cpus: u32,
-    /// MCP endpoint: most memory of one sandbox, in MiB.
-    #[arg(long, value_name = "MIB", env = "MOAT_MCP_MAX_MEMORY", default_value_t = moat_mcp::DEFAULT_MAX_MEMORY_MIB)]
-    pub mcp_max_memory: u32,
-    /// MCP endpoint: largest root disk of one sandbox, in MiB.
-    #[arg(long, value_name = "MIB", env = "MOAT_MCP_MAX_DISK", default_value_t = moat_mcp::DEFAULT_MAX_DISK_MIB)]
-    pub mcp_max_disk: u64,
-    /// Also serve the E2B-compatible API on this address: both of E2B's planes on one listener,
-    /// for the unmodified `e2b` SDKs (`moat e2b env` prints their settings). See docs/e2b.md.
-    #[arg(long, value_name = "ADDR", env = "MOAT_E2B_LISTEN")]
-    pub e2b: Option<std::net::SocketAddr>,
-    /// E2B API: the domain told to the SDKs; `Sandbox.get_host(port)` is `<port>-<id>.<domain>`,
-    /// which the E2B listener routes to that guest port [default: `localhost:<port of --e2b>`].
-    #[arg(long, value_name = "DOMAIN", env = "MOAT_E2B_DOMAIN")]
-    pub e2b_domain: Option<String>,
-    /// E2B API: the image behind E2B's default template `base` (other templates are image names).
-    #[arg(long, value_name = "IMAGE", env = "MOAT_E2B_IMAGE", default_value = moat_api::DEFAULT_IMAGE)]
-    pub e2b_image: String,
-    /// E2B API: serve --e2b on a non-loopback address although it is plain HTTP: anyone on the
-    /// network path can read the API key and every command and file.
-    #[arg(long)]
-    pub e2b_insecure: bool,
-}
-
-/// `moat e2b …`.
-#[derive(Debug, Subcommand)]
-pub enum E2bCommand {
-    /// Print the environment the `e2b` SDKs need to use this home's daemon (E2B_API_URL,
-    /// E2B_SANDBOX_URL, E2B_API_KEY), as shell `export` lines: `eval "$(moat e2b env)"`.
-    Env,
-}
-
-/// What an MCP session may do (`moat mcp`).
-#[derive(Debug, Args)]
-pub struct McpArgs {
-    /// Let the session see and use every sandbox, not only the ones it creates.
-    #[arg(long)]
-    pub all_sandboxes: bool,
-    /// Most sandboxes the session may own at once.
-    #[arg(long, value_name = "N", default_value_t = 8)]
-    pub max_sandboxes: usize,
-    /// Most commands (exec and background processes) the session may start per minute.
-    #[arg(long, value_name = "N", default_value_t = 120)]
-    pub exec_rate: u32,
-    /// Default limit of each output stream a tool returns (e.g. 32K); a call may ask for up to 1M.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "32K")]
-    pub max_output: u64,
-    /// Image of new sandboxes when the agent names none.
-    #[arg(long, env = "MOAT_IMAGE", default_value = moat_api::DEFAULT_IMAGE)]
-    pub image: String,
-    /// Remove a sandbox the agent created once it has been unused this long (every tool call on
-    /// it starts the clock again); the agent may choose another when it creates one.
-    #[arg(long, value_parser = parse_duration, default_value = "1h")]
-    pub idle_timeout: Duration,
-    /// The host directory that the upload and download tools may read and write [default: the
-    /// working directory].
-    #[arg(long, value_name = "DIR", conflicts_with = "no_host_files")]
-    pub host_dir: Option<PathBuf>,
-    /// Turn the upload and download tools off.
-    #[arg(long)]
-    pub no_host_files: bool,
-    /// Let port forwards listen on any host address, not only on loopback (127.0.0.1, ::1).
-    #[arg(long)]
-    pub allow_public_ports: bool,
-    /// Most virtual CPUs of one sandbox.
-    #[arg(long, value_name = "N", default_value_t = moat_mcp::DEFAULT_MAX_CPUS)]
-    pub max_cpus: u32,
-    /// Most memory of one sandbox, in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = moat_mcp::DEFAULT_MAX_MEMORY_MIB)]
-    pub max_memory: u32,
-    /// Largest root disk of one sandbox, in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = moat_mcp::DEFAULT_MAX_DISK_MIB)]
-    pub max_disk: u64,
-}
-
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Print every setting's effective value and its source. Settings come from flags, then
@@ -771,20 +532,6 @@ pub enum ConfigCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-#[derive(Debug, Args)]
-pub struct DoctorArgs {
-    /// Print the checks as JSON.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct SetupArgs {
-    /// Only print what would be installed.
-    #[arg(long)]
-    pub dry_run: bool,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
