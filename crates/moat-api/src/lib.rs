@@ -3,10 +3,13 @@
 
 use serde::{Deserialize, Serialize};
 
+mod bundle;
+mod df;
 mod error;
 mod events;
 mod exec;
 mod files;
+mod idle;
 mod image;
 mod labels;
 mod mount;
@@ -18,6 +21,8 @@ mod snapshot;
 mod terminal;
 mod volume;
 
+pub use bundle::{CreateBundle, MAX_BUNDLE_SANDBOXES};
+pub use df::{DiskUsage, DiskUse, Reclaimable};
 pub use error::{ApiError, ErrorCode};
 pub use events::{Event, LifecycleEntry, LogSource, IMAGE_EVENT, IMAGE_MISSING};
 pub use exec::{
@@ -25,6 +30,7 @@ pub use exec::{
     STDERR_TAG, STDOUT_TAG,
 };
 pub use files::{ChangeMode, Listing, MakeDir, RemovePath, RenamePath};
+pub use idle::{IdlePolicy, OnIdle, MAX_IDLE_SECS};
 pub use image::{BuildImage, ImageInfo, ImageProgress, PullImage};
 pub use labels::{
     parse_label, validate_label_key, validate_labels, LabelSelector, MAX_LABELS, MAX_LABEL_KEY, MAX_LABEL_VALUE,
@@ -78,6 +84,18 @@ pub struct Health {
     pub kernel_path: String,
     pub sandboxes: usize,
     pub max_sandboxes: usize,
+    /// Seconds since the daemon started.
+    #[serde(default)]
+    pub uptime_secs: u64,
+    /// The unix socket it serves.
+    #[serde(default)]
+    pub socket: String,
+    /// Its TCP listener, `tcp://ADDR` or `https://ADDR`, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<String>,
+    /// The systemd unit it runs as, when systemd started it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub systemd_unit: Option<String>,
 }
 
 /// Parse `90`, `90s`, `500ms`, `5m`, `2h`, `1d` into a duration.

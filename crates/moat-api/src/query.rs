@@ -36,9 +36,23 @@ pub struct EventsQuery {
     /// now on (with `follow`).
     #[serde(default)]
     pub since: i64,
-    /// Keep the stream open and send new events as they happen; it never ends by itself.
+    /// Keep the stream open and send new events as they happen; it never ends by itself
+    /// (unless `until_ms` passes).
     #[serde(default)]
     pub follow: bool,
+    /// Only events of this sandbox: a name, id or id prefix (also of a sandbox removed since,
+    /// by its id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
+    /// Only events of this kind (`phase`, `net.refused`), or of kinds under a prefix (`net.*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Only events at or after this time (Unix milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_ms: Option<i64>,
+    /// Only events at or before this time (Unix milliseconds); a followed stream ends then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ms: Option<i64>,
 }
 
 /// `GET /v1/sandboxes/{ref}/logs`.
@@ -52,6 +66,13 @@ pub struct LogsQuery {
     /// Keep the stream open and send what is appended while the sandbox's VM is live.
     #[serde(default)]
     pub follow: bool,
+    /// Only the last this many lines (then, with `follow`, what is appended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<u64>,
+    /// Only what the guest wrote at or after this time (Unix milliseconds; the console's times
+    /// are known to a quarter of a second). The QEMU log has no times and refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<i64>,
 }
 
 /// `GET /v1/sandboxes/{ref}/processes/{pid}/attach`.

@@ -173,6 +173,9 @@ pub struct CreateSandbox {
     /// directories the snapshot was taken with, plus these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<crate::Mount>,
+    /// Stop, pause or remove the sandbox once it has been idle this long (see `IdlePolicy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<crate::IdlePolicy>,
 }
 
 /// When a create makes its image.
@@ -247,6 +250,9 @@ pub struct SandboxInfo {
     /// Its volumes and host directories.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<crate::Mount>,
+    /// What happens when it has been idle for a while, if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<crate::IdlePolicy>,
 }
 
 /// How a running sandbox's QEMU is confined on the host.

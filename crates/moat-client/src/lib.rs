@@ -1,14 +1,15 @@
-//! Typed client of the moat daemon's REST API over its unix socket, or in memory for a front the
-//! daemon serves itself. The CLI, the MCP server and the tests all use it, so there is one way to
+//! Typed client of the moat daemon's REST API over its unix socket, over TCP or TLS with a bearer
+//! token (see [`Endpoint`]), or in memory for a front the daemon serves itself. The CLI, the MCP server and the tests all use it, so there is one way to
 //! talk to sandboxes.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, Stream, StreamExt};
 use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode};
+use hyper::{Method, StatusCode};
 use hyper_util::rt::TokioIo;
 use moat_api::{
     ApiError, BuildImage, ChangeAllowlist, CreateSandbox, CreateSnapshot, ErrorCode, Event, ExecClientMessage,
@@ -19,7 +20,6 @@ use moat_api::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::UnixStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 /// A failed API call.
@@ -27,6 +27,20 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 pub enum ClientError {
     #[error("cannot reach the moat daemon at {path}")]
     Connect { path: String, source: std::io::Error },
+    /// A TCP or HTTPS daemon's address could not be connected to.
+    #[error("cannot reach the moat daemon at {addr}")]
+    Unreachable { addr: String, source: std::io::Error },
+    #[error("no connection to the moat daemon at {addr} within {after:?}")]
+    Timeout { addr: String, after: Duration },
+    #[error("the TLS handshake with the moat daemon at {addr} failed")]
+    Tls { addr: String, source: std::io::Error },
+    #[error("cannot use {} as the CA of the daemon's certificate: {reason}", path.display())]
+    TlsCa { path: PathBuf, reason: String },
+    #[error("{given:?} is not a daemon address: {reason}")]
+    Endpoint { given: String, reason: &'static str },
+    /// A TCP daemon refused the bearer token (or its absence).
+    #[error("the moat daemon at {addr} refused the request: {}", if *sent { "wrong token" } else { "no token" })]
+    Unauthorized { addr: String, sent: bool },
     /// The daemon answered with an error; its hint is the daemon's.
     #[error("{}", .0.message)]
     Api(ApiError),
@@ -38,6 +52,27 @@ impl moat_hint::Hint for ClientError {
     fn hint(&self) -> Option<std::borrow::Cow<'static, str>> {
         match self {
             ClientError::Connect { .. } => Some("start it with `moat serve` (the CLI starts one on its own)".into()),
+            ClientError::Unreachable { .. } | ClientError::Timeout { .. } => Some(
+                "check the address (MOAT_HOST or --host) and that the daemon there runs `moat serve --tcp ADDR`".into(),
+            ),
+            ClientError::Tls { .. } => Some(
+                "a daemon with a self-signed certificate needs it (or its CA) given with --tls-ca FILE (MOAT_TLS_CA); \
+                 the address's host must be a name or address the certificate is for"
+                    .into(),
+            ),
+            ClientError::TlsCa { .. } => Some(
+                "give a PEM file of the certificate the daemon's --tls-cert is signed by \
+                 (for a self-signed one, that certificate itself)"
+                    .into(),
+            ),
+            ClientError::Endpoint { .. } => {
+                Some("write tcp://HOST:PORT, https://HOST:PORT or unix:///PATH/moat.sock".into())
+            }
+            ClientError::Unauthorized { .. } => Some(
+                "give the daemon's token (the file $MOAT_HOME/token on its host) in MOAT_TOKEN, or its file with \
+                 --token-file FILE (MOAT_TOKEN_FILE)"
+                    .into(),
+            ),
             ClientError::Api(e) => (!e.hint.is_empty()).then(|| e.hint.clone().into()),
             ClientError::Transport(_) => Some("the daemon may have stopped; see $MOAT_HOME/daemon.log".into()),
         }
@@ -112,8 +147,10 @@ async fn follow_progress(
     Err(transport("the daemon ended the operation without a result"))
 }
 
+mod connect;
 pub mod copy;
 mod files;
+pub use connect::Endpoint;
 pub use copy::CopyError;
 pub use files::Download;
 
@@ -128,44 +165,38 @@ pub type Connector = Arc<dyn Fn() -> Box<dyn Io> + Send + Sync>;
 #[derive(Clone)]
 pub struct Client {
     target: Target,
+    /// The bearer token of a TCP daemon.
+    token: Option<Arc<str>>,
+    /// How long opening a connection may take (see [`Client::with_connect_timeout`]).
+    connect_timeout: Option<Duration>,
 }
 
 #[derive(Clone)]
 enum Target {
     Socket(PathBuf),
     InProcess(Connector),
+    Tcp { addr: String },
+    Tls { addr: String, name: rustls::pki_types::ServerName<'static>, tls: tokio_rustls::TlsConnector },
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.target {
-            Target::Socket(path) => f.debug_struct("Client").field("socket", path).finish(),
-            Target::InProcess(_) => f.debug_struct("Client").field("in_process", &true).finish(),
-        }
+        // Never the token.
+        f.debug_struct("Client").field("endpoint", &self.endpoint()).finish()
     }
 }
 
 impl Client {
     /// A client of the daemon listening on `socket`.
     pub fn new(socket: &Path) -> Client {
-        Client { target: Target::Socket(socket.to_path_buf()) }
+        Client { target: Target::Socket(socket.to_path_buf()), token: None, connect_timeout: None }
     }
 
     /// A client of a daemon in this process: `connect` opens an in-memory connection that the
     /// daemon serves with the same router as its socket (`moat_daemon::Door`), so a front mounted
     /// in the daemon behaves exactly like one outside it, without going through a socket.
     pub fn in_process(connect: Connector) -> Client {
-        Client { target: Target::InProcess(connect) }
-    }
-
-    async fn connect(&self) -> Result<Box<dyn Io>, ClientError> {
-        match &self.target {
-            Target::Socket(socket) => match UnixStream::connect(socket).await {
-                Ok(stream) => Ok(Box::new(stream)),
-                Err(source) => Err(ClientError::Connect { path: socket.display().to_string(), source }),
-            },
-            Target::InProcess(connect) => Ok(connect()),
-        }
+        Client { target: Target::InProcess(connect), token: None, connect_timeout: None }
     }
 
     /// One request; returns the status and the response body stream.
@@ -179,12 +210,15 @@ impl Client {
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(transport)?;
         tokio::spawn(conn);
-        let mut req = Request::builder().method(method).uri(path).header("host", "moat");
+        let mut req = self.request(method, path);
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(transport)?;
         let resp = sender.send_request(req).await.map_err(transport)?;
+        if let Some(refused) = self.refused(resp.status()) {
+            return Err(refused);
+        }
         Ok((resp.status(), resp.into_body()))
     }
 
@@ -343,16 +377,17 @@ impl Client {
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(transport)?;
         // The connection task must run for the upgrade to complete; it ends with it.
         tokio::spawn(conn.with_upgrades());
-        let req = Request::builder()
-            .method(Method::GET)
-            .uri(format!("/v1/sandboxes/{}/ports/{guest_port}/connect", segment(reference)))
-            .header("host", "moat")
+        let req = self
+            .request(Method::GET, &format!("/v1/sandboxes/{}/ports/{guest_port}/connect", segment(reference)))
             .header(hyper::header::CONNECTION, "upgrade")
             .header(hyper::header::UPGRADE, "tcp")
             .body(Full::new(Bytes::new()))
             .map_err(transport)?;
         let resp = sender.send_request(req).await.map_err(transport)?;
         let status = resp.status();
+        if let Some(refused) = self.refused(status) {
+            return Err(refused);
+        }
         if status != StatusCode::SWITCHING_PROTOCOLS {
             let bytes = resp.into_body().collect().await.map_err(transport)?.to_bytes();
             return Err(match serde_json::from_slice::<ApiError>(&bytes) {
@@ -370,6 +405,30 @@ impl Client {
 
     pub async fn gc(&self) -> Result<Reclaimed, ClientError> {
         self.call(Method::POST, "/v1/gc", None::<&()>).await
+    }
+
+    /// Disk use by kind, and what prune and gc would free (`moat df`).
+    pub async fn df(&self) -> Result<moat_api::DiskUsage, ClientError> {
+        self.call(Method::GET, "/v1/df", None::<&()>).await
+    }
+
+    /// A support bundle (a gzipped tar, secrets redacted by the daemon).
+    pub async fn bundle(&self, req: &moat_api::CreateBundle) -> Result<Bytes, ClientError> {
+        let body = serde_json::to_vec(req).expect("CreateBundle serializes");
+        let (status, incoming) = self.send(Method::POST, "/v1/bundle", Some(body)).await?;
+        let bytes = incoming.collect().await.map_err(transport)?.to_bytes();
+        if !status.is_success() {
+            return Err(match serde_json::from_slice::<ApiError>(&bytes) {
+                Ok(e) => ClientError::Api(e),
+                Err(_) => transport(format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes))),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// A fresh, consistent copy of the daemon's state database (an SQLite file), as it streams.
+    pub async fn backup_state(&self) -> Result<impl Stream<Item = Result<Bytes, ClientError>>, ClientError> {
+        self.stream("/v1/state/backup").await
     }
 
     pub async fn images(&self) -> Result<Vec<ImageInfo>, ClientError> {
@@ -439,14 +498,15 @@ impl Client {
         tokio::spawn(conn);
         let frames =
             tokio_util::io::ReaderStream::with_capacity(body, 64 << 10).map(|r| r.map(hyper::body::Frame::data));
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "moat")
+        let req = self
+            .request(method, path)
             .header("content-type", content_type)
             .body(http_body_util::StreamBody::new(frames))
             .map_err(transport)?;
         let resp = sender.send_request(req).await.map_err(transport)?;
+        if let Some(refused) = self.refused(resp.status()) {
+            return Err(refused);
+        }
         Ok((resp.status(), resp.into_body()))
     }
 
@@ -473,13 +533,32 @@ impl Client {
         self.stream(&path).await
     }
 
+    /// A log as a stream of chunks, with every option of the query (tail, since).
+    pub async fn logs_query(
+        &self,
+        reference: &str,
+        q: &moat_api::LogsQuery,
+    ) -> Result<impl Stream<Item = Result<Bytes, ClientError>>, ClientError> {
+        let query = serde_urlencoded::to_string(q).map_err(transport)?;
+        self.stream(&format!("/v1/sandboxes/{}/logs?{query}", segment(reference))).await
+    }
+
     /// Events (NDJSON lines) after `since`; with `follow` the stream stays open.
     pub async fn events(
         &self,
         since: i64,
         follow: bool,
     ) -> Result<impl Stream<Item = Result<Event, ClientError>>, ClientError> {
-        let chunks = self.stream(&format!("/v1/events?since={since}&follow={follow}")).await?;
+        self.events_query(&moat_api::EventsQuery { since, follow, ..Default::default() }).await
+    }
+
+    /// Events (NDJSON lines) that match the query's filters.
+    pub async fn events_query(
+        &self,
+        q: &moat_api::EventsQuery,
+    ) -> Result<impl Stream<Item = Result<Event, ClientError>>, ClientError> {
+        let query = serde_urlencoded::to_string(q).map_err(transport)?;
+        let chunks = self.stream(&format!("/v1/events?{query}")).await?;
         let mut buf = Vec::new();
         Ok(chunks.flat_map(move |chunk| {
             let mut out = Vec::new();
@@ -559,18 +638,26 @@ impl Client {
     }
 
     async fn websocket(&self, path: &str) -> Result<Ws, ClientError> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let stream = self.connect().await?;
-        let (ws, _) =
-            tokio_tungstenite::client_async(format!("ws://moat{path}"), stream).await.map_err(|e| match e {
-                tokio_tungstenite::tungstenite::Error::Http(resp) => {
-                    let body = resp.body().clone().unwrap_or_default();
-                    match serde_json::from_slice::<ApiError>(&body) {
-                        Ok(e) => ClientError::Api(e),
-                        Err(_) => transport(format!("HTTP {}", resp.status())),
-                    }
+        let mut req = format!("ws://{}{path}", self.authority()).into_client_request().map_err(transport)?;
+        if let Some(token) = &self.token {
+            let value = format!("Bearer {token}").parse().map_err(transport)?;
+            req.headers_mut().insert(hyper::header::AUTHORIZATION, value);
+        }
+        let (ws, _) = tokio_tungstenite::client_async(req, stream).await.map_err(|e| match e {
+            tokio_tungstenite::tungstenite::Error::Http(resp) if self.refused(resp.status()).is_some() => {
+                self.refused(resp.status()).expect("checked by the guard")
+            }
+            tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                let body = resp.body().clone().unwrap_or_default();
+                match serde_json::from_slice::<ApiError>(&body) {
+                    Ok(e) => ClientError::Api(e),
+                    Err(_) => transport(format!("HTTP {}", resp.status())),
                 }
-                e => transport(e),
-            })?;
+            }
+            e => transport(e),
+        })?;
         Ok(ws)
     }
 }

@@ -86,7 +86,15 @@ impl Service {
         let dir = self.run_dir(id);
         let run_root = self.rt.config.run_dir();
         let qemu = self.launcher.find_qemus(&run_root).into_iter().find(|(_, d)| *d == dir).map(|(pid, _)| pid);
-        let decision = takeover(info.phase, qemu, SavedMachine::of(&dir));
+        let decision = match qemu {
+            // Recorded, but removed since: the state is older than the home (a restored backup).
+            None if !dir.exists() => Takeover::Fail(
+                "its QEMU ended while no daemon was running, and its files are gone: it was removed after this \
+                 state was recorded (a restored backup?); `moat rm` removes the record"
+                    .into(),
+            ),
+            _ => takeover(info.phase, qemu, SavedMachine::of(&dir)),
+        };
         tracing::info!(sandbox = %id, phase = %info.phase, ?qemu, ?decision, "taking over a sandbox after a restart");
         match decision {
             Takeover::Adopt(pid) => self.adopt(info, pid).await,

@@ -13,6 +13,7 @@ mod guest_stream;
 pub mod http;
 pub mod launcher;
 pub mod listen;
+pub mod metrics;
 pub mod net;
 pub mod phase;
 mod secrets_store;
@@ -56,6 +57,8 @@ pub struct ServeConfig {
     pub idle_exit: Option<Duration>,
     /// Move a damaged or missing state database aside and start with an empty one.
     pub reset_state: bool,
+    /// How long events, state backups and ended sandboxes are kept.
+    pub retention: service::backups::Retention,
 }
 
 /// Errors that keep the daemon from starting.
@@ -137,6 +140,7 @@ pub async fn serve(cfg: ServeConfig, fronts: impl FnOnce(Door) -> axum::Router) 
     // Guest memory and disks go under the home: whatever the daemon, QEMU or qemu-img creates
     // there is the owner's alone.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let started = std::time::Instant::now();
     let home = cfg.runtime.home.clone();
     // Settings that cannot work fail before anything is touched.
     let access = listen::SocketAccess::decide(cfg.group.as_deref(), listen::group_id)?;
@@ -159,7 +163,8 @@ pub async fn serve(cfg: ServeConfig, fronts: impl FnOnce(Door) -> axum::Router) 
         }
     }
     // The state first: a damaged database must stop us before anything is touched.
-    let db = Db::open(&home)?;
+    let mut db = Db::open(&home)?;
+    db.set_event_retention(cfg.retention.events)?;
     let rt = Runtime::prepare(cfg.runtime.clone()).await?;
     // An operator who needs the hardware boundary learns at once that this host cannot give it.
     if let Some(refused) = service::admission::kvm_refusal(&cfg.limits, &rt.accel) {
@@ -209,21 +214,30 @@ pub async fn serve(cfg: ServeConfig, fronts: impl FnOnce(Door) -> axum::Router) 
             let addr = listener.local_addr().map_err(io("reading the TCP address"))?;
             let scheme = if tls.is_some() { "https" } else { "http" };
             tracing::info!(%addr, scheme, "moat daemon listening on TCP (bearer token in $MOAT_HOME/token)");
-            Some(tokio::spawn(listen::serve_tcp(listener, tls, tcp_app)))
+            let url = format!("{}://{addr}", if scheme == "https" { "https" } else { "tcp" });
+            Some((url, tokio::spawn(listen::serve_tcp(listener, tls, tcp_app))))
         }
         None => None,
     };
+    let _ = svc.listening.set(service::Listening {
+        started,
+        socket: sock.display().to_string(),
+        tcp: tcp.as_ref().map(|(url, _)| url.clone()),
+    });
 
     let reaper = {
         let svc = svc.clone();
+        let prune_after = cfg.retention.prune_after;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 svc.reap_expired().await;
+                svc.keep_tidy(prune_after).await;
             }
         })
     };
 
+    let backups = tokio::spawn(svc.clone().back_up_periodically(cfg.retention.backups));
     let mut term = signal(SignalKind::terminate()).map_err(io("installing the SIGTERM handler"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io("installing the SIGINT handler"))?;
     let idle = async {
@@ -245,7 +259,8 @@ pub async fn serve(cfg: ServeConfig, fronts: impl FnOnce(Door) -> axum::Router) 
         r = unix => tracing::error!(?r, "the unix socket server stopped"),
     }
     reaper.abort();
-    if let Some(t) = tcp {
+    backups.abort();
+    if let Some((_, t)) = tcp {
         t.abort();
     }
     svc.detach_all();

@@ -263,7 +263,7 @@ impl Service {
         let config = StackConfig { policy: policy.clone(), dns, on_refused, secrets, limits, host_addresses };
         let nic = moat_vmm::connect_vm_socket(&dir.join(moat_vmm::run_files::NET_SOCKET)).await;
         let stack = nic
-            .and_then(|nic| Stack::over(nic, config))
+            .and_then(|nic| Stack::counted(nic, config, self.metrics.traffic(&info.id, &info.name)))
             .map_err(|e| ServiceError::internal(format!("connecting the network stack to QEMU's NIC socket: {e}")))?;
         let live = LiveNet { pid: sandbox.pid(), stack, policy, forwards: Mutex::new(HashMap::new()) };
         self.nets.lock().expect("no panics while held").insert(info.id.clone(), Arc::new(live));

@@ -6,11 +6,16 @@
 //! submodules hold the operations on a running sandbox, each an `impl Service` block.
 
 pub mod admission;
+pub mod backups;
+mod bundle;
+mod df;
 mod events;
 pub mod exec;
 pub mod files;
 mod first_use;
 mod health;
+mod idle;
+pub(crate) use health::Listening;
 mod images;
 mod isolation;
 pub mod labels;
@@ -106,6 +111,12 @@ pub struct Service {
     volume_locks: KeyedLocks,
     /// The tasks serving running sandboxes' host directories.
     pub(crate) host_servers: mounts::HostServers,
+    /// Where the daemon listens and since when, once it does (see [`health`]).
+    pub(crate) listening: std::sync::OnceLock<health::Listening>,
+    /// What `GET /metrics` reports (see [`crate::metrics`]).
+    pub(crate) metrics: crate::metrics::Metrics,
+    /// When each running sandbox was last used (for idle policies).
+    pub(crate) activity: Arc<idle::Activity>,
 }
 
 /// One async lock per key (a sandbox id, a template key, an image name), made on first use.
@@ -155,6 +166,9 @@ impl Service {
             volume_claims: tokio::sync::Mutex::default(),
             volume_locks: KeyedLocks::default(),
             host_servers: mounts::HostServers::default(),
+            listening: std::sync::OnceLock::new(),
+            metrics: crate::metrics::Metrics::default(),
+            activity: Arc::default(),
         })
     }
 
@@ -202,7 +216,11 @@ impl Service {
         let mut found = self.db(|db| db.candidates(reference))?;
         match found.len() {
             0 => Err(not_found(reference)),
-            1 => Ok(found.remove(0)),
+            1 => {
+                // Every operation on a sandbox starts here: it is in use.
+                self.activity.touch(&found[0].id);
+                Ok(found.remove(0))
+            }
             n => Err(ServiceError::new(
                 ErrorCode::AmbiguousRef,
                 format!("{reference:?} matches {n} sandboxes"),
@@ -339,6 +357,7 @@ impl Service {
             labels: req.labels.clone(),
             env: req.env.clone(),
             mounts,
+            idle: req.idle,
         };
         // Held from before the record exists, so no other operation sees it half made.
         let lock = self.op_lock(&id);
@@ -347,13 +366,15 @@ impl Service {
         self.db(|db| Ok(self.admit(db, &ask).and_then(|()| Ok(db.insert(&info)?))))??;
         self.keep_secrets(&info)?;
         if let Some(snapshot) = snapshot {
-            return self.launch(&info, &spec, Launch::Snapshot(&snapshot.id)).await;
+            let launch = self.launch(&info, &spec, Launch::Snapshot(&snapshot.id));
+            return self.metrics.launch(crate::metrics::LaunchKind::Snapshot, launch).await;
         }
         // A sandbox with secrets has moat's CA in its trust store: no template is made of it.
         if req.template.unwrap_or(self.limits.templates) && info.net.secrets.is_empty() {
             return self.create_from_template(&info, &spec).await;
         }
-        self.launch(&info, &spec, Launch::Boot { fresh: true }).await
+        let launch = self.launch(&info, &spec, Launch::Boot { fresh: true });
+        self.metrics.launch(crate::metrics::LaunchKind::Cold, launch).await
     }
 
     /// Start a recorded sandbox (phase creating, stopped, expired, failed or paused) from
@@ -609,6 +630,7 @@ impl Service {
         self.release_snapshots(&info.id)?;
         self.db(|db| db.delete(&info.id))?;
         self.ops.forget(&info.id);
+        self.metrics.forget(&info.id);
         Ok(info)
     }
 

@@ -8,12 +8,13 @@
 //! *before* the caller acts on it.
 //!
 //! Events are kept for [`EVENTS_MAX_AGE_MS`], at most [`EVENTS_PER_SANDBOX`] per sandbox and
-//! [`EVENTS_MAX`] in all: a guest can cause them (refused connections, every few milliseconds,
+//! [`EVENTS_MAX`] in all unless [`EventRetention`] says otherwise: a guest can cause them (refused connections, every few milliseconds,
 //! for as long as it runs), so they must not grow the disk without bound.
 //!
 //! A deleted or damaged database is never silently replaced by an empty one: a marker file next to
 //! it (`state.id`) remembers that a database existed, and [`Db::open`] refuses to start without it.
 
+pub mod backup;
 mod events;
 mod migrations;
 mod sandboxes;
@@ -28,7 +29,7 @@ use moat_api::Phase;
 use moat_hint::Hint;
 use rusqlite::Connection;
 
-pub use events::{EVENTS_MAX, EVENTS_MAX_AGE_MS, EVENTS_PER_SANDBOX};
+pub use events::{EventRetention, EVENTS_MAX, EVENTS_MAX_AGE_MS, EVENTS_PER_SANDBOX};
 
 /// Errors of the state store; [`Hint`] says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +130,7 @@ impl Db {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         let mut this = Db { conn };
         this.migrate(home, &db)?;
+        events::init_retention(&this.conn)?;
         let id = this.state_id()?;
         match std::fs::read_to_string(&marker) {
             Ok(m) if m.trim() == id => {}
@@ -206,6 +208,7 @@ pub(crate) mod tests {
             labels: Default::default(),
             env: Vec::new(),
             mounts: Vec::new(),
+            idle: None,
         }
     }
 

@@ -231,6 +231,10 @@ impl Drop for Running {
     }
 }
 
+/// How the lines debootstrap prints begin among a build's progress lines: a front shows them as
+/// the current step, not one by one (there are hundreds), and the daemon logs them all.
+pub const TOOL_OUTPUT: &str = "debootstrap: ";
+
 fn run_debootstrap(
     debootstrap: &Path,
     recipe: &DebianRecipe,
@@ -286,7 +290,7 @@ fn run_debootstrap(
     drop(tx);
     let mut tail = std::collections::VecDeque::with_capacity(TAIL_LINES);
     for line in rx {
-        progress(&line);
+        progress(&format!("{TOOL_OUTPUT}{line}"));
         if tail.len() == TAIL_LINES {
             tail.pop_front();
         }

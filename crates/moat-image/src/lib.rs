@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use moat_hint::Hint;
 
 pub use agent::find_agent;
-pub use build::{build_debian, DebianRecipe, DEFAULT_DEBIAN_MIRROR};
+pub use build::{build_debian, DebianRecipe, DEFAULT_DEBIAN_MIRROR, TOOL_OUTPUT};
 pub use import::import_archive;
 pub use initramfs::build_initramfs;
 pub use kernel::{find_kernel, find_kernel_in, Kernel};

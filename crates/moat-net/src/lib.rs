@@ -13,7 +13,7 @@ pub mod tls;
 
 pub use moat_proto::net::{DNS_IP, GUEST_IP, HOST_IP, HOST_NAME, MTU, PREFIX_LEN};
 pub use policy::{HostPattern, Policy, Rule};
-pub use stack::{ConnectGuestError, FlowLimits, GuestStream, Secrets, Stack, StackConfig};
+pub use stack::{ConnectGuestError, FlowLimits, GuestStream, Secrets, Stack, StackConfig, Traffic, RULES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {

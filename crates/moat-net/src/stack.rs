@@ -33,10 +33,12 @@ use crate::{DNS_IP, GUEST_IP, HOST_IP, MTU};
 
 mod flow;
 mod limits;
+mod traffic;
 mod udp;
 
 pub use flow::GuestStream;
 pub use limits::FlowLimits;
+pub use traffic::{Traffic, RULES};
 
 /// The stack's own MAC address (locally administered).
 const STACK_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
@@ -91,6 +93,7 @@ struct Inner {
     udp: Mutex<HashMap<(u16, SocketAddrV4), UdpFlow>>,
     dns_slots: Arc<Semaphore>,
     events: Mutex<EventBudget>,
+    traffic: Arc<Traffic>,
 }
 
 struct UdpFlow {
@@ -170,6 +173,11 @@ impl Stack {
 
     /// Run the stack on a stream that carries QEMU's framing (a length, then a frame).
     pub fn over(stream: UnixStream, cfg: StackConfig) -> io::Result<Stack> {
+        Stack::counted(stream, cfg, Arc::default())
+    }
+
+    /// [`Stack::over`], counting what it carries and refuses in `traffic`.
+    pub fn counted(stream: UnixStream, cfg: StackConfig, traffic: Arc<Traffic>) -> io::Result<Stack> {
         let mut dev = Queues::default();
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(STACK_MAC)));
         config.random_seed = rand::random();
@@ -203,10 +211,11 @@ impl Stack {
             udp: Mutex::new(HashMap::new()),
             dns_slots,
             events: Mutex::new(EventBudget { second: 0, used: 0, suppressed: 0 }),
+            traffic: traffic.clone(),
         });
         let (reader, writer) = stream.into_split();
         let (frames_tx, frames_rx) = mpsc::channel(256);
-        let read_task = tokio::spawn(read_frames(reader, frames_tx));
+        let read_task = tokio::spawn(read_frames(reader, frames_tx, traffic));
         let poll_task = tokio::spawn(poll_loop(inner.clone(), frames_rx, writer));
         Ok(Stack { inner, tasks: vec![read_task, poll_task] })
     }
@@ -236,6 +245,11 @@ impl Stack {
     /// accepted it; no host socket is involved. Waits at most 10 s for the guest's answer.
     pub async fn connect_guest(&self, guest_port: u16) -> Result<GuestStream, ConnectGuestError> {
         self.inner.connect_guest(guest_port).await
+    }
+
+    /// What this stack has carried and refused.
+    pub fn traffic(&self) -> &Arc<Traffic> {
+        &self.inner.traffic
     }
 }
 
@@ -275,7 +289,7 @@ impl Drop for Stack {
 }
 
 /// Frames from QEMU: a 4-byte big-endian length, then the frame.
-async fn read_frames(reader: tokio::net::unix::OwnedReadHalf, frames: mpsc::Sender<Vec<u8>>) {
+async fn read_frames(reader: tokio::net::unix::OwnedReadHalf, frames: mpsc::Sender<Vec<u8>>, traffic: Arc<Traffic>) {
     // Buffered: a length and a frame would otherwise be two reads per frame.
     let mut reader = tokio::io::BufReader::with_capacity(256 * 1024, reader);
     loop {
@@ -291,7 +305,11 @@ async fn read_frames(reader: tokio::net::unix::OwnedReadHalf, frames: mpsc::Send
             return;
         }
         let mut frame = vec![0; len];
-        if reader.read_exact(&mut frame).await.is_err() || frames.send(frame).await.is_err() {
+        if reader.read_exact(&mut frame).await.is_err() {
+            return;
+        }
+        traffic.sent_by_guest(len);
+        if frames.send(frame).await.is_err() {
             return;
         }
     }
@@ -316,6 +334,7 @@ async fn poll_loop(
         // Every frame of this round in one write.
         let mut buf = Vec::new();
         for frame in out.drain(..) {
+            inner.traffic.sent_to_guest(frame.len());
             buf.extend_from_slice(&(frame.len() as u32).to_be_bytes());
             buf.extend_from_slice(&frame);
         }
@@ -371,6 +390,8 @@ impl Core {
 
 impl Inner {
     fn refused(&self, message: String) {
+        // Counted before the event budget: the counts stay exact when the events do not.
+        self.traffic.refused(&message);
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
         let mut budget = self.events.lock().unwrap_or_else(|e| e.into_inner());
         if budget.second != now {

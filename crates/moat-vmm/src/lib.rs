@@ -27,7 +27,7 @@ pub use cgroup::{
 pub use command::{
     command_line, command_line_for, run_files, HostFacts, Memory, VmConfig, BASE_CMDLINE, SECCOMP_POLICY,
 };
-pub use console::{rotated_path as rotated_console_log, CONSOLE_LOG_CAP};
+pub use console::{rotated_path as rotated_console_log, since as console_since, CONSOLE_LOG_CAP};
 pub use exit::{Exit, ExitWatcher};
 pub use identity::{find_qemus_under, is_our_qemu};
 pub use jail::{

@@ -17,6 +17,7 @@ fn hint(e: &(dyn Error + 'static)) -> Option<Cow<'static, str>> {
         .or_else(|| hint_of::<moat_daemon::ServeError>(e))
         .or_else(|| hint_of::<moat_daemon::ServiceError>(e))
         .or_else(|| hint_of::<moat_daemon::StateError>(e))
+        .or_else(|| hint_of::<moat_daemon::state::backup::BackupError>(e))
         .or_else(|| hint_of::<moat_daemon::listen::ListenError>(e))
         .or_else(|| hint_of::<moat_sandbox::SandboxError>(e))
         .or_else(|| hint_of::<moat_sandbox::LinkError>(e))

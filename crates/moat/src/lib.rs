@@ -13,6 +13,7 @@ use cli::{Cli, Command};
 /// Run the parsed command line; returns the process exit code.
 pub async fn main(cli: Cli) -> anyhow::Result<i32> {
     let host = &cli.host;
+    cmd::image::VERBOSE.store(cli.verbose, std::sync::atomic::Ordering::Relaxed);
     match cli.command {
         Command::Run(args) => cmd::run::run(*args, host).await,
         Command::Exec(args) => cmd::run::exec(args, host).await,
@@ -20,7 +21,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Cp(args) => cmd::cp::cp(args, host).await,
         Command::Ps(args) => match args.sandbox {
             Some(sandbox) => cmd::process::list(&sandbox, args.json, host).await,
-            None => cmd::sandbox::ps(args, host).await,
+            None => cmd::ps::ps(args, host).await,
         },
         Command::Top { sandbox, json } => cmd::process::list(&sandbox, json, host).await,
         Command::Attach { process, no_replay } => cmd::process::attach(process, !no_replay, host).await,
@@ -44,7 +45,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Gc => cmd::sandbox::gc(host).await,
         Command::Image(cmd) => cmd::image::image(cmd, host).await,
         Command::Volume(cmd) => cmd::volume::volume(cmd, host).await,
-        Command::Serve(args) => cmd::daemon::serve(args, host).await,
+        Command::Serve(args) => cmd::daemon::serve(*args, host).await,
         Command::Mcp(args) => cmd::mcp::mcp(args, host).await,
         Command::E2b(crate::cli::E2bCommand::Env) => cmd::e2b::env(host).await,
         Command::Doctor(args) => cmd::doctor::doctor(args, host).await,

@@ -15,11 +15,20 @@ fn main() {
         std::process::exit(2);
     }
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into());
+    // `moat serve --log-file` writes its log itself, under a size cap; everything else to stderr.
+    match moat::cmd::daemon::log_file::of_command(&cli.command) {
+        Ok(Some(log)) => tracing_subscriber::fmt().with_env_filter(filter).with_writer(log).with_ansi(false).init(),
+        Ok(None) => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        Err(e) => {
+            eprintln!("moat: error: cannot open the --log-file: {e}");
+            std::process::exit(2);
+        }
+    }
     let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts on any Linux host");
     let code = match runtime.block_on(moat::main(cli)) {
         Ok(code) => code,

@@ -23,6 +23,9 @@ fn help(args: &[String]) -> String {
         "MOAT_MCP_MAX_CPUS",
         "MOAT_MCP_MAX_MEMORY",
         "MOAT_MCP_MAX_DISK",
+        "MOAT_HOST",
+        "MOAT_TLS_CA",
+        "MOAT_LOG_MAX_SIZE",
     ] {
         cmd.env_remove(var);
     }

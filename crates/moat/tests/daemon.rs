@@ -643,9 +643,9 @@ async fn the_cli_drives_a_detached_sandbox() {
         (out.status.code(), text(&out.stdout), text(&out.stderr))
     };
     let ps = || -> Vec<SandboxInfo> {
-        let (code, out, err) = moat(&["ps", "--json"]);
+        let (code, out, err) = moat(&["ps", "-a", "--json"]);
         assert_eq!(code, Some(0), "{err}");
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("ps --json prints sandboxes: {e}: {out}"))
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("ps -a --json prints sandboxes: {e}: {out}"))
     };
 
     let (code, out, err) = moat(&["run", "-d", "--name", "box", "--ttl", "30m", "--memory", "256"]);

@@ -71,7 +71,7 @@ impl Front {
 
     /// The sandboxes `moat ps` lists.
     fn sandboxes(&self) -> Vec<serde_json::Value> {
-        let out = moat_in(&self.home).args(["ps", "--json"]).stdin(Stdio::null()).output().expect("moat runs");
+        let out = moat_in(&self.home).args(["ps", "-a", "--json"]).stdin(Stdio::null()).output().expect("moat runs");
         assert!(out.status.success(), "moat ps: {}", text(&out.stderr));
         let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("moat ps --json prints JSON");
         list.as_array().cloned().unwrap_or_default()

@@ -13,7 +13,7 @@ use moat_client::Client;
 
 /// The names `moat ps` lists for these arguments, sorted.
 fn ps_names(h: &std::path::Path, args: &[&str]) -> Vec<String> {
-    let out = moat_ok(h, &[&["ps", "--json"], args].concat());
+    let out = moat_ok(h, &[&["ps", "-a", "--json"], args].concat());
     let list: Vec<moat_api::SandboxInfo> = serde_json::from_str(&out).expect("ps --json is a list of sandboxes");
     let mut names: Vec<String> = list.into_iter().map(|s| s.name).collect();
     names.sort();

@@ -76,7 +76,8 @@ fn run_client(home: &Path, args: &[&str]) {
 }
 
 fn sandbox_names(home: &Path) -> Vec<String> {
-    let list: serde_json::Value = serde_json::from_str(&moat_ok(home, &["ps", "--json"])).expect("ps prints JSON");
+    let list: serde_json::Value =
+        serde_json::from_str(&moat_ok(home, &["ps", "-a", "--json"])).expect("ps prints JSON");
     list.as_array().expect("a list").iter().map(|s| s["name"].as_str().unwrap_or_default().to_string()).collect()
 }
 

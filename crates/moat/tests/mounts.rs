@@ -246,5 +246,5 @@ fn bad_mounts_are_refused_before_anything_boots() {
     }
     let e = moat_fails(h, &["run", "--memory", "256", "-v", "./:/a", "-v", "./:/a/b", "--", "true"]);
     assert!(e.contains("overlap"), "{e}");
-    assert!(moat_ok(h, &["ps", "--json"]).trim() == "[]", "nothing was made");
+    assert!(moat_ok(h, &["ps", "-a", "--json"]).trim() == "[]", "nothing was made");
 }

@@ -28,7 +28,7 @@ fn json(h: &Path, args: &[&str]) -> serde_json::Value {
 
 /// The sandbox's record, or `None` once it is gone.
 fn sandbox(h: &Path, name: &str) -> Option<serde_json::Value> {
-    json(h, &["ps", "--json"]).as_array().expect("a list").iter().find(|s| s["name"] == name).cloned()
+    json(h, &["ps", "-a", "--json"]).as_array().expect("a list").iter().find(|s| s["name"] == name).cloned()
 }
 
 fn phase(h: &Path, name: &str) -> String {
@@ -156,7 +156,7 @@ fn assert_no_leaks(h: &Path, after: &str) {
             .iter()
             .filter_map(|s| s["id"].as_str().map(String::from))
             .collect();
-        let mut running: Vec<u64> = json(h, &["ps", "--json"])
+        let mut running: Vec<u64> = json(h, &["ps", "-a", "--json"])
             .as_array()
             .expect("a list")
             .iter()

@@ -4,14 +4,17 @@
 //! with. A test keeps docs/openapi.json equal to [`to_json`], and an end-to-end test runs
 //! schemathesis against a daemon with it.
 
+mod bundle;
 mod files;
 mod images;
 mod net;
+mod ops;
 mod params;
 mod processes;
 mod sandboxes;
 pub(crate) mod schemas;
 mod snapshots;
+mod state;
 mod volumes;
 
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -111,6 +114,10 @@ HTTP).";
         images::remove_image,
         sandboxes::prune,
         sandboxes::gc,
+        state::backup_state,
+        ops::disk_usage,
+        ops::metrics,
+        bundle::create_bundle,
         sandboxes::mcp_post,
         sandboxes::mcp_get,
         sandboxes::mcp_delete,

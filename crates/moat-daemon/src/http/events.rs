@@ -1,4 +1,4 @@
-//! The daemon's event log as NDJSON, optionally followed.
+//! The daemon's event log as NDJSON, filtered, optionally followed.
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
@@ -6,23 +6,14 @@ use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::Response;
 use futures_util::StreamExt;
-use serde::Deserialize;
+use moat_api::EventsQuery;
 
 use super::extract::{query, ApiResult, Svc};
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EventsQuery {
-    #[serde(default)]
-    since: i64,
-    #[serde(default)]
-    follow: bool,
-}
 
 /// Events as NDJSON, from `since` on; with `follow` the stream stays open for new ones.
 pub async fn events(State(svc): Svc, q: Result<Query<EventsQuery>, QueryRejection>) -> ApiResult<Response> {
     let q = query(q)?;
-    let stream = svc.events_since(q.since, q.follow).map(|batch| {
+    let stream = svc.events(&q)?.map(|batch| {
         let mut body = Vec::new();
         for e in &batch {
             serde_json::to_writer(&mut body, e).expect("events always serialize");

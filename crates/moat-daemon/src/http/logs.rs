@@ -5,19 +5,9 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::Response;
-use moat_api::LogSource;
-use serde::Deserialize;
+use moat_api::LogsQuery;
 
 use super::extract::{query, ApiResult, Svc};
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogsQuery {
-    #[serde(default)]
-    source: LogSource,
-    #[serde(default)]
-    follow: bool,
-}
 
 pub async fn logs(
     State(svc): Svc,
@@ -25,7 +15,7 @@ pub async fn logs(
     q: Result<Query<LogsQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
     let q = query(q)?;
-    let stream = svc.logs(&reference, q.source, q.follow)?;
+    let stream = svc.logs(&reference, &q)?;
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .body(Body::from_stream(stream))

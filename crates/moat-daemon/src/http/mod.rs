@@ -3,16 +3,19 @@
 //! HTTP and the service; fronts other than REST (MCP) are mounted beside it by the binary.
 
 mod auth;
+mod bundle;
 mod events;
 mod exec_ws;
 mod extract;
 mod files;
 mod images;
 mod logs;
+mod metrics;
 mod net;
 mod processes;
 mod sandboxes;
 mod snapshots;
+mod state;
 mod volumes;
 
 use std::sync::Arc;
@@ -43,6 +46,8 @@ pub fn router(svc: Arc<Service>) -> Router {
     Router::new()
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/v1/health", get(sandboxes::health))
+        .route("/metrics", get(metrics::metrics))
+        .route("/v1/df", get(metrics::disk_usage))
         .route("/v1/sandboxes", get(sandboxes::list).post(sandboxes::create))
         .route("/v1/sandboxes/{reference}", get(sandboxes::inspect).delete(sandboxes::remove))
         .route("/v1/sandboxes/{reference}/stop", post(sandboxes::stop))
@@ -92,6 +97,8 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/v1/images/{*name}", get(images::inspect).delete(images::remove))
         .route("/v1/prune", post(sandboxes::prune))
         .route("/v1/gc", post(sandboxes::gc))
+        .route("/v1/state/backup", get(state::backup))
+        .route("/v1/bundle", post(bundle::bundle))
         .fallback(|| async {
             ServiceError::new(ErrorCode::NotFound, "no such endpoint", "see /openapi.json for the endpoints")
         })
@@ -160,6 +167,7 @@ mod tests {
                 target: "/work".into(),
                 readonly: true,
             }],
+            idle: Some(moat_api::IdlePolicy { secs: 60, action: moat_api::OnIdle::Pause }),
         };
         assert_eq!(
             keys(&serde_json::to_value(create).unwrap()),

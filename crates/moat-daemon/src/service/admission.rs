@@ -50,7 +50,7 @@ pub enum HostProbe {
 }
 
 impl HostProbe {
-    fn read(self, home: &Path) -> Result<HostResources, ServiceError> {
+    pub(crate) fn read(self, home: &Path) -> Result<HostResources, ServiceError> {
         if let HostProbe::Fixed(host) = self {
             return Ok(host);
         }

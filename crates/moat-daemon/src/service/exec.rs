@@ -40,11 +40,15 @@ pub struct Session {
     marker: Option<Output>,
     /// The sandbox to remove once the session ends (`remove_sandbox_after`).
     one_shot: Option<(Arc<Service>, String)>,
+    /// Times an exec (not an attach) until its exit is read.
+    meter: Option<crate::metrics::ExecMeter>,
+    /// Keeps the sandbox from counting as idle while the session is open.
+    active: Option<super::idle::SessionGuard>,
 }
 
 impl Session {
     fn new(exec: Exec, max_output: Option<u64>) -> Session {
-        Session { exec, budget: OutputBudget::new(max_output), marker: None, one_shot: None }
+        Session { exec, budget: OutputBudget::new(max_output), marker: None, one_shot: None, meter: None, active: None }
     }
 
     /// The process's pid inside the guest.
@@ -72,7 +76,10 @@ impl Session {
                 ExecEvent::Stdout(d) => Output::Stdout(d),
                 ExecEvent::Stderr(d) => Output::Stderr(d),
                 ExecEvent::Exit(s) => {
-                    return Ok(Output::Exit { code: s.code, signal: s.signal, timed_out: s.timed_out })
+                    if let Some(meter) = self.meter.take() {
+                        meter.exited();
+                    }
+                    return Ok(Output::Exit { code: s.code, signal: s.signal, timed_out: s.timed_out });
                 }
             };
             let (admitted, marker) = self.budget.admit(output);
@@ -288,7 +295,10 @@ impl Service {
         let max_output = start.max_output_bytes;
         let request = exec_request(&info, &sandbox.image.config, start)?;
         let exec = sandbox.exec(request).await.map_err(start_error)?;
-        Ok((info.id, Session::new(exec, max_output)))
+        let mut session = Session::new(exec, max_output);
+        session.meter = Some(self.metrics.exec_started());
+        session.active = Some(self.activity.session(&info.id));
+        Ok((info.id, session))
     }
 
     /// Remove a sandbox whose exec session owned it; one already gone is fine.
@@ -303,12 +313,14 @@ impl Service {
     /// Follow a background process's output: what it printed before (with `replay`), then live,
     /// then its exit. Finishing the session leaves the process running.
     pub async fn attach(&self, reference: &str, pid: u32, replay: bool) -> Result<Session, ServiceError> {
-        let (_, sandbox) = self.running(reference)?;
+        let (info, sandbox) = self.running(reference)?;
         let exec = sandbox
             .file_stream(moat_proto::Request::Attach { pid, replay })
             .await
             .map_err(crate::error::process_error)?;
-        Ok(Session::new(exec, None))
+        let mut session = Session::new(exec, None);
+        session.active = Some(self.activity.session(&info.id));
+        Ok(session)
     }
 }
 

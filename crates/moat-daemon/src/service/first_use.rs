@@ -88,6 +88,7 @@ impl Service {
     }
 
     fn image_event(&self, name: &str, message: &str) {
+        tracing::info!(image = name, "{message}");
         let _ = self.db(|db| db.event(None, IMAGE_EVENT, &format!("{name}: {message}")));
     }
 }

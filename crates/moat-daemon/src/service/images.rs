@@ -146,7 +146,12 @@ impl Service {
         let recipe = moat_image::DebianRecipe::from_ref(&req.from, &req.packages).map_err(image_error)?;
         let svc = self.clone();
         Ok(self.in_background(move |progress| {
-            moat_image::build_debian(&svc.rt.images, &req.name, &recipe, progress).map_err(image_error)
+            // Every line in the daemon's log too: a front shows only the current step.
+            let mut logged = |line: &str| {
+                tracing::info!(image = %req.name, "{line}");
+                progress(line)
+            };
+            moat_image::build_debian(&svc.rt.images, &req.name, &recipe, &mut logged).map_err(image_error)
         }))
     }
 

@@ -53,32 +53,36 @@ impl Service {
         let Ok(all) = self.list() else { return };
         for s in all.into_iter().filter(|s| s.phase == Phase::Running && s.expires_at.is_some_and(|t| t <= now)) {
             tracing::info!(sandbox = %s.id, name = %s.name, on_expire = ?s.on_expire, "lease expired");
-            if s.on_expire == OnExpire::Pause {
-                match self.pause(&s.id).await {
-                    // Paused, it holds no memory; `resume` continues it without a lease.
-                    Ok(_) => {
-                        if let Err(e) = self.clear_lease(&s.id) {
-                            tracing::warn!(sandbox = %s.id, error = %e, "clearing a paused sandbox's lease failed");
-                        }
-                        continue;
+            self.put_away(&s, s.on_expire, Phase::Expired).await;
+        }
+    }
+
+    /// Stop (into phase `stopped`), remove or pause a running sandbox, as the end of its lease or
+    /// its idle policy asks. A sandbox that cannot be paused is stopped: the limit holds either way.
+    pub(super) async fn put_away(&self, s: &SandboxInfo, action: OnExpire, stopped: Phase) {
+        if action == OnExpire::Pause {
+            match self.pause(&s.id).await {
+                // Paused, it holds no memory; `resume` continues it without a lease.
+                Ok(_) => {
+                    if let Err(e) = self.clear_lease(&s.id) {
+                        tracing::warn!(sandbox = %s.id, error = %e, "clearing a paused sandbox's lease failed");
                     }
-                    Err(e) => {
-                        tracing::warn!(sandbox = %s.id, error = %e, "pausing an expired sandbox failed; stopping it")
-                    }
+                    return;
                 }
+                Err(e) => tracing::warn!(sandbox = %s.id, error = %e, "pausing the sandbox failed; stopping it"),
             }
-            let lock = self.op_lock(&s.id);
-            let guard = lock.lock().await;
-            let result = self.stop_locked(&s.id, Phase::Expired).await;
-            drop(guard);
-            if let Err(e) = result {
-                tracing::warn!(sandbox = %s.id, error = %e, "stopping an expired sandbox failed");
-                continue;
-            }
-            if s.on_expire == OnExpire::Remove {
-                if let Err(e) = self.remove(&s.id, false).await {
-                    tracing::warn!(sandbox = %s.id, error = %e, "removing an expired sandbox failed");
-                }
+        }
+        let lock = self.op_lock(&s.id);
+        let guard = lock.lock().await;
+        let result = self.stop_locked(&s.id, stopped).await;
+        drop(guard);
+        if let Err(e) = result {
+            tracing::warn!(sandbox = %s.id, error = %e, "stopping the sandbox failed");
+            return;
+        }
+        if action == OnExpire::Remove {
+            if let Err(e) = self.remove(&s.id, false).await {
+                tracing::warn!(sandbox = %s.id, error = %e, "removing the sandbox failed");
             }
         }
     }

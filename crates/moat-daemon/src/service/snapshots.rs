@@ -383,7 +383,9 @@ impl Service {
             let _ = std::fs::remove_file(self.run_dir(&info.id).join(f));
         }
         let info = self.db(|db| db.get(&info.id))?.ok_or_else(|| not_found(reference))?;
-        let reverted = self.launch(&info, &self.spec_of(&info)?, Launch::Snapshot(&s.id)).await?;
+        let spec = self.spec_of(&info)?;
+        let launch = self.launch(&info, &spec, Launch::Snapshot(&s.id));
+        let reverted = self.metrics.launch(crate::metrics::LaunchKind::Revert, launch).await?;
         self.db(|db| db.event(Some(&info.id), "revert", &format!("{} reverted to {}", info.name, label(&s))))?;
         Ok(reverted)
     }
@@ -550,7 +552,8 @@ impl Service {
     ) -> Result<SandboxInfo, ServiceError> {
         let key = self.template_key(spec, &info.image_digest, info.disk_mib);
         if let Some(t) = self.db(|db| db.template(&key))? {
-            match self.launch(info, spec, Launch::Snapshot(&t.id)).await {
+            let launch = self.launch(info, spec, Launch::Snapshot(&t.id));
+            match self.metrics.launch(crate::metrics::LaunchKind::Template, launch).await {
                 Ok(info) => return Ok(info),
                 Err(e) => {
                     // A template that does not restore is dropped (when nothing builds on it) and
@@ -565,7 +568,8 @@ impl Service {
         }
         // The template is the image booted, without this sandbox's mounts: they come after.
         let bare = SandboxInfo { mounts: Vec::new(), ..info.clone() };
-        let booted = self.launch(&bare, spec, Launch::Boot { fresh: true }).await?;
+        let launch = self.launch(&bare, spec, Launch::Boot { fresh: true });
+        let booted = self.metrics.launch(crate::metrics::LaunchKind::Cold, launch).await?;
         self.save_template(&booted, &key).await;
         if let Some(machine) = self.live(&booted.id) {
             if let Err(e) = self.connect_mounts(info, &machine).await {

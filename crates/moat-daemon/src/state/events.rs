@@ -9,15 +9,57 @@ use super::{now_ms, Db, StateError};
 
 /// The newest events kept for each sandbox (and for the daemon itself); older ones are deleted.
 pub const EVENTS_PER_SANDBOX: i64 = 1000;
-/// The newest events kept in all, whatever their sandbox.
+/// The newest events kept in all, whatever their sandbox, unless configured otherwise.
 pub const EVENTS_MAX: i64 = 100_000;
-/// Events older than this (30 days) are deleted.
+/// Events older than this (30 days) are deleted, unless configured otherwise.
 pub const EVENTS_MAX_AGE_MS: i64 = 30 * 24 * 3600 * 1000;
 /// Old events are deleted every this many new ones: a scan of a table this size takes
 /// milliseconds, and between two prunes it grows by at most this much.
 const PRUNE_EVENTS_EVERY: i64 = 256;
 
+/// How many events are kept and for how long (`moat serve --events-max --events-max-age`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventRetention {
+    pub max_age: std::time::Duration,
+    /// Events kept in all; each sandbox keeps at most [`EVENTS_PER_SANDBOX`] of them besides.
+    pub max_events: u64,
+}
+
+impl Default for EventRetention {
+    fn default() -> EventRetention {
+        EventRetention {
+            max_age: std::time::Duration::from_millis(EVENTS_MAX_AGE_MS as u64),
+            max_events: EVENTS_MAX as u64,
+        }
+    }
+}
+
+/// The retention lives in a per-connection TEMP table: every write that records an event prunes
+/// through the connection it has (a transaction's), and a backup never copies it.
+pub(super) fn init_retention(conn: &Connection) -> Result<(), StateError> {
+    conn.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS event_retention (max_age_ms INTEGER NOT NULL, max_events INTEGER NOT NULL);
+         DELETE FROM temp.event_retention;",
+    )?;
+    set_retention(conn, EventRetention::default())
+}
+
+fn set_retention(conn: &Connection, r: EventRetention) -> Result<(), StateError> {
+    let age = i64::try_from(r.max_age.as_millis()).unwrap_or(i64::MAX);
+    let max = i64::try_from(r.max_events).unwrap_or(i64::MAX);
+    conn.execute("DELETE FROM temp.event_retention", [])?;
+    conn.execute("INSERT INTO temp.event_retention (max_age_ms, max_events) VALUES (?1, ?2)", params![age, max])?;
+    Ok(())
+}
+
 impl Db {
+    /// Keep events by `retention` from now on; what is already past it goes at once.
+    pub fn set_event_retention(&mut self, retention: EventRetention) -> Result<(), StateError> {
+        set_retention(&self.conn, retention)?;
+        prune_events(&self.conn)?;
+        Ok(())
+    }
+
     pub fn lifecycle(&self, id: &str) -> Result<Vec<LifecycleEntry>, StateError> {
         let mut stmt = self
             .conn
@@ -95,10 +137,12 @@ pub(super) fn append_event(
 }
 
 /// Delete the events past their age or beyond the newest [`EVENTS_PER_SANDBOX`] of their
-/// sandbox or the newest [`EVENTS_MAX`]. Event numbers never repeat (AUTOINCREMENT), so a
+/// sandbox or the newest the retention keeps. Event numbers never repeat (AUTOINCREMENT), so a
 /// follower that was behind simply resumes at the oldest one left. Returns how many went.
 fn prune_events(conn: &Connection) -> Result<usize, StateError> {
-    let old = conn.execute("DELETE FROM events WHERE at_ms < ?1", [now_ms() - EVENTS_MAX_AGE_MS])?;
+    let (max_age_ms, max_events): (i64, i64) =
+        conn.query_row("SELECT max_age_ms, max_events FROM temp.event_retention", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let old = conn.execute("DELETE FROM events WHERE at_ms < ?1", [now_ms().saturating_sub(max_age_ms)])?;
     let per_sandbox = conn.execute(
         "DELETE FROM events WHERE seq IN (
              SELECT seq FROM (
@@ -109,7 +153,7 @@ fn prune_events(conn: &Connection) -> Result<usize, StateError> {
     )?;
     let overall = conn.execute(
         "DELETE FROM events WHERE seq <= (SELECT seq FROM events ORDER BY seq DESC LIMIT 1 OFFSET ?1)",
-        [EVENTS_MAX],
+        [max_events],
     )?;
     Ok(old + per_sandbox + overall)
 }
@@ -160,5 +204,47 @@ mod tests {
         let seq = db.last_event_seq();
         db.event(None, "daemon", "next").unwrap();
         assert_eq!(db.last_event_seq(), seq + 1);
+    }
+
+    #[test]
+    fn configured_retention_trims_by_age_and_total() {
+        let home = tempfile::tempdir().unwrap();
+        let mut db = Db::open(home.path()).unwrap();
+        let total = |db: &Db| -> i64 { db.conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0)).unwrap() };
+        let insert_aged = |db: &Db, age_ms: i64, what: &str| {
+            db.conn
+                .execute(
+                    "INSERT INTO events (at_ms, sandbox_id, kind, message) VALUES (?1, NULL, 'test', ?2)",
+                    params![now_ms() - age_ms, what],
+                )
+                .unwrap();
+        };
+        // Two hours old and a minute old: a one-hour retention keeps only the second.
+        insert_aged(&db, 2 * 3600 * 1000, "old");
+        insert_aged(&db, 60 * 1000, "recent");
+        for i in 0..20 {
+            db.event(Some(&format!("s{i}")), "test", "new").unwrap();
+        }
+        let hour = EventRetention { max_age: std::time::Duration::from_secs(3600), max_events: 1_000_000 };
+        db.set_event_retention(hour).unwrap();
+        let left = db.events_after(0, usize::MAX).unwrap();
+        assert!(left.iter().all(|e| e.message != "old") && left.iter().any(|e| e.message == "recent"));
+        assert_eq!(total(&db), 21);
+        // A total cap keeps the newest, across sandboxes.
+        db.set_event_retention(EventRetention { max_events: 5, ..hour }).unwrap();
+        assert_eq!(total(&db), 5);
+        // And holds as events keep coming (checked every few hundred).
+        for _ in 0..(2 * PRUNE_EVENTS_EVERY) {
+            db.event(None, "test", "more").unwrap();
+        }
+        assert!(total(&db) <= 5 + PRUNE_EVENTS_EVERY, "{}", total(&db));
+        // Reopening starts from the defaults (the binary sets them again each start).
+        drop(db);
+        let db = Db::open(home.path()).unwrap();
+        let kept: (i64, i64) = db
+            .conn
+            .query_row("SELECT max_age_ms, max_events FROM temp.event_retention", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap();
+        assert_eq!(kept, (EVENTS_MAX_AGE_MS, EVENTS_MAX));
     }
 }

@@ -97,7 +97,14 @@ CREATE TABLE IF NOT EXISTS volumes (
     created_at INTEGER NOT NULL
 );
 "#,
+    // The idle policy (JSON of moat_api::IdlePolicy), NULL for a sandbox without one.
+    r#"
+ALTER TABLE sandboxes ADD COLUMN idle TEXT;
+"#,
 ];
+
+/// The schema version this moat writes: how many migrations it knows.
+pub(crate) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// The migration that moves secret values out of the database
 /// ([`crate::secrets_store::move_out_of_db`]).
@@ -106,7 +113,7 @@ const SECRETS_MOVED_OUT: usize = 3;
 impl Db {
     pub(super) fn migrate(&mut self, home: &Path, db: &Path) -> Result<(), StateError> {
         let applied: i64 = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        let known = MIGRATIONS.len() as i64;
+        let known = SCHEMA_VERSION;
         if applied > known {
             return Err(StateError::TooNew { db: db.to_path_buf(), found: applied, known });
         }
@@ -142,7 +149,8 @@ mod tests {
         db.conn
             .execute_batch(
                 "ALTER TABLE sandboxes DROP COLUMN labels; ALTER TABLE sandboxes DROP COLUMN env; \
-                 ALTER TABLE sandboxes DROP COLUMN mounts; ALTER TABLE snapshots DROP COLUMN host_mounts;",
+                 ALTER TABLE sandboxes DROP COLUMN mounts; ALTER TABLE snapshots DROP COLUMN host_mounts; \
+                 ALTER TABLE sandboxes DROP COLUMN idle;",
             )
             .unwrap();
         db.conn.pragma_update(None, "user_version", 4).unwrap();

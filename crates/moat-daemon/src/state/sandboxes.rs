@@ -19,8 +19,8 @@ impl Db {
         }
         tx.execute(
             "INSERT INTO sandboxes (id, name, phase, version, image, image_digest, accel, vcpus, memory_mib,
-                disk_mib, hostname, created_at, expires_at, on_expire, pid, last_error, net, labels, env, mounts)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
+                disk_mib, hostname, created_at, expires_at, on_expire, pid, last_error, net, labels, env, mounts, idle)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
             params![
                 s.id,
                 s.name,
@@ -42,6 +42,7 @@ impl Db {
                 serde_json::to_string(&s.labels).expect("labels always serialize"),
                 serde_json::to_string(&s.env).expect("an environment always serializes"),
                 serde_json::to_string(&s.mounts).expect("mounts always serialize"),
+                s.idle.map(|i| serde_json::to_string(&i).expect("an idle policy always serializes")),
             ],
         )?;
         append_lifecycle(&tx, &s.id, s.version, s.phase, None)?;
@@ -156,7 +157,7 @@ impl Db {
 }
 
 const COLUMNS: &str = "id, name, phase, version, image, image_digest, accel, vcpus, memory_mib, disk_mib, hostname, \
-                       created_at, expires_at, on_expire, pid, last_error, snapshot_id, net, labels, env, mounts";
+                       created_at, expires_at, on_expire, pid, last_error, snapshot_id, net, labels, env, mounts, idle";
 
 fn get(conn: &Connection, id: &str) -> Result<Option<SandboxInfo>, StateError> {
     Ok(conn.query_row(&format!("SELECT {COLUMNS} FROM sandboxes WHERE id = ?1"), [id], row_to_info).optional()?)
@@ -211,6 +212,7 @@ fn row_to_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxInfo> {
         labels: parse_json(r.get::<_, Option<String>>(18)?.as_deref(), "labels"),
         env: parse_json(r.get::<_, Option<String>>(19)?.as_deref(), "default environment"),
         mounts: parse_json(r.get::<_, Option<String>>(20)?.as_deref(), "mounts"),
+        idle: parse_json(r.get::<_, Option<String>>(21)?.as_deref(), "idle policy"),
     })
 }
 

@@ -25,6 +25,10 @@ pub struct Cli {
     /// Log verbosity for moat's own diagnostics (error, warn, info, debug, trace).
     #[arg(long, global = true, env = "MOAT_LOG", default_value = "warn")]
     pub log: String,
+    /// Show every line the tools of long work print (an image build's debootstrap), not only a
+    /// spinner with the current step.
+    #[arg(long, global = true)]
+    pub verbose: bool,
     #[command(flatten)]
     pub host: HostArgs,
     #[command(subcommand)]
@@ -48,7 +52,8 @@ pub enum Command {
     /// setgid or group/other write), existing directories keep their modes, and the archive may
     /// hold only SRC and what is under it.
     Cp(CpArgs),
-    /// List sandboxes, or with a sandbox, its background processes.
+    /// List sandboxes that are not over (`-a`: all of them), or with a sandbox, its background
+    /// processes.
     Ps(PsArgs),
     /// The background processes of a sandbox (same as `moat ps BOX`).
     Top {
@@ -127,7 +132,7 @@ pub enum Command {
     #[command(subcommand)]
     Volume(VolumeCommand),
     /// Run the daemon (the CLI starts one on its own when none is running).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Serve MCP (Model Context Protocol) on stdin and stdout: sandboxes as tools for AI agents
     /// (Claude Desktop, Claude Code, MCP SDKs). The sandboxes a session creates are its own and
     /// are removed when it ends. See docs/mcp.md.
@@ -150,7 +155,7 @@ pub enum Command {
     /// Disk use by images, snapshots, templates, sandboxes and volumes, and what `moat gc` and
     /// `moat prune` would free.
     Df(DfArgs),
-    /// The daemon's state database: backups.
+    /// The daemon's state database: backups and restores.
     #[command(subcommand)]
     State(StateCommand),
 }
@@ -233,6 +238,10 @@ pub struct CreateArgs {
     /// What happens when the lease runs out.
     #[arg(long, value_enum, default_value = "remove")]
     pub on_expire: OnExpireArg,
+    /// Stop (or pause, or remove) the sandbox once nothing used it this long: no command
+    /// running, no session or API call, no network traffic. E.g. 30m, 2h:pause, 1d:remove.
+    #[arg(long, value_name = "DURATION[:ACTION]")]
+    pub idle: Option<moat_api::IdlePolicy>,
     /// Give up if the guest has not come up after this long.
     #[arg(long, default_value = "90s", value_parser = parse_duration)]
     pub boot_timeout: Duration,
@@ -347,6 +356,21 @@ pub struct PsArgs {
     /// Only sandboxes with this label, with this value or any (repeatable; all must match).
     #[arg(long = "label", value_name = "KEY[=VALUE]", conflicts_with = "sandbox")]
     pub labels: Vec<moat_api::LabelSelector>,
+    /// Show every sandbox, also stopped, failed and expired ones.
+    #[arg(short, long, conflicts_with = "sandbox")]
+    pub all: bool,
+    /// Print only the ids (`moat rm $(moat ps -q -f phase=stopped)`).
+    #[arg(short, long, conflicts_with = "sandbox")]
+    pub quiet: bool,
+    /// Only sandboxes that match (repeatable): phase=PHASE (shows ended ones too), name=PART,
+    /// id=PREFIX, image=NAME, label=KEY[=VALUE]. Values of one key are alternatives; different
+    /// keys must all match.
+    #[arg(short, long = "filter", value_name = "KEY=VALUE", conflicts_with = "sandbox")]
+    pub filters: Vec<String>,
+    /// Print each sandbox this way: `json` (a line each), a template (`{{.Name}}\t{{.Phase}}`,
+    /// `{{.Labels.KEY}}`), or fields as a table (`name,phase,image`).
+    #[arg(long, value_name = "FORMAT", conflicts_with = "sandbox")]
+    pub format: Option<String>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -505,6 +529,13 @@ pub struct LogsArgs {
     /// Which log: the guest console, or QEMU's own messages.
     #[arg(long, value_enum, default_value = "console")]
     pub source: LogSourceArg,
+    /// Only the last N lines.
+    #[arg(short = 'n', long, value_name = "N")]
+    pub tail: Option<u64>,
+    /// Only what was written since then: a time ago (10m, 2h) or an RFC 3339 time
+    /// (2026-12-03T08:00:00Z). Console times are known to about a second.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub since: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -518,6 +549,18 @@ pub struct EventsArgs {
     /// Keep printing new events.
     #[arg(short, long)]
     pub follow: bool,
+    /// Only the events of this sandbox (a removed one's by its id).
+    #[arg(long, value_name = "BOX")]
+    pub sandbox: Option<String>,
+    /// Only events of this kind (phase, net.refused, idle), or under a prefix (net.*).
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Only events since then: a time ago (10m, 2h) or an RFC 3339 time.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub since: Option<i64>,
+    /// Only events until then (a time ago or an RFC 3339 time); a followed stream ends then.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub until: Option<i64>,
     /// Print JSON lines.
     #[arg(long)]
     pub json: bool,
@@ -550,6 +593,18 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 
 pub use moat_api::parse_duration;
 
+/// A point in time as Unix milliseconds: a time ago (`10m`, `2h`, `1d`) or an RFC 3339 time.
+pub(crate) fn parse_time(s: &str) -> Result<i64, String> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    if let Ok(ago) = parse_duration(s) {
+        return Ok(now.saturating_sub(ago.as_millis().min(i64::MAX as u128) as i64));
+    }
+    let at = time::OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339).map_err(|_| {
+        format!("{s:?} is not a time; write a time ago (10m, 2h) or an RFC 3339 time (2026-12-03T08:00:00Z)")
+    })?;
+    Ok((at.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -558,6 +613,16 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn times_parse_as_ago_or_rfc3339() {
+        assert_eq!(parse_time("2026-12-03T08:00:00Z").unwrap(), 1_796_284_800_000);
+        assert_eq!(parse_time("2026-12-03T09:00:00+01:00").unwrap(), 1_796_284_800_000);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        let ago = now - parse_time("10m").unwrap();
+        assert!((600_000..605_000).contains(&ago), "{ago}");
+        assert!(parse_time("yesterday").is_err());
     }
 
     #[test]

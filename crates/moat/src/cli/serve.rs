@@ -55,6 +55,15 @@ pub struct ServeArgs {
     /// Move a damaged or missing state database aside and start with an empty one.
     #[arg(long)]
     pub reset_state: bool,
+    #[command(flatten)]
+    pub retention: Box<super::state::RetentionArgs>,
+    /// Write the daemon's log to this file instead of stderr, moving it to FILE.1 when it
+    /// reaches --log-max-size (the CLI starts background daemons with $MOAT_HOME/daemon.log).
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+    /// Most bytes of --log-file before it is moved aside (one old file is kept).
+    #[arg(long, value_name = "SIZE", env = "MOAT_LOG_MAX_SIZE", value_parser = parse_size, default_value = "10M")]
+    pub log_max_size: u64,
     /// Always boot new sandboxes instead of keeping a template (a saved, booted VM) per image
     /// and restoring it.
     #[arg(long, env = "MOAT_NO_TEMPLATES")]

@@ -6,8 +6,36 @@ use crate::cli::Cli;
 use crate::config::{key, loaded, source, Source, SETTINGS};
 
 pub fn show(json: bool) -> anyhow::Result<i32> {
+    if json {
+        println!("{}", settings_json());
+        return Ok(0);
+    }
+    let rows = rows();
+    let file = loaded().file.as_ref().map(|p| p.display().to_string());
+    println!("config file: {}", file.as_deref().unwrap_or("none ($MOAT_HOME/config.toml, /etc/moat/config.toml)"));
+    println!("{:<24} {:<32} {:<12} ABOUT", "KEY", "VALUE", "SOURCE");
+    for (k, _, value, from, about) in rows {
+        println!("{k:<24} {value:<32} {from:<12} {about}");
+    }
+    Ok(0)
+}
+
+/// What `moat config show --json` prints: the file and every setting (a support bundle holds it).
+pub fn settings_json() -> serde_json::Value {
+    let file = loaded().file.as_ref().map(|p| p.display().to_string());
+    let settings: Vec<_> = rows()
+        .iter()
+        .map(|(k, env, value, from, about)| {
+            serde_json::json!({"key": k, "env": env, "value": value, "source": from, "about": about})
+        })
+        .collect();
+    serde_json::json!({ "file": file, "settings": settings })
+}
+
+/// Each setting: key, variable, effective value, where it came from, what it does.
+fn rows() -> Vec<(String, &'static str, String, &'static str, &'static str)> {
     let cli = Cli::command();
-    let rows: Vec<(String, &str, String, &str, &str)> = SETTINGS
+    SETTINGS
         .iter()
         .map(|s| {
             let set = std::env::var(s.env).ok().filter(|v| !v.is_empty());
@@ -18,24 +46,7 @@ pub fn show(json: bool) -> anyhow::Result<i32> {
             };
             (key(s.env), s.env, value, from, s.about)
         })
-        .collect();
-    let file = loaded().file.as_ref().map(|p| p.display().to_string());
-    if json {
-        let settings: Vec<_> = rows
-            .iter()
-            .map(|(k, env, value, from, about)| {
-                serde_json::json!({"key": k, "env": env, "value": value, "source": from, "about": about})
-            })
-            .collect();
-        println!("{}", serde_json::json!({ "file": file, "settings": settings }));
-        return Ok(0);
-    }
-    println!("config file: {}", file.as_deref().unwrap_or("none ($MOAT_HOME/config.toml, /etc/moat/config.toml)"));
-    println!("{:<24} {:<32} {:<12} ABOUT", "KEY", "VALUE", "SOURCE");
-    for (k, _, value, from, about) in rows {
-        println!("{k:<24} {value:<32} {from:<12} {about}");
-    }
-    Ok(0)
+        .collect()
 }
 
 /// The default clap shows for the flag that reads `env`, anywhere in the command tree.

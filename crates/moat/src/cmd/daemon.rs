@@ -1,5 +1,10 @@
 //! `moat serve`, and finding (or starting) the daemon for every other command.
 
+mod control;
+pub mod log_file;
+pub mod reach;
+
+use std::ffi::OsString;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -66,6 +71,7 @@ pub async fn serve(args: ServeArgs, host: &HostArgs) -> anyhow::Result<i32> {
         group: args.group,
         idle_exit: args.idle_exit,
         reset_state: args.reset_state,
+        retention: args.retention.retention(),
     };
     // The MCP endpoint and the E2B API call the daemon in this process through its door: the
     // same API a client outside gets, without a trip through the socket.
@@ -83,40 +89,81 @@ pub async fn serve(args: ServeArgs, host: &HostArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// A client of this home's daemon; starts the daemon in the background when none answers.
+/// A client of the daemon: this home's, started in the background when none answers, or the one
+/// `--host` names. It must accept and answer a first request within the deadline (`--timeout`).
 pub async fn connect(host: &HostArgs) -> anyhow::Result<Client> {
-    let home = runtime_config(host)?.home;
-    let client = Client::new(&moat_daemon::socket_path(&home));
-    match client.health().await {
-        Ok(h) => {
+    let limit = reach::deadline(host)?;
+    let home = match reach::Reach::of(host)? {
+        reach::Reach::Host(endpoint) => {
+            let client = reach::host_client(host, &endpoint)?.with_connect_timeout(limit);
+            return match tokio::time::timeout(limit, client.health()).await {
+                Ok(Ok(_)) => Ok(client),
+                Ok(Err(e)) => Err(e.into()),
+                Err(_) => Err(not_answering(None, &client.endpoint(), limit).into()),
+            };
+        }
+        reach::Reach::Home(home) => home,
+    };
+    let client = Client::new(&moat_daemon::socket_path(&home)).with_connect_timeout(limit);
+    match tokio::time::timeout(limit, client.health()).await {
+        Ok(Ok(h)) => {
             check_settings(host, &h)?;
             return Ok(client);
         }
-        Err(ClientError::Connect { .. }) => {}
-        Err(e) => return Err(e.into()),
+        Ok(Err(ClientError::Connect { .. })) => {}
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => return Err(not_answering(control::daemon_pid(&home), &client.endpoint(), limit).into()),
     }
-    let mut daemon = start_daemon(host, &home)?;
+    let mut daemon = start_daemon(host, &home, None)?;
+    let h = wait_started(&client, &mut daemon, &home).await?;
+    eprintln!("moat: started the daemon (pid {}, log {})", h.pid, home.join("daemon.log").display());
+    if let Some(notice) = tcg_notice(&h.accel, &h.accel_reason) {
+        eprintln!("{notice}");
+    }
+    Ok(client)
+}
+
+/// A daemon that accepted the connection but did not answer in time: hung or overloaded.
+pub(crate) fn not_answering(pid: Option<i32>, endpoint: &str, limit: Duration) -> Hinted {
+    match pid {
+        Some(pid) => Hinted::new(
+            format!("the daemon (pid {pid}) did not answer within {limit:?}"),
+            "it may be stuck or overloaded: `moat daemon restart` restarts it (sandboxes keep running), `moat daemon \
+             logs` shows what it did last; --timeout (MOAT_TIMEOUT) waits longer",
+        ),
+        None => Hinted::new(
+            format!("the daemon at {endpoint} did not answer within {limit:?}"),
+            "check it on its host (`moat daemon status`, `moat daemon restart` there); --timeout (MOAT_TIMEOUT) \
+             waits longer",
+        ),
+    }
+}
+
+/// Wait until a daemon this command started answers (its first start builds the initramfs and
+/// minimal image, so it may take minutes).
+async fn wait_started(
+    client: &Client,
+    daemon: &mut std::process::Child,
+    home: &Path,
+) -> anyhow::Result<moat_api::Health> {
     let started = Instant::now();
     let log = home.join("daemon.log");
     loop {
-        match client.health().await {
-            Ok(h) => {
-                eprintln!("moat: started the daemon (pid {}, log {})", h.pid, log.display());
-                if let Some(notice) = tcg_notice(&h.accel, &h.accel_reason) {
-                    eprintln!("{notice}");
-                }
-                return Ok(client);
-            }
-            Err(ClientError::Connect { .. }) if started.elapsed() < START_TIMEOUT => {
+        // Each try is bounded: a daemon that accepts and then hangs must not hang the CLI.
+        let answer = tokio::time::timeout(Duration::from_secs(30), client.health()).await;
+        match answer {
+            Ok(Ok(h)) => return Ok(h),
+            Ok(Err(ClientError::Connect { .. })) | Err(_) if started.elapsed() < START_TIMEOUT => {
                 if let Ok(Some(status)) = daemon.try_wait() {
                     // Another CLI may have won the race to start it: then its daemon answers soon.
-                    if !daemon_alive(&home) {
+                    if control::daemon_pid(home).is_none() {
                         bail!("the daemon could not start ({status}):\n{}", log_tail(&log));
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(e) => return Err(e).context(format!("the daemon did not come up; see {}", log.display())),
+            Ok(Err(e)) => return Err(e).context(format!("the daemon did not come up; see {}", log.display())),
+            Err(_) => bail!("the daemon did not come up within {START_TIMEOUT:?}; see {}", log.display()),
         }
     }
 }
@@ -154,13 +201,15 @@ fn check_settings(host: &HostArgs, h: &moat_api::Health) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Spawn `moat serve` detached from this terminal, logging to `$MOAT_HOME/daemon.log`.
-fn start_daemon(host: &HostArgs, home: &Path) -> anyhow::Result<std::process::Child> {
+/// Spawn `moat serve` detached from this terminal, logging to `$MOAT_HOME/daemon.log` (which the
+/// daemon caps itself, see [`log_file`]). `args` are an earlier daemon's, for a restart.
+fn start_daemon(host: &HostArgs, home: &Path, args: Option<Vec<OsString>>) -> anyhow::Result<std::process::Child> {
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::process::CommandExt;
     // Private from the start: the daemon keeps guest memory and disks in here.
     moat_sandbox::create_private_dir(home)?;
     let log_path = home.join("daemon.log");
+    // Its stderr too, for what is written before logging starts (a refused start) and panics.
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -169,11 +218,29 @@ fn start_daemon(host: &HostArgs, home: &Path) -> anyhow::Result<std::process::Ch
         .with_context(|| format!("opening {}", log_path.display()))?;
     let exe = std::env::current_exe().context("finding the moat binary")?;
     let mut cmd = std::process::Command::new(exe);
-    let idle = std::env::var("MOAT_IDLE_EXIT").unwrap_or_else(|_| AUTO_IDLE_EXIT.into());
-    cmd.arg("serve").arg("--idle-exit").arg(idle).arg("--home").arg(home);
-    cmd.arg("--accel").arg(host.accel.to_string());
-    if let Some(k) = &host.kernel {
-        cmd.arg("--kernel").arg(k);
+    match args {
+        Some(args) => {
+            let has = |flag: &str| {
+                args.iter().any(|a| a == flag || a.to_str().is_some_and(|a| a.starts_with(&format!("{flag}="))))
+            };
+            let (home_given, log_given) = (has("--home"), has("--log-file"));
+            cmd.args(&args);
+            if !home_given {
+                cmd.arg("--home").arg(home);
+            }
+            if !log_given {
+                cmd.arg("--log-file").arg(&log_path);
+            }
+        }
+        None => {
+            let idle = std::env::var("MOAT_IDLE_EXIT").unwrap_or_else(|_| AUTO_IDLE_EXIT.into());
+            cmd.arg("serve").arg("--idle-exit").arg(idle).arg("--home").arg(home);
+            cmd.arg("--accel").arg(host.accel.to_string());
+            if let Some(k) = &host.kernel {
+                cmd.arg("--kernel").arg(k);
+            }
+            cmd.arg("--log-file").arg(&log_path);
+        }
     }
     cmd.env("MOAT_LOG", std::env::var("MOAT_LOG").unwrap_or_else(|_| "info".into()));
     cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
@@ -188,13 +255,6 @@ fn start_daemon(host: &HostArgs, home: &Path) -> anyhow::Result<std::process::Ch
     cmd.spawn().context("starting `moat serve`")
 }
 
-/// Whether a daemon holds this home's lock (it writes its pid into the lock file).
-fn daemon_alive(home: &Path) -> bool {
-    let pid = std::fs::read_to_string(home.join("daemon.lock")).ok().and_then(|s| s.trim().parse::<i32>().ok());
-    // SAFETY: signal 0 only checks that the process exists.
-    pid.is_some_and(|p| p > 0 && unsafe { libc::kill(p, 0) } == 0)
-}
-
 fn log_tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -202,6 +262,6 @@ fn log_tail(log: &Path) -> String {
 }
 
 /// `moat daemon …`.
-pub async fn daemon(_command: crate::cli::DaemonCommand, _host: &HostArgs) -> anyhow::Result<i32> {
-    anyhow::bail!("moat daemon is not built yet")
+pub async fn daemon(command: crate::cli::DaemonCommand, host: &HostArgs) -> anyhow::Result<i32> {
+    control::daemon(command, host).await
 }

@@ -1,6 +1,11 @@
 //! `moat doctor`: check the host, print each check with the fix for what fails.
 //!
 //! Exit code: 0 all good, 1 something is broken, 2 degraded (works, but e.g. only under TCG).
+//! `--smoke` boots a sandbox to prove the whole path works ([`smoke`]); `--bundle` writes a
+//! support bundle ([`bundle`]).
+
+mod bundle;
+mod smoke;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -42,6 +47,12 @@ impl Check {
 const MIN_FREE_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 
 pub async fn doctor(args: DoctorArgs, host: &HostArgs) -> anyhow::Result<i32> {
+    if args.smoke {
+        return smoke::smoke(&args, host).await;
+    }
+    if let Some(sandboxes) = &args.bundle {
+        return bundle::bundle(sandboxes, &args, host).await;
+    }
     let checks = run_checks(host).await?;
     let worst = checks.iter().map(|c| c.status).max().unwrap_or(Status::Ok);
     if args.json {
@@ -105,6 +116,7 @@ async fn run_checks(host: &HostArgs) -> anyhow::Result<Vec<Check>> {
     }
 
     checks.push(home_check(&config.home));
+    checks.push(crate::cmd::state::state_check(&config.home));
     checks.push(disk_check(&config.home));
 
     match (&parts.qemu, &parts.kernel, &parts.modules, &parts.agent) {

@@ -72,9 +72,9 @@ impl Listener {
 
 /// `moat e2b env`: the SDK's settings for this home's daemon, as `export` lines.
 pub async fn env(host: &HostArgs) -> anyhow::Result<i32> {
+    let home = crate::cmd::daemon::reach::require_local(host, "moat e2b env")?;
     let client = connect(host).await?;
     let health = client.health().await?;
-    let home = crate::cmd::runtime_config(host)?.home;
     let not_served = || {
         Hinted::new(
             format!("the daemon (pid {}) does not serve the E2B API", health.pid),

@@ -13,28 +13,51 @@ use moat_client::Client;
 use crate::cli::{HostArgs, ImageCommand};
 use crate::cmd::daemon::connect;
 
+/// Whether long work shows every line of the tools it runs (`--verbose`), not only its steps.
+pub static VERBOSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Shows the progress of a long image operation on stderr (stdout stays the result): a bar per
-/// layer on a terminal, plain lines otherwise.
+/// layer and a spinner with the current step on a terminal, plain lines otherwise. The lines a
+/// build's tools print (hundreds, from debootstrap) only turn the spinner, unless `--verbose`.
 struct ProgressView {
     bars: Option<(MultiProgress, HashMap<String, ProgressBar>)>,
+    /// The current step of a build, on a terminal.
+    spinner: Option<ProgressBar>,
     /// Layers already reported done, when there are no bars.
     done: Vec<String>,
+    verbose: bool,
 }
 
 impl ProgressView {
     fn new() -> ProgressView {
         let bars = std::io::stderr().is_terminal().then(|| (MultiProgress::new(), HashMap::new()));
-        ProgressView { bars, done: Vec::new() }
+        let verbose = VERBOSE.load(std::sync::atomic::Ordering::Relaxed);
+        ProgressView { bars, spinner: None, done: Vec::new(), verbose }
     }
 
     fn show(&mut self, p: ImageProgress) {
         match p {
-            ImageProgress::Progress { message } => match &self.bars {
-                Some((multi, _)) => {
-                    let _ = multi.println(format!("moat: {message}"));
+            ImageProgress::Progress { message } => {
+                let tool_line = message.strip_prefix(moat_image::TOOL_OUTPUT);
+                match (&self.bars, tool_line) {
+                    (_, Some(line)) if !self.verbose => {
+                        if let Some((multi, _)) = &self.bars {
+                            let spinner = self.spinner.get_or_insert_with(|| {
+                                let style = ProgressStyle::with_template("{spinner} {elapsed:>4} {wide_msg}")
+                                    .expect("the template is valid");
+                                let s = multi.add(ProgressBar::new_spinner().with_style(style));
+                                s.enable_steady_tick(std::time::Duration::from_millis(120));
+                                s
+                            });
+                            spinner.set_message(moat_api::escape_controls(line).into_owned());
+                        }
+                    }
+                    (Some((multi, _)), _) => {
+                        let _ = multi.println(format!("moat: {message}"));
+                    }
+                    (None, _) => eprintln!("moat: {message}"),
                 }
-                None => eprintln!("moat: {message}"),
-            },
+            }
             ImageProgress::Layer { digest, done, total } => {
                 let short = digest.trim_start_matches("sha256:").chars().take(12).collect::<String>();
                 match &mut self.bars {
@@ -59,7 +82,19 @@ impl ProgressView {
                     None => {}
                 }
             }
-            ImageProgress::Done { .. } | ImageProgress::Error { .. } => {}
+            ImageProgress::Done { .. } | ImageProgress::Error { .. } => {
+                if let Some(s) = self.spinner.take() {
+                    s.finish_and_clear();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ProgressView {
+    fn drop(&mut self) {
+        if let Some(s) = self.spinner.take() {
+            s.finish_and_clear();
         }
     }
 }
@@ -126,6 +161,7 @@ pub async fn create_showing_image(client: &Client, req: &CreateSandbox) -> anyho
     let events = client.events(-1, true).await?;
     let prefix = format!("{name}: ");
     let mut announced = false;
+    let mut view = ProgressView::new();
     let show = events.for_each(|e| {
         if let Some(message) = e
             .ok()
@@ -137,7 +173,7 @@ pub async fn create_showing_image(client: &Client, req: &CreateSandbox) -> anyho
                 eprintln!("{announce}");
             }
             if !message.starts_with(moat_api::IMAGE_MISSING) {
-                eprintln!("moat: {message}");
+                view.show(ImageProgress::Progress { message });
             }
         }
         std::future::ready(())

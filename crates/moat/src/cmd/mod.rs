@@ -10,6 +10,7 @@ pub mod image;
 pub mod mcp;
 pub mod net;
 pub mod process;
+pub mod ps;
 pub mod run;
 pub mod sandbox;
 pub mod setup;

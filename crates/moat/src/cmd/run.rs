@@ -41,6 +41,7 @@ pub fn create_request(c: &CreateArgs) -> anyhow::Result<CreateSandbox> {
         net: net_spec(c)?,
         labels: c.labels.iter().cloned().collect(),
         mounts: mounts(&c.volumes)?,
+        idle: c.idle,
         ..CreateSandbox::default()
     })
 }
@@ -131,8 +132,9 @@ pub async fn run(args: RunArgs, host: &HostArgs) -> anyhow::Result<i32> {
         let hint = "run `moat run -d --name box`, then `moat exec box -- CMD`";
         return Err(crate::error::Hinted::new("`moat run -d` creates a sandbox and takes no command", hint).into());
     }
-    let client = connect(host).await?;
     let mut req = create_request(&args.create)?;
+    crate::cmd::daemon::reach::check_host_mounts(host, &req.mounts)?;
+    let client = connect(host).await?;
     if args.detach {
         // No command to give them to: they are every later command's.
         req.env = args.process.env.clone();

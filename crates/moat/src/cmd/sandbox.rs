@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use moat_api::{escape_controls, ControlEscaper, LogSource, Reclaimed, SandboxInfo};
 use tokio::io::AsyncWriteExt;
 
-use crate::cli::{EventsArgs, HostArgs, InspectArgs, LeaseCommand, LogSourceArg, LogsArgs, PsArgs, RefsArgs, RmArgs};
+use crate::cli::{EventsArgs, HostArgs, InspectArgs, LeaseCommand, LogSourceArg, LogsArgs, RefsArgs, RmArgs};
 use crate::cmd::daemon::connect;
 
 fn now() -> i64 {
@@ -29,33 +29,6 @@ pub(crate) fn ago_or_in(t: i64) -> String {
     } else {
         format!("in {s}")
     }
-}
-
-pub async fn ps(args: PsArgs, host: &HostArgs) -> anyhow::Result<i32> {
-    let list = connect(host).await?.list_selected(&args.labels).await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
-        return Ok(0);
-    }
-    println!(
-        "{:<12}  {:<20}  {:<9}  {:<10}  {:>4}  {:>7}  {:<5}  {:<10}  EXPIRES",
-        "ID", "NAME", "PHASE", "IMAGE", "CPUS", "MEMORY", "ACCEL", "CREATED"
-    );
-    for s in list {
-        println!(
-            "{:<12}  {:<20}  {:<9}  {:<10}  {:>4}  {:>6}M  {:<5}  {:<10}  {}",
-            s.id,
-            s.name,
-            s.phase,
-            s.image,
-            s.vcpus,
-            s.memory_mib,
-            s.accel,
-            ago_or_in(s.created_at),
-            s.expires_at.map(ago_or_in).unwrap_or_else(|| "-".into())
-        );
-    }
-    Ok(0)
 }
 
 pub async fn inspect(args: InspectArgs, host: &HostArgs) -> anyhow::Result<i32> {
@@ -119,6 +92,9 @@ fn print_info(s: &SandboxInfo) {
     match s.expires_at {
         Some(t) => println!("expires:     {} (then {:?})", ago_or_in(t), s.on_expire),
         None => println!("expires:     never"),
+    }
+    if let Some(idle) = s.idle {
+        println!("idle:        {} after {}s unused", idle.action.as_str(), idle.secs);
     }
     if let Some(pid) = s.pid {
         println!("qemu pid:    {pid}");
@@ -230,7 +206,8 @@ pub async fn logs(args: LogsArgs, host: &HostArgs) -> anyhow::Result<i32> {
         LogSourceArg::Console => LogSource::Console,
         LogSourceArg::Qemu => LogSource::Qemu,
     };
-    let mut stream = Box::pin(client.logs(&args.sandbox, source, args.follow).await?);
+    let q = moat_api::LogsQuery { source, follow: args.follow, tail: args.tail, since_ms: args.since };
+    let mut stream = Box::pin(client.logs_query(&args.sandbox, &q).await?);
     let mut out = tokio::io::stdout();
     // The guest wrote the console: on a terminal its control sequences are shown, not obeyed
     // (like journalctl); a pipe or file gets the bytes as they are.
@@ -252,7 +229,15 @@ pub async fn logs(args: LogsArgs, host: &HostArgs) -> anyhow::Result<i32> {
 
 pub async fn events(args: EventsArgs, host: &HostArgs) -> anyhow::Result<i32> {
     let client = connect(host).await?;
-    let mut stream = Box::pin(client.events(0, args.follow).await?);
+    let q = moat_api::EventsQuery {
+        since: 0,
+        follow: args.follow,
+        sandbox: args.sandbox,
+        kind: args.kind,
+        from_ms: args.since,
+        until_ms: args.until,
+    };
+    let mut stream = Box::pin(client.events_query(&q).await?);
     while let Some(e) = stream.next().await {
         let e = e?;
         if args.json {

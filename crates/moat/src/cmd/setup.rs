@@ -1,4 +1,7 @@
-//! `moat setup`: install what the host is missing, then prepare everything a first run needs.
+//! `moat setup`: install what the host is missing, then prepare everything a first run needs;
+//! `moat setup --service` installs the daemon as a systemd service.
+
+mod service;
 
 use std::path::Path;
 use std::process::Command;
@@ -48,6 +51,15 @@ const PREREQUISITES: &[Prerequisite] = &[
 
 pub async fn setup(args: SetupArgs, host: &HostArgs) -> anyhow::Result<i32> {
     let missing: Vec<&str> = PREREQUISITES.iter().filter(|p| !(p.present)()).map(|p| p.package).collect();
+    if args.service {
+        if !missing.is_empty() && !args.dry_run {
+            eprintln!(
+                "moat: warning: missing host packages the daemon needs: {}; run `sudo moat setup`",
+                missing.join(" ")
+            );
+        }
+        return service::install(&args);
+    }
     if missing.is_empty() {
         eprintln!("moat: host packages: all present");
     } else if args.dry_run {

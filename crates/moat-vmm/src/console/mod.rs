@@ -17,6 +17,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod times;
+pub use times::since;
+use times::Marker;
+
 /// `console.log` moves to `console.log.1` when it grows past this, so the two files hold at
 /// most about twice this (plus what the guest writes in one check interval).
 pub const CONSOLE_LOG_CAP: u64 = 4 << 20;
@@ -37,15 +41,18 @@ pub(crate) fn keep_under_cap(console_log: PathBuf) -> tokio::task::JoinHandle<()
     tokio::spawn(async move {
         let mut every = tokio::time::interval(CHECK_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut marker = Marker::open(&console_log);
         loop {
             every.tick().await;
-            let over = std::fs::metadata(&console_log).is_ok_and(|m| m.len() > CONSOLE_LOG_CAP);
-            if !over {
+            let len = std::fs::metadata(&console_log).map(|m| m.len()).unwrap_or(0);
+            marker.observe(len, now_ms());
+            if len <= CONSOLE_LOG_CAP {
                 continue;
             }
             let path = console_log.clone();
             match tokio::task::spawn_blocking(move || rotate_if_over(&path, CONSOLE_LOG_CAP)).await {
-                Ok(Ok(_)) => {}
+                Ok(Ok(Some(end))) => marker.rotated(end, now_ms()),
+                Ok(Ok(None)) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(path = %console_log.display(), error = %e, "cannot rotate the console log")
                 }
@@ -55,13 +62,17 @@ pub(crate) fn keep_under_cap(console_log: PathBuf) -> tokio::task::JoinHandle<()
     })
 }
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
 /// When `path` is over `cap`: its last `cap` bytes (and whatever is appended meanwhile) go to
-/// [`rotated_path`], and the file is emptied. Whether it was.
-pub(crate) fn rotate_if_over(path: &Path, cap: u64) -> std::io::Result<bool> {
+/// [`rotated_path`], and the file is emptied. Whether it was: how many bytes it had then.
+pub(crate) fn rotate_if_over(path: &Path, cap: u64) -> std::io::Result<Option<u64>> {
     let mut log = OpenOptions::new().read(true).write(true).open(path)?;
     let len = log.metadata()?.len();
     if len <= cap {
-        return Ok(false);
+        return Ok(None);
     }
     let rotated = rotated_path(path);
     let mut partial = rotated.clone().into_os_string();
@@ -70,11 +81,11 @@ pub(crate) fn rotate_if_over(path: &Path, cap: u64) -> std::io::Result<bool> {
     let mut out = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&partial)?;
     log.seek(SeekFrom::Start(len - cap))?;
     // To the end as it is now, not as it was: the cut right after loses as little as can be.
-    std::io::copy(&mut log, &mut out)?;
+    let copied = std::io::copy(&mut log, &mut out)?;
     log.set_len(0)?;
     drop(out);
     std::fs::rename(&partial, &rotated)?;
-    Ok(true)
+    Ok(Some(len - cap + copied))
 }
 
 /// The last `max_lines` lines of the console, from `console.log.1` too when the current file
@@ -128,8 +139,8 @@ mod tests {
         for i in 0..100 {
             writeln!(qemu, "line {i:04} {}", "x".repeat(90)).unwrap();
         }
-        assert!(!rotate_if_over(&path, 1 << 20).unwrap(), "under the cap nothing moves");
-        assert!(rotate_if_over(&path, 1000).unwrap());
+        assert_eq!(rotate_if_over(&path, 1 << 20).unwrap(), None, "under the cap nothing moves");
+        assert_eq!(rotate_if_over(&path, 1000).unwrap(), Some(100 * 101));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
         let rotated = std::fs::read_to_string(rotated_path(&path)).unwrap();
         assert_eq!(rotated.len(), 1000, "the last `cap` bytes are kept");
