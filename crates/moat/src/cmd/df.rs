@@ -5,6 +5,7 @@ use moat_api::{DiskUsage, DiskUse};
 
 use crate::cli::{DfArgs, HostArgs};
 use crate::cmd::daemon::connect;
+use crate::cmd::volume::size;
 
 pub async fn df(args: DfArgs, host: &HostArgs) -> anyhow::Result<i32> {
     let usage = connect(host).await?.df().await?;
@@ -30,22 +31,6 @@ fn table(u: &DiskUsage) -> String {
         out += &row(command, d);
     }
     out
-}
-
-/// `10.0G`, `37.2M`, `512K`, `0B`: powers of 1024.
-fn size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "K", "M", "G", "T"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes}B")
-    } else {
-        format!("{value:.1}{}", UNITS[unit])
-    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
 //! `moat doctor`: check the host, print each check with the fix for what fails.
 //!
 //! Exit code: 0 all good, 1 something is broken, 2 degraded (works, but e.g. only under TCG).
-//! `--smoke` boots a sandbox to prove the whole path works ([`smoke`]); `--bundle` writes a
-//! support bundle ([`bundle`]).
+//! `--smoke` boots a sandbox to prove the whole path works (`smoke.rs`); `--bundle` writes a
+//! support bundle (`bundle.rs`).
 
 mod bundle;
 mod smoke;

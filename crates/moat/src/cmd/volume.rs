@@ -41,7 +41,7 @@ pub async fn volume(cmd: VolumeCommand, host: &HostArgs) -> anyhow::Result<i32> 
 }
 
 /// `10.0G`, `37.2M`, `512K`, `0B`: powers of 1024, as `--size` takes them.
-fn size(bytes: u64) -> String {
+pub(crate) fn size(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "K", "M", "G", "T"];
     let mut value = bytes as f64;
     let mut unit = 0;
