@@ -13,14 +13,14 @@ pub const MAX_BUNDLE_SANDBOXES: usize = 256;
 pub struct CreateBundle {
     /// The sandboxes (names, ids or unique id prefixes) to put in; none: every sandbox.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schema(max_items = 256)]
+    #[schema(schema_with = crate::openapi::schemas::references)]
     pub sandboxes: Vec<String>,
-    /// The checks the client ran (`moat doctor --json`), kept as `doctor.json`.
+    /// The checks the client ran (`moat doctor --json`: any JSON), kept as `doctor.json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Value>)]
     pub doctor: Option<serde_json::Value>,
     /// The client's configuration (`moat config show --json`), kept as `config.json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
-    pub config: Option<serde_json::Value>,
+    pub config: Option<serde_json::Map<String, serde_json::Value>>,
 }

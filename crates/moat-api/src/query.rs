@@ -43,9 +43,11 @@ pub struct EventsQuery {
     /// Only events of this sandbox: a name, id or id prefix (also of a sandbox removed since,
     /// by its id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(min_length = 1, max_length = 128)]
     pub sandbox: Option<String>,
     /// Only events of this kind (`phase`, `net.refused`), or of kinds under a prefix (`net.*`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9._-]*\*?$")]
     pub kind: Option<String>,
     /// Only events at or after this time (Unix milliseconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -158,6 +158,7 @@ pub fn resume_sandbox() {}
         (status = 200, description = "A stream of Event lines", content_type = "application/x-ndjson",
             body = Event),
         (status = 400, description = "A bad query", body = ApiError),
+        (status = 404, description = "`sandbox` names no sandbox (and is not an id)", body = ApiError),
     ))]
 pub fn events() {}
 

@@ -50,6 +50,12 @@ fn list(items: impl Into<utoipa::openapi::schema::ArrayItems>, max_items: usize)
     ArrayBuilder::new().items(items).max_items(Some(max_items))
 }
 
+/// Sandbox references (names, ids or id prefixes), at most [`crate::MAX_BUNDLE_SANDBOXES`].
+pub fn references() -> ArrayBuilder {
+    let reference = ObjectBuilder::new().schema_type(Type::String).min_length(Some(1)).max_length(Some(128));
+    list(reference, crate::MAX_BUNDLE_SANDBOXES)
+}
+
 /// A hostname pattern: `pypi.org`, or `*.pythonhosted.org` for the names below one.
 fn host_pattern() -> ObjectBuilder {
     let (name, label) = (hostname(), LABEL);

@@ -39,7 +39,7 @@ pub async fn bundle(sandboxes: &[String], args: &DoctorArgs, host: &HostArgs) ->
     let req = CreateBundle {
         sandboxes: sandboxes.to_vec(),
         doctor: Some(doctor),
-        config: Some(crate::cmd::config::settings_json()),
+        config: crate::cmd::config::settings_json().as_object().cloned(),
     };
     let gz = client.bundle(&req).await.context("building the bundle")?;
     write_private(out, &gz, args.force)?;
