@@ -384,7 +384,8 @@ mod tests {
         // rewrites the table, which would take the free pages the test looks into with it).
         conn.execute_batch(
             "ALTER TABLE sandboxes DROP COLUMN labels; ALTER TABLE sandboxes DROP COLUMN env; \
-                 ALTER TABLE sandboxes DROP COLUMN mounts; ALTER TABLE snapshots DROP COLUMN host_mounts;",
+                 ALTER TABLE sandboxes DROP COLUMN mounts; ALTER TABLE snapshots DROP COLUMN host_mounts; \
+                 ALTER TABLE sandboxes DROP COLUMN idle;",
         )
         .unwrap();
         for (id, net) in [("abc000000001", &kept), ("abc000000002", &gone)] {
