@@ -20,6 +20,7 @@ mod images;
 mod isolation;
 pub mod labels;
 mod lease;
+mod locks;
 mod logs;
 mod mounts;
 mod processes;
@@ -39,6 +40,7 @@ use tokio::sync::Notify;
 use crate::error::{image_error, not_found, ServiceError};
 use crate::launcher::{Launcher, Machine};
 use crate::state::{now_secs, Db, StateError};
+pub(crate) use locks::KeyedLocks;
 
 /// Daemon settings that are not the host runtime's.
 #[derive(Debug, Clone)]
@@ -117,22 +119,6 @@ pub struct Service {
     pub(crate) metrics: crate::metrics::Metrics,
     /// When each running sandbox was last used (for idle policies).
     pub(crate) activity: Arc<idle::Activity>,
-}
-
-/// One async lock per key (a sandbox id, a template key, an image name), made on first use.
-#[derive(Default)]
-pub(crate) struct KeyedLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
-
-impl KeyedLocks {
-    /// The lock of `key`.
-    pub(crate) fn of(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.0.lock().expect("no panics while held").entry(key.to_string()).or_default().clone()
-    }
-
-    /// Drop the lock of a key that is gone (holders keep theirs).
-    pub(crate) fn forget(&self, key: &str) {
-        self.0.lock().expect("no panics while held").remove(key);
-    }
 }
 
 /// Marks the daemon busy (not idle) while it lives.
