@@ -249,6 +249,14 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // Guests outlive their daemon on purpose, and each runs in namespaces of its own jail, not
+        // in D: the lab daemon removes them while it still can.
+        if let Ok(ids) = self.moat(&["ps", "-a", "-q"], &[]) {
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                let _ = self.moat(&[&["rm", "-f"][..], &ids].concat(), &[]);
+            }
+        }
         if let Some(mut child) = self.daemon.lock().unwrap_or_else(|e| e.into_inner()).take() {
             // `ip netns exec` and `env` exec the daemon, so the child's pid is the daemon's.
             if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
@@ -261,8 +269,7 @@ impl Drop for Lab {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Guests outlive their daemon on purpose; the lab's must not outlive the lab. They run in
-        // D's namespace, like everything the lab daemon started.
+        // Whatever else the lab daemon started in D.
         kill_members(&self.d.name);
         for server in &self.servers {
             server.abort();

@@ -13,6 +13,11 @@
 //! - snapshots: a sandbox restored from its image's template next to a cold boot (each to its
 //!   first exec done, median of at least 10), `moat fork` into K (`--forks`, 10) next to K cold
 //!   boots, and the host memory (PSS of QEMU) of the K forks next to K cold-booted sandboxes.
+//! - warm pools: a create served from a warm pool (restored and paused ahead of time) to its
+//!   first exec done, next to a template restore without a pool and a cold boot.
+//! - density: sandboxes from the template kept running up to `--density` (50): the create time
+//!   of the 1st, 10th, 25th and 50th, the PSS of all their QEMUs, and list / inspect latency with
+//!   them running next to the same with none, on a daemon of its own.
 //! - the jail: template restore, cold boot (each to the first exec) and `moat fork` into K with
 //!   the QEMU jail on, next to the same with `MOAT_JAIL=off` on a second daemon.
 //! - the E2B front: `Sandbox.create()` + `commands.run("true")` + `kill()` through the `e2b`
@@ -32,12 +37,14 @@ use anyhow::{bail, Context};
 use moat_proto::ExecRequest;
 use moat_sandbox::{Runtime, RuntimeConfig, Sandbox, SandboxSpec};
 
+mod density;
 mod e2b;
 mod files;
 mod images;
 mod jail;
 mod lab;
 mod net;
+mod pool;
 mod snapshots;
 mod volumes;
 
@@ -53,13 +60,14 @@ fn ms(d: Duration) -> String {
 const USAGE: &str = "\
 usage: bench/run [OPTIONS]
 
-  --only PART       run one part: files, images, snapshots, jail, e2b, volumes or net
+  --only PART       run one part: files, images, snapshots, pool, density, jail, e2b, volumes or net
   --runs N          samples of each timed step; medians are printed (5)
   --execs N         exec round trips in one VM (100)
   --requests N      daemon API requests of each kind (1000)
   --copy-mib N      size of the file `moat cp` copies (256)
   --layer-mib N     size of the image layer pulled (256)
   --forks N         sandboxes `moat fork` makes, next to as many boots (10)
+  --density N       sandboxes the density part keeps running at once (50)
   --net-mib N       size of each network download, HTTP and HTTPS (64)
   --conns N         small sequential requests per network route, split into --runs batches (200)
   --seq-mib N       size of the volumes part's sequential write and read (64)
@@ -68,6 +76,9 @@ usage: bench/run [OPTIONS]
 The network part also measures default egress, allowlist mode (--net allow=bench.test) and secret
 interception (--secret BENCH_TOKEN@bench.test) side by side, in network namespaces it creates and
 removes: it needs root and `ip` (iproute2), and the host's openssl for the guests' HTTPS client.
+
+The density part runs its own daemon on a home next to $MOAT_HOME (`<home>-density`), with room
+for --density live sandboxes, so the shared daemon's limit and other people's sandboxes stay out.
 ";
 
 fn arg(name: &str, default: usize) -> usize {
@@ -84,6 +95,8 @@ async fn main() -> anyhow::Result<()> {
     let runs = arg("--runs", 5);
     let execs = arg("--execs", 100);
     let forks = arg("--forks", 10);
+    let density = arg("--density", 50);
+    let requests = arg("--requests", 1000);
     let moat = std::env::current_exe()?.with_file_name("moat");
     if !moat.exists() {
         bail!("{} is missing; build it with `cargo build --release -p moat` (bench/run does)", moat.display());
@@ -103,6 +116,8 @@ async fn main() -> anyhow::Result<()> {
         Some("files") => return files::bench(&moat, &home, arg("--copy-mib", 256)).await,
         Some("images") => return images::bench(&moat, &home, runs, arg("--layer-mib", 256)).await,
         Some("snapshots") => return snapshots::bench(&moat, &home, runs, forks).await,
+        Some("pool") => return pool::bench(&moat, &home, runs).await,
+        Some("density") => return density::bench(&moat, &home, density, requests).await,
         Some("jail") => return jail::bench(&moat, &home, runs, forks).await,
         Some("e2b") => return e2b::bench(&moat, &home, runs).await,
         Some("volumes") => {
@@ -110,7 +125,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Some("net") => return net::bench(&moat, &home, runs, arg("--net-mib", 64), arg("--conns", 200)).await,
         Some(other) => {
-            bail!("--only takes `files`, `images`, `snapshots`, `jail`, `e2b`, `volumes` or `net`, not {other:?}")
+            bail!(
+                "--only takes `files`, `images`, `snapshots`, `pool`, `density`, `jail`, `e2b`, `volumes` or \
+                 `net`, not {other:?}"
+            )
         }
         None => {}
     }
@@ -147,10 +165,12 @@ async fn main() -> anyhow::Result<()> {
     println!("  guest fork+exec+wait (baseline){:>10}", ms(guest));
     println!("  ratio                          {:>10.2}x", rtt.as_secs_f64() / guest.as_secs_f64());
 
-    daemon_api(&home, runs, arg("--requests", 1000), boot).await?;
+    daemon_api(&home, runs, requests, boot).await?;
     files::bench(&moat, &home, arg("--copy-mib", 256)).await?;
     images::bench(&moat, &home, runs, arg("--layer-mib", 256)).await?;
     snapshots::bench(&moat, &home, runs, forks).await?;
+    pool::bench(&moat, &home, runs).await?;
+    density::bench(&moat, &home, density, requests).await?;
     jail::bench(&moat, &home, runs, forks).await?;
     e2b::bench(&moat, &home, runs).await?;
     net::bench(&moat, &home, runs, arg("--net-mib", 64), arg("--conns", 200)).await

@@ -5,7 +5,7 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use moat_proto::net::{DNS_IP, GUEST_IP, HOST_IP, PREFIX_LEN};
+use moat_proto::net::{DNS_IP, GUEST_IP, HOST_IP, MTU, PREFIX_LEN};
 
 fn socket() -> io::Result<OwnedFd> {
     // SAFETY: a plain socket call; the fd is owned by the OwnedFd from here on.
@@ -62,6 +62,15 @@ fn set_addr(fd: &OwnedFd, name: &str, ip: Ipv4Addr, prefix: u8) -> io::Result<()
     ioctl(fd, libc::SIOCSIFNETMASK, (&mut req as *mut libc::ifreq).cast())
 }
 
+/// The link's MTU: moat's stack takes frames of up to [`MTU`], and an emulated guest pays for
+/// every packet it takes in (driver, stack, wakeups), so large packets are most of the link's
+/// speed. A kernel that refuses keeps 1500, which still works: each side's SYN says what it takes.
+fn set_mtu(fd: &OwnedFd, name: &str) -> io::Result<()> {
+    let mut req = ifreq(name);
+    req.ifr_ifru.ifru_mtu = libc::c_int::try_from(MTU).unwrap_or(1500);
+    ioctl(fd, libc::SIOCSIFMTU, (&mut req as *mut libc::ifreq).cast())
+}
+
 /// Bring up `lo`. The kernel adds 127.0.0.1/8 itself when loopback goes up; set it only if not.
 pub fn loopback_up() -> io::Result<()> {
     let fd = socket()?;
@@ -82,6 +91,9 @@ pub fn has_nic() -> bool {
 pub fn eth0_up() -> io::Result<()> {
     let fd = socket()?;
     set_addr(&fd, "eth0", GUEST_IP, PREFIX_LEN)?;
+    if let Err(e) = set_mtu(&fd, "eth0") {
+        eprintln!("moat-agent: eth0 keeps its MTU, {MTU} refused: {e}");
+    }
     up(&fd, "eth0")?;
     // SAFETY: rtentry is plain old data; all-zero is a valid value.
     let mut route: libc::rtentry = unsafe { std::mem::zeroed() };

@@ -6,7 +6,7 @@
 //! UDP does not go through smoltcp: DNS queries go to moat's resolver, other datagrams are relayed
 //! through host UDP sockets.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{
@@ -23,18 +22,22 @@ use smoltcp::wire::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket, UnixStream};
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::dns::Dns;
 use crate::policy::{HostAddrs, HostPattern, Pins, Policy, Rule, Verdict};
 use crate::tls::{Ca, Secret};
-use crate::{DNS_IP, GUEST_IP, HOST_IP, MTU};
+use crate::{DNS_IP, GUEST_IP, HOST_IP};
 
+mod device;
 mod flow;
 mod limits;
+mod relay;
 mod traffic;
 mod udp;
+
+use device::{Queues, MAX_FRAME};
 
 pub use flow::GuestStream;
 pub use limits::FlowLimits;
@@ -42,9 +45,15 @@ pub use traffic::{Traffic, RULES};
 
 /// The stack's own MAC address (locally administered).
 const STACK_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
-/// Largest frame accepted from QEMU: a 1500-byte MTU frame, with room for VLAN tags.
-const MAX_FRAME: usize = MTU + 32;
-const TCP_BUFFER: usize = 64 * 1024;
+/// Socket buffers of a flow while the stack's budget for large ones lasts: toward the guest
+/// (downloads) and from it. Large enough for several full-sized segments in flight each way.
+const LARGE_TO_GUEST: usize = 512 * 1024;
+const LARGE_FROM_GUEST: usize = 256 * 1024;
+/// Bytes of large socket buffers one stack may hold at once; flows past it get small ones, so a
+/// guest holding every connection it may costs the daemon at most this plus
+/// `FlowLimits::tcp` × 2 × [`SMALL_BUFFER`].
+const BUFFER_BUDGET: usize = 16 << 20;
+const SMALL_BUFFER: usize = 16 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const UDP_IDLE: Duration = Duration::from_secs(60);
 /// Refusal events at most this often per second; the rest are counted.
@@ -87,6 +96,8 @@ struct Inner {
     core: Mutex<Core>,
     /// Wakes the poll loop: a flow read or wrote, or a frame is queued.
     wake: Notify,
+    /// Wakes the frame reader when a poll has emptied the queue it was waiting on.
+    drained: Notify,
     cfg: StackConfig,
     pins: Mutex<Pins>,
     host_addrs: HostAddrs,
@@ -111,58 +122,14 @@ struct Core {
     closing: Vec<SocketHandle>,
     guest_mac: Option<EthernetAddress>,
     next_port: u16,
+    /// Bytes of socket buffers held by sockets with large ones (see [`BUFFER_BUDGET`]).
+    large_buffers: usize,
 }
 
 struct EventBudget {
     second: u64,
     used: u32,
     suppressed: u64,
-}
-
-/// Frames between QEMU and smoltcp.
-#[derive(Default)]
-struct Queues {
-    rx: VecDeque<Vec<u8>>,
-    tx: VecDeque<Vec<u8>>,
-}
-
-struct Rx(Vec<u8>);
-struct Tx<'a>(&'a mut VecDeque<Vec<u8>>);
-
-impl RxToken for Rx {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
-    }
-}
-
-impl TxToken for Tx<'_> {
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut buf = vec![0; len];
-        let r = f(&mut buf);
-        self.0.push_back(buf);
-        r
-    }
-}
-
-impl Device for Queues {
-    type RxToken<'a> = Rx;
-    type TxToken<'a> = Tx<'a>;
-
-    fn receive(&mut self, _: SmolInstant) -> Option<(Rx, Tx<'_>)> {
-        let frame = self.rx.pop_front()?;
-        Some((Rx(frame), Tx(&mut self.tx)))
-    }
-
-    fn transmit(&mut self, _: SmolInstant) -> Option<Tx<'_>> {
-        Some(Tx(&mut self.tx))
-    }
-
-    fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ethernet;
-        caps.max_transmission_unit = MTU + 14;
-        caps
-    }
 }
 
 impl Stack {
@@ -203,8 +170,10 @@ impl Stack {
                 closing: Vec::new(),
                 guest_mac: None,
                 next_port: 49152,
+                large_buffers: 0,
             }),
             wake: Notify::new(),
+            drained: Notify::new(),
             host_addrs: HostAddrs::with(cfg.host_addresses.iter().copied()),
             cfg,
             pins: Mutex::new(Pins::default()),
@@ -213,10 +182,10 @@ impl Stack {
             events: Mutex::new(EventBudget { second: 0, used: 0, suppressed: 0 }),
             traffic: traffic.clone(),
         });
+        set_send_buffer(&stream);
         let (reader, writer) = stream.into_split();
-        let (frames_tx, frames_rx) = mpsc::channel(256);
-        let read_task = tokio::spawn(read_frames(reader, frames_tx, traffic));
-        let poll_task = tokio::spawn(poll_loop(inner.clone(), frames_rx, writer));
+        let read_task = tokio::spawn(read_frames(inner.clone(), reader));
+        let poll_task = tokio::spawn(poll_loop(inner.clone(), writer));
         Ok(Stack { inner, tasks: vec![read_task, poll_task] })
     }
 
@@ -226,15 +195,16 @@ impl Stack {
         let inner = self.inner.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((mut conn, _)) = listener.accept().await else {
+                let Ok((conn, _)) = listener.accept().await else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
                 let inner = inner.clone();
                 tokio::spawn(async move {
                     // A refused or silent guest port closes the host connection: all a listener can say.
-                    if let Ok(mut guest) = inner.connect_guest(guest_port).await {
-                        let _ = tokio::io::copy_bidirectional(&mut guest, &mut conn).await;
+                    if let Ok(guest) = inner.connect_guest(guest_port).await {
+                        let _ = conn.set_nodelay(true);
+                        let _ = relay::relay(&guest, conn).await;
                     }
                 });
             }
@@ -288,8 +258,9 @@ impl Drop for Stack {
     }
 }
 
-/// Frames from QEMU: a 4-byte big-endian length, then the frame.
-async fn read_frames(reader: tokio::net::unix::OwnedReadHalf, frames: mpsc::Sender<Vec<u8>>, traffic: Arc<Traffic>) {
+/// Frames from QEMU: a 4-byte big-endian length, then the frame. Each is handed to the stack
+/// as it comes, and the poll loop woken; a poll takes all that came meanwhile at once.
+async fn read_frames(inner: Arc<Inner>, reader: tokio::net::unix::OwnedReadHalf) {
     // Buffered: a length and a frame would otherwise be two reads per frame.
     let mut reader = tokio::io::BufReader::with_capacity(256 * 1024, reader);
     loop {
@@ -308,52 +279,71 @@ async fn read_frames(reader: tokio::net::unix::OwnedReadHalf, frames: mpsc::Send
         if reader.read_exact(&mut frame).await.is_err() {
             return;
         }
-        traffic.sent_by_guest(len);
-        if frames.send(frame).await.is_err() {
-            return;
+        inner.traffic.sent_by_guest(len);
+        // A full queue waits for the poll loop, which leaves the rest of the guest's frames in
+        // QEMU (and QEMU stops taking them from the guest) instead of in the daemon's memory.
+        loop {
+            let drained = inner.drained.notified();
+            if !inner.core.lock().unwrap_or_else(|e| e.into_inner()).dev.rx_full() {
+                break;
+            }
+            inner.wake.notify_one();
+            drained.await;
         }
+        inner.input(frame);
+        inner.wake.notify_one();
     }
 }
 
-async fn poll_loop(
-    inner: Arc<Inner>,
-    mut frames: mpsc::Receiver<Vec<u8>>,
-    mut writer: tokio::net::unix::OwnedWriteHalf,
-) {
+async fn poll_loop(inner: Arc<Inner>, mut writer: tokio::net::unix::OwnedWriteHalf) {
     let mut out = Vec::new();
     loop {
-        let delay = {
+        let (delay, bytes, held_back) = {
             let mut core = inner.core.lock().unwrap_or_else(|e| e.into_inner());
             let core = &mut *core;
             let now = SmolInstant::now();
             core.iface.poll(now, &mut core.dev, &mut core.sockets);
             core.reap();
-            out.extend(core.dev.tx.drain(..));
-            core.iface.poll_delay(now, &core.sockets)
+            let (bytes, held_back) = core.dev.take_wire(&mut out);
+            (core.iface.poll_delay(now, &core.sockets), bytes, held_back)
         };
+        inner.drained.notify_one();
         // Every frame of this round in one write.
-        let mut buf = Vec::new();
-        for frame in out.drain(..) {
-            inner.traffic.sent_to_guest(frame.len());
-            buf.extend_from_slice(&(frame.len() as u32).to_be_bytes());
-            buf.extend_from_slice(&frame);
+        if !out.is_empty() {
+            inner.traffic.sent_to_guest(bytes);
+            if writer.write_all(&out).await.is_err() {
+                return;
+            }
         }
-        if !buf.is_empty() && writer.write_all(&buf).await.is_err() {
-            return;
+        if held_back {
+            continue; // smoltcp has more to send now that the round's bytes are out
         }
         let sleep = delay.map(|d| Duration::from_micros(d.total_micros())).unwrap_or(Duration::from_secs(1));
         tokio::select! {
-            frame = frames.recv() => {
-                let Some(frame) = frame else { return };
-                inner.input(frame);
-                // Take whatever else is queued before polling again.
-                while let Ok(frame) = frames.try_recv() {
-                    inner.input(frame);
-                }
-            }
             _ = inner.wake.notified() => {}
             _ = tokio::time::sleep(sleep) => {}
         }
+    }
+}
+
+/// A larger send buffer on the NIC socket lets a round of large frames go out in one write
+/// while QEMU is still delivering the last one; the kernel caps it at `net.core.wmem_max`.
+fn set_send_buffer(stream: &UnixStream) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 1 << 20;
+    // SAFETY: setsockopt reads `size` (an int, as SO_SNDBUF takes) for the duration of the call;
+    // the descriptor is the stream's own and stays open.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!("SO_SNDBUF on the NIC socket: {}", io::Error::last_os_error());
     }
 }
 
@@ -361,11 +351,10 @@ impl Core {
     /// Drop sockets whose flow ended once smoltcp has finished closing them.
     fn reap(&mut self) {
         let mut removed = Vec::new();
-        let sockets = &mut self.sockets;
+        let sockets = &self.sockets;
         self.closing.retain(|h| {
             let state = sockets.get::<tcp::Socket>(*h).state();
             if matches!(state, tcp::State::Closed | tcp::State::TimeWait) {
-                sockets.remove(*h);
                 removed.push(*h);
                 false
             } else {
@@ -373,18 +362,38 @@ impl Core {
             }
         });
         if !removed.is_empty() {
+            for h in &removed {
+                self.remove_socket(*h);
+            }
             self.flows.retain(|_, h| !removed.contains(h));
         }
     }
 
+    /// A socket with large buffers while the stack's budget for them lasts, small ones after.
     fn new_socket(&mut self) -> SocketHandle {
+        let (to_guest, from_guest) = if self.large_buffers + LARGE_TO_GUEST + LARGE_FROM_GUEST <= BUFFER_BUDGET {
+            self.large_buffers += LARGE_TO_GUEST + LARGE_FROM_GUEST;
+            (LARGE_TO_GUEST, LARGE_FROM_GUEST)
+        } else {
+            (SMALL_BUFFER, SMALL_BUFFER)
+        };
         let mut socket =
-            tcp::Socket::new(tcp::SocketBuffer::new(vec![0; TCP_BUFFER]), tcp::SocketBuffer::new(vec![0; TCP_BUFFER]));
+            tcp::Socket::new(tcp::SocketBuffer::new(vec![0; from_guest]), tcp::SocketBuffer::new(vec![0; to_guest]));
         // A peer that vanishes mid-connection must not hold a socket forever.
         socket.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
         socket.set_keep_alive(Some(smoltcp::time::Duration::from_secs(30)));
         socket.set_nagle_enabled(false);
         self.sockets.add(socket)
+    }
+
+    /// Remove a socket, giving its large buffers back to the budget.
+    fn remove_socket(&mut self, handle: SocketHandle) {
+        let s = self.sockets.remove(handle);
+        if let smoltcp::socket::Socket::Tcp(s) = s {
+            if s.send_capacity() == LARGE_TO_GUEST && s.recv_capacity() == LARGE_FROM_GUEST {
+                self.large_buffers -= LARGE_TO_GUEST + LARGE_FROM_GUEST;
+            }
+        }
     }
 }
 
@@ -456,10 +465,8 @@ impl Inner {
             }
             _ => return,
         }
-        let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
-        if core.dev.rx.len() < 1024 {
-            core.dev.rx.push_back(frame);
-        }
+        // The reader waited for room: the queue holds at most one frame past its limit.
+        self.core.lock().unwrap_or_else(|e| e.into_inner()).dev.push_rx(frame);
     }
 
     /// A new connection from the guest: decide, and if allowed, make a socket for it and start its
@@ -486,7 +493,7 @@ impl Inner {
         let handle = core.new_socket();
         let listen = IpListenEndpoint { addr: Some(IpAddress::Ipv4(dst)), port: to.port() };
         if core.sockets.get_mut::<tcp::Socket>(handle).listen(listen).is_err() {
-            core.sockets.remove(handle);
+            core.remove_socket(handle);
             return;
         }
         core.flows.insert((from, to), handle);
@@ -519,7 +526,7 @@ impl Inner {
             let remote = IpEndpoint::new(IpAddress::Ipv4(GUEST_IP), port);
             let local = IpListenEndpoint { addr: Some(IpAddress::Ipv4(HOST_IP)), port: local_port };
             if core.sockets.get_mut::<tcp::Socket>(handle).connect(core.iface.context(), remote, local).is_err() {
-                core.sockets.remove(handle);
+                core.remove_socket(handle);
                 return Err(ConnectGuestError::Unaddressable(port));
             }
             handle

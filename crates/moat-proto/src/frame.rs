@@ -68,8 +68,10 @@ mod kind {
     pub const RESIZE: u8 = 12;
 }
 
-fn json<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).expect("protocol types always serialize")
+/// Append `value` as JSON; the frame kind, for the caller's match.
+fn json_into<T: Serialize>(out: &mut Vec<u8>, kind: u8, value: &T) -> u8 {
+    serde_json::to_writer(out, value).expect("protocol types always serialize");
+    kind
 }
 
 fn from_json<T: DeserializeOwned>(kind: &'static str, payload: &[u8]) -> Result<T, FrameError> {
@@ -90,39 +92,59 @@ impl Frame {
     /// the peer would refuse it and end the link. Data chunks never are: senders split them far
     /// below the limit. JSON messages (a request with a huge environment, a long listing) can be.
     pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
-        let (k, payload): (u8, Vec<u8>) = match &self.message {
-            Message::Hello(h) => (kind::HELLO, json(h)),
-            Message::HelloAck(h) => (kind::HELLO_ACK, json(h)),
-            Message::Request(r) => (kind::REQUEST, json(r)),
-            Message::Started(s) => (kind::STARTED, json(s)),
-            Message::Error(e) => (kind::ERROR, json(e)),
-            Message::Exit(e) => (kind::EXIT, json(e)),
-            Message::Data { stream, data } => {
-                let mut p = Vec::with_capacity(1 + data.len());
-                p.push(*stream as u8);
-                p.extend_from_slice(data);
-                (kind::DATA, p)
-            }
-            Message::Eof { stream } => (kind::EOF, vec![*stream as u8]),
-            Message::Credit { stream, bytes } => {
-                let mut p = vec![*stream as u8];
-                p.extend_from_slice(&bytes.to_le_bytes());
-                (kind::CREDIT, p)
-            }
-            Message::Signal(sig) => (kind::SIGNAL, sig.to_le_bytes().to_vec()),
-            Message::Close => (kind::CLOSE, Vec::new()),
-            Message::Resize(size) => (kind::RESIZE, [size.rows.to_le_bytes(), size.cols.to_le_bytes()].concat()),
-        };
-        if payload.len() > MAX_PAYLOAD {
-            return Err(FrameError::TooLarge(payload.len()));
-        }
-        let len = (4 + 1 + payload.len()) as u32;
-        let mut out = Vec::with_capacity(4 + len as usize);
-        out.extend_from_slice(&len.to_le_bytes());
+        // The payload is written in place after the header: a data frame's bytes are copied once,
+        // which counts when the sender is an emulated guest.
+        let mut out = Vec::with_capacity(HEADER + self.payload_hint());
+        out.extend_from_slice(&[0; 4]);
         out.extend_from_slice(&self.channel.to_le_bytes());
-        out.push(k);
-        out.extend_from_slice(&payload);
+        out.push(0);
+        let k = match &self.message {
+            Message::Hello(h) => json_into(&mut out, kind::HELLO, h),
+            Message::HelloAck(h) => json_into(&mut out, kind::HELLO_ACK, h),
+            Message::Request(r) => json_into(&mut out, kind::REQUEST, r),
+            Message::Started(s) => json_into(&mut out, kind::STARTED, s),
+            Message::Error(e) => json_into(&mut out, kind::ERROR, e),
+            Message::Exit(e) => json_into(&mut out, kind::EXIT, e),
+            Message::Data { stream, data } => {
+                out.push(*stream as u8);
+                out.extend_from_slice(data);
+                kind::DATA
+            }
+            Message::Eof { stream } => {
+                out.push(*stream as u8);
+                kind::EOF
+            }
+            Message::Credit { stream, bytes } => {
+                out.push(*stream as u8);
+                out.extend_from_slice(&bytes.to_le_bytes());
+                kind::CREDIT
+            }
+            Message::Signal(sig) => {
+                out.extend_from_slice(&sig.to_le_bytes());
+                kind::SIGNAL
+            }
+            Message::Close => kind::CLOSE,
+            Message::Resize(size) => {
+                out.extend_from_slice(&size.rows.to_le_bytes());
+                out.extend_from_slice(&size.cols.to_le_bytes());
+                kind::RESIZE
+            }
+        };
+        let payload = out.len() - HEADER;
+        if payload > MAX_PAYLOAD {
+            return Err(FrameError::TooLarge(payload));
+        }
+        out[8] = k;
+        out[0..4].copy_from_slice(&((4 + 1 + payload) as u32).to_le_bytes());
         Ok(out)
+    }
+
+    /// Room to reserve for the payload: exact for data, a guess for the rest.
+    fn payload_hint(&self) -> usize {
+        match &self.message {
+            Message::Data { data, .. } => 1 + data.len(),
+            _ => 64,
+        }
     }
 
     /// Decode the body of one frame (everything after the length prefix).

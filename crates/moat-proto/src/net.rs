@@ -13,5 +13,6 @@ pub const DNS_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
 pub const PREFIX_LEN: u8 = 24;
 /// The name moat's resolver answers with [`HOST_IP`].
 pub const HOST_NAME: &str = "host.moat.internal";
-/// The MTU of the guest link.
-pub const MTU: usize = 1500;
+/// The MTU of the guest link. The link ends in moat's stack, never on a wire, so it is as large
+/// as IPv4 allows: the emulated guest pays per packet, and large packets make few of them.
+pub const MTU: usize = 65520;

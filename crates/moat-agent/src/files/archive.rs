@@ -68,7 +68,10 @@ fn append_file(b: &mut tar::Builder<&mut dyn Write>, src: &Path, dest: &Path) ->
     let mut header = tar::Header::new_gnu();
     header.set_metadata(&m);
     let size = m.len();
-    b.append_data(&mut header, dest, file.take(size).chain(std::io::repeat(0)).take(size))
+    // tar-rs copies through an 8 KiB buffer; reading the file in whole chunks saves the emulated
+    // guest seven system calls in eight, worth more than the extra copy out of this buffer.
+    let file = std::io::BufReader::with_capacity(super::stream::FILE_CHUNK, file.take(size));
+    b.append_data(&mut header, dest, file.chain(std::io::repeat(0)).take(size))
 }
 
 pub(super) fn write_tar(dir: &Path, r: &mut dyn Read) -> Result<(), String> {

@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 
-use moat_proto::{ExitStatus, Message, Stream, INITIAL_WINDOW, MAX_CHUNK};
+use moat_proto::{ExitStatus, Message, Stream, INITIAL_WINDOW};
 use tokio::sync::mpsc;
 
 use super::{Consumer, Producer};
@@ -12,19 +12,47 @@ use crate::channel::{Credit, Ctl, Outbox};
 /// Chunks queued between the blocking worker and the channel.
 const QUEUE: usize = 4;
 
-/// A `Write` that hands chunks to the channel task; blocks while the queue is full.
-struct ChunkWriter(mpsc::Sender<Vec<u8>>);
+/// Bytes per chunk, and so per data frame, of a file stream: each chunk costs the guest the same
+/// few wake-ups and system calls whatever its size. A quarter of the credit window, so four are
+/// in flight; far below the frame limit.
+pub(super) const FILE_CHUNK: usize = INITIAL_WINDOW as usize / 4;
+
+/// A `Write` that gathers bytes into whole chunks and hands each to the channel task; blocks
+/// while the queue is full. Each byte is copied once here (tar and io::copy write in 512-byte and
+/// 8 KiB pieces, and every frame costs the emulated guest the same however small it is).
+struct ChunkWriter {
+    tx: mpsc::Sender<Vec<u8>>,
+    chunk: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn new(tx: mpsc::Sender<Vec<u8>>) -> ChunkWriter {
+        ChunkWriter { tx, chunk: Vec::with_capacity(FILE_CHUNK) }
+    }
+
+    fn send(&mut self) -> std::io::Result<()> {
+        let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(FILE_CHUNK));
+        self.tx.blocking_send(chunk).map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+    }
+}
 
 impl Write for ChunkWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = buf.len().min(MAX_CHUNK);
-        self.0.blocking_send(buf[..n].to_vec()).map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        let n = buf.len().min(FILE_CHUNK - self.chunk.len());
+        self.chunk.extend_from_slice(&buf[..n]);
+        if self.chunk.len() == FILE_CHUNK {
+            self.send()?;
+        }
         Ok(n)
     }
 
-    /// Fails once the host stopped listening, so a worker with nothing to write can notice.
+    /// Sends what is gathered; fails once the host stopped listening, so a worker with nothing
+    /// to write can notice.
     fn flush(&mut self) -> std::io::Result<()> {
-        if self.0.is_closed() {
+        if !self.chunk.is_empty() {
+            self.send()?;
+        }
+        if self.tx.is_closed() {
             return Err(std::io::ErrorKind::BrokenPipe.into());
         }
         Ok(())
@@ -71,10 +99,8 @@ async fn finish(id: u32, out: &Outbox, result: Result<(), String>) {
 /// Send what `work` writes as stdout, never more than the host's credit ahead.
 pub(super) async fn stream_out(id: u32, out: &Outbox, mut ctl: mpsc::UnboundedReceiver<Ctl>, work: Producer) {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
-    // Buffered to whole frames: tar and io::copy write in 512-byte and 8 KiB pieces, and every
-    // frame costs the (possibly emulated) guest the same however small it is.
     let worker = tokio::task::spawn_blocking(move || {
-        let mut sink = std::io::BufWriter::with_capacity(MAX_CHUNK, ChunkWriter(tx));
+        let mut sink = ChunkWriter::new(tx);
         work(&mut sink)?;
         sink.flush().map_err(|e| format!("Sending failed: {e}."))
     });
@@ -82,7 +108,7 @@ pub(super) async fn stream_out(id: u32, out: &Outbox, mut ctl: mpsc::UnboundedRe
     loop {
         tokio::select! {
             chunk = rx.recv() => {
-                let Some(chunk) = chunk else { break };
+                let Some(mut chunk) = chunk else { break };
                 let mut at = 0;
                 while at < chunk.len() {
                     // Wait for credit while still taking the host's messages (credit, close).
@@ -96,7 +122,9 @@ pub(super) async fn stream_out(id: u32, out: &Outbox, mut ctl: mpsc::UnboundedRe
                             },
                         }
                     };
-                    if !out.send(id, Message::Data { stream: Stream::Stdout, data: chunk[at..at + n].to_vec() }).await {
+                    // The whole chunk moves as it is; only a short credit splits it.
+                    let data = if at == 0 && n == chunk.len() { std::mem::take(&mut chunk) } else { chunk[at..at + n].to_vec() };
+                    if !out.send(id, Message::Data { stream: Stream::Stdout, data }).await {
                         return;
                     }
                     at += n;
@@ -149,4 +177,39 @@ pub(super) async fn stream_in(id: u32, out: &Outbox, mut ctl: mpsc::UnboundedRec
         }
     };
     finish(id, out, result).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Small writes leave as whole chunks (one frame each), a flush sends what is left, and a
+    /// writer whose channel task is gone fails instead of blocking.
+    #[test]
+    fn writes_are_gathered_into_whole_chunks() {
+        let (tx, mut rx) = mpsc::channel(QUEUE);
+        let data: Vec<u8> = (0..FILE_CHUNK * 2 + 100).map(|i| i as u8).collect();
+        let worker = std::thread::spawn(move || {
+            let mut w = ChunkWriter::new(tx);
+            for piece in data.chunks(8 * 1024 - 3) {
+                w.write_all(piece).unwrap();
+            }
+            w.flush().unwrap();
+        });
+        let mut sizes = Vec::new();
+        let mut got = Vec::new();
+        while let Some(chunk) = rx.blocking_recv() {
+            sizes.push(chunk.len());
+            got.extend(chunk);
+        }
+        worker.join().unwrap();
+        assert_eq!(sizes, [FILE_CHUNK, FILE_CHUNK, 100]);
+        assert!(got.iter().enumerate().all(|(i, b)| *b == i as u8));
+
+        let (tx, rx) = mpsc::channel(QUEUE);
+        drop(rx);
+        let mut w = ChunkWriter::new(tx);
+        assert!(w.write_all(&vec![0; FILE_CHUNK]).is_err());
+        assert!(w.flush().is_err());
+    }
 }

@@ -110,7 +110,7 @@ impl Inner {
             None => {
                 let mut upstream = upstream;
                 upstream.write_all(&first).await?;
-                tokio::io::copy_bidirectional(&mut guest, &mut upstream).await?;
+                super::relay::relay(&guest, upstream).await?;
             }
         }
         Ok(())
@@ -193,7 +193,7 @@ impl std::fmt::Debug for GuestStream {
 }
 
 impl GuestStream {
-    fn with<R>(&self, f: impl FnOnce(&mut tcp::Socket<'static>) -> R) -> R {
+    pub(super) fn with<R>(&self, f: impl FnOnce(&mut tcp::Socket<'static>) -> R) -> R {
         let mut core = self.inner.core.lock().unwrap_or_else(|e| e.into_inner());
         f(core.sockets.get_mut::<tcp::Socket>(self.handle))
     }
@@ -211,6 +211,12 @@ impl GuestStream {
             })
         })
         .await
+    }
+
+    /// End the sending half: the guest reads to its end (a FIN) after what was sent.
+    pub(super) fn close(&self) {
+        self.with(|s| s.close());
+        self.inner.wake.notify_one();
     }
 
     /// Reset the connection (the guest sees "connection refused" or "reset").
@@ -292,8 +298,7 @@ impl AsyncWrite for GuestStream {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.with(|s| s.close());
-        self.inner.wake.notify_one();
+        self.close();
         Poll::Ready(Ok(()))
     }
 }

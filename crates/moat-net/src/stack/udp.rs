@@ -123,24 +123,26 @@ impl Inner {
             dst_addr: guest_mac,
             ethertype: EthernetProtocol::Ipv4,
         };
-        let mut frame = vec![0u8; eth.buffer_len() + ip.buffer_len() + udp.header_len() + payload.len()];
-        let caps = smoltcp::phy::ChecksumCapabilities::default();
-        let mut eth_frame = EthernetFrame::new_unchecked(&mut frame[..]);
-        eth.emit(&mut eth_frame);
-        let mut ip_packet = Ipv4Packet::new_unchecked(eth_frame.payload_mut());
-        ip.emit(&mut ip_packet, &caps);
-        let mut udp_packet = UdpPacket::new_unchecked(ip_packet.payload_mut());
-        udp.emit(
-            &mut udp_packet,
-            &IpAddress::Ipv4(ip.src_addr),
-            &IpAddress::Ipv4(ip.dst_addr),
-            payload.len(),
-            |buf| buf.copy_from_slice(payload),
-            &caps,
-        );
-        if core.dev.tx.len() < 1024 {
-            core.dev.tx.push_back(frame);
+        if !core.dev.tx_room() {
+            return; // a full NIC queue drops the datagram, as a real one would
         }
+        let caps = smoltcp::phy::ChecksumCapabilities::default();
+        let len = eth.buffer_len() + ip.buffer_len() + udp.header_len() + payload.len();
+        core.dev.push_tx(len, |frame| {
+            let mut eth_frame = EthernetFrame::new_unchecked(frame);
+            eth.emit(&mut eth_frame);
+            let mut ip_packet = Ipv4Packet::new_unchecked(eth_frame.payload_mut());
+            ip.emit(&mut ip_packet, &caps);
+            let mut udp_packet = UdpPacket::new_unchecked(ip_packet.payload_mut());
+            udp.emit(
+                &mut udp_packet,
+                &IpAddress::Ipv4(ip.src_addr),
+                &IpAddress::Ipv4(ip.dst_addr),
+                payload.len(),
+                |buf| buf.copy_from_slice(payload),
+                &caps,
+            );
+        });
         drop(core);
         self.wake.notify_one();
     }

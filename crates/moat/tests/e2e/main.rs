@@ -24,6 +24,7 @@ mod metrics;
 mod mounts;
 mod net;
 mod net_bypass;
+mod pool;
 mod port_connect;
 mod processes;
 mod pull;
