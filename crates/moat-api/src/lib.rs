@@ -15,6 +15,7 @@ mod labels;
 mod mount;
 mod net;
 pub mod openapi;
+mod pool;
 mod query;
 mod sandbox;
 mod snapshot;
@@ -37,6 +38,7 @@ pub use labels::{
 };
 pub use mount::{validate_mounts, validate_target, Mount, MountType, MAX_MOUNTS};
 pub use net::{ChangeAllowlist, NetMode, NetSpec, PortForward, SecretSpec};
+pub use pool::{PoolInfo, SetPool, MAX_POOL_SIZE};
 pub use query::{
     ArchiveQuery, AttachQuery, EventsQuery, ImportQuery, ListQuery, LogsQuery, PathQuery, RemoveQuery, WriteFileQuery,
 };
@@ -45,7 +47,7 @@ pub use sandbox::{
     RenewLease, SandboxInfo, DEFAULT_DISK_MIB, DEFAULT_IMAGE, DEFAULT_IMAGE_FROM, DEFAULT_IMAGE_PACKAGES,
     DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_SANDBOX_ENV,
 };
-pub use snapshot::{CreateSnapshot, Fork, ForkVolumes, Forked, Revert, SnapshotInfo, SnapshotKind};
+pub use snapshot::{CloneTimeline, CreateSnapshot, Fork, ForkVolumes, Forked, Revert, SnapshotInfo, SnapshotKind};
 pub use terminal::{escape_controls, ControlEscaper};
 pub use volume::{
     validate_volume_name, CreateVolume, RemoveVolumeQuery, VolumeInfo, VolumeUser, DEFAULT_VOLUME_BYTES,

@@ -127,4 +127,24 @@ pub enum ForkVolumes {
 pub struct Forked {
     pub snapshot: SnapshotInfo,
     pub sandboxes: Vec<SandboxInfo>,
+    /// Where each new sandbox's start went, in the order of `sandboxes` (`moat fork --json`).
+    #[serde(default)]
+    pub timeline: Vec<CloneTimeline>,
+}
+
+/// How long the steps of one fork's start took, in milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CloneTimeline {
+    /// The sandbox's name.
+    pub name: String,
+    /// Its disk overlay and run directory made, before QEMU starts.
+    pub prepare_ms: u64,
+    /// QEMU started (in its jail) until it answered on QMP.
+    pub qemu_start_ms: u64,
+    /// The saved device state loaded and the guest running again.
+    pub state_load_ms: u64,
+    /// The guest running until its agent answered the handshake (identity, clock, entropy).
+    pub agent_ms: u64,
+    /// The whole create, as the daemon saw it (the above, plus its records and the network).
+    pub total_ms: u64,
 }

@@ -407,6 +407,16 @@ impl Client {
         self.call(Method::POST, "/v1/gc", None::<&()>).await
     }
 
+    /// Every warm pool and how full it is.
+    pub async fn pools(&self) -> Result<Vec<moat_api::PoolInfo>, ClientError> {
+        self.call(Method::GET, "/v1/pools", None::<&()>).await
+    }
+
+    /// Set a warm pool's size (0 removes it).
+    pub async fn set_pool(&self, req: &moat_api::SetPool) -> Result<moat_api::PoolInfo, ClientError> {
+        self.call(Method::PUT, "/v1/pools", Some(req)).await
+    }
+
     /// Disk use by kind, and what prune and gc would free (`moat df`).
     pub async fn df(&self) -> Result<moat_api::DiskUsage, ClientError> {
         self.call(Method::GET, "/v1/df", None::<&()>).await

@@ -238,6 +238,7 @@ pub async fn serve(cfg: ServeConfig, fronts: impl FnOnce(Door) -> axum::Router) 
     };
 
     let backups = tokio::spawn(svc.clone().back_up_periodically(cfg.retention.backups));
+    let pools = tokio::spawn(svc.clone().keep_pools());
     let mut term = signal(SignalKind::terminate()).map_err(io("installing the SIGTERM handler"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io("installing the SIGINT handler"))?;
     let idle = async {
@@ -245,7 +246,9 @@ pub async fn serve(cfg: ServeConfig, fronts: impl FnOnce(Door) -> axum::Router) 
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let quiet = state::now_ms() - last_activity.load(Ordering::Relaxed);
-            let busy = svc.is_busy() || svc.list().map(|l| l.iter().any(|s| s.phase.is_live())).unwrap_or(true);
+            let busy = svc.is_busy()
+                || svc.has_pools()
+                || svc.list().map(|l| l.iter().any(|s| s.phase.is_live())).unwrap_or(true);
             if !busy && quiet >= limit.as_millis() as i64 {
                 tracing::info!("no sandboxes and no requests for {limit:?}; exiting");
                 return;
@@ -260,6 +263,9 @@ pub async fn serve(cfg: ServeConfig, fronts: impl FnOnce(Door) -> axum::Router) 
     }
     reaper.abort();
     backups.abort();
+    pools.abort();
+    // Pool members have no record for the next daemon to adopt: they end with this one.
+    svc.drain_pools().await;
     if let Some((_, t)) = tcp {
         t.abort();
     }

@@ -50,10 +50,13 @@ pub enum LaunchKind {
     Template,
     Snapshot,
     Revert,
+    /// Claimed from a warm pool.
+    Pool,
 }
 
 impl LaunchKind {
-    pub const ALL: [LaunchKind; 4] = [LaunchKind::Cold, LaunchKind::Template, LaunchKind::Snapshot, LaunchKind::Revert];
+    pub const ALL: [LaunchKind; 5] =
+        [LaunchKind::Cold, LaunchKind::Template, LaunchKind::Snapshot, LaunchKind::Revert, LaunchKind::Pool];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -61,6 +64,7 @@ impl LaunchKind {
             LaunchKind::Template => "template",
             LaunchKind::Snapshot => "snapshot",
             LaunchKind::Revert => "revert",
+            LaunchKind::Pool => "pool",
         }
     }
 }

@@ -23,6 +23,7 @@ mod lease;
 mod locks;
 mod logs;
 mod mounts;
+mod pool;
 mod processes;
 mod snapshots;
 mod volumes;
@@ -119,6 +120,8 @@ pub struct Service {
     pub(crate) metrics: crate::metrics::Metrics,
     /// When each running sandbox was last used (for idle policies).
     pub(crate) activity: Arc<idle::Activity>,
+    /// Warm pools' members (see [`pool`]).
+    pub(crate) pools: pool::Pools,
 }
 
 /// Marks the daemon busy (not idle) while it lives.
@@ -155,6 +158,7 @@ impl Service {
             listening: std::sync::OnceLock::new(),
             metrics: crate::metrics::Metrics::default(),
             activity: Arc::default(),
+            pools: pool::Pools::default(),
         })
     }
 
@@ -221,6 +225,7 @@ impl Service {
 
     /// Create a sandbox and boot it; returns once it is running (or has failed).
     pub async fn create(self: &Arc<Self>, req: CreateSandbox) -> Result<SandboxInfo, ServiceError> {
+        let _creating = self.pools.creating();
         if let Some(ttl) = req.ttl_secs {
             lease::check_ttl(ttl)?;
         }
@@ -299,7 +304,7 @@ impl Service {
             None => {
                 // Refused before the image is made: a pull or build is the expensive step.
                 // Admission is checked again, under the lock, when the record goes in.
-                self.db(|db| Ok(self.admit(db, &ask)))??;
+                self.admit_or_drain_pools(&ask).await?;
                 self.ensure_image(&spec.image, req.pull.unwrap_or_default(), req.registry_login.clone()).await?;
                 self.rt.images.resolve(&spec.image)
             }
@@ -320,6 +325,22 @@ impl Service {
         })?;
         // Resolved once: every later boot of this sandbox is of this image.
         spec.image_digest = Some(image.digest.clone());
+        // A warm pool's member of this image and size becomes the sandbox: it keeps its id (run
+        // directory, machine id) and takes this create's name and hostname. A sandbox with
+        // secrets has moat's CA in its trust store, which no member has.
+        let pool_key = pool::key_of(&spec);
+        let poolable =
+            snapshot.is_none() && req.template.unwrap_or(self.limits.templates) && spec.nic && net.secrets.is_empty();
+        let member = if poolable { self.pools.take(&pool_key, &image.digest) } else { None };
+        let (id, name, hostname) = match &member {
+            Some(m) => (
+                m.id.clone(),
+                req.name.clone().unwrap_or_else(|| format!("sb-{}", &m.id[..8])),
+                req.hostname.clone().unwrap_or_else(|| format!("moat-{}", &m.id[..8])),
+            ),
+            None => (id, name, hostname),
+        };
+        spec.hostname = Some(hostname.clone());
         let info = SandboxInfo {
             id: id.clone(),
             name,
@@ -349,8 +370,17 @@ impl Service {
         let lock = self.op_lock(&id);
         let _guard = lock.lock().await;
         // Admission and the insert happen under one lock, so parallel creates cannot overshoot.
-        self.db(|db| Ok(self.admit(db, &ask).and_then(|()| Ok(db.insert(&info)?))))??;
+        let inserted = self.db(|db| Ok(self.admit(db, &ask).and_then(|()| Ok(db.insert(&info)?))))?;
+        if let Err(e) = inserted {
+            if let Some(m) = member {
+                self.pools.put_back(&pool_key, m);
+            }
+            return Err(e);
+        }
         self.keep_secrets(&info)?;
+        if let Some(member) = member {
+            return self.claim(&info, member).await;
+        }
         if let Some(snapshot) = snapshot {
             let launch = self.launch(&info, &spec, Launch::Snapshot(&snapshot.id));
             return self.metrics.launch(crate::metrics::LaunchKind::Snapshot, launch).await;
@@ -394,6 +424,18 @@ impl Service {
                 booted = self.launcher.start(&self.rt, spec, &id, &dir, origin).await;
             }
         }
+        self.go_live(info, from, booted).await
+    }
+
+    /// Record a sandbox's VM just started from `from` (or why it did not start), attach its
+    /// network and mounts, and watch it: the sandbox is running, or failed with the reason.
+    pub(crate) async fn go_live(
+        self: &Arc<Self>,
+        info: &SandboxInfo,
+        from: Launch<'_>,
+        booted: Result<Arc<dyn Machine>, moat_sandbox::SandboxError>,
+    ) -> Result<SandboxInfo, ServiceError> {
+        let id = info.id.clone();
         match booted {
             Ok(sandbox) => {
                 self.db(|db| {
@@ -622,7 +664,19 @@ impl Service {
 
     fn remove_files(&self, id: &str) -> Result<(), ServiceError> {
         let dir = self.run_dir(id);
-        match std::fs::remove_dir_all(&dir) {
+        let mut removed = std::fs::remove_dir_all(&dir);
+        // A task of the ended VM (its console's size marks, a last socket) may still write a file
+        // into the directory while it is emptied; it is done a moment later.
+        for _ in 0..3 {
+            match &removed {
+                Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    removed = std::fs::remove_dir_all(&dir);
+                }
+                _ => break,
+            }
+        }
+        match removed {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(ServiceError::new(
@@ -656,7 +710,8 @@ impl Service {
         let owner = |id: &str| self.db(|db| db.get(id)).ok().flatten();
         // Helper VMs of snapshots being written live in `run/save-*`.
         let saving = self.saving.load(std::sync::atomic::Ordering::SeqCst) > 0;
-        let in_use = |id: &str| saving && id.starts_with(moat_sandbox::HELPER_PREFIX);
+        // So are warm pools' members, which have no record.
+        let in_use = |id: &str| (saving && id.starts_with(moat_sandbox::HELPER_PREFIX)) || self.pools.owns(id);
         for (pid, dir) in self.launcher.find_qemus(&run_root) {
             let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             if owner(&id).is_some_and(|s| s.phase.is_live()) || in_use(&id) {

@@ -17,6 +17,7 @@
 pub mod backup;
 mod events;
 mod migrations;
+mod pools;
 mod sandboxes;
 mod snapshots;
 mod volumes;
@@ -30,6 +31,7 @@ use moat_hint::Hint;
 use rusqlite::Connection;
 
 pub use events::{EventRetention, EVENTS_MAX, EVENTS_MAX_AGE_MS, EVENTS_PER_SANDBOX};
+pub use pools::PoolKey;
 
 /// Errors of the state store; [`Hint`] says what to do.
 #[derive(Debug, thiserror::Error)]

@@ -8,6 +8,7 @@ mod sandbox;
 mod shape;
 mod snapshot;
 mod volumes;
+mod warm;
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -19,7 +20,7 @@ pub use runtime::{
     create_private_dir, initrd_and_accel, jail_for, jail_ids, make_home_private, HomeAccessError, HostParts, Loosened,
     Runtime, RuntimeConfig,
 };
-pub use sandbox::{new_id, validate, Origin, Sandbox, SandboxSpec, OVERLAY_FILE};
+pub use sandbox::{new_id, validate, Origin, Sandbox, SandboxSpec, StartTimeline, OVERLAY_FILE};
 pub use shape::{Shape, ShapeError};
 pub use snapshot::{discard_saved, Fingerprint, SavedMachine, HELPER_PREFIX, MEM_FILE, STATE_FILE};
 

@@ -72,12 +72,28 @@ pub struct Sandbox {
     pub accel: Accel,
     /// Time from QEMU start until the agent answered the handshake (zero when adopted).
     pub boot_time: Duration,
+    /// Where the start went, step by step (zero when adopted).
+    pub timeline: StartTimeline,
     pid: u32,
     /// How QEMU was started: a restore of a snapshot of this sandbox starts the same machine.
     pub(crate) cfg: VmConfig,
-    identity: Identity,
+    /// Hostname and machine id, sent in every handshake; a claimed pool member gets new ones.
+    pub(crate) identity: std::sync::RwLock<Identity>,
     pub(crate) vm: tokio::sync::Mutex<Vm>,
     link: std::sync::RwLock<Arc<AgentLink>>,
+}
+
+/// How long the steps of [`Sandbox::start`] took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StartTimeline {
+    /// The run directory and disk overlay made.
+    pub prepare: Duration,
+    /// QEMU spawned (in its jail) until it answered on QMP.
+    pub qemu_start: Duration,
+    /// A saved state loaded and the guest running again (zero for a boot).
+    pub state_load: Duration,
+    /// The guest running until its agent answered the handshake.
+    pub agent: Duration,
 }
 
 /// Where a sandbox's VM comes from when it starts.
@@ -151,6 +167,7 @@ impl Sandbox {
         dir: &Path,
         origin: Origin<'_>,
     ) -> Result<Sandbox, SandboxError> {
+        let begun = Instant::now();
         validate(spec)?;
         let image = image_of(rt, spec)?;
         create_private_dir(dir)?;
@@ -198,20 +215,21 @@ impl Sandbox {
         cfg.incoming = state.is_some();
         let identity = identity(spec, id);
         let started = Instant::now();
+        let mut timeline = StartTimeline { prepare: started - begun, ..StartTimeline::default() };
         let mut vm = Vm::spawn(&cfg, spec.die_with_parent).await?;
+        timeline.qemu_start = started.elapsed();
         tracing::debug!(sandbox = %id, elapsed = ?started.elapsed(), "QEMU answers on QMP");
         if let Some((state, ram_in_file)) = &state {
-            let loaded = match vm.load(state, *ram_in_file).await {
-                Ok(()) => vm.cont().await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = loaded {
+            // `load` runs the guest once the state is in.
+            if let Err(e) = vm.load(state, *ram_in_file).await {
                 let console = vm.console_tail(20);
                 vm.kill().await;
                 return Err(SandboxError::Restore { reason: moat_hint::one_line(&e), console });
             }
+            timeline.state_load = started.elapsed() - timeline.qemu_start;
             tracing::debug!(sandbox = %id, elapsed = ?started.elapsed(), "saved state loaded, guest running");
         }
+        let running = Instant::now();
         let socket = vm.agent_socket();
         // A restored agent is already up and answers within a second. Rarely (about one restore
         // in fifty under TCG) it never sees the first connection's hello; a new connection, which
@@ -257,16 +275,18 @@ impl Sandbox {
             discard_saved(dir, false);
         }
         let boot_time = started.elapsed();
-        tracing::info!(sandbox = %id, ?boot_time, restored = state.is_some(), agent = %link.agent().agent_version, "sandbox running");
+        timeline.agent = running.elapsed();
+        tracing::info!(sandbox = %id, ?boot_time, ?timeline, restored = state.is_some(), agent = %link.agent().agent_version, "sandbox running");
         Ok(Sandbox {
             id: id.to_string(),
             dir: dir.to_path_buf(),
             image,
             accel: rt.accel.accel,
             boot_time,
+            timeline,
             pid: vm.pid(),
             cfg,
-            identity,
+            identity: std::sync::RwLock::new(identity),
             vm: tokio::sync::Mutex::new(vm),
             link: std::sync::RwLock::new(Arc::new(link)),
         })
@@ -330,9 +350,10 @@ impl Sandbox {
             image,
             accel: rt.accel.accel,
             boot_time: Duration::ZERO,
+            timeline: StartTimeline::default(),
             pid,
             cfg,
-            identity,
+            identity: std::sync::RwLock::new(identity),
             vm: tokio::sync::Mutex::new(vm),
             link: std::sync::RwLock::new(Arc::new(link)),
         })
@@ -377,7 +398,8 @@ impl Sandbox {
     pub async fn reconnect(&self, timeout: Duration) -> Result<(), SandboxError> {
         self.link().close();
         let socket = self.dir.join(moat_vmm::run_files::AGENT_SOCKET);
-        let link = match tokio::time::timeout(timeout, AgentLink::connect(&socket, Some(self.identity.clone()))).await {
+        let identity = self.identity.read().expect("no panics while held").clone();
+        let link = match tokio::time::timeout(timeout, AgentLink::connect(&socket, Some(identity))).await {
             Ok(link) => link?,
             Err(_) => {
                 return Err(SandboxError::Boot {

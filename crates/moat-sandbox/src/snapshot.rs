@@ -119,6 +119,7 @@ impl Sandbox {
     /// its RNG reseeded. A guest whose RAM is not its own file (it was restored from a snapshot)
     /// is saved with RAM in the stream, which a helper QEMU then turns into the usual files.
     pub async fn snapshot(&self, rt: &Runtime, dest: &Path) -> Result<(), SandboxError> {
+        let begun = std::time::Instant::now();
         let mut vm = self.vm.lock().await;
         let saved = async {
             let ram_in_file = vm.save(&dest.join(if self.ram_is_own() { STATE_FILE } else { FULL_STATE_FILE })).await?;
@@ -145,6 +146,7 @@ impl Sandbox {
         drop(vm);
         saved?;
         resumed?;
+        let paused = begun.elapsed();
         match tokio::time::timeout(Duration::from_secs(5), self.link().resync()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(sandbox = %self.id, error = %e, "resyncing the clock after a snapshot failed"),
@@ -153,15 +155,18 @@ impl Sandbox {
         if !self.ram_is_own() {
             materialize(rt, &self.cfg, dest, &dest.join(DISK_FILE)).await?;
         }
-        let dest = dest.to_path_buf();
+        let split = begun.elapsed();
+        let dir = dest.to_path_buf();
         let shared_gid = rt.jail.as_ref().and_then(|j| j.ids.shared_gid());
         blocking(move || {
-            let mem = dest.join(MEM_FILE);
+            let mem = dir.join(MEM_FILE);
             moat_vmm::seal_snapshot_ram(&mem, shared_gid)
                 .map_err(|e| SandboxError::Io { what: format!("sealing {}", mem.display()), source: e })?;
-            sync_dir(&dest)
+            sync_dir(&dir)
         })
-        .await
+        .await?;
+        tracing::debug!(sandbox = %self.id, ?paused, ?split, synced = ?begun.elapsed(), "snapshot saved");
+        Ok(())
     }
 
     /// Save the machine into its run directory and end QEMU: the sandbox holds no memory until

@@ -238,7 +238,8 @@ pub(crate) fn prepare(cfg: &VmConfig, jail: &Jail) -> Result<(Spec, Option<UidLe
         create_private_file(&file).map_err(prep(&file))?;
         writable(file, &mut binds)?;
     }
-    let mut shared_reads = vec![cfg.initrd.clone()];
+    // A restore starts no kernel (crate::command), so neither kernel nor initramfs is bound in.
+    let mut shared_reads = if cfg.incoming { Vec::new() } else { vec![cfg.initrd.clone()] };
     if let Some(disk) = &cfg.root_disk {
         shared_reads.extend(check_disk(disk, &jail.read_roots)?);
         writable(disk.clone(), &mut binds)?;
@@ -264,12 +265,14 @@ pub(crate) fn prepare(cfg: &VmConfig, jail: &Jail) -> Result<(Spec, Option<UidLe
         }
         binds.push(Bind { path, writable: false });
     }
-    // The kernel is the host's (/boot), not moat's to change: it must be readable as it is.
-    let meta = std::fs::metadata(&cfg.kernel).map_err(prep(&cfg.kernel))?;
-    if shared.is_some() && meta.mode() & 0o004 == 0 {
-        return Err(JailError::Unreadable { path: cfg.kernel.clone(), mode: meta.mode() & 0o7777 });
+    if !cfg.incoming {
+        // The kernel is the host's (/boot), not moat's to change: it must be readable as it is.
+        let meta = std::fs::metadata(&cfg.kernel).map_err(prep(&cfg.kernel))?;
+        if shared.is_some() && meta.mode() & 0o004 == 0 {
+            return Err(JailError::Unreadable { path: cfg.kernel.clone(), mode: meta.mode() & 0o7777 });
+        }
+        binds.push(Bind { path: cfg.kernel.clone(), writable: false });
     }
-    binds.push(Bind { path: cfg.kernel.clone(), writable: false });
     if !cfg.qemu.starts_with("/usr/") {
         binds.push(Bind { path: cfg.qemu.clone(), writable: false });
     }

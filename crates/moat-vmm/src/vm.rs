@@ -139,6 +139,11 @@ impl Vm {
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                // No transparent huge pages for QEMU (inherited by the jail's fork, kept across
+                // exec): TCG asks for them on its translation buffer, where each 2 MiB region it
+                // starts then costs 2 MiB however little code it holds — most of what a restored
+                // VM holds of its own. A failure costs memory, not safety: ignored.
+                libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
                 if die_with_parent {
                     if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
                         return Err(std::io::Error::last_os_error());

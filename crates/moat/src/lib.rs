@@ -45,6 +45,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Gc => cmd::sandbox::gc(host).await,
         Command::Image(cmd) => cmd::image::image(cmd, host).await,
         Command::Volume(cmd) => cmd::volume::volume(cmd, host).await,
+        Command::Pool(cmd) => cmd::pool::pool(cmd, host).await,
         Command::Serve(args) => cmd::daemon::serve(*args, host).await,
         Command::Mcp(args) => cmd::mcp::mcp(args, host).await,
         Command::E2b(crate::cli::E2bCommand::Env) => cmd::e2b::env(host).await,

@@ -10,6 +10,7 @@ mod images;
 mod net;
 mod ops;
 mod params;
+mod pools;
 mod processes;
 mod sandboxes;
 pub(crate) mod schemas;
@@ -74,6 +75,8 @@ HTTP).";
         snapshots::fork_sandbox,
         sandboxes::pause_sandbox,
         sandboxes::resume_sandbox,
+        pools::list_pools,
+        pools::set_pool,
         net::sandbox_net,
         net::change_allowlist,
         net::list_ports,

@@ -12,6 +12,7 @@ mod images;
 mod logs;
 mod metrics;
 mod net;
+mod pools;
 mod processes;
 mod sandboxes;
 mod snapshots;
@@ -64,6 +65,7 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/v1/sandboxes/{reference}/ports", get(net::ports).post(net::add_port))
         .route("/v1/sandboxes/{reference}/ports/{host_port}", delete(net::remove_port))
         .route("/v1/sandboxes/{reference}/ports/{guest_port}/connect", get(net::connect_port))
+        .route("/v1/pools", get(pools::list).put(pools::set))
         .route("/v1/snapshots", get(snapshots::snapshots))
         .route("/v1/snapshots/{reference}", get(snapshots::inspect_snapshot).delete(snapshots::remove_snapshot))
         .route("/v1/volumes", get(volumes::list).post(volumes::create))

@@ -227,7 +227,9 @@ impl Service {
         }
         let host = self.limits.host.read(&self.rt.config.home)?;
         let per_sandbox = |memory_mib: u32| (u64::from(memory_mib) + u64::from(QEMU_OVERHEAD_MIB)) * MIB;
-        let committed: u64 = live.iter().map(|s| per_sandbox(s.memory_mib)).sum();
+        // Warm pools' members hold memory too (a claim takes its member out first).
+        let pooled: u64 = self.pools.held().into_iter().map(per_sandbox).sum();
+        let committed: u64 = live.iter().map(|s| per_sandbox(s.memory_mib)).sum::<u64>() + pooled;
         let asked = per_sandbox(ask.memory_mib) * u64::from(ask.count);
         let ratio = self.limits.memory_overcommit;
         let budget = times(host.memory_bytes, ratio);
@@ -308,6 +310,18 @@ impl Service {
             ));
         }
         Ok(())
+    }
+
+    /// [`Service::admit`] for a new sandbox; refused for memory while warm pools hold some, their
+    /// members are ended and it is asked once more.
+    pub(crate) async fn admit_or_drain_pools(&self, ask: &Ask<'_>) -> Result<(), ServiceError> {
+        match self.db(|db| Ok(self.admit(db, ask)))? {
+            Err(e) if e.code == ErrorCode::InsufficientResources && self.drain_pools().await => {
+                tracing::info!("warm pools gave their memory back to a create");
+                self.db(|db| Ok(self.admit(db, ask)))?
+            }
+            r => r,
+        }
     }
 
     /// Admit the recorded sandbox `info` going live again (a start, resume or revert of a sandbox

@@ -399,13 +399,18 @@ impl Service {
     }
 }
 
-/// Run one command in a new member, so that TCG has translated what an exec goes through, then
-/// stop its CPUs.
+/// Run a command in a new member, start a new agent session (as a claim does) and run one more,
+/// so that TCG has translated what a claim and an exec go through, then stop its CPUs.
 async fn warm_up(member: &Member) -> Result<(), ServiceError> {
     let Some(sandbox) = member.machine.clone().guest() else { return Ok(()) };
-    let run = async {
+    let run_true = || async {
         let exec = sandbox.exec(ExecRequest { argv: vec!["true".into()], ..Default::default() }).await?;
-        exec.collect().await.map_err(moat_sandbox::SandboxError::from)?;
+        exec.collect().await.map_err(moat_sandbox::SandboxError::from).map(drop)
+    };
+    let run = async {
+        run_true().await?;
+        sandbox.reconnect(WARM_UP_TIMEOUT).await?;
+        run_true().await?;
         sandbox.freeze().await
     };
     match tokio::time::timeout(WARM_UP_TIMEOUT, run).await {

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use moat_api::{CreateSandbox, ErrorCode, Fork, Forked, Phase, SandboxInfo, SnapshotInfo, SnapshotKind};
+use moat_api::{CloneTimeline, CreateSandbox, ErrorCode, Fork, Forked, Phase, SandboxInfo, SnapshotInfo, SnapshotKind};
 use moat_sandbox::{Fingerprint, SandboxSpec};
 use sha2::Digest;
 
@@ -433,9 +433,15 @@ impl Service {
                 }
                 s
             }
-            None => self.snapshot_copying(&info.id, Some(format!("fork-{}", crate::state::now_ms())), &copies).await?,
+            None => {
+                let saving = std::time::Instant::now();
+                let s =
+                    self.snapshot_copying(&info.id, Some(format!("fork-{}", crate::state::now_ms())), &copies).await?;
+                tracing::info!(sandbox = %info.id, snapshot = %s.id, elapsed = ?saving.elapsed(), "fork: source saved");
+                s
+            }
         };
-        let results: Vec<Result<SandboxInfo, ServiceError>> =
+        let results: Vec<Result<(SandboxInfo, std::time::Duration), ServiceError>> =
             futures_util::stream::iter(names.into_iter().zip(fork_mounts))
                 .map(|(name, mounts)| {
                     let req = CreateSandbox {
@@ -449,13 +455,16 @@ impl Service {
                         ..Default::default()
                     };
                     let this = self.clone();
-                    async move { this.create(req).await }
+                    async move {
+                        let t = std::time::Instant::now();
+                        this.create(req).await.map(|info| (info, t.elapsed()))
+                    }
                 })
                 .buffered(FORK_PARALLELISM)
                 .collect()
                 .await;
         let (ok, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
-        let sandboxes: Vec<SandboxInfo> = ok.into_iter().flatten().collect();
+        let (sandboxes, took): (Vec<SandboxInfo>, Vec<std::time::Duration>) = ok.into_iter().flatten().unzip();
         if let Some(Err(e)) = failed.into_iter().next() {
             // All or nothing: a partial fork is harder to use than none.
             for s in &sandboxes {
@@ -467,7 +476,22 @@ impl Service {
             return Err(e);
         }
         let snapshot = self.resolve_snapshot(&snapshot.id)?;
-        Ok(Forked { snapshot, sandboxes })
+        let timeline = sandboxes.iter().zip(took).map(|(s, total)| self.clone_timeline(s, total)).collect();
+        Ok(Forked { snapshot, sandboxes, timeline })
+    }
+
+    /// The steps of a fork's start, as its sandbox recorded them (zeros for a test double).
+    fn clone_timeline(&self, info: &SandboxInfo, total: std::time::Duration) -> CloneTimeline {
+        let steps = self.live(&info.id).and_then(|m| m.guest()).map(|s| s.timeline).unwrap_or_default();
+        let ms = |d: std::time::Duration| d.as_millis().try_into().unwrap_or(u64::MAX);
+        CloneTimeline {
+            name: info.name.clone(),
+            prepare_ms: ms(steps.prepare),
+            qemu_start_ms: ms(steps.qemu_start),
+            state_load_ms: ms(steps.state_load),
+            agent_ms: ms(steps.agent),
+            total_ms: ms(total),
+        }
     }
 
     /// `moat pause BOX`: save the whole VM to disk and end QEMU; `resume` continues it.
@@ -528,7 +552,7 @@ impl Service {
     }
 
     /// The template key of a machine: the image, its size, and what a restore must match.
-    fn template_key(&self, spec: &SandboxSpec, digest: &str, disk_mib: u64) -> String {
+    pub(crate) fn template_key(&self, spec: &SandboxSpec, digest: &str, disk_mib: u64) -> String {
         let f = Fingerprint::of(&self.rt);
         let text = format!(
             "{digest}|{}|{}|{disk_mib}|{}|{}|{}|{}|nic={}",

@@ -101,6 +101,17 @@ CREATE TABLE IF NOT EXISTS volumes (
     r#"
 ALTER TABLE sandboxes ADD COLUMN idle TEXT;
 "#,
+    // Warm pools: how many sandboxes of an image and size the daemon keeps ready.
+    r#"
+CREATE TABLE IF NOT EXISTS pools (
+    image TEXT NOT NULL,
+    vcpus INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    disk_mib INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (image, vcpus, memory_mib, disk_mib)
+);
+"#,
 ];
 
 /// The schema version this moat writes: how many migrations it knows.

@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod diagnose;
 mod host;
 mod ops;
+mod pool;
 mod serve;
 mod state;
 mod store;
@@ -14,6 +15,7 @@ mod store;
 pub use diagnose::{DfArgs, DoctorArgs};
 pub use host::HostArgs;
 pub use ops::{DaemonCommand, SetupArgs};
+pub use pool::{PoolArgs, PoolCommand};
 pub use serve::{E2bCommand, McpArgs, ServeArgs};
 pub use state::StateCommand;
 pub use store::{ImageCommand, VolumeCommand};
@@ -131,6 +133,10 @@ pub enum Command {
     /// Manage named volumes: disks of their own that outlive sandboxes (`moat run -v NAME:/path`).
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Warm pools: sandboxes of an image and size restored ahead of time, so that creates of
+    /// that image and size start in milliseconds.
+    #[command(subcommand)]
+    Pool(PoolCommand),
     /// Run the daemon (the CLI starts one on its own when none is running).
     Serve(Box<ServeArgs>),
     /// Serve MCP (Model Context Protocol) on stdin and stdout: sandboxes as tools for AI agents
@@ -448,6 +454,9 @@ pub struct ForkArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// After the names, how long each fork's start took: QEMU start, state load, agent answer.
+    #[arg(long)]
+    pub timeline: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -9,6 +9,7 @@ pub mod e2b;
 pub mod image;
 pub mod mcp;
 pub mod net;
+pub mod pool;
 pub mod process;
 pub mod ps;
 pub mod run;

@@ -82,6 +82,19 @@ pub async fn fork(args: ForkArgs, host: &HostArgs) -> anyhow::Result<i32> {
         for s in &forked.sandboxes {
             println!("{}", s.name);
         }
+        if args.timeline {
+            // On stderr, so scripts reading the names on stdout are not disturbed.
+            eprintln!(
+                "{:<24} {:>8} {:>11} {:>10} {:>7} {:>7}",
+                "SANDBOX", "PREPARE", "QEMU START", "STATE LOAD", "AGENT", "TOTAL"
+            );
+            for t in &forked.timeline {
+                eprintln!(
+                    "{:<24} {:>6}ms {:>9}ms {:>8}ms {:>5}ms {:>5}ms",
+                    t.name, t.prepare_ms, t.qemu_start_ms, t.state_load_ms, t.agent_ms, t.total_ms
+                );
+            }
+        }
     }
     Ok(0)
 }
