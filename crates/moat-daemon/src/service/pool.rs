@@ -32,16 +32,20 @@ const WARM_UP_TIMEOUT: Duration = Duration::from_secs(30);
 const RETRY_AFTER: Duration = Duration::from_secs(30);
 /// How often the refiller looks at the pools when nothing wakes it.
 const TICK: Duration = Duration::from_secs(1);
+/// How long after a claim the refiller waits: the claimant's first commands come right after it,
+/// and a restore beside them would take half of a 2-core host's CPU.
+const AFTER_CLAIM: Duration = Duration::from_secs(1);
 
 /// The daemon's warm pools (their members and counters; sizes are in the state database).
 #[derive(Default)]
 pub(crate) struct Pools {
     state: Mutex<HashMap<PoolKey, PoolState>>,
-    /// Wakes the refiller: a size changed, a member was claimed.
+    /// Wakes the refiller: a size changed.
     wake: Notify,
     /// Creates in flight: the refiller waits for them, so that a member's restore never slows
     /// down a create that someone waits for.
     creating: AtomicUsize,
+    last_claim: Mutex<Option<Instant>>,
 }
 
 #[derive(Default)]
@@ -86,7 +90,7 @@ impl Pools {
         let member = pool.ready.remove(at);
         if member.is_some() {
             pool.claimed += 1;
-            self.wake.notify_one();
+            *self.last_claim.lock().expect("no panics while held") = Some(Instant::now());
         }
         member
     }
@@ -228,6 +232,7 @@ impl Service {
             Some(t) => Launch::Snapshot(&t.id),
             None => Launch::Boot { fresh: false },
         };
+        let started = Instant::now();
         let thawed = match member.machine.clone().guest() {
             Some(sandbox) => sandbox.thaw(&info.hostname, THAW_TIMEOUT).await.map(|()| member.machine.clone()),
             None => Ok(member.machine.clone()),
@@ -235,8 +240,11 @@ impl Service {
         if thawed.is_err() {
             self.end_member(&member).await;
         }
+        let thaw = started.elapsed();
         let launch = self.go_live(info, from, thawed);
-        self.metrics.launch(crate::metrics::LaunchKind::Pool, launch).await
+        let live = self.metrics.launch(crate::metrics::LaunchKind::Pool, launch).await;
+        tracing::info!(sandbox = %info.id, ?thaw, total = ?started.elapsed(), "claimed from a warm pool");
+        live
     }
 
     /// Kill a member's QEMU and remove its run directory.
@@ -300,7 +308,9 @@ impl Service {
         for m in &surplus {
             self.end_member(m).await;
         }
-        if self.pools.creating.load(Ordering::SeqCst) > 0 {
+        let claimed_lately =
+            self.pools.last_claim.lock().expect("no panics while held").is_some_and(|t| t.elapsed() < AFTER_CLAIM);
+        if self.pools.creating.load(Ordering::SeqCst) > 0 || claimed_lately {
             return ended;
         }
         let short = {
