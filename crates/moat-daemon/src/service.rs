@@ -379,7 +379,7 @@ impl Service {
         }
         self.keep_secrets(&info)?;
         if let Some(member) = member {
-            return self.claim(&info, member).await;
+            return self.claim(&info, &spec, member).await;
         }
         if let Some(snapshot) = snapshot {
             let launch = self.launch(&info, &spec, Launch::Snapshot(&snapshot.id));

@@ -21,8 +21,8 @@ pub fn list_pools() {}
     request_body(content = SetPool, content_type = "application/json"),
     responses(
         (status = 200, description = "The pool as set", body = PoolInfo),
-        (status = 400, description = "A size out of range, an image the store does not have, or a bad body",
-            body = ApiError),
+        (status = 400, description = "A size or image name out of range, or a bad body", body = ApiError),
+        (status = 404, description = "The store has no such image (pull or build it first)", body = ApiError),
         (status = 413, description = "The body is over 64 KiB", body = ApiError),
         (status = 500, description = "The state database failed", body = ApiError),
     ))]

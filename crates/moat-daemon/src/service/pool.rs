@@ -158,6 +158,9 @@ impl Service {
 
     /// Set a pool's size (0 removes it); the refiller makes or ends members in the background.
     pub fn set_pool(&self, req: &SetPool) -> Result<PoolInfo, ServiceError> {
+        if req.image.is_empty() || req.image.len() > 255 {
+            return Err(ServiceError::invalid("an image name has 1 to 255 characters; see `moat image ls`"));
+        }
         if req.size > MAX_POOL_SIZE {
             return Err(ServiceError::invalid(format!(
                 "a pool of {} is too large; keep at most {MAX_POOL_SIZE} sandboxes ready",
@@ -178,11 +181,12 @@ impl Service {
         };
         if req.size > 0 {
             self.rt.images.resolve(&req.image).map_err(|e| match e {
-                moat_image::ImageError::NotFound { .. } => ServiceError::invalid(format!(
-                    "there is no image {:?} to keep a pool of; pull, build or import it first (`moat image pull`, \
-                     `moat image build`), or run a sandbox of it once",
-                    req.image
-                )),
+                moat_image::ImageError::NotFound { .. } => ServiceError::new(
+                    ErrorCode::NotFound,
+                    format!("there is no image {:?} to keep a pool of", req.image),
+                    "pull, build or import it first (`moat image pull`, `moat image build`), or run a sandbox of it \
+                     once",
+                ),
                 e => image_error(e),
             })?;
         }
@@ -218,13 +222,14 @@ impl Service {
 
     /// Turn the member `member` into the recorded sandbox `info` (whose id is the member's):
     /// run its CPUs again under a new agent session with `info`'s hostname, then attach its
-    /// network and mounts.
+    /// network and mounts. A member that does not run again (its QEMU died while it waited) is
+    /// ended, and the sandbox starts from the template in its place.
     pub(crate) async fn claim(
         self: &Arc<Self>,
         info: &SandboxInfo,
+        spec: &SandboxSpec,
         member: Member,
     ) -> Result<SandboxInfo, ServiceError> {
-        self.db(|db| db.set_phase(&info.id, moat_api::Phase::Booting, None))?;
         // A template removed since the member was made is no base to record.
         let template =
             self.db(|db| db.snapshot_candidates(&member.template))?.into_iter().find(|s| s.id == member.template);
@@ -237,11 +242,18 @@ impl Service {
             Some(sandbox) => sandbox.thaw(&info.hostname, THAW_TIMEOUT).await.map(|()| member.machine.clone()),
             None => Ok(member.machine.clone()),
         };
-        if thawed.is_err() {
-            self.end_member(&member).await;
-        }
+        let machine = match thawed {
+            Ok(machine) => machine,
+            Err(e) => {
+                let e = moat_hint::one_line(&e);
+                tracing::warn!(sandbox = %info.id, error = %e, "a pool member did not run again; restoring the template");
+                self.end_member(&member).await;
+                return self.create_from_template(info, spec).await;
+            }
+        };
         let thaw = started.elapsed();
-        let launch = self.go_live(info, from, thawed);
+        self.db(|db| db.set_phase(&info.id, moat_api::Phase::Booting, None))?;
+        let launch = self.go_live(info, from, Ok(machine));
         let live = self.metrics.launch(crate::metrics::LaunchKind::Pool, launch).await;
         tracing::info!(sandbox = %info.id, ?thaw, total = ?started.elapsed(), "claimed from a warm pool");
         live
