@@ -122,6 +122,22 @@ impl Pools {
     }
 }
 
+/// What `GET /v1/pools` says of the pool `key` of `size`.
+fn info_of(all: &HashMap<PoolKey, PoolState>, key: PoolKey, size: u32) -> PoolInfo {
+    let state = all.get(&key);
+    PoolInfo {
+        size,
+        ready: state.map_or(0, |s| s.ready.len() as u32),
+        starting: state.map_or(0, |s| s.starting.len() as u32),
+        claimed: state.map_or(0, |s| s.claimed),
+        last_error: state.and_then(|s| s.last_error.clone()),
+        image: key.image,
+        vcpus: key.vcpus,
+        memory_mib: key.memory_mib,
+        disk_mib: key.disk_mib,
+    }
+}
+
 /// The pool key of a create: its image (by name) and sizes.
 pub(crate) fn key_of(spec: &SandboxSpec) -> PoolKey {
     PoolKey {
@@ -137,23 +153,7 @@ impl Service {
     pub fn pools(&self) -> Result<Vec<PoolInfo>, ServiceError> {
         let sizes = self.db(|db| db.pools())?;
         let all = self.pools.lock();
-        Ok(sizes
-            .into_iter()
-            .map(|(key, size)| {
-                let state = all.get(&key);
-                PoolInfo {
-                    image: key.image.clone(),
-                    vcpus: key.vcpus,
-                    memory_mib: key.memory_mib,
-                    disk_mib: key.disk_mib,
-                    size,
-                    ready: state.map_or(0, |s| s.ready.len() as u32),
-                    starting: state.map_or(0, |s| s.starting.len() as u32),
-                    claimed: state.map_or(0, |s| s.claimed),
-                    last_error: state.and_then(|s| s.last_error.clone()),
-                }
-            })
-            .collect())
+        Ok(sizes.into_iter().map(|(key, size)| info_of(&all, key, size)).collect())
     }
 
     /// Set a pool's size (0 removes it); the refiller makes or ends members in the background.
@@ -191,28 +191,15 @@ impl Service {
             })?;
         }
         self.db(|db| db.set_pool(&key, req.size))?;
-        {
-            let mut all = self.pools.lock();
-            let pool = all.entry(key.clone()).or_default();
-            // A new setting deserves a new try at once.
-            pool.retry_at = None;
-            pool.last_error = None;
-        }
+        let mut all = self.pools.lock();
+        let pool = all.entry(key.clone()).or_default();
+        // A new setting deserves a new try at once.
+        pool.retry_at = None;
+        pool.last_error = None;
+        let info = info_of(&all, key, req.size);
+        drop(all);
         self.pools.wake.notify_one();
-        let info = self.pools()?.into_iter().find(|p| {
-            p.image == key.image && p.vcpus == key.vcpus && p.memory_mib == key.memory_mib && p.disk_mib == key.disk_mib
-        });
-        Ok(info.unwrap_or(PoolInfo {
-            image: key.image,
-            vcpus: key.vcpus,
-            memory_mib: key.memory_mib,
-            disk_mib: key.disk_mib,
-            size: 0,
-            ready: 0,
-            starting: 0,
-            claimed: 0,
-            last_error: None,
-        }))
+        Ok(info)
     }
 
     /// Whether any pool is set: a daemon keeping sandboxes warm does not exit as idle.
