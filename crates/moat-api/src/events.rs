@@ -29,6 +29,9 @@ pub struct Event {
 /// The kind of the events a create records while it makes a missing image. Each message is
 /// `IMAGE: text`; the first one's text starts with [`IMAGE_MISSING`].
 pub const IMAGE_EVENT: &str = "image";
+/// The kind of the events of snapshots: saved, pushed and pulled. A push's or pull's progress
+/// messages are `push REFERENCE: text` and `pull REFERENCE: text`.
+pub const SNAPSHOT_EVENT: &str = "snapshot";
 /// How the first event of a missing image's making begins (after `IMAGE: `).
 pub const IMAGE_MISSING: &str = "not in the store;";
 

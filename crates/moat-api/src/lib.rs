@@ -25,7 +25,7 @@ mod volume;
 pub use bundle::{CreateBundle, MAX_BUNDLE_SANDBOXES};
 pub use df::{DiskUsage, DiskUse, Reclaimable};
 pub use error::{ApiError, ErrorCode};
-pub use events::{Event, LifecycleEntry, LogSource, IMAGE_EVENT, IMAGE_MISSING};
+pub use events::{Event, LifecycleEntry, LogSource, IMAGE_EVENT, IMAGE_MISSING, SNAPSHOT_EVENT};
 pub use exec::{
     parse_signal, ExecClientMessage, ExecServerMessage, ExecStart, KillProcess, ProcessStarted, StartProcess, TtySize,
     STDERR_TAG, STDOUT_TAG,
@@ -47,7 +47,10 @@ pub use sandbox::{
     RenewLease, SandboxInfo, DEFAULT_DISK_MIB, DEFAULT_IMAGE, DEFAULT_IMAGE_FROM, DEFAULT_IMAGE_PACKAGES,
     DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_SANDBOX_ENV,
 };
-pub use snapshot::{CloneTimeline, CreateSnapshot, Fork, ForkVolumes, Forked, Revert, SnapshotInfo, SnapshotKind};
+pub use snapshot::{
+    is_remote_snapshot, CloneTimeline, CreateSnapshot, Fork, ForkVolumes, Forked, PullSnapshot, PushSnapshot,
+    PushedSnapshot, Revert, SnapshotInfo, SnapshotKind,
+};
 pub use terminal::{escape_controls, ControlEscaper};
 pub use volume::{
     validate_volume_name, CreateVolume, RemoveVolumeQuery, VolumeInfo, VolumeUser, DEFAULT_VOLUME_BYTES,

@@ -136,10 +136,16 @@ pub struct CreateSandbox {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 3600)]
     pub boot_timeout_secs: Option<u64>,
-    /// Continue from this snapshot (`SANDBOX:NAME` or a snapshot id) instead of booting the
-    /// image; image, vCPUs, memory and disk come from the snapshot.
+    /// Continue from this snapshot (`SANDBOX:NAME`, a snapshot id, or a registry reference
+    /// `REGISTRY/REPOSITORY:TAG`, pulled unless a snapshot of it is here already, with
+    /// `registry_login`) instead of booting the image; image, vCPUs, memory and disk come from the
+    /// snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(min_length = 1, max_length = 127, pattern = r"^[A-Za-z0-9._-]+(:[A-Za-z0-9._-]+)?$")]
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^([A-Za-z0-9._-]+(:[A-Za-z0-9._-]+)?|[a-z0-9][a-z0-9._:@-]*/[a-z0-9._:/@-]+)$"
+    )]
     pub from: Option<String>,
     /// Start from the image's template (a saved, booted VM) when there is one, and make it when
     /// there is none [default: true, unless the daemon runs with templates off]. `false` boots.
@@ -154,7 +160,7 @@ pub struct CreateSandbox {
     /// `GET /v1/events` as events of kind `image`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull: Option<PullPolicy>,
-    /// Registry credentials for that pull [default: anonymous].
+    /// Registry credentials for that pull, or for pulling the snapshot of `from` [default: anonymous].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry_login: Option<RegistryLogin>,
     /// Labels to find the sandbox by (`GET /v1/sandboxes?label=KEY=VALUE`): at most 64; keys of

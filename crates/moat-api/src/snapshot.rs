@@ -66,6 +66,12 @@ pub struct SnapshotInfo {
     pub host_mounts: Vec<crate::Mount>,
     /// Sandboxes restored from it (their disks build on it): it cannot be removed before them.
     pub dependents: Vec<String>,
+    /// The registry reference it was pulled from (`REGISTRY/REPOSITORY:TAG`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
+    /// The digest of the artifact's manifest in that registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_digest: Option<String>,
 }
 
 impl SnapshotInfo {
@@ -147,4 +153,57 @@ pub struct CloneTimeline {
     pub agent_ms: u64,
     /// The whole create, as the daemon saw it (the above, plus its records and the network).
     pub total_ms: u64,
+}
+
+/// `POST /v1/snapshots/{ref}/push`: send a snapshot to a registry that speaks the OCI
+/// distribution API, as an artifact any moat host can pull (see docs/snapshots.md for the format).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PushSnapshot {
+    /// `REGISTRY/REPOSITORY:TAG`.
+    #[schema(min_length = 1, max_length = 255, pattern = r"^[a-z0-9][a-z0-9._:@-]*/[a-z0-9._:/@-]+$")]
+    pub reference: String,
+    /// Allow plain http to a registry that is not on loopback (loopback may always use http).
+    #[serde(default)]
+    pub insecure: bool,
+    /// Credentials for the registry; anonymous without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+/// What `POST /v1/snapshots/{ref}/push` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PushedSnapshot {
+    pub reference: String,
+    /// The digest of the artifact's manifest.
+    pub digest: String,
+    /// Bytes sent; blobs the registry had already (an image's base pushed before) are not sent.
+    pub uploaded_bytes: u64,
+    /// Bytes of blobs the registry had already.
+    pub reused_bytes: u64,
+}
+
+/// `POST /v1/snapshots/pull`: fetch a snapshot artifact so sandboxes can start from it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PullSnapshot {
+    /// `REGISTRY/REPOSITORY:TAG` or `REGISTRY/REPOSITORY@sha256:DIGEST`.
+    #[schema(min_length = 1, max_length = 255, pattern = r"^[a-z0-9][a-z0-9._:@-]*/[a-z0-9._:/@-]+$")]
+    pub reference: String,
+    /// Allow plain http to a registry that is not on loopback (loopback may always use http).
+    #[serde(default)]
+    pub insecure: bool,
+    /// Credentials for the registry; anonymous without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+/// Whether a snapshot reference names a registry artifact (`REGISTRY/REPOSITORY:TAG`) rather than
+/// a local snapshot (`SANDBOX:NAME` or an id): only the former has a `/`.
+pub fn is_remote_snapshot(reference: &str) -> bool {
+    reference.contains('/')
 }

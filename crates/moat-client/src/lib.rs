@@ -306,6 +306,25 @@ impl Client {
         self.call(Method::GET, &path, None::<&()>).await
     }
 
+    /// Send a snapshot to a registry as an artifact other hosts can pull.
+    pub async fn push_snapshot(
+        &self,
+        snapshot: &str,
+        req: &moat_api::PushSnapshot,
+    ) -> Result<moat_api::PushedSnapshot, ClientError> {
+        self.call(Method::POST, &format!("/v1/snapshots/{}/push", segment(snapshot)), Some(req)).await
+    }
+
+    /// Fetch a snapshot artifact from a registry.
+    pub async fn pull_snapshot(&self, req: &moat_api::PullSnapshot) -> Result<SnapshotInfo, ClientError> {
+        self.call(Method::POST, "/v1/snapshots/pull", Some(req)).await
+    }
+
+    /// New sandboxes from a snapshot of no particular sandbox (a pulled one, say).
+    pub async fn fork_snapshot(&self, snapshot: &str, req: &Fork) -> Result<Forked, ClientError> {
+        self.call(Method::POST, &format!("/v1/snapshots/{}/fork", segment(snapshot)), Some(req)).await
+    }
+
     pub async fn remove_snapshot(&self, reference: &str) -> Result<SnapshotInfo, ClientError> {
         self.call(Method::DELETE, &format!("/v1/snapshots/{}", segment(reference)), None::<&()>).await
     }

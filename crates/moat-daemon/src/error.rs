@@ -176,7 +176,7 @@ fn image_code(e: &ImageError) -> ErrorCode {
         | E::InvalidRecipe { .. }
         | E::LayerUnreadable { .. }
         | E::LayerEntryRefused { .. } => ErrorCode::InvalidRequest,
-        E::Registry { .. } => ErrorCode::RegistryFailed,
+        E::Registry { .. } | E::RemoteMissing { .. } => ErrorCode::RegistryFailed,
         E::KernelNotFound { .. }
         | E::KernelUnreadable { .. }
         | E::ModulesUnreadable { .. }

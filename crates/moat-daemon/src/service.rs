@@ -26,6 +26,7 @@ mod logs;
 mod mounts;
 mod pool;
 mod processes;
+mod remote;
 mod snapshots;
 mod volumes;
 
@@ -52,6 +53,9 @@ pub struct Limits {
     pub boot_timeout: Duration,
     /// Keep a template (a saved, booted VM) per image and start sandboxes from it.
     pub templates: bool,
+    /// A registry repository (`REGISTRY/REPOSITORY`) templates are pulled from when this host has
+    /// none, and pushed to when it makes one.
+    pub template_store: Option<String>,
     /// Addresses that reach this host from outside although no interface has them (a cloud's
     /// 1:1 NAT public address): guests are refused them like the host's own.
     pub host_addresses: Vec<std::net::Ipv4Addr>,
@@ -71,6 +75,7 @@ impl Default for Limits {
             max_sandboxes: 32,
             boot_timeout: Duration::from_secs(90),
             templates: true,
+            template_store: None,
             host_addresses: Vec::new(),
             memory_overcommit: admission::DEFAULT_MEMORY_OVERCOMMIT,
             disk_overcommit: admission::DEFAULT_DISK_OVERCOMMIT,
@@ -242,6 +247,10 @@ impl Service {
         }
         labels::check_create(&req)?;
         let snapshot = match &req.from {
+            Some(from) if moat_api::is_remote_snapshot(from) => {
+                let pulled = self.remote_snapshot(from, req.registry_login.clone()).await?;
+                Some(self.snapshot_for_create(&pulled.id, &req)?)
+            }
             Some(from) => Some(self.snapshot_for_create(from, &req)?),
             None => None,
         };
@@ -670,7 +679,8 @@ impl Service {
         // Snapshot disks are layers on their image's base: the base stays while they do.
         let mut in_use: Vec<String> = self.list()?.into_iter().map(|s| s.image_digest).collect();
         in_use.extend(self.db(|db| db.snapshots(None))?.into_iter().map(|s| s.image_digest));
-        let removed = self.rt.images.gc(&in_use, Duration::from_secs(3600)).map_err(image_error)?;
+        let bases = self.db(|db| db.snapshot_bases())?;
+        let removed = self.rt.images.gc(&in_use, &bases, Duration::from_secs(3600)).map_err(image_error)?;
         Ok(removed.iter().map(|p| p.display().to_string()).collect())
     }
 

@@ -166,6 +166,16 @@ pub(crate) fn rebase(disk: &Path, base: &Path) -> Result<(), ImageError> {
     Ok(())
 }
 
+/// Point `disk` at `base` without reading either: for a layer known to have been made on a copy
+/// of exactly `base` (a pulled snapshot's layer names the pushing host's path).
+pub(crate) fn set_backing(disk: &Path, base: &Path) -> Result<(), ImageError> {
+    run(
+        Command::new("qemu-img").args(["rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b"]).arg(base).arg(disk),
+        "qemu-utils",
+    )?;
+    Ok(())
+}
+
 /// Facts `qemu-img info` reports about a disk file.
 #[derive(Debug, serde::Deserialize)]
 pub(crate) struct DiskInfo {
@@ -174,6 +184,16 @@ pub(crate) struct DiskInfo {
     pub format: String,
     #[serde(rename = "backing-filename")]
     pub backing_file: Option<String>,
+    #[serde(rename = "format-specific", default)]
+    format_specific: Option<serde_json::Value>,
+}
+
+impl DiskInfo {
+    /// The external data file a qcow2 keeps its data in, if it names one.
+    pub fn data_file(&self) -> Option<String> {
+        let f = self.format_specific.as_ref()?.get("data")?.get("data-file")?;
+        Some(f.as_str().unwrap_or("?").to_string())
+    }
 }
 
 pub(crate) fn info(path: &Path) -> Result<DiskInfo, ImageError> {

@@ -9,6 +9,7 @@
 //!   built-in `minimal` image (busybox) is built on first use without any network.
 
 mod agent;
+mod artifact;
 mod build;
 mod disk;
 mod elf;
@@ -27,13 +28,18 @@ use std::path::PathBuf;
 use moat_hint::Hint;
 
 pub use agent::find_agent;
+pub use artifact::{
+    inspect_snapshot, push_snapshot, ArtifactImage, ArtifactMachine, FetchedSnapshot, Pushed, RemoteSnapshot,
+    SnapshotArtifact, SnapshotFiles, ARTIFACT_TYPE, BASE_TYPE, CONFIG_TYPE, DISK_TYPE, FORMAT as ARTIFACT_FORMAT,
+    MEM_TYPE, STATE_TYPE,
+};
 pub use build::{build_debian, DebianRecipe, DEFAULT_DEBIAN_MIRROR, TOOL_OUTPUT};
 pub use import::import_archive;
 pub use initramfs::build_initramfs;
 pub use kernel::{find_kernel, find_kernel_in, Kernel};
 pub use layer::{apply_layer, LayerStats};
 pub use modules::{resolve_agent_modules, resolve_modules, AgentModules, AGENT_MODULES, LATER_MODULES};
-pub use pull::{pull, registry_of, PullOptions, PullProgress};
+pub use pull::{docker_credentials, pull, registry_of, PullOptions, PullProgress};
 pub use store::{Image, ImageConfig, ImageStore, MINIMAL};
 
 /// Errors of the image layer. Each message says what failed; [`Hint`] says what to do.
@@ -90,8 +96,11 @@ pub enum ImageError {
     #[error("{reference:?} is not an image reference: {reason}")]
     BadReference { reference: String, reason: String },
 
-    #[error("pulling {reference}: {reason}")]
+    #[error("{reference}: {reason}")]
     Registry { reference: String, reason: String, hint: String },
+
+    #[error("{reference} was not found: {reason}")]
+    RemoteMissing { reference: String, reason: String },
 
     #[error("the manifest of {reference} is refused: {reason}")]
     BadManifest { reference: String, reason: String },
@@ -179,6 +188,7 @@ impl Hint for ImageError {
                  `debian:bookworm-slim` or `ghcr.io/org/app:1.2`"
                 .into(),
             E::Registry { hint, .. } => hint.clone().into(),
+            E::RemoteMissing { .. } => "check the repository name and the tag".into(),
             E::BadManifest { .. } => "the image is malformed or not a container image; check the reference, \
                  nothing was registered"
                 .into(),

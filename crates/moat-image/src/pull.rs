@@ -64,7 +64,60 @@ pub fn registry_of(reference: &str) -> Result<String, ImageError> {
     Ok(parse(reference)?.registry().to_string())
 }
 
-fn parse(reference: &str) -> Result<Reference, ImageError> {
+/// A registry client for `registry`: https, or plain http on loopback or with `insecure`. Blobs
+/// are pushed in one request each (moat streams them from files whose size it knows).
+pub(crate) fn client_for(registry: &str, insecure: bool) -> Client {
+    let plain_http = insecure || is_loopback(registry);
+    // reqwest's rustls needs a process-wide crypto provider; another part of the process may have
+    // installed one already, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Client::new(ClientConfig {
+        protocol: if plain_http {
+            ClientProtocol::HttpsExcept(vec![registry.to_string()])
+        } else {
+            ClientProtocol::Https
+        },
+        platform_resolver: Some(Box::new(oci_client::client::linux_amd64_resolver)),
+        connect_timeout: Some(Duration::from_secs(15)),
+        read_timeout: Some(Duration::from_secs(60)),
+        user_agent: concat!("moat/", env!("CARGO_PKG_VERSION")),
+        use_monolithic_push: true,
+        ..ClientConfig::default()
+    })
+}
+
+pub(crate) fn auth_of(options: &PullOptions) -> RegistryAuth {
+    match &options.credentials {
+        Some((user, password)) => RegistryAuth::Basic(user.clone(), password.clone()),
+        None => RegistryAuth::Anonymous,
+    }
+}
+
+/// Registry credentials for `reference` from the Docker config (`docker login`, credential
+/// helpers), if it has any.
+pub fn docker_credentials(reference: &str) -> Result<Option<(String, String)>, ImageError> {
+    use docker_credential::{CredentialRetrievalError as E, DockerCredential};
+    let registry = registry_of(reference)?;
+    let refuse = |reason: String, hint: &str| ImageError::Registry {
+        reference: reference.to_string(),
+        reason,
+        hint: hint.into(),
+    };
+    match docker_credential::get_credential(&registry) {
+        Ok(DockerCredential::UsernamePassword(user, password)) => Ok(Some((user, password))),
+        Ok(DockerCredential::IdentityToken(_)) => Err(refuse(
+            format!("the Docker config holds an identity token for {registry}, which moat cannot use yet"),
+            "pass a user and a password or access token instead",
+        )),
+        Err(E::ConfigNotFound | E::ConfigReadError | E::NoCredentialConfigured) => Ok(None),
+        Err(e) => Err(refuse(
+            format!("reading the credentials for {registry} from the Docker config failed: {e}"),
+            "check ~/.docker/config.json (or $DOCKER_CONFIG) and its credential helper",
+        )),
+    }
+}
+
+pub(crate) fn parse(reference: &str) -> Result<Reference, ImageError> {
     reference.parse().map_err(|e| ImageError::BadReference { reference: reference.to_string(), reason: format!("{e}") })
 }
 
@@ -90,22 +143,8 @@ pub async fn pull(
     crate::validate_image_name(name)?;
     let image_ref = parse(reference)?;
     let registry = image_ref.resolve_registry().to_string();
-    let plain_http = options.insecure || is_loopback(&registry);
-    // reqwest's rustls needs a process-wide crypto provider; another part of the process may have
-    // installed one already, which is as good.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = Client::new(ClientConfig {
-        protocol: if plain_http { ClientProtocol::HttpsExcept(vec![registry.clone()]) } else { ClientProtocol::Https },
-        platform_resolver: Some(Box::new(oci_client::client::linux_amd64_resolver)),
-        connect_timeout: Some(Duration::from_secs(15)),
-        read_timeout: Some(Duration::from_secs(60)),
-        user_agent: concat!("moat/", env!("CARGO_PKG_VERSION")),
-        ..ClientConfig::default()
-    });
-    let auth = match &options.credentials {
-        Some((user, password)) => RegistryAuth::Basic(user.clone(), password.clone()),
-        None => RegistryAuth::Anonymous,
-    };
+    let client = client_for(&registry, options.insecure);
+    let auth = auth_of(options);
     let err = |e: OciDistributionError| registry_error(reference, &registry, e);
 
     progress(PullProgress::Message(format!("resolving {reference}")));
@@ -130,7 +169,13 @@ pub async fn pull(
     let staging = store.stage()?;
     let layers = manifest.layers.clone();
     // Collected first: a lazy `map` closure in the stream makes the future not provably `Send`.
-    let fetches: Vec<_> = layers.iter().map(|layer| fetch_layer(store, &client, &image_ref, layer, progress)).collect();
+    let fetches: Vec<_> = layers
+        .iter()
+        .map(|layer| async {
+            let (blob, partial) = (store.blob_path(&layer.digest)?, store.partial_blob_path(&layer.digest)?);
+            fetch_blob(&client, &image_ref, layer, &blob, &partial, progress).await
+        })
+        .collect();
     futures_util::stream::iter(fetches)
         .buffer_unordered(PARALLEL_LAYERS)
         .try_collect::<Vec<()>>()
@@ -227,7 +272,7 @@ async fn fetch_config(client: &Client, image: &Reference, desc: &OciDescriptor) 
     Ok(bytes)
 }
 
-enum Fetch {
+pub(crate) enum Fetch {
     Registry(OciDistributionError),
     Image(ImageError),
 }
@@ -238,29 +283,29 @@ impl From<ImageError> for Fetch {
     }
 }
 
-/// Download one layer blob into the cache, resuming a partial download, and verify its digest.
-async fn fetch_layer(
-    store: &ImageStore,
+/// Download one blob to `blob`, resuming a partial download kept at `partial`, and verify its
+/// digest.
+pub(crate) async fn fetch_blob(
     client: &Client,
     image: &Reference,
     layer: &OciDescriptor,
+    blob: &Path,
+    partial: &Path,
     progress: &(dyn Fn(PullProgress) + Send + Sync),
 ) -> Result<(), Fetch> {
     let total = layer.size as u64;
     let report = |done| progress(PullProgress::Layer { digest: layer.digest.clone(), done, total });
-    let blob = store.blob_path(&layer.digest)?;
     if blob.is_file() {
         report(total);
         return Ok(());
     }
-    let partial = store.partial_blob_path(&layer.digest)?;
     // Two pulls sharing a layer take turns on its partial file; the second then finds the blob.
     let opened = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
         .write(true)
-        .open(&partial)
+        .open(partial)
         .map_err(ImageError::io(format!("opening {}", partial.display())))?;
     let locked = tokio::task::spawn_blocking(move || {
         rustix::fs::flock(&opened, rustix::fs::FlockOperation::LockExclusive).map(|()| opened)
@@ -270,7 +315,7 @@ async fn fetch_layer(
     .map_err(|e| ImageError::io(format!("locking {}", partial.display()))(e.into()))?;
     if blob.is_file() {
         if locked.metadata().is_ok_and(|m| m.len() == 0) {
-            let _ = std::fs::remove_file(&partial);
+            let _ = std::fs::remove_file(partial);
         }
         report(total);
         return Ok(());
@@ -280,7 +325,7 @@ async fn fetch_layer(
     let (stream, mut done) = if have > 0 && have < total {
         match client.pull_blob_stream_partial(image, layer, have, None).await.map_err(Fetch::Registry)? {
             BlobResponse::Partial(s) => {
-                hash_file(&partial, &mut hasher)?;
+                hash_file(partial, &mut hasher)?;
                 (s, have)
             }
             BlobResponse::Full(s) => (s, 0),
@@ -306,7 +351,7 @@ async fn fetch_layer(
         };
         done += chunk.len() as u64;
         if done > total {
-            return Err(discard(&partial, layer, &format!(" (the registry sent more than its {total} bytes)")));
+            return Err(discard(partial, layer, &format!(" (the registry sent more than its {total} bytes)")));
         }
         hasher.update(&chunk);
         file.write_all(&chunk).await.map_err(ImageError::io(format!("writing {}", partial.display())))?;
@@ -324,10 +369,10 @@ async fn fetch_layer(
         return Err(Fetch::Registry(e.into()));
     }
     if broke_off.is_some() || format!("sha256:{}", hex::encode(hasher.finalize())) != layer.digest {
-        return Err(discard(&partial, layer, ""));
+        return Err(discard(partial, layer, ""));
     }
     // Renamed while still locked (`file` holds the lock), so a waiting pull finds the blob.
-    std::fs::rename(&partial, &blob).map_err(ImageError::io(format!(
+    std::fs::rename(partial, blob).map_err(ImageError::io(format!(
         "moving {} to {}",
         partial.display(),
         blob.display()
@@ -353,14 +398,14 @@ fn hash_file(path: &Path, hasher: &mut Sha256) -> Result<(), ImageError> {
 }
 
 /// A registry failure as a sentence with the remedy that fits it.
-fn registry_error(reference: &str, registry: &str, e: OciDistributionError) -> ImageError {
+pub(crate) fn registry_error(reference: &str, registry: &str, e: OciDistributionError) -> ImageError {
     let (reason, hint) = match &e {
         OciDistributionError::UnauthorizedError { .. } | OciDistributionError::AuthenticationFailure(_) => (
             format!("{registry} refused the credentials (or asked for some): {e}"),
             format!("log in with `docker login {registry}` (moat reads the Docker config and its credential helpers), or check the user and password"),
         ),
         OciDistributionError::ImageManifestNotFoundError(_) => {
-            (format!("{reference} was not found: {e}"), "check the repository name and the tag".into())
+            return ImageError::RemoteMissing { reference: reference.to_string(), reason: format!("{e}") }
         }
         OciDistributionError::RegistryError { envelope, .. }
             if envelope.errors.iter().any(|c| {
@@ -370,7 +415,7 @@ fn registry_error(reference: &str, registry: &str, e: OciDistributionError) -> I
                 )
             }) =>
         {
-            (format!("{reference} was not found: {e}"), "check the repository name and the tag".into())
+            return ImageError::RemoteMissing { reference: reference.to_string(), reason: format!("{e}") }
         }
         OciDistributionError::DigestError(_) => {
             return ImageError::DigestMismatch { what: format!("a blob of {reference}"), expected: format!("{e}") }

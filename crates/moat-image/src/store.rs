@@ -6,6 +6,8 @@
 //! <root>/sha256/<hex>/image.json    the Image record
 //! <root>/blobs/sha256/<hex>         layer blobs of pulled images, verified, shared between images
 //! <root>/blobs/partial/<hex>        downloads not yet complete (a new pull resumes them)
+//! <root>/remote/sha256/<hex>        blobs of pulled snapshots (bases are used in place from here)
+//! <root>/remote/partial/<hex>       their downloads not yet complete
 //! <root>/index.json                 {"names": {"minimal": "sha256:<hex>", …}}
 //! <root>/.lock                      serializes commits and index updates between processes
 //! <root>/.operations                held shared by image operations in flight (see `gc`)
@@ -31,6 +33,9 @@ const BASE_FILE: &str = "base.qcow2";
 const META_FILE: &str = "image.json";
 const INDEX_FILE: &str = "index.json";
 const STAGING_PREFIX: &str = "tmp-";
+/// How long [`ImageStore::gc`] keeps an unused blob of a pulled snapshot, or an interrupted
+/// download of one: long enough for a pull cut short (a crash, a restart) to continue.
+const REMOTE_GRACE: Duration = Duration::from_secs(24 * 3600);
 /// Serializes commits and index updates.
 const INDEX_LOCK: &str = ".lock";
 /// Held shared by every image operation in flight, so `gc` can tell whether any runs.
@@ -210,9 +215,40 @@ impl ImageStore {
         self.blob_dir("partial", digest)
     }
 
+    /// Where the verified blob `digest` of a pulled snapshot is cached.
+    pub(crate) fn remote_blob_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
+        self.cache_path(&["remote", "sha256"], digest)
+    }
+
+    pub(crate) fn remote_partial_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
+        self.cache_path(&["remote", "partial"], digest)
+    }
+
+    /// Make sure an image with `image.digest` is in the store, for a pulled snapshot whose disk sits
+    /// on `base` (a verified base blob): an image this host does not have is committed as the
+    /// pushing host had it (unnamed: the snapshot keeps it), with `base` linked in as its base.
+    pub fn adopt_pulled_image(
+        &self,
+        image: &crate::ArtifactImage,
+        base: &Path,
+        source: &str,
+    ) -> Result<(), ImageError> {
+        if self.load(&image.digest)?.is_some() {
+            return Ok(());
+        }
+        let staging = self.stage()?;
+        std::fs::hard_link(base, staging.base()).map_err(ImageError::io(format!("linking {}", base.display())))?;
+        let provenance = Provenance { source: source.to_string(), layers: Vec::new() };
+        self.commit_as(staging, None, &image.digest, image.config.clone(), provenance).map(|_| ())
+    }
+
     fn blob_dir(&self, kind: &str, digest: &str) -> Result<PathBuf, ImageError> {
+        self.cache_path(&["blobs", kind], digest)
+    }
+
+    fn cache_path(&self, dirs: &[&str], digest: &str) -> Result<PathBuf, ImageError> {
         let hex = digest_hex(digest).ok_or_else(|| self.corrupt(format!("{digest:?} is not a sha256 digest")))?;
-        let dir = self.root.join("blobs").join(kind);
+        let dir = dirs.iter().fold(self.root.clone(), |d, p| d.join(p));
         std::fs::create_dir_all(&dir).map_err(ImageError::io(format!("creating {}", dir.display())))?;
         Ok(dir.join(hex))
     }
@@ -236,8 +272,10 @@ impl ImageStore {
     /// Remove what no image needs: image directories no name points at and no sandbox uses
     /// (`in_use`: the digests of sandboxes' images), cached layer blobs no kept image lists,
     /// interrupted downloads and staging directories. While an image operation runs, only what is
-    /// older than `older_than` goes (newer files may be that operation's). Returns what was removed.
-    pub fn gc(&self, in_use: &[String], older_than: Duration) -> Result<Vec<PathBuf>, ImageError> {
+    /// older than `older_than` goes (newer files may be that operation's). Blobs of pulled
+    /// snapshots stay while `bases` (the base disks snapshots sit on) lists them, or for a day
+    /// after their last use. Returns what was removed.
+    pub fn gc(&self, in_use: &[String], bases: &[String], older_than: Duration) -> Result<Vec<PathBuf>, ImageError> {
         let idle = self.try_flock(OPERATIONS_LOCK)?;
         let cutoff = match idle {
             Some(_) => SystemTime::now() + Duration::from_secs(60),
@@ -274,6 +312,20 @@ impl ImageStore {
         sweep(self.root.join("blobs").join("sha256"), &|hex| layers.iter().any(|l| l == hex))?;
         sweep(self.root.join("blobs").join("partial"), &|_| false)?;
         sweep(self.root.clone(), &|name| !name.starts_with(STAGING_PREFIX))?;
+        let bases: Vec<&str> = bases.iter().filter_map(|d| digest_hex(d)).collect();
+        let recent = SystemTime::now().checked_sub(REMOTE_GRACE).unwrap_or(SystemTime::UNIX_EPOCH);
+        for kind in ["sha256", "partial"] {
+            let Ok(entries) = std::fs::read_dir(self.root.join("remote").join(kind)) else { continue };
+            for entry in entries.flatten() {
+                let used = entry.metadata().and_then(|m| m.modified()).map_or(false, |t| t > recent);
+                if used || (kind == "sha256" && bases.contains(&entry.file_name().to_string_lossy().as_ref())) {
+                    continue;
+                }
+                std::fs::remove_file(entry.path())
+                    .map_err(ImageError::io(format!("removing {}", entry.path().display())))?;
+                removed.push(entry.path());
+            }
+        }
         Ok(removed)
     }
 
@@ -309,6 +361,19 @@ impl ImageStore {
         config: ImageConfig,
         provenance: Provenance,
     ) -> Result<Image, ImageError> {
+        self.commit_as(staging, Some(name), digest, config, provenance)
+    }
+
+    /// [`ImageStore::commit`], naming the image only when `name` is given.
+    fn commit_as(
+        &self,
+        staging: Staging,
+        name: Option<&str>,
+        digest: &str,
+        config: ImageConfig,
+        provenance: Provenance,
+    ) -> Result<Image, ImageError> {
+        let name = name.unwrap_or_default();
         let hex = digest_hex(digest).ok_or_else(|| self.corrupt(format!("{digest:?} is not a sha256 digest")))?;
         let info = disk::info(&staging.base())?;
         // Overlays name the base by path; a base must stand alone so the chain is one link deep.
@@ -345,9 +410,11 @@ impl ImageStore {
                 image
             }
         };
-        let mut index = self.read_index()?;
-        index.names.insert(name.to_string(), digest.to_string());
-        self.write_index(&index)?;
+        if !name.is_empty() {
+            let mut index = self.read_index()?;
+            index.names.insert(name.to_string(), digest.to_string());
+            self.write_index(&index)?;
+        }
         Ok(Image { name: name.to_string(), ..image })
     }
 
@@ -530,12 +597,12 @@ mod tests {
         // A build in flight: its staging directory and everything young survive.
         let staging = store.stage().unwrap();
         let in_use = vec![format!("sha256:{}", "02".repeat(32))];
-        assert!(store.gc(&in_use, Duration::from_secs(3600)).unwrap().is_empty());
+        assert!(store.gc(&in_use, &[], Duration::from_secs(3600)).unwrap().is_empty());
         assert!(staging.path().exists() && partial.exists() && orphan_blob.exists());
         // Crashed: the staging directory stays behind, and nothing runs any more.
         let left = staging.dir.keep();
         drop(staging._operation);
-        let mut removed = store.gc(&in_use, Duration::from_secs(3600)).unwrap();
+        let mut removed = store.gc(&in_use, &[], Duration::from_secs(3600)).unwrap();
         removed.sort();
         let mut expected = vec![orphan_blob, partial, unnamed, left];
         expected.sort();

@@ -106,6 +106,8 @@ mod tests {
             nic: true,
             host_mounts: Vec::new(),
             dependents: Vec::new(),
+            remote: None,
+            remote_digest: None,
         }
     }
 

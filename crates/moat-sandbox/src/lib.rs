@@ -22,7 +22,7 @@ pub use runtime::{
 };
 pub use sandbox::{new_id, validate, Origin, Sandbox, SandboxSpec, StartTimeline, OVERLAY_FILE};
 pub use shape::{Shape, ShapeError};
-pub use snapshot::{discard_saved, Fingerprint, SavedMachine, HELPER_PREFIX, MEM_FILE, STATE_FILE};
+pub use snapshot::{discard_saved, Fingerprint, SavedMachine, DISK_FILE, HELPER_PREFIX, MEM_FILE, STATE_FILE};
 
 /// Why a sandbox could not be prepared, booted or used.
 #[derive(Debug, thiserror::Error)]

@@ -21,7 +21,7 @@ pub const MEM_FILE: &str = "mem";
 /// QEMU's device state, saved without RAM.
 pub const STATE_FILE: &str = "state";
 /// The disk, a qcow2 layer on the image's base disk.
-pub(crate) const DISK_FILE: &str = "disk.qcow2";
+pub const DISK_FILE: &str = "disk.qcow2";
 /// Run directories of the helper VMs that turn a stream with RAM into the usual files start so.
 pub const HELPER_PREFIX: &str = "save-";
 /// A stream with RAM in it, on its way to becoming [`MEM_FILE`] + [`STATE_FILE`].

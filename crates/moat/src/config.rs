@@ -30,6 +30,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { env: "MOAT_DISK_OVERCOMMIT", about: "what sandbox disks may grow by, times the free disk" },
     Setting { env: "MOAT_REQUIRE_KVM", about: "refuse to run sandboxes without KVM" },
     Setting { env: "MOAT_NO_TEMPLATES", about: "boot every sandbox instead of restoring a template" },
+    Setting { env: "MOAT_TEMPLATE_STORE", about: "registry repository templates are shared through" },
     Setting { env: "MOAT_HOST_ADDRESSES", about: "addresses of this host no interface has" },
     Setting { env: "MOAT_IDLE_EXIT", about: "an auto-started daemon exits after this long idle" },
     Setting { env: "MOAT_EVENTS_MAX_AGE", about: "events older than this are deleted" },

@@ -1,10 +1,11 @@
-//! Snapshots: take, list, inspect and remove them; revert a sandbox to one; fork a sandbox.
+//! Snapshots: take, list, inspect and remove them; revert a sandbox to one; fork a sandbox or a
+//! snapshot; push them to and pull them from registries.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use moat_api::{CreateSnapshot, Fork, Revert};
+use moat_api::{CreateSnapshot, Fork, PullSnapshot, PushSnapshot, Revert};
 
 use super::extract::{ApiResult, JsonBody, Svc};
 
@@ -46,4 +47,24 @@ pub async fn fork(
     JsonBody(req): JsonBody<Fork>,
 ) -> ApiResult<impl IntoResponse> {
     Ok((StatusCode::CREATED, Json(svc.fork(&reference, req).await?)))
+}
+
+pub async fn fork_snapshot(
+    State(svc): Svc,
+    Path(reference): Path<String>,
+    JsonBody(req): JsonBody<Fork>,
+) -> ApiResult<impl IntoResponse> {
+    Ok((StatusCode::CREATED, Json(svc.fork_snapshot(&reference, req).await?)))
+}
+
+pub async fn push(
+    State(svc): Svc,
+    Path(reference): Path<String>,
+    JsonBody(req): JsonBody<PushSnapshot>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.push_snapshot(&reference, req).await?))
+}
+
+pub async fn pull(State(svc): Svc, JsonBody(req): JsonBody<PullSnapshot>) -> ApiResult<impl IntoResponse> {
+    Ok((StatusCode::CREATED, Json(svc.pull_snapshot(req).await?)))
 }

@@ -136,9 +136,9 @@ impl<'a> Ask<'a> {
         Ask { count: 1, memory_mib, disk_mib, existing: None, less }
     }
 
-    /// `count` forks of `source`.
-    pub(crate) fn forks(count: u32, source: &SandboxInfo) -> Ask<'a> {
-        Ask { count, memory_mib: source.memory_mib, disk_mib: source.disk_mib, existing: None, less: Less::Forks }
+    /// `count` forks of a machine of `memory_mib` and `disk_mib`.
+    pub(crate) fn forks(count: u32, memory_mib: u32, disk_mib: u64) -> Ask<'a> {
+        Ask { count, memory_mib, disk_mib, existing: None, less: Less::Forks }
     }
 
     /// A recorded sandbox going live again.

@@ -45,7 +45,10 @@ fn spool_error(e: std::io::Error) -> ServiceError {
 }
 
 /// `user:password` for a registry: both or neither.
-fn credentials(username: Option<String>, password: Option<String>) -> Result<Option<(String, String)>, ServiceError> {
+pub(super) fn credentials(
+    username: Option<String>,
+    password: Option<String>,
+) -> Result<Option<(String, String)>, ServiceError> {
     match (username, password) {
         (Some(u), Some(p)) => Ok(Some((u, p))),
         (None, None) => Ok(None),

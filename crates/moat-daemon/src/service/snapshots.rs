@@ -22,10 +22,10 @@ const MAX_FORKS: u32 = 64;
 const FORK_PARALLELISM: usize = 4;
 
 /// Counts a snapshot being written while it lives (gc leaves such work alone).
-struct Saving(Arc<std::sync::atomic::AtomicUsize>);
+pub(super) struct Saving(Arc<std::sync::atomic::AtomicUsize>);
 
 impl Saving {
-    fn new(svc: &Service) -> Saving {
+    pub(super) fn new(svc: &Service) -> Saving {
         svc.saving.fetch_add(1, Ordering::SeqCst);
         Saving(svc.saving.clone())
     }
@@ -72,7 +72,7 @@ fn fingerprint(s: &SnapshotInfo) -> Fingerprint {
 }
 
 /// Bytes a directory's files take on disk (sparse files count what they hold).
-fn disk_usage(dir: &std::path::Path) -> u64 {
+pub(super) fn disk_usage(dir: &std::path::Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::read_dir(dir)
         .map(|entries| entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum())
@@ -187,6 +187,8 @@ impl Service {
                 SnapshotKind::Template => Vec::new(),
             },
             dependents: Vec::new(),
+            remote: None,
+            remote_digest: None,
         }
     }
 
@@ -398,29 +400,14 @@ impl Service {
             return Err(ServiceError::invalid(format!("{count} forks is out of range; use 1 to {MAX_FORKS}")));
         }
         let info = self.resolve(reference)?;
-        let prefix = req.name_prefix.clone().unwrap_or_else(|| format!("{}-fork-", info.name));
-        let names: Vec<String> = (1..=count).map(|i| format!("{prefix}{i}")).collect();
-        for n in &names {
-            moat_api::validate_name(n).map_err(|e| ServiceError::invalid(format!("--name-prefix {prefix:?}: {e}")))?;
-        }
-        let taken: Vec<&String> = names.iter().filter(|n| self.resolve(n).is_ok()).collect();
-        if !taken.is_empty() {
-            return Err(ServiceError::new(
-                ErrorCode::NameTaken,
-                format!(
-                    "sandboxes named {} already exist",
-                    taken.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-                ),
-                "choose another --name-prefix, or remove them",
-            ));
-        }
+        let names = self.fork_names(req.name_prefix.as_deref().unwrap_or(&format!("{}-fork-", info.name)), count)?;
         // Forks keep the source's network, secrets included (each fork gets a file of its own),
         // but not its host ports. Read first: a source whose values are lost makes no snapshot.
         let mut net = self.db(|db| db.net_spec(&info.id))?;
         self.fill_secrets(&info, &mut net)?;
         net.ports.clear();
         // All of them must fit before the source is saved; each create checks itself again.
-        self.db(|db| Ok(self.admit(db, &super::admission::Ask::forks(count, &info))))??;
+        self.db(|db| Ok(self.admit(db, &super::admission::Ask::forks(count, info.memory_mib, info.disk_mib))))??;
         let (fork_mounts, copies) = self.fork_volumes(&info, &names, req.volumes.unwrap_or_default())?;
         let snapshot = match &req.snapshot {
             Some(s) => {
@@ -441,37 +428,101 @@ impl Service {
                 s
             }
         };
-        let results: Vec<Result<(SandboxInfo, std::time::Duration), ServiceError>> =
-            futures_util::stream::iter(names.into_iter().zip(fork_mounts))
-                .map(|(name, mounts)| {
-                    let req = CreateSandbox {
-                        name: Some(name),
-                        from: Some(snapshot.id.clone()),
-                        boot_timeout_secs: None,
-                        net: Some(net.clone()),
-                        labels: info.labels.clone(),
-                        env: info.env.clone(),
-                        mounts,
-                        ..Default::default()
-                    };
-                    let this = self.clone();
-                    async move {
-                        let t = std::time::Instant::now();
-                        this.create(req).await.map(|info| (info, t.elapsed()))
-                    }
-                })
-                .buffered(FORK_PARALLELISM)
-                .collect()
-                .await;
+        let reqs = names
+            .into_iter()
+            .zip(fork_mounts)
+            .map(|(name, mounts)| CreateSandbox {
+                name: Some(name),
+                from: Some(snapshot.id.clone()),
+                net: Some(net.clone()),
+                labels: info.labels.clone(),
+                env: info.env.clone(),
+                mounts,
+                ..Default::default()
+            })
+            .collect();
+        let forked = self.clones(&snapshot, reqs).await;
+        if forked.is_err() {
+            for (_, copy) in &copies {
+                let _ = self.remove_volume(copy, true).await;
+            }
+        }
+        forked
+    }
+
+    /// `moat fork --snapshot SNAPSHOT -n N`: N new sandboxes from a snapshot of no particular
+    /// sandbox (a pulled one, say; a registry reference is pulled unless it is here already).
+    pub async fn fork_snapshot(self: &Arc<Self>, reference: &str, req: Fork) -> Result<Forked, ServiceError> {
+        let count = req.count.unwrap_or(1);
+        if count == 0 || count > MAX_FORKS {
+            return Err(ServiceError::invalid(format!("{count} forks is out of range; use 1 to {MAX_FORKS}")));
+        }
+        if req.snapshot.is_some() || req.volumes.is_some_and(|v| v != moat_api::ForkVolumes::Refuse) {
+            return Err(ServiceError::invalid(
+                "a fork of a snapshot takes the snapshot from the path and copies no volumes; leave `snapshot` and \
+                 `volumes` out",
+            ));
+        }
+        let snapshot = if moat_api::is_remote_snapshot(reference) {
+            self.remote_snapshot(reference, None).await?
+        } else {
+            self.resolve_snapshot(reference)?
+        };
+        self.check_restorable(&snapshot)?;
+        let names = self.fork_names(req.name_prefix.as_deref().unwrap_or(&format!("{}-", snapshot.name)), count)?;
+        self.db(
+            |db| Ok(self.admit(db, &super::admission::Ask::forks(count, snapshot.memory_mib, snapshot.disk_mib))),
+        )??;
+        let reqs = names
+            .into_iter()
+            .map(|name| CreateSandbox { name: Some(name), from: Some(snapshot.id.clone()), ..Default::default() })
+            .collect();
+        self.clones(&snapshot, reqs).await
+    }
+
+    /// `PREFIX1` … `PREFIXcount`, checked to be valid and free.
+    fn fork_names(&self, prefix: &str, count: u32) -> Result<Vec<String>, ServiceError> {
+        let names: Vec<String> = (1..=count).map(|i| format!("{prefix}{i}")).collect();
+        for n in &names {
+            moat_api::validate_name(n).map_err(|e| ServiceError::invalid(format!("--name-prefix {prefix:?}: {e}")))?;
+        }
+        let taken: Vec<&String> = names.iter().filter(|n| self.resolve(n).is_ok()).collect();
+        if !taken.is_empty() {
+            return Err(ServiceError::new(
+                ErrorCode::NameTaken,
+                format!(
+                    "sandboxes named {} already exist",
+                    taken.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+                "choose another --name-prefix, or remove them",
+            ));
+        }
+        Ok(names)
+    }
+
+    /// Create the sandboxes of `reqs` from `snapshot`, a few at a time; all or nothing.
+    async fn clones(
+        self: &Arc<Self>,
+        snapshot: &SnapshotInfo,
+        reqs: Vec<CreateSandbox>,
+    ) -> Result<Forked, ServiceError> {
+        let results: Vec<Result<(SandboxInfo, std::time::Duration), ServiceError>> = futures_util::stream::iter(reqs)
+            .map(|req| {
+                let this = self.clone();
+                async move {
+                    let t = std::time::Instant::now();
+                    this.create(req).await.map(|info| (info, t.elapsed()))
+                }
+            })
+            .buffered(FORK_PARALLELISM)
+            .collect()
+            .await;
         let (ok, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
         let (sandboxes, took): (Vec<SandboxInfo>, Vec<std::time::Duration>) = ok.into_iter().flatten().unzip();
         if let Some(Err(e)) = failed.into_iter().next() {
             // All or nothing: a partial fork is harder to use than none.
             for s in &sandboxes {
                 let _ = self.remove(&s.id, true).await;
-            }
-            for (_, copy) in &copies {
-                let _ = self.remove_volume(copy, true).await;
             }
             return Err(e);
         }
@@ -575,7 +626,16 @@ impl Service {
         spec: &SandboxSpec,
     ) -> Result<SandboxInfo, ServiceError> {
         let key = self.template_key(spec, &info.image_digest, info.disk_mib);
-        if let Some(t) = self.db(|db| db.template(&key))? {
+        let mut template = self.db(|db| db.template(&key))?;
+        // The template store never fails a create: what went wrong is noted, and the sandbox boots.
+        let mut note = None;
+        if let (None, Some(store)) = (&template, &self.limits.template_store) {
+            match self.template_from_store(store, &key, info).await {
+                Ok(t) => template = t,
+                Err(e) => note = Some(format!("template store: no template from {store}: {}", e.message)),
+            }
+        }
+        if let Some(t) = template {
             let launch = self.launch(info, spec, Launch::Snapshot(&t.id));
             match self.metrics.launch(crate::metrics::LaunchKind::Template, launch).await {
                 Ok(info) => return Ok(info),
@@ -594,7 +654,15 @@ impl Service {
         let bare = SandboxInfo { mounts: Vec::new(), ..info.clone() };
         let launch = self.launch(&bare, spec, Launch::Boot { fresh: true });
         let booted = self.metrics.launch(crate::metrics::LaunchKind::Cold, launch).await?;
-        self.save_template(&booted, &key).await;
+        if let Some(t) = self.save_template(&booted, &key).await {
+            if let Some(store) = &self.limits.template_store {
+                self.push_template_later(store, t, &key, &booted.id);
+            }
+        }
+        if let Some(note) = &note {
+            tracing::warn!(sandbox = %booted.id, %note);
+            self.db(|db| db.note(&booted.id, note))?;
+        }
         if let Some(machine) = self.live(&booted.id) {
             if let Err(e) = self.connect_mounts(info, &machine).await {
                 // As a failed launch: the VM goes, the sandbox stays failed with the reason.
@@ -614,16 +682,23 @@ impl Service {
 
     /// Save a sandbox just booted as the template of `key`, unless another create is making it
     /// or it exists by now.
-    async fn save_template(&self, booted: &SandboxInfo, key: &str) {
+    /// Returns the template it saved.
+    async fn save_template(&self, booted: &SandboxInfo, key: &str) -> Option<SnapshotInfo> {
         let lock = self.template_locks.of(key);
-        let Ok(_making) = lock.try_lock() else { return };
+        let Ok(_making) = lock.try_lock() else { return None };
         if self.db(|db| db.template(key)).ok().flatten().is_some() {
-            return;
+            return None;
         }
         let template = self.new_snapshot(booted, "template".into(), SnapshotKind::Template);
         match self.save(&booted.id, template, Some(key), &[]).await {
-            Ok(t) => tracing::info!(template = %t.id, image = %t.image, "template saved"),
-            Err(e) => tracing::warn!(error = %e.message, "saving the template failed; sandboxes of this image boot"),
+            Ok(t) => {
+                tracing::info!(template = %t.id, image = %t.image, "template saved");
+                Some(t)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.message, "saving the template failed; sandboxes of this image boot");
+                None
+            }
         }
     }
 

@@ -112,6 +112,13 @@ CREATE TABLE IF NOT EXISTS pools (
     PRIMARY KEY (image, vcpus, memory_mib, disk_mib)
 );
 "#,
+    // Snapshots pulled from registries: the reference and manifest digest they came from, and the
+    // digest of the base disk their layer sits on (in the image store's remote cache).
+    r#"
+ALTER TABLE snapshots ADD COLUMN remote TEXT;
+ALTER TABLE snapshots ADD COLUMN remote_digest TEXT;
+ALTER TABLE snapshots ADD COLUMN base_digest TEXT;
+"#,
 ];
 
 /// The schema version this moat writes: how many migrations it knows.

@@ -78,6 +78,17 @@ impl Db {
         Ok(updated)
     }
 
+    /// Note why something around a sandbox went wrong that did not fail it (its `last_error`, shown
+    /// by inspect), with an event.
+    pub fn note(&mut self, id: &str, note: &str) -> Result<(), StateError> {
+        let note = moat_api::escape_controls(note);
+        let tx = self.conn.transaction()?;
+        tx.execute("UPDATE sandboxes SET last_error = ?2 WHERE id = ?1", params![id, note])?;
+        append_event(&tx, Some(id), "note", &note)?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// A sandbox's network. Secret values are not in it: they are in the sandbox's own file
     /// (`crate::secrets_store`).
     pub fn net_spec(&self, id: &str) -> Result<NetSpec, StateError> {

@@ -10,6 +10,16 @@ use super::{Db, StateError};
 impl Db {
     /// Record a snapshot being taken (not ready: lists leave it out, gc removes it after a crash).
     pub fn insert_snapshot(&mut self, s: &SnapshotInfo, template_key: Option<&str>) -> Result<(), StateError> {
+        self.insert_snapshot_on(s, template_key, None)
+    }
+
+    /// [`Db::insert_snapshot`] for a pulled snapshot, whose disk sits on the base `base_digest`.
+    pub fn insert_snapshot_on(
+        &mut self,
+        s: &SnapshotInfo,
+        template_key: Option<&str>,
+        base_digest: Option<&str>,
+    ) -> Result<(), StateError> {
         let tx = self.conn.transaction()?;
         if let Some(sandbox) = &s.sandbox_id {
             let taken: bool = tx.query_row(
@@ -23,8 +33,10 @@ impl Db {
         }
         tx.execute(
             "INSERT INTO snapshots (id, name, kind, sandbox_id, sandbox_name, template_key, ready, image, image_digest,
-                vcpus, memory_mib, disk_mib, size_bytes, created_at, qemu, accel, kernel, initramfs, nic, host_mounts)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+                vcpus, memory_mib, disk_mib, size_bytes, created_at, qemu, accel, kernel, initramfs, nic, host_mounts,
+                remote, remote_digest, base_digest)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21,
+                ?22)",
             params![
                 s.id,
                 s.name,
@@ -45,6 +57,9 @@ impl Db {
                 s.initramfs,
                 s.nic,
                 serde_json::to_string(&s.host_mounts).expect("mounts always serialize"),
+                s.remote,
+                s.remote_digest,
+                base_digest,
             ],
         )?;
         tx.commit()?;
@@ -106,7 +121,8 @@ impl Db {
     /// The ready snapshots a reference could mean: an id or unique id prefix, or `SANDBOX:NAME`
     /// (the sandbox by id or name, or a removed sandbox's name).
     pub fn snapshot_candidates(&self, reference: &str) -> Result<Vec<SnapshotInfo>, StateError> {
-        let mut out: Vec<SnapshotInfo> = match reference.split_once(':') {
+        // At the last `:`: a pulled snapshot's "sandbox" is its repository, which may name a port.
+        let mut out: Vec<SnapshotInfo> = match reference.rsplit_once(':') {
             Some((sandbox, name)) => {
                 let ids: Vec<String> = self.candidates(sandbox)?.into_iter().map(|s| s.id).collect();
                 let mut stmt = self.conn.prepare(&format!(
@@ -137,6 +153,44 @@ impl Db {
         Ok(out)
     }
 
+    /// The ready snapshot pulled from `reference`, if there is one.
+    pub fn remote_snapshot(&self, reference: &str) -> Result<Option<SnapshotInfo>, StateError> {
+        let found = self
+            .conn
+            .query_row(
+                &format!("SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE ready = 1 AND remote = ?1"),
+                [reference],
+                row_to_snapshot,
+            )
+            .optional()?;
+        Ok(found)
+    }
+
+    /// A pulled snapshot is superseded by a newer pull of its reference: it keeps its files (for
+    /// the sandboxes on it) under the name `NAME@DIGEST` and no longer answers to the reference.
+    pub fn supersede_remote(&mut self, id: &str) -> Result<(), StateError> {
+        self.conn.execute(
+            "UPDATE snapshots SET name = name || '@' || substr(COALESCE(remote_digest, id), 8, 12), remote = NULL
+             WHERE id = ?1",
+            [id],
+        )?;
+        Ok(())
+    }
+
+    /// The template key of snapshot `id`, if it is a template.
+    pub fn template_key_of(&self, id: &str) -> Result<Option<String>, StateError> {
+        let key =
+            self.conn.query_row("SELECT template_key FROM snapshots WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+        Ok(key.flatten())
+    }
+
+    /// The base disks (by digest) pulled snapshots sit on, for the image store's gc.
+    pub fn snapshot_bases(&self) -> Result<Vec<String>, StateError> {
+        let mut stmt = self.conn.prepare("SELECT DISTINCT base_digest FROM snapshots WHERE base_digest IS NOT NULL")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// Names of the sandboxes restored from snapshot `id`.
     pub fn dependents(&self, id: &str) -> Result<Vec<String>, StateError> {
         let mut stmt = self.conn.prepare("SELECT name FROM sandboxes WHERE snapshot_id = ?1 ORDER BY name")?;
@@ -152,7 +206,8 @@ impl Db {
 }
 
 const SNAPSHOT_COLUMNS: &str = "id, name, kind, sandbox_id, sandbox_name, image, image_digest, vcpus, memory_mib, \
-                                disk_mib, size_bytes, created_at, qemu, accel, kernel, initramfs, nic, host_mounts";
+                                disk_mib, size_bytes, created_at, qemu, accel, kernel, initramfs, nic, host_mounts, \
+                                remote, remote_digest";
 
 fn row_to_snapshot(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotInfo> {
     let kind: String = r.get(2)?;
@@ -183,5 +238,7 @@ fn row_to_snapshot(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotInfo> {
             })
             .unwrap_or_default(),
         dependents: Vec::new(),
+        remote: r.get(18)?,
+        remote_digest: r.get(19)?,
     })
 }

@@ -251,8 +251,9 @@ pub struct CreateArgs {
     /// Give up if the guest has not come up after this long.
     #[arg(long, default_value = "90s", value_parser = parse_duration)]
     pub boot_timeout: Duration,
-    /// Continue from a snapshot instead of booting: `SANDBOX:NAME` or a snapshot id. The image,
-    /// CPUs, memory and disk are the snapshot's.
+    /// Continue from a snapshot instead of booting: `SANDBOX:NAME`, a snapshot id, or a registry
+    /// reference `REGISTRY/REPOSITORY:TAG` (pulled unless it is here already). The image, CPUs,
+    /// memory and disk are the snapshot's.
     #[arg(long, value_name = "SNAPSHOT")]
     pub from: Option<String>,
     /// Boot the image's kernel even when a template (a saved, booted VM of the image) could
@@ -432,12 +433,37 @@ pub enum SnapshotCommand {
         #[arg(required = true)]
         snapshots: Vec<String>,
     },
+    /// Send a snapshot (memory, device state, disk and its image's base disk) to a registry, as
+    /// an artifact any moat host with the same QEMU, kernel and agent can pull and restore.
+    /// Blobs the registry has already (the base of an image pushed before) are not sent again.
+    /// Credentials come from the Docker config (`docker login`).
+    Push {
+        /// SANDBOX:NAME or a snapshot id.
+        snapshot: String,
+        /// REGISTRY/REPOSITORY:TAG, e.g. registry.example.com/team/env:clean.
+        reference: String,
+        /// Allow plain http to a registry that is not on loopback.
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Fetch a snapshot from a registry (again, if its tag moved): `moat run --from REFERENCE`
+    /// and `moat fork --snapshot REFERENCE` then start from it. They pull by themselves too.
+    Pull {
+        /// REGISTRY/REPOSITORY:TAG.
+        reference: String,
+        /// Allow plain http to a registry that is not on loopback.
+        #[arg(long)]
+        insecure: bool,
+    },
 }
 
 #[derive(Debug, Args)]
 pub struct ForkArgs {
-    /// The sandbox to fork (running, unless --snapshot names one of its snapshots).
-    pub sandbox: String,
+    /// The sandbox to fork (running, unless --snapshot names one of its snapshots). Without it,
+    /// --snapshot names any snapshot: an id, SANDBOX:NAME, or a registry reference (pulled
+    /// unless it is here already).
+    #[arg(required_unless_present = "snapshot")]
+    pub sandbox: Option<String>,
     /// How many sandboxes.
     #[arg(short = 'n', long = "count", default_value_t = 1)]
     pub count: u32,

@@ -68,6 +68,12 @@ pub struct ServeArgs {
     /// and restoring it.
     #[arg(long, env = "MOAT_NO_TEMPLATES")]
     pub no_templates: bool,
+    /// A registry repository (REGISTRY/REPOSITORY) shared by hosts as a template store: a host
+    /// without a template pulls it from there before booting, and pushes the templates it makes
+    /// (tagged by template key). Credentials come from the daemon's Docker config. A failed pull
+    /// or push never fails a create: it is an event and the sandbox's `last_error`.
+    #[arg(long, value_name = "REPOSITORY", env = "MOAT_TEMPLATE_STORE", conflicts_with = "no_templates")]
+    pub template_store: Option<String>,
     /// MCP endpoint (`/mcp`): let every session see and use every sandbox, not only its own.
     #[arg(long, env = "MOAT_MCP_ALL_SANDBOXES")]
     pub mcp_all_sandboxes: bool,

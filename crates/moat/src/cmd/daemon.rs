@@ -54,6 +54,10 @@ pub async fn serve(args: ServeArgs, host: &HostArgs) -> anyhow::Result<i32> {
         limits: moat_daemon::Limits {
             max_sandboxes: args.max_sandboxes,
             templates: !args.no_templates,
+            template_store: match args.template_store {
+                Some(store) => Some(template_store(&store)?),
+                None => None,
+            },
             host_addresses: args.host_address,
             memory_overcommit: args.memory_overcommit,
             disk_overcommit: args.disk_overcommit,
@@ -264,4 +268,18 @@ fn log_tail(log: &Path) -> String {
 /// `moat daemon …`.
 pub async fn daemon(command: crate::cli::DaemonCommand, host: &HostArgs) -> anyhow::Result<i32> {
     control::daemon(command, host).await
+}
+
+/// `--template-store REGISTRY/REPOSITORY`, checked: templates are pushed to `REPOSITORY:KEY`.
+fn template_store(store: &str) -> anyhow::Result<String> {
+    let store = store.trim_end_matches('/');
+    let tagged = format!("{store}:0");
+    if !moat_api::is_remote_snapshot(store) || store.contains('@') || moat_image::registry_of(&tagged).is_err() {
+        return Err(crate::error::Hinted::new(
+            format!("--template-store {store:?} is not a registry repository"),
+            "write REGISTRY/REPOSITORY without a tag, for example registry.example.com/moat/templates",
+        )
+        .into());
+    }
+    Ok(store.to_string())
 }

@@ -101,23 +101,8 @@ impl Drop for ProgressView {
 
 /// Registry credentials for `reference` from the Docker config (`docker login`, credential
 /// helpers), if it has any.
-fn docker_credentials(reference: &str) -> anyhow::Result<Option<(String, String)>> {
-    use docker_credential::{CredentialRetrievalError as E, DockerCredential};
-    let registry = moat_image::registry_of(reference)?;
-    match docker_credential::get_credential(&registry) {
-        Ok(DockerCredential::UsernamePassword(user, password)) => Ok(Some((user, password))),
-        Ok(DockerCredential::IdentityToken(_)) => Err(crate::error::Hinted::new(
-            format!("the Docker config holds an identity token for {registry}, which moat cannot use yet"),
-            "pass `--username USER --password-stdin` with a password or access token",
-        )
-        .into()),
-        Err(E::ConfigNotFound | E::ConfigReadError | E::NoCredentialConfigured) => Ok(None),
-        Err(e) => Err(crate::error::Hinted::new(
-            format!("reading the credentials for {registry} from the Docker config failed: {e}"),
-            "check ~/.docker/config.json (or $DOCKER_CONFIG) and its credential helper",
-        )
-        .into()),
-    }
+pub(crate) fn docker_credentials(reference: &str) -> anyhow::Result<Option<(String, String)>> {
+    Ok(moat_image::docker_credentials(reference)?)
 }
 
 /// Pull `reference`, showing progress.

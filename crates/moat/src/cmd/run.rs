@@ -42,6 +42,12 @@ pub fn create_request(c: &CreateArgs) -> anyhow::Result<CreateSandbox> {
         labels: c.labels.iter().cloned().collect(),
         mounts: mounts(&c.volumes)?,
         idle: c.idle,
+        // A snapshot from a registry may need the Docker config's credentials.
+        registry_login: match c.from.as_deref() {
+            Some(from) if moat_api::is_remote_snapshot(from) => crate::cmd::image::docker_credentials(from)?
+                .map(|(username, password)| moat_api::RegistryLogin { username, password }),
+            _ => None,
+        },
         ..CreateSandbox::default()
     })
 }

@@ -1,6 +1,8 @@
 //! Snapshots, reverts, forks, pause and resume.
 
-use moat_api::{Fork, SnapshotInfo};
+use futures_util::StreamExt;
+use moat_api::{Fork, PullSnapshot, PushSnapshot, SnapshotInfo};
+use moat_client::Client;
 
 use crate::cli::{ForkArgs, ForkVolumesArg, HostArgs, RefsArgs, SnapshotArgs, SnapshotCommand};
 use crate::cmd::daemon::connect;
@@ -25,6 +27,27 @@ pub async fn snapshot(args: SnapshotArgs, host: &HostArgs) -> anyhow::Result<i32
             })
             .await
         }
+        (Some(SnapshotCommand::Push { snapshot, reference, insecure }), _) => {
+            let (username, password) = login(&reference)?;
+            let req = PushSnapshot { reference: reference.clone(), insecure, username, password };
+            let pushed =
+                showing_progress(&client, &format!("push {reference}: "), client.push_snapshot(&snapshot, &req))
+                    .await?;
+            eprintln!(
+                "moat: sent {} MiB; the registry had {} MiB already",
+                pushed.uploaded_bytes.div_ceil(1 << 20),
+                pushed.reused_bytes >> 20
+            );
+            println!("{}@{}", pushed.reference, pushed.digest);
+            Ok(0)
+        }
+        (Some(SnapshotCommand::Pull { reference, insecure }), _) => {
+            let (username, password) = login(&reference)?;
+            let req = PullSnapshot { reference: reference.clone(), insecure, username, password };
+            let s = showing_progress(&client, &format!("pull {reference}: "), client.pull_snapshot(&req)).await?;
+            println!("{}", s.id);
+            Ok(0)
+        }
         (None, Some(sandbox)) => {
             let s = client.snapshot(&sandbox, args.name).await?;
             println!("{}", s.reference());
@@ -36,6 +59,36 @@ pub async fn snapshot(args: SnapshotArgs, host: &HostArgs) -> anyhow::Result<i32
         )
         .into()),
     }
+}
+
+/// The Docker config's user and password for the registry of `reference`, if it has some.
+fn login(reference: &str) -> anyhow::Result<(Option<String>, Option<String>)> {
+    Ok(crate::cmd::image::docker_credentials(reference)?.map_or((None, None), |(u, p)| (Some(u), Some(p))))
+}
+
+/// Run `call`, printing the daemon's events that start with `prefix` on stderr meanwhile.
+async fn showing_progress<T>(
+    client: &Client,
+    prefix: &str,
+    call: impl std::future::Future<Output = Result<T, moat_client::ClientError>>,
+) -> anyhow::Result<T> {
+    let events = client.events(-1, true).await?;
+    let show = events.for_each(|e| {
+        if let Some(m) = e
+            .ok()
+            .filter(|e| e.kind == moat_api::SNAPSHOT_EVENT)
+            .and_then(|e| e.message.strip_prefix(prefix).map(str::to_owned))
+        {
+            eprintln!("moat: {m}");
+        }
+        std::future::ready(())
+    });
+    tokio::pin!(call);
+    let result = tokio::select! {
+        r = &mut call => r,
+        _ = show => call.await,
+    };
+    Ok(result?)
 }
 
 fn print_table(list: &[SnapshotInfo]) {
@@ -75,7 +128,22 @@ pub async fn fork(args: ForkArgs, host: &HostArgs) -> anyhow::Result<i32> {
         snapshot: args.snapshot,
         volumes: Some(volumes),
     };
-    let forked = connect(host).await?.fork(&args.sandbox, &req).await?;
+    let client = connect(host).await?;
+    let forked = match &args.sandbox {
+        Some(sandbox) => client.fork(sandbox, &req).await?,
+        None => {
+            let snapshot = req.snapshot.clone().unwrap_or_default();
+            let req = Fork { snapshot: None, volumes: None, ..req };
+            let snapshot = if moat_api::is_remote_snapshot(&snapshot) {
+                let (username, password) = login(&snapshot)?;
+                let pull = PullSnapshot { reference: snapshot.clone(), insecure: false, username, password };
+                showing_progress(&client, &format!("pull {snapshot}: "), client.pull_snapshot(&pull)).await?.id
+            } else {
+                snapshot
+            };
+            client.fork_snapshot(&snapshot, &req).await?
+        }
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&forked)?);
     } else {
