@@ -404,6 +404,10 @@ pub(crate) fn registry_error(reference: &str, registry: &str, e: OciDistribution
             format!("{registry} refused the credentials (or asked for some): {e}"),
             format!("log in with `docker login {registry}` (moat reads the Docker config and its credential helpers), or check the user and password"),
         ),
+        OciDistributionError::RequestError(r) if matches!(r.status().map(|s| s.as_u16()), Some(401 | 403)) => (
+            format!("{registry} refused the credentials (or asked for some): {e}"),
+            format!("log in with `docker login {registry}` (moat reads the Docker config and its credential helpers), or check the user and password"),
+        ),
         OciDistributionError::ImageManifestNotFoundError(_) => {
             return ImageError::RemoteMissing { reference: reference.to_string(), reason: format!("{e}") }
         }

@@ -29,6 +29,7 @@ mod port_connect;
 mod processes;
 mod pull;
 mod registry_harness;
+mod remote;
 mod run;
 mod secrets_store;
 mod security_cp;

@@ -108,6 +108,11 @@ impl Registry {
         self.creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))
     }
 
+    /// The registry's log file (one line per request at level info).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join(LOG)
+    }
+
     /// The registry's log so far (last 40 lines), for failure messages.
     pub fn log_tail(&self) -> String {
         log_tail(self.dir.path())
@@ -169,6 +174,48 @@ impl Registry {
             headers.push(("Authorization", a));
         }
         http_get(&self.addr(), path, &headers)
+    }
+
+    /// Put `body` on the registry as a blob (one monolithic upload); its digest.
+    pub fn put_blob(&self, repo: &str, body: &[u8]) -> String {
+        use sha2::Digest;
+        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(body)));
+        let started = self.send("POST", &format!("/v2/{repo}/blobs/uploads/"), "", &[]);
+        assert_eq!(started.status, 202, "starting an upload: {started:?}");
+        let location = started.header("location").expect("an upload location").to_string();
+        let path = location
+            .split_once("127.0.0.1")
+            .map_or(location.as_str(), |(_, rest)| &rest[rest.find('/').unwrap_or(0)..]);
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let done = self.send("PUT", &format!("{path}{sep}digest={digest}"), "application/octet-stream", body);
+        assert_eq!(done.status, 201, "finishing an upload: {done:?}");
+        digest
+    }
+
+    /// Put a manifest under `repo:tag`.
+    pub fn put_manifest(&self, repo: &str, tag: &str, media_type: &str, body: &[u8]) {
+        let done = self.send("PUT", &format!("/v2/{repo}/manifests/{tag}"), media_type, body);
+        assert_eq!(done.status, 201, "putting a manifest: {done:?} {}", String::from_utf8_lossy(&done.body));
+    }
+
+    fn send(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> HttpResponse {
+        let mut head =
+            format!("{method} {path} HTTP/1.0\r\nHost: {}\r\nContent-Length: {}\r\n", self.addr(), body.len());
+        if !content_type.is_empty() {
+            head.push_str(&format!("Content-Type: {content_type}\r\n"));
+        }
+        if let Some((u, p)) = self.creds() {
+            head.push_str(&format!("Authorization: {}\r\n", basic_auth(u, p)));
+        }
+        let mut stream = TcpStream::connect(self.addr()).expect("the registry listens");
+        stream.set_read_timeout(Some(Duration::from_secs(30))).expect("a socket takes a timeout");
+        stream
+            .write_all(format!("{head}\r\n").as_bytes())
+            .and_then(|()| stream.write_all(body))
+            .expect("a request is sent");
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).expect("a response arrives");
+        parse_response(&raw).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 }
 
@@ -285,6 +332,10 @@ fn try_http_get(addr: &str, path: &str, headers: &[(&str, String)]) -> std::io::
     stream.write_all(request(addr, path, headers).as_bytes())?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> std::io::Result<HttpResponse> {
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no end of headers"))?;
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
