@@ -3,7 +3,10 @@
 #![allow(dead_code)] // The stubs exist for their `#[utoipa::path]`s.
 
 use super::params::{SandboxRef, SnapshotRef};
-use crate::{ApiError, CreateSnapshot, Fork, Forked, Revert, SandboxInfo, SnapshotInfo};
+use crate::{
+    ApiError, CreateSnapshot, Fork, Forked, PullSnapshot, PushSnapshot, PushedSnapshot, Revert, SandboxInfo,
+    SnapshotInfo,
+};
 
 #[utoipa::path(get, path = "/v1/sandboxes/{reference}/snapshots", tag = "snapshots",
     operation_id = "listSandboxSnapshots",
@@ -97,3 +100,57 @@ pub fn inspect_snapshot() {}
         (status = 500, description = "Removing its files failed", body = ApiError),
     ))]
 pub fn remove_snapshot() {}
+
+#[utoipa::path(post, path = "/v1/snapshots/pull", tag = "snapshots", operation_id = "pullSnapshot",
+    summary = "Fetch a snapshot artifact from a registry (again, if its tag moved)",
+    description = "The artifact's config is read first: one this host cannot restore (another QEMU, \
+        accelerator, kernel or agent) is refused before its memory is fetched. Blobs are verified by \
+        digest and a pull cut short continues where it stopped. Progress is on `GET /v1/events` as \
+        events of kind `snapshot` (`pull REFERENCE: …`).",
+    request_body(content = PullSnapshot, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The pulled snapshot (or the one pulled before, when the registry has \
+            nothing newer)", body = SnapshotInfo),
+        (status = 400, description = "The reference or body is bad, or the artifact is not a moat snapshot, \
+            or a blob does not match its digest", body = ApiError),
+        (status = 409, description = "The snapshot cannot be restored on this host", body = ApiError),
+        (status = 413, description = "The body is over 64 KiB", body = ApiError),
+        (status = 500, description = "Unpacking it failed", body = ApiError),
+        (status = 502, description = "The registry could not be reached, refused the credentials, or has no \
+            such artifact", body = ApiError),
+    ))]
+pub fn pull_snapshot() {}
+
+#[utoipa::path(post, path = "/v1/snapshots/{reference}/push", tag = "snapshots", operation_id = "pushSnapshot",
+    summary = "Send a snapshot to a registry as an artifact other hosts can pull",
+    description = "Blobs the registry has already (the base disk of an image pushed before) are not sent \
+        again. Progress is on `GET /v1/events` as events of kind `snapshot` (`push REFERENCE: …`).",
+    params(SnapshotRef),
+    request_body(content = PushSnapshot, content_type = "application/json"),
+    responses(
+        (status = 200, description = "What was sent", body = PushedSnapshot),
+        (status = 400, description = "The reference or body is bad, or the snapshot serves host directories", body = ApiError),
+        (status = 404, description = "No such snapshot", body = ApiError),
+        (status = 413, description = "The body is over 64 KiB", body = ApiError),
+        (status = 500, description = "Reading or compressing its files failed", body = ApiError),
+        (status = 502, description = "The registry could not be reached or refused the credentials", body = ApiError),
+    ))]
+pub fn push_snapshot() {}
+
+#[utoipa::path(post, path = "/v1/snapshots/{reference}/fork", tag = "snapshots", operation_id = "forkSnapshot",
+    summary = "New sandboxes restored from a snapshot of no particular sandbox; all or nothing",
+    description = "The snapshot may be a pulled one (or any other). `snapshot` and `volumes` are refused: the \
+        snapshot is the path's, and no volume is copied. Names default to `NAME-1` … from the snapshot's name.",
+    params(SnapshotRef),
+    request_body(content = Option<Fork>, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The snapshot they build on and the new running sandboxes", body = Forked),
+        (status = 400, description = "The count or name prefix is out of range, or the body or reference is \
+            bad", body = ApiError),
+        (status = 404, description = "No such snapshot", body = ApiError),
+        (status = 409, description = "A name is taken, or the snapshot cannot be restored on this host", body = ApiError),
+        (status = 413, description = "The body is over 64 KiB", body = ApiError),
+        (status = 429, description = "The new sandboxes would pass the daemon's limit, or the host's memory or disk (`insufficient_resources`)", body = ApiError),
+        (status = 500, description = "Restoring a VM failed", body = ApiError),
+    ))]
+pub fn fork_snapshot() {}

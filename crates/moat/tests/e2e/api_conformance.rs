@@ -22,7 +22,15 @@ const SCHEMATHESIS: &str = "schemathesis>=4.32,<5";
 
 /// Operations that reach the network outside this host, and volume creation, which makes a real
 /// file system of any size asked (up to 16 TiB sparse; `volumes.rs` tests its bad input).
-const EXCLUDED: &[&str] = &["/v1/images/build", "/v1/images/pull", "/v1/images/import", "/v1/volumes"];
+const EXCLUDED: &[&str] = &[
+    "/v1/images/build",
+    "/v1/images/pull",
+    "/v1/images/import",
+    "/v1/volumes",
+    "/v1/snapshots/pull",
+    "/v1/snapshots/{reference}/push",
+    "/v1/snapshots/{reference}/fork",
+];
 
 /// The whole run, schemathesis included, must end within this.
 const RUN_LIMIT: Duration = Duration::from_secs(170);
@@ -122,6 +130,9 @@ def before_call(context, case, kwargs):
         case.body["pull"] = "never"
         # Mounts name volumes and host directories; mounts.rs and volumes.rs test them.
         case.body.pop("mounts", None)
+        # A `from` with a `/` is a registry reference, pulled like an image; remote.rs tests them.
+        if "/" in str(case.body.get("from", "")):
+            case.body.pop("from")
     elif case.body is NOT_SET or case.body is None:
         case.body = {"pull": "never"}
         case.media_type = "application/json"
