@@ -16,9 +16,9 @@ use crate::{median, ms};
 const INSTALL: &str = "apt-get install -y docker-registry curl";
 
 /// A registry process with its storage; killed on drop.
-struct Registry {
+pub(crate) struct Registry {
     child: Child,
-    addr: String,
+    pub(crate) addr: String,
     _dir: tempfile::TempDir,
 }
 
@@ -30,7 +30,7 @@ impl Drop for Registry {
 }
 
 impl Registry {
-    fn start() -> anyhow::Result<Registry> {
+    pub(crate) fn start() -> anyhow::Result<Registry> {
         let bin = Path::new("/usr/bin/docker-registry");
         if !bin.exists() {
             bail!("the image benchmark needs a local registry: {INSTALL}");

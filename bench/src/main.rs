@@ -45,6 +45,7 @@ mod jail;
 mod lab;
 mod net;
 mod pool;
+mod remote;
 mod snapshots;
 mod volumes;
 
@@ -60,7 +61,8 @@ fn ms(d: Duration) -> String {
 const USAGE: &str = "\
 usage: bench/run [OPTIONS]
 
-  --only PART       run one part: files, images, snapshots, pool, density, jail, e2b, volumes or net
+  --only PART       run one part: files, images, snapshots, pool, remote, density, jail, e2b, volumes
+                    or net
   --runs N          samples of each timed step; medians are printed (5)
   --execs N         exec round trips in one VM (100)
   --requests N      daemon API requests of each kind (1000)
@@ -117,6 +119,7 @@ async fn main() -> anyhow::Result<()> {
         Some("images") => return images::bench(&moat, &home, runs, arg("--layer-mib", 256)).await,
         Some("snapshots") => return snapshots::bench(&moat, &home, runs, forks).await,
         Some("pool") => return pool::bench(&moat, &home, runs).await,
+        Some("remote") => return remote::bench(&moat, &home, runs).await,
         Some("density") => return density::bench(&moat, &home, density, requests).await,
         Some("jail") => return jail::bench(&moat, &home, runs, forks).await,
         Some("e2b") => return e2b::bench(&moat, &home, runs).await,
@@ -126,8 +129,8 @@ async fn main() -> anyhow::Result<()> {
         Some("net") => return net::bench(&moat, &home, runs, arg("--net-mib", 64), arg("--conns", 200)).await,
         Some(other) => {
             bail!(
-                "--only takes `files`, `images`, `snapshots`, `pool`, `density`, `jail`, `e2b`, `volumes` or \
-                 `net`, not {other:?}"
+                "--only takes `files`, `images`, `snapshots`, `pool`, `remote`, `density`, `jail`, `e2b`, \
+                 `volumes` or `net`, not {other:?}"
             )
         }
         None => {}

@@ -180,7 +180,7 @@ pub(crate) fn first_exec(moat_bin: &Path, home: &Path, name: &str, cold: bool) -
     }
 }
 
-fn inspect(moat_bin: &Path, home: &Path, name: &str) -> anyhow::Result<SandboxInfo> {
+pub(crate) fn inspect(moat_bin: &Path, home: &Path, name: &str) -> anyhow::Result<SandboxInfo> {
     let (_, out) = moat(moat_bin, home, &["inspect", name, "--json"])?;
     serde_json::from_str(&out).with_context(|| format!("parsing `moat inspect {name} --json`"))
 }
