@@ -317,7 +317,7 @@ impl ImageStore {
         for kind in ["sha256", "partial"] {
             let Ok(entries) = std::fs::read_dir(self.root.join("remote").join(kind)) else { continue };
             for entry in entries.flatten() {
-                let used = entry.metadata().and_then(|m| m.modified()).map_or(false, |t| t > recent);
+                let used = entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t > recent);
                 if used || (kind == "sha256" && bases.contains(&entry.file_name().to_string_lossy().as_ref())) {
                     continue;
                 }
