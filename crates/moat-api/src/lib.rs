@@ -48,8 +48,8 @@ pub use sandbox::{
     DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_SANDBOX_ENV,
 };
 pub use snapshot::{
-    is_remote_snapshot, CloneTimeline, CreateSnapshot, Fork, ForkVolumes, Forked, PullSnapshot, PushSnapshot,
-    PushedSnapshot, Revert, SnapshotInfo, SnapshotKind,
+    is_remote_snapshot, CloneTimeline, CreateSnapshot, Fork, ForkVolumes, Forked, PushedSnapshot, Revert, SnapshotInfo,
+    SnapshotKind, SnapshotTransfer,
 };
 pub use terminal::{escape_controls, ControlEscaper};
 pub use volume::{

@@ -155,12 +155,13 @@ pub struct CloneTimeline {
     pub total_ms: u64,
 }
 
-/// `POST /v1/snapshots/{ref}/push`: send a snapshot to a registry that speaks the OCI
-/// distribution API, as an artifact any moat host can pull (see docs/snapshots.md for the format).
+/// `POST /v1/snapshots/{ref}/push` (send a snapshot to a registry that speaks the OCI
+/// distribution API, as an artifact any moat host can pull; docs/snapshots.md has the format) and
+/// `POST /v1/snapshots/pull` (fetch one so sandboxes can start from it).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct PushSnapshot {
-    /// `REGISTRY/REPOSITORY:TAG`.
+pub struct SnapshotTransfer {
+    /// `REGISTRY/REPOSITORY:TAG` (a pull also takes `REGISTRY/REPOSITORY@sha256:DIGEST`).
     #[schema(min_length = 1, max_length = 255, pattern = r"^[a-z0-9][a-z0-9._:@-]*/[a-z0-9._:/@-]+$")]
     pub reference: String,
     /// Allow plain http to a registry that is not on loopback (loopback may always use http).
@@ -183,23 +184,6 @@ pub struct PushedSnapshot {
     pub uploaded_bytes: u64,
     /// Bytes of blobs the registry had already.
     pub reused_bytes: u64,
-}
-
-/// `POST /v1/snapshots/pull`: fetch a snapshot artifact so sandboxes can start from it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PullSnapshot {
-    /// `REGISTRY/REPOSITORY:TAG` or `REGISTRY/REPOSITORY@sha256:DIGEST`.
-    #[schema(min_length = 1, max_length = 255, pattern = r"^[a-z0-9][a-z0-9._:@-]*/[a-z0-9._:/@-]+$")]
-    pub reference: String,
-    /// Allow plain http to a registry that is not on loopback (loopback may always use http).
-    #[serde(default)]
-    pub insecure: bool,
-    /// Credentials for the registry; anonymous without.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub username: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub password: Option<String>,
 }
 
 /// Whether a snapshot reference names a registry artifact (`REGISTRY/REPOSITORY:TAG`) rather than

@@ -310,13 +310,13 @@ impl Client {
     pub async fn push_snapshot(
         &self,
         snapshot: &str,
-        req: &moat_api::PushSnapshot,
+        req: &moat_api::SnapshotTransfer,
     ) -> Result<moat_api::PushedSnapshot, ClientError> {
         self.call(Method::POST, &format!("/v1/snapshots/{}/push", segment(snapshot)), Some(req)).await
     }
 
     /// Fetch a snapshot artifact from a registry.
-    pub async fn pull_snapshot(&self, req: &moat_api::PullSnapshot) -> Result<SnapshotInfo, ClientError> {
+    pub async fn pull_snapshot(&self, req: &moat_api::SnapshotTransfer) -> Result<SnapshotInfo, ClientError> {
         self.call(Method::POST, "/v1/snapshots/pull", Some(req)).await
     }
 

@@ -4,8 +4,7 @@
 
 use super::params::{SandboxRef, SnapshotRef};
 use crate::{
-    ApiError, CreateSnapshot, Fork, Forked, PullSnapshot, PushSnapshot, PushedSnapshot, Revert, SandboxInfo,
-    SnapshotInfo,
+    ApiError, CreateSnapshot, Fork, Forked, PushedSnapshot, Revert, SandboxInfo, SnapshotInfo, SnapshotTransfer,
 };
 
 #[utoipa::path(get, path = "/v1/sandboxes/{reference}/snapshots", tag = "snapshots",
@@ -107,7 +106,7 @@ pub fn remove_snapshot() {}
         accelerator, kernel or agent) is refused before its memory is fetched. Blobs are verified by \
         digest and a pull cut short continues where it stopped. Progress is on `GET /v1/events` as \
         events of kind `snapshot` (`pull REFERENCE: …`).",
-    request_body(content = PullSnapshot, content_type = "application/json"),
+    request_body(content = SnapshotTransfer, content_type = "application/json"),
     responses(
         (status = 201, description = "The pulled snapshot (or the one pulled before, when the registry has \
             nothing newer)", body = SnapshotInfo),
@@ -126,7 +125,7 @@ pub fn pull_snapshot() {}
     description = "Blobs the registry has already (the base disk of an image pushed before) are not sent \
         again. Progress is on `GET /v1/events` as events of kind `snapshot` (`push REFERENCE: …`).",
     params(SnapshotRef),
-    request_body(content = PushSnapshot, content_type = "application/json"),
+    request_body(content = SnapshotTransfer, content_type = "application/json"),
     responses(
         (status = 200, description = "What was sent", body = PushedSnapshot),
         (status = 400, description = "The reference or body is bad, or the snapshot serves host directories", body = ApiError),

@@ -5,7 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use moat_api::{CreateSnapshot, Fork, PullSnapshot, PushSnapshot, Revert};
+use moat_api::{CreateSnapshot, Fork, Revert, SnapshotTransfer};
 
 use super::extract::{ApiResult, JsonBody, Svc};
 
@@ -60,11 +60,11 @@ pub async fn fork_snapshot(
 pub async fn push(
     State(svc): Svc,
     Path(reference): Path<String>,
-    JsonBody(req): JsonBody<PushSnapshot>,
+    JsonBody(req): JsonBody<SnapshotTransfer>,
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(svc.push_snapshot(&reference, req).await?))
 }
 
-pub async fn pull(State(svc): Svc, JsonBody(req): JsonBody<PullSnapshot>) -> ApiResult<impl IntoResponse> {
+pub async fn pull(State(svc): Svc, JsonBody(req): JsonBody<SnapshotTransfer>) -> ApiResult<impl IntoResponse> {
     Ok((StatusCode::CREATED, Json(svc.pull_snapshot(req).await?)))
 }

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use moat_api::{ErrorCode, PullSnapshot, PushSnapshot, PushedSnapshot, SnapshotInfo, SnapshotKind};
+use moat_api::{ErrorCode, PushedSnapshot, SnapshotInfo, SnapshotKind, SnapshotTransfer};
 use moat_image::{ArtifactImage, ArtifactMachine, PullOptions, PullProgress, SnapshotArtifact, SnapshotFiles};
 use moat_sandbox::{Fingerprint, Shape, DISK_FILE, MEM_FILE, STATE_FILE};
 
@@ -45,7 +45,7 @@ fn check_reference(reference: &str) -> Result<(), ServiceError> {
 
 impl Service {
     /// `moat snapshot push SNAPSHOT REFERENCE`.
-    pub async fn push_snapshot(&self, snapshot: &str, req: PushSnapshot) -> Result<PushedSnapshot, ServiceError> {
+    pub async fn push_snapshot(&self, snapshot: &str, req: SnapshotTransfer) -> Result<PushedSnapshot, ServiceError> {
         check_reference(&req.reference)?;
         let s = self.resolve_snapshot(snapshot)?;
         let options = PullOptions { insecure: req.insecure, credentials: credentials(req.username, req.password)? };
@@ -106,7 +106,7 @@ impl Service {
     }
 
     /// `moat snapshot pull REFERENCE`: fetch the artifact (again, if the tag moved).
-    pub async fn pull_snapshot(&self, req: PullSnapshot) -> Result<SnapshotInfo, ServiceError> {
+    pub async fn pull_snapshot(&self, req: SnapshotTransfer) -> Result<SnapshotInfo, ServiceError> {
         check_reference(&req.reference)?;
         let options = PullOptions { insecure: req.insecure, credentials: credentials(req.username, req.password)? };
         self.pull_remote(&req.reference, &options, None).await

@@ -90,8 +90,8 @@ impl Service {
 
     /// Resolve a snapshot reference: `SANDBOX:NAME`, an id or a unique id prefix.
     pub fn resolve_snapshot(&self, reference: &str) -> Result<SnapshotInfo, ServiceError> {
-        if reference.is_empty() || reference.len() > 200 {
-            return Err(ServiceError::invalid("a snapshot reference must be 1-200 characters"));
+        if reference.is_empty() || reference.len() > 255 {
+            return Err(ServiceError::invalid("a snapshot reference must be 1-255 characters"));
         }
         let mut found = self.db(|db| db.snapshot_candidates(reference))?;
         match found.len() {

@@ -1,7 +1,7 @@
 //! Snapshots, reverts, forks, pause and resume.
 
 use futures_util::StreamExt;
-use moat_api::{Fork, PullSnapshot, PushSnapshot, SnapshotInfo};
+use moat_api::{Fork, SnapshotInfo, SnapshotTransfer};
 use moat_client::Client;
 
 use crate::cli::{ForkArgs, ForkVolumesArg, HostArgs, RefsArgs, SnapshotArgs, SnapshotCommand};
@@ -29,7 +29,7 @@ pub async fn snapshot(args: SnapshotArgs, host: &HostArgs) -> anyhow::Result<i32
         }
         (Some(SnapshotCommand::Push { snapshot, reference, insecure }), _) => {
             let (username, password) = login(&reference)?;
-            let req = PushSnapshot { reference: reference.clone(), insecure, username, password };
+            let req = SnapshotTransfer { reference: reference.clone(), insecure, username, password };
             let pushed =
                 showing_progress(&client, &format!("push {reference}: "), client.push_snapshot(&snapshot, &req))
                     .await?;
@@ -43,7 +43,7 @@ pub async fn snapshot(args: SnapshotArgs, host: &HostArgs) -> anyhow::Result<i32
         }
         (Some(SnapshotCommand::Pull { reference, insecure }), _) => {
             let (username, password) = login(&reference)?;
-            let req = PullSnapshot { reference: reference.clone(), insecure, username, password };
+            let req = SnapshotTransfer { reference: reference.clone(), insecure, username, password };
             let s = showing_progress(&client, &format!("pull {reference}: "), client.pull_snapshot(&req)).await?;
             println!("{}", s.id);
             Ok(0)
@@ -136,7 +136,7 @@ pub async fn fork(args: ForkArgs, host: &HostArgs) -> anyhow::Result<i32> {
             let req = Fork { snapshot: None, volumes: None, ..req };
             let snapshot = if moat_api::is_remote_snapshot(&snapshot) {
                 let (username, password) = login(&snapshot)?;
-                let pull = PullSnapshot { reference: snapshot.clone(), insecure: false, username, password };
+                let pull = SnapshotTransfer { reference: snapshot.clone(), insecure: false, username, password };
                 showing_progress(&client, &format!("pull {snapshot}: "), client.pull_snapshot(&pull)).await?.id
             } else {
                 snapshot
