@@ -385,7 +385,8 @@ mod tests {
         conn.execute_batch(
             "ALTER TABLE sandboxes DROP COLUMN labels; ALTER TABLE sandboxes DROP COLUMN env; \
                  ALTER TABLE sandboxes DROP COLUMN mounts; ALTER TABLE snapshots DROP COLUMN host_mounts; \
-                 ALTER TABLE sandboxes DROP COLUMN idle;",
+                 ALTER TABLE sandboxes DROP COLUMN idle; ALTER TABLE snapshots DROP COLUMN remote; \
+                 ALTER TABLE snapshots DROP COLUMN remote_digest; ALTER TABLE snapshots DROP COLUMN base_digest;",
         )
         .unwrap();
         for (id, net) in [("abc000000001", &kept), ("abc000000002", &gone)] {

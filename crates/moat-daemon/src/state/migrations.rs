@@ -168,7 +168,8 @@ mod tests {
             .execute_batch(
                 "ALTER TABLE sandboxes DROP COLUMN labels; ALTER TABLE sandboxes DROP COLUMN env; \
                  ALTER TABLE sandboxes DROP COLUMN mounts; ALTER TABLE snapshots DROP COLUMN host_mounts; \
-                 ALTER TABLE sandboxes DROP COLUMN idle;",
+                 ALTER TABLE sandboxes DROP COLUMN idle; ALTER TABLE snapshots DROP COLUMN remote; \
+                 ALTER TABLE snapshots DROP COLUMN remote_digest; ALTER TABLE snapshots DROP COLUMN base_digest;",
             )
             .unwrap();
         db.conn.pragma_update(None, "user_version", 4).unwrap();
