@@ -564,6 +564,29 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Whatever a registry sends as a compressed blob (garbage, or a real stream of any
+        /// size), decompressing it ends in an error or in at most `limit` bytes: never a panic,
+        /// never more.
+        #[test]
+        fn any_blob_decompresses_within_its_bound_or_is_refused(
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+            repeat in 0usize..64,
+            compressed in proptest::prelude::any::<bool>(),
+            limit in 0u64..(64 << 10),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let (blob, out) = (dir.path().join("blob"), dir.path().join("out"));
+            let body = if compressed { zstd::encode_all(&raw.repeat(repeat)[..], 1).unwrap() } else { raw };
+            std::fs::write(&blob, body).unwrap();
+            if decompress(&blob, &out, limit, true).is_ok() {
+                proptest::prop_assert!(std::fs::metadata(&out).unwrap().len() <= limit);
+            }
+        }
+    }
+
     #[test]
     fn compression_round_trips_sparsely_and_bounds_the_output() {
         let dir = tempfile::tempdir().unwrap();
