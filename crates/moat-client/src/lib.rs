@@ -12,10 +12,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, StatusCode};
 use hyper_util::rt::TokioIo;
 use moat_api::{
-    ApiError, BuildImage, ChangeAllowlist, CreateSandbox, CreateSnapshot, ErrorCode, Event, ExecClientMessage,
-    ExecServerMessage, ExecStart, Fork, Forked, Health, ImageInfo, ImageProgress, JobInfo, KillProcess, LifecycleEntry,
-    LogSource, NetSpec, PortForward, ProcessStarted, PullImage, Reclaimed, RenewLease, Revert, SandboxInfo,
-    SnapshotInfo, StartProcess, STDERR_TAG, STDOUT_TAG,
+    ApiError, BuildImage, ChangeAllowlist, CreateSandbox, ErrorCode, Event, ExecClientMessage, ExecServerMessage,
+    ExecStart, Health, ImageInfo, ImageProgress, JobInfo, KillProcess, LifecycleEntry, LogSource, NetSpec, PortForward,
+    ProcessStarted, PullImage, Reclaimed, RenewLease, SandboxInfo, StartProcess, STDERR_TAG, STDOUT_TAG,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -150,6 +149,7 @@ async fn follow_progress(
 mod connect;
 pub mod copy;
 mod files;
+mod snapshots;
 pub use connect::Endpoint;
 pub use copy::CopyError;
 pub use files::Download;
@@ -292,43 +292,6 @@ impl Client {
         self.call(Method::POST, &format!("/v1/sandboxes/{}/lease", segment(reference)), Some(&body)).await
     }
 
-    pub async fn snapshot(&self, reference: &str, name: Option<String>) -> Result<SnapshotInfo, ClientError> {
-        let body = CreateSnapshot { name };
-        self.call(Method::POST, &format!("/v1/sandboxes/{}/snapshots", segment(reference)), Some(&body)).await
-    }
-
-    /// Ready snapshots of one sandbox, or all snapshots and templates.
-    pub async fn snapshots(&self, sandbox: Option<&str>) -> Result<Vec<SnapshotInfo>, ClientError> {
-        let path = match sandbox {
-            Some(r) => format!("/v1/sandboxes/{}/snapshots", segment(r)),
-            None => "/v1/snapshots".to_string(),
-        };
-        self.call(Method::GET, &path, None::<&()>).await
-    }
-
-    /// Send a snapshot to a registry as an artifact other hosts can pull.
-    pub async fn push_snapshot(
-        &self,
-        snapshot: &str,
-        req: &moat_api::SnapshotTransfer,
-    ) -> Result<moat_api::PushedSnapshot, ClientError> {
-        self.call(Method::POST, &format!("/v1/snapshots/{}/push", segment(snapshot)), Some(req)).await
-    }
-
-    /// Fetch a snapshot artifact from a registry.
-    pub async fn pull_snapshot(&self, req: &moat_api::SnapshotTransfer) -> Result<SnapshotInfo, ClientError> {
-        self.call(Method::POST, "/v1/snapshots/pull", Some(req)).await
-    }
-
-    /// New sandboxes from a snapshot of no particular sandbox (a pulled one, say).
-    pub async fn fork_snapshot(&self, snapshot: &str, req: &Fork) -> Result<Forked, ClientError> {
-        self.call(Method::POST, &format!("/v1/snapshots/{}/fork", segment(snapshot)), Some(req)).await
-    }
-
-    pub async fn remove_snapshot(&self, reference: &str) -> Result<SnapshotInfo, ClientError> {
-        self.call(Method::DELETE, &format!("/v1/snapshots/{}", segment(reference)), None::<&()>).await
-    }
-
     /// Every volume, by name.
     pub async fn volumes(&self) -> Result<Vec<moat_api::VolumeInfo>, ClientError> {
         self.call(Method::GET, "/v1/volumes", None::<&()>).await
@@ -346,23 +309,6 @@ impl Client {
     /// Remove a volume and its data; `force` removes one that sandboxes at rest still mount.
     pub async fn remove_volume(&self, reference: &str, force: bool) -> Result<moat_api::VolumeInfo, ClientError> {
         self.call(Method::DELETE, &format!("/v1/volumes/{}?force={force}", segment(reference)), None::<&()>).await
-    }
-
-    pub async fn revert(&self, reference: &str, snapshot: &str) -> Result<SandboxInfo, ClientError> {
-        let body = Revert { snapshot: snapshot.to_string() };
-        self.call(Method::POST, &format!("/v1/sandboxes/{}/revert", segment(reference)), Some(&body)).await
-    }
-
-    pub async fn fork(&self, reference: &str, req: &Fork) -> Result<Forked, ClientError> {
-        self.call(Method::POST, &format!("/v1/sandboxes/{}/fork", segment(reference)), Some(req)).await
-    }
-
-    pub async fn pause(&self, reference: &str) -> Result<SandboxInfo, ClientError> {
-        self.call(Method::POST, &format!("/v1/sandboxes/{}/pause", segment(reference)), None::<&()>).await
-    }
-
-    pub async fn resume(&self, reference: &str) -> Result<SandboxInfo, ClientError> {
-        self.call(Method::POST, &format!("/v1/sandboxes/{}/resume", segment(reference)), None::<&()>).await
     }
 
     /// A sandbox's network (secret values left out).
