@@ -268,17 +268,22 @@ fn cgroup_value(pid: u32, controller: &str, v1: &str, v2: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}")).trim().to_string()
 }
 
+fn median(mut times: Vec<std::time::Duration>) -> std::time::Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
 /// Median time of `moat exec NAME -- true`, over `n` round trips.
 fn exec_round_trip(h: &Path, name: &str, n: usize) -> std::time::Duration {
-    let mut times: Vec<std::time::Duration> = (0..n)
-        .map(|_| {
-            let t = std::time::Instant::now();
-            moat_ok(h, &["exec", name, "--", "true"]);
-            t.elapsed()
-        })
-        .collect();
-    times.sort();
-    times[n / 2]
+    median(
+        (0..n)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                moat_ok(h, &["exec", name, "--", "true"]);
+                t.elapsed()
+            })
+            .collect(),
+    )
 }
 
 /// One sandbox does its worst to the host — a fork bomb, a memory hog, a disk-filling loop and a
@@ -319,9 +324,7 @@ fn a_guest_exhausting_its_sandbox_leaves_its_neighbour_responsive() {
         std::thread::sleep(std::time::Duration::from_millis(300));
         attacking.push(exec_round_trip(h.path(), "calm", 3));
     }
-    frozen.sort();
-    attacking.sort();
-    let (idle, loaded) = (frozen[frozen.len() / 2], attacking[attacking.len() / 2]);
+    let (idle, loaded) = (median(frozen), median(attacking));
     eprintln!("calm's exec round trip: hog frozen {idle:?}, hog attacking {loaded:?}");
     assert!(loaded <= idle * 2, "the neighbour slowed from {idle:?} to {loaded:?}");
 
