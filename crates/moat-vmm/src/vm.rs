@@ -11,7 +11,7 @@ use tokio::process::{Child, Command};
 use serde_json::json;
 
 use crate::command::{command_line, Memory, VmConfig};
-use crate::console::{console_tail, keep_under_cap, rotated_path, tail};
+use crate::console::{console_tail, keep_under_cap, rotated_path, tail, ConsoleCap};
 use crate::exit::{has_exited, open_pidfd, wait_readable, watch, Exit, ExitWatcher};
 use crate::identity::is_our_qemu;
 use crate::qmp::Qmp;
@@ -53,7 +53,8 @@ pub struct Vm {
     /// Guest RAM is a shared file mapping ([`Memory::Own`]): saved streams leave it out.
     ram_shared: bool,
     /// Keeps `console.log` under its cap while this handle lives.
-    console_cap: tokio::task::JoinHandle<()>,
+    /// Until the VM is stopped.
+    console_cap: Option<ConsoleCap>,
     /// The uid a jailed QEMU this process started runs as, held while it runs.
     uid: Option<crate::jail::UidLease>,
     /// The VM's cgroup, removed once QEMU has ended.
@@ -258,7 +259,7 @@ impl Vm {
             qmp: None,
             exited: None,
             ram_shared: cfg.memory.as_ref().is_some_and(Memory::is_shared),
-            console_cap: keep_under_cap(cfg.console_log()),
+            console_cap: Some(keep_under_cap(cfg.console_log())),
             uid: None,
             cgroup: None,
         }
@@ -532,6 +533,9 @@ impl Vm {
             }
         }
         self.qmp = None;
+        if let Some(cap) = self.console_cap.take() {
+            cap.stop().await;
+        }
         self.remove_files();
         remove_cgroup(self.cgroup.take()).await;
         Ok(())
@@ -576,7 +580,9 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        self.console_cap.abort();
+        if let Some(cap) = &self.console_cap {
+            cap.abort();
+        }
         // Never block in drop: signal and let tokio's orphan reaper collect the process. An
         // adopted QEMU belongs to the sandbox, not to this handle: leave it running.
         if let Process::Spawned(child) = &mut self.process {

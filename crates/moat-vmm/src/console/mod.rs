@@ -35,15 +35,40 @@ pub fn rotated_path(console_log: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Keep the console log of a running VM under [`CONSOLE_LOG_CAP`] until the task is aborted
-/// (when its [`crate::Vm`] goes).
-pub(crate) fn keep_under_cap(console_log: PathBuf) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+/// The task that keeps a running VM's console log under [`CONSOLE_LOG_CAP`].
+#[derive(Debug)]
+pub(crate) struct ConsoleCap {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ConsoleCap {
+    /// Stop the task and wait until it has: it writes `console.times` and `console.log.1` in the
+    /// run directory, which must be left alone once the VM is gone (the directory may be being
+    /// removed). A rotation under way finishes first.
+    pub(crate) async fn stop(self) {
+        drop(self.stop);
+        let _ = self.task.await;
+    }
+
+    /// Stop it without waiting (from a `Drop`).
+    pub(crate) fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+/// Keep the console log of a running VM under [`CONSOLE_LOG_CAP`] until [`ConsoleCap::stop`].
+pub(crate) fn keep_under_cap(console_log: PathBuf) -> ConsoleCap {
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
         let mut every = tokio::time::interval(CHECK_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut marker = Marker::open(&console_log);
         loop {
-            every.tick().await;
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = &mut stopped => return,
+            }
             let len = std::fs::metadata(&console_log).map(|m| m.len()).unwrap_or(0);
             marker.observe(len, now_ms());
             if len <= CONSOLE_LOG_CAP {
@@ -59,7 +84,8 @@ pub(crate) fn keep_under_cap(console_log: PathBuf) -> tokio::task::JoinHandle<()
                 Err(_) => return, // The runtime is shutting down.
             }
         }
-    })
+    });
+    ConsoleCap { stop, task }
 }
 
 fn now_ms() -> i64 {
@@ -150,5 +176,21 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "after\n");
         assert_eq!(console_tail(&path, 2), format!("line 0099 {}\nafter", "x".repeat(90)));
         assert_eq!(console_tail(&path, 1), "after");
+    }
+
+    #[tokio::test]
+    async fn a_stopped_console_task_writes_nothing_more_in_the_run_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, "boot\n").unwrap();
+        let cap = keep_under_cap(path.clone());
+        tokio::time::sleep(CHECK_EVERY * 2).await;
+        assert!(times::times_path(&path).exists(), "a running task marks the console's growth");
+        cap.stop().await;
+        // A sandbox's directory is removed right after its VM stopped: nothing may come back.
+        std::fs::write(&path, "boot\nmore\n").unwrap();
+        std::fs::remove_file(times::times_path(&path)).unwrap();
+        tokio::time::sleep(CHECK_EVERY * 8).await;
+        assert!(!times::times_path(&path).exists(), "the stopped task wrote a mark");
     }
 }
