@@ -9,7 +9,7 @@ mod archive;
 mod metadata;
 mod stream;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use crate::channel::{Ctl, Outbox};
 use archive::{read_tar, write_tar};
 use metadata::metadata_op;
-use stream::{stream_in, stream_out};
+use stream::{stream_in, stream_out, ChunkWriter};
 
 /// Longest path accepted (Linux's PATH_MAX).
 const MAX_PATH: usize = 4096;
@@ -82,9 +82,9 @@ pub async fn run(id: u32, request: Request, out: Outbox, ctl: mpsc::UnboundedRec
                 Err(e) => Err(e),
             };
             match opened {
-                Ok((p, f)) => start(id, &out, Ok(()))
+                Ok((p, mut f)) => start(id, &out, Ok(()))
                     .await
-                    .map(|()| Job::Out(Box::new(move |w| send_file(f, w).map_err(|e| io_err(&p, e).message)))),
+                    .map(|()| Job::Out(Box::new(move |w| w.send_from(&mut f).map_err(|e| io_err(&p, e).message)))),
                 Err(e) => Err(e),
             }
         }
@@ -140,7 +140,7 @@ enum Job {
     In(Consumer),
 }
 
-type Producer = Box<dyn FnOnce(&mut dyn Write) -> Result<(), String> + Send>;
+type Producer = Box<dyn FnOnce(&mut ChunkWriter) -> Result<(), String> + Send>;
 type Consumer = Box<dyn FnOnce(&mut dyn Read) -> Result<(), String> + Send>;
 
 /// Answer `Started::Stream` once the request checked out.
@@ -173,20 +173,6 @@ fn open_regular(path: &Path) -> Result<std::fs::File, AgentError> {
     match refuse(&f.metadata().map_err(|e| io_err(path, e))?) {
         Some(e) => Err(e),
         None => Ok(f),
-    }
-}
-
-/// Copy `f` to `w` in whole chunks: `io::copy` reads 8 KiB at a time, and each system call costs
-/// an emulated guest more than copying the bytes does.
-fn send_file(mut f: std::fs::File, w: &mut dyn Write) -> std::io::Result<()> {
-    let mut buf = vec![0u8; stream::FILE_CHUNK];
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => w.write_all(&buf[..n])?,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
     }
 }
 

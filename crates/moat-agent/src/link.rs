@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moat_proto::{
-    AgentError, AgentHello, Decoder, ErrorCode, Frame, FrameError, HostHello, Message, Request, Started, Stream,
-    CONTROL_CHANNEL, PROTOCOL_VERSION, SYNC_MARKER,
+    data_header, AgentError, AgentHello, Decoder, ErrorCode, Frame, FrameError, HostHello, Message, Request, Started,
+    Stream, CONTROL_CHANNEL, PROTOCOL_VERSION, SYNC_MARKER,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
@@ -344,6 +344,23 @@ async fn write_loop<W: AsyncWrite + Unpin>(writer: W, mut rx: mpsc::Receiver<(u6
                 }
                 _ if session != current.load(Ordering::SeqCst) => Ok(()),
                 Out::Raw(b) => w.write_all(b).await,
+                // Data goes out as it is after its header: a file chunk is larger than the
+                // buffer, so it is written straight from its own memory.
+                Out::Frame(Frame { channel, message: Message::Data { stream, data } }) => {
+                    match data_header(channel, stream, data.len()) {
+                        Ok(header) => {
+                            async {
+                                w.write_all(&header).await?;
+                                w.write_all(&data).await
+                            }
+                            .await
+                        }
+                        Err(_) => {
+                            let f = Frame::new(channel, Message::Data { stream, data });
+                            w.write_all(&encode_or_refuse(f)).await
+                        }
+                    }
+                }
                 Out::Frame(f) => w.write_all(&encode_or_refuse(f)).await,
             };
             if r.is_err() {

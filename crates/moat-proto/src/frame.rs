@@ -20,6 +20,23 @@ pub const SYNC_MARKER: &[u8; 16] = b"\x00\x00MOAT-SYNC-v1\x00\x00";
 
 const HEADER: usize = 4 + 4 + 1;
 
+/// A data frame's bytes before its data: the header and the stream byte.
+pub const DATA_HEADER: usize = HEADER + 1;
+
+/// The wire bytes of a data frame of `len` bytes on `channel` up to its data, which the sender
+/// writes next as they are: an emulated guest sending a file copies no byte for the framing.
+pub fn data_header(channel: u32, stream: Stream, len: usize) -> Result<[u8; DATA_HEADER], FrameError> {
+    if 1 + len > MAX_PAYLOAD {
+        return Err(FrameError::TooLarge(1 + len));
+    }
+    let mut h = [0u8; DATA_HEADER];
+    h[0..4].copy_from_slice(&((4 + 1 + 1 + len) as u32).to_le_bytes());
+    h[4..8].copy_from_slice(&channel.to_le_bytes());
+    h[8] = kind::DATA;
+    h[9] = stream as u8;
+    Ok(h)
+}
+
 /// A decoded frame: a message and the channel it belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
@@ -92,9 +109,14 @@ impl Frame {
     /// the peer would refuse it and end the link. Data chunks never are: senders split them far
     /// below the limit. JSON messages (a request with a huge environment, a long listing) can be.
     pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
-        // The payload is written in place after the header: a data frame's bytes are copied once,
-        // which counts when the sender is an emulated guest.
-        let mut out = Vec::with_capacity(HEADER + self.payload_hint());
+        if let Message::Data { stream, data } = &self.message {
+            let mut out = Vec::with_capacity(DATA_HEADER + data.len());
+            out.extend_from_slice(&data_header(self.channel, *stream, data.len())?);
+            out.extend_from_slice(data);
+            return Ok(out);
+        }
+        // The payload is written in place after the header.
+        let mut out = Vec::with_capacity(HEADER + 64);
         out.extend_from_slice(&[0; 4]);
         out.extend_from_slice(&self.channel.to_le_bytes());
         out.push(0);
@@ -105,11 +127,7 @@ impl Frame {
             Message::Started(s) => json_into(&mut out, kind::STARTED, s),
             Message::Error(e) => json_into(&mut out, kind::ERROR, e),
             Message::Exit(e) => json_into(&mut out, kind::EXIT, e),
-            Message::Data { stream, data } => {
-                out.push(*stream as u8);
-                out.extend_from_slice(data);
-                kind::DATA
-            }
+            Message::Data { .. } => unreachable!("data frames are encoded above"),
             Message::Eof { stream } => {
                 out.push(*stream as u8);
                 kind::EOF
@@ -137,14 +155,6 @@ impl Frame {
         out[8] = k;
         out[0..4].copy_from_slice(&((4 + 1 + payload) as u32).to_le_bytes());
         Ok(out)
-    }
-
-    /// Room to reserve for the payload: exact for data, a guess for the rest.
-    fn payload_hint(&self) -> usize {
-        match &self.message {
-            Message::Data { data, .. } => 1 + data.len(),
-            _ => 64,
-        }
     }
 
     /// Decode the body of one frame (everything after the length prefix).

@@ -10,7 +10,10 @@ pub mod hostfs;
 mod message;
 pub mod net;
 
-pub use frame::{read_frame, read_until_sync, write_frame, Decoder, Frame, FrameError, MAX_PAYLOAD, SYNC_MARKER};
+pub use frame::{
+    data_header, read_frame, read_until_sync, write_frame, Decoder, Frame, FrameError, DATA_HEADER, MAX_PAYLOAD,
+    SYNC_MARKER,
+};
 pub use message::*;
 
 #[cfg(test)]
@@ -92,6 +95,18 @@ mod tests {
             }
         }
         assert_eq!(got.len(), samples().len());
+    }
+
+    /// The agent writes a data frame as its header and then the data as it is.
+    #[test]
+    fn a_data_header_and_its_data_decode_as_the_frame() {
+        let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let mut wire = data_header(3, Stream::Stdout, data.len()).unwrap().to_vec();
+        wire.extend_from_slice(&data);
+        let mut d = Decoder::new();
+        d.push(&wire);
+        assert_eq!(d.next_frame().unwrap(), Some(Frame::new(3, Message::Data { stream: Stream::Stdout, data })));
+        assert!(matches!(data_header(3, Stream::Stdout, MAX_PAYLOAD), Err(FrameError::TooLarge(_))));
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub(super) const FILE_CHUNK: usize = INITIAL_WINDOW as usize / 4;
 /// A `Write` that gathers bytes into whole chunks and hands each to the channel task; blocks
 /// while the queue is full. Each byte is copied once here (tar and io::copy write in 512-byte and
 /// 8 KiB pieces, and every frame costs the emulated guest the same however small it is).
-struct ChunkWriter {
+pub(super) struct ChunkWriter {
     tx: mpsc::Sender<Vec<u8>>,
     chunk: Vec<u8>,
 }
@@ -33,6 +33,18 @@ impl ChunkWriter {
     fn send(&mut self) -> std::io::Result<()> {
         let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(FILE_CHUNK));
         self.tx.blocking_send(chunk).map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+    }
+
+    /// Send all of `r`, read straight into the chunks: no copy through `write`, and no zeroing
+    /// of the chunk first (`read_to_end` reads into its spare room).
+    pub(super) fn send_from(&mut self, r: &mut dyn Read) -> std::io::Result<()> {
+        self.flush()?;
+        loop {
+            if r.take(FILE_CHUNK as u64).read_to_end(&mut self.chunk)? == 0 {
+                return Ok(());
+            }
+            self.send()?;
+        }
     }
 }
 

@@ -175,7 +175,9 @@ async fn ask_qemus_to_open_a_host_file() {
         seccomp: true,
         name: format!("{name}-{}", std::process::id()),
         memory: None,
-        incoming: false,
+        // Paused before the guest runs: only QEMU is under test, and a guest that ran could end
+        // QEMU (a reset with `-no-reboot`) before the test asks it anything.
+        incoming: true,
         nic: false,
         jail,
         cgroups: None,
