@@ -159,6 +159,11 @@ impl Blob {
     }
 }
 
+/// Whether `path` names a file under `dir` by its components: absolute, and no `..` to climb out.
+fn in_dir(path: &Path, dir: &Path) -> bool {
+    path.is_absolute() && path.starts_with(dir) && !path.components().any(|c| c == std::path::Component::ParentDir)
+}
+
 /// Push a saved machine to `reference` (`registry/repository:tag`). Blobs the registry has already
 /// (the base of an image pushed before, say) are not sent again.
 pub async fn push_snapshot(
@@ -173,7 +178,7 @@ pub async fn push_snapshot(
     let staging = store.stage()?;
     progress("compressing memory, device state and disk".into());
     let base = match disk::info(files.disk)?.backing_file {
-        Some(b) if Path::new(&b).is_absolute() && b.starts_with(&*store.root().to_string_lossy()) => PathBuf::from(b),
+        Some(b) if in_dir(Path::new(&b), store.root()) => PathBuf::from(b),
         other => {
             return Err(ImageError::StoreCorrupt {
                 path: files.disk.to_path_buf(),
@@ -546,6 +551,15 @@ mod tests {
                 })
                 .collect(),
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_base_is_in_the_store_by_its_path_components() {
+        let store = Path::new("/var/lib/moat/images");
+        assert!(in_dir(Path::new("/var/lib/moat/images/sha256/ab/base.qcow2"), store));
+        for outside in ["/var/lib/moat/images2/base.qcow2", "/var/lib/moat/images/../state.db", "images/base.qcow2"] {
+            assert!(!in_dir(Path::new(outside), store), "{outside}");
         }
     }
 
