@@ -242,11 +242,13 @@ impl Service {
     ) -> Result<Option<SnapshotInfo>, ServiceError> {
         let reference = format!("{store}:{key}");
         let options = self.store_options(&reference)?;
-        let t = match self.pull_remote(&reference, &options, Some(key)).await {
-            Ok(t) => t,
-            Err(e) if e.message.contains("was not found") => return Ok(None),
-            Err(e) => return Err(e),
-        };
+        // A missing tag is the usual answer (no host made this template yet), not a failure.
+        match moat_image::inspect_snapshot(&reference, &options).await {
+            Err(moat_image::ImageError::RemoteMissing { .. }) => return Ok(None),
+            Err(e) => return Err(image_error(e)),
+            Ok(_) => {}
+        }
+        let t = self.pull_remote(&reference, &options, Some(key)).await?;
         // The store is trusted no further than any registry: its template must be of this very
         // machine, or it is not used.
         let fits = t.image_digest == info.image_digest

@@ -221,6 +221,8 @@ fn hosts_share_templates_through_a_template_store() {
         let tags = registry.get("/v2/moat/templates/tags/list", "application/json");
         tags.status == 200 && String::from_utf8_lossy(&tags.body).contains("\"tags\":[\"")
     });
+    let first = inspect(a.path(), "first");
+    assert!(first["last_error"].is_null(), "a store without the template is no failure: {first}");
 
     // B, an empty home, restores A's template instead of booting.
     with_store(b.path(), &store, &["run", "-d", "--name", "second", "--memory", "256"]);
