@@ -52,8 +52,7 @@ pub struct Vm {
     exited: Option<Exit>,
     /// Guest RAM is a shared file mapping ([`Memory::Own`]): saved streams leave it out.
     ram_shared: bool,
-    /// Keeps `console.log` under its cap while this handle lives.
-    /// Until the VM is stopped.
+    /// Keeps `console.log` under its cap until the VM is stopped (or this handle dropped).
     console_cap: Option<ConsoleCap>,
     /// The uid a jailed QEMU this process started runs as, held while it runs.
     uid: Option<crate::jail::UidLease>,

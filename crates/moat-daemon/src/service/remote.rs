@@ -7,7 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use moat_api::{ErrorCode, PushedSnapshot, SnapshotInfo, SnapshotKind, SnapshotTransfer};
-use moat_image::{ArtifactImage, ArtifactMachine, PullOptions, PullProgress, SnapshotArtifact, SnapshotFiles};
+use moat_image::{
+    ArtifactImage, ArtifactMachine, ImageError, PullOptions, PullProgress, RemoteSnapshot, SnapshotArtifact,
+    SnapshotFiles,
+};
 use moat_sandbox::{Fingerprint, Shape, DISK_FILE, MEM_FILE, STATE_FILE};
 
 use super::images::credentials;
@@ -109,7 +112,8 @@ impl Service {
     pub async fn pull_snapshot(&self, req: SnapshotTransfer) -> Result<SnapshotInfo, ServiceError> {
         check_reference(&req.reference)?;
         let options = PullOptions { insecure: req.insecure, credentials: credentials(req.username, req.password)? };
-        self.pull_remote(&req.reference, &options, None).await
+        let remote = self.inspect_remote(&req.reference, &options).await.map_err(image_error)?;
+        self.pull_remote(&req.reference, remote, None).await
     }
 
     /// The snapshot a `from` naming a registry reference means: one pulled before, else pulled now.
@@ -123,24 +127,31 @@ impl Service {
             return Ok(s);
         }
         let options = PullOptions { insecure: false, credentials: login.map(|l| (l.username, l.password)) };
-        self.pull_remote(reference, &options, None).await
+        let remote = self.inspect_remote(reference, &options).await.map_err(image_error)?;
+        self.pull_remote(reference, remote, None).await
     }
 
-    /// Pull `reference` into a snapshot (with `template_key`: into the template of that key).
+    /// Read the manifest and config of `reference`: a pull's first step, and all a caller needs
+    /// to tell a missing artifact (`ImageError::RemoteMissing`) from a failure.
+    async fn inspect_remote(&self, reference: &str, options: &PullOptions) -> Result<RemoteSnapshot, ImageError> {
+        self.progress_event(None, &format!("pull {reference}"), "reading the manifest");
+        moat_image::inspect_snapshot(reference, options).await
+    }
+
+    /// Pull `reference`, whose manifest and config are `remote`, into a snapshot (with
+    /// `template_key`: into the template of that key).
     /// Every blob is verified by digest and kept in the image store's remote cache, so a pull cut
     /// short continues where it stopped; the snapshot's row is written before its files and
     /// marked ready after them, as for a local snapshot.
     async fn pull_remote(
         &self,
         reference: &str,
-        options: &PullOptions,
+        remote: RemoteSnapshot,
         template_key: Option<&str>,
     ) -> Result<SnapshotInfo, ServiceError> {
         let lock = self.template_locks.of(reference);
         let _one_pull = lock.lock().await;
         let report = |m: String| self.progress_event(None, &format!("pull {reference}"), &m);
-        report("reading the manifest".into());
-        let remote = moat_image::inspect_snapshot(reference, options).await.map_err(image_error)?;
         let existing = self.db(|db| db.remote_snapshot(reference))?;
         if let Some(s) = existing.as_ref().filter(|s| s.remote_digest.as_deref() == Some(remote.digest.as_str())) {
             report(format!("up to date ({})", remote.digest));
@@ -243,12 +254,12 @@ impl Service {
         let reference = format!("{store}:{key}");
         let options = self.store_options(&reference)?;
         // A missing tag is the usual answer (no host made this template yet), not a failure.
-        match moat_image::inspect_snapshot(&reference, &options).await {
-            Err(moat_image::ImageError::RemoteMissing { .. }) => return Ok(None),
+        let remote = match self.inspect_remote(&reference, &options).await {
+            Ok(remote) => remote,
+            Err(ImageError::RemoteMissing { .. }) => return Ok(None),
             Err(e) => return Err(image_error(e)),
-            Ok(_) => {}
-        }
-        let t = self.pull_remote(&reference, &options, Some(key)).await?;
+        };
+        let t = self.pull_remote(&reference, remote, Some(key)).await?;
         // The store is trusted no further than any registry: its template must be of this very
         // machine, or it is not used.
         let fits = t.image_digest == info.image_digest
